@@ -1,0 +1,616 @@
+//! The relay's configuration file: its types, defaults and validation.
+//!
+//! These types are the one definition of the file: the operator renders configs with them, so the two sides
+//! cannot drift. Parsing is strict (unknown keys are errors) and [`Config::validate`] checks what serde
+//! cannot express, naming the offending field the way a user would write it (`listeners[1].tls`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// The embedded default: a trusted listener on loopback and a spool in the working directory, so that
+/// `herald-relay` runs with no file and no cluster.
+pub const DEFAULT_CONFIG: &str = r#"
+hostname: localhost
+spool_dir: ./herald-spool
+listeners:
+  - name: trusted
+    address: 127.0.0.1:2525
+    auth: none
+    allow_networks: [127.0.0.0/8, "::1/128"]
+admin: { address: 127.0.0.1:9090 }
+"#;
+
+/// Errors from reading or validating a config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole relay config file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name in the banner, the EHLO reply and `Received:` headers.
+    pub hostname: String,
+    pub spool_dir: PathBuf,
+    pub listeners: Vec<Listener>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFiles>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<User>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<Domain>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_pools: Vec<IpPool>,
+    #[serde(default)]
+    pub delivery: Delivery,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<Admin>,
+}
+
+/// One SMTP listening socket.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub tls: TlsMode,
+    #[serde(default)]
+    pub auth: AuthMode,
+    /// When not empty, clients outside these networks are refused at connect, and clients inside may relay.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_networks: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    #[default]
+    None,
+    /// RFC 3207: plain connect, upgraded on the client's STARTTLS.
+    Starttls,
+    /// RFC 8314: TLS from the first byte.
+    Implicit,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    #[default]
+    None,
+    /// A submission listener: AUTH is mandatory before MAIL, and the message is completed (Message-ID, Date).
+    Required,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// An SMTP AUTH principal.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub username: String,
+    /// An argon2 PHC string; never a clear-text password.
+    pub password_hash: String,
+    /// Domains this user may use in MAIL FROM and in the From: header.
+    #[serde(default)]
+    pub allowed_domains: Vec<String>,
+}
+
+/// A sending domain, rendered from a SendingDomain resource.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Domain {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dkim: Option<Dkim>,
+    /// The domain used in MAIL FROM for bounces; the relay is its MX and accepts mail for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub return_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_pool: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Dkim {
+    pub selector: String,
+    #[serde(default)]
+    pub algorithm: DkimAlgorithm,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum DkimAlgorithm {
+    #[default]
+    #[serde(rename = "rsa-sha256")]
+    RsaSha256,
+    #[serde(rename = "ed25519-sha256")]
+    Ed25519Sha256,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IpPool {
+    pub name: String,
+    pub sources: Vec<Source>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    pub address: std::net::IpAddr,
+    pub ehlo: String,
+}
+
+/// Outbound delivery policy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Delivery {
+    pub dns: Option<Dns>,
+    /// Port of the MX hosts; tests point it at a loopback sink.
+    pub port: u16,
+    pub smarthost: Option<Smarthost>,
+    pub retry: Retry,
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    pub per_domain: PerDomain,
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Delivery {
+            dns: None,
+            port: 25,
+            smarthost: None,
+            retry: Retry::default(),
+            max_age: Duration::from_secs(5 * 86400),
+            per_domain: PerDomain::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Dns {
+    pub nameservers: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Smarthost {
+    pub host: String,
+    #[serde(default = "default_smarthost_port")]
+    pub port: u16,
+    #[serde(default)]
+    pub tls: TlsMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+}
+
+fn default_smarthost_port() -> u16 {
+    587
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retry {
+    #[serde(with = "humantime_serde")]
+    pub first: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+    pub factor: f64,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            first: Duration::from_secs(60),
+            max: Duration::from_secs(4 * 3600),
+            factor: 2.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PerDomain {
+    pub max_connections: u32,
+    pub messages_per_connection: u32,
+}
+
+impl Default for PerDomain {
+    fn default() -> Self {
+        PerDomain {
+            max_connections: 10,
+            messages_per_connection: 100,
+        }
+    }
+}
+
+/// Limits of the SMTP front door; each one maps to a reply code a client can act on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Bytes; advertised in the EHLO SIZE keyword.
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    pub max_connections: usize,
+    pub max_connections_per_client: usize,
+    /// Bad commands in one session before it is closed with 421.
+    pub max_errors: u32,
+    /// Octets including CRLF, for command lines and message lines alike.
+    pub max_line_length: usize,
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 35 * 1024 * 1024,
+            max_recipients: 1000,
+            max_connections: 1000,
+            max_connections_per_client: 100,
+            max_errors: 10,
+            max_line_length: 2048,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub address: SocketAddr,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config =
+            serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The embedded default config.
+    pub fn embedded_default() -> Config {
+        // The embedded text is part of the binary and covered by a unit test; failing here is a build bug.
+        Config::parse(DEFAULT_CONFIG).expect("embedded default config is valid")
+    }
+
+    /// Checks what the types cannot: references, uniqueness, well-formed names and hashes.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !is_domain_name(&self.hostname) {
+            return Err(invalid(
+                "hostname",
+                format!("{:?} is not a host name", self.hostname),
+            ));
+        }
+        if self.spool_dir.as_os_str().is_empty() {
+            return Err(invalid("spool_dir", "must not be empty"));
+        }
+        if self.listeners.is_empty() {
+            return Err(invalid("listeners", "at least one listener is needed"));
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            let field = format!("listeners[{i}]");
+            if l.name.is_empty() {
+                return Err(invalid(format!("{field}.name"), "must not be empty"));
+            }
+            if self.listeners[..i].iter().any(|o| o.name == l.name) {
+                return Err(invalid(
+                    format!("{field}.name"),
+                    format!("listener name {:?} is used twice", l.name),
+                ));
+            }
+            if let Some(o) = self.listeners[..i].iter().find(|o| o.address == l.address) {
+                return Err(invalid(
+                    format!("{field}.address"),
+                    format!("{} is also the address of listener {:?}", l.address, o.name),
+                ));
+            }
+            if l.tls != TlsMode::None && self.tls.is_none() {
+                return Err(invalid(
+                    "tls",
+                    format!(
+                        "listener {:?} uses TLS but there is no tls section with cert_file and key_file",
+                        l.name
+                    ),
+                ));
+            }
+            if l.auth == AuthMode::Required && l.tls == TlsMode::None {
+                return Err(invalid(
+                    format!("{field}.auth"),
+                    "auth: required needs tls: starttls or implicit (passwords are never sent in clear)",
+                ));
+            }
+            if l.auth == AuthMode::Required && self.users.is_empty() {
+                return Err(invalid(
+                    "users",
+                    format!(
+                        "listener {:?} requires auth but no users are configured",
+                        l.name
+                    ),
+                ));
+            }
+        }
+        for (i, u) in self.users.iter().enumerate() {
+            let field = format!("users[{i}]");
+            if u.username.is_empty() {
+                return Err(invalid(format!("{field}.username"), "must not be empty"));
+            }
+            if self.users[..i].iter().any(|o| o.username == u.username) {
+                return Err(invalid(
+                    format!("{field}.username"),
+                    format!("user {:?} is defined twice", u.username),
+                ));
+            }
+            if let Err(e) = argon2::PasswordHash::new(&u.password_hash) {
+                return Err(invalid(
+                    format!("{field}.password_hash"),
+                    format!(
+                        "not an argon2 PHC string ({e}); make one with `herald-relay hash-password`"
+                    ),
+                ));
+            }
+            for (j, d) in u.allowed_domains.iter().enumerate() {
+                if !is_domain_name(d) {
+                    return Err(invalid(
+                        format!("{field}.allowed_domains[{j}]"),
+                        format!("{d:?} is not a domain name"),
+                    ));
+                }
+            }
+        }
+        for (i, d) in self.domains.iter().enumerate() {
+            let field = format!("domains[{i}]");
+            if !is_domain_name(&d.name) {
+                return Err(invalid(
+                    format!("{field}.name"),
+                    format!("{:?} is not a domain name", d.name),
+                ));
+            }
+            if self.domains[..i]
+                .iter()
+                .any(|o| o.name.eq_ignore_ascii_case(&d.name))
+            {
+                return Err(invalid(
+                    format!("{field}.name"),
+                    format!("domain {:?} is defined twice", d.name),
+                ));
+            }
+            if let Some(rp) = &d.return_path
+                && !is_domain_name(rp)
+            {
+                return Err(invalid(
+                    format!("{field}.return_path"),
+                    format!("{rp:?} is not a domain name"),
+                ));
+            }
+            if let Some(pool) = &d.ip_pool
+                && !self.ip_pools.iter().any(|p| &p.name == pool)
+            {
+                return Err(invalid(
+                    format!("{field}.ip_pool"),
+                    format!("no ip_pools entry is named {pool:?}"),
+                ));
+            }
+            if let Some(dkim) = &d.dkim
+                && dkim.selector.is_empty()
+            {
+                return Err(invalid(
+                    format!("{field}.dkim.selector"),
+                    "must not be empty",
+                ));
+            }
+        }
+        for (i, p) in self.ip_pools.iter().enumerate() {
+            if p.sources.is_empty() {
+                return Err(invalid(
+                    format!("ip_pools[{i}].sources"),
+                    "a pool needs at least one source address",
+                ));
+            }
+        }
+        let r = &self.delivery.retry;
+        if !(r.factor.is_finite() && r.factor >= 1.0) {
+            return Err(invalid(
+                "delivery.retry.factor",
+                "must be a number of at least 1.0",
+            ));
+        }
+        if r.first.is_zero() || r.max < r.first {
+            return Err(invalid(
+                "delivery.retry",
+                "first must be positive and max at least first",
+            ));
+        }
+        let lim = &self.limits;
+        if lim.max_line_length < 512 {
+            return Err(invalid(
+                "limits.max_line_length",
+                "must be at least 512 (RFC 5321 section 4.5.3.1.4)",
+            ));
+        }
+        for (name, value) in [
+            ("limits.max_message_size", lim.max_message_size),
+            ("limits.max_recipients", lim.max_recipients),
+            ("limits.max_connections", lim.max_connections),
+            (
+                "limits.max_connections_per_client",
+                lim.max_connections_per_client,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(name, "must be greater than 0"));
+            }
+        }
+        if lim.command_timeout.is_zero() || lim.data_timeout.is_zero() {
+            return Err(invalid("limits", "timeouts must be greater than 0"));
+        }
+        Ok(())
+    }
+
+    /// True when `domain` is a return-path domain of a configured sending domain: the relay is its MX.
+    pub fn is_local_domain(&self, domain: &str) -> bool {
+        self.domains.iter().any(|d| {
+            d.return_path
+                .as_deref()
+                .is_some_and(|rp| rp.eq_ignore_ascii_case(domain))
+        })
+    }
+}
+
+/// A host or domain name in the LDH syntax (RFC 1035, with RFC 1123's leading digits), or an A-label.
+pub fn is_domain_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::embedded_default();
+        assert_eq!(c.listeners[0].allow_networks.len(), 2);
+    }
+
+    #[test]
+    fn design_example_parses() {
+        let c = Config::parse(
+            r#"
+hostname: relay.example.test
+spool_dir: /var/lib/herald/spool
+listeners:
+  - name: submission
+    address: 0.0.0.0:587
+    tls: starttls
+    auth: required
+  - name: trusted
+    address: 0.0.0.0:2525
+    auth: none
+    allow_networks: [10.0.0.0/8]
+tls: { cert_file: /etc/herald/tls/tls.crt, key_file: /etc/herald/tls/tls.key }
+users:
+  - username: app
+    password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$5gqTt8S6NUXAwTCq+3eE1QKqPzB3P7vQ5ny1dB1Hd5w"
+    allowed_domains: [example.test]
+domains:
+  - name: example.test
+    dkim: { selector: herald1, algorithm: rsa-sha256, key_file: /etc/herald/dkim/example.test.pem }
+    return_path: bounces.example.test
+    ip_pool: default
+ip_pools:
+  - name: default
+    sources: [ { address: 0.0.0.0, ehlo: relay.example.test } ]
+delivery:
+  dns: { nameservers: ["127.0.0.1:5353"] }
+  port: 25
+  smarthost: null
+  retry: { first: 1m, max: 4h, factor: 2.0 }
+  max_age: 5d
+  per_domain: { max_connections: 10, messages_per_connection: 100 }
+admin: { address: 127.0.0.1:9090 }
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.delivery.max_age, Duration::from_secs(5 * 86400));
+        assert!(c.is_local_domain("BOUNCES.example.test"));
+        assert!(!c.is_local_domain("example.test"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err("hostname: a\nspool_dir: s\nlisteners: []\nbogus: 1\n");
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_listener_is_named() {
+        let e = err(
+            "hostname: a\nspool_dir: s\nlisteners:\n - {name: x, address: 127.0.0.1:1}\n - {name: x, address: 127.0.0.1:2}\n",
+        );
+        assert!(e.starts_with("listeners[1].name:"), "{e}");
+    }
+
+    #[test]
+    fn tls_listener_needs_tls_files() {
+        let e = err(
+            "hostname: a\nspool_dir: s\nlisteners:\n - {name: x, address: 127.0.0.1:1, tls: implicit}\n",
+        );
+        assert!(e.starts_with("tls:"), "{e}");
+    }
+
+    #[test]
+    fn bad_password_hash_is_named() {
+        let e = err(
+            "hostname: a\nspool_dir: s\nlisteners:\n - {name: x, address: 127.0.0.1:1}\nusers:\n - {username: u, password_hash: secret}\n",
+        );
+        assert!(e.starts_with("users[0].password_hash:"), "{e}");
+    }
+
+    #[test]
+    fn serialized_config_parses_back() {
+        let c = Config::embedded_default();
+        let text = serde_saphyr::to_string(&c).unwrap();
+        assert_eq!(Config::parse(&text).unwrap(), c);
+    }
+}

@@ -1,0 +1,30 @@
+//! herald-relay: Herald's mail transfer agent.
+//!
+//! Follow the mail: a client connects to a listener (`server`), speaks SMTP to a session (`smtp`), which
+//! checks who may send what (`policy`); the accepted message is completed (`cleanup`) and written durably
+//! (`spool`) before the client hears 250, and waits in the `queue` for delivery. `admin` serves probes and
+//! the queue listing; `app` wires these together; `config` is the one definition of the config file.
+//!
+//! # Layout
+//! - `config`: config file types and validation (shared with the operator).
+//! - `smtp`: the SMTP protocol as a state machine without I/O.
+//! - `server`: listeners, TLS, connection limits, the loop that drives sessions.
+//! - `policy`: AUTH principals, allowed sender domains, local domains.
+//! - `cleanup`: `Received:`, `Message-ID:`, `Date:`, From: checks.
+//! - `spool`: durable storage with group commit.
+//! - `queue`: messages waiting for delivery.
+//! - `admin`: HTTP probes and queue API.
+//! - `app`: startup, signals, drain.
+
+#![forbid(unsafe_code)]
+#![warn(missing_debug_implementations, rust_2018_idioms)]
+
+pub mod admin;
+pub mod app;
+pub mod cleanup;
+pub mod config;
+pub mod policy;
+pub mod queue;
+pub mod server;
+pub mod smtp;
+pub mod spool;

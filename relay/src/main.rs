@@ -1,0 +1,128 @@
+//! The herald-relay command: parse arguments, load config, run.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use herald_relay::config::Config;
+
+#[derive(Parser)]
+#[command(name = "herald-relay", version, about = "Herald's mail transfer agent")]
+struct Cli {
+    /// Config file; without it the relay runs on an embedded default (loopback only).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file; exits non-zero with a message naming the bad field.
+    CheckConfig,
+    /// Read a password on stdin and print its argon2id hash for `users[].password_hash`.
+    HashPassword,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig) => check_config(cli.config),
+        Some(Command::HashPassword) => hash_password(),
+        None => run(cli.config, cli.log_format),
+    }
+}
+
+fn load(path: Option<&PathBuf>) -> Result<Config, String> {
+    match path {
+        Some(p) => Config::load(p).map_err(|e| format!("{}: {e}", p.display())),
+        None => Ok(Config::embedded_default()),
+    }
+}
+
+fn check_config(path: Option<PathBuf>) -> ExitCode {
+    let Some(path) = path else {
+        eprintln!("error: check-config needs --config FILE");
+        return ExitCode::from(2);
+    };
+    match Config::load(&path) {
+        Ok(_) => {
+            println!("config OK");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn hash_password() -> ExitCode {
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().lock().read_line(&mut line) {
+        eprintln!("error: reading the password from stdin: {e}");
+        return ExitCode::FAILURE;
+    }
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        eprintln!("error: empty password on stdin");
+        return ExitCode::FAILURE;
+    }
+    match herald_relay::policy::hash_password(password) {
+        Ok(h) => {
+            println!("{h}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: hashing failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: Option<PathBuf>, format: LogFormat) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let config = match load(path.as_ref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Both kube (ring) and mail-send (aws-lc-rs) link rustls providers; pick one for the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(herald_relay::app::run(config, path)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "herald-relay failed");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

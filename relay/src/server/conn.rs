@@ -1,0 +1,191 @@
+//! Drives one SMTP session over a socket: reads bytes into the session, writes its replies, and carries
+//! out its actions. The read buffer is reused for the whole connection; replies to pipelined commands are
+//! written together, once the input at hand has been processed.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use chrono::Utc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::ListenerContext;
+use super::tls::version_name;
+use crate::cleanup;
+use crate::config::TlsMode;
+use crate::queue::Queued;
+use crate::smtp::{Action, Envelope, Reply, Session, reply};
+use crate::spool::MessageMeta;
+
+/// How a drive over one stream ended.
+enum Exit {
+    Close,
+    StartTls,
+}
+
+pub(super) async fn run(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    trusted: bool,
+    ctx: &ListenerContext,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let handshake_timeout = ctx.session.limits.command_timeout;
+    if ctx.session.tls_mode == TlsMode::Implicit {
+        let tls = ctx
+            .tls
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no TLS configured"))?;
+        let mut stream = tokio::time::timeout(handshake_timeout, tls.acceptor().accept(tcp))
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        let version = version_name(stream.get_ref().1.protocol_version());
+        let mut session = Session::new(ctx.session.clone(), peer, trusted, Some(version));
+        drive(&mut stream, &mut session, ctx, &mut shutdown).await?;
+        return stream.shutdown().await;
+    }
+    let mut session = Session::new(ctx.session.clone(), peer, trusted, None);
+    match drive(&mut tcp, &mut session, ctx, &mut shutdown).await? {
+        Exit::Close => tcp.shutdown().await,
+        Exit::StartTls => {
+            let tls = ctx
+                .tls
+                .as_ref()
+                .ok_or_else(|| io::Error::other("no TLS configured"))?;
+            let mut stream = tokio::time::timeout(handshake_timeout, tls.acceptor().accept(tcp))
+                .await
+                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+            session.tls_started(version_name(stream.get_ref().1.protocol_version()));
+            drive(&mut stream, &mut session, ctx, &mut shutdown).await?;
+            stream.shutdown().await
+        }
+    }
+}
+
+async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    session: &mut Session,
+    ctx: &ListenerContext,
+    shutdown: &mut watch::Receiver<bool>,
+) -> io::Result<Exit> {
+    // Room for a whole line at the limit, plus a good read's worth.
+    let mut buf = vec![0u8; ctx.session.limits.max_line_length + 64 * 1024];
+    let (mut start, mut end) = (0usize, 0usize);
+    loop {
+        let (used, action) = session.process(&buf[start..end]);
+        start += used;
+        match action {
+            Action::NeedInput => {
+                flush(stream, session).await?;
+                if *shutdown.borrow() && session.is_idle() {
+                    session.shutting_down();
+                    continue;
+                }
+                if start == end {
+                    (start, end) = (0, 0);
+                } else if buf.len() - end < 4096 {
+                    buf.copy_within(start..end, 0);
+                    end -= start;
+                    start = 0;
+                }
+                let stopping = *shutdown.borrow();
+                let read = tokio::select! {
+                    r = tokio::time::timeout(session.timeout(), stream.read(&mut buf[end..])) => r,
+                    _ = shutdown.changed(), if !stopping => continue,
+                };
+                match read {
+                    Err(_) => session.timed_out(),
+                    Ok(Ok(0)) => return Ok(Exit::Close),
+                    Ok(Ok(n)) => end += n,
+                    Ok(Err(e)) => return Err(e),
+                }
+            }
+            Action::StartTls => {
+                flush(stream, session).await?;
+                // RFC 3207 section 4.2: anything the client pipelined after STARTTLS is discarded.
+                return Ok(Exit::StartTls);
+            }
+            Action::Authenticate { username, password } => {
+                let policy = ctx.session.policy.clone();
+                let verdict = tokio::task::spawn_blocking(move || {
+                    policy
+                        .verify_password(&username, &password)
+                        .then_some(username)
+                })
+                .await
+                .unwrap_or(None);
+                if verdict.is_none() {
+                    tracing::info!(listener = %ctx.session.listener, client = %session.peer().ip(), "authentication failed");
+                }
+                session.auth_result(verdict);
+            }
+            Action::Accept(envelope) => {
+                let reply = accept(ctx, *envelope).await;
+                session.message_result(reply);
+            }
+            Action::Close => {
+                flush(stream, session).await?;
+                return Ok(Exit::Close);
+            }
+        }
+    }
+}
+
+async fn flush<S: AsyncWrite + Unpin>(stream: &mut S, session: &mut Session) -> io::Result<()> {
+    let out = session.output();
+    if !out.is_empty() {
+        stream.write_all(out).await?;
+        out.clear();
+    }
+    Ok(())
+}
+
+/// Completes, spools and queues one message; returns the reply for the client.
+async fn accept(ctx: &ListenerContext, env: Envelope) -> Reply {
+    let id = ctx.spool.next_id();
+    let cfg = &ctx.session;
+    let prefix = match cleanup::prefix_headers(&env, id, &cfg.hostname, &cfg.policy, Utc::now()) {
+        Ok(p) => p,
+        Err(r) => {
+            tracing::info!(listener = %cfg.listener, client = %env.peer.ip(), reply = %r, "message refused");
+            return r;
+        }
+    };
+    let meta = MessageMeta {
+        id,
+        received_at_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        smtputf8: env.smtputf8,
+        eight_bit: env.eight_bit,
+        listener: cfg.listener.clone(),
+        auth_user: env.auth_user.clone(),
+        peer: env.peer.to_string(),
+        sender: env.sender.to_string(),
+        recipients: env.recipients.iter().map(|r| r.to_string()).collect(),
+    };
+    match ctx
+        .spool
+        .store(&meta, &[prefix.as_bytes(), &env.body])
+        .await
+    {
+        Ok(location) => {
+            tracing::info!(
+                queue_id = %id,
+                listener = %cfg.listener,
+                client = %env.peer.ip(),
+                size = location.len,
+                recipients = meta.recipients.len(),
+                "accepted"
+            );
+            ctx.queue.insert(Queued { meta, location });
+            Reply::with_text(250, "2.0.0", format!("Ok: queued as {id}"))
+        }
+        Err(e) => {
+            tracing::error!(listener = %cfg.listener, error = %e, "spool write failed; message refused with 452");
+            reply::SPOOL_FAILURE
+        }
+    }
+}

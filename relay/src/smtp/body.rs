@@ -1,0 +1,258 @@
+//! Reading a message body: DATA (dot-stuffed lines) and BDAT (counted chunks, RFC 3030).
+//!
+//! Both readers enforce one discipline: lines end in CRLF and nothing else. A bare LF or bare CR anywhere
+//! makes the whole message fail (it is still read to its end, so the session stays in step with the
+//! client). That is what defeats SMTP smuggling: only `CRLF . CRLF` ends DATA here, and a message that
+//! contains any other spelling of an end-of-data marker is refused rather than passed on to a peer that might
+//! read it differently.
+
+use memchr::{memchr, memchr2_iter};
+
+/// Why a body was refused; the reply is chosen from it once the body has been read to its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("message exceeds the size limit")]
+    TooBig,
+    #[error("message has a line longer than the limit")]
+    LineTooLong,
+    #[error("message has a bare CR or LF; lines must end in CRLF")]
+    BareLineEnding,
+}
+
+/// A message body being received, with the limits it must meet.
+#[derive(Debug)]
+pub struct Body {
+    data: Vec<u8>,
+    max_size: usize,
+    max_line: usize,
+    error: Option<BodyError>,
+    /// The previous line ended in CRLF (DATA), so a `.` line now would end the body.
+    prev_crlf: bool,
+    /// Inside a line too long to buffer: its bytes are dropped until its end.
+    skipping_line: bool,
+    /// Last byte consumed was CR (carried across reads and BDAT chunks).
+    last_cr: bool,
+    /// Length of the line in progress (BDAT only; DATA sees whole lines).
+    line_len: usize,
+}
+
+impl Body {
+    pub fn new(max_size: usize, max_line: usize) -> Body {
+        Body {
+            data: Vec::new(),
+            max_size,
+            max_line,
+            error: None,
+            // The CRLF of the DATA command itself counts: an immediate "." line is an empty body.
+            prev_crlf: true,
+            skipping_line: false,
+            last_cr: false,
+            line_len: 0,
+        }
+    }
+
+    fn fail(&mut self, e: BodyError) {
+        if self.error.is_none() {
+            self.error = Some(e);
+            // A failed body is never stored: free it now rather than keep reading into it.
+            self.data = Vec::new();
+        }
+    }
+
+    fn append(&mut self, bytes: &[u8]) {
+        if self.error.is_some() {
+            return;
+        }
+        if self.data.len() + bytes.len() > self.max_size {
+            self.fail(BodyError::TooBig);
+            return;
+        }
+        self.data.extend_from_slice(bytes);
+    }
+
+    /// Reads DATA lines from `input`. Returns how many bytes were consumed and whether the end-of-data line
+    /// was seen. An incomplete line at the end of `input` is left unconsumed unless it is already too long.
+    pub fn feed_data(&mut self, input: &[u8]) -> (usize, bool) {
+        let mut pos = 0;
+        while pos < input.len() {
+            let rest = &input[pos..];
+            let Some(nl) = memchr(b'\n', rest) else {
+                if rest.len() >= self.max_line {
+                    // Consume it so a client cannot make us buffer an endless line.
+                    self.fail(BodyError::LineTooLong);
+                    self.skipping_line = true;
+                    self.last_cr = rest.last() == Some(&b'\r');
+                    return (input.len(), false);
+                }
+                break;
+            };
+            let line = &rest[..=nl];
+            pos += nl + 1;
+            let crlf = if nl > 0 {
+                rest[nl - 1] == b'\r'
+            } else {
+                self.skipping_line && self.last_cr
+            };
+            if self.skipping_line {
+                self.skipping_line = false;
+                self.prev_crlf = crlf;
+                continue;
+            }
+            if self.prev_crlf && line == b".\r\n" {
+                return (pos, true);
+            }
+            let content = &line[..line.len() - if crlf { 2 } else { 1 }];
+            if !crlf || memchr(b'\r', content).is_some() {
+                self.fail(BodyError::BareLineEnding);
+            }
+            if line.len() > self.max_line {
+                self.fail(BodyError::LineTooLong);
+            }
+            // Dot-unstuffing (RFC 5321 section 4.5.2).
+            let unstuffed = if line[0] == b'.' { &line[1..] } else { line };
+            self.append(unstuffed);
+            self.prev_crlf = crlf;
+        }
+        (pos, false)
+    }
+
+    /// Reads one BDAT chunk (or part of it): the bytes are the message verbatim, checked for line endings.
+    pub fn feed_chunk(&mut self, chunk: &[u8]) {
+        if self.error.is_none() {
+            let mut line_start = 0;
+            for i in memchr2_iter(b'\r', b'\n', chunk) {
+                if chunk[i] == b'\n' {
+                    let after_cr = if i == 0 {
+                        self.last_cr
+                    } else {
+                        chunk[i - 1] == b'\r'
+                    };
+                    if !after_cr {
+                        self.fail(BodyError::BareLineEnding);
+                        break;
+                    }
+                    if self.line_len + (i + 1 - line_start) > self.max_line {
+                        self.fail(BodyError::LineTooLong);
+                        break;
+                    }
+                    self.line_len = 0;
+                    line_start = i + 1;
+                } else if chunk.get(i + 1).is_some_and(|&b| b != b'\n') {
+                    self.fail(BodyError::BareLineEnding);
+                    break;
+                }
+            }
+            if self.error.is_none() {
+                if self.last_cr && chunk.first().is_some_and(|&b| b != b'\n') {
+                    self.fail(BodyError::BareLineEnding);
+                }
+                self.line_len += chunk.len() - line_start;
+                if self.line_len > self.max_line {
+                    self.fail(BodyError::LineTooLong);
+                }
+            }
+        }
+        if let Some(&b) = chunk.last() {
+            self.last_cr = b == b'\r';
+        }
+        self.append(chunk);
+    }
+
+    /// Ends the body: the bytes, or why they were refused.
+    pub fn finish(self, chunked: bool) -> Result<Vec<u8>, BodyError> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        if chunked && self.last_cr {
+            return Err(BodyError::BareLineEnding);
+        }
+        Ok(self.data)
+    }
+
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(input: &[u8]) -> (Result<Vec<u8>, BodyError>, usize, bool) {
+        let mut b = Body::new(1000, 100);
+        let (used, done) = b.feed_data(input);
+        (b.finish(false), used, done)
+    }
+
+    #[test]
+    fn ends_only_at_crlf_dot_crlf() {
+        let (body, used, done) = data(b"a\r\n..b\r\n.\r\nMAIL");
+        assert!(done);
+        assert_eq!(used, 11);
+        assert_eq!(body.unwrap(), b"a\r\n.b\r\n");
+    }
+
+    #[test]
+    fn smuggling_variants_do_not_end_data() {
+        for input in [
+            &b"a\n.\nMAIL FROM:<x@y>\r\n"[..],
+            b"a\r\n.\nMAIL FROM:<x@y>\r\n",
+            b"a\n.\r\nMAIL FROM:<x@y>\r\n",
+            b"a\r.\r\nMAIL FROM:<x@y>\r\n",
+            b"a\r\n.\r\rMAIL FROM:<x@y>\r\n",
+        ] {
+            let (body, used, done) = data(input);
+            assert!(!done, "{input:?} ended data");
+            assert_eq!(used, input.len());
+            assert_eq!(body, Err(BodyError::BareLineEnding), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn split_reads_keep_state() {
+        let mut b = Body::new(1000, 100);
+        let input = b"line one\r\n.\r\n";
+        let (used, done) = b.feed_data(&input[..5]);
+        assert_eq!((used, done), (0, false));
+        let (used, done) = b.feed_data(&input[..12]);
+        assert_eq!((used, done), (10, false));
+        let (used, done) = b.feed_data(&input[10..]);
+        assert_eq!((used, done), (3, true));
+        assert_eq!(b.finish(false).unwrap(), b"line one\r\n");
+    }
+
+    #[test]
+    fn limits() {
+        let mut b = Body::new(10, 100);
+        b.feed_data(b"0123456789abc\r\n");
+        assert_eq!(b.finish(false), Err(BodyError::TooBig));
+        let mut b = Body::new(1000, 8);
+        let (used, _) = b.feed_data(b"0123456789");
+        assert_eq!(used, 10);
+        let (_, done) = b.feed_data(b"\r\n.\r\n");
+        assert!(done);
+        assert_eq!(b.finish(false), Err(BodyError::LineTooLong));
+    }
+
+    #[test]
+    fn chunks_check_line_endings_across_boundaries() {
+        let mut b = Body::new(1000, 100);
+        b.feed_chunk(b"a\r");
+        b.feed_chunk(b"\nb\r\n");
+        assert_eq!(b.finish(true).unwrap(), b"a\r\nb\r\n");
+        let mut b = Body::new(1000, 100);
+        b.feed_chunk(b"a\r");
+        b.feed_chunk(b"b\r\n");
+        assert_eq!(b.finish(true), Err(BodyError::BareLineEnding));
+        let mut b = Body::new(1000, 100);
+        b.feed_chunk(b"a\nb");
+        assert_eq!(b.finish(true), Err(BodyError::BareLineEnding));
+        let mut b = Body::new(1000, 100);
+        b.feed_chunk(b"a\r\nb\r");
+        assert_eq!(b.finish(true), Err(BodyError::BareLineEnding));
+    }
+}

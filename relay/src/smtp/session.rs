@@ -1,0 +1,1075 @@
+//! The server side of an SMTP session as a state machine without I/O.
+//!
+//! The caller feeds received bytes to [`Session::process`], writes out [`Session::output`] before it waits
+//! for more input, and carries out the [`Action`]s the session asks for (TLS handshake, password check,
+//! spooling), reporting each result back. Replies to pipelined commands accumulate in the output buffer and
+//! go out in one write, as RFC 2920 intends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use memchr::memchr;
+
+use super::address::{Mailbox, ReversePath};
+use super::body::{Body, BodyError};
+use super::command::{self, Command, CommandError};
+use super::reply::{self, Reply};
+use crate::config::{Limits, TlsMode};
+use crate::policy::Policy;
+
+/// What a session needs to know about its listener and the relay; shared by the listener's sessions.
+#[derive(Debug)]
+pub struct SessionConfig {
+    pub hostname: String,
+    pub listener: String,
+    pub tls_mode: TlsMode,
+    /// A submission listener: AUTH before MAIL, and messages are completed (Message-ID, Date).
+    pub auth_required: bool,
+    pub limits: Limits,
+    pub policy: Arc<Policy>,
+}
+
+/// What the session asks its driver to do next.
+#[derive(Debug)]
+pub enum Action {
+    /// Flush the output, then read more input.
+    NeedInput,
+    /// Flush the output, discard any input already read (RFC 3207 section 4.2), and start the TLS handshake;
+    /// then call [`Session::tls_started`].
+    StartTls,
+    /// Check these credentials (slowly, off the runtime) and call [`Session::auth_result`].
+    Authenticate { username: String, password: String },
+    /// Spool this message durably, then call [`Session::message_result`] with the reply.
+    Accept(Box<Envelope>),
+    /// Flush the output and close the connection.
+    Close,
+}
+
+/// A received message and everything known about how it arrived.
+#[derive(Debug)]
+pub struct Envelope {
+    pub sender: ReversePath,
+    pub recipients: Vec<Mailbox>,
+    /// The message as received, unstuffed, CRLF line endings.
+    pub body: Vec<u8>,
+    pub smtputf8: bool,
+    pub eight_bit: bool,
+    pub helo: String,
+    pub peer: SocketAddr,
+    pub auth_user: Option<String>,
+    /// Negotiated TLS protocol version, e.g. `TLSv1.3`.
+    pub tls: Option<String>,
+    /// RFC 3848 protocol name for the Received: header (ESMTP, ESMTPSA, UTF8SMTPS, ...).
+    pub protocol: String,
+    /// Received on a submission listener: the message may be completed (Message-ID:, Date:).
+    pub submission: bool,
+}
+
+#[derive(Debug)]
+enum State {
+    Command,
+    Data(Body),
+    /// Inside a BDAT chunk. `refusal` is set when the chunk is read only to be discarded.
+    Chunk {
+        remaining: usize,
+        last: bool,
+        refusal: Option<Reply>,
+    },
+    AuthPlain,
+    AuthLoginUser,
+    AuthLoginPass(String),
+    /// An [`Action`] is out with the driver; no input is processed until it reports back.
+    Waiting,
+}
+
+#[derive(Debug)]
+struct Transaction {
+    sender: ReversePath,
+    recipients: Vec<Mailbox>,
+    smtputf8: bool,
+    eight_bit: bool,
+    /// The body so far, when the client is sending BDAT chunks.
+    chunks: Option<Body>,
+}
+
+/// One SMTP session.
+#[derive(Debug)]
+pub struct Session {
+    config: Arc<SessionConfig>,
+    peer: SocketAddr,
+    /// The client is inside the listener's allowed networks and may relay.
+    trusted: bool,
+    out: Vec<u8>,
+    state: State,
+    helo: Option<String>,
+    esmtp: bool,
+    tls: Option<String>,
+    user: Option<String>,
+    tx: Option<Transaction>,
+    errors: u32,
+    /// Inside a command line too long to buffer; its bytes are dropped until its end.
+    skipping_line: bool,
+    closing: bool,
+}
+
+impl Session {
+    /// A new session; the greeting is already in the output. `tls` is the protocol version when the
+    /// connection is already encrypted (implicit TLS).
+    pub fn new(
+        config: Arc<SessionConfig>,
+        peer: SocketAddr,
+        trusted: bool,
+        tls: Option<String>,
+    ) -> Session {
+        let mut s = Session {
+            config,
+            peer,
+            trusted,
+            out: Vec::with_capacity(512),
+            state: State::Command,
+            helo: None,
+            esmtp: false,
+            tls,
+            user: None,
+            tx: None,
+            errors: 0,
+            skipping_line: false,
+            closing: false,
+        };
+        let greeting = format!("220 {} ESMTP Herald\r\n", s.config.hostname);
+        s.out.extend_from_slice(greeting.as_bytes());
+        s
+    }
+
+    /// Replies waiting to be written. The driver writes them and clears the buffer.
+    pub fn output(&mut self) -> &mut Vec<u8> {
+        &mut self.out
+    }
+
+    /// How long to wait for the client's next bytes (RFC 5321 section 4.5.3.2).
+    pub fn timeout(&self) -> Duration {
+        match self.state {
+            State::Data(_) | State::Chunk { .. } => self.config.limits.data_timeout,
+            _ => self.config.limits.command_timeout,
+        }
+    }
+
+    /// True between transactions: closing now loses nothing the client was sending.
+    pub fn is_idle(&self) -> bool {
+        self.tx.is_none() && matches!(self.state, State::Command)
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    pub fn authenticated_user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    /// The client was silent for [`Session::timeout`].
+    pub fn timed_out(&mut self) {
+        self.reply(&reply::TIMEOUT);
+        self.closing = true;
+    }
+
+    /// The relay is stopping; called when the session is idle.
+    pub fn shutting_down(&mut self) {
+        self.reply(&reply::SHUTTING_DOWN);
+        self.closing = true;
+    }
+
+    /// The TLS handshake that STARTTLS asked for completed. The client must start over (RFC 3207 section 4.2).
+    pub fn tls_started(&mut self, version: String) {
+        self.tls = Some(version);
+        self.helo = None;
+        self.esmtp = false;
+        self.tx = None;
+        self.user = None;
+        self.state = State::Command;
+    }
+
+    /// The outcome of an [`Action::Authenticate`]: the user name on success.
+    pub fn auth_result(&mut self, user: Option<String>) {
+        self.state = State::Command;
+        match user {
+            Some(u) => {
+                self.user = Some(u);
+                self.reply(&Reply::new(235, "2.7.0", "Authentication successful"));
+            }
+            None => self.error(&Reply::new(
+                535,
+                "5.7.8",
+                "Authentication credentials invalid",
+            )),
+        }
+    }
+
+    /// The outcome of an [`Action::Accept`]: the reply to send (250 with the queue id, or a refusal).
+    pub fn message_result(&mut self, reply: Reply) {
+        self.state = State::Command;
+        self.tx = None;
+        self.reply(&reply);
+    }
+
+    /// Processes as much of `input` as it can. Returns the bytes consumed and what to do next; on
+    /// [`Action::NeedInput`] the unconsumed rest is an incomplete line to present again with more bytes.
+    pub fn process(&mut self, input: &[u8]) -> (usize, Action) {
+        let mut pos = 0;
+        loop {
+            if self.closing {
+                return (pos, Action::Close);
+            }
+            let rest = &input[pos..];
+            match &mut self.state {
+                State::Waiting => return (pos, Action::NeedInput),
+                State::Data(body) => {
+                    let (used, done) = body.feed_data(rest);
+                    pos += used;
+                    if !done {
+                        return (pos, Action::NeedInput);
+                    }
+                    let State::Data(body) = std::mem::replace(&mut self.state, State::Command)
+                    else {
+                        unreachable!("state was Data above");
+                    };
+                    if let Some(action) = self.end_of_message(body.finish(false)) {
+                        return (pos, action);
+                    }
+                }
+                State::Chunk {
+                    remaining,
+                    last,
+                    refusal,
+                } => {
+                    let take = (*remaining).min(rest.len());
+                    if refusal.is_none()
+                        && let Some(body) = self.tx.as_mut().and_then(|t| t.chunks.as_mut())
+                    {
+                        body.feed_chunk(&rest[..take]);
+                    }
+                    *remaining -= take;
+                    pos += take;
+                    if *remaining > 0 {
+                        return (pos, Action::NeedInput);
+                    }
+                    let (last, refusal) = (*last, refusal.take());
+                    self.state = State::Command;
+                    if let Some(action) = self.end_of_chunk(last, refusal) {
+                        return (pos, action);
+                    }
+                }
+                State::Command
+                | State::AuthPlain
+                | State::AuthLoginUser
+                | State::AuthLoginPass(_) => {
+                    let max_line = self.config.limits.max_line_length;
+                    let Some(nl) = memchr(b'\n', rest) else {
+                        if rest.len() >= max_line {
+                            if !self.skipping_line {
+                                self.skipping_line = true;
+                                self.error(&reply::LINE_TOO_LONG);
+                            }
+                            return (input.len(), Action::NeedInput);
+                        }
+                        return (pos, Action::NeedInput);
+                    };
+                    pos += nl + 1;
+                    if self.skipping_line {
+                        self.skipping_line = false;
+                        continue;
+                    }
+                    if nl + 1 > max_line {
+                        self.error(&reply::LINE_TOO_LONG);
+                        continue;
+                    }
+                    // CRLF is the rule; a bare LF ending a command line is tolerated (it cannot smuggle data).
+                    let line = &rest[..nl];
+                    let line = line.strip_suffix(b"\r").unwrap_or(line);
+                    if let Some(action) = self.line(line) {
+                        return (pos, action);
+                    }
+                }
+            }
+        }
+    }
+
+    fn reply(&mut self, r: &Reply) {
+        r.write_to(&mut self.out);
+    }
+
+    /// Sends an error reply that counts towards the bad-command limit.
+    fn error(&mut self, r: &Reply) {
+        self.reply(r);
+        self.errors += 1;
+        if self.errors >= self.config.limits.max_errors {
+            self.reply(&reply::TOO_MANY_ERRORS);
+            self.closing = true;
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) -> Option<Action> {
+        match std::mem::replace(&mut self.state, State::Command) {
+            State::AuthPlain => return self.auth_plain(line),
+            State::AuthLoginUser => return self.auth_login_user(line),
+            State::AuthLoginPass(user) => return self.auth_login_pass(user, line),
+            _ => {}
+        }
+        let cmd = match command::parse(line) {
+            Ok(c) => c,
+            Err(e) => {
+                let r = match &e {
+                    CommandError::Unknown => Reply::new(500, "5.5.2", "Command not recognized"),
+                    CommandError::NotUtf8 => Reply::new(500, "5.5.2", "Command is not valid UTF-8"),
+                    CommandError::Syntax(_) => Reply::with_text(501, "5.5.4", capitalize(&e)),
+                    CommandError::BadSender(_) => Reply::with_text(501, "5.1.7", capitalize(&e)),
+                    CommandError::BadRecipient(_) => Reply::with_text(501, "5.1.3", capitalize(&e)),
+                };
+                self.error(&r);
+                return None;
+            }
+        };
+        self.command(cmd)
+    }
+
+    fn command(&mut self, cmd: Command<'_>) -> Option<Action> {
+        match cmd {
+            Command::Ehlo(name) => self.hello(name, true),
+            Command::Helo(name) => self.hello(name, false),
+            Command::Mail { from, params } => self.mail(from, &params),
+            Command::Rcpt { to, params } => self.rcpt(to, &params),
+            Command::Data => self.data(),
+            Command::Bdat { size, last } => self.bdat(size, last),
+            Command::Rset => {
+                self.tx = None;
+                self.reply(&reply::OK);
+            }
+            Command::Noop => self.reply(&reply::OK),
+            Command::Quit => {
+                self.reply(&Reply::new(221, "2.0.0", "Bye"));
+                self.closing = true;
+            }
+            Command::Vrfy => self.reply(&Reply::new(
+                252,
+                "2.5.0",
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            )),
+            Command::Expn => self.error(&Reply::new(502, "5.5.1", "EXPN is not available")),
+            Command::Help => self.reply(&Reply::new(
+                214,
+                "2.0.0",
+                "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH; see RFC 5321",
+            )),
+            Command::StartTls => return self.starttls(),
+            Command::Auth { mechanism, initial } => return self.auth(mechanism, initial),
+        }
+        None
+    }
+
+    fn hello(&mut self, name: &str, esmtp: bool) {
+        self.helo = Some(name.to_owned());
+        self.esmtp = esmtp;
+        self.tx = None;
+        let host = &self.config.hostname;
+        if !esmtp {
+            let line = format!("250 {host}\r\n");
+            self.out.extend_from_slice(line.as_bytes());
+            return;
+        }
+        let mut lines = vec![
+            format!("{host} Hello {name}"),
+            "PIPELINING".to_owned(),
+            format!("SIZE {}", self.config.limits.max_message_size),
+            "8BITMIME".to_owned(),
+            "SMTPUTF8".to_owned(),
+            "ENHANCEDSTATUSCODES".to_owned(),
+            "CHUNKING".to_owned(),
+        ];
+        if self.config.tls_mode == TlsMode::Starttls && self.tls.is_none() {
+            lines.push("STARTTLS".to_owned());
+        }
+        if self.config.auth_required && self.tls.is_some() && self.user.is_none() {
+            lines.push("AUTH PLAIN LOGIN".to_owned());
+        }
+        lines.push("HELP".to_owned());
+        let n = lines.len();
+        for (i, l) in lines.iter().enumerate() {
+            let sep = if i + 1 == n { ' ' } else { '-' };
+            let line = format!("250{sep}{l}\r\n");
+            self.out.extend_from_slice(line.as_bytes());
+        }
+    }
+
+    fn mail(&mut self, from: ReversePath, params: &[command::Param<'_>]) {
+        if self.helo.is_none() {
+            self.error(&Reply::new(503, "5.5.1", "Send EHLO or HELO first"));
+            return;
+        }
+        if self.config.auth_required && self.user.is_none() {
+            let r = if self.tls.is_none() {
+                Reply::new(530, "5.7.0", "Must issue a STARTTLS command first")
+            } else {
+                Reply::new(530, "5.7.0", "Authentication required")
+            };
+            self.error(&r);
+            return;
+        }
+        if self.tx.is_some() {
+            self.error(&Reply::new(503, "5.5.1", "Nested MAIL command"));
+            return;
+        }
+        let mut smtputf8 = false;
+        let mut eight_bit = false;
+        for p in params {
+            if !self.esmtp {
+                self.error(&Reply::new(555, "5.5.4", "Parameters need EHLO"));
+                return;
+            }
+            match (p.key.as_str(), p.value) {
+                ("SIZE", Some(v)) => match v.parse::<u64>() {
+                    Ok(n) if n > self.config.limits.max_message_size as u64 => {
+                        self.reply(&Reply::with_text(
+                            552,
+                            "5.3.4",
+                            format!(
+                                "Message size exceeds the limit of {} bytes",
+                                self.config.limits.max_message_size
+                            ),
+                        ));
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        self.error(&Reply::new(501, "5.5.4", "Bad SIZE value"));
+                        return;
+                    }
+                },
+                ("BODY", Some(v)) if v.eq_ignore_ascii_case("8BITMIME") => eight_bit = true,
+                ("BODY", Some(v)) if v.eq_ignore_ascii_case("7BIT") => {}
+                ("SMTPUTF8", None) => smtputf8 = true,
+                // RFC 4954 section 5: accepted; the submitter's identity comes from AUTH itself.
+                ("AUTH", Some(_)) => {}
+                (key, _) => {
+                    self.error(&Reply::with_text(
+                        555,
+                        "5.5.4",
+                        format!("Unsupported parameter {key}"),
+                    ));
+                    return;
+                }
+            }
+        }
+        if let Some(m) = from.mailbox() {
+            if m.is_utf8() && !smtputf8 {
+                self.reply(&Reply::new(
+                    553,
+                    "5.6.7",
+                    "Non-ASCII sender address needs the SMTPUTF8 parameter",
+                ));
+                return;
+            }
+            if let Some(user) = &self.user
+                && !self.config.policy.may_send_as(user, &m.domain)
+            {
+                let text = format!("Sender domain {} is not allowed for user {user}", m.domain);
+                self.reply(&Reply::with_text(550, "5.7.1", text));
+                return;
+            }
+        }
+        self.tx = Some(Transaction {
+            sender: from,
+            recipients: Vec::new(),
+            smtputf8,
+            eight_bit,
+            chunks: None,
+        });
+        self.reply(&Reply::new(250, "2.1.0", "Sender ok"));
+    }
+
+    fn rcpt(&mut self, to: Mailbox, params: &[command::Param<'_>]) {
+        let Some(tx) = &self.tx else {
+            self.error(&Reply::new(503, "5.5.1", "Need MAIL before RCPT"));
+            return;
+        };
+        if tx.chunks.is_some() {
+            self.error(&Reply::new(503, "5.5.1", "RCPT not allowed during BDAT"));
+            return;
+        }
+        if let Some(p) = params.first() {
+            let text = format!("Unsupported parameter {}", p.key);
+            self.error(&Reply::with_text(555, "5.5.4", text));
+            return;
+        }
+        if tx.recipients.len() >= self.config.limits.max_recipients {
+            self.reply(&Reply::new(452, "4.5.3", "Too many recipients"));
+            return;
+        }
+        if to.is_utf8() && !tx.smtputf8 {
+            self.reply(&Reply::new(
+                553,
+                "5.6.7",
+                "Non-ASCII recipient address needs SMTPUTF8 in MAIL",
+            ));
+            return;
+        }
+        let local = !to.is_address_literal() && self.config.policy.is_local(&to.domain);
+        if local && to.has_routing_syntax() {
+            self.error(&Reply::new(
+                550,
+                "5.7.1",
+                "Routing syntax in the local part is not accepted",
+            ));
+            return;
+        }
+        if !local && !self.trusted && self.user.is_none() {
+            self.error(&Reply::with_text(
+                554,
+                "5.7.1",
+                format!("<{to}>: Relay access denied"),
+            ));
+            return;
+        }
+        if let Some(tx) = &mut self.tx {
+            tx.recipients.push(to);
+        }
+        self.reply(&Reply::new(250, "2.1.5", "Recipient ok"));
+    }
+
+    fn data(&mut self) {
+        match &self.tx {
+            None => self.error(&Reply::new(503, "5.5.1", "Need MAIL and RCPT before DATA")),
+            Some(tx) if tx.recipients.is_empty() => {
+                self.error(&Reply::new(503, "5.5.1", "No valid recipients"))
+            }
+            Some(tx) if tx.chunks.is_some() => {
+                self.error(&Reply::new(503, "5.5.1", "DATA not allowed after BDAT"))
+            }
+            Some(_) => {
+                self.out
+                    .extend_from_slice(b"354 End data with <CR><LF>.<CR><LF>\r\n");
+                let l = &self.config.limits;
+                self.state = State::Data(Body::new(l.max_message_size, l.max_line_length));
+            }
+        }
+    }
+
+    fn bdat(&mut self, size: usize, last: bool) {
+        // The chunk follows the command whatever the reply will be, so it is always read (RFC 3030 section 2).
+        let refusal = match &mut self.tx {
+            None => Some(Reply::new(503, "5.5.1", "Need MAIL and RCPT before BDAT")),
+            Some(tx) if tx.recipients.is_empty() => {
+                Some(Reply::new(503, "5.5.1", "No valid recipients"))
+            }
+            Some(tx) => {
+                let l = &self.config.limits;
+                tx.chunks
+                    .get_or_insert_with(|| Body::new(l.max_message_size, l.max_line_length));
+                None
+            }
+        };
+        self.state = State::Chunk {
+            remaining: size,
+            last,
+            refusal,
+        };
+    }
+
+    fn end_of_chunk(&mut self, last: bool, refusal: Option<Reply>) -> Option<Action> {
+        if let Some(r) = refusal {
+            self.error(&r);
+            return None;
+        }
+        if !last {
+            self.reply(&Reply::new(250, "2.0.0", "Chunk received"));
+            return None;
+        }
+        let body = self.tx.as_mut().and_then(|t| t.chunks.take())?;
+        self.end_of_message(body.finish(true))
+    }
+
+    fn end_of_message(&mut self, body: Result<Vec<u8>, BodyError>) -> Option<Action> {
+        let body = match body {
+            Ok(b) => b,
+            Err(e) => {
+                self.tx = None;
+                let r = match e {
+                    BodyError::TooBig => Reply::with_text(
+                        552,
+                        "5.3.4",
+                        format!(
+                            "Message size exceeds the limit of {} bytes",
+                            self.config.limits.max_message_size
+                        ),
+                    ),
+                    BodyError::LineTooLong => Reply::with_text(
+                        554,
+                        "5.6.0",
+                        format!(
+                            "Message has a line longer than {} octets",
+                            self.config.limits.max_line_length
+                        ),
+                    ),
+                    BodyError::BareLineEnding => Reply::new(
+                        554,
+                        "5.6.0",
+                        "Message has a bare CR or LF; lines must end in CRLF",
+                    ),
+                };
+                self.reply(&r);
+                return None;
+            }
+        };
+        let tx = self.tx.take()?;
+        let protocol = self.protocol_name(tx.smtputf8);
+        self.state = State::Waiting;
+        Some(Action::Accept(Box::new(Envelope {
+            sender: tx.sender,
+            recipients: tx.recipients,
+            body,
+            smtputf8: tx.smtputf8,
+            eight_bit: tx.eight_bit,
+            helo: self.helo.clone().unwrap_or_default(),
+            peer: self.peer,
+            auth_user: self.user.clone(),
+            tls: self.tls.clone(),
+            protocol,
+            submission: self.config.auth_required,
+        })))
+    }
+
+    /// RFC 3848 / RFC 6531 names: ESMTP, ESMTPS, ESMTPA, ESMTPSA, UTF8SMTP..., or SMTP after HELO.
+    fn protocol_name(&self, utf8: bool) -> String {
+        if !self.esmtp {
+            return "SMTP".to_owned();
+        }
+        let mut p = String::from(if utf8 { "UTF8SMTP" } else { "ESMTP" });
+        if self.tls.is_some() {
+            p.push('S');
+        }
+        if self.user.is_some() {
+            p.push('A');
+        }
+        p
+    }
+
+    fn starttls(&mut self) -> Option<Action> {
+        if self.config.tls_mode != TlsMode::Starttls {
+            self.error(&Reply::new(
+                502,
+                "5.5.1",
+                "STARTTLS is not available on this port",
+            ));
+            return None;
+        }
+        if self.tls.is_some() {
+            self.error(&Reply::new(503, "5.5.1", "TLS is already active"));
+            return None;
+        }
+        if self.tx.is_some() {
+            self.error(&Reply::new(
+                503,
+                "5.5.1",
+                "STARTTLS not allowed inside a transaction",
+            ));
+            return None;
+        }
+        self.reply(&Reply::new(220, "2.0.0", "Ready to start TLS"));
+        self.state = State::Waiting;
+        Some(Action::StartTls)
+    }
+
+    fn auth(&mut self, mechanism: &str, initial: Option<&str>) -> Option<Action> {
+        if !self.config.auth_required {
+            self.error(&Reply::new(
+                502,
+                "5.5.1",
+                "AUTH is not available on this port",
+            ));
+            return None;
+        }
+        if self.helo.is_none() || !self.esmtp {
+            self.error(&Reply::new(503, "5.5.1", "Send EHLO first"));
+            return None;
+        }
+        if self.tls.is_none() {
+            self.error(&Reply::new(
+                538,
+                "5.7.11",
+                "Encryption required for requested authentication mechanism",
+            ));
+            return None;
+        }
+        if self.user.is_some() {
+            self.error(&Reply::new(503, "5.5.1", "Already authenticated"));
+            return None;
+        }
+        if self.tx.is_some() {
+            self.error(&Reply::new(
+                503,
+                "5.5.1",
+                "AUTH not allowed inside a transaction",
+            ));
+            return None;
+        }
+        if mechanism.eq_ignore_ascii_case("PLAIN") {
+            match initial {
+                Some(resp) => self.auth_plain(resp.as_bytes()),
+                None => {
+                    self.out.extend_from_slice(b"334 \r\n");
+                    self.state = State::AuthPlain;
+                    None
+                }
+            }
+        } else if mechanism.eq_ignore_ascii_case("LOGIN") {
+            match initial {
+                Some(resp) => self.auth_login_user(resp.as_bytes()),
+                None => {
+                    // base64("Username:")
+                    self.out.extend_from_slice(b"334 VXNlcm5hbWU6\r\n");
+                    self.state = State::AuthLoginUser;
+                    None
+                }
+            }
+        } else {
+            self.error(&Reply::new(
+                504,
+                "5.5.4",
+                "Unrecognized authentication type",
+            ));
+            None
+        }
+    }
+
+    /// Decodes one client response of an AUTH exchange; `None` after replying to a cancel or bad base64.
+    fn auth_response(&mut self, line: &[u8]) -> Option<Vec<u8>> {
+        if line == b"*" {
+            self.error(&Reply::new(501, "5.7.0", "Authentication canceled"));
+            return None;
+        }
+        // "=" is an empty initial response (RFC 4954 section 4).
+        if line == b"=" {
+            return Some(Vec::new());
+        }
+        match BASE64.decode(line) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                self.error(&Reply::new(501, "5.5.2", "Cannot decode the response"));
+                None
+            }
+        }
+    }
+
+    fn auth_plain(&mut self, line: &[u8]) -> Option<Action> {
+        let decoded = self.auth_response(line)?;
+        let mut parts = decoded.split(|&b| b == 0);
+        let (Some(authz), Some(user), Some(pass), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            self.error(&Reply::new(501, "5.5.2", "Malformed PLAIN response"));
+            return None;
+        };
+        let (Ok(authz), Ok(user), Ok(pass)) = (
+            std::str::from_utf8(authz),
+            std::str::from_utf8(user),
+            std::str::from_utf8(pass),
+        ) else {
+            self.error(&Reply::new(501, "5.5.2", "Credentials are not valid UTF-8"));
+            return None;
+        };
+        if !authz.is_empty() && authz != user {
+            self.error(&Reply::new(
+                535,
+                "5.7.8",
+                "Authorization identity must match the user",
+            ));
+            return None;
+        }
+        self.state = State::Waiting;
+        Some(Action::Authenticate {
+            username: user.to_owned(),
+            password: pass.to_owned(),
+        })
+    }
+
+    fn auth_login_user(&mut self, line: &[u8]) -> Option<Action> {
+        let decoded = self.auth_response(line)?;
+        let Ok(user) = String::from_utf8(decoded) else {
+            self.error(&Reply::new(501, "5.5.2", "User name is not valid UTF-8"));
+            return None;
+        };
+        // base64("Password:")
+        self.out.extend_from_slice(b"334 UGFzc3dvcmQ6\r\n");
+        self.state = State::AuthLoginPass(user);
+        None
+    }
+
+    fn auth_login_pass(&mut self, user: String, line: &[u8]) -> Option<Action> {
+        let decoded = self.auth_response(line)?;
+        let Ok(password) = String::from_utf8(decoded) else {
+            self.error(&Reply::new(501, "5.5.2", "Password is not valid UTF-8"));
+            return None;
+        };
+        self.state = State::Waiting;
+        Some(Action::Authenticate {
+            username: user,
+            password,
+        })
+    }
+}
+
+fn capitalize(e: &CommandError) -> String {
+    let s = e.to_string();
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(tls_mode: TlsMode, auth_required: bool) -> Arc<SessionConfig> {
+        let hash = crate::policy::hash_password("pw").unwrap();
+        let cfg = crate::config::Config::parse(&format!(
+            r#"
+hostname: mx.test
+spool_dir: s
+listeners: [{{ name: l, address: "127.0.0.1:1" }}]
+users: [{{ username: app, password_hash: "{hash}", allowed_domains: [ok.test] }}]
+domains: [{{ name: ok.test, return_path: bounces.ok.test }}]
+limits: {{ max_recipients: 3, max_errors: 4, max_message_size: 100 }}
+"#
+        ))
+        .unwrap();
+        Arc::new(SessionConfig {
+            hostname: "mx.test".into(),
+            listener: "l".into(),
+            tls_mode,
+            auth_required,
+            limits: cfg.limits.clone(),
+            policy: Arc::new(Policy::from_config(&cfg)),
+        })
+    }
+
+    fn session(trusted: bool) -> Session {
+        Session::new(
+            config(TlsMode::None, false),
+            "127.0.0.1:5000".parse().unwrap(),
+            trusted,
+            None,
+        )
+    }
+
+    /// Feeds `input` and returns the reply codes written, and the last action.
+    fn feed(s: &mut Session, input: &str) -> (Vec<String>, Action) {
+        let (used, action) = s.process(input.as_bytes());
+        assert!(used <= input.len());
+        let out = String::from_utf8(std::mem::take(s.output())).unwrap();
+        let codes = out
+            .lines()
+            .filter(|l| l.as_bytes().get(3) == Some(&b' '))
+            .map(|l| l.split(' ').take(2).collect::<Vec<_>>().join(" "))
+            .collect();
+        (codes, action)
+    }
+
+    #[test]
+    fn pipelined_transaction_is_answered_in_order() {
+        let mut s = session(true);
+        let (codes, action) = feed(
+            &mut s,
+            "EHLO c.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\nDATA\r\n",
+        );
+        assert_eq!(
+            codes,
+            [
+                "220 mx.test",
+                "250 HELP",
+                "250 2.1.0",
+                "250 2.1.5",
+                "250 2.1.5",
+                "354 End"
+            ]
+        );
+        assert!(matches!(action, Action::NeedInput));
+        let (_, action) = feed(&mut s, "Subject: x\r\n\r\nhi\r\n.\r\n");
+        let Action::Accept(env) = action else {
+            panic!("no accept")
+        };
+        assert_eq!(env.recipients.len(), 2);
+        assert_eq!(env.body, b"Subject: x\r\n\r\nhi\r\n");
+        assert_eq!(env.protocol, "ESMTP");
+        s.message_result(Reply::new(250, "2.0.0", "Ok"));
+        assert_eq!(feed(&mut s, "QUIT\r\n").0, ["250 2.0.0", "221 2.0.0"]);
+    }
+
+    #[test]
+    fn untrusted_clients_cannot_relay_but_reach_local_domains() {
+        let mut s = session(false);
+        feed(&mut s, "EHLO c.test\r\nMAIL FROM:<a@x.test>\r\n");
+        assert_eq!(feed(&mut s, "RCPT TO:<b@y.test>\r\n").0, ["554 5.7.1"]);
+        assert_eq!(feed(&mut s, "RCPT TO:<b@[127.0.0.1]>\r\n").0, ["554 5.7.1"]);
+        assert_eq!(
+            feed(&mut s, "RCPT TO:<b%y.test@bounces.ok.test>\r\n").0,
+            ["550 5.7.1"]
+        );
+        assert_eq!(
+            feed(&mut s, "RCPT TO:<b@BOUNCES.ok.test>\r\n").0,
+            ["250 2.1.5"]
+        );
+    }
+
+    #[test]
+    fn sequence_and_limit_errors() {
+        let mut s = session(true);
+        assert_eq!(
+            feed(&mut s, "MAIL FROM:<a@x.test>\r\n").0,
+            ["220 mx.test", "503 5.5.1"]
+        );
+        feed(&mut s, "HELO c.test\r\n");
+        assert_eq!(feed(&mut s, "RCPT TO:<b@y.test>\r\n").0, ["503 5.5.1"]);
+        assert_eq!(
+            feed(&mut s, "MAIL FROM:<a@x.test> SIZE=1\r\n").0,
+            ["555 5.5.4"]
+        );
+        let mut s = session(true);
+        feed(&mut s, "EHLO c.test\r\n");
+        assert_eq!(
+            feed(&mut s, "MAIL FROM:<a@x.test> SIZE=101\r\n").0,
+            ["552 5.3.4"]
+        );
+        feed(&mut s, "MAIL FROM:<a@x.test>\r\n");
+        let (codes, _) = feed(
+            &mut s,
+            "RCPT TO:<1@y.test>\r\nRCPT TO:<2@y.test>\r\nRCPT TO:<3@y.test>\r\nRCPT TO:<4@y.test>\r\n",
+        );
+        assert_eq!(codes, ["250 2.1.5", "250 2.1.5", "250 2.1.5", "452 4.5.3"]);
+    }
+
+    #[test]
+    fn too_many_errors_closes() {
+        let mut s = session(true);
+        let (codes, action) = feed(&mut s, "BOGUS\r\nBOGUS\r\nBOGUS\r\nBOGUS\r\nNOOP\r\n");
+        assert_eq!(
+            codes,
+            [
+                "220 mx.test",
+                "500 5.5.2",
+                "500 5.5.2",
+                "500 5.5.2",
+                "500 5.5.2",
+                "421 4.7.0"
+            ]
+        );
+        assert!(matches!(action, Action::Close));
+    }
+
+    #[test]
+    fn bare_lf_in_data_rejects_the_message_and_smuggled_commands_stay_data() {
+        let mut s = session(true);
+        feed(
+            &mut s,
+            "EHLO c.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n",
+        );
+        let (codes, action) = feed(
+            &mut s,
+            "x\r\n\n.\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<v@y.test>\r\nDATA\r\n.\r\n",
+        );
+        assert_eq!(codes, ["554 5.6.0"]);
+        assert!(matches!(action, Action::NeedInput));
+        assert!(s.is_idle());
+    }
+
+    #[test]
+    fn bdat_chunks_make_one_message() {
+        let mut s = session(true);
+        feed(
+            &mut s,
+            "EHLO c.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n",
+        );
+        let (codes, _) = feed(&mut s, "BDAT 5\r\nab\r\nc");
+        assert_eq!(codes, ["250 2.0.0"]);
+        let (_, action) = feed(&mut s, "BDAT 3 LAST\r\nd\r\n");
+        let Action::Accept(env) = action else {
+            panic!("no accept")
+        };
+        assert_eq!(env.body, b"ab\r\ncd\r\n");
+    }
+
+    #[test]
+    fn bdat_without_transaction_is_read_and_refused() {
+        let mut s = session(true);
+        feed(&mut s, "EHLO c.test\r\n");
+        let (codes, _) = feed(&mut s, "BDAT 12 LAST\r\nRSET\r\nRSET\r\nNOOP\r\n");
+        assert_eq!(codes, ["503 5.5.1", "250 2.0.0"]);
+    }
+
+    #[test]
+    fn submission_requires_tls_then_auth() {
+        let cfg = config(TlsMode::Starttls, true);
+        let mut s = Session::new(cfg, "127.0.0.1:5000".parse().unwrap(), false, None);
+        let (codes, _) = feed(
+            &mut s,
+            "EHLO c.test\r\nAUTH PLAIN AGFwcABwdw==\r\nMAIL FROM:<a@ok.test>\r\n",
+        );
+        assert_eq!(
+            codes,
+            ["220 mx.test", "250 HELP", "538 5.7.11", "530 5.7.0"]
+        );
+        let (codes, action) = feed(&mut s, "STARTTLS\r\nEHLO sneaky\r\n");
+        assert_eq!(codes, ["220 2.0.0"]);
+        assert!(matches!(action, Action::StartTls));
+        s.tls_started("TLSv1.3".into());
+        let (_, action) = feed(&mut s, "EHLO c.test\r\nAUTH PLAIN AGFwcABwdw==\r\n");
+        let Action::Authenticate { username, password } = action else {
+            panic!("no auth")
+        };
+        assert_eq!((username.as_str(), password.as_str()), ("app", "pw"));
+        s.auth_result(Some(username));
+        let (codes, _) = feed(
+            &mut s,
+            "MAIL FROM:<a@evil.test>\r\nMAIL FROM:<a@ok.test>\r\n",
+        );
+        assert_eq!(codes, ["235 2.7.0", "550 5.7.1", "250 2.1.0"]);
+    }
+
+    #[test]
+    fn auth_login_exchange() {
+        let cfg = config(TlsMode::Implicit, true);
+        let mut s = Session::new(
+            cfg,
+            "127.0.0.1:5000".parse().unwrap(),
+            false,
+            Some("TLSv1.3".into()),
+        );
+        let out = {
+            s.process(b"EHLO c.test\r\n");
+            String::from_utf8(std::mem::take(s.output())).unwrap()
+        };
+        assert!(out.contains("250-AUTH PLAIN LOGIN\r\n"), "{out}");
+        let (codes, _) = feed(&mut s, "AUTH LOGIN\r\n");
+        assert_eq!(codes, ["334 VXNlcm5hbWU6"]);
+        let (codes, _) = feed(&mut s, "YXBw\r\n");
+        assert_eq!(codes, ["334 UGFzc3dvcmQ6"]);
+        let (_, action) = feed(&mut s, "d3Jvbmc=\r\n");
+        assert!(matches!(action, Action::Authenticate { .. }));
+        s.auth_result(None);
+        assert_eq!(feed(&mut s, "").0, ["535 5.7.8"]);
+    }
+
+    #[test]
+    fn overlong_command_line_is_refused_and_skipped() {
+        let mut s = session(true);
+        feed(&mut s, "EHLO c.test\r\n");
+        let long = "NOOP ".to_owned() + &"x".repeat(3000);
+        let (codes, _) = feed(&mut s, &long);
+        assert_eq!(codes, ["500 5.5.2"]);
+        let (codes, _) = feed(&mut s, "yyy\r\nNOOP\r\n");
+        assert_eq!(codes, ["250 2.0.0"]);
+    }
+}

@@ -1,0 +1,270 @@
+//! The on-disk record format of spool segments.
+//!
+//! A segment is a sequence of records, each framed as
+//! `magic (1) | kind (1) | payload length (4, LE) | CRC-32 of kind and payload (4, LE) | payload`.
+//! The CRC lets loading tell a record that was fully written from the torn tail a crash leaves behind;
+//! everything after the first bad frame in a segment is ignored (and truncated, so the segment stays
+//! appendable).
+
+use std::fmt;
+use std::str::FromStr;
+
+pub const MAGIC: u8 = 0xE7;
+pub const FRAME_LEN: usize = 10;
+
+/// Record kinds. New kinds get new numbers; loading skips kinds it does not know, so an older relay can still
+/// read the messages of a newer one.
+pub const KIND_MESSAGE: u8 = 1;
+
+/// A message's identity in the spool and in every log line and reply about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct QueueId(pub u64);
+
+impl fmt::Display for QueueId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016X}", self.0)
+    }
+}
+
+impl FromStr for QueueId {
+    type Err = std::num::ParseIntError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        u64::from_str_radix(s, 16).map(QueueId)
+    }
+}
+
+/// The envelope stored with a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageMeta {
+    pub id: QueueId,
+    /// Unix time in milliseconds when the message was accepted.
+    pub received_at_ms: u64,
+    pub smtputf8: bool,
+    pub eight_bit: bool,
+    pub listener: String,
+    pub auth_user: Option<String>,
+    pub peer: String,
+    /// Empty for the null sender.
+    pub sender: String,
+    pub recipients: Vec<String>,
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("record is cut short")]
+    Truncated,
+    #[error("record has a bad magic byte")]
+    BadMagic,
+    #[error("record checksum does not match")]
+    BadChecksum,
+    #[error("record payload is malformed")]
+    Malformed,
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    // Fields are bounded by SMTP's own limits (paths of 256 octets); u16 is ample.
+    let len = s.len().min(u16::MAX as usize);
+    out.extend_from_slice(&(len as u16).to_le_bytes());
+    out.extend_from_slice(&s.as_bytes()[..len]);
+}
+
+/// Appends a framed message record to `out`; returns the offset of the message data within the record.
+pub fn encode_message(out: &mut Vec<u8>, meta: &MessageMeta, parts: &[&[u8]]) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[MAGIC, KIND_MESSAGE, 0, 0, 0, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&meta.id.0.to_le_bytes());
+    out.extend_from_slice(&meta.received_at_ms.to_le_bytes());
+    out.push(u8::from(meta.smtputf8) | (u8::from(meta.eight_bit) << 1));
+    put_str(out, &meta.listener);
+    put_str(out, meta.auth_user.as_deref().unwrap_or(""));
+    put_str(out, &meta.peer);
+    put_str(out, &meta.sender);
+    out.extend_from_slice(&(meta.recipients.len() as u32).to_le_bytes());
+    for r in &meta.recipients {
+        put_str(out, r);
+    }
+    let data_len: usize = parts.iter().map(|p| p.len()).sum();
+    out.extend_from_slice(&(data_len as u64).to_le_bytes());
+    let data_offset = out.len() - start;
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    finish_frame(out, start);
+    data_offset
+}
+
+fn finish_frame(out: &mut [u8], start: usize) {
+    let payload_len = (out.len() - start - FRAME_LEN) as u32;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&out[start + 1..start + 2]);
+    crc.update(&out[start + FRAME_LEN..]);
+    out[start + 2..start + 6].copy_from_slice(&payload_len.to_le_bytes());
+    out[start + 6..start + 10].copy_from_slice(&crc.finalize().to_le_bytes());
+}
+
+/// One decoded frame: its kind, payload, and the length of the whole frame.
+#[derive(Debug)]
+pub struct Frame<'a> {
+    pub kind: u8,
+    pub payload: &'a [u8],
+    pub len: usize,
+}
+
+/// Decodes the frame at the start of `buf`.
+pub fn decode_frame(buf: &[u8]) -> Result<Frame<'_>, RecordError> {
+    if buf.len() < FRAME_LEN {
+        return Err(RecordError::Truncated);
+    }
+    if buf[0] != MAGIC {
+        return Err(RecordError::BadMagic);
+    }
+    let kind = buf[1];
+    let len = u32::from_le_bytes([buf[2], buf[3], buf[4], buf[5]]) as usize;
+    let crc = u32::from_le_bytes([buf[6], buf[7], buf[8], buf[9]]);
+    let payload = buf
+        .get(FRAME_LEN..FRAME_LEN + len)
+        .ok_or(RecordError::Truncated)?;
+    let mut h = crc32fast::Hasher::new();
+    h.update(&[kind]);
+    h.update(payload);
+    if h.finalize() != crc {
+        return Err(RecordError::BadChecksum);
+    }
+    Ok(Frame {
+        kind,
+        payload,
+        len: FRAME_LEN + len,
+    })
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
+        let s = self
+            .buf
+            .get(self.pos..self.pos + n)
+            .ok_or(RecordError::Malformed)?;
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, RecordError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, RecordError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, RecordError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, RecordError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn string(&mut self) -> Result<String, RecordError> {
+        let n = self.u16()? as usize;
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| RecordError::Malformed)
+    }
+}
+
+/// Decodes a message payload: the envelope, and the offset and length of the data within the payload.
+pub fn decode_message(payload: &[u8]) -> Result<(MessageMeta, usize, u64), RecordError> {
+    let mut r = Reader {
+        buf: payload,
+        pos: 0,
+    };
+    let id = QueueId(r.u64()?);
+    let received_at_ms = r.u64()?;
+    let flags = r.u8()?;
+    let listener = r.string()?;
+    let auth_user = Some(r.string()?).filter(|s| !s.is_empty());
+    let peer = r.string()?;
+    let sender = r.string()?;
+    let n = r.u32()? as usize;
+    // Each recipient takes at least two bytes: a count beyond that is corruption, not a reason to allocate.
+    if n > payload.len() / 2 {
+        return Err(RecordError::Malformed);
+    }
+    let mut recipients = Vec::with_capacity(n);
+    for _ in 0..n {
+        recipients.push(r.string()?);
+    }
+    let data_len = r.u64()?;
+    if r.pos as u64 + data_len != payload.len() as u64 {
+        return Err(RecordError::Malformed);
+    }
+    let meta = MessageMeta {
+        id,
+        received_at_ms,
+        smtputf8: flags & 1 != 0,
+        eight_bit: flags & 2 != 0,
+        listener,
+        auth_user,
+        peer,
+        sender,
+        recipients,
+    };
+    Ok((meta, r.pos, data_len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> MessageMeta {
+        MessageMeta {
+            id: QueueId(0x1234),
+            received_at_ms: 99,
+            smtputf8: true,
+            eight_bit: false,
+            listener: "trusted".into(),
+            auth_user: None,
+            peer: "127.0.0.1:4000".into(),
+            sender: "a@b.test".into(),
+            recipients: vec!["x@y.test".into(), "z@y.test".into()],
+        }
+    }
+
+    #[test]
+    fn message_round_trips() {
+        let mut buf = vec![0xAA];
+        let data_off = encode_message(&mut buf, &meta(), &[b"Received: x\r\n", b"body\r\n"]);
+        let frame = decode_frame(&buf[1..]).unwrap();
+        assert_eq!(frame.len, buf.len() - 1);
+        let (m, off, len) = decode_message(frame.payload).unwrap();
+        assert_eq!(m, meta());
+        assert_eq!(off + FRAME_LEN, data_off);
+        assert_eq!(
+            &frame.payload[off..off + len as usize],
+            b"Received: x\r\nbody\r\n"
+        );
+        assert_eq!(
+            "0000000000001234".parse::<QueueId>().unwrap(),
+            QueueId(0x1234)
+        );
+        assert_eq!(QueueId(0x1234).to_string(), "0000000000001234");
+    }
+
+    #[test]
+    fn every_truncation_and_bit_flip_is_detected() {
+        let mut buf = Vec::new();
+        encode_message(&mut buf, &meta(), &[b"body\r\n"]);
+        for cut in 0..buf.len() {
+            assert!(decode_frame(&buf[..cut]).is_err(), "cut at {cut}");
+        }
+        for i in 0..buf.len() {
+            let mut b = buf.clone();
+            b[i] ^= 0x10;
+            assert!(decode_frame(&b).is_err(), "flip at {i}");
+        }
+    }
+}
