@@ -7,7 +7,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "herald-operator", version, about = "Herald's Kubernetes operator")]
+#[command(
+    name = "herald-operator",
+    version,
+    about = "Herald's Kubernetes operator"
+)]
 struct Cli {}
 
 fn main() -> ExitCode {

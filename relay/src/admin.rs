@@ -14,7 +14,6 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::queue::{Listing, Queue};
 
@@ -79,19 +78,9 @@ pub async fn bind(address: SocketAddr) -> Result<TcpListener, AdminError> {
         .map_err(|source| AdminError::Bind { address, source })
 }
 
-/// Serves until `shutdown` turns true.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<AdminState>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let app = router(state);
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        })
-        .await;
-    if let Err(e) = result {
+/// Serves until the process exits: the probes must keep answering (503) while the relay drains.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    if let Err(e) = axum::serve(listener, router(state)).await {
         tracing::error!(error = %e, "admin server failed");
     }
 }

@@ -78,7 +78,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Run
     if let Some(a) = &config.admin {
         let listener = admin::bind(a.address).await?;
         tracing::info!(address = %a.address, "admin listening");
-        tokio::spawn(admin::serve(listener, state.clone(), stop_rx.clone()));
+        tokio::spawn(admin::serve(listener, state.clone()));
     }
     let listeners = server::bind(&config, &shared).await?;
     for (tcp, ctx) in listeners {

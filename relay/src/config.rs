@@ -308,8 +308,16 @@ impl Config {
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config =
-            serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        // serde_path_to_error tracks where in the document the deserializer was, so an error names the
+        // field as a user writes it (`listeners[2].tls`) rather than only a line and column.
+        let mut path = None;
+        let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
+            serde_path_to_error::deserialize::<_, Config>(de).map_err(|e| {
+                path = Some(e.path().to_string());
+                e.into_inner()
+            })
+        });
+        let config = parsed.map_err(|e| parse_error(path.as_deref().unwrap_or("."), &e))?;
         config.validate()?;
         Ok(config)
     }
@@ -503,6 +511,19 @@ impl Config {
     }
 }
 
+fn parse_error(path: &str, e: &serde_saphyr::Error) -> ConfigError {
+    let message = e.without_snippet().to_string();
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    if path == "." {
+        ConfigError::Parse(message.to_owned())
+    } else {
+        ConfigError::Invalid {
+            field: path.to_owned(),
+            message: message.to_owned(),
+        }
+    }
+}
+
 /// A host or domain name in the LDH syntax (RFC 1035, with RFC 1123's leading digits), or an A-label.
 pub fn is_domain_name(name: &str) -> bool {
     let name = name.strip_suffix('.').unwrap_or(name);
@@ -581,6 +602,13 @@ admin: { address: 127.0.0.1:9090 }
     fn unknown_key_is_named() {
         let e = err("hostname: a\nspool_dir: s\nlisteners: []\nbogus: 1\n");
         assert!(e.contains("bogus"), "{e}");
+        let e = err(
+            "hostname: a\nspool_dir: s\nlisteners:\n - {name: x, address: \"127.0.0.1:1\"}\n - {name: y, address: \"127.0.0.1:2\", tls: sometimes}\n",
+        );
+        assert!(e.starts_with("listeners[1].tls: "), "{e}");
+        let e =
+            err("hostname: a\nspool_dir: s\nlisteners: []\nlimits: { command_timeout: soon }\n");
+        assert!(e.starts_with("limits.command_timeout: "), "{e}");
     }
 
     #[test]

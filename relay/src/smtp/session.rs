@@ -429,7 +429,14 @@ impl Session {
                 return;
             }
             match (p.key.as_str(), p.value) {
-                ("SIZE", Some(v)) => match v.parse::<u64>() {
+                // A size too large for u64 is still a well-formed size (RFC 1870 allows 20 digits): too big.
+                ("SIZE", Some(v)) => match v.parse::<u64>().or_else(|e| {
+                    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+                        Ok(u64::MAX)
+                    } else {
+                        Err(e)
+                    }
+                }) {
                     Ok(n) if n > self.config.limits.max_message_size as u64 => {
                         self.reply(&Reply::with_text(
                             552,
@@ -517,10 +524,11 @@ impl Session {
         }
         let local = !to.is_address_literal() && self.config.policy.is_local(&to.domain);
         if local && to.has_routing_syntax() {
-            self.error(&Reply::new(
-                550,
+            // %-hacks and bang paths were how open relays were abused; refuse them as relaying.
+            self.error(&Reply::with_text(
+                554,
                 "5.7.1",
-                "Routing syntax in the local part is not accepted",
+                format!("<{to}>: Relay access denied (routing syntax in the local part)"),
             ));
             return;
         }
@@ -916,7 +924,7 @@ limits: {{ max_recipients: 3, max_errors: 4, max_message_size: 100 }}
         assert_eq!(feed(&mut s, "RCPT TO:<b@[127.0.0.1]>\r\n").0, ["554 5.7.1"]);
         assert_eq!(
             feed(&mut s, "RCPT TO:<b%y.test@bounces.ok.test>\r\n").0,
-            ["550 5.7.1"]
+            ["554 5.7.1"]
         );
         assert_eq!(
             feed(&mut s, "RCPT TO:<b@BOUNCES.ok.test>\r\n").0,

@@ -1,0 +1,251 @@
+"""Limits: message size, recipients per message, connections, and who may connect at all."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+
+import pytest
+
+from harness.relay import RelayPool, addr, free_port
+from harness.smtp import ConnectionClosed, SmtpConn, make_message
+
+MAX_SIZE = 10000
+MAX_RCPTS = 5
+
+
+def unique(tag: str) -> str:
+    return f"{tag}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory, relay_binary, certs, users):
+    pool = RelayPool(tmp_path_factory.mktemp("limited"), certs, users)
+    r = pool.start("limited", limits={"max_message_size": MAX_SIZE, "max_recipients": MAX_RCPTS})
+    yield r
+    pool.stop_all()
+
+
+def session(relay, listener="trusted", source=None) -> SmtpConn:
+    host, port = relay.listener(listener)
+    c = SmtpConn(host, port, source=source)
+    c.greeting()
+    c.ehlo()
+    return c
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Size
+
+
+def test_ehlo_advertises_the_configured_size(limited):
+    with session(limited) as c:
+        assert f"SIZE {MAX_SIZE}" in c.ehlo().keywords()
+
+
+def test_mail_with_size_over_the_limit_gets_552_5_3_4(limited):
+    with session(limited) as c:
+        c.expect(f"MAIL FROM:<a@example.test> SIZE={MAX_SIZE + 1}", "552 5.3.4")
+        c.expect(f"MAIL FROM:<a@example.test> SIZE={MAX_SIZE}", "250 2.1.0")
+
+
+def test_mail_with_an_absurd_size_gets_552_5_3_4(limited):
+    with session(limited) as c:
+        c.expect("MAIL FROM:<a@example.test> SIZE=99999999999999999999", "552 5.3.4")  # 20 digits (RFC 1870 max), > u64
+
+
+def test_data_over_max_message_size_gets_552_5_3_4_and_nothing_is_queued(limited):
+    msg = make_message(unique("big"), body=("z" * 98 + "\r\n").encode() * (MAX_SIZE // 100 + 50))
+    assert len(msg) > MAX_SIZE * 1.3
+    before = set(limited.queue_by_id())
+    with session(limited) as c:
+        c.expect("MAIL FROM:<a@example.test>", "250 2.1.0")
+        c.expect("RCPT TO:<x@foreign.test>", "250 2.1.5")
+        r = c.data(msg)
+        assert r.starts("552 5.3.4"), r
+        c.expect("NOOP", "250 2.0.0")
+        # and the session can still send a message that fits
+        ok = c.transaction("a@example.test", ["x@foreign.test"], make_message(unique("small")))
+        assert ok.queue_id, ok
+    assert list(limited.new_messages(before)) == [ok.queue_id]
+
+
+def test_data_under_a_lying_size_declaration_is_still_held_to_the_limit(limited):
+    msg = make_message(unique("liar"), body=("z" * 98 + "\r\n").encode() * (MAX_SIZE // 100 + 50))
+    before = set(limited.queue_by_id())
+    with session(limited) as c:
+        c.expect("MAIL FROM:<a@example.test> SIZE=100", "250 2.1.0")
+        c.expect("RCPT TO:<x@foreign.test>", "250 2.1.5")
+        assert c.data(msg).starts("552 5.3.4")
+    assert limited.new_messages(before) == {}
+
+
+def test_bdat_over_max_message_size_gets_552_5_3_4_and_nothing_is_queued(limited):
+    chunk = (b"y" * 98 + b"\r\n") * 40
+    before = set(limited.queue_by_id())
+    with session(limited) as c:
+        c.expect("MAIL FROM:<a@example.test>", "250 2.1.0")
+        c.expect("RCPT TO:<x@foreign.test>", "250 2.1.5")
+        replies = []
+        for i in range(5):  # 5 x 4002 octets: the limit is crossed in the third chunk
+            last = i == 4
+            c.send(b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if last else b"") + chunk)
+            r = c.read_reply()
+            replies.append(r.last)
+            if r.code != 250:
+                break
+        assert replies[-1].startswith("552 5.3.4"), replies
+        assert not any("queued" in x for x in replies), replies
+        c.expect("RSET", "250 2.0.0")
+    assert limited.new_messages(before) == {}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recipients
+
+
+def test_recipient_beyond_max_recipients_gets_452_4_5_3_and_the_rest_are_kept(limited):
+    before = set(limited.queue_by_id())
+    rcpts = [f"r{i}@foreign.test" for i in range(MAX_RCPTS)]
+    with session(limited) as c:
+        c.expect("MAIL FROM:<a@example.test>", "250 2.1.0")
+        for r in rcpts:
+            c.expect(f"RCPT TO:<{r}>", "250 2.1.5")
+        c.expect("RCPT TO:<one-too-many@foreign.test>", "452 4.5.3")
+        c.expect("RCPT TO:<two-too-many@foreign.test>", "452 4.5.3")
+        end = c.data(make_message(unique("rcpts")))
+        assert end.queue_id, end
+    m = limited.new_messages(before)[end.queue_id]
+    assert sorted(m["recipients"]) == sorted(rcpts), m
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Connections
+
+
+def connect_and_read_first_reply(host, port, source=None):
+    c = SmtpConn(host, port, source=source)
+    try:
+        return c, c.read_reply()
+    except BaseException:
+        c.close()
+        raise
+
+
+def wait_for_greeting(host, port, source=None, attempts=50):
+    """The server may take a moment to notice a closed connection: retry (bounded) until a 220 comes."""
+    last = None
+    for _ in range(attempts):
+        c = None
+        try:
+            c, r = connect_and_read_first_reply(host, port, source)
+            if r.code == 220:
+                return c
+            last = r
+        except (ConnectionClosed, OSError) as e:
+            last = e
+        if c is not None:
+            c.close()
+        time.sleep(0.1)
+    raise AssertionError(f"no 220 after {attempts} attempts; last reply {last}")
+
+
+def test_connections_beyond_max_per_client_get_421_4_7_0_at_connect(relays):
+    r = relays.start("perclient", limits={"max_connections_per_client": 2, "max_connections": 50})
+    host, port = r.listener("trusted")
+    held = [wait_for_greeting(host, port), wait_for_greeting(host, port)]
+    try:
+        extra, rep = connect_and_read_first_reply(host, port)
+        with extra:
+            assert rep.starts("421 4.7.0"), rep
+            assert extra.closed_by_peer(10), "still open after 421"
+        # another client address is not affected
+        other = wait_for_greeting(host, port, source="127.0.0.2")
+        other.close()
+        # when one of ours goes away, there is room again
+        held.pop().close()
+        held.append(wait_for_greeting(host, port))
+    finally:
+        for c in held:
+            c.close()
+
+
+def test_connections_beyond_max_connections_get_421_4_7_0_at_connect(relays):
+    r = relays.start("global", limits={"max_connections": 3, "max_connections_per_client": 100})
+    host, port = r.listener("trusted")
+    held = [
+        wait_for_greeting(host, port, source="127.0.0.1"),
+        wait_for_greeting(host, port, source="127.0.0.2"),
+        wait_for_greeting(host, port, source="127.0.0.3"),
+    ]
+    try:
+        extra, rep = connect_and_read_first_reply(host, port, source="127.0.0.4")
+        with extra:
+            assert rep.starts("421 4.7.0"), rep
+            assert extra.closed_by_peer(10)
+        held.pop(0).close()
+        held.append(wait_for_greeting(host, port, source="127.0.0.4"))
+    finally:
+        for c in held:
+            c.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# allow_networks
+
+
+def only_listener(name: str, host: str, allow: list[str]) -> list[dict]:
+    return [{"name": name, "address": addr(host, free_port(host)), "auth": "none", "allow_networks": allow}]
+
+
+def test_client_outside_allow_networks_gets_554_5_7_1_at_connect_and_is_closed(relays):
+    r = relays.start("outside", listeners=only_listener("trusted", "127.0.0.1", ["10.9.9.0/24"]))
+    host, port = r.listener("trusted")
+    c, rep = connect_and_read_first_reply(host, port)
+    with c:
+        assert rep.starts("554 5.7.1"), rep
+        assert c.closed_by_peer(10), "still open after 554"
+    assert r.queue() == []
+
+
+def test_allow_networks_is_matched_on_the_client_address(relays):
+    r = relays.start("narrow", listeners=only_listener("trusted", "127.0.0.1", ["127.0.0.2/32"]))
+    host, port = r.listener("trusted")
+    c, rep = connect_and_read_first_reply(host, port, source="127.0.0.2")
+    with c:
+        assert rep.code == 220, rep
+        c.ehlo()
+        c.expect("MAIL FROM:<a@example.test>", "250 2.1.0")
+        c.expect("RCPT TO:<x@foreign.test>", "250 2.1.5")
+    c, rep = connect_and_read_first_reply(host, port, source="127.0.0.1")
+    with c:
+        assert rep.starts("554 5.7.1"), rep
+
+
+def _have_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _have_ipv6_loopback(), reason="no IPv6 loopback")
+def test_ipv6_loopback_client_is_matched_against_ipv6_networks(relays):
+    listeners = (
+        only_listener("v6ok", "::1", ["::1/128"])
+        + only_listener("v6no", "::1", ["127.0.0.0/8"])
+    )
+    r = relays.start("v6", listeners=listeners)
+    host, port = r.listener("v6ok")
+    with SmtpConn(host, port) as c:
+        c.greeting()
+        c.ehlo()
+        r1 = c.transaction("a@example.test", ["x@foreign.test"], make_message(unique("v6")))
+        assert r1.queue_id, r1
+    host, port = r.listener("v6no")
+    c, rep = connect_and_read_first_reply(host, port)
+    with c:
+        assert rep.starts("554 5.7.1"), rep

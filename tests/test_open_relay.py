@@ -1,0 +1,157 @@
+"""Open-relay battery: nobody who is neither trusted nor authenticated gets mail relayed anywhere.
+
+On the inbound listener (auth none, no allow_networks) only the configured return_path domains
+(bounces.example.test) are accepted. The recipient forms below are the classic relay-test battery: source
+routes, percent hack, bang paths, quoted local parts, address literals, case and suffix tricks.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from harness.smtp import SmtpConn, dot_stuff, make_message
+
+LOCAL = "bounces.example.test"  # the return_path domain of example.test
+
+REFUSED = ("554 5.7.1", "501 5.1.3")
+
+FOREIGN_FORMS = [
+    "user@foreign.test",
+    "USER@FOREIGN.TEST",
+    "user@Foreign.Test",
+    "user@example.test",  # a sending domain is not a return_path domain
+    "user@other.test",  # a sending domain without return_path
+    "user@foreign.test.",
+    f"user@{LOCAL}.foreign.test",  # local domain as a prefix
+    f"user@evil-{LOCAL}",  # local domain as a string suffix
+    f"user@evil{LOCAL}",
+    f"user@sub.{LOCAL}",  # not configured
+    f"@{LOCAL}:user@foreign.test",  # source route ending abroad
+    f"@{LOCAL},@foreign.test:user@foreign.test",
+    f"user@foreign.test@{LOCAL}",
+    '"user@foreign.test"',
+    "user@[127.0.0.1]",
+    "user@[IPv6:::1]",
+    "foreign.test!user",
+    "user%foreign.test",
+]
+
+# Routing tricks dressed up with the local domain. A relay that implements the percent hack, bang paths or
+# quoted '@' would send these abroad; they must be refused outright.
+LOCAL_TRICK_FORMS = [
+    f"user%foreign.test@{LOCAL}",
+    f"USER%FOREIGN.TEST@{LOCAL.upper()}",
+    f'"user@foreign.test"@{LOCAL}',
+    f"foreign.test!user@{LOCAL}",
+    f'"user%foreign.test"@{LOCAL}',
+]
+
+
+def unique(tag: str) -> str:
+    return f"{tag}-{uuid.uuid4().hex[:12]}"
+
+
+def session(relay, listener) -> SmtpConn:
+    host, port = relay.listener(listener)
+    c = SmtpConn(host, port)
+    c.greeting()
+    c.ehlo()
+    return c
+
+
+def try_relay(relay, listener: str, rcpt_arg: str, sender: str = "attacker@foreign.test") -> tuple[str, str]:
+    """MAIL, RCPT TO:<rcpt_arg>, DATA (and the message if 354 came). Returns (RCPT reply, DATA reply)."""
+    with session(relay, listener) as c:
+        c.expect(f"MAIL FROM:<{sender}>", "250 2.1.0")
+        rcpt = c.cmd(f"RCPT TO:{rcpt_arg}")
+        data = c.cmd("DATA")
+        if data.code == 354:
+            c.send(dot_stuff(make_message(unique("relaytest"), to="victim@foreign.test")) + b".\r\n")
+            data = c.read_reply()
+        c.cmd("QUIT")
+    return rcpt.last, data.last
+
+
+@pytest.mark.parametrize("form", FOREIGN_FORMS)
+def test_inbound_listener_refuses_foreign_recipient_forms(relay, form):
+    before = set(relay.queue_by_id())
+    rcpt, data = try_relay(relay, "inbound", f"<{form}>")
+    assert rcpt.startswith(REFUSED), f"RCPT TO:<{form}> on inbound: {rcpt}"
+    assert not data.startswith("250"), f"DATA after refused RCPT: {data}"
+    assert relay.new_messages(before) == {}
+
+
+@pytest.mark.parametrize("form", LOCAL_TRICK_FORMS)
+def test_inbound_listener_refuses_routing_tricks_at_the_local_domain(relay, form):
+    before = set(relay.queue_by_id())
+    rcpt, data = try_relay(relay, "inbound", f"<{form}>")
+    assert rcpt.startswith(REFUSED), f"RCPT TO:<{form}> on inbound: {rcpt}"
+    assert relay.new_messages(before) == {}
+
+
+@pytest.mark.parametrize("arg", ["user@foreign.test", " <user@foreign.test>", "<user@foreign.test> NOTIFY=NEVER"])
+def test_inbound_listener_refuses_foreign_recipients_in_odd_syntax(relay, arg):
+    before = set(relay.queue_by_id())
+    rcpt, _ = try_relay(relay, "inbound", arg)
+    assert rcpt.startswith(REFUSED + ("501 5.5.4", "555 5.5.4")), f"RCPT TO:{arg}: {rcpt}"
+    assert relay.new_messages(before) == {}
+
+
+@pytest.mark.parametrize("sender", ["", "someone@foreign.test", "postmaster@example.test"])
+def test_inbound_listener_accepts_mail_for_the_return_path_domain(relay, sender):
+    before = set(relay.queue_by_id())
+    with session(relay, "inbound") as c:
+        c.expect(f"MAIL FROM:<{sender}>", "250 2.1.0")
+        c.expect(f"RCPT TO:<bounce-123@{LOCAL}>", "250 2.1.5")
+        r = c.data(make_message(unique("dsn"), sender="mailer-daemon@foreign.test", to=f"bounce-123@{LOCAL}"))
+        assert r.queue_id, r
+    m = relay.new_messages(before)[r.queue_id]
+    assert m["recipients"] == [f"bounce-123@{LOCAL}"], m
+
+
+def test_inbound_listener_matches_the_return_path_domain_without_regard_to_case(relay):
+    with session(relay, "inbound") as c:
+        c.expect("MAIL FROM:<>", "250 2.1.0")
+        c.expect("RCPT TO:<Bounce-1@Bounces.Example.TEST>", "250 2.1.5")
+
+
+def test_inbound_listener_refused_recipient_does_not_spoil_an_accepted_one(relay):
+    before = set(relay.queue_by_id())
+    with session(relay, "inbound") as c:
+        c.expect("MAIL FROM:<>", "250 2.1.0")
+        c.expect("RCPT TO:<victim@foreign.test>", "554 5.7.1")
+        c.expect(f"RCPT TO:<b@{LOCAL}>", "250 2.1.5")
+        r = c.data(make_message(unique("mixed"), to=f"b@{LOCAL}"))
+        assert r.queue_id, r
+    assert relay.new_messages(before)[r.queue_id]["recipients"] == [f"b@{LOCAL}"]
+
+
+@pytest.mark.parametrize("form", ["user@foreign.test", f"user%foreign.test@{LOCAL}", f"@{LOCAL}:user@foreign.test"])
+def test_submission_without_auth_relays_nothing(relay, tls_ctx, form):
+    """In clear and inside TLS: no AUTH, no transaction (530 at MAIL), so nothing is queued."""
+    before = set(relay.queue_by_id())
+    host, port = relay.listener("submission")
+    with SmtpConn(host, port) as c:
+        c.greeting()
+        c.ehlo()
+        c.expect("MAIL FROM:<a@example.test>", "530 5.7.0")
+        r = c.cmd(f"RCPT TO:<{form}>")
+        assert r.code >= 500, r
+        c.starttls(tls_ctx)
+        c.ehlo()
+        c.expect("MAIL FROM:<a@example.test>", "530 5.7.0")
+        r = c.cmd(f"RCPT TO:<{form}>")
+        assert r.code >= 500, r
+        assert c.cmd("DATA").code >= 500
+    assert relay.new_messages(before) == {}
+
+
+def test_trusted_listener_relays_anywhere(relay):
+    """The control: the same foreign recipient is accepted where the client is trusted."""
+    before = set(relay.queue_by_id())
+    with session(relay, "trusted") as c:
+        r = c.transaction("attacker@foreign.test", ["user@foreign.test"], make_message(unique("trusted")))
+        assert r.queue_id, r
+    assert r.queue_id in relay.new_messages(before)
