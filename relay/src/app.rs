@@ -15,6 +15,9 @@ use crate::queue::{Queue, Queued};
 use crate::server::{self, ConnectionLimits, Shared, tls::TlsStore};
 use crate::spool::Spool;
 
+/// How often the config file is checked for a change (a ConfigMap update replaces it in place).
+const CONFIG_POLL: Duration = Duration::from_secs(5);
+
 /// How long sessions in flight may take to finish after SIGTERM.
 const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
@@ -81,8 +84,13 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Run
         tokio::spawn(admin::serve(listener, state.clone()));
     }
     let listeners = server::bind(&config, &shared).await?;
+    let mut contexts = Vec::new();
     for (tcp, ctx) in listeners {
-        tracing::info!(listener = %ctx.session.listener, address = %tcp.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "listening");
+        let address = tcp
+            .local_addr()
+            .map_or_else(|_| "?".into(), |a| a.to_string());
+        tracing::info!(listener = %ctx.name, %address, "listening");
+        contexts.push(ctx.clone());
         tokio::spawn(server::serve(tcp, ctx, stop_rx.clone()));
     }
     state.ready.store(true, Ordering::Relaxed);
@@ -91,17 +99,22 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Run
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
+    let mut reloader = Reloader {
+        path: config_path,
+        current: config,
+        seen: None,
+    };
+    reloader.seen = reloader.read().await;
+    let mut poll = tokio::time::interval(CONFIG_POLL);
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                if let Some(t) = &shared.tls {
-                    match t.reload() {
-                        Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
-                        Err(e) => tracing::warn!(error = %e, "SIGHUP: TLS reload failed; keeping the previous certificate"),
-                    }
-                }
+                reloader.reload(&contexts, &shared, true).await;
+            }
+            _ = poll.tick() => {
+                reloader.reload(&contexts, &shared, false).await;
             }
         }
     }
@@ -121,4 +134,78 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Run
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reloads the config file on SIGHUP or when its content changes.
+struct Reloader {
+    path: Option<PathBuf>,
+    current: Config,
+    /// The file's content when it was last applied (or found bad), to notice changes.
+    seen: Option<Vec<u8>>,
+}
+
+impl Reloader {
+    async fn read(&self) -> Option<Vec<u8>> {
+        tokio::fs::read(self.path.as_ref()?).await.ok()
+    }
+
+    /// On SIGHUP (`forced`) always reloads; otherwise only when the file's content changed.
+    async fn reload(
+        &mut self,
+        contexts: &[Arc<server::ListenerContext>],
+        shared: &Shared,
+        forced: bool,
+    ) {
+        let Some(path) = self.path.clone() else {
+            if forced {
+                tracing::info!("SIGHUP: running on the embedded default config; nothing to reload");
+            }
+            return;
+        };
+        let content = self.read().await;
+        if !forced && content == self.seen {
+            return;
+        }
+        self.seen = content;
+        if let Some(t) = &shared.tls {
+            let t = t.clone();
+            match tokio::task::spawn_blocking(move || t.reload()).await {
+                Ok(Ok(())) => tracing::info!("TLS certificate reloaded"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "TLS reload failed; keeping the previous certificate")
+                }
+                Err(e) => tracing::error!(error = %e, "TLS reload task failed"),
+            }
+        }
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&path)).await;
+        let new = match loaded {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "config reload refused; the running config stays in force");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "config reload task failed");
+                return;
+            }
+        };
+        if new == self.current {
+            return;
+        }
+        let mut needs_restart = server::reconfigure(&new, contexts, &shared.limits);
+        if new.spool_dir != self.current.spool_dir {
+            needs_restart.push("spool_dir changed".into());
+        }
+        if new.tls != self.current.tls {
+            needs_restart.push("tls file paths changed".into());
+        }
+        if new.admin != self.current.admin {
+            needs_restart.push("admin address changed".into());
+        }
+        for what in &needs_restart {
+            tracing::warn!(change = %what, "config change takes effect at the next restart");
+        }
+        tracing::info!("config reloaded; new sessions use it");
+        self.current = new;
+    }
 }

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use chrono::Utc;
@@ -16,7 +17,7 @@ use super::tls::version_name;
 use crate::cleanup;
 use crate::config::TlsMode;
 use crate::queue::Queued;
-use crate::smtp::{Action, Envelope, Reply, Session, reply};
+use crate::smtp::{Action, Envelope, Reply, Session, SessionConfig, reply};
 use crate::spool::MessageMeta;
 
 /// How a drive over one stream ended.
@@ -30,10 +31,11 @@ pub(super) async fn run(
     peer: SocketAddr,
     trusted: bool,
     ctx: &ListenerContext,
+    cfg: &Arc<SessionConfig>,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
-    let handshake_timeout = ctx.session.limits.command_timeout;
-    if ctx.session.tls_mode == TlsMode::Implicit {
+    let handshake_timeout = cfg.limits.command_timeout;
+    if ctx.tls_mode == TlsMode::Implicit {
         let tls = ctx
             .tls
             .as_ref()
@@ -42,12 +44,12 @@ pub(super) async fn run(
             .await
             .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         let version = version_name(stream.get_ref().1.protocol_version());
-        let mut session = Session::new(ctx.session.clone(), peer, trusted, Some(version));
-        drive(&mut stream, &mut session, ctx, &mut shutdown).await?;
+        let mut session = Session::new(cfg.clone(), peer, trusted, Some(version));
+        drive(&mut stream, &mut session, ctx, cfg, &mut shutdown).await?;
         return stream.shutdown().await;
     }
-    let mut session = Session::new(ctx.session.clone(), peer, trusted, None);
-    match drive(&mut tcp, &mut session, ctx, &mut shutdown).await? {
+    let mut session = Session::new(cfg.clone(), peer, trusted, None);
+    match drive(&mut tcp, &mut session, ctx, cfg, &mut shutdown).await? {
         Exit::Close => tcp.shutdown().await,
         Exit::StartTls => {
             let tls = ctx
@@ -58,7 +60,7 @@ pub(super) async fn run(
                 .await
                 .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
             session.tls_started(version_name(stream.get_ref().1.protocol_version()));
-            drive(&mut stream, &mut session, ctx, &mut shutdown).await?;
+            drive(&mut stream, &mut session, ctx, cfg, &mut shutdown).await?;
             stream.shutdown().await
         }
     }
@@ -68,10 +70,11 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     session: &mut Session,
     ctx: &ListenerContext,
+    cfg: &SessionConfig,
     shutdown: &mut watch::Receiver<bool>,
 ) -> io::Result<Exit> {
     // Room for a whole line at the limit, plus a good read's worth.
-    let mut buf = vec![0u8; ctx.session.limits.max_line_length + 64 * 1024];
+    let mut buf = vec![0u8; cfg.limits.max_line_length + 64 * 1024];
     let (mut start, mut end) = (0usize, 0usize);
     loop {
         let (used, action) = session.process(&buf[start..end]);
@@ -108,7 +111,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 return Ok(Exit::StartTls);
             }
             Action::Authenticate { username, password } => {
-                let policy = ctx.session.policy.clone();
+                let policy = cfg.policy.clone();
                 let verdict = tokio::task::spawn_blocking(move || {
                     policy
                         .verify_password(&username, &password)
@@ -117,12 +120,12 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 .await
                 .unwrap_or(None);
                 if verdict.is_none() {
-                    tracing::info!(listener = %ctx.session.listener, client = %session.peer().ip(), "authentication failed");
+                    tracing::info!(listener = %cfg.listener, client = %session.peer().ip(), "authentication failed");
                 }
                 session.auth_result(verdict);
             }
             Action::Accept(envelope) => {
-                let reply = accept(ctx, *envelope).await;
+                let reply = accept(ctx, cfg, *envelope).await;
                 session.message_result(reply);
             }
             Action::Close => {
@@ -143,9 +146,8 @@ async fn flush<S: AsyncWrite + Unpin>(stream: &mut S, session: &mut Session) -> 
 }
 
 /// Completes, spools and queues one message; returns the reply for the client.
-async fn accept(ctx: &ListenerContext, env: Envelope) -> Reply {
+async fn accept(ctx: &ListenerContext, cfg: &SessionConfig, env: Envelope) -> Reply {
     let id = ctx.spool.next_id();
-    let cfg = &ctx.session;
     let prefix = match cleanup::prefix_headers(&env, id, &cfg.hostname, &cfg.policy, Utc::now()) {
         Ok(p) => p,
         Err(r) => {

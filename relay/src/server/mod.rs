@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use ipnet::IpNet;
 use tokio::io::AsyncWriteExt;
@@ -40,8 +40,8 @@ pub enum ServerError {
 /// Counts open connections, in total and per client address.
 #[derive(Debug)]
 pub struct ConnectionLimits {
-    max_total: usize,
-    max_per_client: usize,
+    max_total: AtomicUsize,
+    max_per_client: AtomicUsize,
     total: AtomicUsize,
     per_client: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -56,11 +56,17 @@ pub struct ConnectionSlot {
 impl ConnectionLimits {
     pub fn new(max_total: usize, max_per_client: usize) -> Arc<ConnectionLimits> {
         Arc::new(ConnectionLimits {
-            max_total,
-            max_per_client,
+            max_total: AtomicUsize::new(max_total),
+            max_per_client: AtomicUsize::new(max_per_client),
             total: AtomicUsize::new(0),
             per_client: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// New maxima, from a reloaded config; connections already open are not closed.
+    pub fn set_max(&self, max_total: usize, max_per_client: usize) {
+        self.max_total.store(max_total, Ordering::Relaxed);
+        self.max_per_client.store(max_per_client, Ordering::Relaxed);
     }
 
     /// Open connections, across all listeners.
@@ -70,11 +76,11 @@ impl ConnectionLimits {
 
     fn acquire(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionSlot> {
         let mut map = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
-        if self.total.load(Ordering::Relaxed) >= self.max_total {
+        if self.total.load(Ordering::Relaxed) >= self.max_total.load(Ordering::Relaxed) {
             return None;
         }
         let n = map.entry(ip).or_insert(0);
-        if *n >= self.max_per_client {
+        if *n >= self.max_per_client.load(Ordering::Relaxed) {
             return None;
         }
         *n += 1;
@@ -103,15 +109,42 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// The part of a listener's setup that a config reload may change.
+#[derive(Debug)]
+pub struct ListenerSettings {
+    pub session: Arc<SessionConfig>,
+    pub allow_networks: Vec<IpNet>,
+}
+
 /// What every connection of one listener shares.
 #[derive(Debug)]
 pub struct ListenerContext {
-    pub session: Arc<SessionConfig>,
-    pub allow_networks: Vec<IpNet>,
+    pub name: String,
+    pub address: SocketAddr,
+    pub tls_mode: TlsMode,
+    settings: RwLock<Arc<ListenerSettings>>,
     pub tls: Option<Arc<TlsStore>>,
     pub spool: Spool,
     pub queue: Arc<Queue>,
     pub limits: Arc<ConnectionLimits>,
+}
+
+impl ListenerContext {
+    /// The settings in force now; a connection keeps the ones it started with.
+    pub fn settings(&self) -> Arc<ListenerSettings> {
+        match self.settings.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn set_settings(&self, new: ListenerSettings) {
+        let new = Arc::new(new);
+        match self.settings.write() {
+            Ok(mut g) => *g = new,
+            Err(p) => *p.into_inner() = new,
+        }
+    }
 }
 
 /// Shared pieces the listeners are built from.
@@ -143,6 +176,20 @@ pub async fn bind(
     Ok(out)
 }
 
+fn settings(config: &Config, l: &Listener, policy: &Arc<Policy>) -> ListenerSettings {
+    ListenerSettings {
+        session: Arc::new(SessionConfig {
+            hostname: config.hostname.clone(),
+            listener: l.name.clone(),
+            tls_mode: l.tls,
+            auth_required: l.auth == AuthMode::Required,
+            limits: config.limits.clone(),
+            policy: policy.clone(),
+        }),
+        allow_networks: l.allow_networks.clone(),
+    }
+}
+
 fn context(config: &Config, l: &Listener, shared: &Shared) -> Result<ListenerContext, ServerError> {
     if l.tls != TlsMode::None && shared.tls.is_none() {
         return Err(ServerError::NoTls {
@@ -150,20 +197,48 @@ fn context(config: &Config, l: &Listener, shared: &Shared) -> Result<ListenerCon
         });
     }
     Ok(ListenerContext {
-        session: Arc::new(SessionConfig {
-            hostname: config.hostname.clone(),
-            listener: l.name.clone(),
-            tls_mode: l.tls,
-            auth_required: l.auth == AuthMode::Required,
-            limits: config.limits.clone(),
-            policy: shared.policy.clone(),
-        }),
-        allow_networks: l.allow_networks.clone(),
+        name: l.name.clone(),
+        address: l.address,
+        tls_mode: l.tls,
+        settings: RwLock::new(Arc::new(settings(config, l, &shared.policy))),
         tls: shared.tls.clone(),
         spool: shared.spool.clone(),
         queue: shared.queue.clone(),
         limits: shared.limits.clone(),
     })
+}
+
+/// Applies a reloaded config to running listeners: users, domains, limits, networks and names take effect
+/// for new sessions. What needs new sockets or a new spool is reported, not applied.
+pub fn reconfigure(
+    config: &Config,
+    contexts: &[Arc<ListenerContext>],
+    limits: &ConnectionLimits,
+) -> Vec<String> {
+    let policy = Arc::new(Policy::from_config(config));
+    let mut needs_restart = Vec::new();
+    for ctx in contexts {
+        match config.listeners.iter().find(|l| l.name == ctx.name) {
+            Some(l) if l.address == ctx.address && l.tls == ctx.tls_mode => {
+                ctx.set_settings(settings(config, l, &policy));
+            }
+            Some(_) => needs_restart.push(format!(
+                "listener {:?} changed address or TLS mode",
+                ctx.name
+            )),
+            None => needs_restart.push(format!("listener {:?} was removed", ctx.name)),
+        }
+    }
+    for l in &config.listeners {
+        if !contexts.iter().any(|c| c.name == l.name) {
+            needs_restart.push(format!("listener {:?} was added", l.name));
+        }
+    }
+    limits.set_max(
+        config.limits.max_connections,
+        config.limits.max_connections_per_client,
+    );
+    needs_restart
 }
 
 /// Accepts connections until `shutdown` turns true.
@@ -181,7 +256,7 @@ pub async fn serve(
             Ok(x) => x,
             Err(e) => {
                 // Out of file descriptors and the like: pause rather than spin.
-                tracing::warn!(listener = %ctx.session.listener, error = %e, "accept failed");
+                tracing::warn!(listener = %ctx.name, error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
@@ -201,11 +276,12 @@ async fn connection(
     // Replies are small and latency-bound: Nagle would hold each one back waiting for an ACK.
     let _ = tcp.set_nodelay(true);
     let ip = peer.ip().to_canonical();
-    let listener = &ctx.session.listener;
-    let trusted = !ctx.allow_networks.is_empty();
-    if trusted && !ctx.allow_networks.iter().any(|n| n.contains(&ip)) {
+    let listener = &ctx.name;
+    let settings = ctx.settings();
+    let trusted = !settings.allow_networks.is_empty();
+    if trusted && !settings.allow_networks.iter().any(|n| n.contains(&ip)) {
         tracing::info!(%listener, client = %ip, "refused: client not in allow_networks");
-        if ctx.session.tls_mode != TlsMode::Implicit {
+        if ctx.tls_mode != TlsMode::Implicit {
             let msg = format!("554 5.7.1 {ip} is not allowed to use this service\r\n");
             let _ = tcp.write_all(msg.as_bytes()).await;
         }
@@ -213,14 +289,14 @@ async fn connection(
     }
     let Some(_slot) = ctx.limits.acquire(ip) else {
         tracing::info!(%listener, client = %ip, "refused: too many connections");
-        if ctx.session.tls_mode != TlsMode::Implicit {
+        if ctx.tls_mode != TlsMode::Implicit {
             let _ = tcp
                 .write_all(b"421 4.7.0 Too many connections, try again later\r\n")
                 .await;
         }
         return;
     };
-    if let Err(e) = conn::run(tcp, peer, trusted, &ctx, shutdown).await {
+    if let Err(e) = conn::run(tcp, peer, trusted, &ctx, &settings.session, shutdown).await {
         tracing::debug!(%listener, client = %ip, error = %e, "session ended with an error");
     }
 }
