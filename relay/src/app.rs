@@ -10,8 +10,9 @@ use tokio::sync::watch;
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
+use crate::deliver;
+use crate::outcome::suppression::Suppressions;
 use crate::policy::Policy;
-use crate::queue::{Queue, Queued};
 use crate::server::{self, ConnectionLimits, Shared, tls::TlsStore};
 use crate::spool::Spool;
 
@@ -33,6 +34,10 @@ pub enum RunError {
     Admin(#[from] admin::AdminError),
     #[error("signal handling: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Suppressions(#[from] crate::outcome::suppression::SuppressionError),
+    #[error(transparent)]
+    Deliver(#[from] deliver::DeliverError),
     #[error("startup task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -41,15 +46,17 @@ pub enum RunError {
 pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), RunError> {
     let spool_dir = config.spool_dir.clone();
     let (spool, loaded) = tokio::task::spawn_blocking(move || Spool::open(&spool_dir)).await??;
-    let queue = Arc::new(Queue::new());
-    let loaded_count = loaded.len();
-    for l in loaded {
-        queue.insert(Queued {
-            meta: l.meta,
-            location: l.location,
-        });
-    }
-    tracing::info!(spool = %config.spool_dir.display(), messages = loaded_count, bytes = spool.bytes(), "spool loaded");
+    let spool_dir = config.spool_dir.clone();
+    let suppressions =
+        Arc::new(tokio::task::spawn_blocking(move || Suppressions::open(&spool_dir)).await??);
+    tracing::info!(
+        spool = %config.spool_dir.display(),
+        messages = loaded.len(),
+        bytes = spool.bytes(),
+        suppressions = suppressions.len(),
+        "spool loaded"
+    );
+    let queue = deliver::start_queue(&config, spool.clone(), suppressions.clone(), loaded)?;
 
     let tls = match &config.tls {
         Some(files) => {
@@ -66,8 +73,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Run
     let shared = Shared {
         policy: Arc::new(Policy::from_config(&config)),
         tls,
-        spool,
+        spool: spool.clone(),
         queue: queue.clone(),
+        suppressions: suppressions.clone(),
         limits: ConnectionLimits::new(
             config.limits.max_connections,
             config.limits.max_connections_per_client,
@@ -76,7 +84,8 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Run
     let (stop_tx, stop_rx) = watch::channel(false);
     let state = Arc::new(AdminState {
         ready: false.into(),
-        queue,
+        queue: queue.clone(),
+        suppressions,
     });
     if let Some(a) = &config.admin {
         let listener = admin::bind(a.address).await?;
@@ -192,7 +201,7 @@ impl Reloader {
         if new == self.current {
             return;
         }
-        let mut needs_restart = server::reconfigure(&new, contexts, &shared.limits);
+        let mut needs_restart = server::reconfigure(&new, contexts, shared);
         if new.spool_dir != self.current.spool_dir {
             needs_restart.push("spool_dir changed".into());
         }

@@ -177,10 +177,51 @@ pub struct Delivery {
     /// Port of the MX hosts; tests point it at a loopback sink.
     pub port: u16,
     pub smarthost: Option<Smarthost>,
+    /// STARTTLS towards MX hosts.
+    pub tls: OutboundTls,
     pub retry: Retry,
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
     pub per_domain: PerDomain,
+    pub timeouts: Timeouts,
+}
+
+/// STARTTLS policy towards MX hosts.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OutboundTls {
+    /// Never start TLS.
+    None,
+    /// Use STARTTLS when offered; fall back to plain text if it is not (RFC 3207's default).
+    #[default]
+    Opportunistic,
+    /// Defer rather than send in plain text. Certificates are not verified (MTA-STS and DANE are not
+    /// implemented yet), so this guards against passive observers only.
+    Required,
+}
+
+/// Time limits of the SMTP client (RFC 5321 section 4.5.3.2 gives the minimums).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    /// Per command reply, greeting included.
+    #[serde(with = "humantime_serde")]
+    pub command: Duration,
+    /// Sending the message and waiting for the final reply.
+    #[serde(with = "humantime_serde")]
+    pub data: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(30),
+            command: Duration::from_secs(300),
+            data: Duration::from_secs(600),
+        }
+    }
 }
 
 impl Default for Delivery {
@@ -189,9 +230,11 @@ impl Default for Delivery {
             dns: None,
             port: 25,
             smarthost: None,
+            tls: OutboundTls::default(),
             retry: Retry::default(),
             max_age: Duration::from_secs(5 * 86400),
             per_domain: PerDomain::default(),
+            timeouts: Timeouts::default(),
         }
     }
 }
@@ -473,6 +516,38 @@ impl Config {
             return Err(invalid(
                 "delivery.retry",
                 "first must be positive and max at least first",
+            ));
+        }
+        let pd = &self.delivery.per_domain;
+        if pd.max_connections == 0 || pd.messages_per_connection == 0 {
+            return Err(invalid(
+                "delivery.per_domain",
+                "max_connections and messages_per_connection must be greater than 0",
+            ));
+        }
+        if let Some(sh) = &self.delivery.smarthost {
+            if sh.host.is_empty() {
+                return Err(invalid("delivery.smarthost.host", "must not be empty"));
+            }
+            if sh.username.is_some() != sh.password_file.is_some() {
+                return Err(invalid(
+                    "delivery.smarthost",
+                    "username and password_file go together",
+                ));
+            }
+            if sh.username.is_some() && sh.tls == TlsMode::None {
+                return Err(invalid(
+                    "delivery.smarthost.tls",
+                    "AUTH needs tls: starttls or implicit (credentials are never sent in clear)",
+                ));
+            }
+        }
+        if let Some(dns) = &self.delivery.dns
+            && dns.nameservers.is_empty()
+        {
+            return Err(invalid(
+                "delivery.dns.nameservers",
+                "list at least one nameserver, or leave out delivery.dns for the system resolver",
             ));
         }
         let lim = &self.limits;

@@ -23,6 +23,8 @@ pub mod admin;
 pub mod app;
 pub mod cleanup;
 pub mod config;
+pub mod deliver;
+pub mod outcome;
 pub mod policy;
 pub mod queue;
 pub mod server;

@@ -16,7 +16,7 @@ use super::ListenerContext;
 use super::tls::version_name;
 use crate::cleanup;
 use crate::config::TlsMode;
-use crate::queue::Queued;
+use crate::queue::NewEntry;
 use crate::smtp::{Action, Envelope, Reply, Session, SessionConfig, reply};
 use crate::spool::MessageMeta;
 
@@ -170,7 +170,7 @@ async fn accept(ctx: &ListenerContext, cfg: &SessionConfig, env: Envelope) -> Re
     };
     match ctx
         .spool
-        .store(&meta, &[prefix.as_bytes(), &env.body])
+        .store(&meta, &[], &[prefix.as_bytes(), &env.body])
         .await
     {
         Ok(location) => {
@@ -182,7 +182,12 @@ async fn accept(ctx: &ListenerContext, cfg: &SessionConfig, env: Envelope) -> Re
                 recipients = meta.recipients.len(),
                 "accepted"
             );
-            ctx.queue.insert(Queued { meta, location });
+            let states = vec![crate::spool::RcptState::QUEUED; meta.recipients.len()];
+            ctx.queue.enqueue(NewEntry {
+                meta,
+                states,
+                location,
+            });
             Reply::with_text(250, "2.0.0", format!("Ok: queued as {id}"))
         }
         Err(e) => {

@@ -19,8 +19,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::config::{AuthMode, Config, Listener, TlsMode};
+use crate::outcome::suppression::Suppressions;
 use crate::policy::Policy;
-use crate::queue::Queue;
+use crate::queue::QueueHandle;
 use crate::smtp::SessionConfig;
 use crate::spool::Spool;
 use tls::TlsStore;
@@ -125,7 +126,7 @@ pub struct ListenerContext {
     settings: RwLock<Arc<ListenerSettings>>,
     pub tls: Option<Arc<TlsStore>>,
     pub spool: Spool,
-    pub queue: Arc<Queue>,
+    pub queue: QueueHandle,
     pub limits: Arc<ConnectionLimits>,
 }
 
@@ -153,7 +154,8 @@ pub struct Shared {
     pub policy: Arc<Policy>,
     pub tls: Option<Arc<TlsStore>>,
     pub spool: Spool,
-    pub queue: Arc<Queue>,
+    pub queue: QueueHandle,
+    pub suppressions: Arc<Suppressions>,
     pub limits: Arc<ConnectionLimits>,
 }
 
@@ -176,7 +178,12 @@ pub async fn bind(
     Ok(out)
 }
 
-fn settings(config: &Config, l: &Listener, policy: &Arc<Policy>) -> ListenerSettings {
+fn settings(
+    config: &Config,
+    l: &Listener,
+    policy: &Arc<Policy>,
+    suppressions: &Arc<Suppressions>,
+) -> ListenerSettings {
     ListenerSettings {
         session: Arc::new(SessionConfig {
             hostname: config.hostname.clone(),
@@ -185,6 +192,7 @@ fn settings(config: &Config, l: &Listener, policy: &Arc<Policy>) -> ListenerSett
             auth_required: l.auth == AuthMode::Required,
             limits: config.limits.clone(),
             policy: policy.clone(),
+            suppressions: suppressions.clone(),
         }),
         allow_networks: l.allow_networks.clone(),
     }
@@ -200,7 +208,12 @@ fn context(config: &Config, l: &Listener, shared: &Shared) -> Result<ListenerCon
         name: l.name.clone(),
         address: l.address,
         tls_mode: l.tls,
-        settings: RwLock::new(Arc::new(settings(config, l, &shared.policy))),
+        settings: RwLock::new(Arc::new(settings(
+            config,
+            l,
+            &shared.policy,
+            &shared.suppressions,
+        ))),
         tls: shared.tls.clone(),
         spool: shared.spool.clone(),
         queue: shared.queue.clone(),
@@ -213,14 +226,15 @@ fn context(config: &Config, l: &Listener, shared: &Shared) -> Result<ListenerCon
 pub fn reconfigure(
     config: &Config,
     contexts: &[Arc<ListenerContext>],
-    limits: &ConnectionLimits,
+    shared: &Shared,
 ) -> Vec<String> {
+    let limits = &shared.limits;
     let policy = Arc::new(Policy::from_config(config));
     let mut needs_restart = Vec::new();
     for ctx in contexts {
         match config.listeners.iter().find(|l| l.name == ctx.name) {
             Some(l) if l.address == ctx.address && l.tls == ctx.tls_mode => {
-                ctx.set_settings(settings(config, l, &policy));
+                ctx.set_settings(settings(config, l, &policy, &shared.suppressions));
             }
             Some(_) => needs_restart.push(format!(
                 "listener {:?} changed address or TLS mode",

@@ -18,6 +18,7 @@ use super::body::{Body, BodyError};
 use super::command::{self, Command, CommandError};
 use super::reply::{self, Reply};
 use crate::config::{Limits, TlsMode};
+use crate::outcome::suppression::Suppressions;
 use crate::policy::Policy;
 
 /// What a session needs to know about its listener and the relay; shared by the listener's sessions.
@@ -30,6 +31,7 @@ pub struct SessionConfig {
     pub auth_required: bool,
     pub limits: Limits,
     pub policy: Arc<Policy>,
+    pub suppressions: Arc<Suppressions>,
 }
 
 /// What the session asks its driver to do next.
@@ -540,6 +542,17 @@ impl Session {
             ));
             return;
         }
+        if let Some(entry) = self.config.suppressions.get(&to.to_string()) {
+            self.reply(&Reply::with_text(
+                550,
+                "5.1.1",
+                format!(
+                    "<{to}>: recipient is suppressed (hard bounce at {}: {})",
+                    entry.added_at, entry.reason
+                ),
+            ));
+            return;
+        }
         if let Some(tx) = &mut self.tx {
             tx.recipients.push(to);
         }
@@ -861,7 +874,23 @@ limits: {{ max_recipients: 3, max_errors: 4, max_message_size: 100 }}
             auth_required,
             limits: cfg.limits.clone(),
             policy: Arc::new(Policy::from_config(&cfg)),
+            // The list's file lives on in the open handle after the directory is cleaned up.
+            suppressions: Arc::new(
+                Suppressions::open(tempfile::tempdir().unwrap().path()).unwrap(),
+            ),
         })
+    }
+
+    #[test]
+    fn suppressed_recipients_are_refused_at_rcpt() {
+        let cfg = config(TlsMode::None, false);
+        cfg.suppressions
+            .add("Gone@Y.test", "550 5.1.1 no such user")
+            .unwrap();
+        let mut s = Session::new(cfg, "127.0.0.1:5000".parse().unwrap(), true, None);
+        feed(&mut s, "EHLO c.test\r\nMAIL FROM:<a@x.test>\r\n");
+        let (codes, _) = feed(&mut s, "RCPT TO:<gone@y.test>\r\nRCPT TO:<here@y.test>\r\n");
+        assert_eq!(codes, ["550 5.1.1", "250 2.1.5"]);
     }
 
     fn session(trusted: bool) -> Session {

@@ -1,29 +1,35 @@
-//! Durable storage of accepted messages, with group commit.
+//! Durable storage of accepted messages and of each recipient's state, with group commit.
 //!
-//! Messages are appended to log segments (`<spool_dir>/segments/<n>.seg`) by one writer thread. The writer
+//! Everything is appended to log segments (`<spool_dir>/segments/<n>.seg`) by one writer thread. The writer
 //! takes every request that is waiting, writes them in one `write`, makes them durable with one
-//! `fdatasync`, and only then answers each of them: many sessions share each sync, so durability costs
-//! latency but not throughput. A session replies 250 only after its answer arrives.
+//! `fdatasync`, and only then answers them: many sessions share each sync, so durability costs latency but
+//! not throughput. A session replies 250 only after its answer arrives. Recipient state changes (delivered,
+//! deferred, bounced) are appended the same way, in the order they are made.
 //!
-//! On start the spool reads every segment back. A crash can leave a torn record at the end of the segment
+//! On start the spool replays every segment. A crash can leave a torn record at the end of the segment
 //! that was being written; its checksum fails, and the segment is truncated to its last whole record. No such
 //! record was ever acknowledged, because acknowledgements follow the sync.
 //!
-//! Segments are never rewritten in place; a new one is started at each start and whenever the current one
-//! exceeds [`SEGMENT_BYTES`].
+//! Segments are never rewritten. Space comes back by deleting whole segments, oldest first: the oldest can
+//! go once none of its messages is still queued. A queued message that holds an old segment alive is copied
+//! forward (a new message record with the same id and its current state), after which the old copy no longer
+//! counts. Deleting only from the front keeps replay simple: a record never refers to a message whose record
+//! was deleted before it, except for messages that are finished anyway.
 
 pub mod record;
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
-pub use record::{MessageMeta, QueueId};
+pub use record::{MessageMeta, QueueId, RcptState, RcptStatus, RcptUpdate};
 
 /// A segment is closed and a new one started past this size.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -53,24 +59,48 @@ pub struct Location {
     pub len: u64,
 }
 
-/// A message found in the spool at start.
+/// A message found in the spool at start, with its recipients' states.
 #[derive(Debug, Clone)]
 pub struct Loaded {
     pub meta: MessageMeta,
+    pub states: Vec<RcptState>,
     pub location: Location,
 }
 
+type Ack = oneshot::Sender<Result<(u64, u64), Arc<SpoolError>>>;
+
 struct WriteRequest {
     record: Vec<u8>,
-    done: oneshot::Sender<Result<(u64, u64), Arc<SpoolError>>>,
+    /// Answered once the record is durable; `None` for records nobody waits on (state changes).
+    done: Option<Ack>,
 }
 
 /// Handle to the spool; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Spool {
-    tx: mpsc::Sender<WriteRequest>,
-    last_id: Arc<AtomicU64>,
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    tx: mpsc::UnboundedSender<WriteRequest>,
+    last_id: AtomicU64,
     bytes: Arc<AtomicU64>,
+    /// The segment the writer appends to; never deleted.
+    current: Arc<AtomicU64>,
+    /// Open segments for reading message data, by number.
+    readers: Mutex<HashMap<u64, Arc<File>>>,
+    /// Sizes of the segments on disk, by number.
+    sizes: Arc<Mutex<BTreeMap<u64, u64>>>,
+}
+
+impl std::fmt::Debug for WriteRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteRequest")
+            .field("len", &self.record.len())
+            .finish()
+    }
 }
 
 impl Spool {
@@ -100,33 +130,38 @@ impl Spool {
             }
         }
         numbers.sort_unstable();
-        let mut loaded = Vec::new();
-        let mut bytes = 0;
-        let mut max_id = 0;
+        let mut replay = Replay::default();
+        let mut sizes = BTreeMap::new();
         for &n in &numbers {
-            let path = segment_path(&seg_dir, n);
-            bytes += load_segment(&path, n, &mut loaded)?;
+            let size = load_segment(&segment_path(&seg_dir, n), n, &mut replay)?;
+            sizes.insert(n, size);
         }
-        for l in &loaded {
-            max_id = max_id.max(l.meta.id.0);
-        }
+        let loaded = replay.finish();
+        let bytes: u64 = sizes.values().sum();
+        let max_id = loaded.iter().map(|l| l.meta.id.0).max().unwrap_or(0);
         let next_segment = numbers.last().map_or(1, |n| n + 1);
         let writer = Writer::create(seg_dir.clone(), next_segment, lock)?;
-        let (tx, rx) = mpsc::channel(4096);
-        let spool_bytes = Arc::new(AtomicU64::new(bytes));
-        let thread_bytes = spool_bytes.clone();
+        sizes.insert(next_segment, 0);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            dir: seg_dir.clone(),
+            tx,
+            last_id: AtomicU64::new(max_id),
+            bytes: Arc::new(AtomicU64::new(bytes)),
+            current: Arc::new(AtomicU64::new(next_segment)),
+            readers: Mutex::new(HashMap::new()),
+            sizes: Arc::new(Mutex::new(sizes)),
+        });
+        let shared = WriterShared {
+            bytes: inner.bytes.clone(),
+            current: inner.current.clone(),
+            sizes: inner.sizes.clone(),
+        };
         std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer.run(rx, thread_bytes))
+            .spawn(move || writer.run(rx, shared))
             .map_err(dir_err)?;
-        Ok((
-            Spool {
-                tx,
-                last_id: Arc::new(AtomicU64::new(max_id)),
-                bytes: spool_bytes,
-            },
-            loaded,
-        ))
+        Ok((Spool { inner }, loaded))
     }
 
     /// A new queue id: unique within this spool, increasing, and close to the time of acceptance.
@@ -134,13 +169,15 @@ impl Spool {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);
-        let mut prev = self.last_id.load(Ordering::Relaxed);
+        let mut prev = self.inner.last_id.load(Ordering::Relaxed);
         loop {
             let id = now.max(prev + 1);
-            match self
-                .last_id
-                .compare_exchange_weak(prev, id, Ordering::Relaxed, Ordering::Relaxed)
-            {
+            match self.inner.last_id.compare_exchange_weak(
+                prev,
+                id,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return QueueId(id),
                 Err(p) => prev = p,
             }
@@ -149,22 +186,27 @@ impl Spool {
 
     /// Bytes of segment data on disk.
     pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
+        self.inner.bytes.load(Ordering::Relaxed)
     }
 
-    /// Stores a message durably. Returns once it is on stable storage.
+    /// Stores a message durably, with its recipients' states (all queued for a new message). Returns once
+    /// it is on stable storage.
     pub async fn store(
         &self,
         meta: &MessageMeta,
+        states: &[RcptState],
         parts: &[&[u8]],
     ) -> Result<Location, Arc<SpoolError>> {
         let size: usize = parts.iter().map(|p| p.len()).sum();
         let mut record = Vec::with_capacity(size + 256);
-        let data_offset = record::encode_message(&mut record, meta, parts);
+        let data_offset = record::encode_message(&mut record, meta, states, parts);
         let (done, wait) = oneshot::channel();
-        self.tx
-            .send(WriteRequest { record, done })
-            .await
+        self.inner
+            .tx
+            .send(WriteRequest {
+                record,
+                done: Some(done),
+            })
             .map_err(|_| Arc::new(SpoolError::Stopped))?;
         let (segment, offset) = wait.await.map_err(|_| Arc::new(SpoolError::Stopped))??;
         Ok(Location {
@@ -173,14 +215,145 @@ impl Spool {
             len: size as u64,
         })
     }
+
+    /// Appends recipient state changes. They are written in call order, in the next group commit; the call
+    /// does not wait for it.
+    pub fn record_results(&self, id: QueueId, updates: &[RcptUpdate]) {
+        let mut record = Vec::with_capacity(16 + updates.len() * 15);
+        record::encode_results(&mut record, id, updates);
+        self.send_unacked(record);
+    }
+
+    /// Appends the removal of a message.
+    pub fn record_delete(&self, id: QueueId) {
+        let mut record = Vec::with_capacity(24);
+        record::encode_delete(&mut record, id);
+        self.send_unacked(record);
+    }
+
+    fn send_unacked(&self, record: Vec<u8>) {
+        if self
+            .inner
+            .tx
+            .send(WriteRequest { record, done: None })
+            .is_err()
+        {
+            tracing::error!("spool writer has stopped; a recipient state change was not recorded");
+        }
+    }
+
+    /// Waits until everything sent before this call is durable.
+    pub async fn sync(&self) -> Result<(), Arc<SpoolError>> {
+        let (done, wait) = oneshot::channel();
+        self.inner
+            .tx
+            .send(WriteRequest {
+                record: Vec::new(),
+                done: Some(done),
+            })
+            .map_err(|_| Arc::new(SpoolError::Stopped))?;
+        wait.await.map_err(|_| Arc::new(SpoolError::Stopped))??;
+        Ok(())
+    }
+
+    /// Reads a message's data.
+    pub async fn read(&self, location: Location) -> Result<Vec<u8>, SpoolError> {
+        let inner = self.inner.clone();
+        let path = segment_path(&inner.dir, location.segment);
+        let res = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
+            let file = inner.reader(location.segment)?;
+            let mut buf = vec![0u8; location.len as usize];
+            file.read_exact_at(&mut buf, location.offset)?;
+            Ok(buf)
+        })
+        .await
+        .map_err(io::Error::other)
+        .and_then(|r| r);
+        res.map_err(|source| SpoolError::Read { path, source })
+    }
+
+    /// The segment being appended to now.
+    pub fn current_segment(&self) -> u64 {
+        self.inner.current.load(Ordering::Relaxed)
+    }
+
+    /// Segment numbers and sizes on disk, oldest first.
+    pub fn segments(&self) -> Vec<(u64, u64)> {
+        let sizes = self.inner.sizes.lock().unwrap_or_else(|p| p.into_inner());
+        sizes.iter().map(|(&n, &s)| (n, s)).collect()
+    }
+
+    /// Deletes a segment that holds nothing still needed. Callers delete oldest first (see the module docs).
+    pub async fn delete_segment(&self, number: u64) -> Result<(), SpoolError> {
+        if number >= self.current_segment() {
+            return Ok(());
+        }
+        let inner = self.inner.clone();
+        let path = segment_path(&inner.dir, number);
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || -> io::Result<()> {
+            inner
+                .readers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&number);
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            let size = inner
+                .sizes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&number)
+                .unwrap_or(0);
+            inner.bytes.fetch_sub(size, Ordering::Relaxed);
+            File::open(&inner.dir)?.sync_all()
+        })
+        .await
+        .map_err(io::Error::other)
+        .and_then(|r| r)
+        .map_err(|source| SpoolError::Write { path, source })
+    }
+}
+
+impl Inner {
+    fn reader(&self, segment: u64) -> io::Result<Arc<File>> {
+        let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = readers.get(&segment) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(File::open(segment_path(&self.dir, segment))?);
+        readers.insert(segment, f.clone());
+        Ok(f)
+    }
 }
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("{n:020}.seg"))
 }
 
-/// Reads one segment into `out`; truncates a torn tail. Returns the segment's size after that.
-fn load_segment(path: &Path, number: u64, out: &mut Vec<Loaded>) -> Result<u64, SpoolError> {
+/// Replay state: the latest record of each message, with state changes applied in log order.
+#[derive(Default)]
+struct Replay {
+    messages: HashMap<QueueId, Loaded>,
+}
+
+impl Replay {
+    fn finish(self) -> Vec<Loaded> {
+        let mut out: Vec<Loaded> = self
+            .messages
+            .into_values()
+            .filter(|l| !l.states.iter().all(|s| s.status.is_final()))
+            .collect();
+        out.sort_by_key(|l| l.meta.id);
+        out
+    }
+}
+
+/// Replays one segment into `replay`; truncates a torn tail. Returns the segment's size after that.
+fn load_segment(path: &Path, number: u64, replay: &mut Replay) -> Result<u64, SpoolError> {
     let read_err = |source| SpoolError::Read {
         path: path.to_owned(),
         source,
@@ -206,24 +379,52 @@ fn load_segment(path: &Path, number: u64, out: &mut Vec<Loaded>) -> Result<u64, 
                 break;
             }
         };
-        if frame.kind == record::KIND_MESSAGE {
-            match record::decode_message(frame.payload) {
-                Ok((meta, data_off, data_len)) => out.push(Loaded {
-                    meta,
-                    location: Location {
-                        segment: number,
-                        offset: (pos + record::FRAME_LEN + data_off) as u64,
-                        len: data_len,
+        let applied = match frame.kind {
+            record::KIND_MESSAGE => record::decode_message(frame.payload).map(|d| {
+                let location = Location {
+                    segment: number,
+                    offset: (pos + record::FRAME_LEN + d.data_offset) as u64,
+                    len: d.data_len,
+                };
+                let mut states = d.states;
+                states.resize(d.meta.recipients.len(), RcptState::QUEUED);
+                replay.messages.insert(
+                    d.meta.id,
+                    Loaded {
+                        meta: d.meta,
+                        states,
+                        location,
                     },
-                }),
-                Err(e) => {
-                    tracing::error!(segment = %path.display(), offset = pos, error = %e, "skipping a malformed message record")
+                );
+            }),
+            record::KIND_RESULTS => record::decode_results(frame.payload).map(|(id, updates)| {
+                // Results for a message whose record was compacted away belong to a finished message.
+                if let Some(m) = replay.messages.get_mut(&id) {
+                    for u in updates {
+                        if let Some(s) = m.states.get_mut(u.index as usize) {
+                            *s = u.state;
+                        }
+                    }
                 }
-            }
+            }),
+            record::KIND_DELETE => record::decode_delete(frame.payload).map(|id| {
+                replay.messages.remove(&id);
+            }),
+            _ => Ok(()),
+        };
+        if let Err(e) = applied {
+            tracing::error!(segment = %path.display(), offset = pos, error = %e, "skipping a malformed spool record");
         }
         pos += frame.len;
     }
     Ok(pos as u64)
+}
+
+/// What the writer thread shares with the handles.
+struct WriterShared {
+    bytes: Arc<AtomicU64>,
+    current: Arc<AtomicU64>,
+    sizes: Arc<Mutex<BTreeMap<u64, u64>>>,
 }
 
 /// The writer thread's state: the segment being appended to.
@@ -233,7 +434,7 @@ struct Writer {
     file: File,
     len: u64,
     /// Held while the writer runs, so a second relay cannot share the spool.
-    _lock: File,
+    lock: File,
 }
 
 impl Writer {
@@ -255,11 +456,11 @@ impl Writer {
             number,
             file,
             len: 0,
-            _lock: lock,
+            lock,
         })
     }
 
-    fn run(mut self, mut rx: mpsc::Receiver<WriteRequest>, bytes: Arc<AtomicU64>) {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<WriteRequest>, shared: WriterShared) {
         let mut batch: Vec<WriteRequest> = Vec::new();
         let mut buf: Vec<u8> = Vec::new();
         while let Some(first) = rx.blocking_recv() {
@@ -275,36 +476,57 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let result = self.commit(&batch, &mut buf);
+            let start = self.len;
+            let result = self.commit(&batch, &mut buf).map_err(Arc::new);
             if result.is_ok() {
-                bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                shared.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                shared
+                    .sizes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(self.number, self.len);
             }
-            let mut offset = self.len - buf.len() as u64;
-            let result = result.map_err(Arc::new);
+            let mut offset = start;
             for req in batch.drain(..) {
-                let reply = match &result {
-                    Ok(()) => Ok((self.number, offset)),
-                    Err(e) => Err(e.clone()),
-                };
-                offset += req.record.len() as u64;
-                // A session that went away no longer needs its answer; the message stays spooled.
-                let _ = req.done.send(reply);
+                let len = req.record.len() as u64;
+                if let Some(done) = req.done {
+                    let reply = match &result {
+                        Ok(()) => Ok((self.number, offset)),
+                        Err(e) => Err(e.clone()),
+                    };
+                    // A session that went away no longer needs its answer; the message stays spooled.
+                    let _ = done.send(reply);
+                }
+                offset += len;
             }
             buf.clear();
             if self.len >= SEGMENT_BYTES {
-                let lock = match self._lock.try_clone() {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot start a new spool segment; appending to the current one");
-                        continue;
-                    }
-                };
-                match Writer::create(self.dir.clone(), self.number + 1, lock) {
-                    Ok(next) => self = next,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot start a new spool segment; appending to the current one")
-                    }
-                }
+                self.rotate(&shared);
+            }
+        }
+    }
+
+    fn rotate(&mut self, shared: &WriterShared) {
+        let next = self
+            .lock
+            .try_clone()
+            .map_err(|source| SpoolError::Write {
+                path: self.dir.clone(),
+                source,
+            })
+            .and_then(|lock| Writer::create(self.dir.clone(), self.number + 1, lock));
+        match next {
+            Ok(next) => {
+                *self = next;
+                shared
+                    .sizes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(self.number, 0);
+                shared.current.store(self.number, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start a new spool segment; appending to the current one")
             }
         }
     }
@@ -314,6 +536,9 @@ impl Writer {
     fn commit(&mut self, batch: &[WriteRequest], buf: &mut Vec<u8>) -> Result<(), SpoolError> {
         for r in batch {
             buf.extend_from_slice(&r.record);
+        }
+        if buf.is_empty() {
+            return Ok(());
         }
         let path = segment_path(&self.dir, self.number);
         match self
@@ -350,12 +575,26 @@ mod tests {
             auth_user: None,
             peer: "127.0.0.1:1".into(),
             sender: "a@b.test".into(),
-            recipients: vec!["c@d.test".into()],
+            recipients: vec!["c@d.test".into(), "e@d.test".into()],
         }
     }
 
+    fn reopen(dir: &Path) -> (Spool, Vec<Loaded>) {
+        // The writer thread releases the lock when it sees the last handle go; give it a moment.
+        for _ in 0..200 {
+            match Spool::open(dir) {
+                Ok(r) => return r,
+                Err(SpoolError::Locked { .. }) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("spool lock not released after the handle was dropped");
+    }
+
     #[tokio::test]
-    async fn stored_messages_load_after_reopen_in_a_new_process_image() {
+    async fn stored_messages_and_states_load_after_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let ids = {
             let (spool, loaded) = Spool::open(dir.path()).unwrap();
@@ -364,39 +603,95 @@ mod tests {
             for i in 0..50 {
                 let id = spool.next_id();
                 let body = format!("message {i}\r\n");
-                spool.store(&meta(id), &[body.as_bytes()]).await.unwrap();
+                spool
+                    .store(&meta(id), &[], &[body.as_bytes()])
+                    .await
+                    .unwrap();
                 ids.push(id);
             }
+            let done = RcptState {
+                status: RcptStatus::Delivered,
+                attempts: 1,
+                next_attempt_ms: 0,
+            };
+            let later = RcptState {
+                status: RcptStatus::Deferred,
+                attempts: 1,
+                next_attempt_ms: 99,
+            };
+            // Message 0: both delivered (finished). Message 1: one delivered, one deferred. Message 2: deleted.
+            let both = [
+                RcptUpdate {
+                    index: 0,
+                    state: done,
+                },
+                RcptUpdate {
+                    index: 1,
+                    state: done,
+                },
+            ];
+            spool.record_results(ids[0], &both);
+            spool.record_results(
+                ids[1],
+                &[RcptUpdate {
+                    index: 0,
+                    state: done,
+                }],
+            );
+            spool.record_results(
+                ids[1],
+                &[RcptUpdate {
+                    index: 1,
+                    state: later,
+                }],
+            );
+            spool.record_delete(ids[2]);
+            spool.sync().await.unwrap();
             ids
         };
-        // The writer thread releases the lock when it sees the last handle go; give it a moment.
-        let mut reopened = None;
-        for _ in 0..200 {
-            match Spool::open(dir.path()) {
-                Ok(r) => {
-                    reopened = Some(r);
-                    break;
-                }
-                Err(SpoolError::Locked { .. }) => {
-                    std::thread::sleep(std::time::Duration::from_millis(10))
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-        let (spool, loaded) = reopened.expect("spool lock released after the handle was dropped");
+        let (spool, loaded) = reopen(dir.path());
         let got: Vec<QueueId> = loaded.iter().map(|l| l.meta.id).collect();
-        assert_eq!(got, ids);
-        assert!(spool.next_id() > *ids.last().unwrap());
-        let seg = dir
-            .path()
-            .join("segments")
-            .join(format!("{:020}.seg", loaded[7].location.segment));
-        let data = fs::read(seg).unwrap();
-        let l = loaded[7].location;
         assert_eq!(
-            &data[l.offset as usize..(l.offset + l.len) as usize],
-            b"message 7\r\n"
+            got,
+            ids[1..2]
+                .iter()
+                .chain(&ids[3..])
+                .copied()
+                .collect::<Vec<_>>()
         );
+        assert_eq!(loaded[0].states[0].status, RcptStatus::Delivered);
+        assert_eq!(loaded[0].states[1].next_attempt_ms, 99);
+        assert!(spool.next_id() > *ids.last().unwrap());
+        let data = spool.read(loaded[5].location).await.unwrap();
+        assert_eq!(data, b"message 7\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_copied_record_replaces_the_old_one_and_old_segments_can_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, first_segment) = {
+            let (spool, _) = Spool::open(dir.path()).unwrap();
+            let id = spool.next_id();
+            let loc = spool.store(&meta(id), &[], &[b"x\r\n"]).await.unwrap();
+            (id, loc.segment)
+        };
+        let (spool, loaded) = reopen(dir.path());
+        let state = RcptState {
+            status: RcptStatus::Deferred,
+            attempts: 2,
+            next_attempt_ms: 5,
+        };
+        let copy = spool
+            .store(&loaded[0].meta, &[state, state], &[b"x\r\n"])
+            .await
+            .unwrap();
+        assert!(copy.segment > first_segment);
+        spool.delete_segment(first_segment).await.unwrap();
+        drop(spool);
+        let (_spool, loaded) = reopen(dir.path());
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].meta.id, id);
+        assert_eq!(loaded[0].states[1], state);
     }
 
     #[test]
@@ -405,14 +700,14 @@ mod tests {
         let seg_dir = dir.path().join("segments");
         fs::create_dir_all(&seg_dir).unwrap();
         let mut buf = Vec::new();
-        record::encode_message(&mut buf, &meta(QueueId(1)), &[b"one\r\n"]);
+        record::encode_message(&mut buf, &meta(QueueId(1)), &[], &[b"one\r\n"]);
         let good = buf.len();
-        record::encode_message(&mut buf, &meta(QueueId(2)), &[b"two\r\n"]);
+        record::encode_message(&mut buf, &meta(QueueId(2)), &[], &[b"two\r\n"]);
         buf.truncate(buf.len() - 3);
         fs::write(segment_path(&seg_dir, 1), &buf).unwrap();
-        let mut out = Vec::new();
-        let size = load_segment(&segment_path(&seg_dir, 1), 1, &mut out).unwrap();
-        assert_eq!(out.len(), 1);
+        let mut replay = Replay::default();
+        let size = load_segment(&segment_path(&seg_dir, 1), 1, &mut replay).unwrap();
+        assert_eq!(replay.finish().len(), 1);
         assert_eq!(size, good as u64);
         assert_eq!(
             fs::metadata(segment_path(&seg_dir, 1)).unwrap().len(),

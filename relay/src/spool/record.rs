@@ -14,7 +14,77 @@ pub const FRAME_LEN: usize = 10;
 
 /// Record kinds. New kinds get new numbers; loading skips kinds it does not know, so an older relay can still
 /// read the messages of a newer one.
+/// A message: envelope, per-recipient state and data. A later record with the same id (a copy made when an
+/// old segment is compacted) replaces the earlier one.
 pub const KIND_MESSAGE: u8 = 1;
+/// New states for some recipients of a message, after a delivery attempt.
+pub const KIND_RESULTS: u8 = 2;
+/// A message removed by an operator.
+pub const KIND_DELETE: u8 = 3;
+
+/// Where one recipient stands. `Delivered`, `Bounced` and `Expired` are final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RcptStatus {
+    Queued = 0,
+    Deferred = 1,
+    Delivered = 2,
+    Bounced = 3,
+    Expired = 4,
+}
+
+impl RcptStatus {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            RcptStatus::Delivered | RcptStatus::Bounced | RcptStatus::Expired
+        )
+    }
+
+    fn from_u8(b: u8) -> Result<RcptStatus, RecordError> {
+        Ok(match b {
+            0 => RcptStatus::Queued,
+            1 => RcptStatus::Deferred,
+            2 => RcptStatus::Delivered,
+            3 => RcptStatus::Bounced,
+            4 => RcptStatus::Expired,
+            _ => return Err(RecordError::Malformed),
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RcptStatus::Queued => "queued",
+            RcptStatus::Deferred => "deferred",
+            RcptStatus::Delivered => "delivered",
+            RcptStatus::Bounced => "bounced",
+            RcptStatus::Expired => "expired",
+        }
+    }
+}
+
+/// The persisted state of one recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RcptState {
+    pub status: RcptStatus,
+    pub attempts: u16,
+    /// Unix milliseconds of the next attempt (deferred recipients).
+    pub next_attempt_ms: u64,
+}
+
+impl RcptState {
+    pub const QUEUED: RcptState = RcptState {
+        status: RcptStatus::Queued,
+        attempts: 0,
+        next_attempt_ms: 0,
+    };
+}
+
+/// A state change for recipient `index` of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RcptUpdate {
+    pub index: u32,
+    pub state: RcptState,
+}
 
 /// A message's identity in the spool and in every log line and reply about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -70,7 +140,12 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 }
 
 /// Appends a framed message record to `out`; returns the offset of the message data within the record.
-pub fn encode_message(out: &mut Vec<u8>, meta: &MessageMeta, parts: &[&[u8]]) -> usize {
+pub fn encode_message(
+    out: &mut Vec<u8>,
+    meta: &MessageMeta,
+    states: &[RcptState],
+    parts: &[&[u8]],
+) -> usize {
     let start = out.len();
     out.extend_from_slice(&[MAGIC, KIND_MESSAGE, 0, 0, 0, 0, 0, 0, 0, 0]);
     out.extend_from_slice(&meta.id.0.to_le_bytes());
@@ -81,8 +156,9 @@ pub fn encode_message(out: &mut Vec<u8>, meta: &MessageMeta, parts: &[&[u8]]) ->
     put_str(out, &meta.peer);
     put_str(out, &meta.sender);
     out.extend_from_slice(&(meta.recipients.len() as u32).to_le_bytes());
-    for r in &meta.recipients {
+    for (i, r) in meta.recipients.iter().enumerate() {
         put_str(out, r);
+        put_state(out, states.get(i).copied().unwrap_or(RcptState::QUEUED));
     }
     let data_len: usize = parts.iter().map(|p| p.len()).sum();
     out.extend_from_slice(&(data_len as u64).to_le_bytes());
@@ -92,6 +168,33 @@ pub fn encode_message(out: &mut Vec<u8>, meta: &MessageMeta, parts: &[&[u8]]) ->
     }
     finish_frame(out, start);
     data_offset
+}
+
+fn put_state(out: &mut Vec<u8>, st: RcptState) {
+    out.push(st.status as u8);
+    out.extend_from_slice(&st.attempts.to_le_bytes());
+    out.extend_from_slice(&st.next_attempt_ms.to_le_bytes());
+}
+
+/// Appends a framed results record.
+pub fn encode_results(out: &mut Vec<u8>, id: QueueId, updates: &[RcptUpdate]) {
+    let start = out.len();
+    out.extend_from_slice(&[MAGIC, KIND_RESULTS, 0, 0, 0, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&id.0.to_le_bytes());
+    out.extend_from_slice(&(updates.len() as u32).to_le_bytes());
+    for u in updates {
+        out.extend_from_slice(&u.index.to_le_bytes());
+        put_state(out, u.state);
+    }
+    finish_frame(out, start);
+}
+
+/// Appends a framed delete record.
+pub fn encode_delete(out: &mut Vec<u8>, id: QueueId) {
+    let start = out.len();
+    out.extend_from_slice(&[MAGIC, KIND_DELETE, 0, 0, 0, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&id.0.to_le_bytes());
+    finish_frame(out, start);
 }
 
 fn finish_frame(out: &mut [u8], start: usize) {
@@ -169,6 +272,13 @@ impl<'a> Reader<'a> {
         a.copy_from_slice(b);
         Ok(u64::from_le_bytes(a))
     }
+    fn state(&mut self) -> Result<RcptState, RecordError> {
+        Ok(RcptState {
+            status: RcptStatus::from_u8(self.u8()?)?,
+            attempts: self.u16()?,
+            next_attempt_ms: self.u64()?,
+        })
+    }
     fn string(&mut self) -> Result<String, RecordError> {
         let n = self.u16()? as usize;
         let b = self.take(n)?;
@@ -176,8 +286,18 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decodes a message payload: the envelope, and the offset and length of the data within the payload.
-pub fn decode_message(payload: &[u8]) -> Result<(MessageMeta, usize, u64), RecordError> {
+/// A decoded message record.
+#[derive(Debug)]
+pub struct DecodedMessage {
+    pub meta: MessageMeta,
+    pub states: Vec<RcptState>,
+    /// Offset of the data within the payload.
+    pub data_offset: usize,
+    pub data_len: u64,
+}
+
+/// Decodes a message payload.
+pub fn decode_message(payload: &[u8]) -> Result<DecodedMessage, RecordError> {
     let mut r = Reader {
         buf: payload,
         pos: 0,
@@ -190,13 +310,15 @@ pub fn decode_message(payload: &[u8]) -> Result<(MessageMeta, usize, u64), Recor
     let peer = r.string()?;
     let sender = r.string()?;
     let n = r.u32()? as usize;
-    // Each recipient takes at least two bytes: a count beyond that is corruption, not a reason to allocate.
-    if n > payload.len() / 2 {
+    // Each recipient takes at least 13 bytes: a count beyond that is corruption, not a reason to allocate.
+    if n > payload.len() / 13 {
         return Err(RecordError::Malformed);
     }
     let mut recipients = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
     for _ in 0..n {
         recipients.push(r.string()?);
+        states.push(r.state()?);
     }
     let data_len = r.u64()?;
     if r.pos as u64 + data_len != payload.len() as u64 {
@@ -213,7 +335,43 @@ pub fn decode_message(payload: &[u8]) -> Result<(MessageMeta, usize, u64), Recor
         sender,
         recipients,
     };
-    Ok((meta, r.pos, data_len))
+    Ok(DecodedMessage {
+        meta,
+        states,
+        data_offset: r.pos,
+        data_len,
+    })
+}
+
+/// Decodes a results payload.
+pub fn decode_results(payload: &[u8]) -> Result<(QueueId, Vec<RcptUpdate>), RecordError> {
+    let mut r = Reader {
+        buf: payload,
+        pos: 0,
+    };
+    let id = QueueId(r.u64()?);
+    let n = r.u32()? as usize;
+    if n > payload.len() / 15 {
+        return Err(RecordError::Malformed);
+    }
+    let mut updates = Vec::with_capacity(n);
+    for _ in 0..n {
+        let index = r.u32()?;
+        updates.push(RcptUpdate {
+            index,
+            state: r.state()?,
+        });
+    }
+    Ok((id, updates))
+}
+
+/// Decodes a delete payload.
+pub fn decode_delete(payload: &[u8]) -> Result<QueueId, RecordError> {
+    let mut r = Reader {
+        buf: payload,
+        pos: 0,
+    };
+    Ok(QueueId(r.u64()?))
 }
 
 #[cfg(test)]
@@ -237,15 +395,35 @@ mod tests {
     #[test]
     fn message_round_trips() {
         let mut buf = vec![0xAA];
-        let data_off = encode_message(&mut buf, &meta(), &[b"Received: x\r\n", b"body\r\n"]);
+        let states = [
+            RcptState::QUEUED,
+            RcptState {
+                status: RcptStatus::Deferred,
+                attempts: 3,
+                next_attempt_ms: 77,
+            },
+        ];
+        let parts: [&[u8]; 2] = [b"Received: x\r\n", b"body\r\n"];
+        let data_off = encode_message(&mut buf, &meta(), &states, &parts);
         let frame = decode_frame(&buf[1..]).unwrap();
         assert_eq!(frame.len, buf.len() - 1);
-        let (m, off, len) = decode_message(frame.payload).unwrap();
-        assert_eq!(m, meta());
-        assert_eq!(off + FRAME_LEN, data_off);
+        let d = decode_message(frame.payload).unwrap();
+        assert_eq!(d.meta, meta());
+        assert_eq!(d.states, states);
+        assert_eq!(d.data_offset + FRAME_LEN, data_off);
+        let (off, len) = (d.data_offset, d.data_len as usize);
+        assert_eq!(&frame.payload[off..off + len], b"Received: x\r\nbody\r\n");
+        let mut buf = Vec::new();
+        let ups = [RcptUpdate {
+            index: 1,
+            state: states[1],
+        }];
+        encode_results(&mut buf, QueueId(9), &ups);
+        let frame = decode_frame(&buf).unwrap();
+        assert_eq!(frame.kind, KIND_RESULTS);
         assert_eq!(
-            &frame.payload[off..off + len as usize],
-            b"Received: x\r\nbody\r\n"
+            decode_results(frame.payload).unwrap(),
+            (QueueId(9), ups.to_vec())
         );
         assert_eq!(
             "0000000000001234".parse::<QueueId>().unwrap(),
@@ -257,7 +435,7 @@ mod tests {
     #[test]
     fn every_truncation_and_bit_flip_is_detected() {
         let mut buf = Vec::new();
-        encode_message(&mut buf, &meta(), &[b"body\r\n"]);
+        encode_message(&mut buf, &meta(), &[], &[b"body\r\n"]);
         for cut in 0..buf.len() {
             assert!(decode_frame(&buf[..cut]).is_err(), "cut at {cut}");
         }

@@ -1,0 +1,571 @@
+//! Outbound delivery: from a job (some recipients of one message, one destination) to a reply per
+//! recipient.
+//!
+//! A connection task resolves the destination (MX, or the smarthost), connects to the first host that
+//! answers (binding the source address of the sender's IP pool), says EHLO, upgrades with STARTTLS per
+//! policy, authenticates to a smarthost, and then sends job after job over the same connection while the
+//! queue has more for this destination, up to `messages_per_connection`.
+//!
+//! - `dns`: MX and address resolution.
+//! - `client`: the SMTP client protocol.
+
+pub mod client;
+pub mod dns;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
+
+use crate::config::{Config, Delivery, OutboundTls, TlsMode};
+use crate::queue::{self, Attempt, Dispatcher, Job, QueueHandle, Reply};
+use crate::spool::Spool;
+use client::{Client, ClientError, Rcpt, Stream, Transaction};
+use dns::{DnsFailure, Resolver};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliverError {
+    #[error(transparent)]
+    Resolver(#[from] dns::ResolverError),
+    #[error("outbound TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("delivery.smarthost.password_file {path}: {source}")]
+    Password {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A source address with its EHLO name.
+#[derive(Debug, Clone)]
+struct Source {
+    address: IpAddr,
+    ehlo: String,
+}
+
+/// Everything connection tasks share.
+pub struct Deliverer {
+    delivery: Delivery,
+    hostname: String,
+    resolver: Resolver,
+    tls: TlsConnector,
+    spool: Spool,
+    pools: std::collections::HashMap<String, Vec<Source>>,
+    smarthost_password: Option<String>,
+}
+
+impl std::fmt::Debug for Deliverer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deliverer")
+            .field("hostname", &self.hostname)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dispatcher for Deliverer {
+    fn start(self: Arc<Self>, job: Job, queue: QueueHandle) {
+        tokio::spawn(async move { self.connection(job, queue).await });
+    }
+}
+
+/// A connection that is ready for transactions.
+struct Session {
+    client: Client,
+    host: String,
+}
+
+/// Why no session could be opened: the replies to report for the job's recipients.
+struct NoSession {
+    reply: Reply,
+    remote_mta: Option<String>,
+}
+
+impl Deliverer {
+    pub fn new(config: &Config, spool: Spool) -> Result<Arc<Deliverer>, DeliverError> {
+        let nameservers = config
+            .delivery
+            .dns
+            .as_ref()
+            .map(|d| d.nameservers.clone())
+            .unwrap_or_default();
+        let smarthost_password = match config
+            .delivery
+            .smarthost
+            .as_ref()
+            .and_then(|s| s.password_file.as_ref())
+        {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|source| DeliverError::Password {
+                        path: p.clone(),
+                        source,
+                    })?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let pools = config
+            .ip_pools
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    p.sources
+                        .iter()
+                        .map(|s| Source {
+                            address: s.address,
+                            ehlo: s.ehlo.clone(),
+                        })
+                        .collect(),
+                )
+            })
+            .collect();
+        let d = Arc::new(Deliverer {
+            delivery: config.delivery.clone(),
+            hostname: config.hostname.clone(),
+            resolver: Resolver::new(&nameservers)?,
+            tls: client::opportunistic_tls()?,
+            spool,
+            pools,
+            smarthost_password,
+        });
+        Ok(d)
+    }
+
+    async fn connection(self: Arc<Self>, first: Job, queue: QueueHandle) {
+        let dest = first.dest.clone();
+        let mut job = first;
+        let mut session: Option<Session> = None;
+        let mut sent = 0u32;
+        let max = self.delivery.per_domain.messages_per_connection;
+        loop {
+            if session.is_none() {
+                match self.open(&job).await {
+                    Ok(s) => session = Some(s),
+                    Err(fail) => {
+                        let attempt =
+                            self.fail_all(&job, &fail.reply, fail.remote_mta.clone(), None);
+                        // The next job for this destination would meet the same fate now; end here and
+                        // let the queue retry on its schedule.
+                        queue.finished(dest, attempt, false).await;
+                        return;
+                    }
+                }
+            }
+            let Some(s) = session.as_mut() else { return };
+            let (attempt, usable) = self.transact(s, &job).await;
+            sent += 1;
+            let want_next = usable && sent < max;
+            match queue.finished(dest.clone(), attempt, want_next).await {
+                Some(next) => job = next,
+                None => break,
+            }
+        }
+        if let Some(s) = session {
+            s.client.quit().await;
+        }
+    }
+
+    fn fail_all(
+        &self,
+        job: &Job,
+        reply: &Reply,
+        remote_mta: Option<String>,
+        tls: Option<&str>,
+    ) -> Attempt {
+        Attempt {
+            id: job.id,
+            results: job.rcpts.iter().map(|&i| (i, reply.clone())).collect(),
+            remote_mta,
+            domain: job.domain.clone(),
+            tls: tls.map(str::to_owned),
+        }
+    }
+
+    fn local(code: u16, enhanced: &str, text: impl Into<String>) -> Reply {
+        Reply {
+            code,
+            enhanced: Some(enhanced.to_owned()),
+            text: text.into(),
+            remote: false,
+        }
+    }
+
+    /// The hosts to try, best first.
+    async fn hosts(&self, job: &Job) -> Result<Vec<(String, u16)>, NoSession> {
+        if let Some(sh) = &self.delivery.smarthost {
+            return Ok(vec![(sh.host.clone(), sh.port)]);
+        }
+        let port = self.delivery.port;
+        if job.domain.starts_with('[') {
+            return Ok(vec![(job.domain.to_string(), port)]);
+        }
+        match self.resolver.mx_hosts(&job.domain).await {
+            Ok(hosts) => Ok(hosts.into_iter().map(|h| (h, port)).collect()),
+            Err(e) => Err(NoSession {
+                reply: dns_reply(&e),
+                remote_mta: None,
+            }),
+        }
+    }
+
+    fn source(&self, job: &Job) -> Option<Source> {
+        let pool = self.pools.get(job.pool.as_deref()?)?;
+        // Pick by the message id so retries of one message keep their source; weights come with IP pools.
+        let i = (job.id.0 % pool.len().max(1) as u64) as usize;
+        pool.get(i).cloned()
+    }
+
+    /// Connects to the first host that greets, says EHLO, starts TLS and authenticates as configured.
+    async fn open(&self, job: &Job) -> Result<Session, NoSession> {
+        let hosts = self.hosts(job).await?;
+        let source = self.source(job);
+        let ehlo = source
+            .as_ref()
+            .map_or(self.hostname.as_str(), |s| s.ehlo.as_str())
+            .to_owned();
+        let mut last = NoSession {
+            reply: Self::local(451, "4.4.1", "no MX host could be reached"),
+            remote_mta: None,
+        };
+        for (host, port) in hosts {
+            let addrs = if self.delivery.smarthost.is_some() {
+                match host.parse::<IpAddr>() {
+                    Ok(ip) => vec![ip],
+                    Err(_) => match self.resolver.addresses(&host).await {
+                        Ok(a) => a,
+                        Err(e) => {
+                            last.reply = dns_reply(&e);
+                            continue;
+                        }
+                    },
+                }
+            } else {
+                match self.resolver.addresses(&host).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        last.reply = dns_reply(&DnsFailure::Temporary {
+                            name: host.clone(),
+                            reason: e.to_string(),
+                        });
+                        continue;
+                    }
+                }
+            };
+            for ip in addrs {
+                let addr = SocketAddr::new(ip, port);
+                match self
+                    .try_host(&host, addr, source.as_ref(), &ehlo, true)
+                    .await
+                {
+                    Ok(s) => return Ok(s),
+                    Err(Retry::WithoutTls(fail)) => {
+                        // Opportunistic TLS that fails is not a reason to give up: try the same host in clear.
+                        tracing::info!(host = %host, error = %fail.reply, "STARTTLS failed; retrying without TLS");
+                        match self
+                            .try_host(&host, addr, source.as_ref(), &ehlo, false)
+                            .await
+                        {
+                            Ok(s) => return Ok(s),
+                            Err(Retry::WithoutTls(f) | Retry::Next(f)) => last = f,
+                            Err(Retry::Stop(f)) => return Err(f),
+                        }
+                    }
+                    Err(Retry::Next(f)) => last = f,
+                    Err(Retry::Stop(f)) => return Err(f),
+                }
+            }
+        }
+        Err(last)
+    }
+
+    async fn try_host(
+        &self,
+        host: &str,
+        addr: SocketAddr,
+        source: Option<&Source>,
+        ehlo: &str,
+        use_tls: bool,
+    ) -> Result<Session, Retry> {
+        let mta = Some(host.to_owned());
+        let fail = |reply: Reply| NoSession {
+            reply,
+            remote_mta: mta.clone(),
+        };
+        let t = &self.delivery.timeouts;
+        let tcp = match tokio::time::timeout(t.connect, connect(addr, source)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(Retry::Next(fail(Self::local(
+                    451,
+                    "4.4.1",
+                    format!("connect to {host}[{addr}]: {e}"),
+                ))));
+            }
+            Err(_) => {
+                return Err(Retry::Next(fail(Self::local(
+                    451,
+                    "4.4.1",
+                    format!("connect to {host}[{addr}]: timed out"),
+                ))));
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let limits = client::Limits {
+            command: t.command,
+            data: t.data,
+        };
+        let smarthost = self.delivery.smarthost.as_ref();
+        let implicit = smarthost.is_some_and(|s| s.tls == TlsMode::Implicit);
+        let mut c = if implicit {
+            let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+                .unwrap_or_else(|_| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
+            match tokio::time::timeout(t.command, self.tls.connect(name, tcp)).await {
+                Ok(Ok(s)) => {
+                    let version =
+                        crate::server::tls::version_name(s.get_ref().1.protocol_version());
+                    let mut c = Client::new(Stream::Tls(Box::new(s)), limits);
+                    c.tls = Some(version);
+                    c
+                }
+                _ => {
+                    return Err(Retry::Next(fail(Self::local(
+                        451,
+                        "4.7.5",
+                        format!("TLS handshake with {host} failed"),
+                    ))));
+                }
+            }
+        } else {
+            Client::new(Stream::Plain(tcp), limits)
+        };
+        let err =
+            |e: ClientError| Retry::Next(fail(Self::local(451, "4.4.2", format!("{host}: {e}"))));
+        let greeting = c
+            .read_response("the greeting", t.command)
+            .await
+            .map_err(err)?;
+        if greeting.code != 220 {
+            c.quit().await;
+            return Err(Retry::Next(fail(remote_reply(&greeting))));
+        }
+        let r = c.hello(ehlo).await.map_err(err)?;
+        if !r.is_positive() {
+            c.quit().await;
+            return Err(Retry::Next(fail(remote_reply(&r))));
+        }
+        let want_tls = match smarthost {
+            Some(s) => s.tls == TlsMode::Starttls,
+            None => use_tls && self.delivery.tls != OutboundTls::None,
+        };
+        let must_tls = match smarthost {
+            Some(s) => s.tls == TlsMode::Starttls,
+            None => self.delivery.tls == OutboundTls::Required,
+        };
+        if want_tls && c.tls.is_none() {
+            if c.extensions.starttls {
+                match c.starttls(&self.tls, host).await {
+                    Ok((next, None)) => {
+                        c = next;
+                        let r = c.hello(ehlo).await.map_err(err)?;
+                        if !r.is_positive() {
+                            c.quit().await;
+                            return Err(Retry::Next(fail(remote_reply(&r))));
+                        }
+                    }
+                    Ok((plain, Some(refused))) => {
+                        if must_tls {
+                            plain.quit().await;
+                            return Err(Retry::Next(fail(remote_reply(&refused))));
+                        }
+                        c = plain;
+                    }
+                    Err(e) => {
+                        let f = fail(Self::local(451, "4.7.5", format!("{host}: {e}")));
+                        return Err(if must_tls {
+                            Retry::Next(f)
+                        } else {
+                            Retry::WithoutTls(f)
+                        });
+                    }
+                }
+            } else if must_tls {
+                c.quit().await;
+                return Err(Retry::Next(fail(Self::local(
+                    451,
+                    "4.7.10",
+                    format!("{host} does not offer STARTTLS and TLS is required"),
+                ))));
+            }
+        }
+        if let (Some(sh), Some(pw)) = (smarthost, &self.smarthost_password)
+            && let Some(user) = &sh.username
+        {
+            let r = c.authenticate(user, pw).await.map_err(err)?;
+            if r.code != 235 {
+                c.quit().await;
+                // A refused login will not get better by retrying every minute, but it is our config, not
+                // the recipients' fault: defer, so fixing the credentials delivers the queue.
+                let mut reply = remote_reply(&r);
+                if reply.code >= 500 {
+                    reply.code = 451;
+                    reply.enhanced = Some("4.7.8".to_owned());
+                }
+                return Err(Retry::Stop(fail(reply)));
+            }
+        }
+        Ok(Session {
+            client: c,
+            host: host.to_owned(),
+        })
+    }
+
+    /// Sends one job over an open session. Returns the attempt and whether the session can carry more.
+    async fn transact(&self, s: &mut Session, job: &Job) -> (Attempt, bool) {
+        let mta = Some(s.host.clone());
+        let data = match self.spool.read(job.location).await {
+            Ok(d) => d,
+            Err(e) => {
+                let reply = Self::local(
+                    451,
+                    "4.3.0",
+                    format!("cannot read the message from the spool: {e}"),
+                );
+                return (
+                    self.fail_all(job, &reply, mta, s.client.tls.as_deref()),
+                    true,
+                );
+            }
+        };
+        let ext = &s.client.extensions;
+        let refusal = if job.meta.smtputf8 && !ext.smtputf8 {
+            Some(Self::local(
+                554,
+                "5.6.7",
+                format!(
+                    "{} does not support SMTPUTF8, which this message needs",
+                    s.host
+                ),
+            ))
+        } else if job.meta.eight_bit && ext.esmtp && !ext.eight_bit {
+            Some(Self::local(
+                554,
+                "5.6.3",
+                format!(
+                    "{} does not support 8BITMIME and conversion is not supported",
+                    s.host
+                ),
+            ))
+        } else if let Some(limit) = ext.size.filter(|&l| l > 0 && (data.len() as u64) > l) {
+            Some(Self::local(
+                552,
+                "5.3.4",
+                format!(
+                    "message of {} bytes exceeds {}'s limit of {limit}",
+                    data.len(),
+                    s.host
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some(reply) = refusal {
+            return (
+                self.fail_all(job, &reply, mta, s.client.tls.as_deref()),
+                true,
+            );
+        }
+        let tx = Transaction {
+            sender: &job.meta.sender,
+            recipients: job
+                .rcpts
+                .iter()
+                .map(|&i| Rcpt {
+                    address: &job.meta.recipients[i as usize],
+                })
+                .collect(),
+            data: &data,
+            eight_bit: job.meta.eight_bit,
+            smtputf8: job.meta.smtputf8,
+        };
+        match s.client.send(&tx).await {
+            Ok(result) => {
+                let results: Vec<(u32, Reply)> = job
+                    .rcpts
+                    .iter()
+                    .zip(result.replies)
+                    .map(|(&i, r)| (i, remote_reply(&r)))
+                    .collect();
+                let usable = results.iter().all(|(_, r)| r.code != 421);
+                (
+                    Attempt {
+                        id: job.id,
+                        results,
+                        remote_mta: mta,
+                        domain: job.domain.clone(),
+                        tls: s.client.tls.clone(),
+                    },
+                    usable,
+                )
+            }
+            Err(e) => {
+                let reply = Self::local(451, "4.4.2", format!("{}: {e}", s.host));
+                (
+                    self.fail_all(job, &reply, mta, s.client.tls.as_deref()),
+                    false,
+                )
+            }
+        }
+    }
+}
+
+enum Retry {
+    /// Try the next address or host.
+    Next(NoSession),
+    /// Try the same address again without STARTTLS.
+    WithoutTls(NoSession),
+    /// Give up on this destination for now.
+    Stop(NoSession),
+}
+
+fn remote_reply(r: &client::Response) -> Reply {
+    Reply {
+        code: r.code,
+        enhanced: r.enhanced.clone(),
+        text: r.text.clone(),
+        remote: true,
+    }
+}
+
+fn dns_reply(e: &DnsFailure) -> Reply {
+    let code = if e.is_permanent() { 550 } else { 451 };
+    Deliverer::local(code, e.status(), e.to_string())
+}
+
+async fn connect(addr: SocketAddr, source: Option<&Source>) -> std::io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(s) = source
+        && s.address.is_ipv4() == addr.is_ipv4()
+        && !s.address.is_unspecified()
+    {
+        socket.bind(SocketAddr::new(s.address, 0))?;
+    }
+    socket.connect(addr).await
+}
+
+/// Wires the delivery engine to a queue.
+pub fn start_queue(
+    config: &Config,
+    spool: Spool,
+    suppressions: Arc<crate::outcome::suppression::Suppressions>,
+    loaded: Vec<crate::spool::Loaded>,
+) -> Result<QueueHandle, DeliverError> {
+    let d = Deliverer::new(config, spool.clone())?;
+    Ok(queue::start(config, spool, suppressions, loaded, d))
+}
