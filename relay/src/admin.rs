@@ -61,6 +61,7 @@ fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
         .route("/queue", get(queue_list))
         .route("/queue/flush", post(flush_all))
         .route("/queue/{id}", get(queue_get).delete(queue_delete))
@@ -80,6 +81,16 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 fn parse_id(id: &str) -> Result<QueueId, String> {
     id.parse()
         .map_err(|_| format!("{id:?} is not a queue id (16 hex digits)"))
+}
+
+async fn metrics_text() -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::get().render(),
+    )
 }
 
 async fn readyz(State(s): State<Arc<AdminState>>) -> (StatusCode, &'static str) {

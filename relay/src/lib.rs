@@ -13,7 +13,10 @@
 //! - `cleanup`: `Received:`, `Message-ID:`, `Date:`, From: checks.
 //! - `spool`: durable storage with group commit.
 //! - `queue`: messages waiting for delivery.
-//! - `admin`: HTTP probes and queue API.
+//! - `deliver`: MX resolution and the SMTP client.
+//! - `outcome`: bounce classification, DSNs, suppression.
+//! - `metrics`: the Prometheus metrics.
+//! - `admin`: HTTP probes, metrics, queue and suppression API.
 //! - `app`: startup, signals, drain.
 
 #![forbid(unsafe_code)]
@@ -24,6 +27,7 @@ pub mod app;
 pub mod cleanup;
 pub mod config;
 pub mod deliver;
+pub mod metrics;
 pub mod outcome;
 pub mod policy;
 pub mod queue;

@@ -22,6 +22,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{Config, Delivery};
+use crate::metrics;
 use crate::outcome::dsn;
 use crate::outcome::suppression::Suppressions;
 use crate::outcome::{Class, classify};
@@ -29,6 +30,8 @@ use crate::spool::{Location, MessageMeta, QueueId, RcptState, RcptStatus, RcptUp
 
 /// How often old spool segments are looked at for reclaiming.
 const COMPACT_EVERY: Duration = Duration::from_secs(10);
+/// How often the queue gauges are refreshed.
+const GAUGES_EVERY: Duration = Duration::from_secs(2);
 
 /// Unix milliseconds now.
 pub fn now_ms() -> u64 {
@@ -273,6 +276,8 @@ struct State {
     segments: BTreeMap<u64, (usize, u64)>,
     stopping: Option<oneshot::Sender<()>>,
     compacting: bool,
+    /// Messages with recipients still pending, per destination domain (for `herald_queue_depth`).
+    depth: HashMap<String, i64>,
 }
 
 /// Starts the queue task with the messages loaded from the spool.
@@ -317,6 +322,7 @@ pub fn start(
         segments: BTreeMap::new(),
         stopping: None,
         compacting: false,
+        depth: HashMap::new(),
     };
     for l in loaded {
         state.insert(NewEntry {
@@ -333,10 +339,27 @@ fn domain_of(address: &str) -> &str {
     address.rsplit_once('@').map_or("", |(_, d)| d)
 }
 
+/// The distinct domains (lower case) of a message's recipients that have no final outcome yet.
+fn pending_domains(recipients: &[String], states: &[RcptState]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (r, s) in recipients.iter().zip(states) {
+        if s.status.is_final() {
+            continue;
+        }
+        let d = domain_of(r).to_ascii_lowercase();
+        if !out.contains(&d) {
+            out.push(d);
+        }
+    }
+    out
+}
+
 impl State {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
         let mut compact = tokio::time::interval(COMPACT_EVERY);
         compact.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut gauges = tokio::time::interval(GAUGES_EVERY);
+        gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next_timer = self.timers.peek().map(|Reverse((due, _))| *due);
             let sleep = async {
@@ -355,6 +378,7 @@ impl State {
                 },
                 _ = sleep => self.fire_timers(),
                 _ = compact.tick() => self.compact(),
+                _ = gauges.tick() => self.gauges(),
             }
             if let Some(reply) = self.stopping.take() {
                 if self.dests.values().all(|d| d.connections == 0) {
@@ -499,6 +523,32 @@ impl State {
         });
     }
 
+    fn gauges(&self) {
+        let m = metrics::get();
+        let counts: Vec<(String, i64)> = self.depth.iter().map(|(d, n)| (d.clone(), *n)).collect();
+        m.set_queue_depth(&counts);
+        m.queue_messages.set(self.messages.len() as i64);
+        let oldest = self
+            .messages
+            .values()
+            .map(|e| e.meta.received_at_ms)
+            .next()
+            .map_or(0, |t| now_ms().saturating_sub(t) / 1000);
+        m.queue_oldest_age.set(oldest as i64);
+        m.spool_bytes.set(self.spool.bytes() as i64);
+        m.suppressions.set(self.suppressions.len() as i64);
+    }
+
+    fn adjust_depth(&mut self, domains: &[String], by: i64) {
+        for d in domains {
+            let n = self.depth.entry(d.clone()).or_insert(0);
+            *n += by;
+            if *n <= 0 {
+                self.depth.remove(d);
+            }
+        }
+    }
+
     fn insert(&mut self, new: NewEntry) {
         let id = new.meta.id;
         let n = new.meta.recipients.len();
@@ -507,6 +557,8 @@ impl State {
         seg.1 += new.location.len;
         let mut states = new.states;
         states.resize(n, RcptState::QUEUED);
+        let pending = pending_domains(&new.meta.recipients, &states);
+        self.adjust_depth(&pending, 1);
         self.messages.insert(
             id,
             Entry {
@@ -689,6 +741,8 @@ impl State {
         let Some(e) = self.messages.get_mut(&id) else {
             return;
         };
+        let m = metrics::get();
+        let pending_before = pending_domains(&e.meta.recipients, &e.states);
         let expires_at = e.meta.received_at_ms + max_age;
         let mut updates = Vec::with_capacity(attempt.results.len());
         let mut failures = Vec::new();
@@ -757,6 +811,24 @@ impl State {
                 }
                 e.replies[i] = Some(reply.to_string().into_boxed_str());
             }
+            let domain_label = m.domain_label(domain_of(rcpt));
+            if reply.code >= 400 {
+                let (class, category) =
+                    classify(reply.code, reply.enhanced.as_deref(), &reply.text);
+                m.bounces
+                    .with_label_values(&[class.as_str(), category.as_str(), &domain_label])
+                    .inc();
+            }
+            let result_label = match st.status {
+                RcptStatus::Delivered => "delivered",
+                RcptStatus::Deferred => "deferred",
+                _ => "bounced",
+            };
+            m.deliveries.with_label_values(&[result_label]).inc();
+            if st.status.is_final() {
+                m.latency
+                    .observe(now.saturating_sub(e.meta.received_at_ms) as f64 / 1000.0);
+            }
             let result = st.status.as_str();
             match logged.iter_mut().find(|(r, _, _)| *r == result) {
                 Some(l) => l.2 += 1,
@@ -782,9 +854,15 @@ impl State {
             );
         }
         self.spool.record_results(id, &updates);
+        let pending_after = pending_domains(&e.meta.recipients, &e.states);
         let meta = e.meta.clone();
         let location = e.location;
         let done = e.states.iter().all(|s| s.status.is_final());
+        let gone: Vec<String> = pending_before
+            .into_iter()
+            .filter(|d| !pending_after.contains(d))
+            .collect();
+        self.adjust_depth(&gone, -1);
         if !suppress.is_empty() {
             let list = self.suppressions.clone();
             tokio::task::spawn_blocking(move || {
@@ -868,6 +946,8 @@ impl State {
         let Some(e) = self.messages.remove(&id) else {
             return false;
         };
+        let pending = pending_domains(&e.meta.recipients, &e.states);
+        self.adjust_depth(&pending, -1);
         if let Some(seg) = self.segments.get_mut(&e.location.segment) {
             seg.0 = seg.0.saturating_sub(1);
             seg.1 = seg.1.saturating_sub(e.location.len);

@@ -183,6 +183,10 @@ async fn accept(ctx: &ListenerContext, cfg: &SessionConfig, env: Envelope) -> Re
                 "accepted"
             );
             let states = vec![crate::spool::RcptState::QUEUED; meta.recipients.len()];
+            crate::metrics::get()
+                .received
+                .with_label_values(&[cfg.listener.as_str()])
+                .inc();
             ctx.queue.enqueue(NewEntry {
                 meta,
                 states,

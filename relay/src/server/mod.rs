@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::config::{AuthMode, Config, Listener, TlsMode};
+use crate::metrics;
 use crate::outcome::suppression::Suppressions;
 use crate::policy::Policy;
 use crate::queue::QueueHandle;
@@ -295,6 +296,7 @@ async fn connection(
     let trusted = !settings.allow_networks.is_empty();
     if trusted && !settings.allow_networks.iter().any(|n| n.contains(&ip)) {
         tracing::info!(%listener, client = %ip, "refused: client not in allow_networks");
+        metrics::rejected("network_denied");
         if ctx.tls_mode != TlsMode::Implicit {
             let msg = format!("554 5.7.1 {ip} is not allowed to use this service\r\n");
             let _ = tcp.write_all(msg.as_bytes()).await;
@@ -303,6 +305,7 @@ async fn connection(
     }
     let Some(_slot) = ctx.limits.acquire(ip) else {
         tracing::info!(%listener, client = %ip, "refused: too many connections");
+        metrics::rejected("connection_limit");
         if ctx.tls_mode != TlsMode::Implicit {
             let _ = tcp
                 .write_all(b"421 4.7.0 Too many connections, try again later\r\n")
@@ -310,7 +313,13 @@ async fn connection(
         }
         return;
     };
-    if let Err(e) = conn::run(tcp, peer, trusted, &ctx, &settings.session, shutdown).await {
+    let sessions = metrics::get()
+        .sessions
+        .with_label_values(&[listener.as_str()]);
+    sessions.inc();
+    let result = conn::run(tcp, peer, trusted, &ctx, &settings.session, shutdown).await;
+    sessions.dec();
+    if let Err(e) = result {
         tracing::debug!(%listener, client = %ip, error = %e, "session ended with an error");
     }
 }

@@ -300,6 +300,9 @@ impl Session {
     }
 
     fn reply(&mut self, r: &Reply) {
+        if r.code >= 400 {
+            crate::metrics::rejected(rejection_reason(r));
+        }
         r.write_to(&mut self.out);
     }
 
@@ -838,6 +841,26 @@ impl Session {
             username: user,
             password,
         })
+    }
+}
+
+/// The `reason` label of `herald_smtp_rejections_total` for a refusal: a small fixed set, from the reply.
+fn rejection_reason(r: &Reply) -> &'static str {
+    match (r.code, r.status) {
+        (554, "5.7.1") => "relay_denied",
+        (550, "5.7.1") => "sender_not_allowed",
+        (_, "5.7.0" | "5.7.8" | "5.7.11") => "authentication",
+        (_, "5.3.4") => "message_too_large",
+        (_, "4.5.3") => "too_many_recipients",
+        (_, "5.6.7") => "smtputf8_required",
+        (_, "5.6.0") => "malformed_message",
+        (_, "5.1.1") => "suppressed",
+        (_, "4.7.0") => "too_many_errors",
+        (_, "4.4.2") => "timeout",
+        (_, "4.3.1") => "spool_error",
+        (_, "4.3.2") => "shutting_down",
+        (_, s) if s.starts_with("5.5.") || s == "5.1.3" || s == "5.1.7" => "protocol",
+        _ => "other",
     }
 }
 

@@ -1,0 +1,250 @@
+//! Every Prometheus metric the relay exports, defined once (names, labels and help are the contract in
+//! DESIGN.md) and reached through [`get`].
+//!
+//! Label values are bounded: listeners and results come from config and code; destination domains pass
+//! through [`DomainLabels`], which gives the first `MAX_DOMAINS` domains seen their own label and folds the
+//! rest into `other`, so no sender can grow the series without bound. No label ever holds an address.
+
+use std::collections::HashSet;
+use std::sync::{LazyLock, Mutex};
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Destination domains with a label of their own; the rest are `other`.
+const MAX_DOMAINS: usize = 50;
+
+/// Latency buckets for mail: from sub-second loopback hand-offs to the five-day expiry.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    1800.0,
+    3600.0,
+    4.0 * 3600.0,
+    12.0 * 3600.0,
+    86400.0,
+    2.0 * 86400.0,
+    5.0 * 86400.0,
+];
+
+/// The relay's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub received: IntCounterVec,
+    pub deliveries: IntCounterVec,
+    pub bounces: IntCounterVec,
+    pub latency: Histogram,
+    pub sessions: IntGaugeVec,
+    pub rejections: IntCounterVec,
+    pub queue_depth: IntGaugeVec,
+    pub queue_messages: IntGauge,
+    pub queue_oldest_age: IntGauge,
+    pub spool_bytes: IntGauge,
+    pub suppressions: IntGauge,
+    pub events_dropped: IntCounter,
+    pub webhook_failures: IntCounter,
+    domains: Mutex<HashSet<String>>,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
+    r.register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
+    r.register(Box::new(g.clone()))
+        .expect("metric names are unique");
+    g
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("metric definition is valid");
+    r.register(Box::new(g.clone()))
+        .expect("metric names are unique");
+    g
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("metric definition is valid");
+    r.register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let r = Registry::new();
+        let latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "herald_delivery_latency_seconds",
+                "Time from the 250 reply at acceptance to the recipient's final outcome (delivered, bounced or expired).",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("metric definition is valid");
+        r.register(Box::new(latency.clone()))
+            .expect("metric names are unique");
+        Metrics {
+            received: counter_vec(
+                &r,
+                "herald_messages_received_total",
+                "Messages accepted (answered 250) by listener.",
+                &["listener"],
+            ),
+            deliveries: counter_vec(
+                &r,
+                "herald_deliveries_total",
+                "Recipient delivery attempts by result: delivered, deferred (will retry) or bounced (final failure, expiry included).",
+                &["result"],
+            ),
+            bounces: counter_vec(
+                &r,
+                "herald_bounces_total",
+                "Failed recipient attempts by class (hard 5xx, soft 4xx), classifier category and destination domain.",
+                &["class", "category", "domain"],
+            ),
+            latency,
+            sessions: gauge_vec(
+                &r,
+                "herald_smtp_sessions",
+                "Open SMTP sessions by listener.",
+                &["listener"],
+            ),
+            rejections: counter_vec(
+                &r,
+                "herald_smtp_rejections_total",
+                "SMTP commands, messages or connections refused, by reason.",
+                &["reason"],
+            ),
+            queue_depth: gauge_vec(
+                &r,
+                "herald_queue_depth",
+                "Messages waiting for delivery by destination domain (busiest domains; the rest in other).",
+                &["domain"],
+            ),
+            queue_messages: gauge(&r, "herald_queue_messages", "Messages in the queue."),
+            queue_oldest_age: gauge(
+                &r,
+                "herald_queue_oldest_message_age_seconds",
+                "Age of the oldest message in the queue (0 when empty).",
+            ),
+            spool_bytes: gauge(&r, "herald_spool_bytes", "Bytes of spool segments on disk."),
+            suppressions: gauge(
+                &r,
+                "herald_suppressions",
+                "Addresses on the suppression list.",
+            ),
+            events_dropped: counter(
+                &r,
+                "herald_events_dropped_total",
+                "Delivery events dropped because the webhook buffer was full.",
+            ),
+            webhook_failures: counter(
+                &r,
+                "herald_webhook_failures_total",
+                "Webhook POSTs that failed and will be retried.",
+            ),
+            domains: Mutex::new(HashSet::new()),
+            registry: r,
+        }
+    }
+
+    /// The label for a destination domain: itself while few domains are known, `other` beyond.
+    pub fn domain_label(&self, domain: &str) -> String {
+        let mut known = self.domains.lock().unwrap_or_else(|p| p.into_inner());
+        if known.contains(domain) {
+            return domain.to_owned();
+        }
+        if known.len() < MAX_DOMAINS {
+            known.insert(domain.to_owned());
+            return domain.to_owned();
+        }
+        "other".to_owned()
+    }
+
+    /// Sets `herald_queue_depth` from per-domain counts: the busiest domains by name, the rest as `other`.
+    pub fn set_queue_depth(&self, counts: &[(String, i64)]) {
+        let mut sorted: Vec<&(String, i64)> = counts.iter().filter(|(_, n)| *n > 0).collect();
+        sorted.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        self.queue_depth.reset();
+        let mut other = 0;
+        for (i, (domain, n)) in sorted.into_iter().enumerate() {
+            if i < MAX_DOMAINS {
+                self.queue_depth
+                    .with_label_values(&[domain.as_str()])
+                    .set(*n);
+            } else {
+                other += n;
+            }
+        }
+        if other > 0 {
+            self.queue_depth.with_label_values(&["other"]).set(other);
+        }
+    }
+
+    /// The exposition text for `GET /metrics`.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec only fails on an inconsistent metric family, which the definitions above exclude.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process's metrics.
+pub fn get() -> &'static Metrics {
+    &METRICS
+}
+
+/// Counts a refused command, message or connection.
+pub fn rejected(reason: &'static str) {
+    get().rejections.with_label_values(&[reason]).inc();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domain_labels_are_bounded() {
+        let m = Metrics::new();
+        for i in 0..MAX_DOMAINS {
+            assert_eq!(m.domain_label(&format!("d{i}.test")), format!("d{i}.test"));
+        }
+        assert_eq!(m.domain_label("late.test"), "other");
+        assert_eq!(m.domain_label("d3.test"), "d3.test");
+    }
+
+    #[test]
+    fn queue_depth_folds_the_tail() {
+        let m = Metrics::new();
+        let counts: Vec<(String, i64)> = (0..60).map(|i| (format!("d{i}.test"), 100 - i)).collect();
+        m.set_queue_depth(&counts);
+        let text = m.render();
+        assert!(text.contains("herald_queue_depth{domain=\"d0.test\"} 100"));
+        let other: i64 = (50..60).map(|i| 100 - i).sum();
+        assert!(
+            text.contains(&format!("herald_queue_depth{{domain=\"other\"}} {other}")),
+            "{text}"
+        );
+        assert!(!text.contains("d55.test"));
+    }
+}
