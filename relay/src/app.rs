@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::deliver;
+use crate::events;
 use crate::outcome::suppression::Suppressions;
 use crate::policy::Policy;
 use crate::server::{self, ConnectionLimits, Shared, tls::TlsStore};
@@ -38,6 +39,8 @@ pub enum RunError {
     Suppressions(#[from] crate::outcome::suppression::SuppressionError),
     #[error(transparent)]
     Deliver(#[from] deliver::DeliverError),
+    #[error(transparent)]
+    Events(#[from] events::EventsError),
     #[error("startup task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -56,6 +59,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Run
         suppressions = suppressions.len(),
         "spool loaded"
     );
+    let events = events::start(config.events.as_ref()).await?;
     let queue = deliver::start_queue(&config, spool.clone(), suppressions.clone(), loaded)?;
 
     let tls = match &config.tls {
@@ -140,6 +144,22 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Run
             sessions = left,
             "drain grace period over; closing remaining sessions"
         );
+    }
+    // Deliveries in flight finish their transaction and record the outcome, so nothing is sent twice
+    // after the restart; then everything recorded is made durable.
+    if tokio::time::timeout(DRAIN_GRACE, queue.stop())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "deliveries still in flight after the grace period; they will be retried after the restart"
+        );
+    }
+    if let Err(e) = spool.sync().await {
+        tracing::error!(error = %e, "final spool sync failed");
+    }
+    if let Some(ev) = events {
+        ev.shutdown(Duration::from_secs(10)).await;
     }
     tracing::info!("stopped");
     Ok(())

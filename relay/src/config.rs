@@ -67,6 +67,58 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<Admin>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<Events>,
+    #[serde(default)]
+    pub log: Log,
+}
+
+/// Where delivery events go.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Events {
+    /// JSON lines appended to this file; `-` for standard output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<Webhook>,
+}
+
+/// Events POSTed as JSON arrays, signed with HMAC-SHA256, retried until accepted.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    pub url: String,
+    /// File holding the shared secret for the `X-Herald-Signature` header.
+    pub secret_file: PathBuf,
+    /// Events per POST at most.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+    #[serde(default = "default_webhook_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Events held in memory while the endpoint is failing; the oldest are dropped beyond it (counted).
+    #[serde(default = "default_buffer")]
+    pub buffer: usize,
+}
+
+fn default_batch() -> usize {
+    100
+}
+
+fn default_webhook_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_buffer() -> usize {
+    100_000
+}
+
+/// Logging policy.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// Put recipient addresses in delivery log lines (they are personal data: off by default).
+    pub recipients: bool,
 }
 
 /// One SMTP listening socket.
@@ -549,6 +601,20 @@ impl Config {
                 "delivery.dns.nameservers",
                 "list at least one nameserver, or leave out delivery.dns for the system resolver",
             ));
+        }
+        if let Some(w) = self.events.as_ref().and_then(|e| e.webhook.as_ref()) {
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                return Err(invalid(
+                    "events.webhook.url",
+                    "must be an http:// or https:// URL",
+                ));
+            }
+            if w.batch == 0 || w.buffer == 0 {
+                return Err(invalid(
+                    "events.webhook",
+                    "batch and buffer must be greater than 0",
+                ));
+            }
         }
         let lim = &self.limits;
         if lim.max_line_length < 512 {

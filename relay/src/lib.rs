@@ -16,6 +16,7 @@
 //! - `deliver`: MX resolution and the SMTP client.
 //! - `outcome`: bounce classification, DSNs, suppression.
 //! - `metrics`: the Prometheus metrics.
+//! - `events`: delivery events to a file and a signed webhook.
 //! - `admin`: HTTP probes, metrics, queue and suppression API.
 //! - `app`: startup, signals, drain.
 
@@ -27,6 +28,7 @@ pub mod app;
 pub mod cleanup;
 pub mod config;
 pub mod deliver;
+pub mod events;
 pub mod metrics;
 pub mod outcome;
 pub mod policy;

@@ -22,6 +22,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{Config, Delivery};
+use crate::events::{self, Event};
 use crate::metrics;
 use crate::outcome::dsn;
 use crate::outcome::suppression::Suppressions;
@@ -278,6 +279,8 @@ struct State {
     compacting: bool,
     /// Messages with recipients still pending, per destination domain (for `herald_queue_depth`).
     depth: HashMap<String, i64>,
+    /// `log.recipients`: addresses may appear in log lines.
+    log_recipients: bool,
 }
 
 /// Starts the queue task with the messages loaded from the spool.
@@ -323,6 +326,7 @@ pub fn start(
         stopping: None,
         compacting: false,
         depth: HashMap::new(),
+        log_recipients: config.log.recipients,
     };
     for l in loaded {
         state.insert(NewEntry {
@@ -831,8 +835,35 @@ impl State {
             }
             let result = st.status.as_str();
             match logged.iter_mut().find(|(r, _, _)| *r == result) {
-                Some(l) => l.2 += 1,
-                None => logged.push((result, reply.to_string(), 1)),
+                Some(l) => {
+                    l.2 += 1;
+                    if self.log_recipients {
+                        l.1.push_str(&format!(" <{rcpt}>"));
+                    }
+                }
+                None => {
+                    let mut text = reply.to_string();
+                    if self.log_recipients {
+                        text.push_str(&format!(" <{rcpt}>"));
+                    }
+                    logged.push((result, text, 1))
+                }
+            }
+            if events::enabled() {
+                let mut ev = Event::new(result, id.to_string(), e.meta.sender.clone());
+                ev.recipient = Some(rcpt.clone());
+                ev.domain = Some(domain_of(rcpt).to_ascii_lowercase());
+                ev.mx = attempt.remote_mta.clone();
+                ev.tls = attempt.tls.clone();
+                ev.reply = Some(reply.to_string());
+                ev.attempts = Some(st.attempts);
+                if reply.code >= 400 {
+                    let (class, category) =
+                        classify(reply.code, reply.enhanced.as_deref(), &reply.text);
+                    ev.class = Some(class.as_str());
+                    ev.category = Some(category.as_str());
+                }
+                events::emit(ev);
             }
             updates.push(RcptUpdate {
                 index: idx,
@@ -869,7 +900,14 @@ impl State {
                 for (addr, reason) in suppress {
                     match list.add(&addr, &reason) {
                         Ok(()) => {
-                            tracing::info!(reason = %reason, "recipient added to the suppression list")
+                            tracing::info!(reason = %reason, "recipient added to the suppression list");
+                            if events::enabled() {
+                                let mut ev =
+                                    Event::new("suppressed", id.to_string(), String::new());
+                                ev.recipient = Some(addr.clone());
+                                ev.reply = Some(reason.clone());
+                                events::emit(ev);
+                            }
                         }
                         Err(e) => tracing::error!(error = %e, "cannot record a suppression"),
                     }

@@ -183,6 +183,14 @@ async fn accept(ctx: &ListenerContext, cfg: &SessionConfig, env: Envelope) -> Re
                 "accepted"
             );
             let states = vec![crate::spool::RcptState::QUEUED; meta.recipients.len()];
+            if crate::events::enabled() {
+                let mut ev =
+                    crate::events::Event::new("accepted", id.to_string(), meta.sender.clone());
+                ev.recipients = Some(meta.recipients.len());
+                ev.listener = Some(cfg.listener.clone());
+                ev.size = Some(location.len);
+                crate::events::emit(ev);
+            }
             crate::metrics::get()
                 .received
                 .with_label_values(&[cfg.listener.as_str()])
