@@ -1,4 +1,5 @@
-"""Fixtures for the herald-relay integration suite: the binary, TLS material, password hashes, relays.
+"""Fixtures for the herald-relay integration suite: the binary, TLS material, password hashes, relays, and for
+the delivery tests a loopback DNS server and receiving SMTP peers.
 
 Relays are real processes on loopback ports; `harness/relay.py` holds the plumbing. When a test fails, the
 log of every relay it used is attached to the report.
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from harness.certs import make_certs
+from harness.dns import DnsServer
+from harness.peers import PeerPool
 from harness.relay import ALL_RELAYS, USERS, RelayPool, hash_password, relay_bin, run_cli
 from harness.smtp import client_tls_context
 
@@ -98,4 +101,25 @@ def relay(tmp_path_factory, relay_binary, certs, users):
     pool = RelayPool(tmp_path_factory.mktemp("relay"), certs, users)
     r = pool.start("shared")
     yield r
+    pool.stop_all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Delivery: DNS and receiving peers
+
+
+@pytest.fixture
+def dns():
+    """A DNS server on loopback, authoritative for `test` (every *.test name is NXDOMAIN until a test adds it)."""
+    server = DnsServer().start()
+    server.zone("test")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def peers(tmp_path, certs):
+    """Receiving SMTP peers on 127.0.0.2-11, all on one port (the relay's delivery.port); stopped by the test's end."""
+    pool = PeerPool(tmp_path / "peers", certs)
+    yield pool
     pool.stop_all()

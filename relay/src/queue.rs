@@ -155,11 +155,18 @@ enum Command {
     },
     /// An old segment was deleted (or could not be).
     Compacted,
+    /// A connection gives back a job it never attempted.
+    Abandon {
+        dest: DestKey,
+        job: Job,
+    },
 }
 
 /// Something that runs a delivery connection for a job; the delivery engine implements it.
 pub trait Dispatcher: Send + Sync + 'static {
     fn start(self: Arc<Self>, job: Job, queue: QueueHandle);
+    /// The queue is stopping: connections not yet in a transaction should give their job back.
+    fn stopping(&self);
 }
 
 /// Handle to the queue task; cheap to clone.
@@ -228,6 +235,11 @@ impl QueueHandle {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Flush { id, reply });
         rx.await.unwrap_or(false)
+    }
+
+    /// Gives back a job that was never attempted (the relay is stopping), and closes the connection slot.
+    pub fn abandon(&self, dest: DestKey, job: Job) {
+        self.send(Command::Abandon { dest, job });
     }
 
     /// Stops handing out work and waits until the connections in flight have reported back.
@@ -337,6 +349,29 @@ pub fn start(
     }
     tokio::spawn(state.run(rx));
     handle
+}
+
+/// Replaces anything that looks like an address in `text` (a remote reply often quotes the recipient) so
+/// that log lines hold no addresses unless `log.recipients` allows them.
+pub fn redact_addresses(text: &str) -> String {
+    text.split(' ')
+        .map(|word| {
+            if word.contains('@') {
+                let open = word.starts_with('<');
+                let close = word.trim_end_matches([':', ',', ';', '.']).ends_with('>');
+                let tail = &word[word.trim_end_matches([':', ',', ';', '.']).len()..];
+                format!(
+                    "{}redacted{}{}",
+                    if open { "<" } else { "" },
+                    if close { ">" } else { "" },
+                    tail
+                )
+            } else {
+                word.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn domain_of(address: &str) -> &str {
@@ -466,7 +501,14 @@ impl State {
                 }
                 let _ = reply.send(found);
             }
-            Command::Stop { reply } => self.stopping = Some(reply),
+            Command::Stop { reply } => {
+                self.stopping = Some(reply);
+                self.dispatcher.stopping();
+            }
+            Command::Abandon { dest, job } => {
+                self.release(&job);
+                self.connection_closed(&dest);
+            }
             Command::Moved {
                 segment,
                 moved,
@@ -755,6 +797,13 @@ impl State {
         let n = e.states.len();
         // One log line per outcome of this attempt: (result, first reply, recipients).
         let mut logged: Vec<(&'static str, String, usize)> = Vec::new();
+        let redact = |text: String| {
+            if self.log_recipients {
+                text
+            } else {
+                redact_addresses(&text)
+            }
+        };
         for (idx, reply) in attempt.results {
             let i = idx as usize;
             let (Some(st), Some(flag)) = (e.states.get_mut(i), e.in_flight.get_mut(i)) else {
@@ -842,7 +891,7 @@ impl State {
                     }
                 }
                 None => {
-                    let mut text = reply.to_string();
+                    let mut text = redact(reply.to_string());
                     if self.log_recipients {
                         text.push_str(&format!(" <{rcpt}>"));
                     }
@@ -896,14 +945,23 @@ impl State {
         self.adjust_depth(&gone, -1);
         if !suppress.is_empty() {
             let list = self.suppressions.clone();
+            let sender = meta.sender.clone();
+            let log_recipients = self.log_recipients;
+            let log_reason = move |r: &str| {
+                if log_recipients {
+                    r.to_owned()
+                } else {
+                    redact_addresses(r)
+                }
+            };
             tokio::task::spawn_blocking(move || {
                 for (addr, reason) in suppress {
                     match list.add(&addr, &reason) {
                         Ok(()) => {
-                            tracing::info!(reason = %reason, "recipient added to the suppression list");
+                            tracing::info!(reason = %log_reason(&reason), "recipient added to the suppression list");
                             if events::enabled() {
                                 let mut ev =
-                                    Event::new("suppressed", id.to_string(), String::new());
+                                    Event::new("suppressed", id.to_string(), sender.clone());
                                 ev.recipient = Some(addr.clone());
                                 ev.reply = Some(reason.clone());
                                 events::emit(ev);
@@ -1098,5 +1156,41 @@ fn view(id: QueueId, e: &Entry) -> MessageView {
                     .and_then(|r| r.as_deref().map(str::to_owned)),
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_redacted_from_replies() {
+        assert_eq!(
+            redact_addresses(
+                "550 5.1.1 <gone@dest.test>: Recipient address rejected: User unknown"
+            ),
+            "550 5.1.1 <redacted>: Recipient address rejected: User unknown"
+        );
+        assert_eq!(
+            redact_addresses("451 mailbox x@y.test, busy"),
+            "451 mailbox redacted, busy"
+        );
+        assert_eq!(redact_addresses("250 2.0.0 Ok"), "250 2.0.0 Ok");
+    }
+
+    #[test]
+    fn pending_domains_are_distinct_and_skip_final_recipients() {
+        let rcpts = vec![
+            "a@X.test".to_owned(),
+            "b@x.test".to_owned(),
+            "c@y.test".to_owned(),
+        ];
+        let done = RcptState {
+            status: RcptStatus::Delivered,
+            attempts: 1,
+            next_attempt_ms: 0,
+        };
+        let states = vec![RcptState::QUEUED, RcptState::QUEUED, done];
+        assert_eq!(pending_domains(&rcpts, &states), vec!["x.test".to_owned()]);
     }
 }

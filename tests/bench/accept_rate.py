@@ -26,399 +26,70 @@ user).  See tests/bench/README.md.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import json
 import os
-import platform
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
-
-# Exit codes.
-EXIT_OK = 0
-EXIT_MISMATCH = 1  # smtp-source failed or queue count != messages sent
-EXIT_SETUP = 2  # could not set up / start / stop a target
-
-
-class SetupError(Exception):
-    pass
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def env_int(name: str, default: int) -> int:
-    v = os.environ.get(name)
-    return int(v) if v not in (None, "") else default
-
-
-def env_float(name: str, default: float) -> float:
-    v = os.environ.get(name)
-    return float(v) if v not in (None, "") else default
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pid_alive(pid: int) -> bool:
-    """True if pid exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    # state is the first field after the ")" closing comm
-    return data[data.rfind(b")") + 2 : data.rfind(b")") + 3] != b"Z"
-
-
-def wait_until(pred, timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if pred():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
-# --------------------------------------------------------------------------
-# Child reaping.  Postfix's master daemonizes; in containers PID 1 often does
-# not reap orphans.  We become a "child subreaper" so the daemonized master
-# (and any of its leftovers) is re-parented to us, and reap those zombies
-# ourselves -- but never a child that a subprocess.Popen object owns.
-
-_OWNED_PIDS: set[int] = set()
-
-
-def become_subreaper() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_CHILD_SUBREAPER = 36
-        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-            log("warning: prctl(PR_SET_CHILD_SUBREAPER) failed; ignoring")
-    except Exception as e:  # pragma: no cover - non-glibc platforms
-        log(f"warning: cannot become subreaper: {e}")
-
-
-def reap_orphans() -> None:
-    me = os.getpid()
-    for ent in os.listdir("/proc"):
-        if not ent.isdigit():
-            continue
-        pid = int(ent)
-        if pid in _OWNED_PIDS:
-            continue
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        rest = data[data.rfind(b")") + 2 :].split()
-        if rest[0] == b"Z" and int(rest[1]) == me:
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-
-
-# --------------------------------------------------------------------------
-# Memory sampling.
-
-
-def proc_table() -> dict[int, int]:
-    """pid -> ppid for all live (non-zombie) processes."""
-    out = {}
-    for ent in os.listdir("/proc"):
-        if not ent.isdigit():
-            continue
-        try:
-            with open(f"/proc/{ent}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        rest = data[data.rfind(b")") + 2 :].split()
-        if rest[0] == b"Z":
-            continue
-        out[int(ent)] = int(rest[1])
-    return out
-
-
-def descendants(root: int, table: dict[int, int]) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for pid, ppid in table.items():
-        children.setdefault(ppid, []).append(pid)
-    out, stack = [], [root]
-    while stack:
-        p = stack.pop()
-        if p not in table:
-            continue
-        out.append(p)
-        stack.extend(children.get(p, ()))
-    return out
-
-
-def status_kb(pid: int, key: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def rss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * PAGE_KB
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def pss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-@dataclass
-class Sampler:
-    """Samples the summed RSS (and PSS) of a process tree rooted at `root`."""
-
-    root: int
-    with_pss: bool = True
-    pss_every: int = 5  # smaps_rollup is ~4x as expensive as statm; read it less often
-    peak_rss_kb: int = 0
-    peak_pss_kb: int = 0
-    peak_procs: int = 0
-    samples: int = 0
-    seen: set[int] = field(default_factory=set)
-
-    def sample(self, full: bool = False) -> None:
-        pids = descendants(self.root, proc_table())
-        self.seen.update(pids)
-        rss = sum(rss_kb(p) for p in pids)
-        self.peak_rss_kb = max(self.peak_rss_kb, rss)
-        if self.with_pss and (full or self.samples % self.pss_every == 0):
-            self.peak_pss_kb = max(self.peak_pss_kb, sum(pss_kb(p) for p in pids))
-        self.peak_procs = max(self.peak_procs, len(pids))
-        self.samples += 1
-
-
-# --------------------------------------------------------------------------
-# Targets.
-
-
-class Target:
-    name = "?"
-    port: int
-    root_pid: int
-    seen_pids: set[int]  # every pid the memory sampler saw in this target's tree
-
-    def start(self) -> None: ...
-
-    def queued(self) -> int: ...
-
-    def vm_hwm_kb(self) -> int | None:
-        return None
-
-    def stop(self) -> None: ...
-
-    def diagnostics(self) -> str:
-        return ""
-
-
-def tail(path: Path, n: int = 30) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError as e:
-        return f"(cannot read {path}: {e})"
-    return "\n".join(lines[-n:])
-
-
-class Herald(Target):
-    name = "herald"
-
-    def __init__(self, binary: Path, workdir: Path, ready_timeout: float, expected: int):
-        self.binary = binary
-        self.expected = expected
-        self.dir = workdir
-        self.ready_timeout = ready_timeout
-        self.proc: subprocess.Popen | None = None
-        self.seen_pids = set()
-        self.logfile = self.dir / "herald.log"
-
-    def start(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "spool").mkdir()
-        self.port = free_port()
-        self.admin_port = free_port()
-        while self.admin_port == self.port:
-            self.admin_port = free_port()
-        cfg = self.dir / "herald.yaml"
-        cfg.write_text(
-            "hostname: bench.herald.test\n"
-            f"spool_dir: {self.dir / 'spool'}\n"
-            "listeners:\n"
-            "  - name: trusted\n"
-            f"    address: 127.0.0.1:{self.port}\n"
-            "    allow_networks: [127.0.0.0/8]\n"
-            f"admin: {{ address: 127.0.0.1:{self.admin_port} }}\n"
-        )
-        with open(self.logfile, "wb") as lf:
-            self.proc = subprocess.Popen(
-                [str(self.binary), "--config", str(cfg)],
-                stdin=subprocess.DEVNULL,
-                stdout=lf,
-                stderr=subprocess.STDOUT,
-            )
-        _OWNED_PIDS.add(self.proc.pid)
-        self.root_pid = self.proc.pid
-
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise SetupError(
-                    f"herald-relay exited with status {self.proc.returncode} before "
-                    f"becoming ready (log {self.logfile}):\n{tail(self.logfile)}"
-                )
-            try:
-                with urllib.request.urlopen(self.admin_url("/readyz"), timeout=2) as r:
-                    return r.status == 200
-            except (urllib.error.URLError, OSError):
-                return False
-
-        if not wait_until(ready, self.ready_timeout, 0.1):
-            raise SetupError(
-                f"herald-relay not ready (GET /readyz != 200) after "
-                f"{self.ready_timeout:.0f}s (log {self.logfile}):\n{tail(self.logfile)}"
-            )
-
-    def admin_url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.admin_port}{path}"
-
-    def queued(self) -> int:
-        # /queue lists at most `limit` messages (server default 100000); ask for
-        # more than we sent so the listing is never the thing that's short.
-        limit = max(100_000, 2 * self.expected)
-        with urllib.request.urlopen(self.admin_url(f"/queue?limit={limit}"), timeout=120) as r:
-            body = json.load(r)
-        n = len(body["messages"])
-        total = body.get("total")
-        if total is not None and total != n:
-            log(f"herald /queue: total={total} but {n} messages listed")
-        return n
-
-    def vm_hwm_kb(self) -> int | None:
-        return status_kb(self.proc.pid, "VmHWM") if self.proc else None
-
-    def stop(self) -> None:
-        if not self.proc:
-            return
-        p = self.proc
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                log("herald-relay did not exit 20s after SIGTERM; sending SIGKILL")
-                p.kill()
-                p.wait(timeout=10)
-        _OWNED_PIDS.discard(p.pid)
-        self.proc = None
-
-    def diagnostics(self) -> str:
-        return f"herald log ({self.logfile}):\n{tail(self.logfile)}"
-
-
-POSTFIX_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
-
-
-class Postfix(Target):
-    """A private Postfix instance; never touches the system instance."""
-
-    name = "postfix"
-
-    def __init__(self, workdir: Path, ready_timeout: float, postfix_cmd: str):
-        self.dir = workdir
-        self.ready_timeout = ready_timeout
-        self.postfix = postfix_cmd
-        self.conf = self.dir / "conf"
-        self.queue = self.dir / "queue"
-        self.data = self.dir / "data"
-        self.maillog = self.dir / "maillog"
-        self.started = False
-        self.master_pid: int | None = None
-        self.seen_pids: set[int] = set()
-
-    def write_config(self) -> None:
-        d = self.dir
-        # main.cf: everything that matters is explicit.  Durability settings
-        # (cleanup fsync of queue files) are left at their defaults.
-        (self.conf / "main.cf").write_text(
-            f"""\
-# Private benchmark instance generated by tests/bench/accept_rate.py
-compatibility_level = 3.6
-queue_directory = {self.queue}
-data_directory = {self.data}
-myhostname = bench.postfix.test
-mydomain = postfix.test
-myorigin = $myhostname
-mydestination =
-relay_domains =
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-mynetworks_style = host
-mynetworks = 127.0.0.0/8
-smtpd_relay_restrictions = permit_mynetworks, reject
-smtpd_recipient_restrictions =
-# no DNS: no reverse lookup of SMTP clients, no DNS in the (unused) SMTP client
-smtpd_peername_lookup = no
-smtp_dns_support_level = disabled
-smtp_host_lookup = native
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import (  # noqa: E402
+    EXIT_MISMATCH,
+    EXIT_OK,
+    EXIT_SETUP,
+    Herald,
+    Postfix,
+    Sampler,
+    SetupError,
+    SourceRun,
+    Target,
+    become_subreaper,
+    env_float,
+    env_int,
+    environment_warnings,
+    find_herald,
+    find_tool,
+    fmt_mb,
+    free_port,
+    herald_delivery_yaml,
+    install_signal_handlers,
+    log,
+    postfix_version,
+    print_host_info,
+    reap_orphans,
+    smtp_source_cmd,
+)
+
+
+def no_delivery_yaml(closed_port: int) -> str:
+    """herald has no switch to turn delivery off.  Its smarthost is a loopback
+    port where nothing listens, so each message's first attempt is refused
+    (one connect() on loopback) and it is deferred for an hour: it stays
+    queued, like the qmgr-less Postfix's.  Without this, herald would look up
+    dest.test, bounce every message and suppress the recipient."""
+    return herald_delivery_yaml(closed_port, retry_first="1h")
+
+
+class AcceptPostfix(Postfix):
+    """Private Postfix instance that accepts into its queue and never delivers."""
+
+    def main_cf(self) -> str:
+        return self.common_main_cf("tests/bench/accept_rate.py") + """\
 # Flow control: cleanup(8) waits up to in_flow_delay for a token that qmgr(8)
 # puts back after it has picked up a message.  qmgr is disabled here (nothing
 # is delivered), so without this every message would stall for 1s.
 in_flow_delay = 0
-# no local aliases / biff / TLS
-alias_maps =
-alias_database =
-biff = no
-smtpd_tls_security_level = none
-smtp_tls_security_level = none
-# log to a file in the instance directory (via postlogd(8)), not syslog
-maillog_file = {d}/maillog
-maillog_file_prefixes = {d}
 """
-        )
-        # master.cf: smtpd on a private loopback port plus the services
-        # smtpd/cleanup need.  qmgr (and pickup, the delivery agents, ...)
-        # are deliberately absent: mail is accepted into the durable queue
-        # (incoming/) and stays there.
-        (self.conf / "master.cf").write_text(
-            f"""\
+
+    def master_cf(self) -> str:
+        # smtpd on a private loopback port plus the services smtpd/cleanup
+        # need.  qmgr (and pickup, the delivery agents, ...) are deliberately
+        # absent: mail is accepted into the durable queue (incoming/) and
+        # stays there.
+        return f"""\
 # service  type  private unpriv chroot wakeup maxproc command
 127.0.0.1:{self.port} inet n - n - - smtpd
 cleanup    unix  n       -      n      -      0       cleanup
@@ -431,127 +102,6 @@ anvil      unix  -       -      n      -      1       anvil
 postlog    unix-dgram n  -      n      -      1       postlogd
 #qmgr      unix  n       -      n      300    1       qmgr   (disabled: no delivery)
 """
-        )
-
-    def pfx(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [self.postfix, "-c", str(self.conf), *args],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
-    def start(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o755)
-        for p in (self.conf, self.queue, self.data):
-            p.mkdir()
-        shutil.chown(self.data, "postfix", "postfix")
-        self.port = free_port()
-        self.write_config()
-        # `postfix start` runs `postfix-script check-fatal`, which runs
-        # `post-install create-missing` and creates/chowns the queue subdirs.
-        self.started = True  # from now on, always try `postfix stop`
-        r = self.pfx("start")
-        if r.returncode != 0:
-            raise SetupError(
-                f"`postfix -c {self.conf} start` failed (status {r.returncode})\n"
-                f"{r.stdout}{r.stderr}{self.diagnostics()}"
-            )
-        pidfile = self.queue / "pid" / "master.pid"
-
-        def have_pid() -> bool:
-            try:
-                self.master_pid = int(pidfile.read_text().strip())
-                return pid_alive(self.master_pid)
-            except (OSError, ValueError):
-                return False
-
-        if not wait_until(have_pid, self.ready_timeout):
-            raise SetupError(f"no live Postfix master ({pidfile})\n{self.diagnostics()}")
-        self.root_pid = self.master_pid
-
-        def banner() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                    s.settimeout(5)
-                    ok = s.recv(512).startswith(b"220")
-                    s.sendall(b"QUIT\r\n")
-                    return ok
-            except OSError:
-                return False
-
-        if not wait_until(banner, self.ready_timeout, 0.2):
-            raise SetupError(
-                f"Postfix smtpd on 127.0.0.1:{self.port} did not answer 220 within "
-                f"{self.ready_timeout:.0f}s\n{self.diagnostics()}"
-            )
-
-    def queued(self) -> int:
-        n = 0
-        for q in POSTFIX_QUEUES:
-            for _dirpath, _dirs, files in os.walk(self.queue / q):
-                n += len(files)
-        return n
-
-    def stop(self) -> None:
-        if not self.started:
-            return
-        self.started = False
-        try:
-            r = self.pfx("stop", timeout=60)
-            if r.returncode != 0:
-                log(f"`postfix -c {self.conf} stop` status {r.returncode}: "
-                    f"{(r.stdout + r.stderr).strip()}")
-        except subprocess.TimeoutExpired:
-            log("`postfix stop` timed out")
-        mp = self.master_pid
-        if mp and not wait_until(lambda: not pid_alive(mp), 30):
-            log(f"Postfix master {mp} still running 30s after stop; trying `postfix abort`")
-            try:
-                self.pfx("abort", timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-            if not wait_until(lambda: not pid_alive(mp), 10):
-                log(f"killing Postfix master {mp}")
-                try:
-                    os.kill(mp, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        # Children notice the master is gone and exit on their own; give them
-        # a moment, then SIGKILL whatever of *this instance* is left.
-        leftovers = {p for p in self.seen_pids if p != mp} | self._instance_pids()
-
-        def gone() -> bool:
-            reap_orphans()
-            return not any(pid_alive(p) and self._is_ours(p) for p in leftovers)
-
-        if not wait_until(gone, 15):
-            for p in leftovers:
-                if pid_alive(p) and self._is_ours(p):
-                    log(f"killing leftover Postfix process {p}")
-                    try:
-                        os.kill(p, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-            wait_until(gone, 5)
-        reap_orphans()
-
-    def _instance_pids(self) -> set[int]:
-        return {p for p in proc_table() if p != os.getpid() and self._is_ours(p)}
-
-    def _is_ours(self, pid: int) -> bool:
-        """Guard against pid reuse: a process of this instance has
-        MAIL_CONFIG=<our conf dir> in its environment (master exports it)."""
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                return f"MAIL_CONFIG={self.conf}".encode() in f.read().split(b"\0")
-        except OSError:
-            return False
-
-    def diagnostics(self) -> str:
-        return f"\nPostfix maillog ({self.maillog}):\n{tail(self.maillog)}"
 
 
 # --------------------------------------------------------------------------
@@ -587,115 +137,43 @@ class Result:
 
 
 def run_load(t: Target, args, rnd: int, rundir: Path) -> Result:
-    cmd = [
-        args.smtp_source,
-        "-s", str(args.sessions),
-        "-m", str(args.messages),
-        "-l", str(args.size),
-        "-f", "sender@bench.test",
-        "-t", "rcpt@dest.test",
-        *args.source_args.split(),
-        f"127.0.0.1:{t.port}",
-    ]
+    cmd = smtp_source_cmd(args, t.port)
     sampler = Sampler(t.root_pid, with_pss=not args.no_pss, seen=t.seen_pids)
     sampler.sample()
     os.sync()  # don't make this run pay for the previous run's dirty pages
-    out_path = rundir / "smtp-source.out"
     log(f"{t.name} round {rnd}: {' '.join(cmd)}")
-    with open(out_path, "wb") as out:
-        t0 = time.monotonic()
-        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        _OWNED_PIDS.add(p.pid)
-        # A thread blocks in waitpid() so the end time is exact, not rounded up
-        # to the sampling period; the main thread samples memory meanwhile.
-        t_end: list[float] = []
-        done = threading.Event()
-
-        def waiter() -> None:
-            p.wait()
-            t_end.append(time.monotonic())
-            done.set()
-
-        threading.Thread(target=waiter, daemon=True).start()
-        try:
-            deadline = t0 + args.timeout
-            while not done.wait(args.sample_interval):
-                sampler.sample()
-                if isinstance(t, Postfix):
-                    reap_orphans()
-                if time.monotonic() > deadline:
-                    raise SetupError(
-                        f"smtp-source against {t.name} did not finish within "
-                        f"{args.timeout:.0f}s{t.diagnostics()}"
-                    )
-            elapsed = t_end[0] - t0
-        finally:
-            if not done.is_set():
-                p.kill()
-                done.wait(30)
-            _OWNED_PIDS.discard(p.pid)
+    src = SourceRun(cmd, rundir / "smtp-source.out")
+    t0 = src.start()
+    try:
+        # The main thread samples memory while smtp-source runs.
+        deadline = t0 + args.timeout
+        while not src.done.wait(args.sample_interval):
+            sampler.sample()
+            if isinstance(t, Postfix):
+                reap_orphans()
+            if time.monotonic() > deadline:
+                raise SetupError(
+                    f"smtp-source against {t.name} did not finish within "
+                    f"{args.timeout:.0f}s{t.diagnostics()}"
+                )
+        elapsed = src.elapsed
+    finally:
+        src.kill()
     sampler.sample(full=True)
-    text = out_path.read_text(errors="replace").strip()
-    if p.returncode != 0 or text:
-        log(f"smtp-source exit status {p.returncode}; output:\n{text[-3000:]}")
-    queued = t.queued()
+    src.report_problems()
+    # VmHWM first: herald's /queue listing (in queued()) builds a JSON
+    # document of every queued message and would raise the high-water mark.
     hwm = t.vm_hwm_kb()
+    queued = t.queued()
     return Result(
         target=t.name, round=rnd, messages=args.messages, seconds=elapsed,
-        queued=queued, source_rc=p.returncode, peak_rss_kb=sampler.peak_rss_kb,
+        queued=queued, source_rc=src.returncode, peak_rss_kb=sampler.peak_rss_kb,
         peak_pss_kb=sampler.peak_pss_kb, peak_procs=sampler.peak_procs,
         vm_hwm_kb=hwm, samples=sampler.samples,
     )
 
 
 # --------------------------------------------------------------------------
-
-
-def fs_of(path: Path) -> str:
-    best, fstype = "", "?"
-    p = str(path.resolve())
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                parts = line.split()
-                mnt = parts[1].replace("\\040", " ")
-                if (p == mnt or p.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                    best, fstype = mnt, parts[2]
-    except OSError:
-        pass
-    return f"{fstype} ({best})"
-
-
-def find_herald(args) -> Path:
-    binary = Path(args.herald_bin) if args.herald_bin else REPO / "target/release/herald-relay"
-    if os.environ.get("HERALD_BUILD") == "1" or not binary.exists():
-        if args.herald_bin:
-            if not binary.exists():
-                raise SetupError(f"{binary} does not exist")
-        else:
-            log("building herald-relay: cargo build --release -p herald-relay")
-            r = subprocess.run(
-                ["cargo", "build", "--release", "-p", "herald-relay"],
-                cwd=REPO, stdin=subprocess.DEVNULL, timeout=args.build_timeout,
-            )
-            if r.returncode != 0 or not binary.exists():
-                raise SetupError(f"cargo build failed (status {r.returncode})")
-    return binary
-
-
-def default_postfix_running() -> int | None:
-    """PID of a running default-instance Postfix master, if any."""
-    try:
-        qd = subprocess.run(["postconf", "-h", "queue_directory"], capture_output=True,
-                            text=True, timeout=30).stdout.strip() or "/var/spool/postfix"
-        pid = int(Path(qd, "pid", "master.pid").read_text().strip())
-        return pid if pid_alive(pid) else None
-    except (OSError, ValueError, subprocess.TimeoutExpired):
-        return None
-
-
-def fmt_mb(kb: int | None) -> str:
-    return "-" if not kb else f"{kb / 1024:.1f}"
 
 
 def print_report(results: list[Result], args) -> None:
@@ -793,7 +271,7 @@ def main() -> int:
         log("Linux only (/proc)")
         return EXIT_SETUP
 
-    args.smtp_source = shutil.which("smtp-source") or shutil.which("smtp-source", path="/usr/sbin")
+    args.smtp_source = find_tool("smtp-source")
     if not args.smtp_source:
         log("smtp-source not found (Debian: apt-get install postfix)")
         return EXIT_SETUP
@@ -802,19 +280,13 @@ def main() -> int:
         if os.geteuid() != 0:
             log("the Postfix target must run as root")
             return EXIT_SETUP
-        postfix_cmd = shutil.which("postfix") or shutil.which("postfix", path="/usr/sbin")
+        postfix_cmd = find_tool("postfix")
         if not postfix_cmd:
             log("postfix not found (Debian: apt-get install postfix)")
             return EXIT_SETUP
 
     become_subreaper()
-
-    # Make SIGTERM/SIGHUP unwind through the finally blocks (Ctrl-C already does).
-    def on_signal(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    install_signal_handlers()
 
     base = Path(tempfile.mkdtemp(prefix="herald-bench.", dir=args.workdir)).resolve()
     os.chmod(base, 0o755)  # the postfix user must traverse into its queue
@@ -825,24 +297,13 @@ def main() -> int:
     try:
         herald_bin = find_herald(args) if "herald" in targets else None
 
-        pv = subprocess.run(["postconf", "-dh", "mail_version"], capture_output=True,
-                            text=True, timeout=30).stdout.strip() if postfix_cmd else ""
-        print(f"host: {platform.node()}, {os.cpu_count()} CPUs, Linux {platform.release()}")
-        print(f"spool/queue filesystem: {fs_of(base)}  ({base})")
+        pv = postfix_version() if postfix_cmd else ""
+        print_host_info(base)
         if herald_bin:
             print(f"herald-relay: {herald_bin}")
         if pv:
             print(f"postfix: {pv} ({postfix_cmd}), private instance, qmgr disabled")
-        if fs_of(base).startswith("tmpfs"):
-            log("warning: work directory is on tmpfs -- fsync is a no-op, "
-                "numbers do not reflect a durable queue; set BENCH_DIR")
-        load1 = os.getloadavg()[0]
-        if load1 > 0.5 * (os.cpu_count() or 1):
-            log(f"warning: 1-minute load average is {load1:.1f} on {os.cpu_count()} CPUs; "
-                "something else is running and the numbers will be noisy")
-        if postfix_cmd and (dp := default_postfix_running()):
-            log(f"warning: the system Postfix instance is running (master pid {dp}); "
-                "it is not used, but it competes for CPU")
+        environment_warnings(base, check_system_postfix=bool(postfix_cmd))
 
         for rnd in range(1, args.rounds + 1):
             order = targets if rnd % 2 == 1 else list(reversed(targets))
@@ -851,8 +312,9 @@ def main() -> int:
                     continue
                 rundir = base / f"r{rnd}-{name}"
                 rundir.mkdir()
-                current = (Herald(herald_bin, rundir, args.ready_timeout, args.messages) if name == "herald"
-                           else Postfix(rundir, args.ready_timeout, postfix_cmd))
+                current = (Herald(herald_bin, rundir, args.ready_timeout, args.messages,
+                                  extra_yaml=no_delivery_yaml(free_port())) if name == "herald"
+                           else AcceptPostfix(rundir, args.ready_timeout, postfix_cmd))
                 try:
                     current.start()
                     res = run_load(current, args, rnd, rundir)

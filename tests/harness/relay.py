@@ -193,6 +193,13 @@ def standard_config(
     ]
     if limits:
         cfg["limits"] = limits
+    # The front-door tests queue mail for foreign domains; with the delivery engine running, that mail must
+    # stay queued: the resolver is a loopback port nobody answers on (every look-up fails: deferred once),
+    # and the first retry is an hour away. The delivery tests (harness/outbound.py) replace this section.
+    cfg["delivery"] = {
+        "dns": {"nameservers": [addr("127.0.0.1", free_port())]},
+        "retry": {"first": "1h", "max": "4h", "factor": 2.0},
+    }
     cfg["admin"] = {"address": addr("127.0.0.1", free_port())}
     return cfg
 
@@ -324,6 +331,20 @@ class Relay:
 
     def http_get(self, path: str, timeout: float = 5) -> tuple[int, bytes]:
         req = urllib.request.Request(self.admin_base + path, method="GET")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def http(self, method: str, path: str, body: Any = None, timeout: float = 15) -> tuple[int, bytes]:
+        """Any admin API request; a dict/list body is sent as JSON. Returns (status, body) for every status."""
+        data = None
+        headers = {}
+        if body is not None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(self.admin_base + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return resp.status, resp.read()

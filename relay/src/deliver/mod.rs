@@ -53,6 +53,8 @@ pub struct Deliverer {
     spool: Spool,
     pools: std::collections::HashMap<String, Vec<Source>>,
     smarthost_password: Option<String>,
+    /// Turns true when the relay stops: connections still resolving or connecting give their job back.
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Deliverer {
@@ -66,6 +68,10 @@ impl std::fmt::Debug for Deliverer {
 impl Dispatcher for Deliverer {
     fn start(self: Arc<Self>, job: Job, queue: QueueHandle) {
         tokio::spawn(async move { self.connection(job, queue).await });
+    }
+
+    fn stopping(&self) {
+        let _ = self.stop.send(true);
     }
 }
 
@@ -130,6 +136,7 @@ impl Deliverer {
             spool,
             pools,
             smarthost_password,
+            stop: tokio::sync::watch::channel(false).0,
         });
         Ok(d)
     }
@@ -142,7 +149,15 @@ impl Deliverer {
         let max = self.delivery.per_domain.messages_per_connection;
         loop {
             if session.is_none() {
-                match self.open(&job).await {
+                let mut stop = self.stop.subscribe();
+                let opened = tokio::select! {
+                    r = self.open(&job) => r,
+                    _ = stop.wait_for(|s| *s) => {
+                        queue.abandon(dest, job);
+                        return;
+                    }
+                };
+                match opened {
                     Ok(s) => session = Some(s),
                     Err(fail) => {
                         let attempt =

@@ -1,0 +1,945 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark: smtp-source -> relay -> smtp-sink, herald vs. Postfix.
+
+Default mode, for each target in one invocation:
+
+    smtp-source -s 20 -m N -l 2048 ...  ->  relay  ->  smtp-sink (127.0.0.1)
+
+where the relay is
+
+  * herald-relay (target/release/herald-relay) with a trusted loopback
+    listener and `delivery.smarthost` pointing at the sink, or
+  * a private, throw-away Postfix instance (own config/queue/data directory,
+    qmgr and the smtp client enabled, `relayhost = [127.0.0.1]:SINKPORT`).
+
+Both queue durably (herald: group-committed spool; Postfix: cleanup(8)
+fsyncs every queue file, the default).  Printed per target: delivered
+messages per second (N / time from the start of smtp-source until the sink
+has received all N), p50/p99 of the accept-to-delivery delay taken from the
+relay's own log, peak memory; then the herald/Postfix ratios.
+
+`--backlog R` mode (herald only): feed R recipients (R/100 messages with 100
+recipients each) to a herald whose smarthost is a closed port, so everything
+is deferred and stays queued, and report herald's RSS with that backlog.
+
+A benchmark, not a test: the exit status is non-zero only when a run is
+broken (counts differ, a server fails), never because of the numbers.
+
+Python 3.11, standard library only, Linux only (/proc), root.  See
+tests/bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import (  # noqa: E402
+    EXIT_MISMATCH,
+    EXIT_OK,
+    EXIT_SETUP,
+    OWNED_PIDS,
+    Herald,
+    Postfix,
+    Sampler,
+    SetupError,
+    SourceRun,
+    Target,
+    become_subreaper,
+    env_float,
+    env_int,
+    environment_warnings,
+    find_herald,
+    find_tool,
+    fmt_mb,
+    install_signal_handlers,
+    log,
+    percentile,
+    postfix_version,
+    print_host_info,
+    reap_orphans,
+    smtp_banner_ok,
+    smtp_source_cmd,
+    status_kb,
+    tail,
+    wait_until,
+    free_port,
+    herald_delivery_yaml,
+)
+
+# herald's `result` values that mean "the sink took it".  The delivery log
+# line is {"fields": {"message": "delivery", "queue_id", "domain", "mx",
+# "tls", "result", "reply", "delay", "recipients"}}.
+HERALD_SUCCESS = {"delivered", "sent", "ok", "success", "accepted", "relayed"}
+
+# Postfix settings that govern the delivery side; printed, not changed.
+POSTFIX_DELIVERY_PARAMS = (
+    "default_destination_concurrency_limit",
+    "smtp_destination_concurrency_limit",
+    "initial_destination_concurrency",
+    "default_destination_recipient_limit",
+    "default_process_limit",
+    "qmgr_message_active_limit",
+    "in_flow_delay",
+    "smtp_connection_cache_on_demand",
+    "smtp_connection_reuse_count_limit",
+    "smtp_connection_reuse_time_limit",
+)
+
+
+# --------------------------------------------------------------------------
+# The final destination: Postfix's smtp-sink with its -c counter.
+
+
+class Sink:
+    """smtp-sink on a free loopback port.  `-c` makes it print
+    "sess=S quit=Q mesg=M\\r" to stdout every time a session ends, a QUIT
+    is executed or a "." (end of DATA) is received; a reader thread keeps
+    the latest mesg= value and the monotonic time it first reached `target`.
+    smtp-sink accepts everything and writes nothing to disk."""
+
+    def __init__(self, binary: str, workdir: Path, ready_timeout: float):
+        self.binary = binary
+        self.dir = workdir
+        self.ready_timeout = ready_timeout
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.count = 0
+        self.target = math.inf
+        self.t_target: float | None = None
+        self.t_first: float | None = None
+        self._lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.port = free_port()
+        errlog = self.dir / "smtp-sink.err"
+        with open(errlog, "wb") as err:
+            # -u: smtp-sink refuses to run as root without it.  The last
+            # argument is the listen(2) backlog.
+            self.proc = subprocess.Popen(
+                [self.binary, "-c", "-u", "nobody", f"127.0.0.1:{self.port}", "1024"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+            )
+        OWNED_PIDS.add(self.proc.pid)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise SetupError(f"smtp-sink exited with status {self.proc.returncode}:\n"
+                                 f"{tail(errlog)}")
+            return smtp_banner_ok(self.port)
+
+        if not wait_until(up, self.ready_timeout, 0.1):
+            raise SetupError(f"smtp-sink on 127.0.0.1:{self.port} did not answer 220")
+
+    def _read(self) -> None:
+        fd = self.proc.stdout.fileno()
+        buf = b""
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            now = time.monotonic()
+            buf += chunk
+            *records, buf = buf.split(b"\r")
+            if not records:
+                continue
+            m = re.search(rb"mesg=(\d+)", records[-1])
+            if not m:
+                continue
+            n = int(m.group(1))
+            with self._lock:
+                if n > 0 and self.t_first is None:
+                    self.t_first = now
+                self.count = n
+                if n >= self.target and self.t_target is None:
+                    self.t_target = now
+
+    def expect(self, n: int) -> None:
+        with self._lock:
+            self.target = n
+            self.t_target = None if self.count < n else time.monotonic()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if not self.proc:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if self._reader:
+            self._reader.join(timeout=5)
+        OWNED_PIDS.discard(self.proc.pid)
+        self.proc = None
+
+
+# --------------------------------------------------------------------------
+# Targets.
+
+
+def herald_yaml(smarthost_port: int, args, retry_first: str | None = None) -> str:
+    return herald_delivery_yaml(smarthost_port, connections=args.herald_connections,
+                                msgs_per_conn=args.herald_msgs_per_conn, retry_first=retry_first)
+
+
+class DeliveringPostfix(Postfix):
+    """Private Postfix that relays everything to `relayhost` (the sink)."""
+
+    def __init__(self, workdir: Path, ready_timeout: float, postfix_cmd: str, sink_port: int):
+        super().__init__(workdir, ready_timeout, postfix_cmd)
+        self.sink_port = sink_port
+
+    def main_cf(self) -> str:
+        # Delivery settings (concurrency, connection cache, in_flow_delay)
+        # stay at their defaults; they are printed with the results.
+        return self.common_main_cf("tests/bench/e2e_rate.py") + f"""\
+# everything goes to the sink; numeric next hop, so no DNS and no MX lookup
+relayhost = [127.0.0.1]:{self.sink_port}
+"""
+
+    def master_cf(self) -> str:
+        # The services of Debian's master.cf that relaying needs, unchrooted:
+        # smtpd, cleanup, qmgr, trivial-rewrite, the bounce family, the smtp
+        # client (+ scache for its connection cache), proxymap, anvil and
+        # postlogd.  No pickup (nothing uses sendmail), no local delivery, no
+        # tlsmgr (no TLS anywhere).
+        return f"""\
+# service  type  private unpriv chroot wakeup maxproc command
+127.0.0.1:{self.port} inet n - n - - smtpd
+cleanup    unix  n       -      n      -      0       cleanup
+qmgr       unix  n       -      n      300    1       qmgr
+rewrite    unix  -       -      n      -      -       trivial-rewrite
+bounce     unix  -       -      n      -      0       bounce
+defer      unix  -       -      n      -      0       bounce
+trace      unix  -       -      n      -      0       bounce
+verify     unix  -       -      n      -      1       verify
+flush      unix  n       -      n      1000?  0       flush
+proxymap   unix  -       -      n      -      -       proxymap
+proxywrite unix  -       -      n      -      1       proxymap
+smtp       unix  -       -      n      -      -       smtp
+relay      unix  -       -      n      -      -       smtp
+error      unix  -       -      n      -      -       error
+retry      unix  -       -      n      -      -       error
+discard    unix  -       -      n      -      -       discard
+anvil      unix  -       -      n      -      1       anvil
+scache     unix  -       -      n      -      1       scache
+postlog    unix-dgram n  -      n      -      1       postlogd
+"""
+
+
+# --------------------------------------------------------------------------
+# Delay extraction.
+
+
+@dataclass
+class Delays:
+    delays: list[float] = field(default_factory=list)  # successful deliveries, seconds, sorted
+    delivered: int = 0  # messages (herald) / recipients (Postfix) logged as delivered
+    outcomes: Counter = field(default_factory=Counter)  # all attempt outcomes
+    note: str = ""
+
+    def pct(self, p: float) -> float | None:
+        return percentile(self.delays, p)
+
+
+def _ts(s: str) -> float | None:
+    # "2026-11-25T19:59:09.540899Z" -> seconds; only differences matter.
+    from datetime import datetime
+    try:
+        return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+    except (ValueError, AttributeError):
+        return None
+
+
+def herald_delays(logfile: Path) -> Delays:
+    d = Delays()
+    accepted_at: dict[str, float] = {}
+    from_ts = 0
+    try:
+        f = open(logfile, errors="replace")
+    except OSError:
+        d.note = "no log"
+        return d
+    with f:
+        for line in f:
+            if not line.startswith("{"):
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            fl = obj.get("fields") or {}
+            msg = fl.get("message")
+            if msg == "accepted" and "queue_id" in fl:
+                t = _ts(obj.get("timestamp"))
+                if t is not None:
+                    accepted_at[fl["queue_id"]] = t
+                continue
+            if msg != "delivery":
+                continue
+            result = str(fl.get("result", "?"))
+            d.outcomes[result] += 1
+            if result.lower() not in HERALD_SUCCESS:
+                continue
+            d.delivered += 1
+            delay = fl.get("delay")
+            if not isinstance(delay, (int, float)):
+                # Fall back to the log timestamps of "accepted" and "delivery".
+                t0, t1 = accepted_at.get(fl.get("queue_id")), _ts(obj.get("timestamp"))
+                if t0 is None or t1 is None:
+                    continue
+                delay = t1 - t0
+                from_ts += 1
+            d.delays.append(float(delay))
+    d.delays.sort()
+    if from_ts:
+        d.note = f"{from_ts} delays from log timestamps (no 'delay' field)"
+    if not d.outcomes:
+        d.note = "no 'delivery' lines in herald's log"
+    return d
+
+
+_PF_STATUS = re.compile(r"\bstatus=(\w+)")
+_PF_DELAY = re.compile(r"\bdelay=([0-9.]+)")
+
+
+def postfix_delays(maillog: Path) -> Delays:
+    """One `status=` line per recipient and attempt from the smtp client;
+    `delay=` is the time from the message's arrival (smtpd's MAIL FROM) to
+    this outcome.  Postfix rounds it for the log: 0.01 s steps below 1 s,
+    0.1 s below 10 s, whole seconds above (values under 10 ms print as 0)."""
+    d = Delays()
+    try:
+        f = open(maillog, errors="replace")
+    except OSError:
+        d.note = "no maillog"
+        return d
+    with f:
+        for line in f:
+            if " status=" not in line or "postfix/smtp[" not in line:
+                continue
+            m = _PF_STATUS.search(line)
+            status = m.group(1) if m else "?"
+            d.outcomes[status] += 1
+            if status != "sent":
+                continue
+            d.delivered += 1
+            m = _PF_DELAY.search(line)
+            if m:
+                d.delays.append(float(m.group(1)))
+    d.delays.sort()
+    if not d.outcomes:
+        d.note = "no status= lines in Postfix's maillog"
+    return d
+
+
+# --------------------------------------------------------------------------
+# One end-to-end run.
+
+
+@dataclass
+class Result:
+    target: str
+    round: int
+    messages: int
+    accept_seconds: float | None  # smtp-source wall time
+    deliver_seconds: float | None  # smtp-source start -> sink has N
+    sink_count: int
+    queue_left: int | None
+    source_rc: int | None
+    delays: Delays
+    peak_rss_kb: int
+    peak_pss_kb: int
+    peak_procs: int
+    vm_hwm_kb: int | None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.deliver_seconds if self.deliver_seconds else 0.0
+
+    @property
+    def accept_rate(self) -> float:
+        return self.messages / self.accept_seconds if self.accept_seconds else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def peak_kb(self) -> int:
+        return self.vm_hwm_kb if self.vm_hwm_kb else self.peak_rss_kb
+
+
+def target_alive(t: Target) -> bool:
+    return t.alive()  # type: ignore[attr-defined]
+
+
+def queue_left(t: Target) -> int | None:
+    try:
+        return t.queue_total() if isinstance(t, Herald) else t.queued()
+    except (urllib.error.URLError, OSError, ValueError, KeyError) as e:
+        log(f"{t.name}: cannot read the queue: {e}")
+        return None
+
+
+def run_e2e(t: Target, sink: Sink, args, rnd: int, rundir: Path) -> Result:
+    n = args.messages
+    sink.expect(sink.count + n)
+    base_count = sink.count
+    cmd = smtp_source_cmd(args, t.port)
+    sampler = Sampler(t.root_pid, with_pss=not args.no_pss, seen=t.seen_pids)
+    sampler.sample()
+    os.sync()  # don't make this run pay for the previous run's dirty pages
+    log(f"{t.name} round {rnd}: {' '.join(cmd)}  (-> smtp-sink 127.0.0.1:{sink.port})")
+    src = SourceRun(cmd, rundir / "smtp-source.out")
+    problems: list[str] = []
+    t0 = src.start()
+    deadline = t0 + args.timeout
+    try:
+        while True:
+            if src.done.wait(args.sample_interval) and sink.t_target is not None:
+                break
+            sampler.sample()
+            if isinstance(t, Postfix):
+                reap_orphans()
+            if sink.t_target is not None and src.done.is_set():
+                break
+            if not target_alive(t):
+                raise SetupError(f"{t.name} died during the run{t.diagnostics()}")
+            if not sink.alive():
+                raise SetupError("smtp-sink died during the run")
+            if src.done.is_set() and src.returncode != 0 and sink.count - base_count >= n:
+                break
+            if time.monotonic() > deadline:
+                problems.append(
+                    f"timeout: after {args.timeout:.0f}s the sink has "
+                    f"{sink.count - base_count}/{n} messages"
+                    + ("" if src.done.is_set() else ", smtp-source still running"))
+                log(f"{t.name}: {problems[-1]}{t.diagnostics()}")
+                break
+    finally:
+        src.kill()
+    sampler.sample(full=True)
+    src.report_problems()
+    if src.returncode != 0:
+        problems.append(f"smtp-source exit status {src.returncode}")
+    deliver_seconds = sink.t_target - t0 if sink.t_target is not None else None
+
+    # Drain: the relay's queue must be empty and its log must show every
+    # delivery (postlogd and herald's logger may lag the sink a little).
+    left = None
+    if not problems:
+        wait_until(lambda: queue_left(t) == 0, args.drain_timeout, 0.2)
+        left = queue_left(t)
+        if left != 0:
+            problems.append(f"{left} messages still queued {args.drain_timeout:.0f}s after "
+                            "the sink had all of them")
+        parse = (lambda: herald_delays(t.logfile)) if isinstance(t, Herald) \
+            else (lambda: postfix_delays(t.maillog))
+        # The log lags the sink by well under a second; don't wait long for
+        # lines that may never come (an unrecognised log format).
+        wait_until(lambda: parse().delivered >= n, min(args.drain_timeout, 15), 0.5)
+    time.sleep(args.settle)  # catch duplicate deliveries arriving late
+    sampler.sample(full=True)
+    sink_count = sink.count - base_count
+    if sink_count != n:
+        problems.append(f"sink received {sink_count} messages, sent {n}")
+    delays = herald_delays(t.logfile) if isinstance(t, Herald) else postfix_delays(t.maillog)
+    if delays.delivered != n:
+        log(f"{t.name}: the log shows {delays.delivered} deliveries for {n} messages "
+            f"(outcomes {dict(delays.outcomes)}){'; ' + delays.note if delays.note else ''}")
+    return Result(
+        target=t.name, round=rnd, messages=n, accept_seconds=src.elapsed,
+        deliver_seconds=deliver_seconds, sink_count=sink_count, queue_left=left,
+        source_rc=src.returncode, delays=delays, peak_rss_kb=sampler.peak_rss_kb,
+        peak_pss_kb=sampler.peak_pss_kb, peak_procs=sampler.peak_procs,
+        vm_hwm_kb=t.vm_hwm_kb(), problems=problems,
+    )
+
+
+def fmt_ms(s: float | None) -> str:
+    return "-" if s is None else f"{s * 1000:.0f}"
+
+
+def fmt_ratio(a: float | None, b: float | None) -> str:
+    if a is None or not b:
+        return "n/a"
+    r = a / b
+    if r >= 0.1 or r == 0:
+        return f"{r:.2f}x"
+    return f"{r:.3f}x (1/{1 / r:.0f})"
+
+
+def print_report(results: list[Result], args, pf_params: dict[str, str]) -> None:
+    print()
+    print(f"smtp-source: {args.sessions} parallel sessions, {args.messages} messages/run, "
+          f"{args.size}-byte messages, one recipient, one message per connection"
+          + (f", extra args '{args.source_args}'" if args.source_args else ""))
+    print(f"herald delivery: smarthost 127.0.0.1 (smtp-sink), tls none, per_domain "
+          f"max_connections {args.herald_connections}, messages_per_connection "
+          f"{args.herald_msgs_per_conn}")
+    if pf_params:
+        print("postfix delivery: relayhost = [127.0.0.1]:<sink>, defaults otherwise:")
+        line = "   "
+        for k, v in pf_params.items():
+            item = f" {k} = {v},"
+            if len(line) + len(item) > 100:
+                print(line)
+                line = "   "
+            line += item
+        print(line.rstrip(","))
+    print()
+    hdr = (f"{'target':<8} {'rnd':>3} {'msgs':>7} {'sink':>7} {'accept s':>8} {'deliv s':>8} "
+           f"{'acc/s':>8} {'dlv/s':>8} {'p50ms':>6} {'p99ms':>6} {'maxms':>6} "
+           f"{'peakMB':>7} {'sumPSS':>7} {'procs':>5}  check")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in results:
+        d = r.delays
+        acc = f"{r.accept_seconds:8.2f}" if r.accept_seconds else f"{'-':>8}"
+        dlv = f"{r.deliver_seconds:8.2f}" if r.deliver_seconds else f"{'-':>8}"
+        print(f"{r.target:<8} {r.round:>3} {r.messages:>7} {r.sink_count:>7} {acc} {dlv} "
+              f"{r.accept_rate:8.1f} {r.rate:8.1f} {fmt_ms(d.pct(50)):>6} {fmt_ms(d.pct(99)):>6} "
+              f"{fmt_ms(d.delays[-1] if d.delays else None):>6} "
+              f"{fmt_mb(r.peak_kb):>7} {fmt_mb(r.peak_pss_kb):>7} {r.peak_procs:>5}  "
+              + ("ok" if r.ok else "FAIL: " + "; ".join(r.problems)))
+    print()
+    print("accept s / acc/s: smtp-source wall time (all N accepted);  deliv s / dlv/s: from the "
+          "start of smtp-source")
+    print("        until smtp-sink had received all N, and N divided by it (the headline rate).")
+    print("p50/p99/max: accept-to-delivery delay of each message from the relay's log (herald: "
+          "'delay' of the")
+    print("        delivery line; Postfix: 'delay=' of the status=sent line, logged with 2 "
+          "significant digits).")
+    print("peakMB: herald = VmHWM of the herald-relay process; postfix = peak over samples "
+          f"(every {args.sample_interval * 1000:.0f} ms)")
+    print("        of the summed VmRSS of the master and all its children. sumPSS: peak of "
+          "the summed PSS (both targets).")
+    print()
+
+    by = {name: [r for r in results if r.target == name and r.ok] for name in ("herald", "postfix")}
+    med: dict[str, dict[str, float | None]] = {}
+    for name, rs in by.items():
+        if not rs:
+            continue
+        m = {
+            "rate": statistics.median(r.rate for r in rs),
+            "p50": statistics.median(r.delays.pct(50) or 0 for r in rs) if all(r.delays.delays for r in rs) else None,
+            "p99": statistics.median(r.delays.pct(99) or 0 for r in rs) if all(r.delays.delays for r in rs) else None,
+            "peak": statistics.median(r.peak_kb for r in rs),
+            "pss": statistics.median(r.peak_pss_kb for r in rs) if not args.no_pss else None,
+        }
+        med[name] = m
+        rounds = "" if len(rs) == 1 else f" (median of {len(rs)} rounds)"
+        print(f"{name:<8} end-to-end: {m['rate']:8.1f} msg/s delivered, accept->delivery "
+              f"p50 {fmt_ms(m['p50'])} ms, p99 {fmt_ms(m['p99'])} ms, peak memory "
+              f"{fmt_mb(m['peak'])} MB{rounds}")
+    if "herald" in med and "postfix" in med:
+        h, p = med["herald"], med["postfix"]
+        print()
+        print(f"ratio herald/postfix delivered rate: {fmt_ratio(h['rate'], p['rate'])}"
+              "   (goal: at least 3x)")
+        print(f"ratio herald/postfix p50 delay:      {fmt_ratio(h['p50'], p['p50'])}")
+        print(f"ratio herald/postfix p99 delay:      {fmt_ratio(h['p99'], p['p99'])}")
+        print(f"RSS ratio herald/postfix (peakMB):   {fmt_ratio(h['peak'], p['peak'])}")
+        if not args.no_pss:
+            print(f"PSS ratio herald/postfix (sumPSS):   {fmt_ratio(h['pss'], p['pss'])}")
+
+
+def run_compare(args, base: Path, targets: list[str], herald_bin: Path | None,
+                postfix_cmd: str | None) -> int:
+    results: list[Result] = []
+    failed: dict[str, str] = {}
+    status = EXIT_OK
+    pf_params: dict[str, str] = {}
+    current: Target | None = None
+    sink: Sink | None = None
+    try:
+        for rnd in range(1, args.rounds + 1):
+            order = targets if rnd % 2 == 1 else list(reversed(targets))
+            for name in order:
+                if name in failed:
+                    continue
+                rundir = base / f"r{rnd}-{name}"
+                rundir.mkdir()
+                try:
+                    # A fresh sink and a fresh relay with an empty queue for every run.
+                    sink = Sink(args.smtp_sink, rundir, args.ready_timeout)
+                    sink.start()
+                    if name == "herald":
+                        current = Herald(herald_bin, rundir, args.ready_timeout, args.messages,
+                                         extra_yaml=herald_yaml(sink.port, args),
+                                         log_format="json")
+                    else:
+                        current = DeliveringPostfix(rundir, args.ready_timeout, postfix_cmd,
+                                                    sink.port)
+                    current.start()
+                    if isinstance(current, Postfix) and not pf_params:
+                        pf_params = current.postconf(*POSTFIX_DELIVERY_PARAMS)
+                    res = run_e2e(current, sink, args, rnd, rundir)
+                except SetupError as e:
+                    log(f"error: {name}: {e}")
+                    failed[name] = str(e).splitlines()[0]
+                    status = EXIT_SETUP
+                    continue
+                finally:
+                    for thing, what in ((current, name), (sink, "smtp-sink")):
+                        if thing is None:
+                            continue
+                        try:
+                            thing.stop()
+                        except Exception as e:  # report, but don't mask the run's outcome
+                            log(f"error while stopping {what}: {e}")
+                            status = EXIT_SETUP
+                    current = sink = None
+                results.append(res)
+                log(f"{name} round {rnd}: {res.rate:.1f} msg/s delivered, "
+                    f"sink {res.sink_count}/{res.messages}"
+                    + ("" if res.ok else f" -- FAIL: {'; '.join(res.problems)}; kept {rundir}"))
+                if res.ok and not args.keep:
+                    shutil.rmtree(rundir, ignore_errors=True)
+    finally:
+        for thing in (current, sink):
+            if thing is not None:
+                try:
+                    thing.stop()
+                except Exception as e:
+                    log(f"error while stopping: {e}")
+        reap_orphans()
+    if results:
+        print_report(results, args, pf_params)
+    for name, why in failed.items():
+        print(f"{name}: NOT MEASURED: {why}")
+    if status != EXIT_OK:
+        return status
+    if any(not r.ok for r in results):
+        log("FAIL: a count differs from the messages sent (see the check column)")
+        return EXIT_MISMATCH
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
+# --backlog: herald's memory with a large deferred queue.
+
+
+def dir_usage(path: Path) -> tuple[int, int]:
+    """(files, bytes on disk) under path."""
+    files = used = 0
+    for dirpath, _dirs, names in os.walk(path):
+        for nm in names:
+            try:
+                st = os.lstat(os.path.join(dirpath, nm))
+            except OSError:
+                continue
+            files += 1
+            used += st.st_blocks * 512
+    return files, used
+
+
+def count_delivery_lines(logfile: Path) -> int:
+    n = 0
+    try:
+        with open(logfile, "rb") as f:
+            for line in f:
+                if b'"message":"delivery"' in line:
+                    n += 1
+    except OSError:
+        pass
+    return n
+
+
+def run_backlog(args, base: Path, herald_bin: Path) -> int:
+    rcpts = args.backlog_rcpts
+    msgs = math.ceil(args.backlog / rcpts)
+    total_rcpts = msgs * rcpts
+    rundir = base / "backlog-herald"
+    rundir.mkdir()
+    dead_port = free_port()  # nothing listens here: every attempt is refused
+    h = Herald(herald_bin, rundir, args.ready_timeout, msgs,
+               extra_yaml=herald_yaml(dead_port, args, retry_first=args.backlog_retry),
+               log_format="json")
+    problems: list[str] = []
+    out: dict[str, object] = {}
+    status = EXIT_OK
+    try:
+        h.start()
+        cmd = smtp_source_cmd(args, h.port, messages=msgs, extra=["-r", str(rcpts), "-N"])
+        log(f"backlog: {' '.join(cmd)}  (smarthost 127.0.0.1:{dead_port} is closed, "
+            f"retry.first {args.backlog_retry})")
+        sampler = Sampler(h.root_pid, with_pss=False)
+        os.sync()
+        src = SourceRun(cmd, rundir / "smtp-source.out")
+        t0 = src.start()
+        rss_curve: list[tuple[float, int]] = []
+        try:
+            while not src.done.wait(1.0):
+                sampler.sample()
+                rss_curve.append((time.monotonic() - t0, status_kb(h.root_pid, "VmRSS") or 0))
+                if not h.alive():
+                    raise SetupError(f"herald died while being fed{h.diagnostics()}")
+                if time.monotonic() - t0 > args.timeout:
+                    problems.append(f"smtp-source did not finish within {args.timeout:.0f}s")
+                    break
+        finally:
+            src.kill()
+        src.report_problems()
+        if src.returncode != 0:
+            problems.append(f"smtp-source exit status {src.returncode}")
+        out["feed_seconds"] = src.elapsed
+        # Let every message get its first (refused) attempt and be deferred,
+        # then let the process settle before reading its memory.
+        t_settle = time.monotonic()
+        wait_until(lambda: count_delivery_lines(h.logfile) >= msgs, args.drain_timeout, 1.0)
+        out["attempted"] = count_delivery_lines(h.logfile)
+        out["outcomes"] = dict(herald_delays(h.logfile).outcomes)
+        out["settle_seconds"] = time.monotonic() - t_settle
+        time.sleep(args.settle)
+        out["vmrss_kb"] = h.vm_rss_kb()
+        out["vmhwm_kb"] = h.vm_hwm_kb()
+        out["rss_curve"] = rss_curve
+        # Only now ask /queue: a full listing builds a large JSON document
+        # inside herald and would inflate the numbers above.
+        out["total"] = h.queue_total()
+        out["spool"] = dir_usage(h.spool)
+        if args.backlog_list:
+            t1 = time.monotonic()
+            body = h.get_queue(2 * msgs + 1000, timeout=args.drain_timeout)
+            out["list_seconds"] = time.monotonic() - t1
+            out["listed_msgs"] = len(body["messages"])
+            out["listed_rcpts"] = sum(len(m.get("recipients") or ()) for m in body["messages"])
+            del body
+            if out["listed_rcpts"] != total_rcpts:
+                problems.append(f"/queue lists {out['listed_rcpts']} recipients, sent {total_rcpts}")
+            out["vmhwm_after_list_kb"] = h.vm_hwm_kb()
+        if out["total"] != msgs:
+            problems.append(f"/queue total is {out['total']}, sent {msgs} messages")
+        if args.backlog_restart:
+            h.stop()
+            t1 = time.monotonic()
+            h.start()
+            out["restart_ready_s"] = time.monotonic() - t1
+            wait_until(lambda: h.queue_total() >= msgs, args.drain_timeout, 0.5)
+            out["restart_total"] = h.queue_total()
+            out["restart_seconds"] = time.monotonic() - t1
+            time.sleep(args.settle)
+            out["restart_vmrss_kb"] = h.vm_rss_kb()
+            out["restart_vmhwm_kb"] = h.vm_hwm_kb()
+            if out["restart_total"] != msgs:
+                problems.append(f"after restart /queue total is {out['restart_total']}, "
+                                f"expected {msgs}")
+    except SetupError as e:
+        log(f"error: backlog: {e}")
+        status = EXIT_SETUP
+    except (urllib.error.URLError, OSError) as e:
+        log(f"error: backlog: admin request failed: {e}{h.diagnostics()}")
+        status = EXIT_SETUP
+    finally:
+        try:
+            h.stop()
+        except Exception as e:
+            log(f"error while stopping herald: {e}")
+            status = EXIT_SETUP
+
+    print()
+    print(f"backlog: herald only; {msgs} messages x {rcpts} recipients = {total_rcpts} "
+          f"recipients, {args.size}-byte messages, {args.sessions} sessions,")
+    print(f"         unique recipients (smtp-source -N); smarthost 127.0.0.1:{dead_port} "
+          f"refuses connections, retry.first {args.backlog_retry}, so nothing leaves the queue")
+    if out.get("feed_seconds"):
+        print(f"fed in {out['feed_seconds']:.1f} s ({msgs / out['feed_seconds']:.0f} msg/s, "
+              f"{total_rcpts / out['feed_seconds']:.0f} rcpt/s); "
+              f"{out.get('attempted', 0)} delivery attempts logged {out.get('outcomes', {})} "
+              f"(waited {out.get('settle_seconds', 0):.1f} s for them after the feed)")
+    if "vmrss_kb" in out:
+        rss, hwm = out["vmrss_kb"], out["vmhwm_kb"]
+        print(f"herald VmRSS {fmt_mb(rss)} MB, VmHWM {fmt_mb(hwm)} MB with the backlog queued "
+              f"({(rss or 0) * 1024 / total_rcpts:.0f} bytes of RSS per recipient); "
+              f"goal < 1024 MiB: {'met' if hwm and hwm < 1024 * 1024 else 'NOT met'}")
+    if "total" in out:
+        files, used = out["spool"]
+        print(f"/queue?limit=0 total: {out['total']} (sent {msgs} messages); spool on disk: "
+              f"{files} files, {used / 2**20:.1f} MB")
+    if "listed_rcpts" in out:
+        print(f"full /queue listing: {out['listed_msgs']} messages, {out['listed_rcpts']} "
+              f"recipients in {out['list_seconds']:.1f} s; VmHWM afterwards "
+              f"{fmt_mb(out['vmhwm_after_list_kb'])} MB (the listing itself costs memory)")
+    if "restart_vmrss_kb" in out:
+        print(f"after a restart on the same spool: ready in {out['restart_ready_s']:.1f} s, "
+              f"queue total {out['restart_total']} after {out['restart_seconds']:.1f} s, "
+              f"VmRSS {fmt_mb(out['restart_vmrss_kb'])} MB, VmHWM "
+              f"{fmt_mb(out['restart_vmhwm_kb'])} MB")
+    curve = out.get("rss_curve") or []
+    if curve:
+        step = max(1, len(curve) // 10)
+        print("VmRSS while feeding (s: MB): "
+              + ", ".join(f"{t:.0f}: {kb / 1024:.0f}" for t, kb in curve[::step]))
+    for p in problems:
+        print(f"FAIL: {p}")
+    if status != EXIT_OK:
+        print("backlog: NOT MEASURED (setup error, see above)")
+        return status
+    if problems:
+        log(f"keeping {rundir}")
+        return EXIT_MISMATCH
+    if not args.keep:
+        shutil.rmtree(rundir, ignore_errors=True)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description="End-to-end delivered messages/s (smtp-source -> relay -> smtp-sink) of "
+                    "herald-relay vs. a private Postfix instance, or (--backlog) herald's "
+                    "memory with a large deferred queue.",
+        epilog="All options also have environment-variable defaults; see tests/bench/README.md.",
+    )
+    ap.add_argument("-m", "--messages", type=int, default=env_int("BENCH_MESSAGES", 20000),
+                    help="messages per run (env BENCH_MESSAGES, default 20000)")
+    ap.add_argument("-s", "--sessions", type=int, default=env_int("BENCH_SESSIONS", 20),
+                    help="parallel SMTP sessions (env BENCH_SESSIONS, default 20)")
+    ap.add_argument("-l", "--size", type=int, default=env_int("BENCH_MSG_SIZE", 2048),
+                    help="message size in bytes (env BENCH_MSG_SIZE, default 2048)")
+    ap.add_argument("-r", "--rounds", type=int, default=env_int("BENCH_ROUNDS", 1),
+                    help="runs per target, alternating (env BENCH_ROUNDS, default 1)")
+    ap.add_argument("--targets", default=os.environ.get("BENCH_TARGETS", "herald,postfix"),
+                    help="comma-separated subset of herald,postfix (env BENCH_TARGETS)")
+    ap.add_argument("--herald-connections", type=int,
+                    default=env_int("BENCH_HERALD_CONNECTIONS", 20),
+                    help="herald delivery.per_domain.max_connections (default 20)")
+    ap.add_argument("--herald-msgs-per-conn", type=int,
+                    default=env_int("BENCH_HERALD_MSGS_PER_CONN", 100),
+                    help="herald delivery.per_domain.messages_per_connection (default 100)")
+    ap.add_argument("--backlog", type=int, default=env_int("BENCH_BACKLOG", 0), metavar="R",
+                    help="instead of the comparison: queue R recipients in herald (deferred) "
+                         "and report its RSS (env BENCH_BACKLOG; e.g. 1000000)")
+    ap.add_argument("--backlog-rcpts", type=int, default=env_int("BENCH_BACKLOG_RCPTS", 100),
+                    help="recipients per message in --backlog mode (default 100)")
+    ap.add_argument("--backlog-retry", default=os.environ.get("BENCH_BACKLOG_RETRY", "1h"),
+                    help="delivery.retry.first in --backlog mode (default 1h)")
+    ap.add_argument("--no-backlog-list", dest="backlog_list", action="store_false",
+                    help="--backlog: don't fetch the full /queue listing to count recipients")
+    ap.add_argument("--no-backlog-restart", dest="backlog_restart", action="store_false",
+                    help="--backlog: don't restart herald on the spool and measure again")
+    ap.add_argument("--workdir", default=os.environ.get("BENCH_DIR") or None,
+                    help="parent of the temporary directory holding the spools "
+                         "(env BENCH_DIR, default: $TMPDIR or /tmp)")
+    ap.add_argument("--keep", action="store_true", default=os.environ.get("BENCH_KEEP") == "1",
+                    help="keep the temporary directory (env BENCH_KEEP=1)")
+    ap.add_argument("--herald-bin", default=os.environ.get("HERALD_BIN") or None,
+                    help="herald-relay binary (env HERALD_BIN, default target/release/herald-relay, "
+                         "built with cargo if missing or HERALD_BUILD=1)")
+    ap.add_argument("--source-args", default=os.environ.get("BENCH_SOURCE_ARGS", ""),
+                    help="extra smtp-source arguments, e.g. '-d' (env BENCH_SOURCE_ARGS)")
+    ap.add_argument("--timeout", type=float, default=env_float("BENCH_TIMEOUT", 1800),
+                    help="max seconds for one run until the sink has all messages, or for the "
+                         "backlog feed (env BENCH_TIMEOUT, default 1800)")
+    ap.add_argument("--drain-timeout", type=float, default=env_float("BENCH_DRAIN_TIMEOUT", 120),
+                    help="max seconds to wait for the queue to empty / the log to catch up "
+                         "(default 120)")
+    ap.add_argument("--settle", type=float, default=env_float("BENCH_SETTLE", 1.0),
+                    help="seconds to wait before the final counts (default 1)")
+    ap.add_argument("--ready-timeout", type=float, default=env_float("BENCH_READY_TIMEOUT", 60),
+                    help="max seconds for a server to become ready (default 60)")
+    ap.add_argument("--build-timeout", type=float, default=env_float("BENCH_BUILD_TIMEOUT", 3600))
+    ap.add_argument("--sample-interval", type=float, default=env_float("BENCH_SAMPLE_INTERVAL", 0.1),
+                    help="RSS sampling period in seconds (default 0.1)")
+    ap.add_argument("--no-pss", action="store_true", help="don't sample PSS (smaps_rollup)")
+    args = ap.parse_args()
+
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if args.backlog:
+        targets = ["herald"]
+    if not targets or any(t not in ("herald", "postfix") for t in targets):
+        ap.error("--targets must be a subset of herald,postfix")
+    if args.messages < 1 or args.sessions < 1 or args.rounds < 1 or args.backlog < 0 \
+            or args.backlog_rcpts < 1:
+        ap.error("--messages, --sessions, --rounds and --backlog-rcpts must be >= 1")
+    if sys.platform != "linux":
+        log("Linux only (/proc)")
+        return EXIT_SETUP
+    if os.geteuid() != 0:
+        log("must run as root (Postfix's master; smtp-sink -u)")
+        return EXIT_SETUP
+
+    args.smtp_source = find_tool("smtp-source")
+    args.smtp_sink = find_tool("smtp-sink")
+    if not args.smtp_source or not args.smtp_sink:
+        log("smtp-source/smtp-sink not found (Debian: apt-get install postfix)")
+        return EXIT_SETUP
+    postfix_cmd = None
+    if "postfix" in targets:
+        postfix_cmd = find_tool("postfix")
+        if not postfix_cmd:
+            log("postfix not found (Debian: apt-get install postfix)")
+            return EXIT_SETUP
+
+    become_subreaper()
+    install_signal_handlers()
+
+    base = Path(tempfile.mkdtemp(prefix="herald-e2e.", dir=args.workdir)).resolve()
+    os.chmod(base, 0o755)  # the postfix user must traverse into its queue
+    status = EXIT_OK
+    try:
+        herald_bin = find_herald(args) if "herald" in targets else None
+        print_host_info(base)
+        if herald_bin:
+            print(f"herald-relay: {herald_bin}")
+        if postfix_cmd:
+            print(f"postfix: {postfix_version()} ({postfix_cmd}), private instance, "
+                  "relayhost = the sink")
+        if not args.backlog:
+            print(f"sink: {args.smtp_sink} -c on 127.0.0.1 (discards everything)")
+        environment_warnings(base, check_system_postfix=bool(postfix_cmd))
+        if args.backlog:
+            status = run_backlog(args, base, herald_bin)
+        else:
+            status = run_compare(args, base, targets, herald_bin, postfix_cmd)
+    except SetupError as e:
+        log(f"error: {e}")
+        status = EXIT_SETUP
+    except KeyboardInterrupt as e:
+        log(f"interrupted ({e})")
+        status = 130
+    finally:
+        reap_orphans()
+        if args.keep:
+            log(f"kept {base}")
+        elif status != EXIT_OK:
+            log(f"keeping {base} for inspection")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Bounces and expiry produce delivery status notifications (RFC 3464) to the envelope sender.
+
+A DSN goes through the relay's own queue like any message: with MAIL FROM:<> to the original envelope sender,
+whose domain (example.test) has the "mailbox" peer as MX. DSNs are parsed with Python's email package.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+
+import pytest
+
+from harness.outbound import (
+    SENDER, delivery_events, dsn_about, dsns, get_message, parse_dsn, send, start_outbound, status_field, unique,
+    wait_dsn, wait_event, wait_gone, wait_until,
+)
+from harness.relay import HOSTNAME
+
+FOREIGN = "127.0.0.2"
+MAILBOX = "127.0.0.3"
+
+
+@pytest.fixture
+def foreign(dns, peers):
+    dns.route("foreign.test", FOREIGN)
+    return peers.aio(FOREIGN, "foreign")
+
+
+@pytest.fixture
+def mailbox(dns, peers):
+    dns.route("example.test", MAILBOX)
+    return peers.aio(MAILBOX, "mailbox")
+
+
+
+def field_value(block, name: str) -> str:
+    """A DSN field with its type prefix normalised: 'dns; relay.example.test' -> 'dns;relay.example.test'."""
+    v = " ".join((block.get(name) or "").split())
+    return v.replace("; ", ";")
+
+
+def test_a_hard_bounce_returns_an_rfc3464_report_to_the_envelope_sender(relays, dns, peers, foreign, mailbox):
+    foreign.on_rcpt("gone@foreign.test", "550 5.1.1 <gone@foreign.test>: Recipient address rejected: User unknown")
+    r = start_outbound(relays, dns, peers)
+    body_marker = unique("bodyonly")
+    qid, marker, _ = send(r, ["gone@foreign.test"], "bounce", body=f"{body_marker}\r\n")
+    wait_gone(r, qid)
+    [t] = wait_dsn(mailbox, marker)
+
+    assert t.mail_from == "", "a DSN is sent with the null reverse path"
+    assert t.rcpt_tos == [SENDER], t.rcpt_tos
+    m = t.message
+    assert email.utils.parseaddr(m["From"])[1].lower() == f"mailer-daemon@{HOSTNAME}", m["From"]
+    assert m["Subject"] == "Undelivered Mail Returned to Sender", m["Subject"]
+
+    d = parse_dsn(t.data)
+    assert field_value(d.per_message, "Reporting-MTA") == f"dns;{HOSTNAME}", str(d.per_message)
+    assert d.final_recipients == ["gone@foreign.test"]
+    rb = d.recipient("gone@foreign.test")
+    assert field_value(rb, "Final-Recipient").lower() == "rfc822;gone@foreign.test", str(rb)
+    assert (rb["Action"] or "").strip().lower() == "failed", str(rb)
+    assert status_field(rb) == "5.1.1", str(rb)
+    assert "mx1.foreign.test" in (rb["Remote-MTA"] or "") and field_value(rb, "Remote-MTA").startswith("dns;"), str(rb)
+    diag = field_value(rb, "Diagnostic-Code")
+    assert diag.startswith("smtp;") and "550 5.1.1" in diag and "User unknown" in diag, str(rb)
+
+    assert marker in d.headers, "the original headers are returned"
+    assert body_marker not in d.headers, "text/rfc822-headers returns headers only"
+    assert d.explanation.strip(), "the text/plain part explains"
+    assert wait_event(r, qid, "bounced")
+
+
+def test_recipients_that_fail_in_one_attempt_share_one_dsn(relays, dns, peers, foreign, mailbox):
+    foreign.on_rcpt("gone@foreign.test", "550 5.1.1 user unknown")
+    foreign.on_rcpt("blocked@foreign.test", "550 5.7.1 rejected by policy")
+    r = start_outbound(relays, dns, peers)
+    qid, marker, _ = send(r, ["ok@foreign.test", "gone@foreign.test", "blocked@foreign.test"], "shared")
+    wait_gone(r, qid)
+    wait_dsn(mailbox, marker)
+    time.sleep(1.0)  # room for a (wrong) second DSN to arrive
+    [t] = dsn_about(mailbox, marker)
+    d = parse_dsn(t.data)
+    assert d.final_recipients == ["blocked@foreign.test", "gone@foreign.test"]
+    assert status_field(d.recipient("gone@foreign.test")) == "5.1.1"
+    assert status_field(d.recipient("blocked@foreign.test")) == "5.7.1"
+    assert len(foreign.with_marker(marker)) == 1
+
+
+def test_recipients_that_fail_in_different_attempts_get_one_dsn_each(relays, dns, peers, foreign, mailbox):
+    foreign.on_rcpt("first@foreign.test", "550 5.1.1 user unknown")
+    foreign.on_rcpt("second@foreign.test", "451 4.3.0 later", times=1)
+    foreign.on_rcpt("second@foreign.test", "550 5.2.1 mailbox disabled")
+    r = start_outbound(relays, dns, peers, delivery={"retry": {"first": "1s", "max": "2s", "factor": 2.0}})
+    qid, marker, _ = send(r, ["first@foreign.test", "second@foreign.test"], "twoattempts")
+    wait_gone(r, qid)
+    got = wait_until(lambda: len(dsn_about(mailbox, marker)) >= 2 and dsn_about(mailbox, marker), 30, 0.1)
+    assert got, f"DSNs about {marker}: {len(dsn_about(mailbox, marker))}"
+    time.sleep(0.5)
+    assert sorted(parse_dsn(t.data).final_recipients[0] for t in dsn_about(mailbox, marker)) == [
+        "first@foreign.test", "second@foreign.test"]
+    assert all(len(parse_dsn(t.data).per_recipient) == 1 for t in dsn_about(mailbox, marker))
+
+
+def test_a_bounce_of_a_null_sender_message_produces_no_dsn(relays, dns, peers, foreign, mailbox):
+    foreign.on_rcpt("gone@foreign.test", "550 5.1.1 user unknown")
+    r = start_outbound(relays, dns, peers)
+    qid, marker, _ = send(r, ["gone@foreign.test"], "nullsender", sender="")
+    wait_event(r, qid, "bounced")
+    wait_gone(r, qid)
+    # a bounce with a real sender afterwards: once its DSN is in, a DSN for the first would have been too
+    foreign.on_rcpt("gone2@foreign.test", "550 5.1.1 user unknown")  # gone@ is suppressed by now
+    qid2, marker2, _ = send(r, ["gone2@foreign.test"], "sentinel")
+    wait_dsn(mailbox, marker2)
+    everything = [t for p in (foreign, mailbox) for t in p.transactions]
+    assert not [t for t in everything if marker.encode() in t.data and t.mail_from == ""], "a DSN about a DSN"
+    assert not [m for m in r.queue() if m["sender"] == "" and marker in str(m)], r.queue()
+    assert len(dsns(mailbox)) == 1, [t.rcpt_tos for t in dsns(mailbox)]
+
+
+def test_an_expired_recipient_bounces_with_4_4_7(relays, dns, peers, foreign, mailbox):
+    foreign.on_rcpt("slow@foreign.test", "451 4.3.0 try again later")  # every time
+    r = start_outbound(relays, dns, peers, delivery={
+        "max_age": "3s", "retry": {"first": "1s", "max": "1s", "factor": 2.0}})
+    qid, marker, _ = send(r, ["slow@foreign.test"], "expire")
+    wait_gone(r, qid, timeout=40)
+    [t] = wait_dsn(mailbox, marker)
+    rb = parse_dsn(t.data).recipient("slow@foreign.test")
+    assert (rb["Action"] or "").strip().lower() == "failed", str(rb)
+    assert status_field(rb) == "4.4.7", str(rb)
+    assert len(foreign.rcpt_replies("slow@foreign.test")) >= 1
+    assert not foreign.with_marker(marker)
+    results = [e["result"] for e in delivery_events(r, qid)]
+    assert results[0] == "deferred" and results[-1] == "expired", f"delivery log results for {qid}: {results}"
+
+
+def test_a_dsn_for_a_return_path_sender_stays_queued_locally(relays, dns, peers, foreign, mailbox):
+    """The DSN's recipient is in bounces.example.test (example.test's return_path): local, never sent by MX,
+    even though the test DNS gives that domain a live MX."""
+    dns.route("bounces.example.test", MAILBOX)
+    foreign.on_rcpt("gone@foreign.test", "550 5.1.1 user unknown")
+    r = start_outbound(relays, dns, peers)
+    bounce_addr = f"{unique('b')}@bounces.example.test"
+    qid, marker, _ = send(r, ["gone@foreign.test"], "rpdsn", sender=bounce_addr)
+    wait_gone(r, qid)
+    queued = wait_until(lambda: [m for m in r.queue() if m["sender"] == "" and m["recipients"] == [bounce_addr]], 30)
+    assert queued, f"no DSN to {bounce_addr} in the queue: {r.queue()}"
+    time.sleep(1.0)
+    assert get_message(r, queued[0]["id"]) is not None
+    assert not dsns(mailbox), "a DSN to a return_path address was sent by MX"

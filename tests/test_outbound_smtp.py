@@ -1,0 +1,303 @@
+"""The relay's SMTP client: STARTTLS policy, smarthost with AUTH, the extensions it must respect (SIZE,
+8BITMIME, SMTPUTF8, PIPELINING), connection reuse and the per-domain connection limit, source addresses and
+EHLO names from ip_pools."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from harness.outbound import (
+    SENDER, delivery_events, flush, parse_dsn, send, start_outbound, states, status_field, submit, unique, wait_dsn,
+    wait_event, wait_gone, wait_state,
+)
+from harness.relay import HOSTNAME
+
+FOREIGN = "127.0.0.2"
+MAILBOX = "127.0.0.3"
+SOURCE = "127.0.0.9"  # the ip_pool source address in the ip_pool test
+
+
+@pytest.fixture
+def mailbox(dns, peers):
+    dns.route("example.test", MAILBOX)
+    return peers.aio(MAILBOX, "mailbox")
+
+
+
+def only_status(t) -> str:
+    d = parse_dsn(t.data)
+    assert len(d.per_recipient) == 1, [str(b) for b in d.per_recipient]
+    return status_field(d.per_recipient[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TLS
+
+
+def test_starttls_offered_by_the_mx_is_used(relays, dns, peers):
+    peer = peers.aio(FOREIGN, starttls=True)
+    dns.route("foreign.test", FOREIGN)
+    r = start_outbound(relays, dns, peers)  # tls: opportunistic; the peer's certificate is not trusted: no matter
+    qid, marker, _ = send(r, ["bob@foreign.test"], "starttls")
+    wait_gone(r, qid)
+    [t] = peer.with_marker(marker)
+    assert t.tls and t.tls.startswith("TLS"), t.tls
+    ev = wait_event(r, qid, "delivered")
+    assert str(ev["tls"]).lower() not in ("", "none") and "tls" in str(ev["tls"]).lower(), ev
+
+
+def test_tls_none_does_not_use_starttls_even_when_offered(relays, dns, peers):
+    peer = peers.aio(FOREIGN, starttls=True)
+    dns.route("foreign.test", FOREIGN)
+    r = start_outbound(relays, dns, peers, delivery={"tls": "none"})
+    qid, marker, _ = send(r, ["bob@foreign.test"], "tlsnone")
+    wait_gone(r, qid)
+    [t] = peer.with_marker(marker)
+    assert t.tls is None and "STARTTLS" not in peer.verbs(), peer.verbs()
+
+
+def test_tls_required_defers_with_4_7_when_the_mx_offers_no_starttls(relays, dns, peers):
+    peer = peers.aio(FOREIGN)  # no STARTTLS
+    dns.route("foreign.test", FOREIGN)
+    r = start_outbound(relays, dns, peers, delivery={"tls": "required"})
+    qid, marker, _ = send(r, ["bob@foreign.test"], "tlsreq")
+    s = wait_state(r, qid, {"bob@foreign.test": "deferred"})
+    reply = str(s["bob@foreign.test"].get("last_reply") or "") + " ".join(str(e.get("reply")) for e in delivery_events(r, qid))
+    assert "4.7." in reply, (s, delivery_events(r, qid))
+    assert "MAIL" not in peer.verbs() and not peer.transactions, peer.verbs()
+
+
+def test_tls_required_delivers_over_starttls_without_verifying_the_certificate(relays, dns, peers):
+    peer = peers.aio(FOREIGN, starttls=True)  # certificate for localhost from a CA the relay does not know
+    dns.route("foreign.test", FOREIGN)
+    r = start_outbound(relays, dns, peers, delivery={"tls": "required"})
+    qid, marker, _ = send(r, ["bob@foreign.test"], "tlsreqok")
+    wait_gone(r, qid)
+    [t] = peer.with_marker(marker)
+    assert t.tls and t.tls.startswith("TLS"), t.tls
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Smarthost
+
+
+@pytest.mark.parametrize("mode", ["starttls", "implicit"])
+def test_smarthost_gets_every_message_with_checked_credentials(relays, dns, peers, tmp_path, mode):
+    smarthost = peers.aio(FOREIGN, "smarthost", starttls=(mode == "starttls"), implicit_tls=(mode == "implicit"),
+                          auth={"relayuser": "s3cret-pw"}, auth_required=True)
+    pw = tmp_path / "smarthost.password"
+    pw.write_text("s3cret-pw")
+    r = start_outbound(relays, dns, peers, delivery={"smarthost": {
+        "host": FOREIGN, "port": peers.port, "tls": mode, "username": "relayuser", "password_file": str(pw)}})
+    # neither domain resolves in the test DNS: in smarthost mode nothing is looked up
+    qid, marker, _ = send(r, ["bob@foreign.test", "carol@elsewhere.test"], "smarthost")
+    wait_gone(r, qid)
+    got = smarthost.with_marker(marker)
+    assert sorted(a for t in got for a in t.rcpt_tos) == ["bob@foreign.test", "carol@elsewhere.test"], got
+    for t in got:
+        assert t.login == "relayuser" and t.tls and t.tls.startswith("TLS"), t
+    assert any(ok and login == "relayuser" and password == "s3cret-pw" for _, login, password, ok in smarthost.logins)
+    assert not dns.queries_for("foreign.test") and not dns.queries_for("elsewhere.test"), dns.queries
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Extensions the peer may lack
+
+
+UTF8_RCPT = "üser@foreign.test"
+
+
+def _utf8_message(marker: str) -> bytes:
+    return (f"From: <{SENDER}>\r\nTo: <{UTF8_RCPT}>\r\nSubject: {marker}\r\nMessage-ID: <{marker}@client.example.test>\r\n"
+            f"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Transfer-Encoding: 8bit\r\n\r\nGrüße aus dem Test\r\n").encode()
+
+
+def test_a_smtputf8_message_to_a_peer_without_smtputf8_bounces_5_6_7(relays, dns, peers, mailbox):
+    peer = peers.aio(FOREIGN, smtputf8=False)
+    dns.route("foreign.test", FOREIGN)
+    r = start_outbound(relays, dns, peers)
+    marker = unique("utf8")
+    qid = submit(r, [UTF8_RCPT], _utf8_message(marker), mail_params="SMTPUTF8 BODY=8BITMIME")
+    wait_gone(r, qid)
+    [t] = wait_dsn(mailbox, marker)
+    assert only_status(t) == "5.6.7"
+    assert not peer.transactions, peer.transactions
+
+
+def test_a_smtputf8_message_to_a_peer_with_smtputf8_is_sent_with_the_parameter(relays, dns, peers):
+    peer = peers.aio(FOREIGN)  # SMTPUTF8 and 8BITMIME advertised
+    dns.route("foreign.test", FOREIGN)
+    r = start_outbound(relays, dns, peers)
+    marker = unique("utf8ok")
+    qid = submit(r, [UTF8_RCPT], _utf8_message(marker), mail_params="SMTPUTF8 BODY=8BITMIME")
+    wait_gone(r, qid)
+    [t] = peer.with_marker(marker)
+    assert "SMTPUTF8" in t.mail_options and t.rcpt_tos == [UTF8_RCPT], (t.mail_options, t.rcpt_tos)
+    assert "Grüße".encode() in t.data
+
+
+def _8bit(marker: str) -> bytes:
+    return (f"From: <{SENDER}>\r\nTo: <bob@foreign.test>\r\nSubject: {marker}\r\nMessage-ID: <{marker}@c.example.test>\r\n"
+            f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+            f"Stra\u00dfe, caf\u00e9\r\n").encode()
+
+
+def test_an_8bitmime_message_to_a_peer_without_8bitmime_bounces_5_6_3(relays, dns, peers, mailbox):
+    peer = peers.aio(FOREIGN, eightbitmime=False)
+    dns.route("foreign.test", FOREIGN)
+    r = start_outbound(relays, dns, peers)
+    marker = unique("8bit")
+    qid = submit(r, ["bob@foreign.test"], _8bit(marker), mail_params="BODY=8BITMIME")
+    wait_gone(r, qid)
+    [t] = wait_dsn(mailbox, marker)
+    assert only_status(t) == "5.6.3"
+    assert not peer.transactions, peer.transactions
+
+
+def test_an_8bitmime_message_is_sent_with_body_8bitmime(relays, dns, peers):
+    peer = peers.aio(FOREIGN)
+    dns.route("foreign.test", FOREIGN)
+    r = start_outbound(relays, dns, peers)
+    marker = unique("8bitok")
+    qid = submit(r, ["bob@foreign.test"], _8bit(marker), mail_params="BODY=8BITMIME")
+    wait_gone(r, qid)
+    [t] = peer.with_marker(marker)
+    assert "BODY=8BITMIME" in t.mail_options, t.mail_options
+
+
+def test_a_message_over_the_peers_size_limit_bounces_5_3_4_without_being_sent(relays, dns, peers, mailbox):
+    peer = peers.aio(FOREIGN, size_limit=2000)
+    dns.route("foreign.test", FOREIGN)
+    r = start_outbound(relays, dns, peers)
+    qid, marker, _ = send(r, ["bob@foreign.test"], "toobig", body=("y" * 78 + "\r\n") * 60)
+    wait_gone(r, qid)
+    [t] = wait_dsn(mailbox, marker)
+    assert only_status(t) == "5.3.4"
+    assert "DATA" not in peer.verbs() and not peer.transactions, peer.verbs()
+
+
+def test_pipelining_sends_mail_rcpts_and_data_in_one_write(relays, dns, peers):
+    peer = peers.aio(FOREIGN)  # PIPELINING advertised
+    dns.route("foreign.test", FOREIGN)
+    r = start_outbound(relays, dns, peers)
+    qid, _, _ = send(r, ["a1@foreign.test", "a2@foreign.test", "a3@foreign.test"], "pipe")
+    wait_gone(r, qid)
+    [chunks] = peer.chunks()
+    with_mail = [c for c in chunks if b"MAIL FROM:" in c.upper()]
+    assert with_mail, chunks
+    c = with_mail[0].upper()
+    assert c.count(b"RCPT TO:") == 3 and c.endswith(b"DATA\r\n"), f"MAIL/RCPT/DATA not in one write: {chunks}"
+
+
+def test_without_pipelining_each_command_waits_for_its_reply(relays, dns, peers):
+    peer = peers.aio(FOREIGN, pipelining=False)
+    dns.route("foreign.test", FOREIGN)
+    r = start_outbound(relays, dns, peers)
+    qid, _, _ = send(r, ["a1@foreign.test", "a2@foreign.test"], "nopipe")
+    wait_gone(r, qid)
+    [chunks] = peer.chunks()
+    for c in chunks:
+        if b"MAIL FROM:" in c.upper() or b"RCPT TO:" in c.upper():
+            assert c.count(b"\r\n") == 1, f"commands sent without waiting for replies: {chunks}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Connections
+
+
+def _backlog(r, dns, n: int, tag: str) -> list[tuple[str, str, bytes]]:
+    """n messages to foreign.test, all deferred by a failing resolver, then the resolver healed (not flushed)."""
+    dns.servfail("foreign.test")
+    ids = [send(r, [f"{tag}{i}@foreign.test"], f"{tag}{i}") for i in range(n)]
+    for i, (qid, _, _) in enumerate(ids):
+        wait_state(r, qid, {f"{tag}{i}@foreign.test": "deferred"})
+    dns.heal("foreign.test")
+    return ids
+
+
+def test_messages_to_one_domain_share_a_connection_up_to_messages_per_connection(relays, dns, peers):
+    peer = peers.aio(FOREIGN)
+    dns.route("foreign.test", FOREIGN)
+    r = start_outbound(relays, dns, peers,
+                       delivery={"per_domain": {"max_connections": 1, "messages_per_connection": 3}})
+    ids = _backlog(r, dns, 7, "reuse")
+    flush(r)
+    for qid, _, _ in ids:
+        wait_gone(r, qid)
+    per_conn = collections.Counter(t.conn for t in peer.accepted())
+    assert sum(per_conn.values()) == 7, per_conn
+    assert max(per_conn.values()) <= 3, f"more than messages_per_connection on one connection: {per_conn}"
+    assert max(per_conn.values()) >= 2, f"no connection carried more than one message: {per_conn}"
+    assert peer.max_concurrent == 1, peer.max_concurrent
+
+
+def test_transactions_on_one_connection_are_separated_by_rset(relays, dns, peers):
+    peer = peers.aio(FOREIGN)
+    dns.route("foreign.test", FOREIGN)
+    r = start_outbound(relays, dns, peers,
+                       delivery={"per_domain": {"max_connections": 1, "messages_per_connection": 3}})
+    ids = _backlog(r, dns, 3, "rset")
+    flush(r)
+    for qid, _, _ in ids:
+        wait_gone(r, qid)
+    per_conn = collections.Counter(t.conn for t in peer.accepted())
+    shared = [conn for conn, n in per_conn.items() if n >= 2]
+    assert shared, f"no connection carried two messages: {per_conn}"
+    for conn in shared:
+        verbs = [v for v in peer.verbs(conn) if v in ("MAIL", "DATA", "RSET")]
+        seq = "".join({"MAIL": "M", "DATA": "D", "RSET": "R"}[v] for v in verbs)
+        assert "DM" not in seq, f"connection {conn}: no RSET between transactions (spec: 'RSET between'): {verbs}"
+
+
+def test_the_per_domain_connection_limit_caps_concurrent_connections(relays, dns, peers):
+    peer = peers.aio(FOREIGN, data_delay=0.3)
+    dns.route("foreign.test", FOREIGN)
+    r = start_outbound(relays, dns, peers,
+                       delivery={"per_domain": {"max_connections": 2, "messages_per_connection": 1}})
+    ids = _backlog(r, dns, 8, "conc")
+    flush(r)
+    for qid, _, _ in ids:
+        wait_gone(r, qid, timeout=60)
+    assert len(peer.accepted()) == 8
+    assert peer.max_concurrent <= 2, f"{peer.max_concurrent} connections at once, limit 2"
+    per_conn = collections.Counter(t.conn for t in peer.accepted())
+    assert max(per_conn.values()) == 1, per_conn
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Source address and EHLO name
+
+
+def test_source_address_and_ehlo_name_come_from_the_sending_domains_ip_pool(relays, dns, peers):
+    peer = peers.aio(FOREIGN)
+    dns.route("foreign.test", FOREIGN)
+
+    def with_pool(cfg):
+        cfg["ip_pools"] = [{"name": "pool9", "sources": [{"address": SOURCE, "ehlo": "out9.example.test"}]}]
+        for d in cfg["domains"]:
+            if d["name"] == "example.test":
+                d["ip_pool"] = "pool9"
+
+    r = start_outbound(relays, dns, peers, config=with_pool)
+    pooled, marker_pooled, _ = send(r, ["bob@foreign.test"], "pooled", sender="a@example.test")
+    wait_gone(r, pooled)
+    plain, marker_plain, _ = send(r, ["bob@foreign.test"], "nopool", sender="a@other.test")
+    wait_gone(r, plain)
+    [tp] = peer.with_marker(marker_pooled)
+    assert tp.client[0] == SOURCE and tp.helo == "out9.example.test", (tp.client, tp.helo)
+    [tn] = peer.with_marker(marker_plain)
+    assert tn.client[0] != SOURCE and tn.helo == HOSTNAME, (tn.client, tn.helo)
+
+
+def test_mixed_outcomes_do_not_leak_between_recipients_of_different_domains(relays, dns, peers):
+    """Two destination domains, one deferred by DNS, one delivered: each keeps its own state."""
+    peer = peers.aio(FOREIGN)
+    dns.route("foreign.test", FOREIGN).route("elsewhere.test", FOREIGN).servfail("elsewhere.test")
+    r = start_outbound(relays, dns, peers)
+    qid, marker, _ = send(r, ["bob@foreign.test", "carol@elsewhere.test"], "twodomains")
+    s = wait_state(r, qid, {"bob@foreign.test": "delivered", "carol@elsewhere.test": "deferred"})
+    assert [t.rcpt_tos for t in peer.with_marker(marker)] == [["bob@foreign.test"]], s
+    assert states(r, qid) is not None
