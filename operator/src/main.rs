@@ -1,10 +1,8 @@
-//! herald-operator: reconciles SendingDomain, SmtpRelay and IpPool into relays and DNS records.
-//!
-//! Only the command line exists so far; the controllers are not written yet (see the README's status table).
+//! The herald-operator command: parse arguments and run.
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -12,10 +10,28 @@ use clap::Parser;
     version,
     about = "Herald's Kubernetes operator"
 )]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinitions (YAML) for `kubectl apply --server-side -f -`.
+    Crds,
+}
 
 fn main() -> ExitCode {
-    let _cli = Cli::parse();
-    eprintln!("herald-operator: the controllers are not implemented yet");
-    ExitCode::FAILURE
+    match Cli::parse().command {
+        Command::Crds => match herald_operator::crds::yaml() {
+            Ok(y) => {
+                print!("{y}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: cannot render the CRDs: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
 }

@@ -1,0 +1,522 @@
+//! The custom resources of `herald.dev/v1alpha1`: SendingDomain, SmtpRelay and IpPool.
+//!
+//! The schema does the validation a user should hear about at `kubectl apply` time: patterns, enums,
+//! minimums, and CEL rules where a pattern cannot say it (unique listener names, TLS for AUTH). The CRD YAML
+//! in `crds/` is generated from these types (`herald-operator crds`), and a test fails when it differs.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A DNS name: LDH labels separated by dots.
+const DOMAIN_PATTERN: &str =
+    r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?$";
+/// One or more DNS labels (a subdomain prefix such as `bounces` or `mail.bounces`).
+const LABELS_PATTERN: &str =
+    r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$";
+/// A Kubernetes object name (RFC 1123 subdomain).
+const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// A Go-style duration as the relay config takes it: `90d`, `12h`, `30m`.
+const DURATION_PATTERN: &str = r"^[0-9]+(s|m|h|d)$";
+
+/// A reference to an object in the same namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+pub struct LocalRef {
+    #[schemars(regex(pattern = NAME_PATTERN), length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// A key in a Secret in the same namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+pub struct SecretKeyRef {
+    #[schemars(regex(pattern = NAME_PATTERN), length(min = 1, max = 253))]
+    pub name: String,
+    #[serde(default = "default_password_key")]
+    pub key: String,
+}
+
+fn default_password_key() -> String {
+    "password".to_owned()
+}
+
+// ---------------------------------------------------------------------------------------------------
+// SendingDomain
+
+/// A domain that applications send mail from, with the DNS records it needs.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "herald.dev",
+    version = "v1alpha1",
+    kind = "SendingDomain",
+    namespaced,
+    status = "SendingDomainStatus",
+    shortname = "sd",
+    category = "herald",
+    printcolumn(name = "Domain", type_ = "string", json_path = ".spec.domain"),
+    printcolumn(
+        name = "Verified",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"DnsVerified\")].status"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SendingDomainSpec {
+    /// The domain mail is sent from: the From: domain and the DKIM signing domain.
+    #[schemars(regex(pattern = DOMAIN_PATTERN), length(max = 253))]
+    pub domain: String,
+    /// The SmtpRelay that sends for this domain.
+    pub relay_ref: LocalRef,
+    #[serde(default)]
+    pub dkim: DkimSpec,
+    /// Subdomain of `domain` used as the envelope sender (MAIL FROM) and bounce address.
+    #[serde(default = "default_return_path")]
+    #[schemars(regex(pattern = LABELS_PATTERN), length(max = 200))]
+    pub return_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dmarc: Option<DmarcSpec>,
+    /// The IpPool whose addresses send this domain's mail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_pool_ref: Option<LocalRef>,
+    /// Also write the records as an external-dns DNSEndpoint (when that CRD is installed).
+    #[serde(default)]
+    pub publish_with_external_dns: bool,
+}
+
+fn default_return_path() -> String {
+    "bounces".to_owned()
+}
+
+/// DKIM signing for the domain.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DkimSpec {
+    /// The selector; the public key is published at `<selector>._domainkey.<domain>`.
+    #[serde(default = "default_selector")]
+    #[schemars(regex(pattern = LABELS_PATTERN), length(max = 63))]
+    pub selector: String,
+    #[serde(default)]
+    pub algorithm: DkimAlgorithm,
+    /// An existing Secret holding the private key (`tls.key` or `private.key`); generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<LocalRef>,
+    /// Generate a new key (with a new selector) this often, e.g. `90d`. The new selector signs once it
+    /// verifies in DNS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub rotation_period: Option<String>,
+}
+
+impl Default for DkimSpec {
+    fn default() -> Self {
+        DkimSpec {
+            selector: default_selector(),
+            algorithm: DkimAlgorithm::default(),
+            secret_ref: None,
+            rotation_period: None,
+        }
+    }
+}
+
+fn default_selector() -> String {
+    "herald1".to_owned()
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DkimAlgorithm {
+    /// RSA 2048-bit, rsa-sha256 (RFC 6376).
+    #[default]
+    Rsa2048,
+    /// Ed25519, ed25519-sha256 (RFC 8463).
+    Ed25519,
+}
+
+/// The DMARC record to publish at `_dmarc.<domain>`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DmarcSpec {
+    #[serde(default)]
+    pub policy: DmarcPolicy,
+    /// Where aggregate reports go (`rua=mailto:`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[^@\s]+@[^@\s]+$"))]
+    pub report_address: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DmarcPolicy {
+    #[default]
+    None,
+    Quarantine,
+    Reject,
+}
+
+/// What the operator found and did for a SendingDomain.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SendingDomainStatus {
+    /// Every DNS record to publish, and whether DNS serves it.
+    #[serde(default)]
+    pub records: Vec<DnsRecord>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The selector the relay signs with now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_selector: Option<String>,
+}
+
+/// One DNS record to publish.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsRecord {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub record_type: String,
+    pub value: String,
+    pub purpose: RecordPurpose,
+    pub state: RecordState,
+    /// For a Mismatch: what the nameserver served instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<String>,
+    /// The nameserver that answered the check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nameserver: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecordPurpose {
+    Dkim,
+    Spf,
+    Dmarc,
+    ReturnPathMx,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RecordState {
+    Published,
+    Missing,
+    Mismatch,
+}
+
+// ---------------------------------------------------------------------------------------------------
+// SmtpRelay
+
+/// A pool of herald-relay replicas: listeners, users, delivery policy, storage.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "herald.dev",
+    version = "v1alpha1",
+    kind = "SmtpRelay",
+    namespaced,
+    status = "SmtpRelayStatus",
+    shortname = "relay",
+    category = "herald",
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Status", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("self.spec.listeners.all(l, self.spec.listeners.exists_one(m, m.name == l.name))").message("listener names must be unique"),
+    validation = Rule::new("self.spec.listeners.all(l, self.spec.listeners.exists_one(m, m.port == l.port))").message("listener ports must be unique"),
+    validation = Rule::new("!self.spec.listeners.exists(l, l.tls != 'none') || has(self.spec.tlsSecretRef)").message("listeners with tls need spec.tlsSecretRef")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SmtpRelaySpec {
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 100))]
+    pub replicas: i32,
+    #[serde(default = "default_image")]
+    #[schemars(length(min = 1))]
+    pub image: String,
+    /// Name in the banner, EHLO and Received: headers; defaults to `<name>.<namespace>.svc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DOMAIN_PATTERN))]
+    pub hostname: Option<String>,
+    #[schemars(length(min = 1, max = 8))]
+    pub listeners: Vec<ListenerSpec>,
+    /// A `kubernetes.io/tls` Secret (as cert-manager writes it) for STARTTLS and implicit TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_secret_ref: Option<LocalRef>,
+    #[serde(default)]
+    pub users: Vec<UserSpec>,
+    #[serde(default)]
+    pub delivery: DeliverySpec,
+    #[serde(default)]
+    pub storage: StorageSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default)]
+    pub metrics: MetricsSpec,
+}
+
+fn default_replicas() -> i32 {
+    2
+}
+
+fn default_image() -> String {
+    format!("herald/relay:{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// One SMTP port of the relay.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.auth != 'required' || self.tls != 'none'").message("auth: required needs tls: starttls or implicit"))]
+pub struct ListenerSpec {
+    #[schemars(regex(pattern = r"^[a-z][a-z0-9-]{0,14}$"))]
+    pub name: String,
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    #[serde(default)]
+    pub tls: ListenerTls,
+    #[serde(default)]
+    pub auth: ListenerAuth,
+    /// Clients outside these CIDRs are refused; clients inside may relay without AUTH.
+    #[serde(default)]
+    pub allow_networks: Vec<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerTls {
+    #[default]
+    None,
+    Starttls,
+    Implicit,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerAuth {
+    #[default]
+    None,
+    Required,
+}
+
+/// An SMTP AUTH user; the operator hashes the password into the relay's config Secret.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UserSpec {
+    #[schemars(length(min = 1, max = 64))]
+    pub name: String,
+    pub password_secret_ref: SecretKeyRef,
+    /// Domains this user may use in MAIL FROM and From:.
+    #[serde(default)]
+    pub allowed_domains: Vec<String>,
+}
+
+/// Delivery policy.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliverySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub max_age: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_domain: Option<PerDomainSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smarthost: Option<SmarthostSpec>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetrySpec {
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub first: String,
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub max: String,
+    #[schemars(range(min = 1.0, max = 10.0))]
+    pub factor: f64,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PerDomainSpec {
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_connections: u32,
+    #[schemars(range(min = 1, max = 100000))]
+    pub messages_per_connection: u32,
+}
+
+/// Send everything through one upstream (a hosted provider).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SmarthostSpec {
+    #[schemars(length(min = 1))]
+    pub host: String,
+    #[serde(default = "default_smarthost_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    #[serde(default = "default_smarthost_tls")]
+    pub tls: ListenerTls,
+    /// A Secret with `username` and `password` keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<LocalRef>,
+}
+
+fn default_smarthost_port() -> i32 {
+    587
+}
+
+fn default_smarthost_tls() -> ListenerTls {
+    ListenerTls::Starttls
+}
+
+/// The spool volume of each replica.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    #[serde(default = "default_storage_size")]
+    #[schemars(regex(pattern = r"^[0-9]+(Ki|Mi|Gi|Ti)$"))]
+    pub size: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+impl Default for StorageSpec {
+    fn default() -> Self {
+        StorageSpec {
+            size: default_storage_size(),
+            storage_class_name: None,
+        }
+    }
+}
+
+fn default_storage_size() -> String {
+    "10Gi".to_owned()
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsSpec {
+    /// Create a ServiceMonitor (when the Prometheus Operator's CRD is installed).
+    #[serde(default = "default_true")]
+    pub service_monitor: bool,
+}
+
+impl Default for MetricsSpec {
+    fn default() -> Self {
+        MetricsSpec {
+            service_monitor: true,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SmtpRelayStatus {
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Hash of the rendered relay config; the pods carry it as an annotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+// ---------------------------------------------------------------------------------------------------
+// IpPool
+
+/// Source addresses for outbound mail, with EHLO names, weights and a warm-up schedule.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "herald.dev",
+    version = "v1alpha1",
+    kind = "IpPool",
+    namespaced,
+    status = "IpPoolStatus",
+    shortname = "ippool",
+    category = "herald",
+    printcolumn(
+        name = "Addresses",
+        type_ = "integer",
+        json_path = ".status.addressCount"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct IpPoolSpec {
+    #[schemars(length(min = 1, max = 256))]
+    pub addresses: Vec<PoolAddress>,
+    /// Daily message caps by day of warm-up (day 1 first); after the last day there is no cap.
+    #[serde(default)]
+    pub warmup: Vec<u64>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("isIP(self.address)").message("address must be an IPv4 or IPv6 address"))]
+pub struct PoolAddress {
+    pub address: String,
+    /// The EHLO name; its A/AAAA should be this address and the address's PTR this name.
+    #[schemars(regex(pattern = DOMAIN_PATTERN))]
+    pub ehlo: String,
+    #[serde(default = "default_weight")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub weight: u32,
+    /// When this address started warming up (RFC 3339 date); warm-up is off without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_start: Option<String>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IpPoolStatus {
+    #[serde(default)]
+    pub address_count: i32,
+    #[serde(default)]
+    pub addresses: Vec<AddressStatus>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AddressStatus {
+    pub address: String,
+    /// Whether the PTR of the address is the EHLO name and that name resolves back to the address.
+    pub reverse_dns: RecordState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_ptr: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_day: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_cap: Option<u64>,
+}

@@ -1,0 +1,12 @@
+//! herald-operator: reconciles SendingDomain, SmtpRelay and IpPool into relay workloads and DNS record
+//! instructions.
+//!
+//! # Layout
+//! - `crd`: the custom resource types (the CRD schema is generated from them).
+//! - `crds`: the generated CRD documents, as `kubectl apply` takes them.
+
+#![forbid(unsafe_code)]
+#![warn(missing_debug_implementations, rust_2018_idioms)]
+
+pub mod crd;
+pub mod crds;
