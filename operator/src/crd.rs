@@ -45,6 +45,8 @@ fn default_password_key() -> String {
 // SendingDomain
 
 /// A domain that applications send mail from, with the DNS records it needs.
+// kube's derive takes one printcolumn / validation attribute per column or rule.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
     group = "herald.dev",
@@ -218,6 +220,8 @@ pub enum RecordState {
 // SmtpRelay
 
 /// A pool of herald-relay replicas: listeners, users, delivery policy, storage.
+// kube's derive takes one printcolumn / validation attribute per column or rule.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
     group = "herald.dev",
@@ -440,6 +444,8 @@ pub struct SmtpRelayStatus {
 // IpPool
 
 /// Source addresses for outbound mail, with EHLO names, weights and a warm-up schedule.
+// kube's derive takes one printcolumn / validation attribute per column or rule.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
     group = "herald.dev",
