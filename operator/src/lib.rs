@@ -4,9 +4,13 @@
 //! # Layout
 //! - `crd`: the custom resource types (the CRD schema is generated from them).
 //! - `crds`: the generated CRD documents, as `kubectl apply` takes them.
+//! - `dkim`: DKIM key generation and the DKIM record value.
+//! - `records`: the DNS records a SendingDomain needs.
 
 #![forbid(unsafe_code)]
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
 pub mod crd;
 pub mod crds;
+pub mod dkim;
+pub mod records;

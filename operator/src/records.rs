@@ -1,0 +1,181 @@
+//! The DNS records a SendingDomain needs, computed from its spec: DKIM, SPF and MX on the return-path
+//! domain, DMARC. Pure functions; verification against DNS happens in the reconciler.
+
+use crate::crd::{DmarcPolicy, DnsRecord, RecordPurpose, RecordState, SendingDomainSpec};
+use crate::dkim;
+
+/// What the records depend on besides the spec.
+#[derive(Debug, Clone)]
+pub struct Inputs<'a> {
+    /// The DKIM public key (`p=`) of the active selector.
+    pub dkim_public_b64: &'a str,
+    /// Source addresses of the domain's IP pool (empty without one).
+    pub pool_addresses: &'a [String],
+    /// The host name the relay receives bounces on (the return-path MX target).
+    pub inbound_host: &'a str,
+}
+
+/// Splits a TXT value into strings of at most 255 bytes (RFC 1035 section 3.3.14) in zone-file form.
+pub fn txt_strings(value: &str) -> String {
+    value
+        .as_bytes()
+        .chunks(255)
+        .map(|c| format!("\"{}\"", String::from_utf8_lossy(c)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn record(name: String, record_type: &str, value: String, purpose: RecordPurpose) -> DnsRecord {
+    DnsRecord {
+        name,
+        record_type: record_type.to_owned(),
+        value,
+        purpose,
+        state: RecordState::Missing,
+        observed: None,
+        nameserver: None,
+    }
+}
+
+/// The return-path domain: `<returnPath>.<domain>`.
+pub fn return_path_domain(spec: &SendingDomainSpec) -> String {
+    format!("{}.{}", spec.return_path, spec.domain)
+}
+
+/// Every record to publish, in a stable order (DKIM, SPF, return-path MX, DMARC).
+pub fn desired(spec: &SendingDomainSpec, inputs: &Inputs<'_>) -> Vec<DnsRecord> {
+    let rp = return_path_domain(spec);
+    let mut out = vec![record(
+        format!("{}._domainkey.{}", spec.dkim.selector, spec.domain),
+        "TXT",
+        txt_strings(&dkim::record_value(
+            spec.dkim.algorithm,
+            inputs.dkim_public_b64,
+        )),
+        RecordPurpose::Dkim,
+    )];
+    let mut spf = String::from("v=spf1");
+    if inputs.pool_addresses.is_empty() {
+        spf.push_str(&format!(" a:{}", inputs.inbound_host));
+    }
+    for a in inputs.pool_addresses {
+        let mech = if a.contains(':') { "ip6" } else { "ip4" };
+        spf.push_str(&format!(" {mech}:{a}"));
+    }
+    spf.push_str(" -all");
+    out.push(record(
+        rp.clone(),
+        "TXT",
+        txt_strings(&spf),
+        RecordPurpose::Spf,
+    ));
+    out.push(record(
+        rp,
+        "MX",
+        format!("10 {}.", inputs.inbound_host.trim_end_matches('.')),
+        RecordPurpose::ReturnPathMx,
+    ));
+    if let Some(d) = &spec.dmarc {
+        let p = match d.policy {
+            DmarcPolicy::None => "none",
+            DmarcPolicy::Quarantine => "quarantine",
+            DmarcPolicy::Reject => "reject",
+        };
+        let mut v = format!("v=DMARC1; p={p}; adkim=r; aspf=r");
+        if let Some(addr) = &d.report_address {
+            v.push_str(&format!("; rua=mailto:{addr}"));
+        }
+        out.push(record(
+            format!("_dmarc.{}", spec.domain),
+            "TXT",
+            txt_strings(&v),
+            RecordPurpose::Dmarc,
+        ));
+    }
+    out
+}
+
+/// Joins the strings of a TXT record as served (a resolver returns them split) for comparison.
+pub fn join_txt(strings: &[&str]) -> String {
+    strings.concat()
+}
+
+/// The TXT value a record expects, without the zone-file quoting.
+pub fn unquoted(value: &str) -> String {
+    value
+        .split("\" \"")
+        .map(|s| s.trim_matches('"'))
+        .collect::<Vec<_>>()
+        .concat()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{DkimSpec, DmarcSpec, LocalRef};
+
+    fn spec() -> SendingDomainSpec {
+        SendingDomainSpec {
+            domain: "example.test".into(),
+            relay_ref: LocalRef {
+                name: "relay".into(),
+            },
+            dkim: DkimSpec::default(),
+            return_path: "bounces".into(),
+            dmarc: Some(DmarcSpec {
+                policy: DmarcPolicy::Quarantine,
+                report_address: Some("dmarc@example.test".into()),
+            }),
+            ip_pool_ref: None,
+            publish_with_external_dns: false,
+        }
+    }
+
+    #[test]
+    fn records_for_a_domain_with_a_pool() {
+        let key = "A".repeat(392);
+        let pool = ["192.0.2.10".to_owned(), "2001:db8::1".to_owned()];
+        let r = desired(
+            &spec(),
+            &Inputs {
+                dkim_public_b64: &key,
+                pool_addresses: &pool,
+                inbound_host: "relay.mail.svc.example.test",
+            },
+        );
+        assert_eq!(r.len(), 4);
+        assert_eq!(r[0].name, "herald1._domainkey.example.test");
+        // A 2048-bit key does not fit in one 255-byte string.
+        assert_eq!(r[0].value.matches("\" \"").count(), 1);
+        assert_eq!(unquoted(&r[0].value), format!("v=DKIM1; k=rsa; p={key}"));
+        assert_eq!(r[1].name, "bounces.example.test");
+        assert_eq!(
+            unquoted(&r[1].value),
+            "v=spf1 ip4:192.0.2.10 ip6:2001:db8::1 -all"
+        );
+        assert_eq!(r[2].value, "10 relay.mail.svc.example.test.");
+        assert_eq!(r[3].name, "_dmarc.example.test");
+        assert_eq!(
+            unquoted(&r[3].value),
+            "v=DMARC1; p=quarantine; adkim=r; aspf=r; rua=mailto:dmarc@example.test"
+        );
+        assert!(r.iter().all(|x| x.state == RecordState::Missing));
+    }
+
+    #[test]
+    fn spf_without_a_pool_names_the_relay() {
+        let r = desired(
+            &spec(),
+            &Inputs {
+                dkim_public_b64: "x",
+                pool_addresses: &[],
+                inbound_host: "mx.example.test",
+            },
+        );
+        assert_eq!(unquoted(&r[1].value), "v=spf1 a:mx.example.test -all");
+        assert_eq!(
+            join_txt(&["v=spf1 a:mx.ex", "ample.test -all"]),
+            "v=spf1 a:mx.example.test -all"
+        );
+    }
+}
