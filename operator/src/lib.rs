@@ -6,6 +6,7 @@
 //! - `crds`: the generated CRD documents, as `kubectl apply` takes them.
 //! - `dkim`: DKIM key generation and the DKIM record value.
 //! - `records`: the DNS records a SendingDomain needs.
+//! - `render`: an SmtpRelay and its domains and pools to the relay's config file.
 
 #![forbid(unsafe_code)]
 #![warn(missing_debug_implementations, rust_2018_idioms)]
@@ -14,3 +15,4 @@ pub mod crd;
 pub mod crds;
 pub mod dkim;
 pub mod records;
+pub mod render;

@@ -1,0 +1,359 @@
+//! An SmtpRelay, the SendingDomains that name it and their IpPools, rendered into the relay's config file.
+//!
+//! The config is built with the relay crate's own types and checked with its own validation, so every
+//! config the operator writes is one `herald-relay check-config` accepts. Paths are where the StatefulSet
+//! mounts things in the pod.
+
+use std::net::{IpAddr, SocketAddr};
+
+use herald_relay::config::{
+    self as relay, Admin, AuthMode, Config, Delivery, Dkim, DkimAlgorithm as RelayDkim, Domain,
+    IpPool as RelayPool, Listener, PerDomain, Retry, Smarthost, Source, TlsFiles, TlsMode,
+};
+use kube::ResourceExt;
+
+use crate::crd::{DkimAlgorithm, IpPool, ListenerAuth, ListenerTls, SendingDomain, SmtpRelay};
+use crate::records::return_path_domain;
+
+/// Where the pod mounts what the config refers to.
+pub const CONFIG_DIR: &str = "/etc/herald/config";
+pub const CONFIG_FILE: &str = "relay.yaml";
+pub const TLS_DIR: &str = "/etc/herald/tls";
+pub const DKIM_DIR: &str = "/etc/herald/dkim";
+pub const SMARTHOST_PASSWORD: &str = "/etc/herald/smarthost/password";
+pub const SPOOL_DIR: &str = "/var/lib/herald/spool";
+pub const ADMIN_PORT: u16 = 9090;
+
+/// Why a relay config could not be rendered; `field` is a path in the resource the user can fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{resource}: {field}: {message}")]
+pub struct RenderError {
+    pub resource: String,
+    pub field: String,
+    pub message: String,
+}
+
+fn err(resource: &str, field: impl Into<String>, message: impl Into<String>) -> RenderError {
+    RenderError {
+        resource: resource.to_owned(),
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// A user with the argon2 hash of its password (hashing happens in the reconciler, from the Secret).
+#[derive(Debug, Clone)]
+pub struct HashedUser {
+    pub name: String,
+    pub password_hash: String,
+    pub allowed_domains: Vec<String>,
+}
+
+/// The file name of a domain's DKIM key under [`DKIM_DIR`].
+pub fn dkim_key_file(domain: &str, selector: &str) -> String {
+    format!("{DKIM_DIR}/{domain}.{selector}.pem")
+}
+
+/// The relay's own host name: the spec's, or the in-cluster Service name.
+pub fn hostname(relay: &SmtpRelay) -> String {
+    relay.spec.hostname.clone().unwrap_or_else(|| {
+        format!(
+            "{}.{}.svc.cluster.local",
+            relay.name_any(),
+            relay.namespace().unwrap_or_else(|| "default".into())
+        )
+    })
+}
+
+fn duration(resource: &str, field: &str, v: &str) -> Result<std::time::Duration, RenderError> {
+    humantime::parse_duration(v)
+        .map_err(|e| err(resource, field, format!("{v:?} is not a duration: {e}")))
+}
+
+/// Renders the relay config.
+pub fn relay_config(
+    relay: &SmtpRelay,
+    domains: &[SendingDomain],
+    pools: &[IpPool],
+    users: &[HashedUser],
+    smarthost_username: Option<&str>,
+) -> Result<Config, RenderError> {
+    let res = format!("SmtpRelay {}", relay.name_any());
+    let spec = &relay.spec;
+    let mut listeners = Vec::new();
+    for (i, l) in spec.listeners.iter().enumerate() {
+        let mut nets = Vec::new();
+        for (j, n) in l.allow_networks.iter().enumerate() {
+            nets.push(n.parse::<ipnet::IpNet>().map_err(|_| {
+                err(
+                    &res,
+                    format!("spec.listeners[{i}].allowNetworks[{j}]"),
+                    format!("{n:?} is not a CIDR network"),
+                )
+            })?);
+        }
+        let port = u16::try_from(l.port)
+            .map_err(|_| err(&res, format!("spec.listeners[{i}].port"), "out of range"))?;
+        listeners.push(Listener {
+            name: l.name.clone(),
+            address: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port),
+            tls: match l.tls {
+                ListenerTls::None => TlsMode::None,
+                ListenerTls::Starttls => TlsMode::Starttls,
+                ListenerTls::Implicit => TlsMode::Implicit,
+            },
+            auth: match l.auth {
+                ListenerAuth::None => AuthMode::None,
+                ListenerAuth::Required => AuthMode::Required,
+            },
+            allow_networks: nets,
+        });
+    }
+    let mut relay_domains = Vec::new();
+    let mut pool_names: Vec<String> = Vec::new();
+    for d in domains {
+        let pool = d.spec.ip_pool_ref.as_ref().map(|p| p.name.clone());
+        if let Some(p) = &pool
+            && !pool_names.contains(p)
+        {
+            pool_names.push(p.clone());
+        }
+        relay_domains.push(Domain {
+            name: d.spec.domain.clone(),
+            dkim: Some(Dkim {
+                selector: d.spec.dkim.selector.clone(),
+                algorithm: match d.spec.dkim.algorithm {
+                    DkimAlgorithm::Rsa2048 => RelayDkim::RsaSha256,
+                    DkimAlgorithm::Ed25519 => RelayDkim::Ed25519Sha256,
+                },
+                key_file: dkim_key_file(&d.spec.domain, &d.spec.dkim.selector).into(),
+            }),
+            return_path: Some(return_path_domain(&d.spec)),
+            ip_pool: pool,
+        });
+    }
+    let mut ip_pools = Vec::new();
+    for name in pool_names {
+        let Some(p) = pools.iter().find(|p| p.name_any() == name) else {
+            return Err(err(
+                &res,
+                "SendingDomain.spec.ipPoolRef",
+                format!("IpPool {name:?} does not exist"),
+            ));
+        };
+        let mut sources = Vec::new();
+        for (i, a) in p.spec.addresses.iter().enumerate() {
+            let address = a.address.parse::<IpAddr>().map_err(|_| {
+                err(
+                    &format!("IpPool {name}"),
+                    format!("spec.addresses[{i}].address"),
+                    "not an IP address",
+                )
+            })?;
+            sources.push(Source {
+                address,
+                ehlo: a.ehlo.clone(),
+            });
+        }
+        ip_pools.push(RelayPool { name, sources });
+    }
+    let mut delivery = Delivery::default();
+    if let Some(r) = &spec.delivery.retry {
+        delivery.retry = Retry {
+            first: duration(&res, "spec.delivery.retry.first", &r.first)?,
+            max: duration(&res, "spec.delivery.retry.max", &r.max)?,
+            factor: r.factor,
+        };
+    }
+    if let Some(m) = &spec.delivery.max_age {
+        delivery.max_age = duration(&res, "spec.delivery.maxAge", m)?;
+    }
+    if let Some(p) = &spec.delivery.per_domain {
+        delivery.per_domain = PerDomain {
+            max_connections: p.max_connections,
+            messages_per_connection: p.messages_per_connection,
+        };
+    }
+    if let Some(s) = &spec.delivery.smarthost {
+        let port = u16::try_from(s.port)
+            .map_err(|_| err(&res, "spec.delivery.smarthost.port", "out of range"))?;
+        delivery.smarthost = Some(Smarthost {
+            host: s.host.clone(),
+            port,
+            tls: match s.tls {
+                ListenerTls::None => TlsMode::None,
+                ListenerTls::Starttls => TlsMode::Starttls,
+                ListenerTls::Implicit => TlsMode::Implicit,
+            },
+            username: smarthost_username.map(str::to_owned),
+            password_file: smarthost_username.map(|_| SMARTHOST_PASSWORD.into()),
+        });
+    }
+    let config = Config {
+        hostname: hostname(relay),
+        spool_dir: SPOOL_DIR.into(),
+        listeners,
+        tls: spec.tls_secret_ref.as_ref().map(|_| TlsFiles {
+            cert_file: format!("{TLS_DIR}/tls.crt").into(),
+            key_file: format!("{TLS_DIR}/tls.key").into(),
+        }),
+        users: users
+            .iter()
+            .map(|u| relay::User {
+                username: u.name.clone(),
+                password_hash: u.password_hash.clone(),
+                allowed_domains: u.allowed_domains.clone(),
+            })
+            .collect(),
+        domains: relay_domains,
+        ip_pools,
+        delivery,
+        limits: relay::Limits::default(),
+        admin: Some(Admin {
+            address: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), ADMIN_PORT),
+        }),
+        events: None,
+        log: relay::Log::default(),
+    };
+    config.validate().map_err(|e| {
+        err(
+            &res,
+            "spec",
+            format!("the rendered relay config is invalid: {e}"),
+        )
+    })?;
+    Ok(config)
+}
+
+/// The config file's text.
+pub fn config_yaml(config: &Config) -> Result<String, serde_saphyr::SerializeError> {
+    serde_saphyr::to_string(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::*;
+
+    fn relay() -> SmtpRelay {
+        let mut r = SmtpRelay::new(
+            "relay",
+            SmtpRelaySpec {
+                replicas: 2,
+                image: "herald/relay:test".into(),
+                hostname: None,
+                listeners: vec![
+                    ListenerSpec {
+                        name: "submission".into(),
+                        port: 587,
+                        tls: ListenerTls::Starttls,
+                        auth: ListenerAuth::Required,
+                        allow_networks: vec![],
+                    },
+                    ListenerSpec {
+                        name: "trusted".into(),
+                        port: 2525,
+                        tls: ListenerTls::None,
+                        auth: ListenerAuth::None,
+                        allow_networks: vec!["10.0.0.0/8".into()],
+                    },
+                ],
+                tls_secret_ref: Some(LocalRef {
+                    name: "relay-tls".into(),
+                }),
+                users: vec![],
+                delivery: DeliverySpec {
+                    retry: Some(RetrySpec {
+                        first: "2m".into(),
+                        max: "4h".into(),
+                        factor: 2.0,
+                    }),
+                    max_age: Some("3d".into()),
+                    per_domain: None,
+                    smarthost: None,
+                },
+                storage: StorageSpec::default(),
+                resources: None,
+                metrics: MetricsSpec::default(),
+            },
+        );
+        r.metadata.namespace = Some("mail".into());
+        r
+    }
+
+    fn domain() -> SendingDomain {
+        SendingDomain::new(
+            "example",
+            SendingDomainSpec {
+                domain: "example.test".into(),
+                relay_ref: LocalRef {
+                    name: "relay".into(),
+                },
+                dkim: DkimSpec::default(),
+                return_path: "bounces".into(),
+                dmarc: None,
+                ip_pool_ref: Some(LocalRef {
+                    name: "pool".into(),
+                }),
+                publish_with_external_dns: false,
+            },
+        )
+    }
+
+    fn pool() -> IpPool {
+        IpPool::new(
+            "pool",
+            IpPoolSpec {
+                addresses: vec![PoolAddress {
+                    address: "192.0.2.10".into(),
+                    ehlo: "mta1.example.test".into(),
+                    weight: 1,
+                    warmup_start: None,
+                }],
+                warmup: vec![],
+            },
+        )
+    }
+
+    fn users() -> Vec<HashedUser> {
+        vec![HashedUser {
+            name: "app".into(),
+            password_hash: herald_relay::policy::hash_password("pw").unwrap(),
+            allowed_domains: vec!["example.test".into()],
+        }]
+    }
+
+    #[test]
+    fn rendered_config_is_one_the_relay_accepts() {
+        let c = relay_config(&relay(), &[domain()], &[pool()], &users(), None).unwrap();
+        assert_eq!(c.hostname, "relay.mail.svc.cluster.local");
+        assert_eq!(
+            c.domains[0].return_path.as_deref(),
+            Some("bounces.example.test")
+        );
+        assert_eq!(c.ip_pools[0].sources[0].ehlo, "mta1.example.test");
+        assert_eq!(
+            c.delivery.max_age,
+            std::time::Duration::from_secs(3 * 86400)
+        );
+        // What herald-relay check-config does with the file.
+        let text = config_yaml(&c).unwrap();
+        assert_eq!(Config::parse(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn a_missing_pool_or_bad_network_names_the_field() {
+        let e = relay_config(&relay(), &[domain()], &[], &users(), None).unwrap_err();
+        assert_eq!(e.field, "SendingDomain.spec.ipPoolRef");
+        let mut r = relay();
+        r.spec.listeners[1].allow_networks = vec!["10.0.0.0/33".into()];
+        let e = relay_config(&r, &[], &[], &users(), None).unwrap_err();
+        assert_eq!(e.field, "spec.listeners[1].allowNetworks[0]");
+    }
+
+    #[test]
+    fn auth_listeners_without_users_are_refused_by_the_relays_own_validation() {
+        let e = relay_config(&relay(), &[], &[], &[], None).unwrap_err();
+        assert!(e.message.contains("users"), "{e}");
+    }
+}
