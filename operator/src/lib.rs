@@ -5,6 +5,7 @@
 //! - `crd`: the custom resource types (the CRD schema is generated from them).
 //! - `crds`: the generated CRD documents, as `kubectl apply` takes them.
 //! - `dkim`: DKIM key generation and the DKIM record value.
+//! - `objects`: the Secret, StatefulSet, Services, PDB and ServiceMonitor of an SmtpRelay.
 //! - `records`: the DNS records a SendingDomain needs.
 //! - `render`: an SmtpRelay and its domains and pools to the relay's config file.
 
@@ -14,5 +15,6 @@
 pub mod crd;
 pub mod crds;
 pub mod dkim;
+pub mod objects;
 pub mod records;
 pub mod render;
