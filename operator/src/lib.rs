@@ -2,19 +2,25 @@
 //! instructions.
 //!
 //! # Layout
+//! - `controller`: the reconcilers, their shared context and backoff, and the run loop.
 //! - `crd`: the custom resource types (the CRD schema is generated from them).
 //! - `crds`: the generated CRD documents, as `kubectl apply` takes them.
 //! - `dkim`: DKIM key generation and the DKIM record value.
 //! - `objects`: the Secret, StatefulSet, Services, PDB and ServiceMonitor of an SmtpRelay.
 //! - `records`: the DNS records a SendingDomain needs.
 //! - `render`: an SmtpRelay and its domains and pools to the relay's config file.
+//! - `verify`: DNS checks of the records, naming the nameserver.
+//! - `metrics`: the operator's own metrics.
 
 #![forbid(unsafe_code)]
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
+pub mod controller;
 pub mod crd;
 pub mod crds;
 pub mod dkim;
+pub mod metrics;
 pub mod objects;
 pub mod records;
 pub mod render;
+pub mod verify;

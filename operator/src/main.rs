@@ -1,5 +1,6 @@
 //! The herald-operator command: parse arguments and run.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -17,6 +18,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the controllers against the cluster of the current kubeconfig (or the in-cluster config).
+    Run {
+        /// Nameserver (ip:port) to verify DNS records against; repeat for several. Default: the system's.
+        #[arg(long = "dns-nameserver")]
+        nameservers: Vec<SocketAddr>,
+        /// Address of /healthz, /readyz and /metrics.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        health_address: SocketAddr,
+    },
     /// Print the CustomResourceDefinitions (YAML) for `kubectl apply --server-side -f -`.
     Crds,
 }
@@ -33,5 +43,37 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Run {
+            nameservers,
+            health_address,
+        } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            // kube links rustls with ring; install it as the process default before any TLS is made.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let opts = herald_operator::controller::run::RunOptions {
+                nameservers,
+                health_address,
+            };
+            match runtime.block_on(herald_operator::controller::run::run(opts)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }

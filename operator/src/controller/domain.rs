@@ -1,0 +1,312 @@
+//! SendingDomain: a DKIM key in a Secret, the DNS records to publish, and whether DNS serves them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use super::{Context, Error, MANAGER, condition};
+use crate::crd::{
+    DkimAlgorithm, IpPool, RecordState, SendingDomain, SendingDomainStatus, SmtpRelay,
+};
+use crate::objects::{DKIM_KEY, dkim_secret_name};
+use crate::records::{self, Inputs};
+use crate::{dkim, render};
+
+/// The key in a generated DKIM Secret holding the `p=` value, so the public key is not re-derived each time.
+pub const DKIM_PUBLIC: &str = "public.b64";
+
+/// How soon to look at DNS again while records are missing, and once they verify.
+const RECHECK_PENDING: Duration = Duration::from_secs(30);
+const RECHECK_VERIFIED: Duration = Duration::from_secs(600);
+
+pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    ctx.touch();
+    ctx.metrics
+        .reconciles
+        .with_label_values(&["SendingDomain"])
+        .inc();
+    let ns = sd
+        .namespace()
+        .ok_or_else(|| Error::Invalid("SendingDomain without a namespace".into()))?;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let previous = sd.status.clone().unwrap_or_default();
+    let generation = sd.metadata.generation;
+
+    let key = dkim_public_key(&sd, &secrets).await;
+    let mut conditions = Vec::new();
+    let public = match &key {
+        Ok(p) => {
+            conditions.push(condition(
+                &previous.conditions,
+                "DkimKeyReady",
+                true,
+                "KeyReady",
+                format!("DKIM key in Secret {}", dkim_secret_name(&sd)),
+                generation,
+            ));
+            Some(p.clone())
+        }
+        Err(e) => {
+            conditions.push(condition(
+                &previous.conditions,
+                "DkimKeyReady",
+                false,
+                "KeyUnavailable",
+                e.to_string(),
+                generation,
+            ));
+            None
+        }
+    };
+
+    let pools: Api<IpPool> = Api::namespaced(ctx.client.clone(), &ns);
+    let pool_addresses = match &sd.spec.ip_pool_ref {
+        Some(r) => pools
+            .get_opt(&r.name)
+            .await?
+            .map(|p| p.spec.addresses.iter().map(|a| a.address.clone()).collect())
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let relays: Api<SmtpRelay> = Api::namespaced(ctx.client.clone(), &ns);
+    let inbound_host = match relays.get_opt(&sd.spec.relay_ref.name).await? {
+        Some(r) => render::hostname(&r),
+        None => format!("{}.{ns}.svc.cluster.local", sd.spec.relay_ref.name),
+    };
+    let mut records = Vec::new();
+    if let Some(p) = &public {
+        let desired = records::desired(
+            &sd.spec,
+            &Inputs {
+                dkim_public_b64: p,
+                pool_addresses: &pool_addresses,
+                inbound_host: &inbound_host,
+            },
+        );
+        for r in &desired {
+            records.push(ctx.dns.check(r).await);
+        }
+    }
+    let missing: Vec<String> = records
+        .iter()
+        .filter(|r| r.state != RecordState::Published)
+        .map(|r| match (&r.observed, &r.nameserver) {
+            (Some(o), Some(ns)) => format!(
+                "{} {} ({:?}: {ns} served {o:?})",
+                r.record_type, r.name, r.state
+            ),
+            (_, Some(ns)) => format!("{} {} ({:?} at {ns})", r.record_type, r.name, r.state),
+            _ => format!("{} {} ({:?})", r.record_type, r.name, r.state),
+        })
+        .collect();
+    let verified = public.is_some() && missing.is_empty();
+    let dns_message = if public.is_none() {
+        "waiting for the DKIM key".to_owned()
+    } else if verified {
+        format!("all {} records are published", records.len())
+    } else {
+        format!("not yet served: {}", missing.join("; "))
+    };
+    let reason = if verified {
+        "RecordsPublished"
+    } else if records.iter().any(|r| r.state == RecordState::Mismatch) {
+        "RecordsMismatch"
+    } else {
+        "RecordsMissing"
+    };
+    conditions.push(condition(
+        &previous.conditions,
+        "DnsVerified",
+        verified,
+        reason,
+        dns_message,
+        generation,
+    ));
+    let ready = verified && key.is_ok();
+    conditions.push(condition(
+        &previous.conditions,
+        "Ready",
+        ready,
+        if ready { "Ready" } else { "NotReady" },
+        if ready {
+            "the domain can send".into()
+        } else {
+            "see DkimKeyReady and DnsVerified".into()
+        },
+        generation,
+    ));
+    let status = SendingDomainStatus {
+        records,
+        conditions,
+        observed_generation: generation,
+        active_selector: public.as_ref().map(|_| sd.spec.dkim.selector.clone()),
+    };
+    if status != previous {
+        let was_verified = previous
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "DnsVerified" && c.status == "True");
+        let api: Api<SendingDomain> = Api::namespaced(ctx.client.clone(), &ns);
+        api.patch_status(
+            &sd.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(json!({
+                "apiVersion": "herald.dev/v1alpha1",
+                "kind": "SendingDomain",
+                "status": status,
+            })),
+        )
+        .await?;
+        if was_verified != verified {
+            let (type_, reason, note) = if verified {
+                (
+                    EventType::Normal,
+                    "DnsVerified",
+                    "all DNS records are published",
+                )
+            } else {
+                (
+                    EventType::Warning,
+                    "DnsNotVerified",
+                    "some DNS records are missing or differ; see status.records",
+                )
+            };
+            let ev = Event {
+                type_,
+                reason: reason.into(),
+                note: Some(note.into()),
+                action: "VerifyDns".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&ev, &sd.object_ref(&())).await {
+                tracing::warn!(error = %e, "cannot publish an event");
+            }
+        }
+    }
+    ctx.succeeded(sd.as_ref());
+    ctx.metrics
+        .duration
+        .with_label_values(&["SendingDomain"])
+        .observe(started.elapsed().as_secs_f64());
+    Ok(Action::requeue(if verified {
+        RECHECK_VERIFIED
+    } else {
+        RECHECK_PENDING
+    }))
+}
+
+/// The DKIM public key (`p=`), creating the key Secret when the domain does not bring its own.
+async fn dkim_public_key(sd: &SendingDomain, secrets: &Api<Secret>) -> Result<String, Error> {
+    let name = dkim_secret_name(sd);
+    if let Some(s) = secrets.get_opt(&name).await? {
+        let data = s.data.unwrap_or_default();
+        if let Some(p) = data.get(DKIM_PUBLIC) {
+            return Ok(String::from_utf8_lossy(&p.0).into_owned());
+        }
+        let Some(private) = data.get(DKIM_KEY) else {
+            return Err(Error::Invalid(format!(
+                "Secret {name} has no {DKIM_KEY} key"
+            )));
+        };
+        return public_from_private(sd.spec.dkim.algorithm, &private.0);
+    }
+    if sd.spec.dkim.secret_ref.is_some() {
+        return Err(Error::Invalid(format!(
+            "Secret {name} (spec.dkim.secretRef) does not exist"
+        )));
+    }
+    let algorithm = sd.spec.dkim.algorithm;
+    let key = tokio::task::spawn_blocking(move || dkim::generate(algorithm))
+        .await
+        .map_err(|e| Error::Invalid(e.to_string()))??;
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: sd.namespace(),
+            owner_references: sd.controller_owner_ref(&()).map(|o| vec![o]),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/managed-by".to_owned(),
+                MANAGER.to_owned(),
+            )])),
+            annotations: Some(BTreeMap::from([
+                (
+                    "herald.dev/dkim-selector".to_owned(),
+                    sd.spec.dkim.selector.clone(),
+                ),
+                (
+                    "herald.dev/dkim-algorithm".to_owned(),
+                    format!("{algorithm:?}").to_lowercase(),
+                ),
+            ])),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([
+            (
+                DKIM_KEY.to_owned(),
+                ByteString(key.private_pem.into_bytes()),
+            ),
+            (
+                DKIM_PUBLIC.to_owned(),
+                ByteString(key.public_b64.clone().into_bytes()),
+            ),
+        ])),
+        type_: Some("Opaque".to_owned()),
+        ..Secret::default()
+    };
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(key.public_b64),
+        // Another replica (or an earlier, interrupted reconcile) made it first: use that one.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let s = secrets.get(&name).await?;
+            let data = s.data.unwrap_or_default();
+            data.get(DKIM_PUBLIC)
+                .map(|p| String::from_utf8_lossy(&p.0).into_owned())
+                .ok_or_else(|| Error::Invalid(format!("Secret {name} has no {DKIM_PUBLIC} key")))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The `p=` value of a private key the user brought.
+fn public_from_private(algorithm: DkimAlgorithm, pem: &[u8]) -> Result<String, Error> {
+    let text = String::from_utf8_lossy(pem);
+    match algorithm {
+        DkimAlgorithm::Rsa2048 => {
+            use rsa::pkcs1::DecodeRsaPrivateKey;
+            use rsa::pkcs8::{DecodePrivateKey, EncodePublicKey};
+            let key = rsa::RsaPrivateKey::from_pkcs8_pem(&text)
+                .or_else(|_| rsa::RsaPrivateKey::from_pkcs1_pem(&text))
+                .map_err(|_| {
+                    Error::Invalid("the DKIM Secret's key is not an RSA private key in PEM".into())
+                })?;
+            let der = key
+                .to_public_key()
+                .to_public_key_der()
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            Ok(B64.encode(der.as_bytes()))
+        }
+        DkimAlgorithm::Ed25519 => {
+            use ring::signature::KeyPair;
+            let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+            let der = B64
+                .decode(body.trim())
+                .map_err(|_| Error::Invalid("the DKIM Secret's key is not PEM".into()))?;
+            let pair = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der).map_err(
+                |_| Error::Invalid("the DKIM Secret's key is not an Ed25519 PKCS#8 key".into()),
+            )?;
+            Ok(B64.encode(pair.public_key().as_ref()))
+        }
+    }
+}

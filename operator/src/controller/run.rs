@@ -1,0 +1,136 @@
+//! Builds and runs the controllers, with the health and metrics endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use kube::api::ListParams;
+use kube::runtime::controller::Controller;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+
+use super::{Context, domain, error_policy, relay};
+use crate::crd::{SendingDomain, SmtpRelay};
+use crate::verify::Verifier;
+
+/// Liveness fails when the API server has not been reached for this long.
+const STALE_AFTER: i64 = 300;
+
+/// Options of `herald-operator run`.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub nameservers: Vec<SocketAddr>,
+    pub health_address: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot connect to the Kubernetes API: {0}")]
+    Client(#[from] kube::Error),
+    #[error(transparent)]
+    Verifier(#[from] crate::verify::VerifierError),
+    #[error("health endpoint {0}: {1}")]
+    Health(SocketAddr, std::io::Error),
+}
+
+pub async fn run(opts: RunOptions) -> Result<(), RunError> {
+    let client = Client::try_default().await?;
+    let ctx = Context::new(client.clone(), Verifier::new(&opts.nameservers)?);
+    let listener = tokio::net::TcpListener::bind(opts.health_address)
+        .await
+        .map_err(|e| RunError::Health(opts.health_address, e))?;
+    tokio::spawn(serve_health(listener, ctx.clone()));
+    tokio::spawn(heartbeat(client.clone(), ctx.clone()));
+    tracing::info!(health = %opts.health_address, "herald-operator starting");
+
+    let domains = Controller::new(
+        Api::<SendingDomain>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .shutdown_on_signal()
+    .run(domain::reconcile, error_policy, ctx.clone())
+    .for_each(|r| {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "SendingDomain controller event");
+        }
+        futures::future::ready(())
+    });
+    let relays = Controller::new(
+        Api::<SmtpRelay>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(
+        Api::<StatefulSet>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .watches(
+        Api::<SendingDomain>::all(client.clone()),
+        watcher::Config::default(),
+        |sd| {
+            let ns = sd.namespace()?;
+            Some(ObjectRef::<SmtpRelay>::new(&sd.spec.relay_ref.name).within(&ns))
+        },
+    )
+    .shutdown_on_signal()
+    .run(relay::reconcile, error_policy, ctx.clone())
+    .for_each(|r| {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "SmtpRelay controller event");
+        }
+        futures::future::ready(())
+    });
+    tokio::join!(domains, relays);
+    tracing::info!("herald-operator stopped");
+    Ok(())
+}
+
+/// Proves the API server is reachable even when there is nothing to reconcile.
+async fn heartbeat(client: Client, ctx: Arc<Context>) {
+    let api = Api::<SmtpRelay>::all(client);
+    loop {
+        if api.list(&ListParams::default().limit(1)).await.is_ok() {
+            ctx.touch();
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+}
+
+async fn serve_health(listener: tokio::net::TcpListener, ctx: Arc<Context>) {
+    use axum::routing::get;
+    let c1 = ctx.clone();
+    let c2 = ctx.clone();
+    let app = axum::Router::new()
+        .route(
+            "/healthz",
+            get(move || {
+                let ctx = c1.clone();
+                async move {
+                    let age =
+                        chrono::Utc::now().timestamp() - ctx.last_activity.load(Ordering::Relaxed);
+                    if age > STALE_AFTER {
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            format!("no API activity for {age} s\n"),
+                        )
+                    } else {
+                        (axum::http::StatusCode::OK, "ok\n".to_owned())
+                    }
+                }
+            }),
+        )
+        .route("/readyz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let ctx = c2.clone();
+                async move { ctx.metrics.render() }
+            }),
+        );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "health endpoint failed");
+    }
+}
