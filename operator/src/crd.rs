@@ -281,7 +281,7 @@ fn default_image() -> String {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.auth != 'required' || self.tls != 'none'").message("auth: required needs tls: starttls or implicit"))]
 pub struct ListenerSpec {
-    #[schemars(regex(pattern = r"^[a-z][a-z0-9-]{0,14}$"))]
+    #[schemars(regex(pattern = r"^[a-z][a-z0-9-]{0,14}$"), length(min = 1, max = 15))]
     pub name: String,
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
@@ -484,6 +484,7 @@ pub struct IpPoolSpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("isIP(self.address)").message("address must be an IPv4 or IPv6 address"))]
 pub struct PoolAddress {
+    #[schemars(length(min = 2, max = 45))]
     pub address: String,
     /// The EHLO name; its A/AAAA should be this address and the address's PTR this name.
     #[schemars(regex(pattern = DOMAIN_PATTERN))]

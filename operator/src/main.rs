@@ -26,6 +26,12 @@ enum Command {
         /// Address of /healthz, /readyz and /metrics.
         #[arg(long, default_value = "0.0.0.0:8080")]
         health_address: SocketAddr,
+        /// How soon DNS records are checked again while some are missing.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        dns_recheck_pending: std::time::Duration,
+        /// How often verified records are checked again (a removed record turns DnsVerified false).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        dns_recheck_verified: std::time::Duration,
     },
     /// Print the CustomResourceDefinitions (YAML) for `kubectl apply --server-side -f -`.
     Crds,
@@ -46,6 +52,8 @@ fn main() -> ExitCode {
         Command::Run {
             nameservers,
             health_address,
+            dns_recheck_pending,
+            dns_recheck_verified,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -66,6 +74,8 @@ fn main() -> ExitCode {
             let opts = herald_operator::controller::run::RunOptions {
                 nameservers,
                 health_address,
+                recheck_pending: dns_recheck_pending,
+                recheck_verified: dns_recheck_verified,
             };
             match runtime.block_on(herald_operator::controller::run::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -14,10 +14,13 @@ HELM_VERSION=v4.3.1
 # Bump when the build commands below change, so caches built by an older recipe are not reused.
 RECIPE=1
 
-k8s_version="$(awk '$1 == "k8s.io/kubernetes" { print $2; exit }' "$here/go.mod")"
-[[ "$k8s_version" =~ ^v([0-9]+)\.([0-9]+)\.[0-9]+$ ]] || { echo "build.sh: no k8s.io/kubernetes version in go.mod" >&2; exit 1; }
+k8s_version="$(awk '$1 == "k8s.io/kubernetes" && $2 ~ /^v/ { print $2; exit }' "$here/go.mod")"
+if [[ ! "$k8s_version" =~ ^v([0-9]+)\.([0-9]+)\.[0-9]+$ ]]; then
+  echo "build.sh: no k8s.io/kubernetes version in go.mod" >&2
+  exit 1
+fi
 k8s_major="${BASH_REMATCH[1]}" k8s_minor="${BASH_REMATCH[2]}"
-etcd_version="$(awk '$1 == "go.etcd.io/etcd/server/v3" { print $2; exit }' "$here/go.mod")"
+etcd_version="$(awk '$1 == "go.etcd.io/etcd/server/v3" && $2 ~ /^v/ { print $2; exit }' "$here/go.mod")"
 
 key="$( { cat "$here/go.mod" "$here/go.sum"; echo "helm=$HELM_VERSION recipe=$RECIPE"; } | sha256sum | cut -c1-12)"
 cache="${HERALD_CLUSTER_CACHE:-$HOME/.cache/herald-cluster}"
@@ -44,7 +47,8 @@ tmp="$(mktemp -d "$cache/.build.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/bin"
 start=$SECONDS
-echo "build.sh: building Kubernetes $k8s_version, etcd $etcd_version, helm $HELM_VERSION into $dest (first build takes a while)" >&2
+echo "build.sh: building Kubernetes $k8s_version, etcd $etcd_version, helm $HELM_VERSION into $dest" \
+  "(the first build takes about 15 minutes)" >&2
 
 export CGO_ENABLED=0 GOTOOLCHAIN=local
 goflags=(-trimpath -buildvcs=false)

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -25,10 +25,6 @@ use crate::{dkim, render};
 
 /// The key in a generated DKIM Secret holding the `p=` value, so the public key is not re-derived each time.
 pub const DKIM_PUBLIC: &str = "public.b64";
-
-/// How soon to look at DNS again while records are missing, and once they verify.
-const RECHECK_PENDING: Duration = Duration::from_secs(30);
-const RECHECK_VERIFIED: Duration = Duration::from_secs(600);
 
 pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
@@ -201,9 +197,9 @@ pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Acti
         .with_label_values(&["SendingDomain"])
         .observe(started.elapsed().as_secs_f64());
     Ok(Action::requeue(if verified {
-        RECHECK_VERIFIED
+        ctx.recheck_verified
     } else {
-        RECHECK_PENDING
+        ctx.recheck_pending
     }))
 }
 

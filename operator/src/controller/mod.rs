@@ -51,6 +51,9 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// Unix seconds of the last reconcile, for the liveness probe.
     pub last_activity: AtomicI64,
+    /// How soon DNS is checked again while records are missing, and once they all verify.
+    pub recheck_pending: Duration,
+    pub recheck_verified: Duration,
 }
 
 impl std::fmt::Debug for Context {
@@ -62,7 +65,12 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
-    pub fn new(client: Client, dns: Verifier) -> Arc<Context> {
+    pub fn new(
+        client: Client,
+        dns: Verifier,
+        recheck_pending: Duration,
+        recheck_verified: Duration,
+    ) -> Arc<Context> {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -77,6 +85,8 @@ impl Context {
             metrics: Metrics::new(),
             failures: Mutex::new(HashMap::new()),
             last_activity: AtomicI64::new(chrono::Utc::now().timestamp()),
+            recheck_pending,
+            recheck_verified,
         })
     }
 

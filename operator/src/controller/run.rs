@@ -25,6 +25,8 @@ const STALE_AFTER: i64 = 300;
 pub struct RunOptions {
     pub nameservers: Vec<SocketAddr>,
     pub health_address: SocketAddr,
+    pub recheck_pending: Duration,
+    pub recheck_verified: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +41,12 @@ pub enum RunError {
 
 pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let client = Client::try_default().await?;
-    let ctx = Context::new(client.clone(), Verifier::new(&opts.nameservers)?);
+    let ctx = Context::new(
+        client.clone(),
+        Verifier::new(&opts.nameservers)?,
+        opts.recheck_pending,
+        opts.recheck_verified,
+    );
     let listener = tokio::net::TcpListener::bind(opts.health_address)
         .await
         .map_err(|e| RunError::Health(opts.health_address, e))?;

@@ -1,0 +1,213 @@
+"""The operator against a real kube-apiserver (tests/cluster/run.sh provides one and sets KUBECONFIG):
+CRDs apply, bad objects are refused by the schema naming the field, a SendingDomain + SmtpRelay become the
+DKIM Secret, config Secret, StatefulSet, Services and PDB with owner references, status lists the DNS
+records and follows the loopback DNS server as records appear and disappear, and spec edits flow through."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from harness.kube import REPO, Namespace, Operator, get_json, kubeconfig, kubectl, kubectl_bin, secret_data, wait_for
+from harness.relay import relay_bin
+
+pytestmark = pytest.mark.skipif(
+    not (kubeconfig() and kubectl_bin()),
+    reason="needs a test control plane: run under tests/cluster/run.sh (CI always does)",
+)
+
+
+@pytest.fixture(scope="module")
+def crds():
+    r = kubectl("apply", "--server-side", "--field-manager=test", "-f", str(REPO / "crds" / "herald.dev.yaml"))
+    for crd in ("sendingdomains.herald.dev", "smtprelays.herald.dev", "ippools.herald.dev"):
+        kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=30s")
+    return r
+
+
+@pytest.fixture
+def ns(crds):
+    n = Namespace()
+    yield n
+    n.delete()
+
+
+@pytest.fixture
+def operator(tmp_path, dns, crds):
+    op = Operator(tmp_path, dns.address)
+    yield op
+    op.stop()
+
+
+RELAY = """
+apiVersion: herald.dev/v1alpha1
+kind: SmtpRelay
+metadata: {{ name: relay }}
+spec:
+  replicas: {replicas}
+  listeners:
+    - {{ name: submission, port: 587, tls: starttls, auth: required }}
+    - {{ name: trusted, port: 2525, allowNetworks: [10.0.0.0/8] }}
+  tlsSecretRef: {{ name: relay-tls }}
+  users:
+    - name: app
+      passwordSecretRef: {{ name: app-password }}
+      allowedDomains: [example.test]
+"""
+
+DOMAIN = """
+apiVersion: herald.dev/v1alpha1
+kind: SendingDomain
+metadata: { name: example }
+spec:
+  domain: example.test
+  relayRef: { name: relay }
+  dkim: { selector: herald1, algorithm: ed25519 }
+  dmarc: { policy: quarantine, reportAddress: dmarc@example.test }
+"""
+
+PASSWORD = """
+apiVersion: v1
+kind: Secret
+metadata: { name: app-password }
+stringData: { password: s3cret }
+"""
+
+
+def test_crds_are_established_and_list_in_kubectl_get(ns):
+    r = kubectl("get", "sendingdomains,smtprelays,ippools", "-n", ns.name)
+    assert r.returncode == 0
+
+
+@pytest.mark.parametrize(
+    "manifest, field",
+    [
+        ("kind: SendingDomain\nmetadata: {name: bad}\nspec: {domain: 'Not A Domain', relayRef: {name: r}}", "spec.domain"),
+        ("kind: SendingDomain\nmetadata: {name: bad}\nspec: {domain: a.test}", "spec.relayRef"),
+        ("kind: SendingDomain\nmetadata: {name: bad}\nspec: {domain: a.test, relayRef: {name: r}, dkim: {algorithm: dsa}}", "spec.dkim.algorithm"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: a, port: 25}, {name: a, port: 26}]}", "listener names must be unique"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: a, port: 587, auth: required}]}", "auth: required needs tls"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: a, port: 465, tls: implicit}]}", "tlsSecretRef"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {replicas: 0, listeners: [{name: a, port: 25}]}", "spec.replicas"),
+        ("kind: IpPool\nmetadata: {name: bad}\nspec: {addresses: [{address: nonsense, ehlo: mta.a.test}]}", "address must be an IPv4 or IPv6 address"),
+    ],
+)
+def test_bad_objects_are_refused_by_the_schema_naming_the_field(ns, manifest, field):
+    r = ns.apply("apiVersion: herald.dev/v1alpha1\n" + manifest)
+    assert r.returncode != 0, f"accepted: {r.stdout}"
+    assert field in r.stderr, r.stderr
+
+
+def test_a_domain_and_relay_become_owned_objects_and_a_config_the_relay_accepts(ns, operator, tmp_path):
+    assert ns.apply(PASSWORD).returncode == 0
+    assert ns.apply(RELAY.format(replicas=2)).returncode == 0
+    assert ns.apply(DOMAIN).returncode == 0
+    for kind, name in [
+        ("secret", "example-dkim"),
+        ("secret", "relay-config"),
+        ("statefulset", "relay"),
+        ("service", "relay"),
+        ("service", "relay-headless"),
+        ("poddisruptionbudget", "relay"),
+    ]:
+        obj = wait_for(lambda: get_json(kind, name, ns.name), f"{kind}/{name}\n{operator.log_text()[-3000:]}")
+        owners = obj["metadata"].get("ownerReferences", [])
+        assert owners and owners[0]["kind"] in ("SmtpRelay", "SendingDomain"), obj["metadata"]
+    cfg = secret_data(get_json("secret", "relay-config", ns.name), "relay.yaml")
+    assert "example.test" in cfg and "$argon2id$" in cfg and "s3cret" not in cfg
+    path = tmp_path / "relay.yaml"
+    path.write_text(cfg)
+    r = subprocess.run([str(relay_bin()), "check-config", "--config", str(path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    sts = get_json("statefulset", "relay", ns.name)
+    assert sts["spec"]["replicas"] == 2
+    assert sts["spec"]["template"]["metadata"]["annotations"]["herald.dev/config-hash"]
+    # The DKIM private key stays in its Secret: never in status, never in the log.
+    key = secret_data(get_json("secret", "example-dkim", ns.name), "private.key")
+    body = "".join(l for l in key.splitlines() if not l.startswith("-----"))
+    sd = wait_for(lambda: (get_json("sendingdomain", "example", ns.name) or {}).get("status"), "SendingDomain status")
+    assert body not in json.dumps(sd) and body not in operator.log_text()
+
+
+def _records(ns):
+    st = (get_json("sendingdomain", "example", ns.name) or {}).get("status") or {}
+    return st.get("records") or []
+
+
+def _condition(ns, type_):
+    st = (get_json("sendingdomain", "example", ns.name) or {}).get("status") or {}
+    return next((c for c in st.get("conditions", []) if c["type"] == type_), None)
+
+
+def _publish(dns, rec):
+    if rec["type"] == "TXT":
+        value = rec["value"]
+        strings = [s.strip('"') for s in value.split('" "')]
+        dns.txt(rec["name"], *strings)
+    elif rec["type"] == "MX":
+        pref, host = rec["value"].split()
+        dns.mx(rec["name"], (int(pref), host.rstrip(".")))
+
+
+def test_status_follows_the_dns_records_as_they_are_published_and_removed(ns, operator, dns):
+    assert ns.apply(PASSWORD).returncode == 0
+    assert ns.apply(RELAY.format(replicas=1)).returncode == 0
+    assert ns.apply(DOMAIN).returncode == 0
+    records = wait_for(lambda: len(_records(ns)) == 4 and _records(ns), "four records in status")
+    purposes = sorted(r["purpose"] for r in records)
+    assert purposes == ["dkim", "dmarc", "return-path-mx", "spf"], records
+    assert all(r["state"] == "Missing" for r in records), records
+    c = _condition(ns, "DnsVerified")
+    assert c and c["status"] == "False" and c["observedGeneration"] >= 1, c
+    for rec in records:
+        _publish(dns, rec)
+    wait_for(lambda: (_condition(ns, "DnsVerified") or {}).get("status") == "True", "DnsVerified=True", attempts=300)
+    assert all(r["state"] == "Published" for r in _records(ns))
+    assert (_condition(ns, "Ready") or {}).get("status") == "True"
+    # A record that changes is a Mismatch that says what the nameserver served and which one.
+    dmarc = next(r for r in records if r["purpose"] == "dmarc")
+    dns.remove(dmarc["name"])
+    dns.txt(dmarc["name"], "v=DMARC1; p=none")
+    wait_for(lambda: (_condition(ns, "DnsVerified") or {}).get("status") == "False", "DnsVerified=False", attempts=300)
+    bad = next(r for r in _records(ns) if r["purpose"] == "dmarc")
+    assert bad["state"] == "Mismatch" and bad["observed"] == "v=DMARC1; p=none", bad
+    assert bad["nameserver"] == dns.address, bad
+
+
+def test_status_is_not_rewritten_when_nothing_changed(ns, operator):
+    assert ns.apply(PASSWORD).returncode == 0
+    assert ns.apply(RELAY.format(replicas=1)).returncode == 0
+    assert ns.apply(DOMAIN).returncode == 0
+    wait_for(lambda: len(_records(ns)) == 4, "records")
+    wait_for(lambda: _condition(ns, "Ready") is not None, "conditions")
+    before = get_json("sendingdomain", "example", ns.name)
+    # Any change makes the controller reconcile; an annotation changes nothing the status depends on.
+    kubectl("annotate", "sendingdomain", "example", "-n", ns.name, "test/poke=1")
+    poked = get_json("sendingdomain", "example", ns.name)["metadata"]["resourceVersion"]
+    reconciles = lambda: operator.metric("herald_operator_reconcile_duration_seconds_count", 'kind="SendingDomain"')
+    n = reconciles()
+    wait_for(lambda: reconciles() > n, "a reconcile after the annotation")
+    after = get_json("sendingdomain", "example", ns.name)
+    assert after["metadata"]["resourceVersion"] == poked, "status was written although nothing changed"
+    assert after["status"]["conditions"] == before["status"]["conditions"]
+
+
+def test_editing_the_relay_spec_updates_its_objects(ns, operator):
+    assert ns.apply(PASSWORD).returncode == 0
+    assert ns.apply(RELAY.format(replicas=1)).returncode == 0
+    wait_for(lambda: (get_json("statefulset", "relay", ns.name) or {}).get("spec", {}).get("replicas") == 1, "sts 1")
+    h1 = get_json("statefulset", "relay", ns.name)["spec"]["template"]["metadata"]["annotations"]["herald.dev/config-hash"]
+    assert ns.apply(RELAY.format(replicas=3).replace("2525", "2526")).returncode == 0
+    wait_for(lambda: get_json("statefulset", "relay", ns.name)["spec"]["replicas"] == 3, "sts 3")
+    wait_for(
+        lambda: get_json("statefulset", "relay", ns.name)["spec"]["template"]["metadata"]["annotations"]["herald.dev/config-hash"] != h1,
+        "a new config hash after the listener port changed",
+    )
+    svc = get_json("service", "relay", ns.name)
+    assert 2526 in [p["port"] for p in svc["spec"]["ports"]]
+    relay = get_json("smtprelay", "relay", ns.name)
+    assert relay["status"]["configHash"]
