@@ -37,8 +37,8 @@ def ns(crds):
 
 
 @pytest.fixture
-def operator(tmp_path, dns, crds):
-    op = Operator(tmp_path, dns.address)
+def operator(tmp_path, dns, ns):
+    op = Operator(tmp_path, dns.address, ns.name)
     yield op
     op.stop()
 
@@ -211,3 +211,68 @@ def test_editing_the_relay_spec_updates_its_objects(ns, operator):
     assert 2526 in [p["port"] for p in svc["spec"]["ports"]]
     relay = get_json("smtprelay", "relay", ns.name)
     assert relay["status"]["configHash"]
+
+
+POOL = """
+apiVersion: herald.dev/v1alpha1
+kind: IpPool
+metadata: { name: pool }
+spec:
+  addresses:
+    - { address: 192.0.2.10, ehlo: mta1.example.test, warmupStart: "2026-01-01" }
+  warmup: [100, 1000]
+"""
+
+
+def _pool_status(ns):
+    return (get_json("ippool", "pool", ns.name) or {}).get("status") or {}
+
+
+def test_ip_pool_reports_forward_confirmed_reverse_dns(ns, operator, dns):
+    from dnslib import PTR, QTYPE, RR
+
+    assert ns.apply(POOL).returncode == 0
+    st = wait_for(lambda: _pool_status(ns).get("addresses") and _pool_status(ns), "IpPool status")
+    a = st["addresses"][0]
+    assert a["reverseDns"] != "Published", a
+    # The warm-up schedule has two days and started long ago: no cap any more.
+    assert a["warmupDay"] > 2 and "dailyCap" not in a, a
+    ready = next(c for c in st["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and "192.0.2.10" in ready["message"], ready
+    # A PTR alone is not enough: the EHLO name must resolve back to the address.
+    dns.zone("in-addr.arpa")
+    dns._add("10.2.0.192.in-addr.arpa", RR("10.2.0.192.in-addr.arpa.", QTYPE.PTR, rdata=PTR("mta1.example.test."), ttl=0))
+    wait_for(lambda: (_pool_status(ns).get("addresses") or [{}])[0].get("observedPtr", "").find("resolve") >= 0,
+             "a mismatch saying the EHLO name does not resolve")
+    dns.a("mta1.example.test", "192.0.2.10")
+    wait_for(lambda: _pool_status(ns)["addresses"][0]["reverseDns"] == "Published", "reverse DNS confirmed")
+    ready = next(c for c in _pool_status(ns)["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True", ready
+
+
+def test_two_operators_elect_one_leader_and_the_other_takes_over(tmp_path, dns, ns):
+    import time
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = Operator(tmp_path / "a", dns.address, ns.name)
+    second = Operator(tmp_path / "b", dns.address, ns.name)
+    try:
+        leaders = lambda: [op for op in (first, second) if "is the leader" in op.log_text()]
+        wait_for(lambda: len(leaders()) == 1, "one leader")
+        # Give the other a few renewal periods to (wrongly) become leader too.
+        time.sleep(6)
+        assert len(leaders()) == 1, [op.log_text()[-500:] for op in (first, second)]
+        leader = leaders()[0]
+        follower = second if leader is first else first
+        assert ns.apply(PASSWORD).returncode == 0
+        assert ns.apply(RELAY.format(replicas=1)).returncode == 0
+        wait_for(lambda: get_json("statefulset", "relay", ns.name), "the leader reconciles")
+        assert follower.metric("herald_operator_reconcile_total", 'kind="SmtpRelay"') == 0
+        leader.stop()
+        wait_for(lambda: "is the leader" in follower.log_text(), "the follower takes over", attempts=250)
+        assert ns.apply(RELAY.format(replicas=2)).returncode == 0
+        wait_for(lambda: get_json("statefulset", "relay", ns.name)["spec"]["replicas"] == 2, "the new leader reconciles")
+    finally:
+        first.stop()
+        second.stop()

@@ -26,6 +26,9 @@ enum Command {
         /// Address of /healthz, /readyz and /metrics.
         #[arg(long, default_value = "0.0.0.0:8080")]
         health_address: SocketAddr,
+        /// Namespace of the leader-election Lease (two replicas are safe: one reconciles).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        lease_namespace: String,
         /// How soon DNS records are checked again while some are missing.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         dns_recheck_pending: std::time::Duration,
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         Command::Run {
             nameservers,
             health_address,
+            lease_namespace,
             dns_recheck_pending,
             dns_recheck_verified,
         } => {
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
             let opts = herald_operator::controller::run::RunOptions {
                 nameservers,
                 health_address,
+                lease_namespace,
                 recheck_pending: dns_recheck_pending,
                 recheck_verified: dns_recheck_verified,
             };

@@ -193,3 +193,60 @@ async fn check_mx(r: &TokioResolver, name: &str, want: &str) -> (RecordState, Op
         (RecordState::Mismatch, Some(served.join(", ")))
     }
 }
+
+/// Forward-confirmed reverse DNS of a sending address: its PTR names `ehlo`, and `ehlo` resolves back to it.
+pub async fn check_reverse(
+    v: &Verifier,
+    address: std::net::IpAddr,
+    ehlo: &str,
+) -> (RecordState, Option<String>, Option<String>) {
+    for (ns, r) in &v.resolvers {
+        let ptrs: Vec<String> = match r.reverse_lookup(address).await {
+            Ok(l) => l
+                .answers()
+                .iter()
+                .filter_map(|rec| match &rec.data {
+                    RData::PTR(p) => {
+                        Some(p.0.to_ascii().trim_end_matches('.').to_ascii_lowercase())
+                    }
+                    _ => None,
+                })
+                .collect(),
+            Err(e) => {
+                let (state, observed) = failure(&e);
+                return (state, observed, Some(ns.clone()));
+            }
+        };
+        let want = ehlo.trim_end_matches('.').to_ascii_lowercase();
+        if !ptrs.contains(&want) {
+            return (
+                RecordState::Mismatch,
+                Some(format!("PTR {}", ptrs.join(", "))),
+                Some(ns.clone()),
+            );
+        }
+        let forward: Vec<std::net::IpAddr> = match r.lookup_ip(fqdn(ehlo).as_str()).await {
+            Ok(l) => l.iter().collect(),
+            Err(e) => {
+                let (_, observed) = failure(&e);
+                return (
+                    RecordState::Mismatch,
+                    Some(format!(
+                        "{ehlo} does not resolve: {}",
+                        observed.unwrap_or_default()
+                    )),
+                    Some(ns.clone()),
+                );
+            }
+        };
+        if !forward.contains(&address) {
+            let list: Vec<String> = forward.iter().map(|a| a.to_string()).collect();
+            return (
+                RecordState::Mismatch,
+                Some(format!("{ehlo} resolves to {}", list.join(", "))),
+                Some(ns.clone()),
+            );
+        }
+    }
+    (RecordState::Published, None, None)
+}

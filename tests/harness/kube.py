@@ -73,7 +73,7 @@ class Namespace:
 class Operator:
     """herald-operator run, as a local process against the test API server."""
 
-    def __init__(self, workdir: Path, nameserver: str):
+    def __init__(self, workdir: Path, nameserver: str, lease_namespace: str):
         self.health = f"127.0.0.1:{free_port()}"
         self.log_path = workdir / "operator.log"
         binary = os.environ.get("HERALD_OPERATOR_BIN", str(REPO / "target" / "debug" / "herald-operator"))
@@ -83,6 +83,8 @@ class Operator:
                 binary, "run", "--dns-nameserver", nameserver, "--health-address", self.health,
                 # Short recheck periods so a test sees DNS changes within its bounded waits.
                 "--dns-recheck-pending", "1s", "--dns-recheck-verified", "2s",
+                # Each test's operator elects itself in the test's own namespace.
+                "--lease-namespace", lease_namespace,
             ],
             stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, start_new_session=True,
         )
@@ -111,4 +113,5 @@ class Operator:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
-        self.log.close()
+        if not self.log.closed:
+            self.log.close()

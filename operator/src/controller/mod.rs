@@ -5,6 +5,8 @@
 //! `error_policy` backs off per object, exponentially and capped, which kube does not do by itself.
 
 pub mod domain;
+pub mod leader;
+pub mod pool;
 pub mod relay;
 pub mod run;
 

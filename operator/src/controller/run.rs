@@ -13,18 +13,23 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 
-use super::{Context, domain, error_policy, relay};
-use crate::crd::{SendingDomain, SmtpRelay};
+use super::leader::Elector;
+use super::{Context, domain, error_policy, pool, relay};
+use crate::crd::{IpPool, SendingDomain, SmtpRelay};
 use crate::verify::Verifier;
 
 /// Liveness fails when the API server has not been reached for this long.
 const STALE_AFTER: i64 = 300;
+/// How long a leader's lease lasts without renewal.
+const LEASE: Duration = Duration::from_secs(15);
 
 /// Options of `herald-operator run`.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub nameservers: Vec<SocketAddr>,
     pub health_address: SocketAddr,
+    /// Namespace of the leader-election Lease.
+    pub lease_namespace: String,
     pub recheck_pending: Duration,
     pub recheck_verified: Duration,
 }
@@ -37,6 +42,8 @@ pub enum RunError {
     Verifier(#[from] crate::verify::VerifierError),
     #[error("health endpoint {0}: {1}")]
     Health(SocketAddr, std::io::Error),
+    #[error("lost the leader lease; stopping so that only the new leader reconciles")]
+    LostLeadership,
 }
 
 pub async fn run(opts: RunOptions) -> Result<(), RunError> {
@@ -52,7 +59,26 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         .map_err(|e| RunError::Health(opts.health_address, e))?;
     tokio::spawn(serve_health(listener, ctx.clone()));
     tokio::spawn(heartbeat(client.clone(), ctx.clone()));
-    tracing::info!(health = %opts.health_address, "herald-operator starting");
+    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
+        format!(
+            "herald-operator-{}-{}",
+            std::process::id(),
+            chrono::Utc::now().timestamp_micros()
+        )
+    });
+    let elector = Elector::new(
+        client.clone(),
+        &opts.lease_namespace,
+        "herald-operator",
+        identity,
+        LEASE,
+    );
+    tracing::info!(health = %opts.health_address, identity = elector.identity(), "herald-operator waiting for the leader lease");
+    elector.acquire().await;
+    tracing::info!(
+        identity = elector.identity(),
+        "herald-operator is the leader; starting the controllers"
+    );
 
     let domains = Controller::new(
         Api::<SendingDomain>::all(client.clone()),
@@ -90,7 +116,25 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         }
         futures::future::ready(())
     });
-    tokio::join!(domains, relays);
+    let pools = Controller::new(
+        Api::<IpPool>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .shutdown_on_signal()
+    .run(pool::reconcile, error_policy, ctx.clone())
+    .for_each(|r| {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "IpPool controller event");
+        }
+        futures::future::ready(())
+    });
+    let controllers = async {
+        tokio::join!(domains, relays, pools);
+    };
+    tokio::select! {
+        _ = controllers => {}
+        _ = elector.hold() => return Err(RunError::LostLeadership),
+    }
     tracing::info!("herald-operator stopped");
     Ok(())
 }
