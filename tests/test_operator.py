@@ -276,3 +276,19 @@ def test_two_operators_elect_one_leader_and_the_other_takes_over(tmp_path, dns, 
     finally:
         first.stop()
         second.stop()
+
+
+def test_the_examples_apply_unchanged_and_come_up(ns, operator):
+    examples = REPO / "examples"
+    for name in ("app-password.yaml", "ip-pool.yaml", "smtp-relay.yaml", "sending-domain.yaml"):
+        r = ns.apply((examples / name).read_text())
+        assert r.returncode == 0, f"{name}: {r.stderr}"
+    wait_for(lambda: get_json("statefulset", "relay", ns.name), f"the example relay's StatefulSet\n{operator.log_text()[-2000:]}")
+    records = wait_for(
+        lambda: ((get_json("sendingdomain", "example-com", ns.name) or {}).get("status") or {}).get("records"),
+        "the example domain's records",
+    )
+    spf = next(r for r in records if r["purpose"] == "spf")
+    assert "ip4:192.0.2.10" in spf["value"] and "ip4:192.0.2.11" in spf["value"], spf
+    cfg = secret_data(get_json("secret", "relay-config", ns.name), "relay.yaml")
+    assert "mta1.example.com" in cfg and "bounces.example.com" in cfg
