@@ -292,3 +292,23 @@ def test_the_examples_apply_unchanged_and_come_up(ns, operator):
     assert "ip4:192.0.2.10" in spf["value"] and "ip4:192.0.2.11" in spf["value"], spf
     cfg = secret_data(get_json("secret", "relay-config", ns.name), "relay.yaml")
     assert "mta1.example.com" in cfg and "bounces.example.com" in cfg
+
+
+def test_records_are_published_as_an_external_dns_endpoint_when_asked(ns, operator):
+    assert ns.apply(PASSWORD).returncode == 0
+    assert ns.apply(RELAY.format(replicas=1)).returncode == 0
+    assert ns.apply(DOMAIN.replace("dkim:", "publishWithExternalDns: true\n  dkim:")).returncode == 0
+    have_crd = kubectl("get", "crd", "dnsendpoints.externaldns.k8s.io", check=False).returncode == 0
+    if not have_crd:
+        cond = wait_for(lambda: _condition(ns, "ExternalDnsPublished"), "ExternalDnsPublished condition")
+        assert cond["status"] == "False" and "not installed" in cond["message"], cond
+        kubectl("apply", "--server-side", "--field-manager=test", "-f",
+                str(REPO / "tests" / "cluster" / "testdata" / "dnsendpoint-crd.yaml"))
+        kubectl("wait", "--for=condition=Established", "crd/dnsendpoints.externaldns.k8s.io", "--timeout=30s")
+    ep = wait_for(lambda: get_json("dnsendpoint", "example-records", ns.name), f"the DNSEndpoint\n{operator.log_text()[-2000:]}")
+    endpoints = ep["spec"]["endpoints"]
+    assert sorted(e["recordType"] for e in endpoints) == ["MX", "TXT", "TXT", "TXT"], endpoints
+    dkim = next(e for e in endpoints if e["dnsName"].startswith("herald1._domainkey."))
+    assert dkim["targets"][0].startswith("v=DKIM1; k=ed25519; p="), dkim
+    assert ep["metadata"]["ownerReferences"][0]["kind"] == "SendingDomain"
+    wait_for(lambda: (_condition(ns, "ExternalDnsPublished") or {}).get("status") == "True", "ExternalDnsPublished=True")

@@ -130,6 +130,29 @@ pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Acti
         dns_message,
         generation,
     ));
+    if sd.spec.publish_with_external_dns {
+        let published = publish_external_dns(&ctx, &ns, &sd, &records).await;
+        let (ok, reason, message) = match published {
+            Ok(()) => (
+                true,
+                "Published",
+                format!(
+                    "DNSEndpoint {}-records holds {} records",
+                    sd.name_any(),
+                    records.len()
+                ),
+            ),
+            Err(m) => (false, "NotPublished", m),
+        };
+        conditions.push(condition(
+            &previous.conditions,
+            "ExternalDnsPublished",
+            ok,
+            reason,
+            message,
+            generation,
+        ));
+    }
     let ready = verified && key.is_ok();
     conditions.push(condition(
         &previous.conditions,
@@ -201,6 +224,47 @@ pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Acti
     } else {
         ctx.recheck_pending
     }))
+}
+
+/// Writes the records as an external-dns DNSEndpoint, so external-dns publishes them.
+async fn publish_external_dns(
+    ctx: &Context,
+    ns: &str,
+    sd: &SendingDomain,
+    records: &[crate::crd::DnsRecord],
+) -> Result<(), String> {
+    use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+    if records.is_empty() {
+        return Err("no records yet (waiting for the DKIM key)".into());
+    }
+    let gvk = GroupVersionKind::gvk("externaldns.k8s.io", "v1alpha1", "DNSEndpoint");
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), ns, &ApiResource::from_gvk(&gvk));
+    let endpoints: Vec<serde_json::Value> = records
+        .iter()
+        .map(|r| {
+            let target = if r.record_type == "TXT" { records::unquoted(&r.value) } else { r.value.clone() };
+            json!({ "dnsName": r.name, "recordType": r.record_type, "targets": [target], "recordTTL": 300 })
+        })
+        .collect();
+    let name = format!("{}-records", sd.name_any());
+    let obj = json!({
+        "apiVersion": "externaldns.k8s.io/v1alpha1",
+        "kind": "DNSEndpoint",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "ownerReferences": sd.controller_owner_ref(&()).map(|o| vec![o]),
+        },
+        "spec": { "endpoints": endpoints },
+    });
+    match api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&obj)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            Err("the DNSEndpoint CRD (externaldns.k8s.io) is not installed; publish the records by hand".into())
+        }
+        Err(e) => Err(format!("cannot write the DNSEndpoint: {e}")),
+    }
 }
 
 /// The DKIM public key (`p=`), creating the key Secret when the domain does not bring its own.
