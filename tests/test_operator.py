@@ -312,3 +312,34 @@ def test_records_are_published_as_an_external_dns_endpoint_when_asked(ns, operat
     assert dkim["targets"][0].startswith("v=DKIM1; k=ed25519; p="), dkim
     assert ep["metadata"]["ownerReferences"][0]["kind"] == "SendingDomain"
     wait_for(lambda: (_condition(ns, "ExternalDnsPublished") or {}).get("status") == "True", "ExternalDnsPublished=True")
+
+
+def test_dkim_key_rotation_publishes_the_new_selector_before_it_signs(ns, operator, dns):
+    assert ns.apply(PASSWORD).returncode == 0
+    assert ns.apply(RELAY.format(replicas=1)).returncode == 0
+    assert ns.apply(DOMAIN.replace("algorithm: ed25519 }", "algorithm: ed25519, rotationPeriod: 3s }")).returncode == 0
+    first = wait_for(lambda: len(_records(ns)) >= 4 and _records(ns), "records")
+    for rec in first:
+        _publish(dns, rec)
+    wait_for(lambda: (_condition(ns, "DnsVerified") or {}).get("status") == "True", "DnsVerified=True", attempts=300)
+    # After the rotation period a second DKIM record appears: the next selector, not signing yet.
+    two = wait_for(lambda: [r for r in _records(ns) if r["purpose"] == "dkim"] if len([r for r in _records(ns) if r["purpose"] == "dkim"]) == 2 else None,
+                   "a second DKIM record", attempts=300)
+    status = get_json("sendingdomain", "example", ns.name)["status"]
+    assert status["activeSelector"] == "herald1", status
+    nxt = next(r for r in two if not r["name"].startswith("herald1._domainkey."))
+    new_selector = nxt["name"].split("._domainkey.")[0]
+    assert new_selector.startswith("herald1-"), nxt
+    assert get_json("secret", "example-dkim-next", ns.name)
+    cfg = secret_data(get_json("secret", "relay-config", ns.name), "relay.yaml")
+    assert "selector: herald1\n" in cfg or "selector: herald1\r" in cfg or "herald1.pem" in cfg, cfg
+    # Once receivers can find it, it signs: the relay config and the mount switch to it.
+    _publish(dns, nxt)
+    wait_for(lambda: get_json("sendingdomain", "example", ns.name)["status"].get("activeSelector") == new_selector,
+             "the new selector to become active", attempts=300)
+    wait_for(lambda: get_json("secret", "example-dkim-next", ns.name) is None, "the next-key Secret to go")
+    wait_for(lambda: f"example.test.{new_selector}.pem" in secret_data(get_json("secret", "relay-config", ns.name), "relay.yaml"),
+             "the relay config to use the new key", attempts=300)
+    sts = get_json("statefulset", "relay", ns.name)
+    dkim_vol = next(v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "dkim")
+    assert dkim_vol["projected"]["sources"][0]["secret"]["items"][0]["path"] == f"example.test.{new_selector}.pem"

@@ -90,6 +90,14 @@ pub fn dkim_secret_name(domain: &SendingDomain) -> String {
     }
 }
 
+/// The selector a domain signs with now: the one the operator promoted last, or the spec's.
+pub fn active_selector(d: &SendingDomain) -> String {
+    d.status
+        .as_ref()
+        .and_then(|s| s.active_selector.clone())
+        .unwrap_or_else(|| d.spec.dkim.selector.clone())
+}
+
 /// The key in a DKIM Secret that holds the private key.
 pub const DKIM_KEY: &str = "private.key";
 
@@ -171,7 +179,7 @@ pub fn statefulset(relay: &SmtpRelay, domains: &[SendingDomain], config_hash: &s
                     name: dkim_secret_name(d),
                     items: Some(vec![KeyToPath {
                         key: DKIM_KEY.into(),
-                        path: format!("{}.{}.pem", d.spec.domain, d.spec.dkim.selector),
+                        path: format!("{}.{}.pem", d.spec.domain, active_selector(d)),
                         mode: Some(0o400),
                         ..KeyToPath::default()
                     }]),

@@ -7,8 +7,11 @@ use crate::dkim;
 /// What the records depend on besides the spec.
 #[derive(Debug, Clone)]
 pub struct Inputs<'a> {
-    /// The DKIM public key (`p=`) of the active selector.
+    /// The selector that signs now, and its DKIM public key (`p=`).
+    pub selector: &'a str,
     pub dkim_public_b64: &'a str,
+    /// During a rotation: the next selector and its key, published before it signs.
+    pub next: Option<(&'a str, &'a str)>,
     /// Source addresses of the domain's IP pool (empty without one).
     pub pool_addresses: &'a [String],
     /// The host name the relay receives bounces on (the return-path MX target).
@@ -46,7 +49,7 @@ pub fn return_path_domain(spec: &SendingDomainSpec) -> String {
 pub fn desired(spec: &SendingDomainSpec, inputs: &Inputs<'_>) -> Vec<DnsRecord> {
     let rp = return_path_domain(spec);
     let mut out = vec![record(
-        format!("{}._domainkey.{}", spec.dkim.selector, spec.domain),
+        format!("{}._domainkey.{}", inputs.selector, spec.domain),
         "TXT",
         txt_strings(&dkim::record_value(
             spec.dkim.algorithm,
@@ -54,6 +57,14 @@ pub fn desired(spec: &SendingDomainSpec, inputs: &Inputs<'_>) -> Vec<DnsRecord> 
         )),
         RecordPurpose::Dkim,
     )];
+    if let Some((selector, public)) = inputs.next {
+        out.push(record(
+            format!("{selector}._domainkey.{}", spec.domain),
+            "TXT",
+            txt_strings(&dkim::record_value(spec.dkim.algorithm, public)),
+            RecordPurpose::Dkim,
+        ));
+    }
     let mut spf = String::from("v=spf1");
     if inputs.pool_addresses.is_empty() {
         spf.push_str(&format!(" a:{}", inputs.inbound_host));
@@ -138,7 +149,9 @@ mod tests {
         let r = desired(
             &spec(),
             &Inputs {
+                selector: "herald1",
                 dkim_public_b64: &key,
+                next: None,
                 pool_addresses: &pool,
                 inbound_host: "relay.mail.svc.example.test",
             },
@@ -167,12 +180,16 @@ mod tests {
         let r = desired(
             &spec(),
             &Inputs {
+                selector: "herald1",
                 dkim_public_b64: "x",
+                next: Some(("herald2", "y")),
                 pool_addresses: &[],
                 inbound_host: "mx.example.test",
             },
         );
-        assert_eq!(unquoted(&r[1].value), "v=spf1 a:mx.example.test -all");
+        assert_eq!(unquoted(&r[1].value), "v=DKIM1; k=rsa; p=y");
+        assert_eq!(r[1].name, "herald2._domainkey.example.test");
+        assert_eq!(unquoted(&r[2].value), "v=spf1 a:mx.example.test -all");
         assert_eq!(
             join_txt(&["v=spf1 a:mx.ex", "ample.test -all"]),
             "v=spf1 a:mx.example.test -all"

@@ -121,12 +121,12 @@ pub fn relay_config(
         relay_domains.push(Domain {
             name: d.spec.domain.clone(),
             dkim: Some(Dkim {
-                selector: d.spec.dkim.selector.clone(),
+                selector: crate::objects::active_selector(d),
                 algorithm: match d.spec.dkim.algorithm {
                     DkimAlgorithm::Rsa2048 => RelayDkim::RsaSha256,
                     DkimAlgorithm::Ed25519 => RelayDkim::Ed25519Sha256,
                 },
-                key_file: dkim_key_file(&d.spec.domain, &d.spec.dkim.selector).into(),
+                key_file: dkim_key_file(&d.spec.domain, &crate::objects::active_selector(d)).into(),
             }),
             return_path: Some(return_path_domain(&d.spec)),
             ip_pool: pool,

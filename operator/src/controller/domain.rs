@@ -42,8 +42,8 @@ pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Acti
 
     let key = dkim_public_key(&sd, &secrets).await;
     let mut conditions = Vec::new();
-    let public = match &key {
-        Ok(p) => {
+    let (selector, public) = match &key {
+        Ok((selector, p)) => {
             conditions.push(condition(
                 &previous.conditions,
                 "DkimKeyReady",
@@ -52,7 +52,7 @@ pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Acti
                 format!("DKIM key in Secret {}", dkim_secret_name(&sd)),
                 generation,
             ));
-            Some(p.clone())
+            (selector.clone(), Some(p.clone()))
         }
         Err(e) => {
             conditions.push(condition(
@@ -63,8 +63,13 @@ pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Acti
                 e.to_string(),
                 generation,
             ));
-            None
+            (sd.spec.dkim.selector.clone(), None)
         }
+    };
+    let next = if public.is_some() {
+        rotation_key(&sd, &secrets).await?
+    } else {
+        None
     };
 
     let pools: Api<IpPool> = Api::namespaced(ctx.client.clone(), &ns);
@@ -86,13 +91,29 @@ pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Acti
         let desired = records::desired(
             &sd.spec,
             &Inputs {
+                selector: &selector,
                 dkim_public_b64: p,
+                next: next.as_ref().map(|(s, k)| (s.as_str(), k.as_str())),
                 pool_addresses: &pool_addresses,
                 inbound_host: &inbound_host,
             },
         );
         for r in &desired {
             records.push(ctx.dns.check(r).await);
+        }
+    }
+    // The next key signs only once receivers can find it: promote it when its record verifies.
+    let mut active = selector.to_owned();
+    if let Some((next_selector, _)) = &next {
+        let next_name = format!("{next_selector}._domainkey.{}", sd.spec.domain);
+        if records
+            .iter()
+            .any(|r| r.name == next_name && r.state == RecordState::Published)
+        {
+            promote(&secrets, &sd, next_selector).await?;
+            active = next_selector.clone();
+            publish_event(&ctx, &sd, EventType::Normal, "DkimKeyRotated",
+                format!("selector {next_selector} verified in DNS and now signs; keep {selector}'s record until mail signed with it has been delivered")).await;
         }
     }
     let missing: Vec<String> = records
@@ -170,7 +191,7 @@ pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Acti
         records,
         conditions,
         observed_generation: generation,
-        active_selector: public.as_ref().map(|_| sd.spec.dkim.selector.clone()),
+        active_selector: public.as_ref().map(|_| active),
     };
     if status != previous {
         let was_verified = previous
@@ -267,33 +288,64 @@ async fn publish_external_dns(
     }
 }
 
-/// The DKIM public key (`p=`), creating the key Secret when the domain does not bring its own.
-async fn dkim_public_key(sd: &SendingDomain, secrets: &Api<Secret>) -> Result<String, Error> {
+/// Annotations on a generated DKIM Secret: its selector and when it started signing.
+const SELECTOR_ANNOTATION: &str = "herald.dev/dkim-selector";
+const CREATED_ANNOTATION: &str = "herald.dev/dkim-created";
+
+/// The active selector and its DKIM public key (`p=`), creating the key Secret when the domain does not
+/// bring its own.
+async fn dkim_public_key(
+    sd: &SendingDomain,
+    secrets: &Api<Secret>,
+) -> Result<(String, String), Error> {
     let name = dkim_secret_name(sd);
     if let Some(s) = secrets.get_opt(&name).await? {
+        let selector = s
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SELECTOR_ANNOTATION).cloned())
+            .filter(|_| sd.spec.dkim.secret_ref.is_none())
+            .unwrap_or_else(|| sd.spec.dkim.selector.clone());
         let data = s.data.unwrap_or_default();
         if let Some(p) = data.get(DKIM_PUBLIC) {
-            return Ok(String::from_utf8_lossy(&p.0).into_owned());
+            return Ok((selector, String::from_utf8_lossy(&p.0).into_owned()));
         }
         let Some(private) = data.get(DKIM_KEY) else {
             return Err(Error::Invalid(format!(
                 "Secret {name} has no {DKIM_KEY} key"
             )));
         };
-        return public_from_private(sd.spec.dkim.algorithm, &private.0);
+        return Ok((
+            selector,
+            public_from_private(sd.spec.dkim.algorithm, &private.0)?,
+        ));
     }
     if sd.spec.dkim.secret_ref.is_some() {
         return Err(Error::Invalid(format!(
             "Secret {name} (spec.dkim.secretRef) does not exist"
         )));
     }
+    let selector = sd.spec.dkim.selector.clone();
+    let public = create_key_secret(sd, secrets, &name, &selector).await?;
+    Ok((selector, public))
+}
+
+/// Generates a key into Secret `name` for `selector`; returns its `p=`. If the Secret appeared meanwhile
+/// (another replica, an interrupted reconcile), that one is used.
+async fn create_key_secret(
+    sd: &SendingDomain,
+    secrets: &Api<Secret>,
+    name: &str,
+    selector: &str,
+) -> Result<String, Error> {
     let algorithm = sd.spec.dkim.algorithm;
     let key = tokio::task::spawn_blocking(move || dkim::generate(algorithm))
         .await
         .map_err(|e| Error::Invalid(e.to_string()))??;
     let secret = Secret {
         metadata: ObjectMeta {
-            name: Some(name.clone()),
+            name: Some(name.to_owned()),
             namespace: sd.namespace(),
             owner_references: sd.controller_owner_ref(&()).map(|o| vec![o]),
             labels: Some(BTreeMap::from([(
@@ -301,9 +353,10 @@ async fn dkim_public_key(sd: &SendingDomain, secrets: &Api<Secret>) -> Result<St
                 MANAGER.to_owned(),
             )])),
             annotations: Some(BTreeMap::from([
+                (SELECTOR_ANNOTATION.to_owned(), selector.to_owned()),
                 (
-                    "herald.dev/dkim-selector".to_owned(),
-                    sd.spec.dkim.selector.clone(),
+                    CREATED_ANNOTATION.to_owned(),
+                    chrono::Utc::now().to_rfc3339(),
                 ),
                 (
                     "herald.dev/dkim-algorithm".to_owned(),
@@ -327,15 +380,117 @@ async fn dkim_public_key(sd: &SendingDomain, secrets: &Api<Secret>) -> Result<St
     };
     match secrets.create(&PostParams::default(), &secret).await {
         Ok(_) => Ok(key.public_b64),
-        // Another replica (or an earlier, interrupted reconcile) made it first: use that one.
         Err(kube::Error::Api(s)) if s.code == 409 => {
-            let s = secrets.get(&name).await?;
+            let s = secrets.get(name).await?;
             let data = s.data.unwrap_or_default();
             data.get(DKIM_PUBLIC)
                 .map(|p| String::from_utf8_lossy(&p.0).into_owned())
                 .ok_or_else(|| Error::Invalid(format!("Secret {name} has no {DKIM_PUBLIC} key")))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+fn next_secret_name(sd: &SendingDomain) -> String {
+    format!("{}-dkim-next", sd.name_any())
+}
+
+/// During a rotation, the next selector and its key: created once the active key is older than
+/// `spec.dkim.rotationPeriod` (generated keys only).
+async fn rotation_key(
+    sd: &SendingDomain,
+    secrets: &Api<Secret>,
+) -> Result<Option<(String, String)>, Error> {
+    let Some(period) = &sd.spec.dkim.rotation_period else {
+        return Ok(None);
+    };
+    if sd.spec.dkim.secret_ref.is_some() {
+        return Ok(None);
+    }
+    let period = humantime::parse_duration(period)
+        .map_err(|e| Error::Invalid(format!("spec.dkim.rotationPeriod {period:?}: {e}")))?;
+    let next_name = next_secret_name(sd);
+    if let Some(s) = secrets.get_opt(&next_name).await? {
+        let selector = s
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SELECTOR_ANNOTATION).cloned());
+        let public = s
+            .data
+            .as_ref()
+            .and_then(|d| d.get(DKIM_PUBLIC))
+            .map(|p| String::from_utf8_lossy(&p.0).into_owned());
+        return Ok(selector.zip(public));
+    }
+    let Some(active) = secrets.get_opt(&dkim_secret_name(sd)).await? else {
+        return Ok(None);
+    };
+    let created = active
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(CREATED_ANNOTATION))
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&chrono::Utc));
+    let Some(created) = created else {
+        return Ok(None);
+    };
+    let age = chrono::Utc::now()
+        .signed_duration_since(created)
+        .to_std()
+        .unwrap_or_default();
+    if age < period {
+        return Ok(None);
+    }
+    let selector = format!(
+        "{}-{}",
+        sd.spec.dkim.selector,
+        chrono::Utc::now().format("%Y%m%d%H%M%S")
+    );
+    let public = create_key_secret(sd, secrets, &next_name, &selector).await?;
+    Ok(Some((selector, public)))
+}
+
+/// Makes the next key the active one: its data and selector move into the active Secret (same name, so the
+/// relay's mount does not change), and the next Secret goes.
+async fn promote(secrets: &Api<Secret>, sd: &SendingDomain, selector: &str) -> Result<(), Error> {
+    let next_name = next_secret_name(sd);
+    let next = secrets.get(&next_name).await?;
+    let patch = json!({
+        "metadata": { "annotations": {
+            SELECTOR_ANNOTATION: selector,
+            CREATED_ANNOTATION: chrono::Utc::now().to_rfc3339(),
+        }},
+        "data": next.data,
+    });
+    secrets
+        .patch(
+            &dkim_secret_name(sd),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    secrets.delete(&next_name, &Default::default()).await?;
+    Ok(())
+}
+
+async fn publish_event(
+    ctx: &Context,
+    sd: &SendingDomain,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "RotateDkimKey".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &sd.object_ref(&())).await {
+        tracing::warn!(error = %e, "cannot publish an event");
     }
 }
 
