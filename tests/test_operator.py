@@ -343,3 +343,36 @@ def test_dkim_key_rotation_publishes_the_new_selector_before_it_signs(ns, operat
     sts = get_json("statefulset", "relay", ns.name)
     dkim_vol = next(v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "dkim")
     assert dkim_vol["projected"]["sources"][0]["secret"]["items"][0]["path"] == f"example.test.{new_selector}.pem"
+
+
+def test_liveness_fails_while_watches_are_stalled_and_recovers(tmp_path, dns, ns):
+    """Freezes kube-apiserver (SIGSTOP): the operator's watches go silent, /healthz must fail; after SIGCONT
+    it must pass again."""
+    import os
+    import signal
+    import urllib.error
+    import urllib.request
+
+    pids = [int(p) for p in subprocess.run(["pgrep", "-x", "kube-apiserver"], capture_output=True, text=True).stdout.split()]
+    if len(pids) != 1:
+        pytest.skip(f"needs exactly one kube-apiserver process on this machine, found {len(pids)}")
+    op = Operator(tmp_path, dns.address, ns.name, ["--stale-after", "4s"])
+
+    def health() -> int:
+        try:
+            return urllib.request.urlopen(f"http://{op.health}/healthz", timeout=3).status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return 0
+
+    try:
+        wait_for(lambda: health() == 200 and "is the leader" in op.log_text(), "a healthy leader")
+        os.kill(pids[0], signal.SIGSTOP)
+        try:
+            wait_for(lambda: health() == 503, "/healthz to fail while the API server is frozen", attempts=100)
+        finally:
+            os.kill(pids[0], signal.SIGCONT)
+        wait_for(lambda: health() == 200, "/healthz to recover", attempts=150)
+    finally:
+        op.stop()

@@ -372,6 +372,10 @@ pub struct SmarthostSpec {
     /// A Secret with `username` and `password` keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<LocalRef>,
+    /// The provider's SPF record to include (`include:` in the domains' SPF), e.g. `_spf.provider.example`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DOMAIN_PATTERN), length(max = 253))]
+    pub spf_include: Option<String>,
 }
 
 fn default_smarthost_port() -> i32 {

@@ -29,6 +29,9 @@ enum Command {
         /// Namespace of the leader-election Lease (two replicas are safe: one reconciles).
         #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
         lease_namespace: String,
+        /// /healthz fails when no watch event has arrived for this long.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        stale_after: std::time::Duration,
         /// How soon DNS records are checked again while some are missing.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         dns_recheck_pending: std::time::Duration,
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
             nameservers,
             health_address,
             lease_namespace,
+            stale_after,
             dns_recheck_pending,
             dns_recheck_verified,
         } => {
@@ -79,6 +83,7 @@ fn main() -> ExitCode {
                 nameservers,
                 health_address,
                 lease_namespace,
+                stale_after,
                 recheck_pending: dns_recheck_pending,
                 recheck_verified: dns_recheck_verified,
             };

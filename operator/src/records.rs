@@ -12,6 +12,8 @@ pub struct Inputs<'a> {
     pub dkim_public_b64: &'a str,
     /// During a rotation: the next selector and its key, published before it signs.
     pub next: Option<(&'a str, &'a str)>,
+    /// The smarthost provider's SPF include, when the relay sends through one.
+    pub spf_include: Option<&'a str>,
     /// Source addresses of the domain's IP pool (empty without one).
     pub pool_addresses: &'a [String],
     /// The host name the relay receives bounces on (the return-path MX target).
@@ -66,7 +68,9 @@ pub fn desired(spec: &SendingDomainSpec, inputs: &Inputs<'_>) -> Vec<DnsRecord> 
         ));
     }
     let mut spf = String::from("v=spf1");
-    if inputs.pool_addresses.is_empty() {
+    if let Some(include) = inputs.spf_include {
+        spf.push_str(&format!(" include:{include}"));
+    } else if inputs.pool_addresses.is_empty() {
         spf.push_str(&format!(" a:{}", inputs.inbound_host));
     }
     for a in inputs.pool_addresses {
@@ -152,6 +156,7 @@ mod tests {
                 selector: "herald1",
                 dkim_public_b64: &key,
                 next: None,
+                spf_include: None,
                 pool_addresses: &pool,
                 inbound_host: "relay.mail.svc.example.test",
             },
@@ -176,6 +181,25 @@ mod tests {
     }
 
     #[test]
+    fn spf_through_a_smarthost_includes_the_provider() {
+        let r = desired(
+            &spec(),
+            &Inputs {
+                selector: "herald1",
+                dkim_public_b64: "x",
+                next: None,
+                spf_include: Some("_spf.provider.test"),
+                pool_addresses: &[],
+                inbound_host: "mx.example.test",
+            },
+        );
+        assert_eq!(
+            unquoted(&r[1].value),
+            "v=spf1 include:_spf.provider.test -all"
+        );
+    }
+
+    #[test]
     fn spf_without_a_pool_names_the_relay() {
         let r = desired(
             &spec(),
@@ -183,6 +207,7 @@ mod tests {
                 selector: "herald1",
                 dkim_public_b64: "x",
                 next: Some(("herald2", "y")),
+                spf_include: None,
                 pool_addresses: &[],
                 inbound_host: "mx.example.test",
             },

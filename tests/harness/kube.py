@@ -73,7 +73,7 @@ class Namespace:
 class Operator:
     """herald-operator run, as a local process against the test API server."""
 
-    def __init__(self, workdir: Path, nameserver: str, lease_namespace: str):
+    def __init__(self, workdir: Path, nameserver: str, lease_namespace: str, extra: list[str] | None = None):
         self.health = f"127.0.0.1:{free_port()}"
         self.log_path = workdir / "operator.log"
         binary = os.environ.get("HERALD_OPERATOR_BIN", str(REPO / "target" / "debug" / "herald-operator"))
@@ -85,6 +85,7 @@ class Operator:
                 "--dns-recheck-pending", "1s", "--dns-recheck-verified", "2s",
                 # Each test's operator elects itself in the test's own namespace.
                 "--lease-namespace", lease_namespace,
+                *(extra or []),
             ],
             stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, start_new_session=True,
         )

@@ -82,10 +82,15 @@ pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Acti
         None => Vec::new(),
     };
     let relays: Api<SmtpRelay> = Api::namespaced(ctx.client.clone(), &ns);
-    let inbound_host = match relays.get_opt(&sd.spec.relay_ref.name).await? {
-        Some(r) => render::hostname(&r),
+    let relay = relays.get_opt(&sd.spec.relay_ref.name).await?;
+    let inbound_host = match &relay {
+        Some(r) => render::hostname(r),
         None => format!("{}.{ns}.svc.cluster.local", sd.spec.relay_ref.name),
     };
+    let spf_include = relay
+        .as_ref()
+        .and_then(|r| r.spec.delivery.smarthost.as_ref())
+        .and_then(|s| s.spf_include.clone());
     let mut records = Vec::new();
     if let Some(p) = &public {
         let desired = records::desired(
@@ -94,6 +99,7 @@ pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Acti
                 selector: &selector,
                 dkim_public_b64: p,
                 next: next.as_ref().map(|(s, k)| (s.as_str(), k.as_str())),
+                spf_include: spf_include.as_deref(),
                 pool_addresses: &pool_addresses,
                 inbound_host: &inbound_host,
             },

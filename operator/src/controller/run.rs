@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use kube::api::ListParams;
+
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::controller::Controller;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::watcher::{self, watcher};
 use kube::{Api, Client, ResourceExt};
 
 use super::leader::Elector;
@@ -18,8 +19,6 @@ use super::{Context, domain, error_policy, pool, relay};
 use crate::crd::{IpPool, SendingDomain, SmtpRelay};
 use crate::verify::Verifier;
 
-/// Liveness fails when the API server has not been reached for this long.
-const STALE_AFTER: i64 = 300;
 /// How long a leader's lease lasts without renewal.
 const LEASE: Duration = Duration::from_secs(15);
 
@@ -30,6 +29,8 @@ pub struct RunOptions {
     pub health_address: SocketAddr,
     /// Namespace of the leader-election Lease.
     pub lease_namespace: String,
+    /// /healthz fails when no watch event has arrived for this long (the lease is renewed every 5 s).
+    pub stale_after: Duration,
     pub recheck_pending: Duration,
     pub recheck_verified: Duration,
 }
@@ -57,8 +58,16 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let listener = tokio::net::TcpListener::bind(opts.health_address)
         .await
         .map_err(|e| RunError::Health(opts.health_address, e))?;
-    tokio::spawn(serve_health(listener, ctx.clone()));
-    tokio::spawn(heartbeat(client.clone(), ctx.clone()));
+    tokio::spawn(serve_health(
+        listener,
+        ctx.clone(),
+        opts.stale_after.as_secs() as i64,
+    ));
+    tokio::spawn(watch_heartbeat(
+        client.clone(),
+        opts.lease_namespace.clone(),
+        ctx.clone(),
+    ));
     let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
         format!(
             "herald-operator-{}-{}",
@@ -139,18 +148,22 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     Ok(())
 }
 
-/// Proves the API server is reachable even when there is nothing to reconcile.
-async fn heartbeat(client: Client, ctx: Arc<Context>) {
-    let api = Api::<SmtpRelay>::all(client);
-    loop {
-        if api.list(&ListParams::default().limit(1)).await.is_ok() {
-            ctx.touch();
+/// Liveness from a watch, not from a request: the leader renews the Lease every few seconds, so every
+/// replica's watch on it sees an event that often. When watches stall (the failure that leaves
+/// controllers silently idle), these events stop and /healthz fails, and Kubernetes restarts the pod.
+async fn watch_heartbeat(client: Client, namespace: String, ctx: Arc<Context>) {
+    let api = Api::<Lease>::namespaced(client, &namespace);
+    let config = watcher::Config::default().fields("metadata.name=herald-operator");
+    let mut stream = std::pin::pin!(watcher(api, config));
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(_) => ctx.touch(),
+            Err(e) => tracing::debug!(error = %e, "lease watch error; the watcher retries"),
         }
-        tokio::time::sleep(Duration::from_secs(60)).await;
     }
 }
 
-async fn serve_health(listener: tokio::net::TcpListener, ctx: Arc<Context>) {
+async fn serve_health(listener: tokio::net::TcpListener, ctx: Arc<Context>, stale_after: i64) {
     use axum::routing::get;
     let c1 = ctx.clone();
     let c2 = ctx.clone();
@@ -162,7 +175,7 @@ async fn serve_health(listener: tokio::net::TcpListener, ctx: Arc<Context>) {
                 async move {
                     let age =
                         chrono::Utc::now().timestamp() - ctx.last_activity.load(Ordering::Relaxed);
-                    if age > STALE_AFTER {
+                    if age > stale_after {
                         (
                             axum::http::StatusCode::SERVICE_UNAVAILABLE,
                             format!("no API activity for {age} s\n"),
