@@ -176,6 +176,10 @@ def test_status_follows_the_dns_records_as_they_are_published_and_removed(ns, op
     bad = next(r for r in _records(ns) if r["purpose"] == "dmarc")
     assert bad["state"] == "Mismatch" and bad["observed"] == "v=DMARC1; p=none", bad
     assert bad["nameserver"] == dns.address, bad
+    # A record that disappears is Missing again.
+    spf = next(r for r in records if r["purpose"] == "spf")
+    dns.remove(spf["name"], "TXT")
+    wait_for(lambda: next(r for r in _records(ns) if r["purpose"] == "spf")["state"] == "Missing", "SPF Missing", attempts=300)
 
 
 def test_status_is_not_rewritten_when_nothing_changed(ns, operator):
