@@ -105,7 +105,8 @@ async fn queue_list(
     State(s): State<Arc<AdminState>>,
     Query(p): Query<ListParams>,
 ) -> Json<QueueListing> {
-    let (total, messages) = s.queue.list(p.limit.unwrap_or(100_000)).await;
+    // A listing is built in memory whole: page by default, so a huge queue cannot balloon the relay.
+    let (total, messages) = s.queue.list(p.limit.unwrap_or(1000)).await;
     Json(QueueListing { total, messages })
 }
 

@@ -359,7 +359,7 @@ class Herald(Target):
         return int(self.get_queue(0)["total"])
 
     def queued(self) -> int:
-        # /queue lists at most `limit` messages (server default 100000); ask for
+        # /queue lists at most `limit` messages (server default 1000); ask for
         # more than we sent so the listing is never the thing that's short.
         limit = max(100_000, 2 * self.expected)
         body = self.get_queue(limit)

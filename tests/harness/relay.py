@@ -352,7 +352,7 @@ class Relay:
             return e.code, e.read()
 
     def queue(self) -> list[dict]:
-        status, body = self.http_get("/queue", timeout=15)
+        status, body = self.http_get("/queue?limit=1000000", timeout=15)
         assert status == 200, f"GET /queue -> {status}: {body[:500]!r}"
         doc = json.loads(body)
         assert isinstance(doc, dict) and isinstance(doc.get("messages"), list), f"unexpected /queue JSON: {body[:500]!r}"
