@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::deliver;
+use crate::dkim::Signers;
 use crate::events;
 use crate::outcome::suppression::Suppressions;
 use crate::policy::Policy;
@@ -41,6 +42,8 @@ pub enum RunError {
     Deliver(#[from] deliver::DeliverError),
     #[error(transparent)]
     Events(#[from] events::EventsError),
+    #[error("DKIM: {0}")]
+    Dkim(#[from] crate::dkim::DkimError),
     #[error("startup task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -74,7 +77,12 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Run
     if let Some(t) = &tls {
         tokio::spawn(t.clone().watch());
     }
+    let signers = {
+        let c = config.clone();
+        Arc::new(tokio::task::spawn_blocking(move || Signers::load(&c)).await??)
+    };
     let shared = Shared {
+        signers,
         policy: Arc::new(Policy::from_config(&config)),
         tls,
         spool: spool.clone(),
@@ -174,8 +182,15 @@ struct Reloader {
 }
 
 impl Reloader {
+    /// The config file and the DKIM key files it names: a renewed key (a mounted Secret changing) reloads too.
     async fn read(&self) -> Option<Vec<u8>> {
-        tokio::fs::read(self.path.as_ref()?).await.ok()
+        let mut all = tokio::fs::read(self.path.as_ref()?).await.ok()?;
+        for d in &self.current.domains {
+            if let Some(k) = &d.dkim {
+                all.extend(tokio::fs::read(&k.key_file).await.unwrap_or_default());
+            }
+        }
+        Some(all)
     }
 
     /// On SIGHUP (`forced`) always reloads; otherwise only when the file's content changed.
@@ -221,7 +236,21 @@ impl Reloader {
         if new == self.current {
             return;
         }
-        let mut needs_restart = server::reconfigure(&new, contexts, shared);
+        let signers = {
+            let c = new.clone();
+            match tokio::task::spawn_blocking(move || Signers::load(&c)).await {
+                Ok(Ok(s)) => Arc::new(s),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "config reload refused; the running config stays in force");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "DKIM key reload task failed");
+                    return;
+                }
+            }
+        };
+        let mut needs_restart = server::reconfigure(&new, contexts, shared, &signers);
         if new.spool_dir != self.current.spool_dir {
             needs_restart.push("spool_dir changed".into());
         }

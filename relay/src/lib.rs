@@ -14,6 +14,7 @@
 //! - `spool`: durable storage with group commit.
 //! - `queue`: messages waiting for delivery.
 //! - `deliver`: MX resolution and the SMTP client.
+//! - `dkim`: DKIM signing at acceptance.
 //! - `outcome`: bounce classification, DSNs, suppression.
 //! - `metrics`: the Prometheus metrics.
 //! - `events`: delivery events to a file and a signed webhook.
@@ -28,6 +29,7 @@ pub mod app;
 pub mod cleanup;
 pub mod config;
 pub mod deliver;
+pub mod dkim;
 pub mod events;
 pub mod metrics;
 pub mod outcome;

@@ -155,6 +155,11 @@ async fn accept(ctx: &ListenerContext, cfg: &SessionConfig, env: Envelope) -> Re
             return r;
         }
     };
+    // Signed once, here: the signature is spooled with the message, so no retry or recipient signs again.
+    let prefix = match cfg.signers.sign(&[prefix.as_bytes(), &env.body]) {
+        Some(sig) => format!("{sig}{prefix}"),
+        None => prefix,
+    };
     let meta = MessageMeta {
         id,
         received_at_ms: SystemTime::now()

@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::config::{AuthMode, Config, Listener, TlsMode};
+use crate::dkim::Signers;
 use crate::metrics;
 use crate::outcome::suppression::Suppressions;
 use crate::policy::Policy;
@@ -157,6 +158,7 @@ pub struct Shared {
     pub spool: Spool,
     pub queue: QueueHandle,
     pub suppressions: Arc<Suppressions>,
+    pub signers: Arc<Signers>,
     pub limits: Arc<ConnectionLimits>,
 }
 
@@ -184,6 +186,7 @@ fn settings(
     l: &Listener,
     policy: &Arc<Policy>,
     suppressions: &Arc<Suppressions>,
+    signers: &Arc<Signers>,
 ) -> ListenerSettings {
     ListenerSettings {
         session: Arc::new(SessionConfig {
@@ -194,6 +197,7 @@ fn settings(
             limits: config.limits.clone(),
             policy: policy.clone(),
             suppressions: suppressions.clone(),
+            signers: signers.clone(),
         }),
         allow_networks: l.allow_networks.clone(),
     }
@@ -214,6 +218,7 @@ fn context(config: &Config, l: &Listener, shared: &Shared) -> Result<ListenerCon
             l,
             &shared.policy,
             &shared.suppressions,
+            &shared.signers,
         ))),
         tls: shared.tls.clone(),
         spool: shared.spool.clone(),
@@ -228,6 +233,7 @@ pub fn reconfigure(
     config: &Config,
     contexts: &[Arc<ListenerContext>],
     shared: &Shared,
+    signers: &Arc<Signers>,
 ) -> Vec<String> {
     let limits = &shared.limits;
     let policy = Arc::new(Policy::from_config(config));
@@ -235,7 +241,7 @@ pub fn reconfigure(
     for ctx in contexts {
         match config.listeners.iter().find(|l| l.name == ctx.name) {
             Some(l) if l.address == ctx.address && l.tls == ctx.tls_mode => {
-                ctx.set_settings(settings(config, l, &policy, &shared.suppressions));
+                ctx.set_settings(settings(config, l, &policy, &shared.suppressions, signers));
             }
             Some(_) => needs_restart.push(format!(
                 "listener {:?} changed address or TLS mode",

@@ -32,6 +32,8 @@ pub struct SessionConfig {
     pub limits: Limits,
     pub policy: Arc<Policy>,
     pub suppressions: Arc<Suppressions>,
+    /// DKIM signers of the sending domains.
+    pub signers: Arc<crate::dkim::Signers>,
 }
 
 /// What the session asks its driver to do next.
@@ -901,6 +903,7 @@ limits: {{ max_recipients: 3, max_errors: 4, max_message_size: 100 }}
             suppressions: Arc::new(
                 Suppressions::open(tempfile::tempdir().unwrap().path()).unwrap(),
             ),
+            signers: Arc::default(),
         })
     }
 
