@@ -170,3 +170,144 @@ fn from_domain(parts: &[&[u8]]) -> Option<String> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Borrow;
+    use std::collections::HashMap;
+    use std::hash::Hash;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD as B64;
+    use mail_auth::common::parse::TxtRecordParser;
+    use mail_auth::common::verify::DomainKey;
+    use mail_auth::{
+        AuthenticatedMessage, DkimResult, MessageAuthenticator, Parameters, ResolverCache, Txt,
+    };
+
+    use super::*;
+
+    /// A DNS cache holding the test's DKIM records, so mail-auth's verifier never asks the network.
+    struct MapCache<K, V>(Mutex<HashMap<K, V>>);
+
+    impl<K: Hash + Eq, V: Clone> ResolverCache<K, V> for MapCache<K, V> {
+        fn get<Q>(&self, name: &Q) -> Option<V>
+        where
+            K: Borrow<Q>,
+            Q: Hash + Eq + ?Sized,
+        {
+            self.0.lock().unwrap().get(name).cloned()
+        }
+        fn remove<Q>(&self, name: &Q) -> Option<V>
+        where
+            K: Borrow<Q>,
+            Q: Hash + Eq + ?Sized,
+        {
+            self.0.lock().unwrap().remove(name)
+        }
+        fn insert(&self, key: K, value: V, _valid_until: Instant) {
+            self.0.lock().unwrap().insert(key, value);
+        }
+    }
+
+    fn keys(dir: &std::path::Path) -> (String, String, String, String) {
+        use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+        let rsa = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048).unwrap();
+        let rsa_path = dir.join("rsa.pem");
+        std::fs::write(
+            &rsa_path,
+            rsa.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes(),
+        )
+        .unwrap();
+        let rsa_p = B64.encode(rsa.to_public_key().to_public_key_der().unwrap().as_bytes());
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        use ring::signature::KeyPair;
+        let ed_p = B64.encode(pair.public_key().as_ref());
+        let ed_path = dir.join("ed.pem");
+        let pem = format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            B64.encode(pkcs8.as_ref())
+        );
+        std::fs::write(&ed_path, pem).unwrap();
+        (
+            rsa_path.display().to_string(),
+            rsa_p,
+            ed_path.display().to_string(),
+            ed_p,
+        )
+    }
+
+    #[tokio::test]
+    async fn signatures_verify_with_mail_auths_verifier_and_tampering_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rsa_file, rsa_p, ed_file, ed_p) = keys(dir.path());
+        let config = Config::parse(&format!(
+            r#"
+hostname: relay.test
+spool_dir: s
+listeners: [{{ name: a, address: "127.0.0.1:1" }}]
+domains:
+  - {{ name: rsa.test, dkim: {{ selector: s1, algorithm: rsa-sha256, key_file: "{rsa_file}" }} }}
+  - {{ name: ed.test, dkim: {{ selector: s2, algorithm: ed25519-sha256, key_file: "{ed_file}" }} }}
+"#
+        ))
+        .unwrap();
+        let signers = Signers::load(&config).unwrap();
+        let txt: MapCache<String, Txt> = MapCache(Mutex::new(HashMap::new()));
+        let far = Instant::now() + Duration::from_secs(3600);
+        for (name, record) in [
+            (
+                "s1._domainkey.rsa.test.",
+                format!("v=DKIM1; k=rsa; p={rsa_p}"),
+            ),
+            (
+                "s2._domainkey.ed.test.",
+                format!("v=DKIM1; k=ed25519; p={ed_p}"),
+            ),
+        ] {
+            txt.insert(
+                name.to_owned(),
+                Txt::from(DomainKey::parse(record.as_bytes()).unwrap()),
+                far,
+            );
+        }
+        let auth = MessageAuthenticator::new_system_conf()
+            .or_else(|_| MessageAuthenticator::new_cloudflare())
+            .unwrap();
+        for domain in ["rsa.test", "ed.test"] {
+            let prefix = "Received: from x by relay.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n";
+            let body =
+                format!("From: App <app@{domain}>\r\nTo: x@y.test\r\nSubject: hi\r\n\r\nline\r\n");
+            let sig = signers
+                .sign(&[prefix.as_bytes(), body.as_bytes()])
+                .expect("signed");
+            for (tamper, want_pass) in [(false, true), (true, false)] {
+                let mut full = format!("{sig}{prefix}{body}");
+                if tamper {
+                    full = full.replace("line\r\n", "lime\r\n");
+                }
+                let msg = AuthenticatedMessage::parse(full.as_bytes()).unwrap();
+                let out = auth
+                    .verify_dkim(Parameters::new(&msg).with_txt_cache(&txt))
+                    .await;
+                assert_eq!(out.len(), 1, "{domain}");
+                let pass = *out[0].result() == DkimResult::Pass;
+                assert_eq!(
+                    pass,
+                    want_pass,
+                    "{domain} tampered={tamper}: {:?}",
+                    out[0].result()
+                );
+            }
+        }
+        assert!(
+            signers
+                .sign(&[b"From: a@other.test\r\n\r\nx\r\n"])
+                .is_none()
+        );
+    }
+}
