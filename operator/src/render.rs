@@ -65,6 +65,14 @@ pub fn hostname(relay: &SmtpRelay) -> String {
     })
 }
 
+fn tls_mode(t: ListenerTls) -> TlsMode {
+    match t {
+        ListenerTls::None => TlsMode::None,
+        ListenerTls::Starttls => TlsMode::Starttls,
+        ListenerTls::Implicit => TlsMode::Implicit,
+    }
+}
+
 fn duration(resource: &str, field: &str, v: &str) -> Result<std::time::Duration, RenderError> {
     humantime::parse_duration(v)
         .map_err(|e| err(resource, field, format!("{v:?} is not a duration: {e}")))
@@ -97,11 +105,7 @@ pub fn relay_config(
         listeners.push(Listener {
             name: l.name.clone(),
             address: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port),
-            tls: match l.tls {
-                ListenerTls::None => TlsMode::None,
-                ListenerTls::Starttls => TlsMode::Starttls,
-                ListenerTls::Implicit => TlsMode::Implicit,
-            },
+            tls: tls_mode(l.tls),
             auth: match l.auth {
                 ListenerAuth::None => AuthMode::None,
                 ListenerAuth::Required => AuthMode::Required,
@@ -180,11 +184,7 @@ pub fn relay_config(
         delivery.smarthost = Some(Smarthost {
             host: s.host.clone(),
             port,
-            tls: match s.tls {
-                ListenerTls::None => TlsMode::None,
-                ListenerTls::Starttls => TlsMode::Starttls,
-                ListenerTls::Implicit => TlsMode::Implicit,
-            },
+            tls: tls_mode(s.tls),
             username: smarthost_username.map(str::to_owned),
             password_file: smarthost_username.map(|_| SMARTHOST_PASSWORD.into()),
         });

@@ -159,16 +159,11 @@ impl Signers {
 
 /// The From: domain of a message (lower case), from its header section.
 fn from_domain(parts: &[&[u8]]) -> Option<String> {
-    // The header section is at the start; the first part (our added headers) never holds From:, so look in
-    // the part that does, bounded to its headers.
-    for p in parts {
-        if let Some(msg) = MessageParser::default().parse_headers(p)
-            && let Some(addr) = msg.from().and_then(|f| f.first()).and_then(|a| a.address())
-        {
-            return addr.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase());
-        }
-    }
-    None
+    // The parts are the headers the relay added (never a From:) and then the message as received: only the
+    // last one needs parsing.
+    let msg = MessageParser::default().parse_headers(parts.last()?)?;
+    let addr = msg.from()?.first()?.address()?;
+    addr.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase())
 }
 
 #[cfg(test)]

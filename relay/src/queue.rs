@@ -812,6 +812,9 @@ impl State {
             *flag = false;
             st.attempts = st.attempts.saturating_add(1);
             let rcpt = &e.meta.recipients[i];
+            // Classified once here; the suppression decision, the metric and the event share the verdict.
+            let verdict = (reply.code >= 400)
+                .then(|| classify(reply.code, reply.enhanced.as_deref(), &reply.text));
             if reply.code < 400 {
                 st.status = RcptStatus::Delivered;
             } else if reply.code < 500 && now < expires_at {
@@ -834,9 +837,10 @@ impl State {
                 } else {
                     RcptStatus::Bounced
                 };
-                let (class, category) =
-                    classify(reply.code, reply.enhanced.as_deref(), &reply.text);
-                if class == Class::Hard && category.suppresses() {
+                if let Some((class, category)) = verdict
+                    && class == Class::Hard
+                    && category.suppresses()
+                {
                     suppress.push((rcpt.clone(), reply.to_string()));
                 }
                 failures.push(dsn::Failure {
@@ -864,10 +868,8 @@ impl State {
                 }
                 e.replies[i] = Some(reply.to_string().into_boxed_str());
             }
-            let domain_label = m.domain_label(domain_of(rcpt));
-            if reply.code >= 400 {
-                let (class, category) =
-                    classify(reply.code, reply.enhanced.as_deref(), &reply.text);
+            if let Some((class, category)) = verdict {
+                let domain_label = m.domain_label(domain_of(rcpt));
                 m.bounces
                     .with_label_values(&[class.as_str(), category.as_str(), &domain_label])
                     .inc();
@@ -906,9 +908,7 @@ impl State {
                 ev.tls = attempt.tls.clone();
                 ev.reply = Some(reply.to_string());
                 ev.attempts = Some(st.attempts);
-                if reply.code >= 400 {
-                    let (class, category) =
-                        classify(reply.code, reply.enhanced.as_deref(), &reply.text);
+                if let Some((class, category)) = verdict {
                     ev.class = Some(class.as_str());
                     ev.category = Some(category.as_str());
                 }
