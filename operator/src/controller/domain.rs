@@ -28,7 +28,6 @@ pub const DKIM_PUBLIC: &str = "public.b64";
 
 pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    ctx.touch();
     ctx.metrics
         .reconciles
         .with_label_values(&["SendingDomain"])
@@ -118,7 +117,7 @@ pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Acti
         {
             promote(&secrets, &sd, next_selector).await?;
             active = next_selector.clone();
-            publish_event(&ctx, &sd, EventType::Normal, "DkimKeyRotated",
+            publish_event(&ctx, &sd, EventType::Normal, "DkimKeyRotated", "RotateDkimKey",
                 format!("selector {next_selector} verified in DNS and now signs; keep {selector}'s record until mail signed with it has been delivered")).await;
         }
     }
@@ -229,16 +228,7 @@ pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Acti
                     "some DNS records are missing or differ; see status.records",
                 )
             };
-            let ev = Event {
-                type_,
-                reason: reason.into(),
-                note: Some(note.into()),
-                action: "VerifyDns".into(),
-                secondary: None,
-            };
-            if let Err(e) = ctx.recorder.publish(&ev, &sd.object_ref(&())).await {
-                tracing::warn!(error = %e, "cannot publish an event");
-            }
+            publish_event(&ctx, &sd, type_, reason, "VerifyDns", note.into()).await;
         }
     }
     ctx.succeeded(sd.as_ref());
@@ -486,13 +476,14 @@ async fn publish_event(
     sd: &SendingDomain,
     type_: EventType,
     reason: &str,
+    action: &str,
     note: String,
 ) {
     let ev = Event {
         type_,
         reason: reason.into(),
         note: Some(note),
-        action: "RotateDkimKey".into(),
+        action: action.into(),
         secondary: None,
     };
     if let Err(e) = ctx.recorder.publish(&ev, &sd.object_ref(&())).await {

@@ -51,7 +51,8 @@ pub struct Context {
     pub dns: Verifier,
     pub metrics: Metrics,
     failures: Mutex<HashMap<String, u32>>,
-    /// Unix seconds of the last reconcile, for the liveness probe.
+    /// Unix seconds of the last watch event on the leader Lease, for the liveness probe. Only the watch
+    /// sets it: reconciles run from requeue timers even when every watch has stalled.
     pub last_activity: AtomicI64,
     /// How soon DNS is checked again while records are missing, and once they all verify.
     pub recheck_pending: Duration,
@@ -92,6 +93,7 @@ impl Context {
         })
     }
 
+    /// A watch event arrived.
     pub fn touch(&self) {
         self.last_activity
             .store(chrono::Utc::now().timestamp(), Ordering::Relaxed);

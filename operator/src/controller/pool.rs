@@ -33,7 +33,6 @@ pub fn warmup(
 
 pub async fn reconcile(pool: Arc<IpPool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    ctx.touch();
     ctx.metrics.reconciles.with_label_values(&["IpPool"]).inc();
     let ns = pool
         .namespace()

@@ -24,7 +24,6 @@ const RESYNC: Duration = Duration::from_secs(300);
 
 pub async fn reconcile(relay: Arc<SmtpRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    ctx.touch();
     ctx.metrics
         .reconciles
         .with_label_values(&["SmtpRelay"])
