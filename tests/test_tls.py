@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
 import smtplib
 import ssl
 import uuid
+from pathlib import Path
 
-from harness.relay import USERS
+from cryptography import x509
+
+from harness.certs import make_certs
+from harness.outbound import wait_until
+from harness.prometheus import scrape
+from harness.relay import USERS, RelayPool
 from harness.smtp import SmtpConn, make_message
 from harness.tools import swaks, swaks_queue_id
 
@@ -128,3 +135,33 @@ def test_starttls_discards_plaintext_pipelined_behind_it(relay, tls_ctx):
         r = c.cmd("EHLO client.example.test")
         assert r.code == 250 and not r.starts("214"), f"plaintext HELP was executed inside TLS: {r}\n{c.dump()}"
         assert any(k.startswith("PIPELINING") for k in r.keywords()), r
+
+
+def test_certificate_expiry_metric_follows_the_served_certificate_across_a_renewal(tmp_path, relay_binary, users):
+    certs = make_certs(tmp_path / "tls", days=30)
+    pool = RelayPool(tmp_path, certs, users)
+    try:
+        r = pool.start("expiry")
+        metric = "herald_tls_certificate_expiry_timestamp_seconds"
+        assert scrape(r).value(metric) == not_after(certs["cert"]), scrape(r).text
+
+        # cert-manager renews the mounted Secret in place; the gauge must follow without a restart.
+        renewed = make_certs(tmp_path / "renewed", days=90)
+        for kind in ("key", "cert"):
+            staged = certs[kind].with_suffix(".new")
+            staged.write_bytes(renewed[kind].read_bytes())
+            os.replace(staged, certs[kind])
+        expected = not_after(renewed["cert"])
+        assert expected > not_after(tmp_path / "tls" / "ca.pem") + 86400 * 50
+        assert wait_until(lambda: scrape(r).value(metric) == expected, 20, 0.25), (scrape(r).value(metric), expected)
+        # and the listener serves the renewed certificate
+        ctx = ssl.create_default_context(cafile=str(renewed["ca"]))
+        host, port = r.listener("smtps")
+        with smtplib.SMTP_SSL(host, port, context=ctx, timeout=10) as s:
+            s.noop()
+    finally:
+        pool.stop_all()
+
+
+def not_after(pem: Path) -> float:
+    return x509.load_pem_x509_certificate(pem.read_bytes()).not_valid_after_utc.timestamp()

@@ -56,6 +56,7 @@ pub struct Metrics {
     pub suppressions: IntGauge,
     pub events_dropped: IntCounter,
     pub webhook_failures: IntCounter,
+    pub tls_expiry: IntGauge,
     domains: Mutex<HashSet<String>>,
 }
 
@@ -159,6 +160,11 @@ impl Metrics {
                 &r,
                 "herald_webhook_failures_total",
                 "Webhook POSTs that failed and will be retried.",
+            ),
+            tls_expiry: gauge(
+                &r,
+                "herald_tls_certificate_expiry_timestamp_seconds",
+                "Unix time at which the listeners' TLS certificate expires (0 when no TLS is configured).",
             ),
             domains: Mutex::new(HashSet::new()),
             registry: r,

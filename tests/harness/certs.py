@@ -16,12 +16,12 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "herald tests"), x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def make_certs(directory: Path) -> dict[str, Path]:
-    """Write ca.pem, cert.pem (leaf), key.pem (PKCS#8) into directory; return their paths."""
+def make_certs(directory: Path, days: int = 30) -> dict[str, Path]:
+    """Write ca.pem, cert.pem (leaf, valid for `days`), key.pem (PKCS#8) into directory; return their paths."""
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     not_before = now - datetime.timedelta(days=1)
-    not_after = now + datetime.timedelta(days=30)
+    not_after = now + datetime.timedelta(days=days)
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = _name("herald test CA")

@@ -170,12 +170,31 @@ fn load_pair(files: &TlsFiles, provider: &CryptoProvider) -> Result<CertifiedKey
             path: files.key_file.clone(),
             source,
         })?;
+    let not_after = expiry(&certs[0]).map_err(|message| TlsError::Pem {
+        path: files.cert_file.clone(),
+        message,
+    })?;
     let pair = CertifiedKey::new(certs, signing);
     pair.keys_match().map_err(|source| TlsError::Key {
         path: files.key_file.clone(),
         source,
     })?;
+    crate::metrics::get().tls_expiry.set(not_after);
     Ok(pair)
+}
+
+/// The leaf certificate's notAfter as Unix seconds, for the expiry metric that alerts before clients fail.
+fn expiry(leaf: &CertificateDer<'_>) -> Result<i64, String> {
+    use x509_cert::der::Decode;
+    let cert = x509_cert::Certificate::from_der(leaf.as_ref())
+        .map_err(|e| format!("certificate does not parse: {e}"))?;
+    let secs = cert
+        .tbs_certificate
+        .validity
+        .not_after
+        .to_unix_duration()
+        .as_secs();
+    i64::try_from(secs).map_err(|_| "certificate expiry out of range".to_owned())
 }
 
 /// The protocol name logged and put in `Received:` headers, e.g. `TLSv1.3`.
