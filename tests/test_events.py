@@ -40,7 +40,7 @@ RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(Z|[+-]\d\d:\d\d
 EVENT_TYPES = {"accepted", "delivered", "deferred", "bounced", "expired", "suppressed"}
 CATEGORIES = {
     "invalid-recipient", "mailbox-full", "message-too-large", "rate-limited", "greylisted", "reputation-block",
-    "authentication-failure", "policy-block", "spam-content", "transient-other", "permanent-other",
+    "authentication-failure", "policy-block", "spam-content", "transient-network", "transient-other", "permanent-other",
 }
 
 

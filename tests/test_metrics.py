@@ -46,7 +46,7 @@ CONTRACT_LABELS = {
 }
 CATEGORIES = {
     "invalid-recipient", "mailbox-full", "message-too-large", "rate-limited", "greylisted", "reputation-block",
-    "authentication-failure", "policy-block", "spam-content", "transient-other", "permanent-other",
+    "authentication-failure", "policy-block", "spam-content", "transient-network", "transient-other", "permanent-other",
 }
 REJECTION_REASONS = {
     "relay_denied", "sender_not_allowed", "authentication", "message_too_large", "too_many_recipients",
@@ -287,7 +287,7 @@ def test_rejections_are_counted_by_reason(relays):
         c.greeting()
         c.ehlo()
         c.expect("MAIL FROM:<someone@foreign.test>", "250 ")
-        c.expect("RCPT TO:<bounce-handler@bounces.example.test>", "250 ")
+        c.expect("RCPT TO:<fbl@bounces.example.test>", "250 ")
         c.expect("RSET", "250 ")
         c.cmd("QUIT")
     wait_counts((0, 0, 0))

@@ -6,13 +6,17 @@ records and follows the loopback DNS server as records appear and disappear, and
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from harness.kube import REPO, Namespace, Operator, get_json, kubeconfig, kubectl, kubectl_bin, secret_data, wait_for
+from harness.kube import (
+    REPO, Namespace, Operator, get_json, install_crds, kubeconfig, kubectl, kubectl_bin, publish_record, secret_data,
+    wait_for,
+)
 from harness.relay import relay_bin
 
 pytestmark = pytest.mark.skipif(
@@ -126,6 +130,15 @@ def test_a_domain_and_relay_become_owned_objects_and_a_config_the_relay_accepts(
     sts = get_json("statefulset", "relay", ns.name)
     assert sts["spec"]["replicas"] == 2
     assert sts["spec"]["template"]["metadata"]["annotations"]["herald.dev/config-hash"]
+    # The return-path token key: generated once, shared by every replica through the config Secret, and
+    # kept across reconciles (a new key would make every bounce in flight unverifiable).
+    assert "/etc/herald/config/bounce-keys" in cfg, cfg
+    keys = secret_data(get_json("secret", "relay-config", ns.name), "bounce-keys")
+    assert re.fullmatch(r"[0-9a-f]{64}\n", keys), repr(keys)
+    assert ns.apply(RELAY.format(replicas=3)).returncode == 0
+    wait_for(lambda: (get_json("statefulset", "relay", ns.name) or {}).get("spec", {}).get("replicas") == 3,
+             "StatefulSet scaled to 3")
+    assert secret_data(get_json("secret", "relay-config", ns.name), "bounce-keys") == keys
     # The DKIM private key stays in its Secret: never in status, never in the log.
     key = secret_data(get_json("secret", "example-dkim", ns.name), "private.key")
     body = "".join(l for l in key.splitlines() if not l.startswith("-----"))
@@ -143,16 +156,6 @@ def _condition(ns, type_):
     return next((c for c in st.get("conditions", []) if c["type"] == type_), None)
 
 
-def _publish(dns, rec):
-    if rec["type"] == "TXT":
-        value = rec["value"]
-        strings = [s.strip('"') for s in value.split('" "')]
-        dns.txt(rec["name"], *strings)
-    elif rec["type"] == "MX":
-        pref, host = rec["value"].split()
-        dns.mx(rec["name"], (int(pref), host.rstrip(".")))
-
-
 def test_status_follows_the_dns_records_as_they_are_published_and_removed(ns, operator, dns):
     assert ns.apply(PASSWORD).returncode == 0
     assert ns.apply(RELAY.format(replicas=1)).returncode == 0
@@ -164,7 +167,7 @@ def test_status_follows_the_dns_records_as_they_are_published_and_removed(ns, op
     c = _condition(ns, "DnsVerified")
     assert c and c["status"] == "False" and c["observedGeneration"] >= 1, c
     for rec in records:
-        _publish(dns, rec)
+        publish_record(dns, rec)
     wait_for(lambda: (_condition(ns, "DnsVerified") or {}).get("status") == "True", "DnsVerified=True", attempts=300)
     assert all(r["state"] == "Published" for r in _records(ns))
     assert (_condition(ns, "Ready") or {}).get("status") == "True"
@@ -324,7 +327,7 @@ def test_dkim_key_rotation_publishes_the_new_selector_before_it_signs(ns, operat
     assert ns.apply(DOMAIN.replace("algorithm: ed25519 }", "algorithm: ed25519, rotationPeriod: 3s }")).returncode == 0
     first = wait_for(lambda: len(_records(ns)) >= 4 and _records(ns), "records")
     for rec in first:
-        _publish(dns, rec)
+        publish_record(dns, rec)
     wait_for(lambda: (_condition(ns, "DnsVerified") or {}).get("status") == "True", "DnsVerified=True", attempts=300)
     # After the rotation period a second DKIM record appears: the next selector, not signing yet.
     two = wait_for(lambda: [r for r in _records(ns) if r["purpose"] == "dkim"] if len([r for r in _records(ns) if r["purpose"] == "dkim"]) == 2 else None,
@@ -338,7 +341,7 @@ def test_dkim_key_rotation_publishes_the_new_selector_before_it_signs(ns, operat
     cfg = secret_data(get_json("secret", "relay-config", ns.name), "relay.yaml")
     assert "selector: herald1\n" in cfg or "selector: herald1\r" in cfg or "herald1.pem" in cfg, cfg
     # Once receivers can find it, it signs: the relay config and the mount switch to it.
-    _publish(dns, nxt)
+    publish_record(dns, nxt)
     wait_for(lambda: get_json("sendingdomain", "example", ns.name)["status"].get("activeSelector") == new_selector,
              "the new selector to become active", attempts=300)
     wait_for(lambda: get_json("secret", "example-dkim-next", ns.name) is None, "the next-key Secret to go")

@@ -16,9 +16,11 @@ import pytest
 
 from harness.outbound import (
     SENDER, delivery_events, dsn_about, flush, get_message, parse_dsn, rfc3339, send, start_outbound, states,
-    status_field, wait_dsn, wait_event, wait_gone, wait_state, wait_until,
+    status_field, unique, wait_dsn, wait_event, wait_gone, wait_state, wait_until,
 )
 from harness.relay import HOSTNAME
+from harness.reports import token
+from harness.smtp import SmtpConn, make_message
 
 FOREIGN = "127.0.0.2"  # the usual MX of foreign.test
 MAILBOX = "127.0.0.3"  # MX of example.test: where DSNs to the envelope sender (a@example.test) arrive
@@ -59,7 +61,9 @@ def test_message_is_delivered_through_mx_to_smtp_sink_and_leaves_the_queue(relay
     got = [m for m in sink.messages() if marker.encode() in m.raw]
     assert len(got) == 1, f"smtp-sink holds {len(got)} copies of {marker}"
     m = got[0]
-    assert m.mail_from == SENDER and m.rcpt_tos == ["bob@foreign.test"], (m.mail_from, m.rcpt_tos)
+    # example.test has a return path: the envelope sender is a token naming this message and recipient
+    assert m.mail_from == token(qid, "bob@foreign.test").address and m.rcpt_tos == ["bob@foreign.test"], (
+        m.mail_from, m.rcpt_tos)
     received = [unfold(h) for h in m.message.get_all("Received", []) if "(smtp-sink)" not in h]
     assert any(HOSTNAME in h and qid.lower() in h.lower() for h in received), received
     assert r.queue_by_id().get(qid) is None
@@ -74,7 +78,7 @@ def test_message_is_delivered_byte_for_byte_behind_the_relays_received_header(re
     qid, marker, msg = send(r, ["bob@foreign.test"], "exact", body=body)
     wait_gone(r, qid)
     [t] = peer.with_marker(marker)
-    assert t.mail_from == SENDER and t.rcpt_tos == ["bob@foreign.test"]
+    assert t.mail_from == token(qid, "bob@foreign.test").address and t.rcpt_tos == ["bob@foreign.test"]
     hdr = first_header(t.data)
     assert hdr.startswith("Received:") and HOSTNAME in hdr and qid.lower() in hdr.lower(), hdr
     assert msg in t.data, f"original message not intact in what the peer received:\n{t.data[:600]!r}"
@@ -173,25 +177,35 @@ def test_domain_names_are_matched_without_regard_to_case(relays, dns, peers):
     peer = peers.aio(FOREIGN)
     dns.route("foreign.test", FOREIGN)
     r = start_outbound(relays, dns, peers)
-    qid, marker, _ = send(r, ["one@foreign.test", "two@FOREIGN.TEST"], "case")
+    # (other.test has no return path, so its recipients share a transaction)
+    qid, marker, _ = send(r, ["one@foreign.test", "two@FOREIGN.TEST"], "case", sender="a@other.test")
     wait_gone(r, qid)
     [t] = peer.with_marker(marker)  # one destination domain: one transaction with both recipients
     assert sorted(a.lower() for a in t.rcpt_tos) == ["one@foreign.test", "two@foreign.test"], t.rcpt_tos
 
 
-def test_recipients_in_a_return_path_domain_are_never_delivered_by_mx(relays, dns, peers):
-    """bounces.example.test is example.test's return_path: local. Its MX points at a live peer that must
-    never see it; a later message to foreign.test through the same peer shows the engine was at work."""
+def test_mail_to_a_return_path_domain_is_never_queued_or_delivered_by_mx(relays, dns, peers):
+    """bounces.example.test is example.test's return_path: the relay is its MX and reads what comes there.
+    Its MX record points at a live peer that must never see that mail; a later message to foreign.test
+    through the same peer shows the engine was at work."""
     peer = peers.aio(FOREIGN)
     dns.route("bounces.example.test", FOREIGN).route("foreign.test", FOREIGN)
     r = start_outbound(relays, dns, peers)
-    local, local_marker, _ = send(r, ["bounce-1@bounces.example.test"], "local")
-    sentinel, sentinel_marker, _ = send(r, ["bob@foreign.test"], "sentinel")
+    before = set(r.queue_by_id())
+    local_marker = unique("local")
+    host, port = r.listener("trusted")
+    with SmtpConn(host, port) as c:
+        c.greeting()
+        c.ehlo()
+        c.expect("MAIL FROM:<a@example.test>", "250 ")
+        c.expect("RCPT TO:<fbl@bounces.example.test>", "250 ")
+        end = c.data(make_message(local_marker, to="fbl@bounces.example.test"))
+        assert end.starts("250 ") and end.queue_id is None, end
+    sentinel, _, _ = send(r, ["bob@foreign.test"], "sentinel")
     wait_gone(r, sentinel)
-    time.sleep(1.0)  # a little more time for the engine to (wrongly) get to the local one
-    assert get_message(r, local) is not None, "a return_path recipient left the queue"
+    assert set(r.queue_by_id()) - before == set()
     assert not peer.with_marker(local_marker)
-    assert not peer.rcpt_replies("bounce-1@bounces.example.test")
+    assert not peer.rcpt_replies("fbl@bounces.example.test")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -326,7 +340,10 @@ def test_the_data_reply_applies_to_every_accepted_recipient(relays, dns, peers, 
     peer.on_data(reply, times=1)
     dns.route("foreign.test", FOREIGN)
     r = start_outbound(relays, dns, peers)
-    qid, marker, _ = send(r, ["one@foreign.test", "two@foreign.test", "gone@foreign.test"], "datareply")
+    # one transaction for all three: a sender without a return path (with one, each recipient gets its own)
+    dns.route("other.test", MAILBOX)
+    qid, marker, _ = send(r, ["one@foreign.test", "two@foreign.test", "gone@foreign.test"], "datareply",
+                          sender="a@other.test")
     want = {"one@foreign.test": state, "two@foreign.test": state, "gone@foreign.test": "bounced"}
     if state == "bounced":
         wait_gone(r, qid)

@@ -57,9 +57,9 @@ def test_pipelined_refused_recipient_is_answered_in_its_place_and_left_out(relay
     with conn(relay, "inbound") as c:
         c.send(
             b"MAIL FROM:<>\r\n"
-            b"RCPT TO:<b1@bounces.example.test>\r\n"
+            b"RCPT TO:<postmaster@bounces.example.test>\r\n"
             b"RCPT TO:<victim@foreign.test>\r\n"
-            b"RCPT TO:<b2@bounces.example.test>\r\n"
+            b"RCPT TO:<abuse@bounces.example.test>\r\n"
             b"DATA\r\n"
         )
         rs = read_n(c, 5)
@@ -70,9 +70,9 @@ def test_pipelined_refused_recipient_is_answered_in_its_place_and_left_out(relay
         assert rs[4].code == 354, codes(rs)
         c.send(dot_stuff(make_message(unique("pipe-mixed"), sender="mailer-daemon@foreign.test")) + b".\r\n")
         end = c.read_reply()
-        assert end.queue_id, end
-    m = relay.new_messages(before)[end.queue_id]
-    assert sorted(m["recipients"]) == ["b1@bounces.example.test", "b2@bounces.example.test"], m
+        assert end.code == 250, end
+    # mail to a return-path domain is read as a report at acceptance; the refused recipient got nothing
+    assert relay.new_messages(before) == {}
 
 
 def test_whole_bdat_transactions_can_be_pipelined_in_one_write(relay):

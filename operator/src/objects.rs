@@ -69,14 +69,14 @@ pub fn headless_service_name(relay: &SmtpRelay) -> String {
     format!("{}-headless", relay.name_any())
 }
 
-/// The Secret holding the relay config file.
-pub fn config_secret(relay: &SmtpRelay, config_yaml: &str) -> Secret {
+/// The Secret holding the relay config file and the return-path token keys it names.
+pub fn config_secret(relay: &SmtpRelay, config_yaml: &str, bounce_keys: &str) -> Secret {
     Secret {
         metadata: meta(relay, config_secret_name(relay)),
-        string_data: Some(BTreeMap::from([(
-            render::CONFIG_FILE.to_owned(),
-            config_yaml.to_owned(),
-        )])),
+        string_data: Some(BTreeMap::from([
+            (render::CONFIG_FILE.to_owned(), config_yaml.to_owned()),
+            (render::BOUNCE_KEYS.to_owned(), bounce_keys.to_owned()),
+        ])),
         type_: Some("Opaque".to_owned()),
         ..Secret::default()
     }

@@ -21,6 +21,8 @@ pub const CONFIG_FILE: &str = "relay.yaml";
 pub const TLS_DIR: &str = "/etc/herald/tls";
 pub const DKIM_DIR: &str = "/etc/herald/dkim";
 pub const SMARTHOST_PASSWORD: &str = "/etc/herald/smarthost/password";
+/// The key in the config Secret that holds the return-path token keys (one per line).
+pub const BOUNCE_KEYS: &str = "bounce-keys";
 pub const SPOOL_DIR: &str = "/var/lib/herald/spool";
 pub const ADMIN_PORT: u16 = 9090;
 
@@ -214,6 +216,12 @@ pub fn relay_config(
         }),
         events: None,
         log: relay::Log::default(),
+        // The operator keeps the keys in the config Secret (see objects::config_secret): every replica reads
+        // the same ones, so a bounce verifies wherever it lands.
+        bounces: relay::Bounces {
+            secret_file: Some(format!("{CONFIG_DIR}/{BOUNCE_KEYS}").into()),
+            ..relay::Bounces::default()
+        },
     };
     config.validate().map_err(|e| {
         err(

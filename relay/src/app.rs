@@ -14,6 +14,8 @@ use crate::deliver;
 use crate::dkim::Signers;
 use crate::events;
 use crate::outcome::suppression::Suppressions;
+use crate::outcome::verp::{self, ReturnPaths};
+use crate::outcome::{Classifier, classify};
 use crate::policy::Policy;
 use crate::server::{self, ConnectionLimits, Shared, tls::TlsStore};
 use crate::spool::Spool;
@@ -44,6 +46,10 @@ pub enum RunError {
     Events(#[from] events::EventsError),
     #[error("DKIM: {0}")]
     Dkim(#[from] crate::dkim::DkimError),
+    #[error(transparent)]
+    ReturnPaths(#[from] verp::VerpError),
+    #[error(transparent)]
+    Classify(#[from] classify::ClassifyError),
     #[error("startup task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -81,9 +87,13 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Run
         let c = config.clone();
         Arc::new(tokio::task::spawn_blocking(move || Signers::load(&c)).await??)
     };
+    let return_paths = {
+        let c = config.clone();
+        tokio::task::spawn_blocking(move || load_bounces(&c)).await??
+    };
     let shared = Shared {
         signers,
-        policy: Arc::new(Policy::from_config(&config)),
+        policy: Arc::new(Policy::new(&config, return_paths)),
         tls,
         spool: spool.clone(),
         queue: queue.clone(),
@@ -182,13 +192,17 @@ struct Reloader {
 }
 
 impl Reloader {
-    /// The config file and the DKIM key files it names: a renewed key (a mounted Secret changing) reloads too.
+    /// The config file and the key files it names (DKIM, return-path tokens): a renewed key (a mounted
+    /// Secret changing) reloads too.
     async fn read(&self) -> Option<Vec<u8>> {
         let mut all = tokio::fs::read(self.path.as_ref()?).await.ok()?;
         for d in &self.current.domains {
             if let Some(k) = &d.dkim {
                 all.extend(tokio::fs::read(&k.key_file).await.unwrap_or_default());
             }
+        }
+        if let Some(f) = &self.current.bounces.secret_file {
+            all.extend(tokio::fs::read(f).await.unwrap_or_default());
         }
         Some(all)
     }
@@ -233,9 +247,7 @@ impl Reloader {
                 return;
             }
         };
-        if new == self.current {
-            return;
-        }
+        // Even an unchanged config reloads: the change that brought us here may be a key file's.
         let signers = {
             let c = new.clone();
             match tokio::task::spawn_blocking(move || Signers::load(&c)).await {
@@ -250,12 +262,30 @@ impl Reloader {
                 }
             }
         };
-        let mut needs_restart = server::reconfigure(&new, contexts, shared, &signers);
+        let return_paths = {
+            let c = new.clone();
+            match tokio::task::spawn_blocking(move || load_bounces(&c)).await {
+                Ok(Ok(rp)) => rp,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "config reload refused; the running config stays in force");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "bounce key reload task failed");
+                    return;
+                }
+            }
+        };
+        let mut needs_restart =
+            server::reconfigure(&new, contexts, shared, &signers, &return_paths);
         if new.spool_dir != self.current.spool_dir {
             needs_restart.push("spool_dir changed".into());
         }
         if new.tls != self.current.tls {
             needs_restart.push("tls file paths changed".into());
+        }
+        if new.delivery != self.current.delivery || new.ip_pools != self.current.ip_pools {
+            needs_restart.push("delivery or ip_pools changed".into());
         }
         if new.admin != self.current.admin {
             needs_restart.push("admin address changed".into());
@@ -266,4 +296,15 @@ impl Reloader {
         tracing::info!("config reloaded; new sessions use it");
         self.current = new;
     }
+}
+
+/// Reads the return-path keys and compiles the classification rules, then puts both in force: outgoing
+/// mail is signed with the new first key and failures are classified by the new rules from now on.
+/// Blocking (reads the key file): call it off the async runtime.
+fn load_bounces(config: &Config) -> Result<Arc<ReturnPaths>, RunError> {
+    let rp = Arc::new(ReturnPaths::load(config)?);
+    let classifier = Classifier::from_config(&config.bounces)?;
+    verp::install(rp.clone());
+    classify::install(classifier);
+    Ok(rp)
 }

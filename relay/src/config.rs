@@ -71,6 +71,63 @@ pub struct Config {
     pub events: Option<Events>,
     #[serde(default)]
     pub log: Log,
+    #[serde(default)]
+    pub bounces: Bounces,
+}
+
+/// Return-path tokens, the reports that come back to them, and how failures are classified.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Bounces {
+    /// HMAC-SHA256 keys that authenticate return-path tokens, one per line: the first signs, all verify
+    /// (so a key can be rotated without losing the bounces of mail sent under the old one). Every replica
+    /// must read the same file. Required when a domain has a `return_path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    /// Local parts accepted at return-path domains without a token (feedback-loop and RFC 5321 addresses).
+    #[serde(default = "default_mailboxes")]
+    pub mailboxes: Vec<String>,
+    /// Classification rules checked before the built-in ones, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<BounceRule>,
+    /// Whether the built-in rules (the large mailbox providers' replies) follow the configured ones.
+    #[serde(default = "yes")]
+    pub builtin_rules: bool,
+}
+
+impl Default for Bounces {
+    fn default() -> Bounces {
+        Bounces {
+            secret_file: None,
+            mailboxes: default_mailboxes(),
+            rules: Vec::new(),
+            builtin_rules: true,
+        }
+    }
+}
+
+fn default_mailboxes() -> Vec<String> {
+    ["postmaster", "abuse", "fbl"].map(String::from).to_vec()
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A classification rule: every condition given must hold; the first matching rule decides the category.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BounceRule {
+    /// An enhanced status code pattern: `5.1.1`, `x.7.26` (any class), or a prefix such as `5.7` or `x.4`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// The basic reply code, e.g. `421`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<u16>,
+    /// Regular expressions, matched case-insensitively against the reply text; any one may match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub text: Vec<String>,
+    pub category: crate::outcome::Category,
 }
 
 /// Where delivery events go.
@@ -524,13 +581,19 @@ impl Config {
                     format!("domain {:?} is defined twice", d.name),
                 ));
             }
-            if let Some(rp) = &d.return_path
-                && !is_domain_name(rp)
-            {
-                return Err(invalid(
-                    format!("{field}.return_path"),
-                    format!("{rp:?} is not a domain name"),
-                ));
+            if let Some(rp) = &d.return_path {
+                if !is_domain_name(rp) {
+                    return Err(invalid(
+                        format!("{field}.return_path"),
+                        format!("{rp:?} is not a domain name"),
+                    ));
+                }
+                if self.bounces.secret_file.is_none() {
+                    return Err(invalid(
+                        format!("{field}.return_path"),
+                        "needs bounces.secret_file, the key that authenticates return-path tokens",
+                    ));
+                }
             }
             if let Some(pool) = &d.ip_pool
                 && !self.ip_pools.iter().any(|p| &p.name == pool)
@@ -616,6 +679,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_bounces()?;
         let lim = &self.limits;
         if lim.max_line_length < 512 {
             return Err(invalid(
@@ -638,6 +702,50 @@ impl Config {
         }
         if lim.command_timeout.is_zero() || lim.data_timeout.is_zero() {
             return Err(invalid("limits", "timeouts must be greater than 0"));
+        }
+        Ok(())
+    }
+
+    fn validate_bounces(&self) -> Result<(), ConfigError> {
+        for (i, m) in self.bounces.mailboxes.iter().enumerate() {
+            if m.is_empty() || m.contains(['@', ' ', '"']) {
+                return Err(invalid(
+                    format!("bounces.mailboxes[{i}]"),
+                    format!("{m:?} is not a local part"),
+                ));
+            }
+        }
+        for (i, r) in self.bounces.rules.iter().enumerate() {
+            let field = format!("bounces.rules[{i}]");
+            if r.status.is_none() && r.code.is_none() && r.text.is_empty() {
+                return Err(invalid(
+                    field,
+                    "give at least one of status, code and text (a rule without conditions matches everything)",
+                ));
+            }
+            if let Some(s) = &r.status
+                && crate::outcome::StatusPattern::parse(s).is_none()
+            {
+                return Err(invalid(
+                    format!("{field}.status"),
+                    format!(
+                        "{s:?} is not an enhanced status code pattern such as 5.1.1, x.7.26 or 4.4"
+                    ),
+                ));
+            }
+            if let Some(c) = r.code
+                && !(200..600).contains(&c)
+            {
+                return Err(invalid(
+                    format!("{field}.code"),
+                    format!("{c} is not an SMTP reply code"),
+                ));
+            }
+            for (j, t) in r.text.iter().enumerate() {
+                if let Err(e) = regex::Regex::new(t) {
+                    return Err(invalid(format!("{field}.text[{j}]"), e.to_string()));
+                }
+            }
         }
         Ok(())
     }
@@ -720,6 +828,7 @@ domains:
     dkim: { selector: herald1, algorithm: rsa-sha256, key_file: /etc/herald/dkim/example.test.pem }
     return_path: bounces.example.test
     ip_pool: default
+bounces: { secret_file: /etc/herald/bounces/keys }
 ip_pools:
   - name: default
     sources: [ { address: 0.0.0.0, ehlo: relay.example.test } ]

@@ -1,5 +1,6 @@
-//! Delivery events: accepted, delivered, deferred, bounced, expired, suppressed (and complained, once
-//! feedback loops are read) as JSON lines to a file or standard output, and POSTed to a webhook.
+//! Delivery events: accepted, delivered, deferred, bounced, expired, suppressed and complained (bounces and
+//! complaints read from reports carry a `source`) as JSON lines to a file or standard output, and POSTed
+//! to a webhook.
 //!
 //! Emitting never waits: events go through an unbounded channel to one task. The webhook side keeps a
 //! bounded buffer and retries with backoff until the endpoint accepts, so a slow or failing endpoint never
@@ -50,6 +51,12 @@ pub struct Event {
     pub listener: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// Where an asynchronous outcome came from: a `dsn`, an `arf` report or a `text` bounce.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<&'static str>,
+    /// The ARF feedback type of a complaint (`abuse`, `fraud`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feedback_type: Option<String>,
 }
 
 impl Event {
@@ -71,6 +78,8 @@ impl Event {
             attempts: None,
             listener: None,
             size: None,
+            source: None,
+            feedback_type: None,
         }
     }
 }

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub events_dropped: IntCounter,
     pub webhook_failures: IntCounter,
     pub tls_expiry: IntGauge,
+    pub feedback: IntCounterVec,
+    pub complaints: IntCounterVec,
     domains: Mutex<HashSet<String>>,
 }
 
@@ -165,6 +167,18 @@ impl Metrics {
                 &r,
                 "herald_tls_certificate_expiry_timestamp_seconds",
                 "Unix time at which the listeners' TLS certificate expires (0 when no TLS is configured).",
+            ),
+            feedback: counter_vec(
+                &r,
+                "herald_feedback_reports_total",
+                "Reports received at return-path addresses, by kind (dsn, arf, text, none) and result (bounce, delay, complaint, other, forged, unverified, not-a-report); one per recipient a report is about.",
+                &["kind", "result"],
+            ),
+            complaints: counter_vec(
+                &r,
+                "herald_complaints_total",
+                "Feedback-loop complaints (ARF) with a verified return-path token, by feedback type and recipient domain.",
+                &["feedback_type", "domain"],
             ),
             domains: Mutex::new(HashSet::new()),
             registry: r,

@@ -2,11 +2,13 @@
 //!
 //! Built once from the config and shared by every session; reloading the config builds a new one.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
 
 use crate::config::Config;
+use crate::outcome::verp::ReturnPaths;
 
 /// A hash of a password nobody knows, checked when the user name is unknown so that a failed login takes
 /// as long whether or not the user exists.
@@ -23,11 +25,16 @@ struct Principal {
 #[derive(Debug, Default)]
 pub struct Policy {
     users: HashMap<String, Principal>,
-    local_domains: HashSet<String>,
+    return_paths: Arc<ReturnPaths>,
 }
 
 impl Policy {
+    /// A policy whose return-path domains have no token keys (tests, and tools that never see bounces).
     pub fn from_config(config: &Config) -> Policy {
+        Policy::new(config, Arc::new(ReturnPaths::new(config, Vec::new())))
+    }
+
+    pub fn new(config: &Config, return_paths: Arc<ReturnPaths>) -> Policy {
         let users = config
             .users
             .iter()
@@ -45,15 +52,9 @@ impl Policy {
                 )
             })
             .collect();
-        let local_domains = config
-            .domains
-            .iter()
-            .filter_map(|d| d.return_path.as_deref())
-            .map(str::to_ascii_lowercase)
-            .collect();
         Policy {
             users,
-            local_domains,
+            return_paths,
         }
     }
 
@@ -83,7 +84,17 @@ impl Policy {
 
     /// Is `domain` one this relay receives mail for (a return-path domain)?
     pub fn is_local(&self, domain: &str) -> bool {
-        self.local_domains.contains(&domain.to_ascii_lowercase())
+        self.return_paths.is_local(domain)
+    }
+
+    /// The return paths this policy was built with.
+    pub fn return_paths(&self) -> &Arc<ReturnPaths> {
+        &self.return_paths
+    }
+
+    /// Does a return-path domain take mail for `local_part`: a token, or a feedback/postmaster mailbox?
+    pub fn accepts_local(&self, local_part: &str) -> bool {
+        self.return_paths.accepts(local_part)
     }
 }
 
@@ -111,6 +122,7 @@ spool_dir: /tmp/x
 listeners: [{{ name: a, address: "127.0.0.1:1" }}]
 users: [{{ username: app, password_hash: "{hash}", allowed_domains: [Example.TEST] }}]
 domains: [{{ name: example.test, return_path: bounces.example.test }}]
+bounces: {{ secret_file: /nonexistent }}
 "#
         ))
         .unwrap();

@@ -975,6 +975,14 @@ impl State {
         if !failures.is_empty() {
             if meta.sender.is_empty() {
                 tracing::info!(queue_id = %id, failed = failures.len(), "bounce of a message from the null sender: no DSN");
+            } else if self
+                .routing
+                .local
+                .iter()
+                .any(|d| domain_of(&meta.sender).eq_ignore_ascii_case(d))
+            {
+                // A DSN to our own return-path domain would come straight back as a report about itself.
+                tracing::info!(queue_id = %id, failed = failures.len(), "bounce of a message from a return-path address: no DSN");
             } else {
                 self.send_dsn(meta, location, failures);
             }

@@ -138,6 +138,11 @@ def to_yaml(obj: Any, indent: int = 0) -> str:
 # Config
 
 
+# The return-path token key of every standard config.
+BOUNCE_KEY = "herald-test-bounce-key-0123456789"
+
+
+
 def standard_config(
     workdir: Path,
     certs: dict[str, Path] | None,
@@ -191,6 +196,13 @@ def standard_config(
         {"name": "example.test", "return_path": "bounces.example.test"},
         {"name": "other.test"},
     ]
+    # The HMAC key of return-path tokens (harness.reports reads it to make real and forged tokens).
+    workdir.mkdir(parents=True, exist_ok=True)
+    secret = workdir / "bounce-keys"
+    if not secret.exists():
+        secret.write_text(BOUNCE_KEY + "\n")
+        secret.chmod(0o600)
+    cfg["bounces"] = {"secret_file": str(secret)}
     if limits:
         cfg["limits"] = limits
     # The front-door tests queue mail for foreign domains; with the delivery engine running, that mail must

@@ -139,7 +139,8 @@ pub async fn reconcile(relay: Arc<SmtpRelay>, ctx: Arc<Context>) -> Result<Actio
         Ok(config) => {
             let yaml = render::config_yaml(config).map_err(|e| Error::Serialize(e.to_string()))?;
             let hash = hex::encode(&Sha256::digest(yaml.as_bytes())[..8]);
-            apply(&secrets, &objects::config_secret(&relay, &yaml)).await?;
+            let keys = bounce_keys(&secrets, &relay).await;
+            apply(&secrets, &objects::config_secret(&relay, &yaml, &keys)).await?;
             let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
             apply(&sts_api, &objects::statefulset(&relay, &domains, &hash)).await?;
             let svc: Api<Service> = Api::namespaced(client.clone(), &ns);
@@ -233,6 +234,27 @@ async fn secret_value(
                     .to_owned()
             })
         }))
+}
+
+/// The return-path token keys: those already in the config Secret (replacing them would make every bounce
+/// in flight unverifiable), or a new random key for a new relay. A user rotates by editing the Secret:
+/// a new first line signs, the old lines keep verifying.
+async fn bounce_keys(secrets: &Api<Secret>, relay: &SmtpRelay) -> String {
+    let kept = secrets
+        .get_opt(&objects::config_secret_name(relay))
+        .await
+        .ok()
+        .flatten()
+        .and_then(|s| s.data)
+        .and_then(|d| d.get(render::BOUNCE_KEYS).map(|v| v.0.clone()))
+        .and_then(|v| String::from_utf8(v).ok())
+        .filter(|k| !k.trim().is_empty());
+    kept.unwrap_or_else(|| {
+        use rand_core::RngCore;
+        let mut key = [0u8; 32];
+        rand_core::OsRng.fill_bytes(&mut key);
+        format!("{}\n", hex::encode(key))
+    })
 }
 
 /// The config currently applied, to keep its password hashes.

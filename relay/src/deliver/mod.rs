@@ -492,47 +492,69 @@ impl Deliverer {
                 true,
             );
         }
-        let tx = Transaction {
-            sender: &job.meta.sender,
-            recipients: job
-                .rcpts
-                .iter()
-                .map(|&i| Rcpt {
-                    address: &job.meta.recipients[i as usize],
-                })
-                .collect(),
-            data: &data,
-            eight_bit: job.meta.eight_bit,
-            smtputf8: job.meta.smtputf8,
+        // With a return path, each recipient gets its own envelope sender (a token naming it), and so its
+        // own transaction on this connection; otherwise one transaction carries them all.
+        let rp = crate::outcome::verp::current();
+        let groups: Vec<(String, Vec<u32>)> = match job
+            .rcpts
+            .iter()
+            .map(|&i| {
+                rp.envelope_sender(job.id, &job.meta.sender, &job.meta.recipients[i as usize])
+                    .map(|s| (s, vec![i]))
+            })
+            .collect::<Option<Vec<_>>>()
+        {
+            Some(per_recipient) => per_recipient,
+            None => vec![(job.meta.sender.clone(), job.rcpts.clone())],
         };
-        match s.client.send(&tx).await {
-            Ok(result) => {
-                let results: Vec<(u32, Reply)> = job
-                    .rcpts
-                    .iter()
-                    .zip(result.replies)
-                    .map(|(&i, r)| (i, remote_reply(&r)))
-                    .collect();
-                let usable = results.iter().all(|(_, r)| r.code != 421);
-                (
-                    Attempt {
-                        id: job.id,
-                        results,
-                        remote_mta: mta,
-                        domain: job.domain.clone(),
-                        tls: s.client.tls.clone(),
-                    },
-                    usable,
-                )
+        let mut results: Vec<(u32, Reply)> = Vec::with_capacity(job.rcpts.len());
+        let mut usable = true;
+        for (sender, rcpts) in &groups {
+            if !usable {
+                // The connection failed or the server is closing: the rest wait for another attempt.
+                let reply = Self::local(451, "4.4.2", format!("{}: connection lost", s.host));
+                results.extend(rcpts.iter().map(|&i| (i, reply.clone())));
+                continue;
             }
-            Err(e) => {
-                let reply = Self::local(451, "4.4.2", format!("{}: {e}", s.host));
-                (
-                    self.fail_all(job, &reply, mta, s.client.tls.as_deref()),
-                    false,
-                )
+            let tx = Transaction {
+                sender,
+                recipients: rcpts
+                    .iter()
+                    .map(|&i| Rcpt {
+                        address: &job.meta.recipients[i as usize],
+                    })
+                    .collect(),
+                data: &data,
+                eight_bit: job.meta.eight_bit,
+                smtputf8: job.meta.smtputf8,
+            };
+            match s.client.send(&tx).await {
+                Ok(result) => {
+                    let replies: Vec<(u32, Reply)> = rcpts
+                        .iter()
+                        .zip(result.replies)
+                        .map(|(&i, r)| (i, remote_reply(&r)))
+                        .collect();
+                    usable = replies.iter().all(|(_, r)| r.code != 421);
+                    results.extend(replies);
+                }
+                Err(e) => {
+                    let reply = Self::local(451, "4.4.2", format!("{}: {e}", s.host));
+                    results.extend(rcpts.iter().map(|&i| (i, reply.clone())));
+                    usable = false;
+                }
             }
         }
+        (
+            Attempt {
+                id: job.id,
+                results,
+                remote_mta: mta,
+                domain: job.domain.clone(),
+                tls: s.client.tls.clone(),
+            },
+            usable,
+        )
     }
 }
 

@@ -2,10 +2,25 @@
 //!
 //! The class follows the reply code (4xx soft, 5xx hard). The category says *why*, which decides what to do:
 //! an invalid recipient is suppressed, a reputation block is not the recipient's fault and must never be.
-//! Rules are data, checked in order; the enhanced status code decides where it is specific, and text
-//! patterns from the large mailbox providers' replies refine the rest.
+//! Rules are data, checked in order: the config's `bounces.rules` first, then the built-in table, where the
+//! enhanced status code decides when it is specific and text patterns from the large mailbox providers'
+//! replies refine the rest. The rules in force are swapped whole when the config is reloaded.
 
 use std::fmt;
+use std::sync::{Arc, LazyLock, RwLock};
+
+use regex::{Regex, RegexBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Bounces;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClassifyError {
+    #[error("bounces.rules[{rule}].status: {pattern:?} is not an enhanced status code pattern")]
+    Status { rule: usize, pattern: String },
+    #[error("bounces.rules[{rule}].text: {source}")]
+    Text { rule: usize, source: regex::Error },
+}
 
 /// Hard (permanent, 5xx) or soft (transient, 4xx).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +39,8 @@ impl Class {
 }
 
 /// Why a delivery failed. The names are the `category` label values of `herald_bounces_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Category {
     InvalidRecipient,
     MailboxFull,
@@ -35,6 +51,7 @@ pub enum Category {
     AuthenticationFailure,
     PolicyBlock,
     SpamContent,
+    TransientNetwork,
     TransientOther,
     PermanentOther,
 }
@@ -51,6 +68,7 @@ impl Category {
             Category::AuthenticationFailure => "authentication-failure",
             Category::PolicyBlock => "policy-block",
             Category::SpamContent => "spam-content",
+            Category::TransientNetwork => "transient-network",
             Category::TransientOther => "transient-other",
             Category::PermanentOther => "permanent-other",
         }
@@ -68,62 +86,97 @@ impl fmt::Display for Category {
     }
 }
 
-/// One rule: an enhanced status code prefix (`"5.1.1"`, `"x.7."`) and/or words in the text.
+/// An enhanced status code pattern: up to three components, each a number or `x` (any). `5.1.1` matches
+/// only itself, `x.7.26` any class, `5.7` every 5.7.*, `x.4` every network and routing status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusPattern(Vec<Option<u16>>);
+
+impl StatusPattern {
+    pub fn parse(text: &str) -> Option<StatusPattern> {
+        let parts = text
+            .split('.')
+            .map(|p| match p {
+                "x" | "X" | "*" => Some(None),
+                n => n.parse::<u16>().ok().filter(|&v| v < 1000).map(Some),
+            })
+            .collect::<Option<Vec<_>>>()?;
+        (!parts.is_empty() && parts.len() <= 3).then_some(StatusPattern(parts))
+    }
+
+    fn matches(&self, code: &[u16; 3]) -> bool {
+        self.0
+            .iter()
+            .zip(code)
+            .all(|(want, have)| want.is_none_or(|w| w == *have))
+    }
+}
+
+/// Splits `5.1.1` into its three numbers.
+fn enhanced_parts(enhanced: &str) -> Option<[u16; 3]> {
+    let mut it = enhanced.split('.').map(|p| p.parse::<u16>().ok());
+    let parts = [it.next()??, it.next()??, it.next()??];
+    (it.next().is_none() && matches!(parts[0], 2 | 4 | 5)).then_some(parts)
+}
+
+/// One rule: every condition it has must hold.
+#[derive(Debug, Clone)]
 struct Rule {
-    /// Matches the enhanced code's subject and detail (`"1.1"`, `"7.26"`) or a subject prefix (`"7."`).
-    status: Option<&'static str>,
-    /// Any of these, lower case, in the reply text.
-    words: &'static [&'static str],
+    status: Option<StatusPattern>,
+    code: Option<u16>,
+    text: Option<Regex>,
     category: Category,
 }
 
-const RULES: &[Rule] = &[
+impl Rule {
+    fn matches(&self, code: u16, enhanced: Option<&[u16; 3]>, text: &str) -> bool {
+        let status_ok = match (&self.status, enhanced) {
+            (None, _) => true,
+            (Some(p), Some(e)) => p.matches(e),
+            (Some(_), None) => false,
+        };
+        status_ok
+            && self.code.is_none_or(|c| c == code)
+            && self.text.as_ref().is_none_or(|r| r.is_match(text))
+    }
+}
+
+/// Words as one case-insensitive alternation (they are literal text, not patterns).
+fn words(list: &[&str]) -> Regex {
+    let alternation = list
+        .iter()
+        .map(|w| regex::escape(w))
+        .collect::<Vec<_>>()
+        .join("|");
+    RegexBuilder::new(&alternation)
+        .case_insensitive(true)
+        .build()
+        .expect("built-in words make a valid pattern")
+}
+
+/// The built-in table, in order: (status pattern, words in the text, category).
+const BUILTIN: &[(Option<&str>, &[&str], Category)] = &[
     // Authentication of the sender (SPF, DKIM, DMARC; RFC 7372).
-    Rule {
-        status: Some("7.23"),
-        words: &[],
-        category: Category::AuthenticationFailure,
-    },
-    Rule {
-        status: Some("7.24"),
-        words: &[],
-        category: Category::AuthenticationFailure,
-    },
-    Rule {
-        status: Some("7.25"),
-        words: &[],
-        category: Category::AuthenticationFailure,
-    },
-    Rule {
-        status: Some("7.26"),
-        words: &[],
-        category: Category::AuthenticationFailure,
-    },
-    Rule {
-        status: Some("7.27"),
-        words: &[],
-        category: Category::AuthenticationFailure,
-    },
-    Rule {
-        status: None,
-        words: &["dmarc", "spf ", "spf:", "dkim", "unauthenticated"],
-        category: Category::AuthenticationFailure,
-    },
+    (Some("x.7.23"), &[], Category::AuthenticationFailure),
+    (Some("x.7.24"), &[], Category::AuthenticationFailure),
+    (Some("x.7.25"), &[], Category::AuthenticationFailure),
+    (Some("x.7.26"), &[], Category::AuthenticationFailure),
+    (Some("x.7.27"), &[], Category::AuthenticationFailure),
+    (
+        None,
+        &["dmarc", "spf ", "spf:", "dkim", "unauthenticated"],
+        Category::AuthenticationFailure,
+    ),
     // Greylisting replies often say "try again later" too: they go first.
-    Rule {
-        status: None,
-        words: &["greylist", "graylist", "grey-list", "gray-list"],
-        category: Category::Greylisted,
-    },
+    (
+        None,
+        &["greylist", "graylist", "grey-list", "gray-list"],
+        Category::Greylisted,
+    ),
     // Gmail's 4.7.28 and the throttling wording of Microsoft, Yahoo and others.
-    Rule {
-        status: Some("7.28"),
-        words: &[],
-        category: Category::RateLimited,
-    },
-    Rule {
-        status: None,
-        words: &[
+    (Some("x.7.28"), &[], Category::RateLimited),
+    (
+        None,
+        &[
             "rate limit",
             "ratelimit",
             "rate-limit",
@@ -132,63 +185,23 @@ const RULES: &[Rule] = &[
             "temporarily deferred",
             "unexpected volume",
         ],
-        category: Category::RateLimited,
-    },
+        Category::RateLimited,
+    ),
     // Recipient problems, by code first.
-    Rule {
-        status: Some("1.1"),
-        words: &[],
-        category: Category::InvalidRecipient,
-    },
-    Rule {
-        status: Some("1.0"),
-        words: &[],
-        category: Category::InvalidRecipient,
-    },
-    Rule {
-        status: Some("1.2"),
-        words: &[],
-        category: Category::InvalidRecipient,
-    },
-    Rule {
-        status: Some("1.3"),
-        words: &[],
-        category: Category::InvalidRecipient,
-    },
-    Rule {
-        status: Some("1.6"),
-        words: &[],
-        category: Category::InvalidRecipient,
-    },
-    Rule {
-        status: Some("1.10"),
-        words: &[],
-        category: Category::InvalidRecipient,
-    },
-    Rule {
-        status: Some("2.1"),
-        words: &[],
-        category: Category::InvalidRecipient,
-    },
-    Rule {
-        status: Some("2.2"),
-        words: &[],
-        category: Category::MailboxFull,
-    },
-    Rule {
-        status: Some("3.4"),
-        words: &[],
-        category: Category::MessageTooLarge,
-    },
-    Rule {
-        status: Some("2.3"),
-        words: &[],
-        category: Category::MessageTooLarge,
-    },
+    (Some("x.1.1"), &[], Category::InvalidRecipient),
+    (Some("x.1.0"), &[], Category::InvalidRecipient),
+    (Some("x.1.2"), &[], Category::InvalidRecipient),
+    (Some("x.1.3"), &[], Category::InvalidRecipient),
+    (Some("x.1.6"), &[], Category::InvalidRecipient),
+    (Some("x.1.10"), &[], Category::InvalidRecipient),
+    (Some("x.2.1"), &[], Category::InvalidRecipient),
+    (Some("x.2.2"), &[], Category::MailboxFull),
+    (Some("x.3.4"), &[], Category::MessageTooLarge),
+    (Some("x.2.3"), &[], Category::MessageTooLarge),
     // Reputation before content: "blocked ... spam" is about the sender, not this message.
-    Rule {
-        status: None,
-        words: &[
+    (
+        None,
+        &[
             "blocklist",
             "blacklist",
             "block list",
@@ -199,17 +212,21 @@ const RULES: &[Rule] = &[
             "rbl",
             "dnsbl",
             "blocked",
+            "banned sending",
         ],
-        category: Category::ReputationBlock,
-    },
-    Rule {
-        status: None,
-        words: &["spam", "content", "virus", "malware", "phish"],
-        category: Category::SpamContent,
-    },
-    Rule {
-        status: None,
-        words: &[
+        Category::ReputationBlock,
+    ),
+    (
+        None,
+        &["spam", "content", "virus", "malware", "phish"],
+        Category::SpamContent,
+    ),
+    // Any other 5.7.x / 4.7.x is a security or policy verdict (RFC 3463), even when the text says
+    // "recipient address rejected": Postfix's access tables word their refusals that way.
+    (Some("x.7"), &[], Category::PolicyBlock),
+    (
+        None,
+        &[
             "user unknown",
             "unknown user",
             "no such user",
@@ -219,68 +236,140 @@ const RULES: &[Rule] = &[
             "recipient rejected",
             "address rejected",
             "not found",
+            "doesn't have a",
+            "does not have a",
+            "no mailbox",
+            "unknown recipient",
         ],
-        category: Category::InvalidRecipient,
-    },
-    Rule {
-        status: None,
-        words: &[
+        Category::InvalidRecipient,
+    ),
+    (
+        None,
+        &[
             "quota",
             "mailbox full",
             "mailbox is full",
             "insufficient storage",
         ],
-        category: Category::MailboxFull,
-    },
-    Rule {
-        status: None,
-        words: &["too large", "too big", "size limit", "exceeds"],
-        category: Category::MessageTooLarge,
-    },
-    Rule {
-        status: Some("7."),
-        words: &[],
-        category: Category::PolicyBlock,
-    },
+        Category::MailboxFull,
+    ),
+    (
+        None,
+        &["too large", "too big", "size limit", "exceeds"],
+        Category::MessageTooLarge,
+    ),
+    // Transient network and routing trouble: timeouts, refused connections, DNS failures (RFC 3463 X.4.X).
+    (Some("4.4"), &[], Category::TransientNetwork),
 ];
 
-/// Splits `5.1.1` into its class digit and the rest (`1.1`).
-fn subject_detail(enhanced: &str) -> Option<&str> {
-    let (class, rest) = enhanced.split_once('.')?;
-    matches!(class, "2" | "4" | "5").then_some(rest)
+/// An ordered rules table.
+#[derive(Debug, Clone)]
+pub struct Classifier {
+    rules: Vec<Rule>,
 }
 
-/// Classifies a failed delivery. `enhanced` is the enhanced status code (`5.1.1`) if the reply had one.
-pub fn classify(code: u16, enhanced: Option<&str>, text: &str) -> (Class, Category) {
-    let class = if code >= 500 {
-        Class::Hard
-    } else {
-        Class::Soft
-    };
-    let detail = enhanced.and_then(subject_detail);
-    let lower = text.to_ascii_lowercase();
-    for rule in RULES {
-        let status_ok = match (rule.status, detail) {
-            (None, _) => true,
-            (Some(want), Some(have)) if want.ends_with('.') => have.starts_with(want),
-            (Some(want), Some(have)) => have == want,
-            (Some(_), None) => false,
-        };
-        if !status_ok {
-            continue;
-        }
-        if rule.status.is_some() && rule.words.is_empty() {
-            return (class, rule.category);
-        }
-        if rule.words.iter().any(|w| lower.contains(w)) {
-            return (class, rule.category);
-        }
+impl Classifier {
+    /// The built-in table alone.
+    pub fn builtin() -> Classifier {
+        let rules = BUILTIN
+            .iter()
+            .map(|(status, list, category)| Rule {
+                status: status.map(|s| StatusPattern::parse(s).expect("built-in patterns parse")),
+                code: None,
+                text: (!list.is_empty()).then(|| words(list)),
+                category: *category,
+            })
+            .collect();
+        Classifier { rules }
     }
-    let other = match class {
-        Class::Hard => Category::PermanentOther,
-        Class::Soft => Category::TransientOther,
-    };
-    (class, other)
+
+    /// The config's rules, then (unless turned off) the built-in ones.
+    pub fn from_config(bounces: &Bounces) -> Result<Classifier, ClassifyError> {
+        let mut rules = Vec::with_capacity(bounces.rules.len() + BUILTIN.len());
+        for (i, r) in bounces.rules.iter().enumerate() {
+            let status = match &r.status {
+                Some(p) => Some(
+                    StatusPattern::parse(p).ok_or_else(|| ClassifyError::Status {
+                        rule: i,
+                        pattern: p.clone(),
+                    })?,
+                ),
+                None => None,
+            };
+            let text = if r.text.is_empty() {
+                None
+            } else {
+                let alternation = r
+                    .text
+                    .iter()
+                    .map(|t| format!("(?:{t})"))
+                    .collect::<Vec<_>>()
+                    .join("|");
+                Some(
+                    RegexBuilder::new(&alternation)
+                        .case_insensitive(true)
+                        .build()
+                        .map_err(|source| ClassifyError::Text { rule: i, source })?,
+                )
+            };
+            rules.push(Rule {
+                status,
+                code: r.code,
+                text,
+                category: r.category,
+            });
+        }
+        if bounces.builtin_rules {
+            rules.extend(Classifier::builtin().rules);
+        }
+        Ok(Classifier { rules })
+    }
+
+    /// Classifies a failure. `enhanced` is the enhanced status code (`5.1.1`) if the reply had one.
+    pub fn classify(&self, code: u16, enhanced: Option<&str>, text: &str) -> (Class, Category) {
+        let class = if code >= 500 {
+            Class::Hard
+        } else {
+            Class::Soft
+        };
+        let parts = enhanced.and_then(enhanced_parts);
+        let category = self
+            .rules
+            .iter()
+            .find(|r| r.matches(code, parts.as_ref(), text))
+            .map_or(
+                match class {
+                    Class::Hard => Category::PermanentOther,
+                    Class::Soft => Category::TransientOther,
+                },
+                |r| r.category,
+            );
+        (class, category)
+    }
+}
+
+static CURRENT: LazyLock<RwLock<Arc<Classifier>>> =
+    LazyLock::new(|| RwLock::new(Arc::new(Classifier::builtin())));
+
+/// Puts a rules table in force for every classification from now on (startup and config reload).
+pub fn install(classifier: Classifier) {
+    let new = Arc::new(classifier);
+    match CURRENT.write() {
+        Ok(mut g) => *g = new,
+        Err(p) => *p.into_inner() = new,
+    }
+}
+
+fn current() -> Arc<Classifier> {
+    match CURRENT.read() {
+        Ok(g) => g.clone(),
+        Err(p) => p.into_inner().clone(),
+    }
+}
+
+/// Classifies a failed delivery with the rules in force.
+pub fn classify(code: u16, enhanced: Option<&str>, text: &str) -> (Class, Category) {
+    current().classify(code, enhanced, text)
 }
 
 #[cfg(test)]
@@ -288,7 +377,11 @@ mod tests {
     use super::*;
 
     fn cat(code: u16, enh: Option<&str>, text: &str) -> Category {
-        classify(code, enh, text).1
+        Classifier::builtin().classify(code, enh, text).1
+    }
+
+    fn classify(code: u16, enh: Option<&str>, text: &str) -> (Class, Category) {
+        Classifier::builtin().classify(code, enh, text)
     }
 
     #[test]
@@ -368,6 +461,33 @@ mod tests {
             ),
             Category::PolicyBlock
         );
+        // Postfix access tables: a policy verdict in recipient wording
+        assert_eq!(
+            cat(
+                554,
+                Some("5.7.1"),
+                "<x@example.net>: Recipient address rejected: Access denied"
+            ),
+            Category::PolicyBlock
+        );
+        // Microsoft's banned sending IP range 5.7.606-649
+        assert_eq!(
+            cat(
+                550,
+                Some("5.7.606"),
+                "Access denied, banned sending IP [192.0.2.1]."
+            ),
+            Category::ReputationBlock
+        );
+        // Yahoo's "dd" reply
+        assert_eq!(
+            cat(
+                554,
+                Some("5.0.0"),
+                "delivery error: dd This user doesn't have a yahoo.com account (x@yahoo.com) [-5]"
+            ),
+            Category::InvalidRecipient
+        );
         // Greylisting (Postgrey)
         assert_eq!(
             cat(
@@ -404,5 +524,72 @@ mod tests {
         assert!(!Category::ReputationBlock.suppresses());
         assert!(!Category::PolicyBlock.suppresses());
         assert!(Category::InvalidRecipient.suppresses());
+    }
+
+    #[test]
+    fn network_trouble_is_its_own_category() {
+        assert_eq!(
+            classify(451, Some("4.4.2"), "mx.example.test: connection reset"),
+            (Class::Soft, Category::TransientNetwork)
+        );
+        // A hard 5.4.x (no route) is not a transient problem.
+        assert_eq!(
+            classify(550, Some("5.4.4"), "Unable to route"),
+            (Class::Hard, Category::PermanentOther)
+        );
+    }
+
+    #[test]
+    fn status_patterns() {
+        let p = |s| StatusPattern::parse(s).unwrap();
+        assert!(p("5.1.1").matches(&[5, 1, 1]));
+        assert!(!p("5.1.1").matches(&[4, 1, 1]));
+        assert!(p("x.7.26").matches(&[4, 7, 26]));
+        assert!(p("5.7").matches(&[5, 7, 509]));
+        assert!(!p("5.7").matches(&[5, 1, 1]));
+        for bad in ["", "5..1", "a.b", "5.1.1.1", "5.1.1000"] {
+            assert!(StatusPattern::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn configured_rules_come_first_and_can_replace_the_builtins() {
+        let config = crate::config::Config::parse(
+            r#"
+hostname: relay.test
+spool_dir: /tmp/x
+listeners: [{ name: a, address: "127.0.0.1:1" }]
+bounces:
+  rules:
+    - { status: "5.7.1", text: ["sender denied by policy \\d+"], category: reputation-block }
+    - { code: 421, category: rate-limited }
+"#,
+        )
+        .unwrap();
+        let c = Classifier::from_config(&config.bounces).unwrap();
+        // The built-in table would call this a policy block; the configured rule wins.
+        assert_eq!(
+            c.classify(550, Some("5.7.1"), "Sender denied by POLICY 17")
+                .1,
+            Category::ReputationBlock
+        );
+        assert_eq!(
+            c.classify(550, Some("5.7.1"), "other").1,
+            Category::PolicyBlock
+        );
+        assert_eq!(c.classify(421, None, "closing").1, Category::RateLimited);
+        // Built-ins still follow.
+        assert_eq!(
+            c.classify(550, Some("5.1.1"), "x").1,
+            Category::InvalidRecipient
+        );
+
+        let mut only = config.bounces.clone();
+        only.builtin_rules = false;
+        let c = Classifier::from_config(&only).unwrap();
+        assert_eq!(
+            c.classify(550, Some("5.1.1"), "x").1,
+            Category::PermanentOther
+        );
     }
 }

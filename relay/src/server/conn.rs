@@ -145,8 +145,38 @@ async fn flush<S: AsyncWrite + Unpin>(stream: &mut S, session: &mut Session) -> 
     Ok(())
 }
 
-/// Completes, spools and queues one message; returns the reply for the client.
+/// Completes, spools and queues one message; returns the reply for the client. The part of it addressed to
+/// return-path domains is a report: read and recorded here, not queued.
 async fn accept(ctx: &ListenerContext, cfg: &SessionConfig, mut env: Envelope) -> Reply {
+    let (reports, others): (Vec<_>, Vec<_>) = std::mem::take(&mut env.recipients)
+        .into_iter()
+        .partition(|r| !r.is_address_literal() && cfg.policy.is_local(&r.domain));
+    env.recipients = others;
+    if !reports.is_empty() {
+        let locals: Vec<String> = reports.into_iter().map(|r| r.local).collect();
+        let rp = cfg.policy.return_paths().clone();
+        let list = cfg.suppressions.clone();
+        let body = std::mem::take(&mut env.body);
+        let done = tokio::task::spawn_blocking(move || {
+            crate::outcome::feedback::process(&body, &locals, &rp, &list);
+            body
+        })
+        .await;
+        match done {
+            Ok(body) => env.body = body,
+            Err(e) => {
+                tracing::error!(error = %e, "report processing task failed; message refused with 451");
+                return Reply::new(451, "4.3.0", "Temporary local problem, try again later");
+            }
+        }
+        if env.recipients.is_empty() {
+            crate::metrics::get()
+                .received
+                .with_label_values(&[cfg.listener.as_str()])
+                .inc();
+            return Reply::new(250, "2.0.0", "Ok: report received");
+        }
+    }
     let id = ctx.spool.next_id();
     let prefix = match cleanup::prefix_headers(&env, id, &cfg.hostname, &cfg.policy, Utc::now()) {
         Ok(p) => p,

@@ -22,6 +22,7 @@ use crate::config::{AuthMode, Config, Listener, TlsMode};
 use crate::dkim::Signers;
 use crate::metrics;
 use crate::outcome::suppression::Suppressions;
+use crate::outcome::verp::ReturnPaths;
 use crate::policy::Policy;
 use crate::queue::QueueHandle;
 use crate::smtp::SessionConfig;
@@ -234,9 +235,10 @@ pub fn reconfigure(
     contexts: &[Arc<ListenerContext>],
     shared: &Shared,
     signers: &Arc<Signers>,
+    return_paths: &Arc<ReturnPaths>,
 ) -> Vec<String> {
     let limits = &shared.limits;
-    let policy = Arc::new(Policy::from_config(config));
+    let policy = Arc::new(Policy::new(config, return_paths.clone()));
     let mut needs_restart = Vec::new();
     for ctx in contexts {
         match config.listeners.iter().find(|l| l.name == ctx.name) {

@@ -539,6 +539,15 @@ impl Session {
             ));
             return;
         }
+        if local && !self.config.policy.accepts_local(&to.local) {
+            // Only tokens and the feedback mailboxes exist here; anything else is a guess or a forgery.
+            self.error(&Reply::with_text(
+                550,
+                "5.1.1",
+                format!("<{to}>: no such mailbox"),
+            ));
+            return;
+        }
         if !local && !self.trusted && self.user.is_none() {
             self.error(&Reply::with_text(
                 554,
@@ -888,6 +897,7 @@ spool_dir: s
 listeners: [{{ name: l, address: "127.0.0.1:1" }}]
 users: [{{ username: app, password_hash: "{hash}", allowed_domains: [ok.test] }}]
 domains: [{{ name: ok.test, return_path: bounces.ok.test }}]
+bounces: {{ secret_file: /nonexistent }}
 limits: {{ max_recipients: 3, max_errors: 4, max_message_size: 100 }}
 "#
         ))
@@ -982,7 +992,22 @@ limits: {{ max_recipients: 3, max_errors: 4, max_message_size: 100 }}
             ["554 5.7.1"]
         );
         assert_eq!(
-            feed(&mut s, "RCPT TO:<b@BOUNCES.ok.test>\r\n").0,
+            feed(&mut s, "RCPT TO:<Postmaster@BOUNCES.ok.test>\r\n").0,
+            ["250 2.1.5"]
+        );
+        // A return-path domain has only its feedback mailboxes and tokens: no guessing addresses there.
+        let mut s = session(false);
+        feed(&mut s, "EHLO c.test\r\nMAIL FROM:<>\r\n");
+        assert_eq!(
+            feed(&mut s, "RCPT TO:<b@bounces.ok.test>\r\n").0,
+            ["550 5.1.1"]
+        );
+        assert_eq!(
+            feed(
+                &mut s,
+                "RCPT TO:<b+0123456789abcdef-0123456789@bounces.ok.test>\r\n"
+            )
+            .0,
             ["250 2.1.5"]
         );
     }

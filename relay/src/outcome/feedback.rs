@@ -1,0 +1,328 @@
+//! What a report received at a return-path address means, and recording it: metrics, events, and the
+//! suppression list (hard bounces of invalid recipients, and complaints; never policy or reputation
+//! blocks, which are the sender's problem, not the recipient's).
+//!
+//! Nothing in a report is believed without a token that verifies: the token comes from the envelope
+//! recipient the report was sent to, or, for feedback loops that write to a fixed address, from the
+//! original message's envelope sender quoted in the report. A token that carries its recipient names it;
+//! one that does not is checked against each address the report gives until one verifies.
+
+use crate::events::{self, Event};
+use crate::metrics;
+use crate::outcome::classify::{Category, Class, classify};
+use crate::outcome::report::{self, Action, Kind, Report};
+use crate::outcome::suppression::Suppressions;
+use crate::outcome::verp::{self, ReturnPaths, Token};
+
+/// Feedback types that are a recipient saying "stop" (RFC 5965 section 7.3); `not-spam` and
+/// `auth-failure` (RFC 6591) are not.
+const COMPLAINT_TYPES: &[&str] = &["abuse", "fraud", "virus", "other"];
+
+/// What became of one recipient (or of a whole report that named none that verified).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub kind: &'static str,
+    /// bounce, delay, complaint, other, forged, unverified or not-a-report.
+    pub result: &'static str,
+    pub queue_id: Option<String>,
+    pub recipient: Option<String>,
+    pub class: Option<Class>,
+    pub category: Option<Category>,
+    /// The remote diagnostic of a bounce.
+    pub diagnostic: Option<String>,
+    /// A complaint's feedback type, one of [`COMPLAINT_TYPES`].
+    pub feedback_type: Option<&'static str>,
+    pub suppress: bool,
+}
+
+/// Reads and records a report sent to `locals` (the local parts it was addressed to at return-path
+/// domains). Blocking (the suppression list is fsynced): call it off the async runtime.
+pub fn process(
+    raw: &[u8],
+    locals: &[String],
+    rp: &ReturnPaths,
+    suppressions: &Suppressions,
+) -> Vec<Outcome> {
+    let outcomes = evaluate(raw, locals, rp);
+    for o in &outcomes {
+        record(o, suppressions);
+    }
+    outcomes
+}
+
+/// Reads a report and decides, per recipient, what it says. No side effects.
+pub fn evaluate(raw: &[u8], locals: &[String], rp: &ReturnPaths) -> Vec<Outcome> {
+    let Some(report) = report::parse(raw) else {
+        return vec![bare("none", "not-a-report")];
+    };
+    let kind = report.kind.as_str();
+    let mut tokens: Vec<Token> = Vec::new();
+    let from_senders = report.original_senders.iter().filter_map(|a| {
+        let (local, domain) = a.rsplit_once('@')?;
+        rp.is_local(domain).then_some(local)
+    });
+    for local in locals.iter().map(String::as_str).chain(from_senders) {
+        if let Some(t) = verp::parse(local)
+            && !tokens.contains(&t)
+        {
+            tokens.push(t);
+        }
+    }
+    if tokens.is_empty() {
+        return vec![bare(kind, "unverified")];
+    }
+    let mut out = Vec::new();
+    for token in &tokens {
+        let recipient = match &token.recipient {
+            Some(r) => rp.verify(token, r).then(|| r.clone()),
+            None => candidates(&report).find(|c| rp.verify(token, c)),
+        };
+        match recipient {
+            Some(r) => out.push(judge(&report, token, r)),
+            None => out.push(bare(kind, "forged")),
+        }
+    }
+    out
+}
+
+fn bare(kind: &'static str, result: &'static str) -> Outcome {
+    Outcome {
+        kind,
+        result,
+        queue_id: None,
+        recipient: None,
+        class: None,
+        category: None,
+        diagnostic: None,
+        feedback_type: None,
+        suppress: false,
+    }
+}
+
+/// Every address the report gives, per-recipient blocks first.
+fn candidates(report: &Report) -> impl Iterator<Item = String> + '_ {
+    report
+        .recipients
+        .iter()
+        .flat_map(|r| r.addresses.iter())
+        .chain(report.original_recipients.iter())
+        .cloned()
+}
+
+/// The outcome for a verified recipient.
+fn judge(report: &Report, token: &Token, recipient: String) -> Outcome {
+    let mut o = bare(report.kind.as_str(), "other");
+    o.queue_id = Some(token.queue_id.to_string());
+    if report.kind == Kind::Arf {
+        let given = report.feedback_type.as_deref().unwrap_or("other");
+        if let Some(ft) = COMPLAINT_TYPES.iter().find(|t| **t == given) {
+            o.result = "complaint";
+            o.feedback_type = Some(ft);
+            o.suppress = true;
+        }
+        o.recipient = Some(recipient);
+        return o;
+    }
+    // The block about this recipient; a report about one recipient may name it differently (forwarding).
+    let status = report
+        .recipients
+        .iter()
+        .find(|s| {
+            s.addresses
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(&recipient))
+        })
+        .or(match report.recipients.as_slice() {
+            [only] => Some(only),
+            _ => None,
+        });
+    o.recipient = Some(recipient);
+    let Some(status) = status else {
+        return o;
+    };
+    match status.action {
+        Action::Failed => {
+            let enhanced = status.status.as_deref();
+            let code = status
+                .code
+                .unwrap_or(if enhanced.is_some_and(|e| e.starts_with('4')) {
+                    450
+                } else {
+                    550
+                });
+            let (class, category) = classify(code, enhanced, &status.diagnostic);
+            o.result = "bounce";
+            o.class = Some(class);
+            o.category = Some(category);
+            o.diagnostic = Some(status.diagnostic.clone());
+            o.suppress = class == Class::Hard && category.suppresses();
+        }
+        Action::Delayed => o.result = "delay",
+        Action::Delivered | Action::Relayed | Action::Expanded => {}
+    }
+    o
+}
+
+/// Metrics, events, the log line and the suppression for one outcome.
+fn record(o: &Outcome, suppressions: &Suppressions) {
+    let m = metrics::get();
+    m.feedback.with_label_values(&[o.kind, o.result]).inc();
+    let (Some(id), Some(recipient)) = (&o.queue_id, &o.recipient) else {
+        tracing::info!(kind = o.kind, result = o.result, "report ignored");
+        return;
+    };
+    let domain = recipient
+        .rsplit_once('@')
+        .map_or("", |(_, d)| d)
+        .to_ascii_lowercase();
+    tracing::info!(
+        queue_id = %id,
+        kind = o.kind,
+        result = o.result,
+        category = o.category.map_or("", Category::as_str),
+        %domain,
+        suppress = o.suppress,
+        "report processed"
+    );
+    let event = |kind: &'static str| {
+        let mut ev = Event::new(kind, id.clone(), String::new());
+        ev.recipient = Some(recipient.clone());
+        ev.domain = Some(domain.clone());
+        ev.source = Some(o.kind);
+        ev
+    };
+    if let (Some(class), Some(category)) = (o.class, o.category) {
+        m.bounces
+            .with_label_values(&[class.as_str(), category.as_str(), &m.domain_label(&domain)])
+            .inc();
+        if events::enabled() {
+            let mut ev = event("bounced");
+            ev.reply = o.diagnostic.clone();
+            ev.class = Some(class.as_str());
+            ev.category = Some(category.as_str());
+            events::emit(ev);
+        }
+    }
+    if let Some(ft) = o.feedback_type {
+        m.complaints
+            .with_label_values(&[ft, &m.domain_label(&domain)])
+            .inc();
+        if events::enabled() {
+            let mut ev = event("complained");
+            ev.feedback_type = Some(ft.to_owned());
+            events::emit(ev);
+        }
+    }
+    if !o.suppress {
+        return;
+    }
+    let reason = match (o.feedback_type, o.diagnostic.as_deref()) {
+        (Some(ft), _) => format!("complaint ({ft}, {} report)", o.kind),
+        (None, d) => format!("bounce ({} report): {}", o.kind, d.unwrap_or("")),
+    };
+    match suppressions.add(recipient, &reason) {
+        Ok(()) => {
+            m.suppressions.set(suppressions.len() as i64);
+            if events::enabled() {
+                let mut ev = event("suppressed");
+                ev.reply = Some(reason);
+                events::emit(ev);
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot record a suppression"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::spool::QueueId;
+
+    fn paths() -> ReturnPaths {
+        let config = Config::parse(
+            r#"
+hostname: relay.test
+spool_dir: /tmp/x
+listeners: [{ name: a, address: "127.0.0.1:1" }]
+domains: [{ name: example.test, return_path: bounces.example.test }]
+bounces: { secret_file: /nonexistent }
+"#,
+        )
+        .unwrap();
+        ReturnPaths::new(&config, vec![b"a key of enough length".to_vec()])
+    }
+
+    fn dsn(recipient: &str, status: &str, diagnostic: &str) -> String {
+        format!(
+            "From: MAILER-DAEMON@mx.example.net\r\n\
+Content-Type: multipart/report; report-type=delivery-status; boundary=\"b\"\r\n\
+\r\n\
+--b\r\n\
+Content-Type: message/delivery-status\r\n\
+\r\n\
+Reporting-MTA: dns; mx.example.net\r\n\
+\r\n\
+Final-Recipient: rfc822; {recipient}\r\n\
+Action: failed\r\n\
+Status: {status}\r\n\
+Diagnostic-Code: smtp; {diagnostic}\r\n\
+--b--\r\n"
+        )
+    }
+
+    fn local_part(sender: &str) -> String {
+        sender.split('@').next().unwrap().to_owned()
+    }
+
+    #[test]
+    fn a_long_recipient_is_verified_from_the_report_and_another_is_forged() {
+        let rp = paths();
+        let rcpt = "someone.with.a.rather.long.name@mail.example-provider.test";
+        let token = local_part(
+            &rp.envelope_sender(QueueId(5), "news@example.test", rcpt)
+                .unwrap(),
+        );
+        let raw = dsn(rcpt, "5.1.1", "550 5.1.1 user unknown");
+        let [o] = evaluate(raw.as_bytes(), std::slice::from_ref(&token), &rp)
+            .try_into()
+            .unwrap();
+        assert_eq!(o.result, "bounce");
+        assert_eq!(o.recipient.as_deref(), Some(rcpt));
+        assert_eq!(o.category, Some(Category::InvalidRecipient));
+        assert!(o.suppress);
+
+        let forged = dsn("victim@example.net", "5.1.1", "550 5.1.1 user unknown");
+        let [o] = evaluate(forged.as_bytes(), &[token], &rp)
+            .try_into()
+            .unwrap();
+        assert_eq!((o.result, o.suppress), ("forged", false));
+    }
+
+    #[test]
+    fn blocks_are_counted_but_never_suppress() {
+        let rp = paths();
+        let token = local_part(
+            &rp.envelope_sender(QueueId(6), "news@example.test", "u@d.test")
+                .unwrap(),
+        );
+        let raw = dsn(
+            "u@d.test",
+            "5.7.1",
+            "550 5.7.1 Service unavailable; client host blocked using Spamhaus",
+        );
+        let [o] = evaluate(raw.as_bytes(), &[token], &rp).try_into().unwrap();
+        assert_eq!(o.result, "bounce");
+        assert_eq!(o.category, Some(Category::ReputationBlock));
+        assert!(!o.suppress);
+    }
+
+    #[test]
+    fn a_report_without_a_token_is_unverified() {
+        let raw = dsn("u@d.test", "5.1.1", "550 5.1.1 user unknown");
+        let [o] = evaluate(raw.as_bytes(), &["postmaster".to_owned()], &paths())
+            .try_into()
+            .unwrap();
+        assert_eq!((o.kind, o.result), ("dsn", "unverified"));
+    }
+}
