@@ -235,46 +235,17 @@ impl Reloader {
                 Err(e) => tracing::error!(error = %e, "TLS reload task failed"),
             }
         }
-        let loaded = tokio::task::spawn_blocking(move || Config::load(&path)).await;
-        let new = match loaded {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "config reload refused; the running config stays in force");
-                return;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "config reload task failed");
-                return;
-            }
+        let Some(new) = reload_step(move || Config::load(&path)).await else {
+            return;
         };
         // Even an unchanged config reloads: the change that brought us here may be a key file's.
-        let signers = {
-            let c = new.clone();
-            match tokio::task::spawn_blocking(move || Signers::load(&c)).await {
-                Ok(Ok(s)) => Arc::new(s),
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "config reload refused; the running config stays in force");
-                    return;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "DKIM key reload task failed");
-                    return;
-                }
-            }
+        let c = new.clone();
+        let Some(signers) = reload_step(move || Signers::load(&c)).await.map(Arc::new) else {
+            return;
         };
-        let return_paths = {
-            let c = new.clone();
-            match tokio::task::spawn_blocking(move || load_bounces(&c)).await {
-                Ok(Ok(rp)) => rp,
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "config reload refused; the running config stays in force");
-                    return;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "bounce key reload task failed");
-                    return;
-                }
-            }
+        let c = new.clone();
+        let Some(return_paths) = reload_step(move || load_bounces(&c)).await else {
+            return;
         };
         let mut needs_restart =
             server::reconfigure(&new, contexts, shared, &signers, &return_paths);
@@ -307,4 +278,24 @@ fn load_bounces(config: &Config) -> Result<Arc<ReturnPaths>, RunError> {
     verp::install(rp.clone());
     classify::install(classifier);
     Ok(rp)
+}
+
+/// Runs one loading step of a reload off the async runtime; None when it fails, which refuses the reload
+/// (logged) and leaves the running config in force.
+async fn reload_step<T, E>(load: impl FnOnce() -> Result<T, E> + Send + 'static) -> Option<T>
+where
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    match tokio::task::spawn_blocking(load).await {
+        Ok(Ok(v)) => Some(v),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "config reload refused; the running config stays in force");
+            None
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "config reload task failed");
+            None
+        }
+    }
 }

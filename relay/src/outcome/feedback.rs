@@ -236,21 +236,10 @@ fn record(o: &Outcome, suppressions: &Suppressions) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
     use crate::spool::QueueId;
 
     fn paths() -> ReturnPaths {
-        let config = Config::parse(
-            r#"
-hostname: relay.test
-spool_dir: /tmp/x
-listeners: [{ name: a, address: "127.0.0.1:1" }]
-domains: [{ name: example.test, return_path: bounces.example.test }]
-bounces: { secret_file: /nonexistent }
-"#,
-        )
-        .unwrap();
-        ReturnPaths::new(&config, vec![b"a key of enough length".to_vec()])
+        crate::outcome::verp::tests::paths(&["a key of enough length"])
     }
 
     fn dsn(recipient: &str, status: &str, diagnostic: &str) -> String {

@@ -255,10 +255,11 @@ pub fn current() -> Arc<ReturnPaths> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn paths(keys: &[&str]) -> ReturnPaths {
+    /// example.test with its return path bounces.example.test, and these keys.
+    pub(crate) fn paths(keys: &[&str]) -> ReturnPaths {
         let config = Config::parse(
             r#"
 hostname: relay.test
