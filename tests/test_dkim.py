@@ -1,6 +1,6 @@
 """DKIM signing: messages from a configured sending domain arrive signed, and the signatures verify with an
 independent verifier (dkimpy), reading the public keys through a DNS lookup function; a modified body fails.
-RSA-SHA256 (2048-bit) and Ed25519-SHA256 (RFC 8463)."""
+RSA-SHA256 (2048-bit) and Ed25519-SHA256 (RFC 8463), each alone and both at once."""
 
 from __future__ import annotations
 
@@ -41,6 +41,11 @@ def signed_relay(tmp_path, relays, dns, peers):
             {"name": "example.test", "return_path": "bounces.example.test",
              "dkim": {"selector": "s1", "algorithm": "rsa-sha256", "key_file": rsa_key}},
             {"name": "other.test", "dkim": {"selector": "ed", "algorithm": "ed25519-sha256", "key_file": ed_key}},
+            # both kinds at once (RFC 8463): two signatures
+            {"name": "both.test", "dkim": [
+                {"selector": "e2", "algorithm": "ed25519-sha256", "key_file": ed_key},
+                {"selector": "r2", "algorithm": "rsa-sha256", "key_file": rsa_key},
+            ]},
         ]
 
     peer = peers.aio(FOREIGN)
@@ -49,6 +54,8 @@ def signed_relay(tmp_path, relays, dns, peers):
     records = {
         b"s1._domainkey.example.test.": f"v=DKIM1; k=rsa; p={rsa_p}".encode(),
         b"ed._domainkey.other.test.": f"v=DKIM1; k=ed25519; p={ed_p}".encode(),
+        b"r2._domainkey.both.test.": f"v=DKIM1; k=rsa; p={rsa_p}".encode(),
+        b"e2._domainkey.both.test.": f"v=DKIM1; k=ed25519; p={ed_p}".encode(),
     }
 
     def dnsfunc(name, timeout=5):
@@ -82,6 +89,22 @@ def test_signatures_verify_with_dkimpy_and_a_modified_body_fails(signed_relay, s
     tampered = data.replace(b"last\r\n", b"LAST\r\n")
     assert tampered != data
     assert not dkim.verify(tampered, dnsfunc=dnsfunc), "a modified body still verified"
+
+
+def test_a_domain_with_both_keys_gets_an_rsa_and_an_ed25519_signature_that_each_verify(signed_relay):
+    relay, peer, dnsfunc = signed_relay
+    data = fetch(relay, peer, "app@both.test", "dual", body="one\r\ntwo\r\n")
+    assert data.count(b"DKIM-Signature:") == 2, data[:1500]
+    d = dkim.DKIM(data)
+    sigs = [data[i:].split(b"\r\n\r\n")[0] for i in range(len(data)) if data.startswith(b"DKIM-Signature:", i)]
+    assert b"a=rsa-sha256" in sigs[0] and b"a=ed25519-sha256" in sigs[1], sigs
+    for idx in (0, 1):
+        assert d.verify(idx=idx, dnsfunc=dnsfunc), f"dkimpy rejected signature {idx}"
+    tampered = dkim.DKIM(data.replace(b"two\r\n", b"TWO\r\n"))
+    for idx in (0, 1):
+        # DKIM.verify raises on a body hash mismatch where the module-level verify returns False
+        with pytest.raises(dkim.ValidationError, match="body hash mismatch"):
+            tampered.verify(idx=idx, dnsfunc=dnsfunc)
 
 
 def test_mail_from_a_domain_without_a_key_is_not_signed(signed_relay):

@@ -126,14 +126,14 @@ pub fn relay_config(
         }
         relay_domains.push(Domain {
             name: d.spec.domain.clone(),
-            dkim: Some(Dkim {
+            dkim: vec![Dkim {
                 selector: crate::objects::active_selector(d),
                 algorithm: match d.spec.dkim.algorithm {
                     DkimAlgorithm::Rsa2048 => RelayDkim::RsaSha256,
                     DkimAlgorithm::Ed25519 => RelayDkim::Ed25519Sha256,
                 },
                 key_file: dkim_key_file(&d.spec.domain, &crate::objects::active_selector(d)).into(),
-            }),
+            }],
             return_path: Some(return_path_domain(&d.spec)),
             ip_pool: pool,
         });

@@ -197,7 +197,7 @@ impl Reloader {
     async fn read(&self) -> Option<Vec<u8>> {
         let mut all = tokio::fs::read(self.path.as_ref()?).await.ok()?;
         for d in &self.current.domains {
-            if let Some(k) = &d.dkim {
+            for k in &d.dkim {
                 all.extend(tokio::fs::read(&k.key_file).await.unwrap_or_default());
             }
         }

@@ -237,8 +237,10 @@ pub struct User {
 #[serde(deny_unknown_fields)]
 pub struct Domain {
     pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dkim: Option<Dkim>,
+    /// One key (a mapping) or several (a list): a domain with an RSA and an Ed25519 key signs with both
+    /// (RFC 8463 section 3), and verifiers that know only RSA ignore the other signature.
+    #[serde(default, with = "one_or_many", skip_serializing_if = "Vec::is_empty")]
+    pub dkim: Vec<Dkim>,
     /// The domain used in MAIL FROM for bounces; the relay is its MX and accepts mail for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub return_path: Option<String>,
@@ -253,6 +255,42 @@ pub struct Dkim {
     #[serde(default)]
     pub algorithm: DkimAlgorithm,
     pub key_file: PathBuf,
+}
+
+/// `dkim:` as one mapping or a list of them; written back as a mapping when there is one.
+mod one_or_many {
+    use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+    use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
+    use serde::{Deserialize, Serialize, Serializer};
+
+    use super::Dkim;
+
+    pub fn serialize<S: Serializer>(v: &[Dkim], s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Dkim>, D::Error> {
+        struct OneOrMany;
+        impl<'de> Visitor<'de> for OneOrMany {
+            type Value = Vec<Dkim>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DKIM key ({selector, algorithm, key_file}) or a list of them")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                Dkim::deserialize(MapAccessDeserializer::new(map)).map(|k| vec![k])
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                Vec::<Dkim>::deserialize(SeqAccessDeserializer::new(seq))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Vec::new())
+            }
+        }
+        d.deserialize_any(OneOrMany)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -603,13 +641,21 @@ impl Config {
                     format!("no ip_pools entry is named {pool:?}"),
                 ));
             }
-            if let Some(dkim) = &d.dkim
-                && dkim.selector.is_empty()
-            {
-                return Err(invalid(
-                    format!("{field}.dkim.selector"),
-                    "must not be empty",
-                ));
+            for (j, dkim) in d.dkim.iter().enumerate() {
+                let at = if d.dkim.len() == 1 {
+                    format!("{field}.dkim")
+                } else {
+                    format!("{field}.dkim[{j}]")
+                };
+                if dkim.selector.is_empty() {
+                    return Err(invalid(format!("{at}.selector"), "must not be empty"));
+                }
+                if d.dkim[..j].iter().any(|o| o.algorithm == dkim.algorithm) {
+                    return Err(invalid(
+                        format!("{at}.algorithm"),
+                        "one key per algorithm: a second signature of the same kind adds nothing",
+                    ));
+                }
             }
         }
         for (i, p) in self.ip_pools.iter().enumerate() {

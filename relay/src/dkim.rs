@@ -2,8 +2,9 @@
 //!
 //! A message is signed once, when it is accepted: the signature is stored in the spool with the message,
 //! so retries and recipients never sign again. The signing domain is the From: domain (what DMARC aligns
-//! on), when it is a configured sending domain. Relaxed/relaxed canonicalization; From is over-signed (listed
-//! once more than it occurs) so a second From cannot be added after signing.
+//! on), when it is a configured sending domain; a domain with an RSA and an Ed25519 key gets both
+//! signatures (RFC 8463). Relaxed/relaxed canonicalization; From is over-signed (listed once more than it
+//! occurs) so a second From cannot be added after signing.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -38,9 +39,9 @@ const SIGNED_HEADERS: &[&str] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum DkimError {
-    #[error("domains[{index}].dkim.key_file {path}: {message}")]
+    #[error("{field}.key_file {path}: {message}")]
     Key {
-        index: usize,
+        field: String,
         path: String,
         message: String,
     },
@@ -51,10 +52,10 @@ enum Signer {
     Ed25519(DkimSigner<Ed25519Key, Done>),
 }
 
-/// The signers of the configured sending domains, by domain (lower case).
+/// The signers of the configured sending domains, by domain (lower case); RSA first.
 #[derive(Default)]
 pub struct Signers {
-    by_domain: HashMap<String, Signer>,
+    by_domain: HashMap<String, Vec<Signer>>,
 }
 
 impl std::fmt::Debug for Signers {
@@ -66,14 +67,14 @@ impl std::fmt::Debug for Signers {
 }
 
 fn load_key(
-    index: usize,
+    field: String,
     path: &Path,
     algorithm: DkimAlgorithm,
     domain: &str,
     selector: &str,
 ) -> Result<Signer, DkimError> {
     let err = |message: String| DkimError::Key {
-        index,
+        field: field.clone(),
         path: path.display().to_string(),
         message,
     };
@@ -120,9 +121,26 @@ impl Signers {
     pub fn load(config: &Config) -> Result<Signers, DkimError> {
         let mut by_domain = HashMap::new();
         for (i, d) in config.domains.iter().enumerate() {
-            let Some(dkim) = &d.dkim else { continue };
-            let signer = load_key(i, &dkim.key_file, dkim.algorithm, &d.name, &dkim.selector)?;
-            by_domain.insert(d.name.to_ascii_lowercase(), signer);
+            let mut signers = Vec::with_capacity(d.dkim.len());
+            for (j, dkim) in d.dkim.iter().enumerate() {
+                let field = if d.dkim.len() == 1 {
+                    format!("domains[{i}].dkim")
+                } else {
+                    format!("domains[{i}].dkim[{j}]")
+                };
+                signers.push(load_key(
+                    field,
+                    &dkim.key_file,
+                    dkim.algorithm,
+                    &d.name,
+                    &dkim.selector,
+                )?);
+            }
+            // The RSA signature first: it is the one every verifier understands.
+            signers.sort_by_key(|s| matches!(s, Signer::Ed25519(_)));
+            if !signers.is_empty() {
+                by_domain.insert(d.name.to_ascii_lowercase(), signers);
+            }
         }
         Ok(Signers { by_domain })
     }
@@ -131,29 +149,32 @@ impl Signers {
         self.by_domain.is_empty()
     }
 
-    /// The DKIM-Signature header for a message made of `parts` (headers first), or None when its From:
-    /// domain has no key. Errors are logged and the message goes unsigned rather than refused.
+    /// The DKIM-Signature header(s) for a message made of `parts` (headers first), or None when its From:
+    /// domain has no key. Errors are logged and the message goes out without that signature rather than
+    /// being refused.
     pub fn sign(&self, parts: &[&[u8]]) -> Option<String> {
         if self.by_domain.is_empty() {
             return None;
         }
         let domain = from_domain(parts)?;
-        let signer = self.by_domain.get(&domain)?;
-        let result = match signer {
-            Signer::Rsa(s) => s
-                .sign_chained(parts.iter().copied())
-                .map(|sig| sig.to_header()),
-            Signer::Ed25519(s) => s
-                .sign_chained(parts.iter().copied())
-                .map(|sig| sig.to_header()),
-        };
-        match result {
-            Ok(h) => Some(h),
-            Err(e) => {
-                tracing::warn!(domain = %domain, error = %e, "DKIM signing failed; the message goes unsigned");
-                None
+        let mut headers = String::new();
+        for signer in self.by_domain.get(&domain)? {
+            let result = match signer {
+                Signer::Rsa(s) => s
+                    .sign_chained(parts.iter().copied())
+                    .map(|sig| sig.to_header()),
+                Signer::Ed25519(s) => s
+                    .sign_chained(parts.iter().copied())
+                    .map(|sig| sig.to_header()),
+            };
+            match result {
+                Ok(h) => headers.push_str(&h),
+                Err(e) => {
+                    tracing::warn!(domain = %domain, error = %e, "DKIM signing failed; the message goes without this signature")
+                }
             }
         }
+        (!headers.is_empty()).then_some(headers)
     }
 }
 
@@ -248,6 +269,10 @@ listeners: [{{ name: a, address: "127.0.0.1:1" }}]
 domains:
   - {{ name: rsa.test, dkim: {{ selector: s1, algorithm: rsa-sha256, key_file: "{rsa_file}" }} }}
   - {{ name: ed.test, dkim: {{ selector: s2, algorithm: ed25519-sha256, key_file: "{ed_file}" }} }}
+  - name: both.test
+    dkim:
+      - {{ selector: e1, algorithm: ed25519-sha256, key_file: "{ed_file}" }}
+      - {{ selector: r1, algorithm: rsa-sha256, key_file: "{rsa_file}" }}
 "#
         ))
         .unwrap();
@@ -263,6 +288,14 @@ domains:
                 "s2._domainkey.ed.test.",
                 format!("v=DKIM1; k=ed25519; p={ed_p}"),
             ),
+            (
+                "r1._domainkey.both.test.",
+                format!("v=DKIM1; k=rsa; p={rsa_p}"),
+            ),
+            (
+                "e1._domainkey.both.test.",
+                format!("v=DKIM1; k=ed25519; p={ed_p}"),
+            ),
         ] {
             txt.insert(
                 name.to_owned(),
@@ -273,13 +306,24 @@ domains:
         let auth = MessageAuthenticator::new_system_conf()
             .or_else(|_| MessageAuthenticator::new_cloudflare())
             .unwrap();
-        for domain in ["rsa.test", "ed.test"] {
+        for (domain, want) in [
+            ("rsa.test", &["rsa-sha256"][..]),
+            ("ed.test", &["ed25519-sha256"]),
+            // both keys: both signatures, RSA first
+            ("both.test", &["rsa-sha256", "ed25519-sha256"]),
+        ] {
             let prefix = "Received: from x by relay.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n";
             let body =
                 format!("From: App <app@{domain}>\r\nTo: x@y.test\r\nSubject: hi\r\n\r\nline\r\n");
             let sig = signers
                 .sign(&[prefix.as_bytes(), body.as_bytes()])
                 .expect("signed");
+            let algorithms: Vec<&str> = sig
+                .split("DKIM-Signature:")
+                .skip(1)
+                .filter_map(|h| h.split(';').find_map(|t| t.trim().strip_prefix("a=")))
+                .collect();
+            assert_eq!(algorithms, want, "{sig}");
             for (tamper, want_pass) in [(false, true), (true, false)] {
                 let mut full = format!("{sig}{prefix}{body}");
                 if tamper {
@@ -289,14 +333,16 @@ domains:
                 let out = auth
                     .verify_dkim(Parameters::new(&msg).with_txt_cache(&txt))
                     .await;
-                assert_eq!(out.len(), 1, "{domain}");
-                let pass = *out[0].result() == DkimResult::Pass;
-                assert_eq!(
-                    pass,
-                    want_pass,
-                    "{domain} tampered={tamper}: {:?}",
-                    out[0].result()
-                );
+                assert_eq!(out.len(), want.len(), "{domain}");
+                for o in &out {
+                    let pass = *o.result() == DkimResult::Pass;
+                    assert_eq!(
+                        pass,
+                        want_pass,
+                        "{domain} tampered={tamper}: {:?}",
+                        o.result()
+                    );
+                }
             }
         }
         assert!(
