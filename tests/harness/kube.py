@@ -53,6 +53,42 @@ def wait_for(check, what: str, attempts: int = 150, pause: float = 0.2):
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
+def install_crds(path: Path) -> None:
+    """Apply the CRDs in `path` (server-side) and wait until the API server serves them."""
+    kubectl("apply", "--server-side", "--field-manager=test", "-f", str(path))
+    kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(path))
+
+
+def service_account_kubeconfig(namespace: str, account: str, path: Path) -> Path:
+    """A kubeconfig for the test cluster that authenticates as a ServiceAccount (a bound token from
+    `kubectl create token`), so that a process using it gets that account's RBAC and nothing more."""
+    token = kubectl("create", "token", account, "-n", namespace, "--duration=2h").stdout.strip()
+    admin = json.loads(kubectl("config", "view", "--raw", "--minify", "--flatten", "-o", "json").stdout)
+    cluster = admin["clusters"][0]
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": account, "context": {"cluster": cluster["name"], "user": account, "namespace": namespace}}],
+        "current-context": account,
+    }))
+    return path
+
+
+def publish_record(dns, rec: dict) -> None:
+    """Serve one of a SendingDomain's `status.records` from the test DNS server (harness.dns), as its owner
+    would publish it."""
+    if rec["type"] == "TXT":
+        value = rec["value"]
+        strings = [s.strip('"') for s in value.split('" "')]
+        dns.txt(rec["name"], *strings)
+    elif rec["type"] == "MX":
+        pref, host = rec["value"].split()
+        dns.mx(rec["name"], (int(pref), host.rstrip(".")))
+    else:
+        raise AssertionError(f"no way to publish a {rec['type']} record: {rec}")
+
+
 def secret_data(obj: dict, key: str) -> str:
     return base64.b64decode(obj["data"][key]).decode()
 
@@ -73,7 +109,10 @@ class Namespace:
 class Operator:
     """herald-operator run, as a local process against the test API server."""
 
-    def __init__(self, workdir: Path, nameserver: str, lease_namespace: str, extra: list[str] | None = None):
+    def __init__(self, workdir: Path, nameserver: str, lease_namespace: str, extra: list[str] | None = None,
+                 kubeconfig: str | None = None):
+        """`kubeconfig`: run with that identity instead of the test cluster's admin (e.g. a ServiceAccount's
+        token, to prove its RBAC is enough)."""
         self.health = f"127.0.0.1:{free_port()}"
         self.log_path = workdir / "operator.log"
         binary = os.environ.get("HERALD_OPERATOR_BIN", str(REPO / "target" / "debug" / "herald-operator"))
@@ -88,17 +127,21 @@ class Operator:
                 *(extra or []),
             ],
             stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, "KUBECONFIG": kubeconfig} if kubeconfig else None,
         )
 
-    def metric(self, name: str, labels: str = "") -> float:
-        """A sample of the operator's /metrics (0 when absent)."""
+    def metrics_text(self) -> str:
+        """The operator's /metrics ("" while it does not answer)."""
         import urllib.request
 
         try:
-            text = urllib.request.urlopen(f"http://{self.health}/metrics", timeout=5).read().decode()
+            return urllib.request.urlopen(f"http://{self.health}/metrics", timeout=5).read().decode()
         except OSError:
-            return 0.0
-        for line in text.splitlines():
+            return ""
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """A sample of the operator's /metrics (0 when absent)."""
+        for line in self.metrics_text().splitlines():
             if line.startswith(name) and (not labels or labels in line):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
