@@ -156,6 +156,8 @@ pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Acti
         dns_message,
         generation,
     ));
+    ctx.metrics
+        .set_domain_verified(&ns, &sd.name_any(), verified);
     if sd.spec.publish_with_external_dns {
         let published = publish_external_dns(&ctx, &ns, &sd, &records).await;
         let (ok, reason, message) = match published {

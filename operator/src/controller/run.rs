@@ -9,7 +9,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::runtime::controller::Controller;
+use kube::runtime::controller::{Controller, Error as ControllerError};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher::{self, watcher};
 use kube::{Api, Client, ResourceExt};
@@ -96,8 +96,15 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     .shutdown_on_signal()
     .run(domain::reconcile, error_policy, ctx.clone())
     .for_each(|r| {
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "SendingDomain controller event");
+        match r {
+            // Every SendingDomain is requeued (the DNS recheck), so a deleted one comes back here as not
+            // found within one recheck period: that is when its verification series goes.
+            Err(ControllerError::ObjectNotFound(obj)) => {
+                ctx.metrics
+                    .forget_domain(obj.namespace.as_deref().unwrap_or_default(), &obj.name);
+            }
+            Err(e) => tracing::debug!(error = %e, "SendingDomain controller event"),
+            Ok(_) => {}
         }
         futures::future::ready(())
     });
