@@ -162,11 +162,12 @@ def test_prometheus_scrapes_exactly_the_traffic_the_relay_handled(relays, dns, p
 # The exposition format
 
 
-def test_metrics_text_passes_promtool_and_names_every_contract_series_with_its_type(relays, dns, peers):
-    if promtool() is None:
-        pytest.skip("promtool is not installed (Debian package prometheus)")
+def relay_with_every_series(relays, dns, peers, name: str):
+    """A relay after one delivered, one deferred and one bounced message and one refused RCPT, so that every
+    family has a series (test_chart.py uses it too). Returns the relay and whether the queue gauges showed
+    the deferred message within 15 s."""
     deferring, bouncing = route_mixed(dns, peers)
-    relay = start_outbound(relays, dns, peers, name="linted")
+    relay = start_outbound(relays, dns, peers, name=name)
     send_mixed_traffic(relay, deferring, bouncing, n_delivered=1, n_deferred=1, n_bounced=1)
     # and one refused RCPT, so that the rejection counter has a series too
     host, port = relay.listener("inbound")
@@ -176,9 +177,15 @@ def test_metrics_text_passes_promtool_and_names_every_contract_series_with_its_t
         c.expect("MAIL FROM:<a@example.test>", "250 ")
         c.expect("RCPT TO:<x@deliver.test>", "554 5.7.1")
         c.cmd("QUIT")
-
     # the queue gauges are refreshed every 2 s: wait until they show the deferred message
     refreshed = wait_until(lambda: scrape(relay).get("herald_queue_depth", domain="defer.test") == 1, 15, 0.2)
+    return relay, refreshed
+
+
+def test_metrics_text_passes_promtool_and_names_every_contract_series_with_its_type(relays, dns, peers):
+    if promtool() is None:
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    relay, refreshed = relay_with_every_series(relays, dns, peers, "linted")
     exp = scrape(relay)
     assert refreshed, f"herald_queue_depth{{domain=\"defer.test\"}} never became 1 for one deferred message:\n{exp.text}"
     r = promtool_check(exp.text)
