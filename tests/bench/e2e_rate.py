@@ -18,6 +18,15 @@ messages per second (N / time from the start of smtp-source until the sink
 has received all N), p50/p99 of the accept-to-delivery delay taken from the
 relay's own log, peak memory; then the herald/Postfix ratios.
 
+`--dkim ed25519|rsa` makes herald sign every message (one DKIM signature per
+message, d= the smtp-source sender's domain); `--return-path` gives that
+domain a return path, so herald sends with per-recipient VERP envelope
+senders.  Postfix has no DKIM signer or VERP here and runs unchanged; the
+report says so.  Before the rounds, one message goes through herald with the
+same config to an smtp-sink that dumps it, and its DKIM-Signature is
+verified with openssl (a benchmark that silently did not sign would measure
+nothing).
+
 `--backlog R` mode (herald only): feed R recipients (R/100 messages with 100
 recipients each) to a herald whose smarthost is a closed port, so everything
 is deferred and stays queued, and report herald's RSS with that backlog.
@@ -32,10 +41,13 @@ tests/bench/README.md.
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import math
 import os
 import re
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -111,12 +123,15 @@ class Sink:
     "sess=S quit=Q mesg=M\\r" to stdout every time a session ends, a QUIT
     is executed or a "." (end of DATA) is received; a reader thread keeps
     the latest mesg= value and the monotonic time it first reached `target`.
-    smtp-sink accepts everything and writes nothing to disk."""
+    smtp-sink accepts everything and writes nothing to disk, unless `dump`
+    names a file to append every message to (-D; the DKIM preflight only)."""
 
-    def __init__(self, binary: str, workdir: Path, ready_timeout: float):
+    def __init__(self, binary: str, workdir: Path, ready_timeout: float,
+                 dump: Path | None = None):
         self.binary = binary
         self.dir = workdir
         self.ready_timeout = ready_timeout
+        self.dump = dump
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.count = 0
@@ -132,8 +147,9 @@ class Sink:
         with open(errlog, "wb") as err:
             # -u: smtp-sink refuses to run as root without it.  The last
             # argument is the listen(2) backlog.
+            dump = ["-D", str(self.dump)] if self.dump else []
             self.proc = subprocess.Popen(
-                [self.binary, "-c", "-u", "nobody", f"127.0.0.1:{self.port}", "1024"],
+                [self.binary, "-c", "-u", "nobody", *dump, f"127.0.0.1:{self.port}", "1024"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
             )
         OWNED_PIDS.add(self.proc.pid)
@@ -204,8 +220,236 @@ class Sink:
 
 
 def herald_yaml(smarthost_port: int, args, retry_first: str | None = None) -> str:
-    return herald_delivery_yaml(smarthost_port, connections=args.herald_connections,
-                                msgs_per_conn=args.herald_msgs_per_conn, retry_first=retry_first)
+    y = herald_delivery_yaml(smarthost_port, connections=args.herald_connections,
+                             msgs_per_conn=args.herald_msgs_per_conn, retry_first=retry_first)
+    if args.sending_domain:
+        y += args.sending_domain.yaml()
+    return y
+
+
+# --------------------------------------------------------------------------
+# The sending domain (--dkim, --return-path): herald only.
+
+# --dkim value -> herald's `algorithm` and the `openssl genpkey` arguments.
+# PKCS#8 PEM ("BEGIN PRIVATE KEY", genpkey's output) is what relay/src/dkim.rs
+# reads for both algorithms.
+DKIM_KEYS = {
+    "ed25519": ("ed25519-sha256", ["-algorithm", "ed25519"]),
+    "rsa": ("rsa-sha256", ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]),
+}
+# The selector of each kind of key (--dkim both uses both).
+DKIM_SELECTORS = {"rsa": "r1", "ed25519": "e1"}
+
+
+@dataclass
+class SendingDomain:
+    """The `domains:` entry (and `bounces:` section) added to herald's config,
+    with the files it names; created once per invocation in the work dir."""
+    name: str
+    dkim: str  # "none", "ed25519", "rsa" or "both"
+    # kind ("rsa", "ed25519") -> (private key file, public key file)
+    keys: dict[str, tuple[Path, Path]] = field(default_factory=dict)
+    return_path: str | None = None
+    secret_file: Path | None = None
+
+    @property
+    def kinds(self) -> list[str]:
+        return list(DKIM_KEYS) if self.dkim == "both" else [k for k in DKIM_KEYS if k == self.dkim]
+
+    def yaml(self) -> str:
+        y = f"domains:\n  - name: {self.name}\n"
+        if self.keys:
+            y += "    dkim:\n" + "".join(
+                f"      - {{ selector: {DKIM_SELECTORS[k]}, algorithm: {DKIM_KEYS[k][0]}, "
+                f"key_file: {key} }}\n" for k, (key, _) in self.keys.items())
+        if self.return_path:
+            y += f"    return_path: {self.return_path}\nbounces: {{ secret_file: {self.secret_file} }}\n"
+        return y
+
+    def describe(self) -> str:
+        parts = [" + ".join(f"DKIM {DKIM_KEYS[k][0]} (d={self.name}, s={DKIM_SELECTORS[k]})"
+                            for k in self.keys) or "no DKIM"]
+        if self.return_path:
+            parts.append(f"return_path {self.return_path} (VERP envelope sender per recipient)")
+        return ", ".join(parts)
+
+
+def sender_domain(args) -> str:
+    """The domain of smtp-source's envelope sender (the last -f wins, as in
+    its getopt); smtp-source also writes it as the From: header, which is
+    what herald picks the signing key by."""
+    cmd = smtp_source_cmd(args, 0)
+    senders = [cmd[i + 1] for i, a in enumerate(cmd[:-1]) if a == "-f"]
+    if not senders or "@" not in senders[-1]:
+        raise SetupError(f"cannot tell smtp-source's sender domain from {' '.join(cmd)}")
+    return senders[-1].rsplit("@", 1)[1].lower()
+
+
+def make_sending_domain(args, base: Path) -> SendingDomain | None:
+    if args.dkim == "none" and not args.return_path:
+        return None
+    d = SendingDomain(name=sender_domain(args), dkim=args.dkim)
+    keydir = base / "keys"
+    keydir.mkdir(mode=0o700)
+    for kind in d.kinds:
+        openssl = shutil.which("openssl")
+        if not openssl:
+            raise SetupError("--dkim needs openssl to generate the key (apt-get install openssl)")
+        key, pub = keydir / f"dkim-{kind}.pem", keydir / f"dkim-{kind}.pub.pem"
+        for cmd in ([openssl, "genpkey", *DKIM_KEYS[kind][1], "-out", str(key)],
+                    [openssl, "pkey", "-in", str(key), "-pubout", "-out", str(pub)]):
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if r.returncode != 0:
+                raise SetupError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
+        d.keys[kind] = (key, pub)
+    if args.return_path:
+        d.return_path = f"bounces.{d.name}"
+        d.secret_file = keydir / "bounce-keys"
+        d.secret_file.write_text(secrets.token_hex(32) + "\n")  # 64 characters
+    return d
+
+
+# DKIM verification, enough for the preflight: relaxed/relaxed only (what
+# herald signs with), no l= tag, the public key from our own key file rather
+# than DNS.  RFC 6376 section 3.4.2 (relaxed canonicalization), 3.7 (hashes),
+# 5.4.2 (headers listed more often than present); RFC 8463 (Ed25519 signs
+# the SHA-256 of the header data).
+
+
+def _header_fields(head: str) -> list[tuple[str, str]]:
+    """(name, field with its continuation lines joined by CRLF)."""
+    fields: list[tuple[str, str]] = []
+    for line in head.split("\n"):
+        if line[:1] in (" ", "\t") and fields:
+            fields[-1] = (fields[-1][0], fields[-1][1] + "\r\n" + line)
+        elif ":" in line:
+            fields.append((line.split(":", 1)[0].strip(), line))
+    return fields
+
+
+def _relaxed_header(field: str) -> str:
+    name, value = field.split(":", 1)
+    value = re.sub(r"[ \t]+", " ", value.replace("\r\n", "")).strip(" ")
+    return f"{name.strip().lower()}:{value}"
+
+
+def _relaxed_body(body: str) -> bytes:
+    lines = [re.sub(r"[ \t]+", " ", ln).rstrip(" ") for ln in body.split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    return "".join(ln + "\r\n" for ln in lines).encode("latin-1")
+
+
+def verify_dkim(message: str, d: SendingDomain, workdir: Path) -> str:
+    """Checks that `message` (LF line ends, as smtp-sink dumps it) carries one
+    DKIM-Signature per key of d, each verifying against its public key;
+    returns their tags for the report, raises SetupError naming what is wrong."""
+    head, _, body = message.replace("\r\n", "\n").partition("\n\n")
+    fields = _header_fields(head)
+    sigs = [f for name, f in fields if name.lower() == "dkim-signature"]
+    if len(sigs) != len(d.keys):
+        raise SetupError(f"the preflight message has {len(sigs)} DKIM-Signature headers, "
+                         f"expected {len(d.keys)}; its header:\n{head}")
+    algorithms = {DKIM_KEYS[k][0]: k for k in d.keys}
+    notes = []
+    for sig in sigs:
+        tags = {}
+        for part in sig.split(":", 1)[1].split(";"):
+            if "=" in part:
+                k, v = part.split("=", 1)
+                tags[k.strip()] = re.sub(r"\s+", "", v)
+        kind = algorithms.pop(tags.get("a", ""), None)
+        if kind is None:
+            raise SetupError(f"unexpected or repeated DKIM algorithm a={tags.get('a')}: {sig}")
+        notes.append(_verify_one(sig, tags, kind, fields, body, d, workdir))
+    return "; ".join(notes)
+
+
+def _verify_one(sig: str, tags: dict[str, str], kind: str, fields: list[tuple[str, str]], body: str,
+                d: SendingDomain, workdir: Path) -> str:
+    want = {"v": "1", "a": DKIM_KEYS[kind][0], "d": d.name, "s": DKIM_SELECTORS[kind],
+            "c": "relaxed/relaxed"}
+    wrong = {k: tags.get(k) for k, v in want.items() if tags.get(k) != v}
+    if wrong or "l" in tags:
+        raise SetupError(f"DKIM-Signature tags {wrong or 'l='} differ from {want}: {sig}")
+    bh = base64.b64encode(hashlib.sha256(_relaxed_body(body)).digest()).decode()
+    if bh != tags.get("bh"):
+        raise SetupError(f"DKIM body hash bh={tags.get('bh')} does not match the body "
+                         f"received ({bh})")
+    # The signed header data: each h= name takes the last not yet used field
+    # of that name; then the signature field itself with b= empty, no CRLF.
+    pool: dict[str, list[str]] = {}
+    for name, f in fields:
+        pool.setdefault(name.lower(), []).append(f)
+    data = ""
+    for name in tags.get("h", "").split(":"):
+        if pool.get(name.lower()):
+            data += _relaxed_header(pool[name.lower()].pop()) + "\r\n"
+    name, value = sig.split(":", 1)
+    data += _relaxed_header(name + ":" + re.sub(r"(^|;)(\s*b\s*=)[^;]*", r"\1\2", value))
+    (workdir / "signed-data").write_bytes(data.encode("latin-1"))
+    (workdir / "signature").write_bytes(base64.b64decode(tags.get("b", "")))
+    pub = d.keys[kind][1]
+    if kind == "rsa":
+        cmd = ["openssl", "dgst", "-sha256", "-verify", str(pub),
+               "-signature", str(workdir / "signature"), str(workdir / "signed-data")]
+    else:
+        (workdir / "signed-hash").write_bytes(hashlib.sha256(data.encode("latin-1")).digest())
+        cmd = ["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", str(pub), "-rawin",
+               "-in", str(workdir / "signed-hash"), "-sigfile", str(workdir / "signature")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise SetupError(f"the DKIM signature does not verify ({' '.join(cmd)}: "
+                         f"{(r.stdout + r.stderr).strip()}); signed data:\n{data}")
+    return (f"a={tags['a']} d={tags['d']} s={tags['s']}, "
+            f"{len(tags.get('h', '').split(':'))} header names in h=")
+
+
+def preflight(args, base: Path, herald_bin: Path, d: SendingDomain) -> str:
+    """One message through herald with the benchmark's config, to an smtp-sink
+    that dumps it: the DKIM signature must verify, and with a return path the
+    envelope sender must be a token at it.  Returns a line for the report."""
+    pdir = base / "preflight"
+    pdir.mkdir()
+    os.chmod(pdir, 0o777)  # smtp-sink writes its dump as nobody
+    dump = pdir / "dump"
+    sink = Sink(args.smtp_sink, pdir, args.ready_timeout, dump=dump)
+    h: Herald | None = None
+    try:
+        sink.start()
+        h = Herald(herald_bin, pdir, args.ready_timeout, 1,
+                   extra_yaml=herald_yaml(sink.port, args), log_format="json")
+        h.start()
+        sink.expect(1)
+        cmd = smtp_source_cmd(args, h.port, messages=1)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.drain_timeout)
+        if r.returncode != 0:
+            raise SetupError(f"preflight: {' '.join(cmd)} failed: {r.stdout}{r.stderr}")
+        if not wait_until(lambda: sink.t_target is not None, args.drain_timeout, 0.1):
+            raise SetupError(f"preflight: the sink got no message within "
+                             f"{args.drain_timeout:.0f}s{h.diagnostics()}")
+    finally:
+        sink.stop()  # flushes the dump
+        if h:
+            h.stop()
+    message = dump.read_text(encoding="latin-1") if dump.exists() else ""
+    if not message:
+        raise SetupError(f"preflight: smtp-sink wrote no dump to {dump}")
+    notes = []
+    if d.keys:
+        notes.append("DKIM-Signature verified with openssl: " + verify_dkim(message, d, pdir))
+    elif "\ndkim-signature:" in message.lower():
+        raise SetupError("preflight: the message is signed although --dkim none")
+    if d.return_path:
+        m = re.search(r"^X-Mail-Args: <([^>]*)>", message, re.M)
+        sender = m.group(1) if m else ""
+        if not sender.lower().endswith("@" + d.return_path):
+            raise SetupError(f"preflight: envelope sender <{sender}> is not at the return path "
+                             f"{d.return_path}")
+        notes.append(f"envelope sender <{sender}>")
+    if not args.keep:
+        shutil.rmtree(pdir, ignore_errors=True)
+    return "; ".join(notes)
 
 
 class DeliveringPostfix(Postfix):
@@ -378,6 +622,7 @@ class Result:
     peak_pss_kb: int
     peak_procs: int
     vm_hwm_kb: int | None
+    cpu_seconds: float | None = None  # herald's user+system CPU during the run
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -387,6 +632,10 @@ class Result:
     @property
     def accept_rate(self) -> float:
         return self.messages / self.accept_seconds if self.accept_seconds else 0.0
+
+    @property
+    def cpu_us_per_msg(self) -> float | None:
+        return self.cpu_seconds * 1e6 / self.messages if self.cpu_seconds is not None else None
 
     @property
     def ok(self) -> bool:
@@ -409,6 +658,16 @@ def queue_left(t: Target) -> int | None:
         return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process, all its threads included."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # fields 3.. of proc(5); utime is 14, stime 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_e2e(t: Target, sink: Sink, args, rnd: int, rundir: Path) -> Result:
     n = args.messages
     sink.expect(sink.count + n)
@@ -417,6 +676,10 @@ def run_e2e(t: Target, sink: Sink, args, rnd: int, rundir: Path) -> Result:
     sampler = Sampler(t.root_pid, with_pss=not args.no_pss, seen=t.seen_pids)
     sampler.sample()
     os.sync()  # don't make this run pay for the previous run's dirty pages
+    # herald is one process, so its CPU time is exact and, unlike the rate,
+    # hardly affected by other work on the machine: the steadier measure of
+    # what signing costs.  Postfix's processes come and go; not counted.
+    cpu0 = cpu_seconds(t.root_pid) if isinstance(t, Herald) else None
     log(f"{t.name} round {rnd}: {' '.join(cmd)}  (-> smtp-sink 127.0.0.1:{sink.port})")
     src = SourceRun(cmd, rundir / "smtp-source.out")
     problems: list[str] = []
@@ -468,10 +731,27 @@ def run_e2e(t: Target, sink: Sink, args, rnd: int, rundir: Path) -> Result:
         wait_until(lambda: parse().delivered >= n, min(args.drain_timeout, 15), 0.5)
     time.sleep(args.settle)  # catch duplicate deliveries arriving late
     sampler.sample(full=True)
+    cpu1 = cpu_seconds(t.root_pid) if cpu0 is not None else None
     sink_count = sink.count - base_count
     if sink_count != n:
         problems.append(f"sink received {sink_count} messages, sent {n}")
     delays = herald_delays(t.logfile) if isinstance(t, Herald) else postfix_delays(t.maillog)
+    if isinstance(t, Herald) and args.sending_domain and args.sending_domain.keys:
+        # herald sends a message unsigned (and logs this) when signing fails.
+        unsigned = count_log_lines(t.logfile, b"DKIM signing failed")
+        if unsigned:
+            problems.append(f"{unsigned} messages went out unsigned ('DKIM signing failed' "
+                            "in herald's log)")
+    if isinstance(t, Herald):
+        # Not a failure by itself, but worth seeing before the directory goes.
+        try:
+            with open(t.logfile, "rb") as f:
+                bad = [ln for ln in f if b'"level":"WARN"' in ln or b'"level":"ERROR"' in ln]
+        except OSError:
+            bad = []
+        if bad:
+            log(f"herald: {len(bad)} WARN/ERROR lines in its log, the first: "
+                + " | ".join(ln.decode(errors="replace").strip() for ln in bad[:3]))
     if delays.delivered != n:
         log(f"{t.name}: the log shows {delays.delivered} deliveries for {n} messages "
             f"(outcomes {dict(delays.outcomes)}){'; ' + delays.note if delays.note else ''}")
@@ -480,7 +760,8 @@ def run_e2e(t: Target, sink: Sink, args, rnd: int, rundir: Path) -> Result:
         deliver_seconds=deliver_seconds, sink_count=sink_count, queue_left=left,
         source_rc=src.returncode, delays=delays, peak_rss_kb=sampler.peak_rss_kb,
         peak_pss_kb=sampler.peak_pss_kb, peak_procs=sampler.peak_procs,
-        vm_hwm_kb=t.vm_hwm_kb(), problems=problems,
+        vm_hwm_kb=t.vm_hwm_kb(), cpu_seconds=cpu1 - cpu0 if cpu1 is not None else None,
+        problems=problems,
     )
 
 
@@ -505,6 +786,15 @@ def print_report(results: list[Result], args, pf_params: dict[str, str]) -> None
     print(f"herald delivery: smarthost 127.0.0.1 (smtp-sink), tls none, per_domain "
           f"max_connections {args.herald_connections}, messages_per_connection "
           f"{args.herald_msgs_per_conn}")
+    d = args.sending_domain
+    print(f"herald signing: {d.describe() if d else 'none (--dkim none)'}")
+    if args.preflight_note:
+        print(f"        preflight message: {args.preflight_note}")
+    if d and pf_params:
+        print("postfix: runs WITHOUT DKIM signing and without VERP (no signer such as OpenDKIM "
+              "is installed here);")
+        print("        the ratios below compare herald doing that work against Postfix not "
+              "doing it.")
     if pf_params:
         print("postfix delivery: relayhost = [127.0.0.1]:<sink>, defaults otherwise:")
         line = "   "
@@ -518,7 +808,7 @@ def print_report(results: list[Result], args, pf_params: dict[str, str]) -> None
     print()
     hdr = (f"{'target':<8} {'rnd':>3} {'msgs':>7} {'sink':>7} {'accept s':>8} {'deliv s':>8} "
            f"{'acc/s':>8} {'dlv/s':>8} {'p50ms':>6} {'p99ms':>6} {'maxms':>6} "
-           f"{'peakMB':>7} {'sumPSS':>7} {'procs':>5}  check")
+           f"{'peakMB':>7} {'sumPSS':>7} {'procs':>5} {'us/msg':>6}  check")
     print(hdr)
     print("-" * len(hdr))
     for r in results:
@@ -528,7 +818,8 @@ def print_report(results: list[Result], args, pf_params: dict[str, str]) -> None
         print(f"{r.target:<8} {r.round:>3} {r.messages:>7} {r.sink_count:>7} {acc} {dlv} "
               f"{r.accept_rate:8.1f} {r.rate:8.1f} {fmt_ms(d.pct(50)):>6} {fmt_ms(d.pct(99)):>6} "
               f"{fmt_ms(d.delays[-1] if d.delays else None):>6} "
-              f"{fmt_mb(r.peak_kb):>7} {fmt_mb(r.peak_pss_kb):>7} {r.peak_procs:>5}  "
+              f"{fmt_mb(r.peak_kb):>7} {fmt_mb(r.peak_pss_kb):>7} {r.peak_procs:>5} "
+              f"{'-' if r.cpu_us_per_msg is None else f'{r.cpu_us_per_msg:.0f}':>6}  "
               + ("ok" if r.ok else "FAIL: " + "; ".join(r.problems)))
     print()
     print("accept s / acc/s: smtp-source wall time (all N accepted);  deliv s / dlv/s: from the "
@@ -542,6 +833,9 @@ def print_report(results: list[Result], args, pf_params: dict[str, str]) -> None
           f"(every {args.sample_interval * 1000:.0f} ms)")
     print("        of the summed VmRSS of the master and all its children. sumPSS: peak of "
           "the summed PSS (both targets).")
+    print("us/msg: herald's user+system CPU time during the run divided by N, in microseconds per "
+          "message")
+    print("        (accept, spool, signing, delivery; not counted for Postfix's many processes).")
     print()
 
     by = {name: [r for r in results if r.target == name and r.ok] for name in ("herald", "postfix")}
@@ -555,17 +849,22 @@ def print_report(results: list[Result], args, pf_params: dict[str, str]) -> None
             "p99": statistics.median(r.delays.pct(99) or 0 for r in rs) if all(r.delays.delays for r in rs) else None,
             "peak": statistics.median(r.peak_kb for r in rs),
             "pss": statistics.median(r.peak_pss_kb for r in rs) if not args.no_pss else None,
+            "cpu": statistics.median(r.cpu_us_per_msg for r in rs)
+            if all(r.cpu_us_per_msg is not None for r in rs) else None,
         }
         med[name] = m
         rounds = "" if len(rs) == 1 else f" (median of {len(rs)} rounds)"
         print(f"{name:<8} end-to-end: {m['rate']:8.1f} msg/s delivered, accept->delivery "
               f"p50 {fmt_ms(m['p50'])} ms, p99 {fmt_ms(m['p99'])} ms, peak memory "
-              f"{fmt_mb(m['peak'])} MB{rounds}")
+              f"{fmt_mb(m['peak'])} MB"
+              + (f", CPU {m['cpu']:.0f} us/msg" if m["cpu"] is not None else "") + rounds)
     if "herald" in med and "postfix" in med:
         h, p = med["herald"], med["postfix"]
         print()
         print(f"ratio herald/postfix delivered rate: {fmt_ratio(h['rate'], p['rate'])}"
-              "   (goal: at least 3x)")
+              "   (goal: at least 3x)"
+              + (f"   [herald: {args.sending_domain.describe()}; Postfix: unsigned]"
+                 if args.sending_domain else ""))
         print(f"ratio herald/postfix p50 delay:      {fmt_ratio(h['p50'], p['p50'])}")
         print(f"ratio herald/postfix p99 delay:      {fmt_ratio(h['p99'], p['p99'])}")
         print(f"RSS ratio herald/postfix (peakMB):   {fmt_ratio(h['peak'], p['peak'])}")
@@ -663,16 +962,20 @@ def dir_usage(path: Path) -> tuple[int, int]:
     return files, used
 
 
-def count_delivery_lines(logfile: Path) -> int:
+def count_log_lines(logfile: Path, needle: bytes) -> int:
     n = 0
     try:
         with open(logfile, "rb") as f:
             for line in f:
-                if b'"message":"delivery"' in line:
+                if needle in line:
                     n += 1
     except OSError:
         pass
     return n
+
+
+def count_delivery_lines(logfile: Path) -> int:
+    return count_log_lines(logfile, b'"message":"delivery"')
 
 
 def run_backlog(args, base: Path, herald_bin: Path) -> int:
@@ -772,6 +1075,8 @@ def run_backlog(args, base: Path, herald_bin: Path) -> int:
           f"recipients, {args.size}-byte messages, {args.sessions} sessions,")
     print(f"         unique recipients (smtp-source -N); smarthost 127.0.0.1:{dead_port} "
           f"refuses connections, retry.first {args.backlog_retry}, so nothing leaves the queue")
+    if args.sending_domain:
+        print(f"         herald signing: {args.sending_domain.describe()}")
     if out.get("feed_seconds"):
         print(f"fed in {out['feed_seconds']:.1f} s ({msgs / out['feed_seconds']:.0f} msg/s, "
               f"{total_rcpts / out['feed_seconds']:.0f} rcpt/s); "
@@ -839,6 +1144,16 @@ def main() -> int:
     ap.add_argument("--herald-msgs-per-conn", type=int,
                     default=env_int("BENCH_HERALD_MSGS_PER_CONN", 100),
                     help="herald delivery.per_domain.messages_per_connection (default 100)")
+    ap.add_argument("--dkim", default=os.environ.get("BENCH_DKIM", "none"),
+                    choices=("none", "ed25519", "rsa", "both"),
+                    help="herald signs every message with a fresh ed25519-sha256 or rsa-sha256 "
+                         "(2048-bit) key, or both (two signatures), for the smtp-source sender's "
+                         "domain; Postfix stays unsigned (env BENCH_DKIM, default none)")
+    ap.add_argument("--return-path", action="store_true",
+                    default=os.environ.get("BENCH_RETURN_PATH") == "1",
+                    help="give the sender's domain return_path bounces.<domain>: herald then "
+                         "sends with a VERP envelope sender per recipient; Postfix unchanged "
+                         "(env BENCH_RETURN_PATH=1)")
     ap.add_argument("--backlog", type=int, default=env_int("BENCH_BACKLOG", 0), metavar="R",
                     help="instead of the comparison: queue R recipients in herald (deferred) "
                          "and report its RSS (env BENCH_BACKLOG; e.g. 1000000)")
@@ -876,6 +1191,10 @@ def main() -> int:
     ap.add_argument("--no-pss", action="store_true", help="don't sample PSS (smaps_rollup)")
     args = ap.parse_args()
 
+    if args.dkim not in ("none", "ed25519", "rsa", "both"):  # BENCH_DKIM bypasses choices
+        ap.error(f"--dkim/BENCH_DKIM must be none, ed25519, rsa or both, not {args.dkim!r}")
+    args.sending_domain = None
+    args.preflight_note = ""
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if args.backlog:
         targets = ["herald"]
@@ -920,6 +1239,13 @@ def main() -> int:
         if not args.backlog:
             print(f"sink: {args.smtp_sink} -c on 127.0.0.1 (discards everything)")
         environment_warnings(base, check_system_postfix=bool(postfix_cmd))
+        if herald_bin:
+            args.sending_domain = make_sending_domain(args, base)
+        if args.sending_domain:
+            print(f"herald signing: {args.sending_domain.describe()}; checking one message "
+                  "first ...")
+            args.preflight_note = preflight(args, base, herald_bin, args.sending_domain)
+            print(f"preflight: {args.preflight_note}")
         if args.backlog:
             status = run_backlog(args, base, herald_bin)
         else:
