@@ -185,7 +185,8 @@ def test_alert_rules_pass_promtool_check_and_the_unit_tests(tmp_path):
     alerts = [rule["alert"] for g in yaml.safe_load(rules.read_text())["groups"] for rule in g["rules"]]
     assert alerts == [
         "HeraldRelayDown", "HeraldRelayUnavailable", "HeraldQueueGrowing", "HeraldQueueOldestMessageTooOld",
-        "HeraldHardBounceRateHigh", "HeraldDeliveriesFailing", "HeraldTlsCertificateExpiresSoon",
+        "HeraldHardBounceRateHigh", "HeraldComplaintRateHigh", "HeraldDeliveriesFailing",
+        "HeraldTlsCertificateExpiresSoon",
         "HeraldSendingDomainNotVerified", "HeraldOperatorDown", "HeraldReconcileErrors",
     ], alerts
     # The unit tests are written against the default thresholds; rules.yaml sits next to a copy of them.

@@ -14,6 +14,7 @@ import pytest
 
 from harness.outbound import get_message, send, start_outbound, wait_gone, wait_state, wait_until
 from harness.prometheus import Prometheus, prometheus_bin, promtool, promtool_check, scrape
+from harness import reports
 from harness.relay import addr, free_port, split_addr
 from harness.smtp import SmtpConn
 
@@ -35,6 +36,8 @@ CONTRACT_TYPES = {
     "herald_suppressions": "gauge",
     "herald_events_dropped_total": "counter",
     "herald_webhook_failures_total": "counter",
+    "herald_feedback_reports_total": "counter",
+    "herald_complaints_total": "counter",
 }
 CONTRACT_LABELS = {
     "herald_queue_depth": {"domain"},
@@ -43,6 +46,8 @@ CONTRACT_LABELS = {
     "herald_bounces_total": {"class", "category", "domain"},
     "herald_smtp_sessions": {"listener"},
     "herald_smtp_rejections_total": {"reason"},
+    "herald_feedback_reports_total": {"kind", "result"},
+    "herald_complaints_total": {"feedback_type", "domain"},
 }
 CATEGORIES = {
     "invalid-recipient", "mailbox-full", "message-too-large", "rate-limited", "greylisted", "reputation-block",
@@ -163,7 +168,7 @@ def test_prometheus_scrapes_exactly_the_traffic_the_relay_handled(relays, dns, p
 
 
 def relay_with_every_series(relays, dns, peers, name: str):
-    """A relay after one delivered, one deferred and one bounced message and one refused RCPT, so that every
+    """A relay after one delivered, one deferred and one bounced message, one refused RCPT and one complaint, so that every
     family has a series (test_chart.py uses it too). Returns the relay and whether the queue gauges showed
     the deferred message within 15 s."""
     deferring, bouncing = route_mixed(dns, peers)
@@ -177,6 +182,11 @@ def relay_with_every_series(relays, dns, peers, name: str):
         c.expect("MAIL FROM:<a@example.test>", "250 ")
         c.expect("RCPT TO:<x@deliver.test>", "554 5.7.1")
         c.cmd("QUIT")
+    # and a feedback-loop complaint about a delivered recipient, so that the report counters have series too
+    reader = "reader@deliver.test"
+    report = reports.build("arf", report_to=reports.mailbox("fbl"), recipient=reader,
+                           return_path=reports.token("0000000000000001", reader).address)
+    assert reports.send_report(relay, reports.mailbox("fbl"), report)[0] == 250
     # the queue gauges are refreshed every 2 s: wait until they show the deferred message
     refreshed = wait_until(lambda: scrape(relay).get("herald_queue_depth", domain="defer.test") == 1, 15, 0.2)
     return relay, refreshed
@@ -206,6 +216,8 @@ def test_metrics_text_passes_promtool_and_names_every_contract_series_with_its_t
     for s in exp.series("herald_smtp_rejections_total"):
         assert s.label_dict["reason"] in REJECTION_REASONS, s
     assert exp.value("herald_smtp_rejections_total", reason="relay_denied") == 1, exp.text
+    assert exp.value("herald_feedback_reports_total", kind="arf", result="complaint") == 1, exp.text
+    assert exp.value("herald_complaints_total", feedback_type="abuse", domain="deliver.test") == 1, exp.text
     at = [(s.name, s.label_dict) for s in exp.samples if any("@" in v for _, v in s.labels)]
     assert not at, f"label values holding an address: {at}"
 
