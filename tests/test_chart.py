@@ -340,7 +340,9 @@ def test_the_chart_rbac_covers_every_call_the_operator_makes(installed, tmp_path
     try:
         assert ns.apply(SMTP_RELAY).returncode == 0
         assert ns.apply(ROTATING).returncode == 0
-        wait_for(lambda: get_json("servicemonitor", "other", ns.name), f"the relay's ServiceMonitor\n{op.log_text()[-3000:]}")
+        sm = wait_for(lambda: get_json("servicemonitor", "other", ns.name), f"the relay's ServiceMonitor\n{op.log_text()[-3000:]}")
+        # its relays get job="herald-relay", which the chart's relaySelector matches
+        assert sm["spec"]["jobLabel"] == "app.kubernetes.io/name", sm["spec"]
         wait_for(lambda: get_json("dnsendpoint", "rotating-records", ns.name), f"the DNSEndpoint\n{op.log_text()[-3000:]}")
         status = lambda: (get_json("sendingdomain", "rotating", ns.name) or {}).get("status") or {}
         first = wait_for(lambda: len(status().get("records") or []) >= 4 and status()["records"], "records")

@@ -401,6 +401,9 @@ pub fn service_monitor(relay: &SmtpRelay) -> serde_json::Value {
             "ownerReferences": owner(relay).map(|o| vec![o]),
         },
         "spec": {
+            // job="herald-relay" for every relay, as the chart's monitors and alert selectors expect,
+            // rather than the Service's name.
+            "jobLabel": "app.kubernetes.io/name",
             "selector": { "matchLabels": selector(relay) },
             "endpoints": [ { "port": "admin", "path": "/metrics", "interval": "30s" } ],
         }
