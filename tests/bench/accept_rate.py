@@ -46,9 +46,9 @@ from benchlib import (  # noqa: E402
     SetupError,
     SourceRun,
     Target,
+    add_common_args,
     become_subreaper,
     env_float,
-    env_int,
     environment_warnings,
     find_herald,
     find_tool,
@@ -231,35 +231,9 @@ def main() -> int:
                     "(smtp-source, loopback, durable queue).",
         epilog="All options also have environment-variable defaults; see tests/bench/README.md.",
     )
-    ap.add_argument("-m", "--messages", type=int, default=env_int("BENCH_MESSAGES", 20000),
-                    help="messages per run (env BENCH_MESSAGES, default 20000)")
-    ap.add_argument("-s", "--sessions", type=int, default=env_int("BENCH_SESSIONS", 20),
-                    help="parallel SMTP sessions (env BENCH_SESSIONS, default 20)")
-    ap.add_argument("-l", "--size", type=int, default=env_int("BENCH_MSG_SIZE", 2048),
-                    help="message size in bytes (env BENCH_MSG_SIZE, default 2048)")
-    ap.add_argument("-r", "--rounds", type=int, default=env_int("BENCH_ROUNDS", 1),
-                    help="runs per target, alternating (env BENCH_ROUNDS, default 1)")
-    ap.add_argument("--targets", default=os.environ.get("BENCH_TARGETS", "herald,postfix"),
-                    help="comma-separated subset of herald,postfix (env BENCH_TARGETS)")
-    ap.add_argument("--workdir", default=os.environ.get("BENCH_DIR") or None,
-                    help="parent of the temporary directory holding both spools "
-                         "(env BENCH_DIR, default: $TMPDIR or /tmp)")
-    ap.add_argument("--keep", action="store_true", default=os.environ.get("BENCH_KEEP") == "1",
-                    help="keep the temporary directory (env BENCH_KEEP=1)")
-    ap.add_argument("--herald-bin", default=os.environ.get("HERALD_BIN") or None,
-                    help="herald-relay binary (env HERALD_BIN, default target/release/herald-relay, "
-                         "built with cargo if missing or HERALD_BUILD=1)")
-    ap.add_argument("--source-args", default=os.environ.get("BENCH_SOURCE_ARGS", ""),
-                    help="extra smtp-source arguments, e.g. '-d' to reuse connections "
-                         "(env BENCH_SOURCE_ARGS)")
+    add_common_args(ap)
     ap.add_argument("--timeout", type=float, default=env_float("BENCH_TIMEOUT", 1800),
                     help="max seconds for one smtp-source run (env BENCH_TIMEOUT, default 1800)")
-    ap.add_argument("--ready-timeout", type=float, default=env_float("BENCH_READY_TIMEOUT", 60),
-                    help="max seconds for a server to become ready (default 60)")
-    ap.add_argument("--build-timeout", type=float, default=env_float("BENCH_BUILD_TIMEOUT", 3600))
-    ap.add_argument("--sample-interval", type=float, default=env_float("BENCH_SAMPLE_INTERVAL", 0.1),
-                    help="RSS sampling period in seconds (default 0.1)")
-    ap.add_argument("--no-pss", action="store_true", help="don't sample PSS (smaps_rollup)")
     args = ap.parse_args()
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]

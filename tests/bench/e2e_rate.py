@@ -72,6 +72,7 @@ from benchlib import (  # noqa: E402
     SetupError,
     SourceRun,
     Target,
+    add_common_args,
     become_subreaper,
     env_float,
     env_int,
@@ -1128,16 +1129,7 @@ def main() -> int:
                     "memory with a large deferred queue.",
         epilog="All options also have environment-variable defaults; see tests/bench/README.md.",
     )
-    ap.add_argument("-m", "--messages", type=int, default=env_int("BENCH_MESSAGES", 20000),
-                    help="messages per run (env BENCH_MESSAGES, default 20000)")
-    ap.add_argument("-s", "--sessions", type=int, default=env_int("BENCH_SESSIONS", 20),
-                    help="parallel SMTP sessions (env BENCH_SESSIONS, default 20)")
-    ap.add_argument("-l", "--size", type=int, default=env_int("BENCH_MSG_SIZE", 2048),
-                    help="message size in bytes (env BENCH_MSG_SIZE, default 2048)")
-    ap.add_argument("-r", "--rounds", type=int, default=env_int("BENCH_ROUNDS", 1),
-                    help="runs per target, alternating (env BENCH_ROUNDS, default 1)")
-    ap.add_argument("--targets", default=os.environ.get("BENCH_TARGETS", "herald,postfix"),
-                    help="comma-separated subset of herald,postfix (env BENCH_TARGETS)")
+    add_common_args(ap)
     ap.add_argument("--herald-connections", type=int,
                     default=env_int("BENCH_HERALD_CONNECTIONS", 20),
                     help="herald delivery.per_domain.max_connections (default 20)")
@@ -1165,16 +1157,6 @@ def main() -> int:
                     help="--backlog: don't fetch the full /queue listing to count recipients")
     ap.add_argument("--no-backlog-restart", dest="backlog_restart", action="store_false",
                     help="--backlog: don't restart herald on the spool and measure again")
-    ap.add_argument("--workdir", default=os.environ.get("BENCH_DIR") or None,
-                    help="parent of the temporary directory holding the spools "
-                         "(env BENCH_DIR, default: $TMPDIR or /tmp)")
-    ap.add_argument("--keep", action="store_true", default=os.environ.get("BENCH_KEEP") == "1",
-                    help="keep the temporary directory (env BENCH_KEEP=1)")
-    ap.add_argument("--herald-bin", default=os.environ.get("HERALD_BIN") or None,
-                    help="herald-relay binary (env HERALD_BIN, default target/release/herald-relay, "
-                         "built with cargo if missing or HERALD_BUILD=1)")
-    ap.add_argument("--source-args", default=os.environ.get("BENCH_SOURCE_ARGS", ""),
-                    help="extra smtp-source arguments, e.g. '-d' (env BENCH_SOURCE_ARGS)")
     ap.add_argument("--timeout", type=float, default=env_float("BENCH_TIMEOUT", 1800),
                     help="max seconds for one run until the sink has all messages, or for the "
                          "backlog feed (env BENCH_TIMEOUT, default 1800)")
@@ -1183,12 +1165,6 @@ def main() -> int:
                          "(default 120)")
     ap.add_argument("--settle", type=float, default=env_float("BENCH_SETTLE", 1.0),
                     help="seconds to wait before the final counts (default 1)")
-    ap.add_argument("--ready-timeout", type=float, default=env_float("BENCH_READY_TIMEOUT", 60),
-                    help="max seconds for a server to become ready (default 60)")
-    ap.add_argument("--build-timeout", type=float, default=env_float("BENCH_BUILD_TIMEOUT", 3600))
-    ap.add_argument("--sample-interval", type=float, default=env_float("BENCH_SAMPLE_INTERVAL", 0.1),
-                    help="RSS sampling period in seconds (default 0.1)")
-    ap.add_argument("--no-pss", action="store_true", help="don't sample PSS (smaps_rollup)")
     args = ap.parse_args()
 
     if args.dkim not in ("none", "ed25519", "rsa", "both"):  # BENCH_DKIM bypasses choices

@@ -75,7 +75,7 @@ def main() -> int:
     dns.zone("test")
     ns = Namespace()
     work = Path(tempfile.mkdtemp(prefix="herald-opbench-"))
-    r = kubectl("apply", "--server-side", "--field-manager=bench", "-n", ns.name, "-f", "-", stdin=manifests(args.n), timeout=300)
+    kubectl("apply", "--server-side", "--field-manager=bench", "-n", ns.name, "-f", "-", stdin=manifests(args.n), timeout=300)
     print(f"created {args.n} SendingDomains in namespace {ns.name}", file=sys.stderr)
     op = Operator(work, dns.address, ns.name)
     start = time.monotonic()
