@@ -69,6 +69,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Run
         "spool loaded"
     );
     let events = events::start(config.events.as_ref()).await?;
+    // Before the queue starts: it routes the spooled messages by the return-path domains.
+    let return_paths = {
+        let c = config.clone();
+        tokio::task::spawn_blocking(move || load_bounces(&c)).await??
+    };
     let queue = deliver::start_queue(&config, spool.clone(), suppressions.clone(), loaded)?;
 
     let tls = match &config.tls {
@@ -86,10 +91,6 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Run
     let signers = {
         let c = config.clone();
         Arc::new(tokio::task::spawn_blocking(move || Signers::load(&c)).await??)
-    };
-    let return_paths = {
-        let c = config.clone();
-        tokio::task::spawn_blocking(move || load_bounces(&c)).await??
     };
     let shared = Shared {
         signers,

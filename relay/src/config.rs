@@ -795,15 +795,6 @@ impl Config {
         }
         Ok(())
     }
-
-    /// True when `domain` is a return-path domain of a configured sending domain: the relay is its MX.
-    pub fn is_local_domain(&self, domain: &str) -> bool {
-        self.domains.iter().any(|d| {
-            d.return_path
-                .as_deref()
-                .is_some_and(|rp| rp.eq_ignore_ascii_case(domain))
-        })
-    }
 }
 
 fn parse_error(path: &str, e: &serde_saphyr::Error) -> ConfigError {
@@ -890,8 +881,9 @@ admin: { address: 127.0.0.1:9090 }
         )
         .unwrap();
         assert_eq!(c.delivery.max_age, Duration::from_secs(5 * 86400));
-        assert!(c.is_local_domain("BOUNCES.example.test"));
-        assert!(!c.is_local_domain("example.test"));
+        let rp = crate::outcome::verp::ReturnPaths::new(&c, Vec::new());
+        assert!(rp.is_local("BOUNCES.example.test"));
+        assert!(!rp.is_local("example.test"));
     }
 
     #[test]

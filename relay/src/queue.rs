@@ -26,6 +26,7 @@ use crate::events::{self, Event};
 use crate::metrics;
 use crate::outcome::dsn;
 use crate::outcome::suppression::Suppressions;
+use crate::outcome::verp;
 use crate::outcome::{Class, classify};
 use crate::spool::{Location, MessageMeta, QueueId, RcptState, RcptStatus, RcptUpdate, Spool};
 
@@ -256,8 +257,6 @@ struct Routing {
     smarthost: bool,
     /// Sender domain (lower case) to its IP pool.
     pools: HashMap<String, Arc<str>>,
-    /// Return-path domains: mail to them is for the relay itself and is not delivered by MX.
-    local: Vec<String>,
 }
 
 struct Entry {
@@ -316,11 +315,6 @@ pub fn start(
                     Arc::from(d.ip_pool.as_deref()?),
                 ))
             })
-            .collect(),
-        local: config
-            .domains
-            .iter()
-            .filter_map(|d| d.return_path.as_deref().map(str::to_ascii_lowercase))
             .collect(),
     };
     let mut state = State {
@@ -625,7 +619,8 @@ impl State {
         address: &str,
     ) -> Option<(DestKey, Arc<str>, Option<Arc<str>>)> {
         let domain = domain_of(address).to_ascii_lowercase();
-        if self.routing.local.contains(&domain) {
+        // Return-path domains: mail to them is for the relay itself and is not delivered by MX.
+        if verp::current().is_local(&domain) {
             return None;
         }
         let pool = self
@@ -975,12 +970,7 @@ impl State {
         if !failures.is_empty() {
             if meta.sender.is_empty() {
                 tracing::info!(queue_id = %id, failed = failures.len(), "bounce of a message from the null sender: no DSN");
-            } else if self
-                .routing
-                .local
-                .iter()
-                .any(|d| domain_of(&meta.sender).eq_ignore_ascii_case(d))
-            {
+            } else if verp::current().is_local(domain_of(&meta.sender)) {
                 // A DSN to our own return-path domain would come straight back as a report about itself.
                 tracing::info!(queue_id = %id, failed = failures.len(), "bounce of a message from a return-path address: no DSN");
             } else {

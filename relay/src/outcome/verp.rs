@@ -146,22 +146,24 @@ impl ReturnPaths {
             return false;
         };
         self.keys.iter().any(|key| {
-            let mut m =
-                <HmacSha256 as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
-            m.update(&token.queue_id.0.to_be_bytes());
-            m.update(b"\0");
-            m.update(recipient.to_ascii_lowercase().as_bytes());
-            m.verify_truncated_left(&given).is_ok()
+            keyed(key, token.queue_id, recipient)
+                .verify_truncated_left(&given)
+                .is_ok()
         })
     }
 }
 
-fn mac_hex(key: &[u8], id: QueueId, rcpt: &str) -> String {
+/// The MAC state over what a token stands for: the queue id and the lower-cased recipient.
+fn keyed(key: &[u8], id: QueueId, rcpt: &str) -> HmacSha256 {
     let mut m = <HmacSha256 as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
     m.update(&id.0.to_be_bytes());
     m.update(b"\0");
     m.update(rcpt.to_ascii_lowercase().as_bytes());
-    let full = hex::encode(m.finalize().into_bytes());
+    m
+}
+
+fn mac_hex(key: &[u8], id: QueueId, rcpt: &str) -> String {
+    let full = hex::encode(keyed(key, id, rcpt).finalize().into_bytes());
     full[..MAC_HEX].to_owned()
 }
 
