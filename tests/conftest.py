@@ -16,6 +16,7 @@ import pytest
 
 from harness.certs import make_certs
 from harness.dns import DnsServer
+from harness.outbound import FOREIGN, MAILBOX
 from harness.peers import PeerPool
 from harness.relay import ALL_RELAYS, USERS, RelayPool, hash_password, relay_bin, run_cli
 from harness.smtp import client_tls_context
@@ -123,3 +124,17 @@ def peers(tmp_path, certs):
     pool = PeerPool(tmp_path / "peers", certs)
     yield pool
     pool.stop_all()
+
+
+@pytest.fixture
+def foreign(dns, peers):
+    """foreign.test's MX: an aiosmtpd peer scripted per recipient."""
+    dns.route("foreign.test", FOREIGN)
+    return peers.aio(FOREIGN, "foreign")
+
+
+@pytest.fixture
+def mailbox(dns, peers):
+    """The envelope sender's mailbox: example.test's MX, an aiosmtpd peer where DSNs arrive."""
+    dns.route("example.test", MAILBOX)
+    return peers.aio(MAILBOX, "mailbox")

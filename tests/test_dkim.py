@@ -10,9 +10,7 @@ import subprocess
 import dkim
 import pytest
 
-from harness.outbound import send, start_outbound, wait_gone, wait_until
-
-FOREIGN = "127.0.0.2"
+from harness.outbound import FOREIGN, send, start_outbound, wait_gone, wait_until
 
 
 def make_key(tmp_path, algorithm: str) -> tuple[str, str]:

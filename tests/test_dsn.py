@@ -9,29 +9,11 @@ from __future__ import annotations
 import email.utils
 import time
 
-import pytest
-
 from harness.outbound import (
-    SENDER, delivery_events, dsn_about, dsns, get_message, parse_dsn, send, start_outbound, status_field, unique,
+    MAILBOX, SENDER, delivery_events, dsn_about, dsns, parse_dsn, send, start_outbound, status_field, unique,
     wait_dsn, wait_event, wait_gone, wait_until,
 )
 from harness.relay import HOSTNAME
-
-FOREIGN = "127.0.0.2"
-MAILBOX = "127.0.0.3"
-
-
-@pytest.fixture
-def foreign(dns, peers):
-    dns.route("foreign.test", FOREIGN)
-    return peers.aio(FOREIGN, "foreign")
-
-
-@pytest.fixture
-def mailbox(dns, peers):
-    dns.route("example.test", MAILBOX)
-    return peers.aio(MAILBOX, "mailbox")
-
 
 
 def field_value(block, name: str) -> str:

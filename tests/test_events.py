@@ -25,15 +25,13 @@ from pathlib import Path
 import pytest
 
 from harness.outbound import (
-    SENDER, delivery_section, send, start_outbound, wait_gone, wait_state, wait_until,
+    FOREIGN, SENDER, delivery_section, send, start_outbound, wait_gone, wait_state, wait_until,
 )
 from harness.prometheus import scrape
 from harness.relay import ALL_RELAYS, Relay, relay_bin
 from harness.smtp import SmtpConn
 from harness.webhook import WebhookReceiver, signature_ok
 
-FOREIGN = "127.0.0.2"  # MX of foreign.test (aiosmtpd with STARTTLS)
-MAILBOX = "127.0.0.3"  # MX of example.test: the envelope sender's mailbox, where DSNs arrive
 WAIT = 30.0
 
 RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(Z|[+-]\d\d:\d\d)$")
@@ -52,12 +50,6 @@ def token() -> str:
 def foreign(dns, peers):
     dns.route("foreign.test", FOREIGN)
     return peers.aio(FOREIGN, "foreign", starttls=True)
-
-
-@pytest.fixture
-def mailbox(dns, peers):
-    dns.route("example.test", MAILBOX)
-    return peers.aio(MAILBOX, "mailbox")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 import yaml

@@ -15,24 +15,15 @@ import time
 import pytest
 
 from harness.outbound import (
-    SENDER, delivery_events, dsn_about, flush, get_message, parse_dsn, rfc3339, send, start_outbound, states,
+    FOREIGN, MAILBOX, SENDER, delivery_events, dsn_about, flush, get_message, parse_dsn, rfc3339, send, start_outbound, states,
     status_field, unique, wait_dsn, wait_event, wait_gone, wait_state, wait_until,
 )
 from harness.relay import HOSTNAME
 from harness.reports import token
 from harness.smtp import SmtpConn, make_message
 
-FOREIGN = "127.0.0.2"  # the usual MX of foreign.test
-MAILBOX = "127.0.0.3"  # MX of example.test: where DSNs to the envelope sender (a@example.test) arrive
 SPARE = "127.0.0.4"  # nothing listens here unless a test puts a peer there
 SPARE2 = "127.0.0.5"
-
-
-@pytest.fixture
-def mailbox(dns, peers):
-    """The envelope sender's mailbox: example.test's MX, an aiosmtpd peer."""
-    dns.route("example.test", MAILBOX)
-    return peers.aio(MAILBOX, "mailbox")
 
 
 def unfold(value: str) -> str:
@@ -44,8 +35,6 @@ def first_header(data: bytes) -> str:
     head = data.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
     m = re.match(r"([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", head)
     return unfold(m.group(1)) if m else ""
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------

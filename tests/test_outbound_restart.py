@@ -13,13 +13,14 @@ import threading
 
 import pytest
 
-from harness.outbound import flush, get_message, send, start_outbound, states, unique, wait_gone, wait_state, wait_until
+from harness.outbound import (
+    FOREIGN, flush, get_message, send, start_outbound, states, unique, wait_gone, wait_state, wait_until,
+)
 from harness.relay import reassign_ports
 from harness.smtp import SmtpConn, make_message
 
 pytestmark = pytest.mark.slow
 
-FOREIGN = "127.0.0.2"
 N = 300
 MAX_CONNECTIONS = 2
 

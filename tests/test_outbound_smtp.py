@@ -9,21 +9,12 @@ import collections
 import pytest
 
 from harness.outbound import (
-    SENDER, delivery_events, flush, parse_dsn, send, start_outbound, states, status_field, submit, unique, wait_dsn,
+    FOREIGN, SENDER, delivery_events, flush, parse_dsn, send, start_outbound, states, status_field, submit, unique, wait_dsn,
     wait_event, wait_gone, wait_state,
 )
 from harness.relay import HOSTNAME
 
-FOREIGN = "127.0.0.2"
-MAILBOX = "127.0.0.3"
 SOURCE = "127.0.0.9"  # the ip_pool source address in the ip_pool test
-
-
-@pytest.fixture
-def mailbox(dns, peers):
-    dns.route("example.test", MAILBOX)
-    return peers.aio(MAILBOX, "mailbox")
-
 
 
 def only_status(t) -> str:

@@ -12,21 +12,6 @@ from harness.outbound import dsn_about, send, start_outbound, unique, wait_gone,
 from harness.relay import USERS
 from harness.smtp import SmtpConn
 
-FOREIGN = "127.0.0.2"
-MAILBOX = "127.0.0.3"
-
-
-@pytest.fixture
-def foreign(dns, peers):
-    dns.route("foreign.test", FOREIGN)
-    return peers.aio(FOREIGN, "foreign")
-
-
-@pytest.fixture
-def mailbox(dns, peers):
-    dns.route("example.test", MAILBOX)
-    return peers.aio(MAILBOX, "mailbox")
-
 
 def suppressions(r) -> list[dict]:
     status, body = r.http("GET", "/suppressions")

@@ -21,6 +21,9 @@ from typing import Any, Callable
 from .relay import Relay, RelayPool
 from .smtp import SmtpConn, make_message
 
+# The usual peers: foreign.test's MX, and example.test's (the envelope sender's mailbox, where DSNs arrive).
+FOREIGN = "127.0.0.2"
+MAILBOX = "127.0.0.3"
 SENDER = "a@example.test"  # example.test is a configured sending domain; its MX is the "mailbox" peer
 WAIT = 30.0  # default bound for "the relay gets round to it" (debug build, 2 cores, other tests' relays)
 
