@@ -19,6 +19,8 @@ pub mod controller;
 pub mod crd;
 pub mod crds;
 pub mod dkim;
+#[cfg(test)]
+mod fixtures;
 pub mod metrics;
 pub mod objects;
 pub mod records;

@@ -415,51 +415,11 @@ mod tests {
     use super::*;
     use crate::crd::*;
 
-    fn relay() -> SmtpRelay {
-        let mut r = SmtpRelay::new(
-            "relay",
-            SmtpRelaySpec {
-                replicas: 3,
-                image: "herald/relay:test".into(),
-                hostname: None,
-                listeners: vec![ListenerSpec {
-                    name: "submission".into(),
-                    port: 587,
-                    tls: ListenerTls::Starttls,
-                    auth: ListenerAuth::Required,
-                    allow_networks: vec![],
-                }],
-                tls_secret_ref: Some(LocalRef {
-                    name: "relay-tls".into(),
-                }),
-                users: vec![],
-                delivery: DeliverySpec::default(),
-                storage: StorageSpec::default(),
-                resources: None,
-                metrics: MetricsSpec::default(),
-            },
-        );
-        r.metadata.namespace = Some("mail".into());
-        r.metadata.uid = Some("1234".into());
-        r
-    }
+    use crate::fixtures::{domain_spec, relay};
 
     #[test]
     fn statefulset_mounts_what_the_config_names_and_is_hardened() {
-        let d = SendingDomain::new(
-            "example",
-            SendingDomainSpec {
-                domain: "example.test".into(),
-                relay_ref: LocalRef {
-                    name: "relay".into(),
-                },
-                dkim: DkimSpec::default(),
-                return_path: "bounces".into(),
-                dmarc: None,
-                ip_pool_ref: None,
-                publish_with_external_dns: false,
-            },
-        );
+        let d = SendingDomain::new("example", domain_spec());
         let s = statefulset(&relay(), &[d], "abc");
         let spec = s.spec;
         assert_eq!(spec.replicas, Some(3));

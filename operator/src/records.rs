@@ -127,22 +127,15 @@ pub fn unquoted(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{DkimSpec, DmarcSpec, LocalRef};
+    use crate::crd::DmarcSpec;
 
     fn spec() -> SendingDomainSpec {
         SendingDomainSpec {
-            domain: "example.test".into(),
-            relay_ref: LocalRef {
-                name: "relay".into(),
-            },
-            dkim: DkimSpec::default(),
-            return_path: "bounces".into(),
             dmarc: Some(DmarcSpec {
                 policy: DmarcPolicy::Quarantine,
                 report_address: Some("dmarc@example.test".into()),
             }),
-            ip_pool_ref: None,
-            publish_with_external_dns: false,
+            ..crate::fixtures::domain_spec()
         }
     }
 

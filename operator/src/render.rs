@@ -244,48 +244,25 @@ mod tests {
     use crate::crd::*;
 
     fn relay() -> SmtpRelay {
-        let mut r = SmtpRelay::new(
-            "relay",
-            SmtpRelaySpec {
-                replicas: 2,
-                image: "herald/relay:test".into(),
-                hostname: None,
-                listeners: vec![
-                    ListenerSpec {
-                        name: "submission".into(),
-                        port: 587,
-                        tls: ListenerTls::Starttls,
-                        auth: ListenerAuth::Required,
-                        allow_networks: vec![],
-                    },
-                    ListenerSpec {
-                        name: "trusted".into(),
-                        port: 2525,
-                        tls: ListenerTls::None,
-                        auth: ListenerAuth::None,
-                        allow_networks: vec!["10.0.0.0/8".into()],
-                    },
-                ],
-                tls_secret_ref: Some(LocalRef {
-                    name: "relay-tls".into(),
-                }),
-                users: vec![],
-                delivery: DeliverySpec {
-                    retry: Some(RetrySpec {
-                        first: "2m".into(),
-                        max: "4h".into(),
-                        factor: 2.0,
-                    }),
-                    max_age: Some("3d".into()),
-                    per_domain: None,
-                    smarthost: None,
-                },
-                storage: StorageSpec::default(),
-                resources: None,
-                metrics: MetricsSpec::default(),
-            },
-        );
-        r.metadata.namespace = Some("mail".into());
+        let mut r = crate::fixtures::relay();
+        r.spec.replicas = 2;
+        r.spec.listeners.push(ListenerSpec {
+            name: "trusted".into(),
+            port: 2525,
+            tls: ListenerTls::None,
+            auth: ListenerAuth::None,
+            allow_networks: vec!["10.0.0.0/8".into()],
+        });
+        r.spec.delivery = DeliverySpec {
+            retry: Some(RetrySpec {
+                first: "2m".into(),
+                max: "4h".into(),
+                factor: 2.0,
+            }),
+            max_age: Some("3d".into()),
+            per_domain: None,
+            smarthost: None,
+        };
         r
     }
 
@@ -293,17 +270,10 @@ mod tests {
         SendingDomain::new(
             "example",
             SendingDomainSpec {
-                domain: "example.test".into(),
-                relay_ref: LocalRef {
-                    name: "relay".into(),
-                },
-                dkim: DkimSpec::default(),
-                return_path: "bounces".into(),
-                dmarc: None,
                 ip_pool_ref: Some(LocalRef {
                     name: "pool".into(),
                 }),
-                publish_with_external_dns: false,
+                ..crate::fixtures::domain_spec()
             },
         )
     }

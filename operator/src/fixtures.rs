@@ -1,0 +1,50 @@
+//! Resources the unit tests share: a relay and a sending domain in their plainest form, which each test
+//! adjusts to what it is about.
+
+use crate::crd::*;
+
+/// example.test sent through relay `relay`: default DKIM, return path `bounces`, no DMARC, no pool.
+pub fn domain_spec() -> SendingDomainSpec {
+    SendingDomainSpec {
+        domain: "example.test".into(),
+        relay_ref: LocalRef {
+            name: "relay".into(),
+        },
+        dkim: DkimSpec::default(),
+        return_path: "bounces".into(),
+        dmarc: None,
+        ip_pool_ref: None,
+        publish_with_external_dns: false,
+    }
+}
+
+/// SmtpRelay `relay` in namespace `mail`: 3 replicas, submission on 587 (STARTTLS + AUTH), TLS from
+/// `relay-tls`, default delivery.
+pub fn relay() -> SmtpRelay {
+    let mut r = SmtpRelay::new(
+        "relay",
+        SmtpRelaySpec {
+            replicas: 3,
+            image: "herald/relay:test".into(),
+            hostname: None,
+            listeners: vec![ListenerSpec {
+                name: "submission".into(),
+                port: 587,
+                tls: ListenerTls::Starttls,
+                auth: ListenerAuth::Required,
+                allow_networks: vec![],
+            }],
+            tls_secret_ref: Some(LocalRef {
+                name: "relay-tls".into(),
+            }),
+            users: vec![],
+            delivery: DeliverySpec::default(),
+            storage: StorageSpec::default(),
+            resources: None,
+            metrics: MetricsSpec::default(),
+        },
+    );
+    r.metadata.namespace = Some("mail".into());
+    r.metadata.uid = Some("1234".into());
+    r
+}
