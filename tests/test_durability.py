@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 
+from harness.outbound import wait_until
 from harness.relay import reassign_ports
 from harness.smtp import ConnectionClosed, SmtpConn, dot_stuff, make_message
 from harness.tools import smtp_source
@@ -91,15 +92,6 @@ def stop_process(p: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             p.send_signal(signal.SIGKILL)
             p.wait(timeout=5)
-
-
-def wait_until(pred, timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 ROUNDS = 3

@@ -20,7 +20,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .relay import Relay, free_port, to_yaml
 
@@ -241,13 +241,3 @@ class Prometheus:
             if all(got[q] == v for q, v in checks.items()) or time.monotonic() >= deadline:
                 return got
             time.sleep(0.5)
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, step: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
