@@ -1,0 +1,24 @@
+//! herald-config: the one definition of herald-relay's config file.
+//!
+//! The relay reads its config with these types and the operator renders relay configs with them, so the two
+//! sides cannot drift. The crate holds no runtime: no async, no TLS, no SMTP, so the operator links only
+//! this to render and check configs.
+//!
+//! - `file`: the types, their defaults, parsing with field-naming errors.
+//! - `validate`: what serde cannot express (references, uniqueness, ranges).
+//! - `bounce`: bounce categories and enhanced-status patterns, the vocabulary of `bounces.rules`.
+//! - `password`: argon2id hashes for `users[].password_hash`.
+//! - `schema`: the JSON schema of the file, from which `docs/config.md` is generated.
+
+#![forbid(unsafe_code)]
+#![warn(missing_debug_implementations, rust_2018_idioms)]
+
+pub mod bounce;
+mod file;
+pub mod password;
+pub mod schema;
+mod validate;
+
+pub use bounce::{Category, StatusPattern};
+pub use file::*;
+pub use validate::is_domain_name;

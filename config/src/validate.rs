@@ -1,0 +1,300 @@
+//! What the config file's types cannot express: references between sections, uniqueness, well-formed
+//! names, hashes, patterns and ranges. Each error names the field as a user writes it (`users[1].username`).
+
+use crate::file::{AuthMode, Config, ConfigError, TlsMode, invalid};
+
+impl Config {
+    /// Checks what the types cannot: references, uniqueness, well-formed names and hashes.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !is_domain_name(&self.hostname) {
+            return Err(invalid(
+                "hostname",
+                format!("{:?} is not a host name", self.hostname),
+            ));
+        }
+        if self.spool_dir.as_os_str().is_empty() {
+            return Err(invalid("spool_dir", "must not be empty"));
+        }
+        if self.listeners.is_empty() {
+            return Err(invalid("listeners", "at least one listener is needed"));
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            let field = format!("listeners[{i}]");
+            if l.name.is_empty() {
+                return Err(invalid(format!("{field}.name"), "must not be empty"));
+            }
+            if self.listeners[..i].iter().any(|o| o.name == l.name) {
+                return Err(invalid(
+                    format!("{field}.name"),
+                    format!("listener name {:?} is used twice", l.name),
+                ));
+            }
+            if let Some(o) = self.listeners[..i].iter().find(|o| o.address == l.address) {
+                return Err(invalid(
+                    format!("{field}.address"),
+                    format!("{} is also the address of listener {:?}", l.address, o.name),
+                ));
+            }
+            if l.tls != TlsMode::None && self.tls.is_none() {
+                return Err(invalid(
+                    "tls",
+                    format!(
+                        "listener {:?} uses TLS but there is no tls section with cert_file and key_file",
+                        l.name
+                    ),
+                ));
+            }
+            if l.auth == AuthMode::Required && l.tls == TlsMode::None {
+                return Err(invalid(
+                    format!("{field}.auth"),
+                    "auth: required needs tls: starttls or implicit (passwords are never sent in clear)",
+                ));
+            }
+            if l.auth == AuthMode::Required && self.users.is_empty() {
+                return Err(invalid(
+                    "users",
+                    format!(
+                        "listener {:?} requires auth but no users are configured",
+                        l.name
+                    ),
+                ));
+            }
+        }
+        for (i, u) in self.users.iter().enumerate() {
+            let field = format!("users[{i}]");
+            if u.username.is_empty() {
+                return Err(invalid(format!("{field}.username"), "must not be empty"));
+            }
+            if self.users[..i].iter().any(|o| o.username == u.username) {
+                return Err(invalid(
+                    format!("{field}.username"),
+                    format!("user {:?} is defined twice", u.username),
+                ));
+            }
+            if let Err(e) = crate::password::check_format(&u.password_hash) {
+                return Err(invalid(
+                    format!("{field}.password_hash"),
+                    format!(
+                        "not an argon2 PHC string ({e}); make one with `herald-relay hash-password`"
+                    ),
+                ));
+            }
+            for (j, d) in u.allowed_domains.iter().enumerate() {
+                if !is_domain_name(d) {
+                    return Err(invalid(
+                        format!("{field}.allowed_domains[{j}]"),
+                        format!("{d:?} is not a domain name"),
+                    ));
+                }
+            }
+        }
+        for (i, d) in self.domains.iter().enumerate() {
+            let field = format!("domains[{i}]");
+            if !is_domain_name(&d.name) {
+                return Err(invalid(
+                    format!("{field}.name"),
+                    format!("{:?} is not a domain name", d.name),
+                ));
+            }
+            if self.domains[..i]
+                .iter()
+                .any(|o| o.name.eq_ignore_ascii_case(&d.name))
+            {
+                return Err(invalid(
+                    format!("{field}.name"),
+                    format!("domain {:?} is defined twice", d.name),
+                ));
+            }
+            if let Some(rp) = &d.return_path {
+                if !is_domain_name(rp) {
+                    return Err(invalid(
+                        format!("{field}.return_path"),
+                        format!("{rp:?} is not a domain name"),
+                    ));
+                }
+                if self.bounces.secret_file.is_none() {
+                    return Err(invalid(
+                        format!("{field}.return_path"),
+                        "needs bounces.secret_file, the key that authenticates return-path tokens",
+                    ));
+                }
+            }
+            if let Some(pool) = &d.ip_pool
+                && !self.ip_pools.iter().any(|p| &p.name == pool)
+            {
+                return Err(invalid(
+                    format!("{field}.ip_pool"),
+                    format!("no ip_pools entry is named {pool:?}"),
+                ));
+            }
+            for (j, dkim) in d.dkim.iter().enumerate() {
+                let at = if d.dkim.len() == 1 {
+                    format!("{field}.dkim")
+                } else {
+                    format!("{field}.dkim[{j}]")
+                };
+                if dkim.selector.is_empty() {
+                    return Err(invalid(format!("{at}.selector"), "must not be empty"));
+                }
+                if d.dkim[..j].iter().any(|o| o.algorithm == dkim.algorithm) {
+                    return Err(invalid(
+                        format!("{at}.algorithm"),
+                        "one key per algorithm: a second signature of the same kind adds nothing",
+                    ));
+                }
+            }
+        }
+        for (i, p) in self.ip_pools.iter().enumerate() {
+            if p.sources.is_empty() {
+                return Err(invalid(
+                    format!("ip_pools[{i}].sources"),
+                    "a pool needs at least one source address",
+                ));
+            }
+        }
+        let r = &self.delivery.retry;
+        if !(r.factor.is_finite() && r.factor >= 1.0) {
+            return Err(invalid(
+                "delivery.retry.factor",
+                "must be a number of at least 1.0",
+            ));
+        }
+        if r.first.is_zero() || r.max < r.first {
+            return Err(invalid(
+                "delivery.retry",
+                "first must be positive and max at least first",
+            ));
+        }
+        let pd = &self.delivery.per_domain;
+        if pd.max_connections == 0 || pd.messages_per_connection == 0 {
+            return Err(invalid(
+                "delivery.per_domain",
+                "max_connections and messages_per_connection must be greater than 0",
+            ));
+        }
+        if let Some(sh) = &self.delivery.smarthost {
+            if sh.host.is_empty() {
+                return Err(invalid("delivery.smarthost.host", "must not be empty"));
+            }
+            if sh.username.is_some() != sh.password_file.is_some() {
+                return Err(invalid(
+                    "delivery.smarthost",
+                    "username and password_file go together",
+                ));
+            }
+            if sh.username.is_some() && sh.tls == TlsMode::None {
+                return Err(invalid(
+                    "delivery.smarthost.tls",
+                    "AUTH needs tls: starttls or implicit (credentials are never sent in clear)",
+                ));
+            }
+        }
+        if let Some(dns) = &self.delivery.dns
+            && dns.nameservers.is_empty()
+        {
+            return Err(invalid(
+                "delivery.dns.nameservers",
+                "list at least one nameserver, or leave out delivery.dns for the system resolver",
+            ));
+        }
+        if let Some(w) = self.events.as_ref().and_then(|e| e.webhook.as_ref()) {
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                return Err(invalid(
+                    "events.webhook.url",
+                    "must be an http:// or https:// URL",
+                ));
+            }
+            if w.batch == 0 || w.buffer == 0 {
+                return Err(invalid(
+                    "events.webhook",
+                    "batch and buffer must be greater than 0",
+                ));
+            }
+        }
+        self.validate_bounces()?;
+        let lim = &self.limits;
+        if lim.max_line_length < 512 {
+            return Err(invalid(
+                "limits.max_line_length",
+                "must be at least 512 (RFC 5321 section 4.5.3.1.4)",
+            ));
+        }
+        for (name, value) in [
+            ("limits.max_message_size", lim.max_message_size),
+            ("limits.max_recipients", lim.max_recipients),
+            ("limits.max_connections", lim.max_connections),
+            (
+                "limits.max_connections_per_client",
+                lim.max_connections_per_client,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(name, "must be greater than 0"));
+            }
+        }
+        if lim.command_timeout.is_zero() || lim.data_timeout.is_zero() {
+            return Err(invalid("limits", "timeouts must be greater than 0"));
+        }
+        Ok(())
+    }
+
+    fn validate_bounces(&self) -> Result<(), ConfigError> {
+        for (i, m) in self.bounces.mailboxes.iter().enumerate() {
+            if m.is_empty() || m.contains(['@', ' ', '"']) {
+                return Err(invalid(
+                    format!("bounces.mailboxes[{i}]"),
+                    format!("{m:?} is not a local part"),
+                ));
+            }
+        }
+        for (i, r) in self.bounces.rules.iter().enumerate() {
+            let field = format!("bounces.rules[{i}]");
+            if r.status.is_none() && r.code.is_none() && r.text.is_empty() {
+                return Err(invalid(
+                    field,
+                    "give at least one of status, code and text (a rule without conditions matches everything)",
+                ));
+            }
+            if let Some(s) = &r.status
+                && crate::bounce::StatusPattern::parse(s).is_none()
+            {
+                return Err(invalid(
+                    format!("{field}.status"),
+                    format!(
+                        "{s:?} is not an enhanced status code pattern such as 5.1.1, x.7.26 or 4.4"
+                    ),
+                ));
+            }
+            if let Some(c) = r.code
+                && !(200..600).contains(&c)
+            {
+                return Err(invalid(
+                    format!("{field}.code"),
+                    format!("{c} is not an SMTP reply code"),
+                ));
+            }
+            for (j, t) in r.text.iter().enumerate() {
+                if let Err(e) = regex::Regex::new(t) {
+                    return Err(invalid(format!("{field}.text[{j}]"), e.to_string()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A host or domain name in the LDH syntax (RFC 1035, with RFC 1123's leading digits), or an A-label.
+pub fn is_domain_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
