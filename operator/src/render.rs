@@ -6,7 +6,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use herald_relay::config::{
+use herald_config::{
     self as relay, Admin, AuthMode, Config, Delivery, Dkim, DkimAlgorithm as RelayDkim, Domain,
     IpPool as RelayPool, Listener, PerDomain, Retry, Smarthost, Source, TlsFiles, TlsMode,
 };
@@ -296,7 +296,7 @@ mod tests {
     fn users() -> Vec<HashedUser> {
         vec![HashedUser {
             name: "app".into(),
-            password_hash: herald_relay::policy::hash_password("pw").unwrap(),
+            password_hash: herald_config::password::hash("pw").unwrap(),
             allowed_domains: vec!["example.test".into()],
         }]
     }

@@ -9,7 +9,6 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::admin::{self, AdminState};
-use crate::config::Config;
 use crate::deliver;
 use crate::dkim::Signers;
 use crate::events;
@@ -19,6 +18,7 @@ use crate::outcome::{Classifier, classify};
 use crate::policy::Policy;
 use crate::server::{self, ConnectionLimits, Shared, tls::TlsStore};
 use crate::spool::Spool;
+use herald_config::Config;
 
 /// How often the config file is checked for a change (a ConfigMap update replaces it in place).
 const CONFIG_POLL: Duration = Duration::from_secs(5);

@@ -77,8 +77,8 @@ pub fn prefix_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
     use crate::smtp::ReversePath;
+    use herald_config::Config;
 
     fn env(body: &str, submission: bool) -> Envelope {
         Envelope {
@@ -97,7 +97,7 @@ mod tests {
     }
 
     fn policy() -> Policy {
-        let hash = crate::policy::hash_password("x").unwrap();
+        let hash = herald_config::password::hash("x").unwrap();
         Policy::from_config(
             &Config::parse(&format!(
                 "hostname: h.test\nspool_dir: s\nlisteners: [{{name: a, address: \"127.0.0.1:1\"}}]\nusers: [{{username: app, password_hash: \"{hash}\", allowed_domains: [ok.test]}}]\n"

@@ -21,7 +21,7 @@ use mail_parser::MessageParser;
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
 
-use crate::config::{Config, DkimAlgorithm};
+use herald_config::{Config, DkimAlgorithm};
 
 /// Headers signed when present; From appears twice to over-sign it.
 const SIGNED_HEADERS: &[&str] = &[

@@ -18,7 +18,6 @@ use sha2::Sha256;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 
-use crate::config;
 use crate::metrics;
 
 /// One event. Fields that do not apply are left out of the JSON.
@@ -141,7 +140,9 @@ async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
 }
 
 /// Starts the event outputs of `config`, if any.
-pub async fn start(config: Option<&config::Events>) -> Result<Option<EventsHandle>, EventsError> {
+pub async fn start(
+    config: Option<&herald_config::Events>,
+) -> Result<Option<EventsHandle>, EventsError> {
     let Some(cfg) = config else { return Ok(None) };
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let (stop, stop_rx) = watch::channel(false);
@@ -263,7 +264,7 @@ pub fn signature(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
 }
 
 async fn webhook_task(
-    cfg: config::Webhook,
+    cfg: herald_config::Webhook,
     secret: Vec<u8>,
     client: reqwest::Client,
     mut rx: mpsc::UnboundedReceiver<String>,

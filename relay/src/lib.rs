@@ -6,7 +6,7 @@
 //! the queue listing; `app` wires these together; `config` is the one definition of the config file.
 //!
 //! # Layout
-//! - `config`: config file types and validation (shared with the operator).
+//! - the config file is the `herald-config` crate (shared with the operator).
 //! - `smtp`: the SMTP protocol as a state machine without I/O.
 //! - `server`: listeners, TLS, connection limits, the loop that drives sessions.
 //! - `policy`: AUTH principals, allowed sender domains, local domains.
@@ -27,7 +27,6 @@
 pub mod admin;
 pub mod app;
 pub mod cleanup;
-pub mod config;
 pub mod deliver;
 pub mod dkim;
 pub mod events;

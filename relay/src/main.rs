@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use herald_relay::config::Config;
+use herald_config::Config;
 
 #[derive(Parser)]
 #[command(name = "herald-relay", version, about = "Herald's mail transfer agent")]
@@ -78,7 +78,7 @@ fn hash_password() -> ExitCode {
         eprintln!("error: empty password on stdin");
         return ExitCode::FAILURE;
     }
-    match herald_relay::policy::hash_password(password) {
+    match herald_config::password::hash(password) {
         Ok(h) => {
             println!("{h}");
             ExitCode::SUCCESS

@@ -5,10 +5,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use argon2::{Argon2, PasswordHash, PasswordVerifier};
-
-use crate::config::Config;
 use crate::outcome::verp::ReturnPaths;
+use herald_config::Config;
 
 /// A hash of a password nobody knows, checked when the user name is unknown so that a failed login takes
 /// as long whether or not the user exists.
@@ -65,13 +63,7 @@ impl Policy {
             Some(p) => (p.password_hash.as_str(), true),
             None => (DUMMY_HASH, false),
         };
-        let Ok(parsed) = PasswordHash::new(hash) else {
-            return false;
-        };
-        let ok = Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok();
-        ok && known
+        herald_config::password::verify(hash, password) && known
     }
 
     /// May `username` use `domain` as its MAIL FROM or From: domain?
@@ -98,23 +90,12 @@ impl Policy {
     }
 }
 
-/// Hashes a password with argon2id and a random salt, as `herald-relay hash-password` prints it.
-pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
-    use argon2::PasswordHasher;
-    use argon2::password_hash::SaltString;
-    use argon2::password_hash::rand_core::OsRng;
-    let salt = SaltString::generate(&mut OsRng);
-    Ok(Argon2::default()
-        .hash_password(password.as_bytes(), &salt)?
-        .to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn policy() -> Policy {
-        let hash = hash_password("s3cret").unwrap();
+        let hash = herald_config::password::hash("s3cret").unwrap();
         let config = Config::parse(&format!(
             r#"
 hostname: relay.test
@@ -139,7 +120,7 @@ bounces: {{ secret_file: /nonexistent }}
 
     #[test]
     fn dummy_hash_parses() {
-        assert!(PasswordHash::new(DUMMY_HASH).is_ok());
+        assert!(herald_config::password::check_format(DUMMY_HASH).is_ok());
     }
 
     #[test]

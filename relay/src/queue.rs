@@ -21,7 +21,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{Config, Delivery};
 use crate::events::{self, Event};
 use crate::metrics;
 use crate::outcome::dsn;
@@ -29,6 +28,7 @@ use crate::outcome::suppression::Suppressions;
 use crate::outcome::verp;
 use crate::outcome::{Class, classify};
 use crate::spool::{Location, MessageMeta, QueueId, RcptState, RcptStatus, RcptUpdate, Spool};
+use herald_config::{Config, Delivery};
 
 /// How often old spool segments are looked at for reclaiming.
 const COMPACT_EVERY: Duration = Duration::from_secs(10);

@@ -79,18 +79,12 @@ pub async fn reconcile(relay: Arc<SmtpRelay>, ctx: Arc<Context>) -> Result<Actio
         });
         let name_ = u.name.clone();
         let hash = tokio::task::spawn_blocking(move || -> Result<String, String> {
-            if let Some(h) = kept {
-                let policy_ok = argon2::PasswordHash::new(&h).ok().is_some_and(|parsed| {
-                    use argon2::PasswordVerifier;
-                    argon2::Argon2::default()
-                        .verify_password(password.as_bytes(), &parsed)
-                        .is_ok()
-                });
-                if policy_ok {
-                    return Ok(h);
-                }
+            if let Some(h) = kept
+                && herald_config::password::verify(&h, &password)
+            {
+                return Ok(h);
             }
-            herald_relay::policy::hash_password(&password)
+            herald_config::password::hash(&password)
                 .map_err(|e| format!("hashing the password of {name_}: {e}"))
         })
         .await
@@ -261,7 +255,7 @@ async fn bounce_keys(secrets: &Api<Secret>, relay: &SmtpRelay) -> String {
 async fn existing_config(
     secrets: &Api<Secret>,
     relay: &SmtpRelay,
-) -> Option<herald_relay::config::Config> {
+) -> Option<herald_config::Config> {
     let s = secrets
         .get_opt(&objects::config_secret_name(relay))
         .await
@@ -270,7 +264,7 @@ async fn existing_config(
         .data?
         .get(render::CONFIG_FILE)
         .map(|v| String::from_utf8_lossy(&v.0).into_owned())?;
-    herald_relay::config::Config::parse(&text).ok()
+    herald_config::Config::parse(&text).ok()
 }
 
 /// Applies the ServiceMonitor when the Prometheus Operator's CRD is installed; otherwise says so once in

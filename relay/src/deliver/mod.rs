@@ -18,11 +18,11 @@ use std::sync::Arc;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 
-use crate::config::{Config, Delivery, OutboundTls, TlsMode};
 use crate::queue::{self, Attempt, Dispatcher, Job, QueueHandle, Reply};
 use crate::spool::Spool;
 use client::{Client, ClientError, Rcpt, Stream, Transaction};
 use dns::{DnsFailure, Resolver};
+use herald_config::{Config, Delivery, OutboundTls, TlsMode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliverError {

@@ -6,13 +6,11 @@
 //! enhanced status code decides when it is specific and text patterns from the large mailbox providers'
 //! replies refine the rest. The rules in force are swapped whole when the config is reloaded.
 
-use std::fmt;
 use std::sync::{Arc, LazyLock, RwLock};
 
 use regex::{Regex, RegexBuilder};
-use serde::{Deserialize, Serialize};
 
-use crate::config::Bounces;
+use herald_config::{Bounces, Category, StatusPattern};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClassifyError {
@@ -35,79 +33,6 @@ impl Class {
             Class::Hard => "hard",
             Class::Soft => "soft",
         }
-    }
-}
-
-/// Why a delivery failed. The names are the `category` label values of `herald_bounces_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Category {
-    InvalidRecipient,
-    MailboxFull,
-    MessageTooLarge,
-    RateLimited,
-    Greylisted,
-    ReputationBlock,
-    AuthenticationFailure,
-    PolicyBlock,
-    SpamContent,
-    TransientNetwork,
-    TransientOther,
-    PermanentOther,
-}
-
-impl Category {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Category::InvalidRecipient => "invalid-recipient",
-            Category::MailboxFull => "mailbox-full",
-            Category::MessageTooLarge => "message-too-large",
-            Category::RateLimited => "rate-limited",
-            Category::Greylisted => "greylisted",
-            Category::ReputationBlock => "reputation-block",
-            Category::AuthenticationFailure => "authentication-failure",
-            Category::PolicyBlock => "policy-block",
-            Category::SpamContent => "spam-content",
-            Category::TransientNetwork => "transient-network",
-            Category::TransientOther => "transient-other",
-            Category::PermanentOther => "permanent-other",
-        }
-    }
-
-    /// Only a recipient's own fault puts it on the suppression list.
-    pub fn suppresses(self) -> bool {
-        self == Category::InvalidRecipient
-    }
-}
-
-impl fmt::Display for Category {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// An enhanced status code pattern: up to three components, each a number or `x` (any). `5.1.1` matches
-/// only itself, `x.7.26` any class, `5.7` every 5.7.*, `x.4` every network and routing status.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StatusPattern(Vec<Option<u16>>);
-
-impl StatusPattern {
-    pub fn parse(text: &str) -> Option<StatusPattern> {
-        let parts = text
-            .split('.')
-            .map(|p| match p {
-                "x" | "X" | "*" => Some(None),
-                n => n.parse::<u16>().ok().filter(|&v| v < 1000).map(Some),
-            })
-            .collect::<Option<Vec<_>>>()?;
-        (!parts.is_empty() && parts.len() <= 3).then_some(StatusPattern(parts))
-    }
-
-    fn matches(&self, code: &[u16; 3]) -> bool {
-        self.0
-            .iter()
-            .zip(code)
-            .all(|(want, have)| want.is_none_or(|w| w == *have))
     }
 }
 
@@ -540,21 +465,8 @@ mod tests {
     }
 
     #[test]
-    fn status_patterns() {
-        let p = |s| StatusPattern::parse(s).unwrap();
-        assert!(p("5.1.1").matches(&[5, 1, 1]));
-        assert!(!p("5.1.1").matches(&[4, 1, 1]));
-        assert!(p("x.7.26").matches(&[4, 7, 26]));
-        assert!(p("5.7").matches(&[5, 7, 509]));
-        assert!(!p("5.7").matches(&[5, 1, 1]));
-        for bad in ["", "5..1", "a.b", "5.1.1.1", "5.1.1000"] {
-            assert!(StatusPattern::parse(bad).is_none(), "{bad}");
-        }
-    }
-
-    #[test]
     fn configured_rules_come_first_and_can_replace_the_builtins() {
-        let config = crate::config::Config::parse(
+        let config = herald_config::Config::parse(
             r#"
 hostname: relay.test
 spool_dir: /tmp/x

@@ -9,10 +9,10 @@
 
 use crate::events::{self, Event};
 use crate::metrics;
-use crate::outcome::classify::{Category, Class, classify};
 use crate::outcome::report::{self, Action, Kind, Report};
 use crate::outcome::suppression::Suppressions;
 use crate::outcome::verp::{self, ReturnPaths, Token};
+use crate::outcome::{Category, Class, classify};
 
 /// Feedback types that are a recipient saying "stop" (RFC 5965 section 7.3); `not-spam` and
 /// `auth-failure` (RFC 6591) are not.

@@ -14,4 +14,5 @@ pub mod report;
 pub mod suppression;
 pub mod verp;
 
-pub use classify::{Category, Class, Classifier, StatusPattern, classify};
+pub use classify::{Class, Classifier, classify};
+pub use herald_config::{Category, StatusPattern};

@@ -16,8 +16,8 @@ use std::sync::{Arc, LazyLock, RwLock};
 use hmac::{KeyInit, Mac};
 use sha2::Sha256;
 
-use crate::config::Config;
 use crate::spool::QueueId;
+use herald_config::Config;
 
 type HmacSha256 = hmac::Hmac<Sha256>;
 

@@ -15,10 +15,10 @@ use tokio::sync::watch;
 use super::ListenerContext;
 use super::tls::version_name;
 use crate::cleanup;
-use crate::config::TlsMode;
 use crate::queue::NewEntry;
 use crate::smtp::{Action, Envelope, Reply, Session, SessionConfig, reply};
 use crate::spool::MessageMeta;
+use herald_config::TlsMode;
 
 /// How a drive over one stream ended.
 enum Exit {

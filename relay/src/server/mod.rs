@@ -18,7 +18,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::config::{AuthMode, Config, Listener, TlsMode};
 use crate::dkim::Signers;
 use crate::metrics;
 use crate::outcome::suppression::Suppressions;
@@ -27,6 +26,7 @@ use crate::policy::Policy;
 use crate::queue::QueueHandle;
 use crate::smtp::SessionConfig;
 use crate::spool::Spool;
+use herald_config::{AuthMode, Config, Listener, TlsMode};
 use tls::TlsStore;
 
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::TlsFiles;
+use herald_config::TlsFiles;
 
 /// How often the certificate files are checked for a change.
 const POLL: Duration = Duration::from_secs(5);

@@ -17,9 +17,9 @@ use super::address::{Mailbox, ReversePath};
 use super::body::{Body, BodyError};
 use super::command::{self, Command, CommandError};
 use super::reply::{self, Reply};
-use crate::config::{Limits, TlsMode};
 use crate::outcome::suppression::Suppressions;
 use crate::policy::Policy;
+use herald_config::{Limits, TlsMode};
 
 /// What a session needs to know about its listener and the relay; shared by the listener's sessions.
 #[derive(Debug)]
@@ -889,8 +889,8 @@ mod tests {
     use super::*;
 
     fn config(tls_mode: TlsMode, auth_required: bool) -> Arc<SessionConfig> {
-        let hash = crate::policy::hash_password("pw").unwrap();
-        let cfg = crate::config::Config::parse(&format!(
+        let hash = herald_config::password::hash("pw").unwrap();
+        let cfg = herald_config::Config::parse(&format!(
             r#"
 hostname: mx.test
 spool_dir: s
