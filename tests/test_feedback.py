@@ -375,9 +375,16 @@ def test_rcpt_at_the_return_path_domain_takes_the_feedback_mailboxes_and_genuine
         **{forgery: forge(real, forgery, owner, f"{unique('victim')}@foreign.test")[0].address
            for forgery in FORGERIES},
     }
+    before = scrape(loop.relay)
     for what, address in refused.items():
         code, text = rcpt_reply(loop.relay, address)
         assert (code, text.split()[0]) == (550, "5.1.1"), f"{what}: RCPT TO:<{address}> -> {code} {text}"
+    after = scrape(loop.relay)
+    # Counted as what they are, not as suppressed recipients (which share the reply code).
+    for reason, grew in [("unknown_recipient", len(refused)), ("suppressed", 0)]:
+        delta = (after.value("herald_smtp_rejections_total", reason=reason)
+                 - before.value("herald_smtp_rejections_total", reason=reason))
+        assert delta == grew, f"herald_smtp_rejections_total{{reason={reason!r}}} grew by {delta}, not {grew}"
     for address in [mailbox("postmaster"), mailbox("abuse"), mailbox("fbl"), real.address]:
         code, text = rcpt_reply(loop.relay, address)
         assert code == 250, f"RCPT TO:<{address}> -> {code} {text}"

@@ -38,6 +38,8 @@ CONTRACT_TYPES = {
     "herald_webhook_failures_total": "counter",
     "herald_feedback_reports_total": "counter",
     "herald_complaints_total": "counter",
+    "herald_config_reload_total": "counter",
+    "herald_tls_certificate_expiry_timestamp_seconds": "gauge",
 }
 CONTRACT_LABELS = {
     "herald_queue_depth": {"domain"},
@@ -48,6 +50,7 @@ CONTRACT_LABELS = {
     "herald_smtp_rejections_total": {"reason"},
     "herald_feedback_reports_total": {"kind", "result"},
     "herald_complaints_total": {"feedback_type", "domain"},
+    "herald_config_reload_total": {"result"},
 }
 CATEGORIES = {
     "invalid-recipient", "mailbox-full", "message-too-large", "rate-limited", "greylisted", "reputation-block",
@@ -56,7 +59,7 @@ CATEGORIES = {
 REJECTION_REASONS = {
     "relay_denied", "sender_not_allowed", "authentication", "message_too_large", "too_many_recipients",
     "smtputf8_required", "malformed_message", "suppressed", "too_many_errors", "timeout", "spool_error",
-    "shutting_down", "protocol", "network_denied", "connection_limit", "other",
+    "shutting_down", "protocol", "network_denied", "connection_limit", "unknown_recipient", "other",
 }
 
 
@@ -220,6 +223,22 @@ def test_metrics_text_passes_promtool_and_names_every_contract_series_with_its_t
     assert exp.value("herald_complaints_total", feedback_type="abuse", domain="deliver.test") == 1, exp.text
     at = [(s.name, s.label_dict) for s in exp.samples if any("@" in v for _, v in s.labels)]
     assert not at, f"label values holding an address: {at}"
+
+
+def test_a_fresh_relay_shows_every_bounded_series_at_zero(relays, dns, peers):
+    # Dashboards and alerts read 0, not "no data", before the first event of a kind.
+    exp = scrape(start_outbound(relays, dns, peers, name="fresh"))
+    for reason in REJECTION_REASONS:
+        assert exp.get("herald_smtp_rejections_total", reason=reason) == 0, reason
+    for result in ("delivered", "deferred", "bounced"):
+        assert exp.get("herald_deliveries_total", result=result) == 0, result
+    for result in ("applied", "partial", "rejected"):
+        assert exp.get("herald_config_reload_total", result=result) == 0, result
+    for category in CATEGORIES:
+        for cls in ("hard", "soft"):
+            assert exp.get("herald_bounces_total", **{"class": cls}, category=category, domain="other") == 0
+    listeners = {s.label_dict["listener"] for s in exp.series("herald_messages_received_total")}
+    assert listeners and listeners == {s.label_dict["listener"] for s in exp.series("herald_smtp_sessions")}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ pub struct AdminState {
     pub ready: AtomicBool,
     pub queue: QueueHandle,
     pub suppressions: Arc<Suppressions>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,13 +84,15 @@ fn parse_id(id: &str) -> Result<QueueId, String> {
         .map_err(|_| format!("{id:?} is not a queue id (16 hex digits)"))
 }
 
-async fn metrics_text() -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+async fn metrics_text(
+    State(s): State<Arc<AdminState>>,
+) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::get().render(),
+        s.metrics.render(),
     )
 }
 

@@ -1,5 +1,6 @@
 //! Wires the stages into a running relay: spool, queue, listeners, admin; and the signals that stop it.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,12 +13,15 @@ use crate::admin::{self, AdminState};
 use crate::deliver;
 use crate::dkim::Signers;
 use crate::events;
+use crate::metrics::Metrics;
 use crate::outcome::suppression::Suppressions;
 use crate::outcome::verp::{self, ReturnPaths};
-use crate::outcome::{Classifier, classify};
+use crate::outcome::{Classifier, Rules, classify};
 use crate::policy::Policy;
+use crate::queue::QueueHandle;
 use crate::server::{self, ConnectionLimits, Shared, tls::TlsStore};
 use crate::spool::Spool;
+use crate::telemetry::Telemetry;
 use herald_config::Config;
 
 /// How often the config file is checked for a change (a ConfigMap update replaces it in place).
@@ -54,137 +58,221 @@ pub enum RunError {
     Join(#[from] tokio::task::JoinError),
 }
 
-/// Runs the relay until SIGTERM or SIGINT, then drains.
-pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), RunError> {
-    let spool_dir = config.spool_dir.clone();
-    let (spool, loaded) = tokio::task::spawn_blocking(move || Spool::open(&spool_dir)).await??;
-    let spool_dir = config.spool_dir.clone();
-    let suppressions =
-        Arc::new(tokio::task::spawn_blocking(move || Suppressions::open(&spool_dir)).await??);
-    tracing::info!(
-        spool = %config.spool_dir.display(),
-        messages = loaded.len(),
-        bytes = spool.bytes(),
-        suppressions = suppressions.len(),
-        "spool loaded"
-    );
-    let events = events::start(config.events.as_ref()).await?;
-    // Before the queue starts: it routes the spooled messages by the return-path domains.
-    let return_paths = {
-        let c = config.clone();
-        tokio::task::spawn_blocking(move || load_bounces(&c)).await??
-    };
-    let queue = deliver::start_queue(&config, spool.clone(), suppressions.clone(), loaded)?;
+/// One running relay: the spool, queue, listeners and admin API it started, and the metrics, events and
+/// rules they share. Nothing of it is process-wide, so a test can run two side by side.
+#[derive(Debug)]
+pub struct Relay {
+    spool: Spool,
+    queue: QueueHandle,
+    shared: Shared,
+    contexts: Vec<Arc<server::ListenerContext>>,
+    listening: Vec<(String, SocketAddr)>,
+    admin: Option<SocketAddr>,
+    state: Arc<AdminState>,
+    stop: watch::Sender<bool>,
+    events: Option<events::EventsHandle>,
+    reloader: Reloader,
+}
 
-    let tls = match &config.tls {
-        Some(files) => {
-            let files = files.clone();
-            Some(Arc::new(
-                tokio::task::spawn_blocking(move || TlsStore::load(&files)).await??,
-            ))
+impl Relay {
+    /// Loads the spool, starts the queue and delivery, binds every listener and the admin API, and starts
+    /// serving. Addresses with port 0 get a free port: see [`Relay::listener_address`].
+    pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Relay, RunError> {
+        let spool_dir = config.spool_dir.clone();
+        let (spool, loaded) =
+            tokio::task::spawn_blocking(move || Spool::open(&spool_dir)).await??;
+        let spool_dir = config.spool_dir.clone();
+        let suppressions =
+            Arc::new(tokio::task::spawn_blocking(move || Suppressions::open(&spool_dir)).await??);
+        tracing::info!(
+            spool = %config.spool_dir.display(),
+            messages = loaded.len(),
+            bytes = spool.bytes(),
+            suppressions = suppressions.len(),
+            "spool loaded"
+        );
+        let listener_names: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
+        let metrics = Arc::new(Metrics::new(&listener_names));
+        let (sink, events) = events::start(config.events.as_ref(), metrics.clone()).await?;
+        let telemetry = Telemetry::new(metrics.clone(), sink);
+        // Before the queue starts: it routes the spooled messages by the return-path domains.
+        let (return_paths, classifier) = {
+            let c = config.clone();
+            tokio::task::spawn_blocking(move || load_bounces(&c)).await??
+        };
+        let rules = Arc::new(Rules::new(return_paths.clone(), classifier));
+        let queue = deliver::start_queue(
+            &config,
+            spool.clone(),
+            suppressions.clone(),
+            loaded,
+            rules.clone(),
+            telemetry.clone(),
+        )?;
+
+        let tls = match &config.tls {
+            Some(files) => {
+                let files = files.clone();
+                let gauge = metrics.tls_expiry.clone();
+                Some(Arc::new(
+                    tokio::task::spawn_blocking(move || TlsStore::load(&files, gauge)).await??,
+                ))
+            }
+            None => None,
+        };
+        if let Some(t) = &tls {
+            tokio::spawn(t.clone().watch());
         }
-        None => None,
-    };
-    if let Some(t) = &tls {
-        tokio::spawn(t.clone().watch());
+        let signers = {
+            let c = config.clone();
+            Arc::new(tokio::task::spawn_blocking(move || Signers::load(&c)).await??)
+        };
+        let shared = Shared {
+            signers,
+            policy: Arc::new(Policy::new(&config, return_paths)),
+            tls,
+            spool: spool.clone(),
+            queue: queue.clone(),
+            suppressions: suppressions.clone(),
+            limits: ConnectionLimits::new(
+                config.limits.max_connections,
+                config.limits.max_connections_per_client,
+            ),
+            rules,
+            telemetry,
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let state = Arc::new(AdminState {
+            ready: false.into(),
+            queue: queue.clone(),
+            suppressions,
+            metrics,
+        });
+        let admin = match &config.admin {
+            Some(a) => {
+                let listener = admin::bind(a.address).await?;
+                let address = listener.local_addr().unwrap_or(a.address);
+                tracing::info!(%address, "admin listening");
+                tokio::spawn(admin::serve(listener, state.clone()));
+                Some(address)
+            }
+            None => None,
+        };
+        let mut contexts = Vec::new();
+        let mut listening = Vec::new();
+        for (tcp, ctx) in server::bind(&config, &shared).await? {
+            let address = tcp.local_addr().unwrap_or(ctx.address);
+            tracing::info!(listener = %ctx.name, %address, "listening");
+            listening.push((ctx.name.clone(), address));
+            contexts.push(ctx.clone());
+            tokio::spawn(server::serve(tcp, ctx, stop_rx.clone()));
+        }
+        state.ready.store(true, Ordering::Relaxed);
+        tracing::info!(config = %config_path.as_ref().map_or_else(|| "(embedded default)".into(), |p| p.display().to_string()), "herald-relay ready");
+        let mut reloader = Reloader {
+            path: config_path,
+            current: config,
+            seen: None,
+        };
+        reloader.seen = reloader.read().await;
+        Ok(Relay {
+            spool,
+            queue,
+            shared,
+            contexts,
+            listening,
+            admin,
+            state,
+            stop,
+            events,
+            reloader,
+        })
     }
-    let signers = {
-        let c = config.clone();
-        Arc::new(tokio::task::spawn_blocking(move || Signers::load(&c)).await??)
-    };
-    let shared = Shared {
-        signers,
-        policy: Arc::new(Policy::new(&config, return_paths)),
-        tls,
-        spool: spool.clone(),
-        queue: queue.clone(),
-        suppressions: suppressions.clone(),
-        limits: ConnectionLimits::new(
-            config.limits.max_connections,
-            config.limits.max_connections_per_client,
-        ),
-    };
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let state = Arc::new(AdminState {
-        ready: false.into(),
-        queue: queue.clone(),
-        suppressions,
-    });
-    if let Some(a) = &config.admin {
-        let listener = admin::bind(a.address).await?;
-        tracing::info!(address = %a.address, "admin listening");
-        tokio::spawn(admin::serve(listener, state.clone()));
-    }
-    let listeners = server::bind(&config, &shared).await?;
-    let mut contexts = Vec::new();
-    for (tcp, ctx) in listeners {
-        let address = tcp
-            .local_addr()
-            .map_or_else(|_| "?".into(), |a| a.to_string());
-        tracing::info!(listener = %ctx.name, %address, "listening");
-        contexts.push(ctx.clone());
-        tokio::spawn(server::serve(tcp, ctx, stop_rx.clone()));
-    }
-    state.ready.store(true, Ordering::Relaxed);
-    tracing::info!(config = %config_path.as_ref().map_or_else(|| "(embedded default)".into(), |p| p.display().to_string()), "herald-relay ready");
 
+    /// The address listener `name` accepts connections on.
+    pub fn listener_address(&self, name: &str) -> Option<SocketAddr> {
+        self.listening
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+    }
+
+    /// The address of the admin API, if configured.
+    pub fn admin_address(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    /// This relay's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.telemetry.metrics
+    }
+
+    /// Reloads the config file: always when `forced` (SIGHUP), otherwise only when it or a key file it
+    /// names changed.
+    pub async fn reload(&mut self, forced: bool) {
+        self.reloader
+            .reload(&self.contexts, &self.shared, forced)
+            .await;
+    }
+
+    /// Stops accepting, lets sessions in flight finish (up to the grace period), lets deliveries in flight
+    /// record their outcome, makes the spool durable and flushes the event outputs.
+    pub async fn shutdown(self) {
+        tracing::info!("stopping: no new sessions; finishing the ones in flight");
+        self.state.ready.store(false, Ordering::Relaxed);
+        let _ = self.stop.send(true);
+        let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
+        while self.shared.limits.active() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.shared.limits.active();
+        if left > 0 {
+            tracing::warn!(
+                sessions = left,
+                "drain grace period over; closing remaining sessions"
+            );
+        }
+        // Deliveries in flight finish their transaction and record the outcome, so nothing is sent twice
+        // after the restart; then everything recorded is made durable.
+        if tokio::time::timeout(DRAIN_GRACE, self.queue.stop())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "deliveries still in flight after the grace period; they will be retried after the restart"
+            );
+        }
+        if let Err(e) = self.spool.sync().await {
+            tracing::error!(error = %e, "final spool sync failed");
+        }
+        if let Some(ev) = self.events {
+            ev.shutdown(Duration::from_secs(10)).await;
+        }
+        tracing::info!("stopped");
+    }
+}
+
+/// Runs a relay until SIGTERM or SIGINT, reloading on SIGHUP and when the config file changes; then drains.
+pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), RunError> {
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
-    let mut reloader = Reloader {
-        path: config_path,
-        current: config,
-        seen: None,
-    };
-    reloader.seen = reloader.read().await;
+    let mut relay = Relay::start(config, config_path).await?;
     let mut poll = tokio::time::interval(CONFIG_POLL);
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => {
-                reloader.reload(&contexts, &shared, true).await;
-            }
-            _ = poll.tick() => {
-                reloader.reload(&contexts, &shared, false).await;
-            }
+            _ = hup.recv() => relay.reload(true).await,
+            _ = poll.tick() => relay.reload(false).await,
         }
     }
-    tracing::info!("stopping: no new sessions; finishing the ones in flight");
-    state.ready.store(false, Ordering::Relaxed);
-    let _ = stop_tx.send(true);
-    let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
-    while shared.limits.active() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let left = shared.limits.active();
-    if left > 0 {
-        tracing::warn!(
-            sessions = left,
-            "drain grace period over; closing remaining sessions"
-        );
-    }
-    // Deliveries in flight finish their transaction and record the outcome, so nothing is sent twice
-    // after the restart; then everything recorded is made durable.
-    if tokio::time::timeout(DRAIN_GRACE, queue.stop())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "deliveries still in flight after the grace period; they will be retried after the restart"
-        );
-    }
-    if let Err(e) = spool.sync().await {
-        tracing::error!(error = %e, "final spool sync failed");
-    }
-    if let Some(ev) = events {
-        ev.shutdown(Duration::from_secs(10)).await;
-    }
-    tracing::info!("stopped");
+    relay.shutdown().await;
     Ok(())
 }
 
 /// Reloads the config file on SIGHUP or when its content changes.
+#[derive(Debug)]
 struct Reloader {
     path: Option<PathBuf>,
     current: Config,
@@ -245,9 +333,10 @@ impl Reloader {
             return;
         };
         let c = new.clone();
-        let Some(return_paths) = reload_step(move || load_bounces(&c)).await else {
+        let Some((return_paths, classifier)) = reload_step(move || load_bounces(&c)).await else {
             return;
         };
+        shared.rules.set(return_paths.clone(), classifier);
         let mut needs_restart =
             server::reconfigure(&new, contexts, shared, &signers, &return_paths);
         if new.spool_dir != self.current.spool_dir {
@@ -270,15 +359,12 @@ impl Reloader {
     }
 }
 
-/// Reads the return-path keys and compiles the classification rules, then puts both in force: outgoing
-/// mail is signed with the new first key and failures are classified by the new rules from now on.
+/// Reads the return-path keys and compiles the classification rules.
 /// Blocking (reads the key file): call it off the async runtime.
-fn load_bounces(config: &Config) -> Result<Arc<ReturnPaths>, RunError> {
+fn load_bounces(config: &Config) -> Result<(Arc<ReturnPaths>, Arc<Classifier>), RunError> {
     let rp = Arc::new(ReturnPaths::load(config)?);
     let classifier = Classifier::from_config(&config.bounces)?;
-    verp::install(rp.clone());
-    classify::install(classifier);
-    Ok(rp)
+    Ok((rp, Arc::new(classifier)))
 }
 
 /// Runs one loading step of a reload off the async runtime; None when it fails, which refuses the reload

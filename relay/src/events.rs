@@ -9,7 +9,7 @@
 //! `X-Herald-Signature: v1=<hex HMAC-SHA256 of "<timestamp>.<body>">`, as hosted providers sign theirs.
 
 use std::collections::VecDeque;
-use std::sync::OnceLock;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hmac::{Hmac, KeyInit, Mac};
@@ -18,7 +18,7 @@ use sha2::Sha256;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 
-use crate::metrics;
+use crate::metrics::Metrics;
 
 /// One event. Fields that do not apply are left out of the JSON.
 #[derive(Debug, Clone, Serialize)]
@@ -99,17 +99,21 @@ pub enum EventsError {
     Client(String),
 }
 
-static SINK: OnceLock<mpsc::UnboundedSender<Event>> = OnceLock::new();
+/// Where one relay's events go; cheap to clone. Without outputs it drops everything.
+#[derive(Debug, Clone, Default)]
+pub struct EventSink(Option<mpsc::UnboundedSender<Event>>);
 
-/// Whether events are wanted at all (saves building them when not).
-pub fn enabled() -> bool {
-    SINK.get().is_some()
-}
+impl EventSink {
+    /// Whether events are wanted at all (saves building them when not).
+    pub fn enabled(&self) -> bool {
+        self.0.is_some()
+    }
 
-/// Sends an event to the configured outputs; does nothing when there are none.
-pub fn emit(event: Event) {
-    if let Some(tx) = SINK.get() {
-        let _ = tx.send(event);
+    /// Sends an event to the configured outputs; does nothing when there are none.
+    pub fn emit(&self, event: Event) {
+        if let Some(tx) = &self.0 {
+            let _ = tx.send(event);
+        }
     }
 }
 
@@ -139,11 +143,14 @@ async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
     }
 }
 
-/// Starts the event outputs of `config`, if any.
+/// Starts the event outputs of `config`, if any: the sink to emit to, and the handle that flushes them.
 pub async fn start(
     config: Option<&herald_config::Events>,
-) -> Result<Option<EventsHandle>, EventsError> {
-    let Some(cfg) = config else { return Ok(None) };
+    metrics: Arc<Metrics>,
+) -> Result<(EventSink, Option<EventsHandle>), EventsError> {
+    let Some(cfg) = config else {
+        return Ok((EventSink::default(), None));
+    };
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let (stop, stop_rx) = watch::channel(false);
     let mut file_out: Option<Box<dyn tokio::io::AsyncWrite + Send + Unpin>> = match &cfg.file {
@@ -187,6 +194,7 @@ pub async fn start(
             client,
             hook_rx,
             stop_rx.clone(),
+            metrics,
         )));
     }
     let mut stop_rx2 = stop_rx;
@@ -216,8 +224,7 @@ pub async fn start(
             let _ = f.flush().await;
         }
     }));
-    let _ = SINK.set(tx);
-    Ok(Some(EventsHandle { stop, done }))
+    Ok((EventSink(Some(tx)), Some(EventsHandle { stop, done })))
 }
 
 async fn write_batch(
@@ -269,6 +276,7 @@ async fn webhook_task(
     client: reqwest::Client,
     mut rx: mpsc::UnboundedReceiver<String>,
     mut stop: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
 ) {
     let mut buffer: VecDeque<String> = VecDeque::new();
     let mut backoff = Duration::from_millis(500);
@@ -279,7 +287,7 @@ async fn webhook_task(
         }
         while buffer.len() > cfg.buffer {
             buffer.pop_front();
-            metrics::get().events_dropped.inc();
+            metrics.events_dropped.inc();
         }
         if buffer.is_empty() {
             if stopping {
@@ -323,7 +331,7 @@ async fn webhook_task(
                     Ok(r) => format!("HTTP {}", r.status()),
                     Err(e) => e.to_string(),
                 };
-                metrics::get().webhook_failures.inc();
+                metrics.webhook_failures.inc();
                 tracing::warn!(url = %cfg.url, error = %why, events = buffer.len(), retry_in = ?backoff, "webhook POST failed; will retry");
                 if stopping {
                     return;

@@ -18,6 +18,7 @@
 //! - `outcome`: bounce classification, DSNs, suppression.
 //! - `metrics`: the Prometheus metrics.
 //! - `events`: delivery events to a file and a signed webhook.
+//! - `telemetry`: one relay's metrics and event sink, handed to every stage.
 //! - `admin`: HTTP probes, metrics, queue and suppression API.
 //! - `app`: startup, signals, drain.
 
@@ -37,3 +38,4 @@ pub mod queue;
 pub mod server;
 pub mod smtp;
 pub mod spool;
+pub mod telemetry;

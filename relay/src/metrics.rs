@@ -1,12 +1,13 @@
 //! Every Prometheus metric the relay exports, defined once (names, labels and help are the contract in
-//! DESIGN.md) and reached through [`get`].
+//! docs/metrics.md). Each running relay owns its own [`Metrics`] and registry, so two relays in one
+//! process (tests) count apart.
 //!
 //! Label values are bounded: listeners and results come from config and code; destination domains pass
 //! through [`DomainLabels`], which gives the first `MAX_DOMAINS` domains seen their own label and folds the
 //! rest into `other`, so no sender can grow the series without bound. No label ever holds an address.
 
 use std::collections::HashSet;
-use std::sync::{LazyLock, Mutex};
+use std::sync::Mutex;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -59,8 +60,52 @@ pub struct Metrics {
     pub tls_expiry: IntGauge,
     pub feedback: IntCounterVec,
     pub complaints: IntCounterVec,
+    pub config_reloads: IntCounterVec,
     domains: Mutex<HashSet<String>>,
 }
+
+/// The `reason` values of `herald_smtp_rejections_total`; each series exists from the start at 0.
+pub const REJECTION_REASONS: &[&str] = &[
+    "network_denied",
+    "connection_limit",
+    "relay_denied",
+    "sender_not_allowed",
+    "authentication",
+    "message_too_large",
+    "too_many_recipients",
+    "smtputf8_required",
+    "malformed_message",
+    "suppressed",
+    "unknown_recipient",
+    "too_many_errors",
+    "timeout",
+    "spool_error",
+    "shutting_down",
+    "protocol",
+    "other",
+];
+
+/// The `kind` and `result` values of `herald_feedback_reports_total`.
+pub const FEEDBACK_KINDS: &[&str] = &["dsn", "arf", "text", "none"];
+pub const FEEDBACK_RESULTS: &[&str] = &[
+    "bounce",
+    "delay",
+    "complaint",
+    "other",
+    "forged",
+    "unverified",
+    "not-a-report",
+];
+
+/// The label of destination domains beyond the first `MAX_DOMAINS`.
+const OTHER_DOMAIN: &str = "other";
+
+/// The `result` values of `herald_deliveries_total`.
+pub const DELIVERY_RESULTS: &[&str] = &["delivered", "deferred", "bounced"];
+
+/// The `result` values of `herald_config_reload_total`: the whole new config is in force; all of it but
+/// what cannot change live (named in the log); or none of it (invalid, the running config stays).
+pub const RELOAD_RESULTS: &[&str] = &["applied", "partial", "rejected"];
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
@@ -91,7 +136,39 @@ fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
 }
 
 impl Metrics {
-    fn new() -> Metrics {
+    /// A fresh registry with every metric; labelled series with bounded, known label values start at 0
+    /// so that dashboards and alerts read 0 rather than "no data" before the first event.
+    pub fn new(listeners: &[&str]) -> Metrics {
+        let m = Metrics::unpopulated();
+        for l in listeners {
+            m.received.with_label_values(&[l]);
+            m.sessions.with_label_values(&[l]);
+        }
+        for r in REJECTION_REASONS {
+            m.rejections.with_label_values(&[r]);
+        }
+        for r in DELIVERY_RESULTS {
+            m.deliveries.with_label_values(&[r]);
+        }
+        for r in RELOAD_RESULTS {
+            m.config_reloads.with_label_values(&[r]);
+        }
+        // The domain label is open-ended; the zero series carry the fold-over value.
+        for class in ["hard", "soft"] {
+            for category in herald_config::Category::ALL {
+                m.bounces
+                    .with_label_values(&[class, category.as_str(), OTHER_DOMAIN]);
+            }
+        }
+        for kind in FEEDBACK_KINDS {
+            for result in FEEDBACK_RESULTS {
+                m.feedback.with_label_values(&[kind, result]);
+            }
+        }
+        m
+    }
+
+    fn unpopulated() -> Metrics {
         let r = Registry::new();
         let latency = Histogram::with_opts(
             HistogramOpts::new(
@@ -180,6 +257,12 @@ impl Metrics {
                 "Feedback-loop complaints (ARF) with a verified return-path token, by feedback type and recipient domain.",
                 &["feedback_type", "domain"],
             ),
+            config_reloads: counter_vec(
+                &r,
+                "herald_config_reload_total",
+                "Config reloads by result: applied (all of it), partial (all but what cannot change live) or rejected (invalid; the running config stays).",
+                &["result"],
+            ),
             domains: Mutex::new(HashSet::new()),
             registry: r,
         }
@@ -195,7 +278,7 @@ impl Metrics {
             known.insert(domain.to_owned());
             return domain.to_owned();
         }
-        "other".to_owned()
+        OTHER_DOMAIN.to_owned()
     }
 
     /// Sets `herald_queue_depth` from per-domain counts: the busiest domains by name, the rest as `other`.
@@ -218,6 +301,11 @@ impl Metrics {
         }
     }
 
+    /// Counts a refused command, message or connection.
+    pub fn rejected(&self, reason: &str) {
+        self.rejections.with_label_values(&[reason]).inc();
+    }
+
     /// The exposition text for `GET /metrics`.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -227,25 +315,41 @@ impl Metrics {
     }
 }
 
-static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
-
-/// The process's metrics.
-pub fn get() -> &'static Metrics {
-    &METRICS
-}
-
-/// Counts a refused command, message or connection.
-pub fn rejected(reason: &'static str) {
-    get().rejections.with_label_values(&[reason]).inc();
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn bounded_labels_start_at_zero() {
+        let text = Metrics::new(&["submission"]).render();
+        for line in [
+            "herald_messages_received_total{listener=\"submission\"} 0",
+            "herald_smtp_sessions{listener=\"submission\"} 0",
+            "herald_smtp_rejections_total{reason=\"relay_denied\"} 0",
+            "herald_deliveries_total{result=\"deferred\"} 0",
+            "herald_config_reload_total{result=\"rejected\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn two_registries_count_apart() {
+        let (a, b) = (Metrics::new(&[]), Metrics::new(&[]));
+        a.rejected("timeout");
+        assert!(
+            a.render()
+                .contains("herald_smtp_rejections_total{reason=\"timeout\"} 1")
+        );
+        assert!(
+            b.render()
+                .contains("herald_smtp_rejections_total{reason=\"timeout\"} 0")
+        );
+    }
+
+    #[test]
     fn domain_labels_are_bounded() {
-        let m = Metrics::new();
+        let m = Metrics::new(&[]);
         for i in 0..MAX_DOMAINS {
             assert_eq!(m.domain_label(&format!("d{i}.test")), format!("d{i}.test"));
         }
@@ -255,7 +359,7 @@ mod tests {
 
     #[test]
     fn queue_depth_folds_the_tail() {
-        let m = Metrics::new();
+        let m = Metrics::new(&[]);
         let counts: Vec<(String, i64)> = (0..60).map(|i| (format!("d{i}.test"), 100 - i)).collect();
         m.set_queue_depth(&counts);
         let text = m.render();

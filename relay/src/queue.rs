@@ -21,13 +21,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::events::{self, Event};
-use crate::metrics;
+use crate::events::Event;
 use crate::outcome::dsn;
 use crate::outcome::suppression::Suppressions;
-use crate::outcome::verp;
-use crate::outcome::{Class, classify};
+use crate::outcome::{Class, Rules};
 use crate::spool::{Location, MessageMeta, QueueId, RcptState, RcptStatus, RcptUpdate, Spool};
+use crate::telemetry::Telemetry;
 use herald_config::{Config, Delivery};
 
 /// How often old spool segments are looked at for reclaiming.
@@ -292,6 +291,8 @@ struct State {
     depth: HashMap<String, i64>,
     /// `log.recipients`: addresses may appear in log lines.
     log_recipients: bool,
+    rules: Arc<Rules>,
+    telemetry: Telemetry,
 }
 
 /// Starts the queue task with the messages loaded from the spool.
@@ -301,6 +302,8 @@ pub fn start(
     suppressions: Arc<Suppressions>,
     loaded: Vec<crate::spool::Loaded>,
     dispatcher: Arc<dyn Dispatcher>,
+    rules: Arc<Rules>,
+    telemetry: Telemetry,
 ) -> QueueHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let handle = QueueHandle { tx };
@@ -333,6 +336,8 @@ pub fn start(
         compacting: false,
         depth: HashMap::new(),
         log_recipients: config.log.recipients,
+        rules,
+        telemetry,
     };
     for l in loaded {
         state.insert(NewEntry {
@@ -564,7 +569,7 @@ impl State {
     }
 
     fn gauges(&self) {
-        let m = metrics::get();
+        let m = &self.telemetry.metrics;
         let counts: Vec<(String, i64)> = self.depth.iter().map(|(d, n)| (d.clone(), *n)).collect();
         m.set_queue_depth(&counts);
         m.queue_messages.set(self.messages.len() as i64);
@@ -620,7 +625,7 @@ impl State {
     ) -> Option<(DestKey, Arc<str>, Option<Arc<str>>)> {
         let domain = domain_of(address).to_ascii_lowercase();
         // Return-path domains: mail to them is for the relay itself and is not delivered by MX.
-        if verp::current().is_local(&domain) {
+        if self.rules.return_paths().is_local(&domain) {
             return None;
         }
         let pool = self
@@ -782,7 +787,8 @@ impl State {
         let Some(e) = self.messages.get_mut(&id) else {
             return;
         };
-        let m = metrics::get();
+        let m = self.telemetry.metrics.clone();
+        let classifier = self.rules.classifier();
         let pending_before = pending_domains(&e.meta.recipients, &e.states);
         let expires_at = e.meta.received_at_ms + max_age;
         let mut updates = Vec::with_capacity(attempt.results.len());
@@ -809,7 +815,7 @@ impl State {
             let rcpt = &e.meta.recipients[i];
             // Classified once here; the suppression decision, the metric and the event share the verdict.
             let verdict = (reply.code >= 400)
-                .then(|| classify(reply.code, reply.enhanced.as_deref(), &reply.text));
+                .then(|| classifier.classify(reply.code, reply.enhanced.as_deref(), &reply.text));
             if reply.code < 400 {
                 st.status = RcptStatus::Delivered;
             } else if reply.code < 500 && now < expires_at {
@@ -895,7 +901,7 @@ impl State {
                     logged.push((result, text, 1))
                 }
             }
-            if events::enabled() {
+            self.telemetry.emit(|| {
                 let mut ev = Event::new(result, id.to_string(), e.meta.sender.clone());
                 ev.recipient = Some(rcpt.clone());
                 ev.domain = Some(domain_of(rcpt).to_ascii_lowercase());
@@ -907,8 +913,8 @@ impl State {
                     ev.class = Some(class.as_str());
                     ev.category = Some(category.as_str());
                 }
-                events::emit(ev);
-            }
+                ev
+            });
             updates.push(RcptUpdate {
                 index: idx,
                 state: *st,
@@ -942,6 +948,7 @@ impl State {
             let list = self.suppressions.clone();
             let sender = meta.sender.clone();
             let log_recipients = self.log_recipients;
+            let telemetry = self.telemetry.clone();
             let log_reason = move |r: &str| {
                 if log_recipients {
                     r.to_owned()
@@ -954,13 +961,13 @@ impl State {
                     match list.add(&addr, &reason) {
                         Ok(()) => {
                             tracing::info!(reason = %log_reason(&reason), "recipient added to the suppression list");
-                            if events::enabled() {
+                            telemetry.emit(|| {
                                 let mut ev =
                                     Event::new("suppressed", id.to_string(), sender.clone());
                                 ev.recipient = Some(addr.clone());
                                 ev.reply = Some(reason.clone());
-                                events::emit(ev);
-                            }
+                                ev
+                            });
                         }
                         Err(e) => tracing::error!(error = %e, "cannot record a suppression"),
                     }
@@ -970,7 +977,7 @@ impl State {
         if !failures.is_empty() {
             if meta.sender.is_empty() {
                 tracing::info!(queue_id = %id, failed = failures.len(), "bounce of a message from the null sender: no DSN");
-            } else if verp::current().is_local(domain_of(&meta.sender)) {
+            } else if self.rules.return_paths().is_local(domain_of(&meta.sender)) {
                 // A DSN to our own return-path domain would come straight back as a report about itself.
                 tracing::info!(queue_id = %id, failed = failures.len(), "bounce of a message from a return-path address: no DSN");
             } else {

@@ -55,6 +55,7 @@ pub struct Deliverer {
     smarthost_password: Option<String>,
     /// Turns true when the relay stops: connections still resolving or connecting give their job back.
     stop: tokio::sync::watch::Sender<bool>,
+    rules: Arc<crate::outcome::Rules>,
 }
 
 impl std::fmt::Debug for Deliverer {
@@ -88,7 +89,11 @@ struct NoSession {
 }
 
 impl Deliverer {
-    pub fn new(config: &Config, spool: Spool) -> Result<Arc<Deliverer>, DeliverError> {
+    pub fn new(
+        config: &Config,
+        spool: Spool,
+        rules: Arc<crate::outcome::Rules>,
+    ) -> Result<Arc<Deliverer>, DeliverError> {
         let nameservers = config
             .delivery
             .dns
@@ -137,6 +142,7 @@ impl Deliverer {
             pools,
             smarthost_password,
             stop: tokio::sync::watch::channel(false).0,
+            rules,
         });
         Ok(d)
     }
@@ -494,7 +500,7 @@ impl Deliverer {
         }
         // With a return path, each recipient gets its own envelope sender (a token naming it), and so its
         // own transaction on this connection; otherwise one transaction carries them all.
-        let rp = crate::outcome::verp::current();
+        let rp = self.rules.return_paths();
         let groups: Vec<(String, Vec<u32>)> = match job
             .rcpts
             .iter()
@@ -602,7 +608,17 @@ pub fn start_queue(
     spool: Spool,
     suppressions: Arc<crate::outcome::suppression::Suppressions>,
     loaded: Vec<crate::spool::Loaded>,
+    rules: Arc<crate::outcome::Rules>,
+    telemetry: crate::telemetry::Telemetry,
 ) -> Result<QueueHandle, DeliverError> {
-    let d = Deliverer::new(config, spool.clone())?;
-    Ok(queue::start(config, spool, suppressions, loaded, d))
+    let d = Deliverer::new(config, spool.clone(), rules.clone())?;
+    Ok(queue::start(
+        config,
+        spool,
+        suppressions,
+        loaded,
+        d,
+        rules,
+        telemetry,
+    ))
 }

@@ -4,9 +4,7 @@
 //! an invalid recipient is suppressed, a reputation block is not the recipient's fault and must never be.
 //! Rules are data, checked in order: the config's `bounces.rules` first, then the built-in table, where the
 //! enhanced status code decides when it is specific and text patterns from the large mailbox providers'
-//! replies refine the rest. The rules in force are swapped whole when the config is reloaded.
-
-use std::sync::{Arc, LazyLock, RwLock};
+//! replies refine the rest. A reload builds a new classifier, which `outcome::Rules` puts in force whole.
 
 use regex::{Regex, RegexBuilder};
 
@@ -271,30 +269,6 @@ impl Classifier {
             );
         (class, category)
     }
-}
-
-static CURRENT: LazyLock<RwLock<Arc<Classifier>>> =
-    LazyLock::new(|| RwLock::new(Arc::new(Classifier::builtin())));
-
-/// Puts a rules table in force for every classification from now on (startup and config reload).
-pub fn install(classifier: Classifier) {
-    let new = Arc::new(classifier);
-    match CURRENT.write() {
-        Ok(mut g) => *g = new,
-        Err(p) => *p.into_inner() = new,
-    }
-}
-
-fn current() -> Arc<Classifier> {
-    match CURRENT.read() {
-        Ok(g) => g.clone(),
-        Err(p) => p.into_inner().clone(),
-    }
-}
-
-/// Classifies a failed delivery with the rules in force.
-pub fn classify(code: u16, enhanced: Option<&str>, text: &str) -> (Class, Category) {
-    current().classify(code, enhanced, text)
 }
 
 #[cfg(test)]

@@ -7,12 +7,12 @@
 //! original message's envelope sender quoted in the report. A token that carries its recipient names it;
 //! one that does not is checked against each address the report gives until one verifies.
 
-use crate::events::{self, Event};
-use crate::metrics;
+use crate::events::Event;
 use crate::outcome::report::{self, Action, Kind, Report};
 use crate::outcome::suppression::Suppressions;
 use crate::outcome::verp::{self, ReturnPaths, Token};
-use crate::outcome::{Category, Class, classify};
+use crate::outcome::{Category, Class, Classifier, Rules};
+use crate::telemetry::Telemetry;
 
 /// Feedback types that are a recipient saying "stop" (RFC 5965 section 7.3); `not-spam` and
 /// `auth-failure` (RFC 6591) are not.
@@ -40,18 +40,24 @@ pub struct Outcome {
 pub fn process(
     raw: &[u8],
     locals: &[String],
-    rp: &ReturnPaths,
+    rules: &Rules,
     suppressions: &Suppressions,
+    telemetry: &Telemetry,
 ) -> Vec<Outcome> {
-    let outcomes = evaluate(raw, locals, rp);
+    let outcomes = evaluate(raw, locals, &rules.return_paths(), &rules.classifier());
     for o in &outcomes {
-        record(o, suppressions);
+        record(o, suppressions, telemetry);
     }
     outcomes
 }
 
 /// Reads a report and decides, per recipient, what it says. No side effects.
-pub fn evaluate(raw: &[u8], locals: &[String], rp: &ReturnPaths) -> Vec<Outcome> {
+pub fn evaluate(
+    raw: &[u8],
+    locals: &[String],
+    rp: &ReturnPaths,
+    classifier: &Classifier,
+) -> Vec<Outcome> {
     let Some(report) = report::parse(raw) else {
         return vec![bare("none", "not-a-report")];
     };
@@ -78,7 +84,7 @@ pub fn evaluate(raw: &[u8], locals: &[String], rp: &ReturnPaths) -> Vec<Outcome>
             None => candidates(&report).find(|c| rp.verify(token, c)),
         };
         match recipient {
-            Some(r) => out.push(judge(&report, token, r)),
+            Some(r) => out.push(judge(&report, token, r, classifier)),
             None => out.push(bare(kind, "forged")),
         }
     }
@@ -110,7 +116,7 @@ fn candidates(report: &Report) -> impl Iterator<Item = String> + '_ {
 }
 
 /// The outcome for a verified recipient.
-fn judge(report: &Report, token: &Token, recipient: String) -> Outcome {
+fn judge(report: &Report, token: &Token, recipient: String, classifier: &Classifier) -> Outcome {
     let mut o = bare(report.kind.as_str(), "other");
     o.queue_id = Some(token.queue_id.to_string());
     if report.kind == Kind::Arf {
@@ -150,7 +156,7 @@ fn judge(report: &Report, token: &Token, recipient: String) -> Outcome {
                 } else {
                     550
                 });
-            let (class, category) = classify(code, enhanced, &status.diagnostic);
+            let (class, category) = classifier.classify(code, enhanced, &status.diagnostic);
             o.result = "bounce";
             o.class = Some(class);
             o.category = Some(category);
@@ -164,8 +170,8 @@ fn judge(report: &Report, token: &Token, recipient: String) -> Outcome {
 }
 
 /// Metrics, events, the log line and the suppression for one outcome.
-fn record(o: &Outcome, suppressions: &Suppressions) {
-    let m = metrics::get();
+fn record(o: &Outcome, suppressions: &Suppressions, telemetry: &Telemetry) {
+    let m = &telemetry.metrics;
     m.feedback.with_label_values(&[o.kind, o.result]).inc();
     let (Some(id), Some(recipient)) = (&o.queue_id, &o.recipient) else {
         tracing::info!(kind = o.kind, result = o.result, "report ignored");
@@ -195,23 +201,23 @@ fn record(o: &Outcome, suppressions: &Suppressions) {
         m.bounces
             .with_label_values(&[class.as_str(), category.as_str(), &m.domain_label(&domain)])
             .inc();
-        if events::enabled() {
+        telemetry.emit(|| {
             let mut ev = event("bounced");
             ev.reply = o.diagnostic.clone();
             ev.class = Some(class.as_str());
             ev.category = Some(category.as_str());
-            events::emit(ev);
-        }
+            ev
+        });
     }
     if let Some(ft) = o.feedback_type {
         m.complaints
             .with_label_values(&[ft, &m.domain_label(&domain)])
             .inc();
-        if events::enabled() {
+        telemetry.emit(|| {
             let mut ev = event("complained");
             ev.feedback_type = Some(ft.to_owned());
-            events::emit(ev);
-        }
+            ev
+        });
     }
     if !o.suppress {
         return;
@@ -223,11 +229,11 @@ fn record(o: &Outcome, suppressions: &Suppressions) {
     match suppressions.add(recipient, &reason) {
         Ok(()) => {
             m.suppressions.set(suppressions.len() as i64);
-            if events::enabled() {
+            telemetry.emit(|| {
                 let mut ev = event("suppressed");
                 ev.reply = Some(reason);
-                events::emit(ev);
-            }
+                ev
+            });
         }
         Err(e) => tracing::error!(error = %e, "cannot record a suppression"),
     }
@@ -273,16 +279,21 @@ Diagnostic-Code: smtp; {diagnostic}\r\n\
                 .unwrap(),
         );
         let raw = dsn(rcpt, "5.1.1", "550 5.1.1 user unknown");
-        let [o] = evaluate(raw.as_bytes(), std::slice::from_ref(&token), &rp)
-            .try_into()
-            .unwrap();
+        let [o] = evaluate(
+            raw.as_bytes(),
+            std::slice::from_ref(&token),
+            &rp,
+            &Classifier::builtin(),
+        )
+        .try_into()
+        .unwrap();
         assert_eq!(o.result, "bounce");
         assert_eq!(o.recipient.as_deref(), Some(rcpt));
         assert_eq!(o.category, Some(Category::InvalidRecipient));
         assert!(o.suppress);
 
         let forged = dsn("victim@example.net", "5.1.1", "550 5.1.1 user unknown");
-        let [o] = evaluate(forged.as_bytes(), &[token], &rp)
+        let [o] = evaluate(forged.as_bytes(), &[token], &rp, &Classifier::builtin())
             .try_into()
             .unwrap();
         assert_eq!((o.result, o.suppress), ("forged", false));
@@ -300,7 +311,9 @@ Diagnostic-Code: smtp; {diagnostic}\r\n\
             "5.7.1",
             "550 5.7.1 Service unavailable; client host blocked using Spamhaus",
         );
-        let [o] = evaluate(raw.as_bytes(), &[token], &rp).try_into().unwrap();
+        let [o] = evaluate(raw.as_bytes(), &[token], &rp, &Classifier::builtin())
+            .try_into()
+            .unwrap();
         assert_eq!(o.result, "bounce");
         assert_eq!(o.category, Some(Category::ReputationBlock));
         assert!(!o.suppress);
@@ -309,9 +322,14 @@ Diagnostic-Code: smtp; {diagnostic}\r\n\
     #[test]
     fn a_report_without_a_token_is_unverified() {
         let raw = dsn("u@d.test", "5.1.1", "550 5.1.1 user unknown");
-        let [o] = evaluate(raw.as_bytes(), &["postmaster".to_owned()], &paths())
-            .try_into()
-            .unwrap();
+        let [o] = evaluate(
+            raw.as_bytes(),
+            &["postmaster".to_owned()],
+            &paths(),
+            &Classifier::builtin(),
+        )
+        .try_into()
+        .unwrap();
         assert_eq!((o.kind, o.result), ("dsn", "unverified"));
     }
 }

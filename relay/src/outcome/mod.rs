@@ -14,5 +14,50 @@ pub mod report;
 pub mod suppression;
 pub mod verp;
 
-pub use classify::{Class, Classifier, classify};
+pub use classify::{Class, Classifier};
 pub use herald_config::{Category, StatusPattern};
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use verp::ReturnPaths;
+
+/// The return paths and the classification rules in force in one relay. A reload replaces each whole;
+/// a decision takes one snapshot, so it never sees half of an old table and half of a new one.
+#[derive(Debug)]
+pub struct Rules {
+    return_paths: ArcSwap<ReturnPaths>,
+    classifier: ArcSwap<Classifier>,
+}
+
+impl Rules {
+    pub fn new(return_paths: Arc<ReturnPaths>, classifier: Arc<Classifier>) -> Rules {
+        Rules {
+            return_paths: ArcSwap::new(return_paths),
+            classifier: ArcSwap::new(classifier),
+        }
+    }
+
+    /// No return paths and the built-in rules: unit tests.
+    pub fn builtin() -> Rules {
+        Rules::new(
+            Arc::new(ReturnPaths::default()),
+            Arc::new(Classifier::builtin()),
+        )
+    }
+
+    pub fn return_paths(&self) -> Arc<ReturnPaths> {
+        self.return_paths.load_full()
+    }
+
+    pub fn classifier(&self) -> Arc<Classifier> {
+        self.classifier.load_full()
+    }
+
+    /// Puts new return paths and rules in force (startup and reload).
+    pub fn set(&self, return_paths: Arc<ReturnPaths>, classifier: Arc<Classifier>) {
+        self.return_paths.store(return_paths);
+        self.classifier.store(classifier);
+    }
+}

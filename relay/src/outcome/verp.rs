@@ -11,7 +11,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, LazyLock, RwLock};
 
 use hmac::{KeyInit, Mac};
 use sha2::Sha256;
@@ -235,25 +234,6 @@ fn read_keys(path: &PathBuf) -> Result<Vec<Vec<u8>>, VerpError> {
         return Err(VerpError::Empty { path: path.clone() });
     }
     Ok(keys)
-}
-
-static CURRENT: LazyLock<RwLock<Arc<ReturnPaths>>> =
-    LazyLock::new(|| RwLock::new(Arc::new(ReturnPaths::default())));
-
-/// Puts return paths in force for outgoing mail (startup and config reload).
-pub fn install(rp: Arc<ReturnPaths>) {
-    match CURRENT.write() {
-        Ok(mut g) => *g = rp,
-        Err(p) => *p.into_inner() = rp,
-    }
-}
-
-/// The return paths in force.
-pub fn current() -> Arc<ReturnPaths> {
-    match CURRENT.read() {
-        Ok(g) => g.clone(),
-        Err(p) => p.into_inner().clone(),
-    }
 }
 
 #[cfg(test)]

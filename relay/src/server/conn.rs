@@ -81,7 +81,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         start += used;
         match action {
             Action::NeedInput => {
-                flush(stream, session).await?;
+                flush(stream, session, ctx).await?;
                 if *shutdown.borrow() && session.is_idle() {
                     session.shutting_down();
                     continue;
@@ -106,7 +106,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             Action::StartTls => {
-                flush(stream, session).await?;
+                flush(stream, session, ctx).await?;
                 // RFC 3207 section 4.2: anything the client pipelined after STARTTLS is discarded.
                 return Ok(Exit::StartTls);
             }
@@ -129,14 +129,21 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 session.message_result(reply);
             }
             Action::Close => {
-                flush(stream, session).await?;
+                flush(stream, session, ctx).await?;
                 return Ok(Exit::Close);
             }
         }
     }
 }
 
-async fn flush<S: AsyncWrite + Unpin>(stream: &mut S, session: &mut Session) -> io::Result<()> {
+async fn flush<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    session: &mut Session,
+    ctx: &ListenerContext,
+) -> io::Result<()> {
+    for reason in session.take_rejections() {
+        ctx.telemetry.metrics.rejected(reason);
+    }
     let out = session.output();
     if !out.is_empty() {
         stream.write_all(out).await?;
@@ -154,11 +161,12 @@ async fn accept(ctx: &ListenerContext, cfg: &SessionConfig, mut env: Envelope) -
     env.recipients = others;
     if !reports.is_empty() {
         let locals: Vec<String> = reports.into_iter().map(|r| r.local).collect();
-        let rp = cfg.policy.return_paths().clone();
+        let rules = ctx.rules.clone();
         let list = cfg.suppressions.clone();
+        let telemetry = ctx.telemetry.clone();
         let body = std::mem::take(&mut env.body);
         let done = tokio::task::spawn_blocking(move || {
-            crate::outcome::feedback::process(&body, &locals, &rp, &list);
+            crate::outcome::feedback::process(&body, &locals, &rules, &list, &telemetry);
             body
         })
         .await;
@@ -170,7 +178,8 @@ async fn accept(ctx: &ListenerContext, cfg: &SessionConfig, mut env: Envelope) -
             }
         }
         if env.recipients.is_empty() {
-            crate::metrics::get()
+            ctx.telemetry
+                .metrics
                 .received
                 .with_label_values(&[cfg.listener.as_str()])
                 .inc();
@@ -239,15 +248,16 @@ async fn accept(ctx: &ListenerContext, cfg: &SessionConfig, mut env: Envelope) -
                 "accepted"
             );
             let states = vec![crate::spool::RcptState::QUEUED; meta.recipients.len()];
-            if crate::events::enabled() {
+            ctx.telemetry.emit(|| {
                 let mut ev =
                     crate::events::Event::new("accepted", id.to_string(), meta.sender.clone());
                 ev.recipients = Some(meta.recipients.len());
                 ev.listener = Some(cfg.listener.clone());
                 ev.size = Some(location.len);
-                crate::events::emit(ev);
-            }
-            crate::metrics::get()
+                ev
+            });
+            ctx.telemetry
+                .metrics
                 .received
                 .with_label_values(&[cfg.listener.as_str()])
                 .inc();

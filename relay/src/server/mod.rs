@@ -19,13 +19,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::dkim::Signers;
-use crate::metrics;
+use crate::outcome::Rules;
 use crate::outcome::suppression::Suppressions;
 use crate::outcome::verp::ReturnPaths;
 use crate::policy::Policy;
 use crate::queue::QueueHandle;
 use crate::smtp::SessionConfig;
 use crate::spool::Spool;
+use crate::telemetry::Telemetry;
 use herald_config::{AuthMode, Config, Listener, TlsMode};
 use tls::TlsStore;
 
@@ -131,6 +132,8 @@ pub struct ListenerContext {
     pub spool: Spool,
     pub queue: QueueHandle,
     pub limits: Arc<ConnectionLimits>,
+    pub rules: Arc<Rules>,
+    pub telemetry: Telemetry,
 }
 
 impl ListenerContext {
@@ -161,6 +164,8 @@ pub struct Shared {
     pub suppressions: Arc<Suppressions>,
     pub signers: Arc<Signers>,
     pub limits: Arc<ConnectionLimits>,
+    pub rules: Arc<Rules>,
+    pub telemetry: Telemetry,
 }
 
 /// Binds every listener of the config; nothing is served until [`serve`] runs them.
@@ -225,6 +230,8 @@ fn context(config: &Config, l: &Listener, shared: &Shared) -> Result<ListenerCon
         spool: shared.spool.clone(),
         queue: shared.queue.clone(),
         limits: shared.limits.clone(),
+        rules: shared.rules.clone(),
+        telemetry: shared.telemetry.clone(),
     })
 }
 
@@ -304,7 +311,7 @@ async fn connection(
     let trusted = !settings.allow_networks.is_empty();
     if trusted && !settings.allow_networks.iter().any(|n| n.contains(&ip)) {
         tracing::info!(%listener, client = %ip, "refused: client not in allow_networks");
-        metrics::rejected("network_denied");
+        ctx.telemetry.metrics.rejected("network_denied");
         if ctx.tls_mode != TlsMode::Implicit {
             let msg = format!("554 5.7.1 {ip} is not allowed to use this service\r\n");
             let _ = tcp.write_all(msg.as_bytes()).await;
@@ -313,7 +320,7 @@ async fn connection(
     }
     let Some(_slot) = ctx.limits.acquire(ip) else {
         tracing::info!(%listener, client = %ip, "refused: too many connections");
-        metrics::rejected("connection_limit");
+        ctx.telemetry.metrics.rejected("connection_limit");
         if ctx.tls_mode != TlsMode::Implicit {
             let _ = tcp
                 .write_all(b"421 4.7.0 Too many connections, try again later\r\n")
@@ -321,7 +328,9 @@ async fn connection(
         }
         return;
     };
-    let sessions = metrics::get()
+    let sessions = ctx
+        .telemetry
+        .metrics
         .sessions
         .with_label_values(&[listener.as_str()]);
     sessions.inc();

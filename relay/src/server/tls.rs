@@ -58,6 +58,8 @@ impl ResolvesServerCert for Resolver {
 /// The listeners' TLS acceptor and the files behind it.
 pub struct TlsStore {
     files: TlsFiles,
+    /// `herald_tls_certificate_expiry_timestamp_seconds` of the relay that serves these files.
+    expiry: prometheus::IntGauge,
     provider: Arc<CryptoProvider>,
     resolver: Arc<Resolver>,
     acceptor: TlsAcceptor,
@@ -72,9 +74,10 @@ impl std::fmt::Debug for TlsStore {
 }
 
 impl TlsStore {
-    pub fn load(files: &TlsFiles) -> Result<TlsStore, TlsError> {
+    pub fn load(files: &TlsFiles, expiry: prometheus::IntGauge) -> Result<TlsStore, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let key = load_pair(files, &provider)?;
+        let (key, not_after) = load_pair(files, &provider)?;
+        expiry.set(not_after);
         let resolver = Arc::new(Resolver {
             current: RwLock::new(Arc::new(key)),
         });
@@ -85,6 +88,7 @@ impl TlsStore {
             .with_cert_resolver(resolver.clone());
         Ok(TlsStore {
             files: files.clone(),
+            expiry,
             provider,
             resolver,
             acceptor: TlsAcceptor::from(Arc::new(config)),
@@ -97,7 +101,9 @@ impl TlsStore {
 
     /// Loads the files again and, if they are good, serves them from the next handshake on.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let key = Arc::new(load_pair(&self.files, &self.provider)?);
+        let (key, not_after) = load_pair(&self.files, &self.provider)?;
+        let key = Arc::new(key);
+        self.expiry.set(not_after);
         match self.resolver.current.write() {
             Ok(mut g) => *g = key,
             Err(p) => *p.into_inner() = key,
@@ -139,7 +145,8 @@ impl TlsStore {
     }
 }
 
-fn load_pair(files: &TlsFiles, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {
+/// The key pair and the leaf's notAfter (Unix seconds).
+fn load_pair(files: &TlsFiles, provider: &CryptoProvider) -> Result<(CertifiedKey, i64), TlsError> {
     let read = |path: &Path| {
         std::fs::read(path).map_err(|source| TlsError::Read {
             path: path.to_owned(),
@@ -179,8 +186,7 @@ fn load_pair(files: &TlsFiles, provider: &CryptoProvider) -> Result<CertifiedKey
         path: files.key_file.clone(),
         source,
     })?;
-    crate::metrics::get().tls_expiry.set(not_after);
-    Ok(pair)
+    Ok((pair, not_after))
 }
 
 /// The leaf certificate's notAfter as Unix seconds, for the expiry metric that alerts before clients fail.

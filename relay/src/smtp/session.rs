@@ -117,6 +117,9 @@ pub struct Session {
     /// Inside a command line too long to buffer; its bytes are dropped until its end.
     skipping_line: bool,
     closing: bool,
+    /// Why each refusal since the driver last looked was sent: the `reason` label of
+    /// `herald_smtp_rejections_total`, counted by the driver.
+    rejections: Vec<&'static str>,
 }
 
 impl Session {
@@ -142,10 +145,16 @@ impl Session {
             errors: 0,
             skipping_line: false,
             closing: false,
+            rejections: Vec::new(),
         };
         let greeting = format!("220 {} ESMTP Herald\r\n", s.config.hostname);
         s.out.extend_from_slice(greeting.as_bytes());
         s
+    }
+
+    /// The reasons of the refusals sent since the last call, for the driver to count.
+    pub fn take_rejections(&mut self) -> Vec<&'static str> {
+        std::mem::take(&mut self.rejections)
     }
 
     /// Replies waiting to be written. The driver writes them and clears the buffer.
@@ -302,15 +311,24 @@ impl Session {
     }
 
     fn reply(&mut self, r: &Reply) {
+        self.reply_as(r, rejection_reason(r));
+    }
+
+    /// A reply whose refusal, if it is one, is counted under `reason`.
+    fn reply_as(&mut self, r: &Reply, reason: &'static str) {
         if r.code >= 400 {
-            crate::metrics::rejected(rejection_reason(r));
+            self.rejections.push(reason);
         }
         r.write_to(&mut self.out);
     }
 
     /// Sends an error reply that counts towards the bad-command limit.
     fn error(&mut self, r: &Reply) {
-        self.reply(r);
+        self.error_as(r, rejection_reason(r));
+    }
+
+    fn error_as(&mut self, r: &Reply, reason: &'static str) {
+        self.reply_as(r, reason);
         self.errors += 1;
         if self.errors >= self.config.limits.max_errors {
             self.reply(&reply::TOO_MANY_ERRORS);
@@ -541,11 +559,11 @@ impl Session {
         }
         if local && !self.config.policy.accepts_local(&to.local) {
             // Only tokens and the feedback mailboxes exist here; anything else is a guess or a forgery.
-            self.error(&Reply::with_text(
-                550,
-                "5.1.1",
-                format!("<{to}>: no such mailbox"),
-            ));
+            // Counted apart from suppressed recipients, which share the reply code.
+            self.error_as(
+                &Reply::with_text(550, "5.1.1", format!("<{to}>: no such mailbox")),
+                "unknown_recipient",
+            );
             return;
         }
         if !local && !self.trusted && self.user.is_none() {
