@@ -1,5 +1,9 @@
 """The examples' mail path, run for real on loopback (test_operator.py applies the same files to an API server).
 
+- The top README's first-use flow with examples/local/relay.yaml, command for command: an aiosmtpd sink,
+  the relay with that config (only its ports and spool moved to the test's), swaks, curl of /queue and
+  /metrics; then the sink stopped, a message deferred, the sink back and `POST /queue/flush`. The sink must
+  print both messages.
 - app-deployment.yaml: its container's program, with its environment, submits through a relay that has the
   SmtpRelay example's submission listener (STARTTLS, AUTH) and user, and the password of app-password.yaml.
 - sidecar.yaml: its relay config passes `check-config` as it is; then, with only addresses and paths moved
@@ -14,13 +18,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import signal
 import subprocess
 
 import pytest
 import yaml
 
 from harness.outbound import wait_until
+from harness.peers import wait_listening
 from harness.relay import REPO, addr, free_port, hash_password, run_cli, split_addr
+from harness.tools import require, swaks_queue_id
 
 EXAMPLES = REPO / "examples"
 
@@ -132,3 +141,130 @@ def test_the_sidecar_relay_hands_the_apps_mail_to_the_relay_service(relay_servic
     assert got and got[0]["listener"] == "submission", (
         f"the relay Service never got the message: {got}\nsidecar:\n{side.log_tail(40)}\nrelay:\n{relay_service.log_tail(20)}")
     assert wait_until(lambda: not queued_from(side, "app@example.com"), timeout=30, step=0.2), "still queued in the sidecar"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The README's first-use flow: examples/local/relay.yaml and a sink on this machine
+
+# The commands as the top README prints them; the test runs each with the addresses moved to free ports.
+README_SINK = "python3 -m aiosmtpd -n -c aiosmtpd.handlers.Debugging -l 127.0.0.1:2526"
+README_RELAY = "cargo run -p herald-relay -- --config examples/local/relay.yaml"
+README_SEND = "swaks --server 127.0.0.1:2525 --from app@example.test --to someone@example.net"
+README_QUEUE = "curl -s 127.0.0.1:9090/queue"
+README_METRICS = "curl -s 127.0.0.1:9090/metrics | grep herald_deliveries_total"
+README_FLUSH = "curl -s -X POST 127.0.0.1:9090/queue/flush"
+LOCAL_CONFIG = EXAMPLES / "local" / "relay.yaml"
+
+
+class Sink:
+    """The README's sink command, run as printed (on another port) with its output in a file; stopped by PID
+    with SIGINT, as Ctrl-C stops it in a terminal."""
+
+    def __init__(self, command: str, log):
+        self.command, self.log = command, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Sink":
+        host, port = split_addr(shlex.split(self.command)[-1])
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(shlex.split(self.command), stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                         start_new_session=True)
+        wait_listening(host, port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def messages(self) -> list[str]:
+        text = self.log.read_text(errors="replace")
+        return re.findall(r"-+ MESSAGE FOLLOWS -+\n(.*?)\n-+ END MESSAGE -+", text, re.S)
+
+
+@pytest.fixture
+def sinks(tmp_path):
+    started: list[Sink] = []
+
+    def start(command: str) -> Sink:
+        s = Sink(command, tmp_path / "sink.log").start()
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def moved(command: str, ports: dict[str, str]) -> list[str]:
+    for old, new in ports.items():
+        command = command.replace(old, new)
+    return shlex.split(command)
+
+
+def run(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+                          start_new_session=True)
+
+
+def test_the_readme_first_use_flow_ends_in_a_delivered_message_the_sink_prints(relays, sinks, tmp_path):
+    readme = (REPO / "README.md").read_text()
+    for command in (README_SINK, README_RELAY, README_SEND, README_QUEUE, README_METRICS, README_FLUSH):
+        assert command in readme, f"the README no longer runs {command!r}: update it and this test together"
+    for tool in ("swaks", "curl"):
+        require(tool)
+
+    # The example config as it is, but for the addresses and the spool: free ports, the test's directory.
+    cfg = yaml.safe_load(LOCAL_CONFIG.read_text())
+    assert run_cli("check-config", "--config", str(LOCAL_CONFIG)).returncode == 0
+    smtp, admin, sink = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    ports = {"127.0.0.1:2525": smtp, "127.0.0.1:9090": admin, "127.0.0.1:2526": sink}
+    assert [l["address"] for l in cfg["listeners"]] == ["127.0.0.1:2525"] and cfg["admin"]["address"] == "127.0.0.1:9090"
+    assert cfg["delivery"]["smarthost"] == {"host": "127.0.0.1", "port": 2526, "tls": "none"}, cfg["delivery"]
+    cfg["listeners"][0]["address"] = smtp
+    cfg["admin"]["address"] = admin
+    cfg["delivery"]["smarthost"]["port"] = split_addr(sink)[1]
+    cfg["spool_dir"] = str(tmp_path / "herald-spool")
+    out = sinks(README_SINK.replace("127.0.0.1:2526", sink))
+    relay = relays.start("local", config=cfg)
+
+    # swaks to the relay; the sink prints the message.
+    sent = run(moved(README_SEND, ports))
+    qid = swaks_queue_id(sent)
+    assert sent.returncode == 0 and qid, f"swaks:\n{sent.stdout}{sent.stderr}"
+    got = wait_until(lambda: [m for m in out.messages() if f"id {qid}" in m], timeout=30, step=0.1)
+    assert got, f"the sink never printed message {qid}:\n{out.log.read_text()}\n{relay.log_tail(30)}"
+    assert "From: app@example.test" in got[0] and "To: someone@example.net" in got[0], got[0]
+
+    # Nothing left in the queue; one delivery in the metrics.
+    queue = json.loads(run(moved(README_QUEUE, ports)).stdout)
+    assert queue == {"total": 0, "messages": []}, queue
+    metrics = run(["bash", "-c", README_METRICS.replace("127.0.0.1:9090", admin)]).stdout
+    assert 'herald_deliveries_total{result="delivered"} 1' in metrics, metrics
+
+    # The sink stopped (Ctrl-C): the next message waits in the queue, deferred, and says why.
+    out.stop()
+    sent = run(moved(README_SEND, ports))
+    qid = swaks_queue_id(sent)
+    assert sent.returncode == 0 and qid, f"swaks:\n{sent.stdout}{sent.stderr}"
+
+    def deferred():
+        q = json.loads(run(moved(README_QUEUE, ports)).stdout)
+        return [m for m in q["messages"] if m["id"] == qid and m["status"][0]["state"] == "deferred"]
+
+    waiting = wait_until(deferred, timeout=30, step=0.2)
+    assert waiting, f"message {qid} was not deferred:\n{relay.log_tail(30)}"
+    assert "Connection refused" in waiting[0]["status"][0]["last_reply"], waiting
+
+    # The sink back and the queue flushed: the message arrives now, not at its next attempt a minute away.
+    out.start()
+    flushed = run(moved(README_FLUSH, ports))
+    assert json.loads(flushed.stdout) == {"flushed": "all"}, flushed.stdout
+    got = wait_until(lambda: [m for m in out.messages() if f"id {qid}" in m], timeout=30, step=0.1)
+    assert got, f"the flushed message {qid} never reached the sink:\n{out.log.read_text()}\n{relay.log_tail(30)}"
+    assert wait_until(lambda: json.loads(run(moved(README_QUEUE, ports)).stdout)["total"] == 0, timeout=30, step=0.2)
