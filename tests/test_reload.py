@@ -1,12 +1,20 @@
-"""Config reload: SIGHUP, or a change of the file, applies a new config to new sessions without dropping the
-ones in flight; a bad new config is refused and the running one stays in force."""
+"""Config reload: SIGHUP, or a change of the file, applies a new config to every part of the running relay
+(sessions, queue, delivery) without dropping the sessions in flight; what cannot change live (a listener's
+address, the spool) is reported and left as it runs; a bad new config is refused and the running one stays
+in force. Each reload is counted in herald_config_reload_total{result}."""
 
 from __future__ import annotations
 
 import signal
 import time
 
+from harness.outbound import FOREIGN, flush, send, start_outbound, wait_gone, wait_state
+from harness.prometheus import scrape
+from harness.relay import HOSTNAME
 from harness.smtp import SmtpConn, make_message
+
+SOURCE = "127.0.0.9"  # a source address the reload adds through ip_pools
+SMARTHOST = "127.0.0.10"  # a smarthost the reload adds
 
 
 def wait_until(check, attempts: int = 100, pause: float = 0.1):
@@ -72,3 +80,102 @@ def test_a_bad_config_on_reload_is_refused_and_the_old_one_stays(relays):
     assert rcpt_limit_reply(r, 2).startswith("452 4.5.3")
     status, _ = r.http_get("/readyz")
     assert status == 200
+    assert reloads(r) == {"applied": 0, "partial": 0, "rejected": 1}
+
+
+def reloads(relay) -> dict[str, float]:
+    exp = scrape(relay)
+    return {k: exp.get("herald_config_reload_total", result=k) for k in ("applied", "partial", "rejected")}
+
+
+def reload(relay, before: int) -> None:
+    """Writes relay.config and sends SIGHUP; waits for the reload after the `before`-th."""
+    relay.write_config()
+    relay.proc.send_signal(signal.SIGHUP)
+    ok = wait_until(lambda: relay.log_text().count("config reloaded") > before, attempts=150)
+    assert ok, relay.log_tail(30)
+
+
+def test_a_reload_reaches_delivery_ehlo_name_source_address_and_connection_cap(relays, dns, peers):
+    peer = peers.aio(FOREIGN, data_delay=0.3)
+    dns.route("foreign.test", FOREIGN)
+    r = start_outbound(relays, dns, peers,
+                       delivery={"per_domain": {"max_connections": 1, "messages_per_connection": 1}})
+    before = [send(r, [f"b{i}@foreign.test"], f"before{i}", sender="a@example.test") for i in range(3)]
+    for qid, _, _ in before:
+        wait_gone(r, qid)
+    first = peer.with_marker(before[0][1])[0]
+    assert first.helo == HOSTNAME and first.client[0] != SOURCE, (first.helo, first.client)
+    assert peer.max_concurrent == 1, peer.max_concurrent
+
+    # A session opened before the reload, in the middle of nothing, outlives it.
+    host, port = r.listener("trusted")
+    early = SmtpConn(host, port)
+    early.greeting()
+    early.ehlo()
+
+    r.config["hostname"] = "renamed.example.test"
+    r.config["ip_pools"] = [{"name": "pool9", "sources": [{"address": SOURCE, "ehlo": "out9.example.test"}]}]
+    for d in r.config["domains"]:
+        if d["name"] == "example.test":
+            d["ip_pool"] = "pool9"
+    r.config["delivery"]["per_domain"] = {"max_connections": 3, "messages_per_connection": 1}
+    reload(r, 0)
+    assert reloads(r) == {"applied": 1, "partial": 0, "rejected": 0}
+
+    pooled, marker_pooled, _ = send(r, ["p@foreign.test"], "pooled", sender="a@example.test")
+    plain, marker_plain, _ = send(r, ["q@foreign.test"], "plain", sender="a@other.test")
+    wait_gone(r, pooled)
+    wait_gone(r, plain)
+    [tp] = peer.with_marker(marker_pooled)
+    assert (tp.client[0], tp.helo) == (SOURCE, "out9.example.test"), (tp.client, tp.helo)
+    [tn] = peer.with_marker(marker_plain)
+    assert tn.client[0] != SOURCE and tn.helo == "renamed.example.test", (tn.client, tn.helo)
+
+    # The cap went from 1 to 3: a backlog of six now goes out over more than one connection, never four.
+    dns.servfail("foreign.test")
+    backlog = [send(r, [f"c{i}@foreign.test"], f"cap{i}", sender="a@other.test") for i in range(6)]
+    for i, (qid, _, _) in enumerate(backlog):
+        wait_state(r, qid, {f"c{i}@foreign.test": "deferred"})
+    dns.heal("foreign.test")
+    peer.max_concurrent = 0
+    flush(r)
+    for qid, _, _ in backlog:
+        wait_gone(r, qid, timeout=60)
+    assert 1 < peer.max_concurrent <= 3, f"{peer.max_concurrent} connections at once after the cap became 3"
+
+    with early:
+        end = early.transaction("a@example.test", ["x@foreign.test"], make_message("early session"))
+        assert end.queue_id, end
+        wait_gone(r, end.queue_id)
+
+
+def test_a_reload_can_switch_delivery_to_a_smarthost(relays, dns, peers):
+    mx = peers.aio(FOREIGN, "mx")
+    relay_host = peers.aio(SMARTHOST, "smarthost")
+    dns.route("foreign.test", FOREIGN)
+    r = start_outbound(relays, dns, peers)
+    qid, marker, _ = send(r, ["a@foreign.test"], "direct")
+    wait_gone(r, qid)
+    assert mx.with_marker(marker) and not relay_host.with_marker(marker)
+    r.config["delivery"]["smarthost"] = {"host": SMARTHOST, "port": peers.port, "tls": "none"}
+    reload(r, 0)
+    qid, marker, _ = send(r, ["b@foreign.test"], "via-smarthost")
+    wait_gone(r, qid)
+    assert relay_host.with_marker(marker) and not mx.with_marker(marker)
+
+
+def test_a_listener_address_cannot_change_live_and_the_rest_still_applies(relays):
+    r = relays.start("partial", limits={"max_recipients": 2})
+    trusted = next(lst for lst in r.config["listeners"] if lst["name"] == "trusted")
+    served = trusted["address"]
+    host, port = r.listener("trusted")
+    trusted["address"] = f"{host}:{port + 1}" if ":" not in host else f"[{host}]:{port + 1}"
+    r.config["limits"] = {"max_recipients": 4}
+    reload(r, 0)
+    assert "cannot change while running" in r.log_text(), r.log_tail(20)
+    assert reloads(r) == {"applied": 0, "partial": 1, "rejected": 0}
+    # The old address still serves, with the new limit.
+    trusted["address"] = served
+    assert rcpt_limit_reply(r, 4).startswith("452 4.5.3")
+    assert rcpt_limit_reply(r, 3).startswith("250 2.1.5")

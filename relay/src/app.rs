@@ -10,7 +10,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::admin::{self, AdminState};
-use crate::deliver;
+use crate::deliver::{self, Deliverer};
 use crate::dkim::Signers;
 use crate::events;
 use crate::metrics::Metrics;
@@ -18,7 +18,7 @@ use crate::outcome::suppression::Suppressions;
 use crate::outcome::verp::{self, ReturnPaths};
 use crate::outcome::{Classifier, Rules, classify};
 use crate::policy::Policy;
-use crate::queue::QueueHandle;
+use crate::queue::{self, QueueHandle};
 use crate::server::{self, ConnectionLimits, Shared, tls::TlsStore};
 use crate::spool::Spool;
 use crate::telemetry::Telemetry;
@@ -64,6 +64,7 @@ pub enum RunError {
 pub struct Relay {
     spool: Spool,
     queue: QueueHandle,
+    deliverer: Arc<Deliverer>,
     shared: Shared,
     contexts: Vec<Arc<server::ListenerContext>>,
     listening: Vec<(String, SocketAddr)>,
@@ -101,7 +102,7 @@ impl Relay {
             tokio::task::spawn_blocking(move || load_bounces(&c)).await??
         };
         let rules = Arc::new(Rules::new(return_paths.clone(), classifier));
-        let queue = deliver::start_queue(
+        let (queue, deliverer) = deliver::start_queue(
             &config,
             spool.clone(),
             suppressions.clone(),
@@ -178,6 +179,7 @@ impl Relay {
         Ok(Relay {
             spool,
             queue,
+            deliverer,
             shared,
             contexts,
             listening,
@@ -210,9 +212,12 @@ impl Relay {
     /// Reloads the config file: always when `forced` (SIGHUP), otherwise only when it or a key file it
     /// names changed.
     pub async fn reload(&mut self, forced: bool) {
-        self.reloader
-            .reload(&self.contexts, &self.shared, forced)
-            .await;
+        let live = Live {
+            contexts: &self.contexts,
+            shared: &self.shared,
+            deliverer: &self.deliverer,
+        };
+        self.reloader.reload(live, forced).await;
     }
 
     /// Stops accepting, lets sessions in flight finish (up to the grace period), lets deliveries in flight
@@ -293,16 +298,22 @@ impl Reloader {
         if let Some(f) = &self.current.bounces.secret_file {
             all.extend(tokio::fs::read(f).await.unwrap_or_default());
         }
+        if let Some(f) = self
+            .current
+            .delivery
+            .smarthost
+            .as_ref()
+            .and_then(|s| s.password_file.as_ref())
+        {
+            all.extend(tokio::fs::read(f).await.unwrap_or_default());
+        }
         Some(all)
     }
 
-    /// On SIGHUP (`forced`) always reloads; otherwise only when the file's content changed.
-    async fn reload(
-        &mut self,
-        contexts: &[Arc<server::ListenerContext>],
-        shared: &Shared,
-        forced: bool,
-    ) {
+    /// On SIGHUP (`forced`) always reloads; otherwise only when the file's content changed. A valid new
+    /// config reaches every part of the running relay (listeners, policy, DKIM, rules, queue, delivery);
+    /// what cannot change without new sockets or a new spool is named in the log and left as it is.
+    async fn reload(&mut self, relay: Live<'_>, forced: bool) {
         let Some(path) = self.path.clone() else {
             if forced {
                 tracing::info!("SIGHUP: running on the embedded default config; nothing to reload");
@@ -314,7 +325,38 @@ impl Reloader {
             return;
         }
         self.seen = content;
-        if let Some(t) = &shared.tls {
+        let reloads = &relay.shared.telemetry.metrics.config_reloads;
+        // Everything that can fail is loaded first; nothing changes unless all of it loads.
+        let Some(new) = reload_step(move || Config::load(&path)).await else {
+            reloads.with_label_values(&["rejected"]).inc();
+            return;
+        };
+        // Even an unchanged config reloads: the change that brought us here may be a key file's.
+        let c = new.clone();
+        let Some(signers) = reload_step(move || Signers::load(&c)).await.map(Arc::new) else {
+            reloads.with_label_values(&["rejected"]).inc();
+            return;
+        };
+        let c = new.clone();
+        let Some((return_paths, classifier)) = reload_step(move || load_bounces(&c)).await else {
+            reloads.with_label_values(&["rejected"]).inc();
+            return;
+        };
+        let outbound_changed = new.delivery != self.current.delivery
+            || new.ip_pools != self.current.ip_pools
+            || new.hostname != self.current.hostname
+            || forced;
+        if outbound_changed {
+            let (c, deliverer) = (new.clone(), relay.deliverer.clone());
+            if reload_step(move || deliverer.reconfigure(&c))
+                .await
+                .is_none()
+            {
+                reloads.with_label_values(&["rejected"]).inc();
+                return;
+            }
+        }
+        if let Some(t) = &relay.shared.tls {
             let t = t.clone();
             match tokio::task::spawn_blocking(move || t.reload()).await {
                 Ok(Ok(())) => tracing::info!("TLS certificate reloaded"),
@@ -324,39 +366,51 @@ impl Reloader {
                 Err(e) => tracing::error!(error = %e, "TLS reload task failed"),
             }
         }
-        let Some(new) = reload_step(move || Config::load(&path)).await else {
-            return;
-        };
-        // Even an unchanged config reloads: the change that brought us here may be a key file's.
-        let c = new.clone();
-        let Some(signers) = reload_step(move || Signers::load(&c)).await.map(Arc::new) else {
-            return;
-        };
-        let c = new.clone();
-        let Some((return_paths, classifier)) = reload_step(move || load_bounces(&c)).await else {
-            return;
-        };
-        shared.rules.set(return_paths.clone(), classifier);
-        let mut needs_restart =
-            server::reconfigure(&new, contexts, shared, &signers, &return_paths);
+        relay.shared.rules.set(return_paths.clone(), classifier);
+        let mut fixed =
+            server::reconfigure(&new, relay.contexts, relay.shared, &signers, &return_paths);
+        relay.shared.queue.reconfigure(queue::Reconfigure {
+            settings: queue::settings(&new, &relay.shared.rules),
+            hostname: new.hostname.clone(),
+            log_recipients: new.log.recipients,
+        });
         if new.spool_dir != self.current.spool_dir {
-            needs_restart.push("spool_dir changed".into());
+            fixed.push("spool_dir changed".into());
         }
         if new.tls != self.current.tls {
-            needs_restart.push("tls file paths changed".into());
-        }
-        if new.delivery != self.current.delivery || new.ip_pools != self.current.ip_pools {
-            needs_restart.push("delivery or ip_pools changed".into());
+            fixed.push("tls file paths changed".into());
         }
         if new.admin != self.current.admin {
-            needs_restart.push("admin address changed".into());
+            fixed.push("admin address changed".into());
         }
-        for what in &needs_restart {
-            tracing::warn!(change = %what, "config change takes effect at the next restart");
+        if new.events != self.current.events {
+            fixed.push("events outputs changed".into());
         }
-        tracing::info!("config reloaded; new sessions use it");
-        self.current = new;
+        for what in &fixed {
+            tracing::warn!(change = %what, "this part of the config cannot change while running; it takes effect at the next restart");
+        }
+        let result = if fixed.is_empty() {
+            "applied"
+        } else {
+            "partial"
+        };
+        reloads.with_label_values(&[result]).inc();
+        tracing::info!(result, "config reloaded");
+        // What was not applied stays as it runs, so that it is reported again until a restart.
+        let mut current = new;
+        current.spool_dir = self.current.spool_dir.clone();
+        current.tls = self.current.tls.clone();
+        current.admin = self.current.admin.clone();
+        current.events = self.current.events.clone();
+        self.current = current;
     }
+}
+
+/// The running parts a reload reaches.
+struct Live<'a> {
+    contexts: &'a [Arc<server::ListenerContext>],
+    shared: &'a Shared,
+    deliverer: &'a Arc<Deliverer>,
 }
 
 /// Reads the return-path keys and compiles the classification rules.

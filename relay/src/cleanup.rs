@@ -11,17 +11,17 @@ use chrono::{DateTime, Utc};
 use mail_parser::MessageParser;
 
 use crate::policy::Policy;
-use crate::smtp::{Envelope, Reply};
 use crate::spool::QueueId;
+use herald_smtp::{Envelope, Refusal, Reply};
 
-/// Builds the header lines to put in front of the message, or the reply that refuses it.
+/// Builds the header lines to put in front of the message, or the refusal (reply and rejection reason).
 pub fn prefix_headers(
     env: &Envelope,
     id: QueueId,
     hostname: &str,
     policy: &Policy,
     now: DateTime<Utc>,
-) -> Result<String, Reply> {
+) -> Result<String, Refusal> {
     let date = now.to_rfc2822();
     let mut h = String::with_capacity(256);
     // Writing into a String cannot fail.
@@ -37,11 +37,12 @@ pub fn prefix_headers(
     }
     let _ = write!(h, ";\r\n\t{date}\r\n");
     if env.submission {
+        let malformed = |text| Refusal::new(Reply::new(554, "5.6.0", text), "malformed_message");
         let Some(parsed) = MessageParser::default().parse_headers(&env.body) else {
-            return Err(Reply::new(554, "5.6.0", "Message has no header section"));
+            return Err(malformed("Message has no header section"));
         };
         let Some(from) = parsed.from() else {
-            return Err(Reply::new(554, "5.6.0", "Message has no From: header"));
+            return Err(malformed("Message has no From: header"));
         };
         if let Some(user) = &env.auth_user {
             for addr in from.iter() {
@@ -52,13 +53,13 @@ pub fn prefix_headers(
                 match domain {
                     Some(d) if policy.may_send_as(user, d) => {}
                     _ => {
-                        return Err(Reply::with_text(
-                            550,
-                            "5.7.1",
-                            format!(
-                                "From: address {} is not in a domain user {user} may send as",
-                                addr.address().unwrap_or("(none)")
-                            ),
+                        let text = format!(
+                            "From: address {} is not in a domain user {user} may send as",
+                            addr.address().unwrap_or("(none)")
+                        );
+                        return Err(Refusal::new(
+                            Reply::with_text(550, "5.7.1", text),
+                            "sender_not_allowed",
                         ));
                     }
                 }
@@ -77,8 +78,8 @@ pub fn prefix_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::smtp::ReversePath;
     use herald_config::Config;
+    use herald_smtp::ReversePath;
 
     fn env(body: &str, submission: bool) -> Envelope {
         Envelope {
@@ -145,7 +146,8 @@ mod tests {
             Utc::now(),
         )
         .unwrap_err();
-        assert_eq!((e.code, e.status), (550, "5.7.1"));
+        assert_eq!((e.reply.code, e.reply.status), (550, "5.7.1"));
+        assert_eq!(e.reason, "sender_not_allowed");
         let e = prefix_headers(
             &env("Subject: none\r\n\r\nb\r\n", true),
             QueueId(1),
@@ -154,7 +156,7 @@ mod tests {
             Utc::now(),
         )
         .unwrap_err();
-        assert_eq!(e.code, 554);
+        assert_eq!((e.reply.code, e.reason), (554, "malformed_message"));
     }
 
     #[test]

@@ -1,15 +1,16 @@
 //! herald-relay: Herald's mail transfer agent.
 //!
-//! Follow the mail: a client connects to a listener (`server`), speaks SMTP to a session (`smtp`), which
-//! checks who may send what (`policy`); the accepted message is completed (`cleanup`) and written durably
-//! (`spool`) before the client hears 250, and waits in the `queue` for delivery. `admin` serves probes and
-//! the queue listing; `app` wires these together; `config` is the one definition of the config file.
+//! Follow the mail: a client connects to a listener (`server`), speaks SMTP to a session (the `herald-smtp`
+//! crate), which asks who may send what (`policy`); the accepted message is completed (`cleanup`) and
+//! written durably (`spool`) before the client hears 250, and waits in the `queue` for delivery. `admin`
+//! serves probes and the queue listing; `app` wires these together; `config` is the one definition of the
+//! config file.
 //!
 //! # Layout
 //! - the config file is the `herald-config` crate (shared with the operator).
-//! - `smtp`: the SMTP protocol as a state machine without I/O.
+//! - the SMTP protocol, a state machine without I/O, is the `herald-smtp` crate.
 //! - `server`: listeners, TLS, connection limits, the loop that drives sessions.
-//! - `policy`: AUTH principals, allowed sender domains, local domains.
+//! - `policy`: AUTH principals, allowed sender domains, local domains; the MAIL and RCPT verdicts.
 //! - `cleanup`: `Received:`, `Message-ID:`, `Date:`, From: checks.
 //! - `spool`: durable storage with group commit.
 //! - `queue`: messages waiting for delivery.
@@ -36,6 +37,5 @@ pub mod outcome;
 pub mod policy;
 pub mod queue;
 pub mod server;
-pub mod smtp;
 pub mod spool;
 pub mod telemetry;

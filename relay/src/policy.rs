@@ -1,12 +1,17 @@
 //! Who may send what: SMTP AUTH principals, the domains each may send as, and which domains are local.
 //!
-//! Built once from the config and shared by every session; reloading the config builds a new one.
+//! [`Policy`] is built once from the config and shared by every session; reloading the config builds a new
+//! one. [`SessionPolicy`] is what one SMTP session consults at MAIL FROM and RCPT TO (herald-smtp's
+//! [`EnvelopePolicy`]): the relay's policy, its suppression list and what the listener knows of the client.
+//! It answers from memory, so the session stays synchronous and pipelined replies stay in order.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::outcome::suppression::Suppressions;
 use crate::outcome::verp::ReturnPaths;
 use herald_config::Config;
+use herald_smtp::{EnvelopePolicy, Mailbox, Refusal, Reply, ReversePath, Verdict};
 
 /// A hash of a password nobody knows, checked when the user name is unknown so that a failed login takes
 /// as long whether or not the user exists.
@@ -90,6 +95,91 @@ impl Policy {
     }
 }
 
+/// The MAIL FROM and RCPT TO decisions for one SMTP session. Each refusal carries the `reason` label of
+/// `herald_smtp_rejections_total` it is counted under.
+#[derive(Debug)]
+pub struct SessionPolicy {
+    policy: Arc<Policy>,
+    suppressions: Arc<Suppressions>,
+    /// The client is inside the listener's allowed networks and may relay.
+    trusted: bool,
+}
+
+impl SessionPolicy {
+    pub fn new(
+        policy: Arc<Policy>,
+        suppressions: Arc<Suppressions>,
+        trusted: bool,
+    ) -> SessionPolicy {
+        SessionPolicy {
+            policy,
+            suppressions,
+            trusted,
+        }
+    }
+}
+
+impl EnvelopePolicy for SessionPolicy {
+    /// An authenticated user sends only from its allowed domains; the null sender and unauthenticated
+    /// clients (who reach local domains, or relay from allowed networks) are not checked here.
+    fn mail_from(&self, from: &ReversePath, user: Option<&str>) -> Verdict {
+        if let (Some(m), Some(user)) = (from.mailbox(), user)
+            && !self.policy.may_send_as(user, &m.domain)
+        {
+            let text = format!("Sender domain {} is not allowed for user {user}", m.domain);
+            return Verdict::Refuse(Refusal::new(
+                Reply::with_text(550, "5.7.1", text),
+                "sender_not_allowed",
+            ));
+        }
+        Verdict::Accept
+    }
+
+    fn rcpt_to(&self, to: &Mailbox, user: Option<&str>) -> Verdict {
+        let local = !to.is_address_literal() && self.policy.is_local(&to.domain);
+        if local && to.has_routing_syntax() {
+            // %-hacks and bang paths were how open relays were abused; refuse them as relaying.
+            return Verdict::RefuseAsError(Refusal::new(
+                Reply::with_text(
+                    554,
+                    "5.7.1",
+                    format!("<{to}>: Relay access denied (routing syntax in the local part)"),
+                ),
+                "relay_denied",
+            ));
+        }
+        if local && !self.policy.accepts_local(&to.local) {
+            // Only tokens and the feedback mailboxes exist here; anything else is a guess or a forgery.
+            // Counted apart from suppressed recipients, which share the reply code.
+            return Verdict::RefuseAsError(Refusal::new(
+                Reply::with_text(550, "5.1.1", format!("<{to}>: no such mailbox")),
+                "unknown_recipient",
+            ));
+        }
+        if !local && !self.trusted && user.is_none() {
+            return Verdict::RefuseAsError(Refusal::new(
+                Reply::with_text(554, "5.7.1", format!("<{to}>: Relay access denied")),
+                "relay_denied",
+            ));
+        }
+        if let Some(entry) = self.suppressions.get(&to.to_string()) {
+            // A sender that retries a bounced address is not probing: refused, not counted as an error.
+            return Verdict::Refuse(Refusal::new(
+                Reply::with_text(
+                    550,
+                    "5.1.1",
+                    format!(
+                        "<{to}>: recipient is suppressed (hard bounce at {}: {})",
+                        entry.added_at, entry.reason
+                    ),
+                ),
+                "suppressed",
+            ));
+        }
+        Verdict::Accept
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,5 +221,110 @@ bounces: {{ secret_file: /nonexistent }}
         assert!(!p.may_send_as("nobody", "example.test"));
         assert!(p.is_local("Bounces.Example.Test"));
         assert!(!p.is_local("example.test"));
+    }
+
+    fn session_policy(trusted: bool) -> SessionPolicy {
+        // The list's file lives on in the open handle after the directory is cleaned up.
+        let suppressions = Suppressions::open(tempfile::tempdir().unwrap().path()).unwrap();
+        SessionPolicy::new(Arc::new(policy()), Arc::new(suppressions), trusted)
+    }
+
+    fn mailbox(s: &str) -> Mailbox {
+        herald_smtp::address::parse_forward_path(s).unwrap()
+    }
+
+    /// The reply line, and the reason when refused.
+    fn rcpt(p: &SessionPolicy, to: &str, user: Option<&str>) -> (String, &'static str, bool) {
+        match p.rcpt_to(&mailbox(to), user) {
+            Verdict::Accept => ("accept".into(), "", false),
+            Verdict::Refuse(r) => (r.reply.to_string(), r.reason, false),
+            Verdict::RefuseAsError(r) => (r.reply.to_string(), r.reason, true),
+        }
+    }
+
+    #[test]
+    fn untrusted_clients_cannot_relay_but_reach_local_domains() {
+        let p = session_policy(false);
+        let denied = |to: &str| {
+            (
+                format!("554 5.7.1 {to}: Relay access denied"),
+                "relay_denied",
+                true,
+            )
+        };
+        assert_eq!(rcpt(&p, "<b@y.test>", None), denied("<b@y.test>"));
+        assert_eq!(rcpt(&p, "<b@[127.0.0.1]>", None), denied("<b@[127.0.0.1]>"));
+        assert_eq!(
+            rcpt(&p, "<b%y.test@bounces.example.test>", None),
+            (
+                "554 5.7.1 <b%y.test@bounces.example.test>: Relay access denied (routing syntax in the local part)".into(),
+                "relay_denied",
+                true
+            )
+        );
+        assert_eq!(
+            rcpt(&p, "<Postmaster@BOUNCES.example.test>", None).0,
+            "accept"
+        );
+        // A return-path domain has only its feedback mailboxes and tokens: no guessing addresses there.
+        assert_eq!(
+            rcpt(&p, "<b@bounces.example.test>", None),
+            (
+                "550 5.1.1 <b@bounces.example.test>: no such mailbox".into(),
+                "unknown_recipient",
+                true
+            )
+        );
+        assert_eq!(
+            rcpt(
+                &p,
+                "<b+0123456789abcdef-0123456789@bounces.example.test>",
+                None
+            )
+            .0,
+            "accept"
+        );
+        // Trusted networks and authenticated users relay.
+        assert_eq!(rcpt(&session_policy(true), "<b@y.test>", None).0, "accept");
+        assert_eq!(rcpt(&p, "<b@y.test>", Some("app")).0, "accept");
+    }
+
+    #[test]
+    fn suppressed_recipients_are_refused_at_rcpt() {
+        let p = session_policy(true);
+        p.suppressions
+            .add("Gone@Y.test", "550 5.1.1 no such user")
+            .unwrap();
+        let (line, reason, as_error) = rcpt(&p, "<gone@y.test>", None);
+        assert!(
+            line.starts_with("550 5.1.1 <gone@y.test>: recipient is suppressed (hard bounce at "),
+            "{line}"
+        );
+        assert!(line.ends_with(": 550 5.1.1 no such user)"), "{line}");
+        assert_eq!((reason, as_error), ("suppressed", false));
+        assert_eq!(rcpt(&p, "<here@y.test>", None).0, "accept");
+    }
+
+    #[test]
+    fn authenticated_users_send_only_from_their_domains() {
+        let p = session_policy(false);
+        let from = |s: &str| herald_smtp::address::parse_reverse_path(s).unwrap();
+        assert_eq!(
+            p.mail_from(&from("<a@evil.test>"), Some("app")),
+            Verdict::Refuse(Refusal::new(
+                Reply::new(
+                    550,
+                    "5.7.1",
+                    "Sender domain evil.test is not allowed for user app"
+                ),
+                "sender_not_allowed"
+            ))
+        );
+        assert_eq!(
+            p.mail_from(&from("<a@Example.test>"), Some("app")),
+            Verdict::Accept
+        );
+        assert_eq!(p.mail_from(&from("<>"), Some("app")), Verdict::Accept);
+        assert_eq!(p.mail_from(&from("<a@evil.test>"), None), Verdict::Accept);
     }
 }

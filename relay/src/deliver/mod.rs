@@ -20,6 +20,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::queue::{self, Attempt, Dispatcher, Job, QueueHandle, Reply};
 use crate::spool::Spool;
+use arc_swap::ArcSwap;
 use client::{Client, ClientError, Rcpt, Stream, Transaction};
 use dns::{DnsFailure, Resolver};
 use herald_config::{Config, Delivery, OutboundTls, TlsMode};
@@ -44,15 +45,21 @@ struct Source {
     ehlo: String,
 }
 
-/// Everything connection tasks share.
-pub struct Deliverer {
+/// What a config reload may change about delivery. A connection keeps the one it started with; the next
+/// connection uses the new one.
+struct Outbound {
     delivery: Delivery,
     hostname: String,
     resolver: Resolver,
-    tls: TlsConnector,
-    spool: Spool,
     pools: std::collections::HashMap<String, Vec<Source>>,
     smarthost_password: Option<String>,
+}
+
+/// Everything connection tasks share.
+pub struct Deliverer {
+    outbound: ArcSwap<Outbound>,
+    tls: TlsConnector,
+    spool: Spool,
     /// Turns true when the relay stops: connections still resolving or connecting give their job back.
     stop: tokio::sync::watch::Sender<bool>,
     rules: Arc<crate::outcome::Rules>,
@@ -61,7 +68,7 @@ pub struct Deliverer {
 impl std::fmt::Debug for Deliverer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Deliverer")
-            .field("hostname", &self.hostname)
+            .field("hostname", &self.outbound.load().hostname)
             .finish_non_exhaustive()
     }
 }
@@ -88,12 +95,9 @@ struct NoSession {
     remote_mta: Option<String>,
 }
 
-impl Deliverer {
-    pub fn new(
-        config: &Config,
-        spool: Spool,
-        rules: Arc<crate::outcome::Rules>,
-    ) -> Result<Arc<Deliverer>, DeliverError> {
+impl Outbound {
+    /// Reads the smarthost password file: blocking.
+    fn new(config: &Config) -> Result<Outbound, DeliverError> {
         let nameservers = config
             .delivery
             .dns
@@ -133,18 +137,36 @@ impl Deliverer {
                 )
             })
             .collect();
-        let d = Arc::new(Deliverer {
+        Ok(Outbound {
             delivery: config.delivery.clone(),
             hostname: config.hostname.clone(),
             resolver: Resolver::new(&nameservers)?,
-            tls: client::opportunistic_tls()?,
-            spool,
             pools,
             smarthost_password,
+        })
+    }
+}
+
+impl Deliverer {
+    pub fn new(
+        config: &Config,
+        spool: Spool,
+        rules: Arc<crate::outcome::Rules>,
+    ) -> Result<Arc<Deliverer>, DeliverError> {
+        Ok(Arc::new(Deliverer {
+            outbound: ArcSwap::from_pointee(Outbound::new(config)?),
+            tls: client::opportunistic_tls()?,
+            spool,
             stop: tokio::sync::watch::channel(false).0,
             rules,
-        });
-        Ok(d)
+        }))
+    }
+
+    /// Puts a reloaded config's delivery settings, IP pools and hostname in force for new connections.
+    /// Reads the smarthost password file: call it off the async runtime.
+    pub fn reconfigure(&self, config: &Config) -> Result<(), DeliverError> {
+        self.outbound.store(Arc::new(Outbound::new(config)?));
+        Ok(())
     }
 
     async fn connection(self: Arc<Self>, first: Job, queue: QueueHandle) {
@@ -152,12 +174,13 @@ impl Deliverer {
         let mut job = first;
         let mut session: Option<Session> = None;
         let mut sent = 0u32;
-        let max = self.delivery.per_domain.messages_per_connection;
+        let o = self.outbound.load_full();
+        let max = o.delivery.per_domain.messages_per_connection;
         loop {
             if session.is_none() {
                 let mut stop = self.stop.subscribe();
                 let opened = tokio::select! {
-                    r = self.open(&job) => r,
+                    r = self.open(&o, &job) => r,
                     _ = stop.wait_for(|s| *s) => {
                         queue.abandon(dest, job);
                         return;
@@ -215,15 +238,15 @@ impl Deliverer {
     }
 
     /// The hosts to try, best first.
-    async fn hosts(&self, job: &Job) -> Result<Vec<(String, u16)>, NoSession> {
-        if let Some(sh) = &self.delivery.smarthost {
+    async fn hosts(&self, o: &Outbound, job: &Job) -> Result<Vec<(String, u16)>, NoSession> {
+        if let Some(sh) = &o.delivery.smarthost {
             return Ok(vec![(sh.host.clone(), sh.port)]);
         }
-        let port = self.delivery.port;
+        let port = o.delivery.port;
         if job.domain.starts_with('[') {
             return Ok(vec![(job.domain.to_string(), port)]);
         }
-        match self.resolver.mx_hosts(&job.domain).await {
+        match o.resolver.mx_hosts(&job.domain).await {
             Ok(hosts) => Ok(hosts.into_iter().map(|h| (h, port)).collect()),
             Err(e) => Err(NoSession {
                 reply: dns_reply(&e),
@@ -232,30 +255,30 @@ impl Deliverer {
         }
     }
 
-    fn source(&self, job: &Job) -> Option<Source> {
-        let pool = self.pools.get(job.pool.as_deref()?)?;
+    fn source(&self, o: &Outbound, job: &Job) -> Option<Source> {
+        let pool = o.pools.get(job.pool.as_deref()?)?;
         // Pick by the message id so retries of one message keep their source; weights come with IP pools.
         let i = (job.id.0 % pool.len().max(1) as u64) as usize;
         pool.get(i).cloned()
     }
 
     /// Connects to the first host that greets, says EHLO, starts TLS and authenticates as configured.
-    async fn open(&self, job: &Job) -> Result<Session, NoSession> {
-        let hosts = self.hosts(job).await?;
-        let source = self.source(job);
+    async fn open(&self, o: &Outbound, job: &Job) -> Result<Session, NoSession> {
+        let hosts = self.hosts(o, job).await?;
+        let source = self.source(o, job);
         let ehlo = source
             .as_ref()
-            .map_or(self.hostname.as_str(), |s| s.ehlo.as_str())
+            .map_or(o.hostname.as_str(), |s| s.ehlo.as_str())
             .to_owned();
         let mut last = NoSession {
             reply: Self::local(451, "4.4.1", "no MX host could be reached"),
             remote_mta: None,
         };
         for (host, port) in hosts {
-            let addrs = if self.delivery.smarthost.is_some() {
+            let addrs = if o.delivery.smarthost.is_some() {
                 match host.parse::<IpAddr>() {
                     Ok(ip) => vec![ip],
-                    Err(_) => match self.resolver.addresses(&host).await {
+                    Err(_) => match o.resolver.addresses(&host).await {
                         Ok(a) => a,
                         Err(e) => {
                             last.reply = dns_reply(&e);
@@ -264,7 +287,7 @@ impl Deliverer {
                     },
                 }
             } else {
-                match self.resolver.addresses(&host).await {
+                match o.resolver.addresses(&host).await {
                     Ok(a) => a,
                     Err(e) => {
                         last.reply = dns_reply(&DnsFailure::Temporary {
@@ -278,7 +301,7 @@ impl Deliverer {
             for ip in addrs {
                 let addr = SocketAddr::new(ip, port);
                 match self
-                    .try_host(&host, addr, source.as_ref(), &ehlo, true)
+                    .try_host(o, &host, addr, source.as_ref(), &ehlo, true)
                     .await
                 {
                     Ok(s) => return Ok(s),
@@ -286,7 +309,7 @@ impl Deliverer {
                         // Opportunistic TLS that fails is not a reason to give up: try the same host in clear.
                         tracing::info!(host = %host, error = %fail.reply, "STARTTLS failed; retrying without TLS");
                         match self
-                            .try_host(&host, addr, source.as_ref(), &ehlo, false)
+                            .try_host(o, &host, addr, source.as_ref(), &ehlo, false)
                             .await
                         {
                             Ok(s) => return Ok(s),
@@ -304,6 +327,7 @@ impl Deliverer {
 
     async fn try_host(
         &self,
+        o: &Outbound,
         host: &str,
         addr: SocketAddr,
         source: Option<&Source>,
@@ -315,7 +339,7 @@ impl Deliverer {
             reply,
             remote_mta: mta.clone(),
         };
-        let t = &self.delivery.timeouts;
+        let t = &o.delivery.timeouts;
         let tcp = match tokio::time::timeout(t.connect, connect(addr, source)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -338,7 +362,7 @@ impl Deliverer {
             command: t.command,
             data: t.data,
         };
-        let smarthost = self.delivery.smarthost.as_ref();
+        let smarthost = o.delivery.smarthost.as_ref();
         let implicit = smarthost.is_some_and(|s| s.tls == TlsMode::Implicit);
         let mut c = if implicit {
             let name = rustls::pki_types::ServerName::try_from(host.to_owned())
@@ -379,11 +403,11 @@ impl Deliverer {
         }
         let want_tls = match smarthost {
             Some(s) => s.tls == TlsMode::Starttls,
-            None => use_tls && self.delivery.tls != OutboundTls::None,
+            None => use_tls && o.delivery.tls != OutboundTls::None,
         };
         let must_tls = match smarthost {
             Some(s) => s.tls == TlsMode::Starttls,
-            None => self.delivery.tls == OutboundTls::Required,
+            None => o.delivery.tls == OutboundTls::Required,
         };
         if want_tls && c.tls.is_none() {
             if c.extensions.starttls {
@@ -421,7 +445,7 @@ impl Deliverer {
                 ))));
             }
         }
-        if let (Some(sh), Some(pw)) = (smarthost, &self.smarthost_password)
+        if let (Some(sh), Some(pw)) = (smarthost, &o.smarthost_password)
             && let Some(user) = &sh.username
         {
             let r = c.authenticate(user, pw).await.map_err(err)?;
@@ -602,7 +626,7 @@ async fn connect(addr: SocketAddr, source: Option<&Source>) -> std::io::Result<T
     socket.connect(addr).await
 }
 
-/// Wires the delivery engine to a queue.
+/// Wires the delivery engine to a queue; the deliverer is returned for reloads.
 pub fn start_queue(
     config: &Config,
     spool: Spool,
@@ -610,15 +634,16 @@ pub fn start_queue(
     loaded: Vec<crate::spool::Loaded>,
     rules: Arc<crate::outcome::Rules>,
     telemetry: crate::telemetry::Telemetry,
-) -> Result<QueueHandle, DeliverError> {
+) -> Result<(QueueHandle, Arc<Deliverer>), DeliverError> {
     let d = Deliverer::new(config, spool.clone(), rules.clone())?;
-    Ok(queue::start(
+    let queue = queue::start(
         config,
         spool,
         suppressions,
         loaded,
-        d,
+        d.clone(),
         rules,
         telemetry,
-    ))
+    );
+    Ok((queue, d))
 }

@@ -4,7 +4,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use chrono::Utc;
@@ -12,13 +11,22 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::ListenerContext;
 use super::tls::version_name;
+use super::{ListenerContext, ListenerSettings};
 use crate::cleanup;
+use crate::policy::SessionPolicy;
 use crate::queue::NewEntry;
-use crate::smtp::{Action, Envelope, Reply, Session, SessionConfig, reply};
 use crate::spool::MessageMeta;
 use herald_config::TlsMode;
+use herald_smtp::{Action, Envelope, Refusal, Reply};
+
+type Session = herald_smtp::Session<SessionPolicy>;
+
+const SPOOL_FAILURE: Reply = Reply::new(
+    452,
+    "4.3.1",
+    "Insufficient system storage, message not accepted; try again later",
+);
 
 /// How a drive over one stream ended.
 enum Exit {
@@ -31,10 +39,11 @@ pub(super) async fn run(
     peer: SocketAddr,
     trusted: bool,
     ctx: &ListenerContext,
-    cfg: &Arc<SessionConfig>,
+    cfg: &ListenerSettings,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
-    let handshake_timeout = cfg.limits.command_timeout;
+    let handshake_timeout = cfg.session.limits.command_timeout;
+    let policy = SessionPolicy::new(cfg.policy.clone(), ctx.suppressions.clone(), trusted);
     if ctx.tls_mode == TlsMode::Implicit {
         let tls = ctx
             .tls
@@ -44,11 +53,11 @@ pub(super) async fn run(
             .await
             .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         let version = version_name(stream.get_ref().1.protocol_version());
-        let mut session = Session::new(cfg.clone(), peer, trusted, Some(version));
+        let mut session = Session::new(cfg.session.clone(), policy, peer, Some(version));
         drive(&mut stream, &mut session, ctx, cfg, &mut shutdown).await?;
         return stream.shutdown().await;
     }
-    let mut session = Session::new(cfg.clone(), peer, trusted, None);
+    let mut session = Session::new(cfg.session.clone(), policy, peer, None);
     match drive(&mut tcp, &mut session, ctx, cfg, &mut shutdown).await? {
         Exit::Close => tcp.shutdown().await,
         Exit::StartTls => {
@@ -70,11 +79,11 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     session: &mut Session,
     ctx: &ListenerContext,
-    cfg: &SessionConfig,
+    cfg: &ListenerSettings,
     shutdown: &mut watch::Receiver<bool>,
 ) -> io::Result<Exit> {
     // Room for a whole line at the limit, plus a good read's worth.
-    let mut buf = vec![0u8; cfg.limits.max_line_length + 64 * 1024];
+    let mut buf = vec![0u8; cfg.session.limits.max_line_length + 64 * 1024];
     let (mut start, mut end) = (0usize, 0usize);
     loop {
         let (used, action) = session.process(&buf[start..end]);
@@ -120,7 +129,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 .await
                 .unwrap_or(None);
                 if verdict.is_none() {
-                    tracing::info!(listener = %cfg.listener, client = %session.peer().ip(), "authentication failed");
+                    tracing::info!(listener = %ctx.name, client = %session.peer().ip(), "authentication failed");
                 }
                 session.auth_result(verdict);
             }
@@ -152,9 +161,15 @@ async fn flush<S: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Completes, spools and queues one message; returns the reply for the client. The part of it addressed to
-/// return-path domains is a report: read and recorded here, not queued.
-async fn accept(ctx: &ListenerContext, cfg: &SessionConfig, mut env: Envelope) -> Reply {
+/// Completes, spools and queues one message; returns the reply for the client, or the refusal and the reason
+/// it is counted under. The part of it addressed to return-path domains is a report: read and recorded here,
+/// not queued.
+async fn accept(
+    ctx: &ListenerContext,
+    cfg: &ListenerSettings,
+    mut env: Envelope,
+) -> Result<Reply, Refusal> {
+    let listener = &ctx.name;
     let (reports, others): (Vec<_>, Vec<_>) = std::mem::take(&mut env.recipients)
         .into_iter()
         .partition(|r| !r.is_address_literal() && cfg.policy.is_local(&r.domain));
@@ -162,7 +177,7 @@ async fn accept(ctx: &ListenerContext, cfg: &SessionConfig, mut env: Envelope) -
     if !reports.is_empty() {
         let locals: Vec<String> = reports.into_iter().map(|r| r.local).collect();
         let rules = ctx.rules.clone();
-        let list = cfg.suppressions.clone();
+        let list = ctx.suppressions.clone();
         let telemetry = ctx.telemetry.clone();
         let body = std::mem::take(&mut env.body);
         let done = tokio::task::spawn_blocking(move || {
@@ -174,24 +189,25 @@ async fn accept(ctx: &ListenerContext, cfg: &SessionConfig, mut env: Envelope) -
             Ok(body) => env.body = body,
             Err(e) => {
                 tracing::error!(error = %e, "report processing task failed; message refused with 451");
-                return Reply::new(451, "4.3.0", "Temporary local problem, try again later");
+                return Err(local_problem());
             }
         }
         if env.recipients.is_empty() {
             ctx.telemetry
                 .metrics
                 .received
-                .with_label_values(&[cfg.listener.as_str()])
+                .with_label_values(&[listener.as_str()])
                 .inc();
-            return Reply::new(250, "2.0.0", "Ok: report received");
+            return Ok(Reply::new(250, "2.0.0", "Ok: report received"));
         }
     }
     let id = ctx.spool.next_id();
-    let prefix = match cleanup::prefix_headers(&env, id, &cfg.hostname, &cfg.policy, Utc::now()) {
+    let hostname = &cfg.session.hostname;
+    let prefix = match cleanup::prefix_headers(&env, id, hostname, &cfg.policy, Utc::now()) {
         Ok(p) => p,
         Err(r) => {
-            tracing::info!(listener = %cfg.listener, client = %env.peer.ip(), reply = %r, "message refused");
-            return r;
+            tracing::info!(%listener, client = %env.peer.ip(), reply = %r.reply, "message refused");
+            return Err(r);
         }
     };
     // Signed once, here: the signature is spooled with the message, so no retry or recipient signs again.
@@ -216,7 +232,7 @@ async fn accept(ctx: &ListenerContext, cfg: &SessionConfig, mut env: Envelope) -
             }
             Err(e) => {
                 tracing::error!(error = %e, "DKIM signing task failed; message refused with 451");
-                return Reply::new(451, "4.3.0", "Temporary local problem, try again later");
+                return Err(local_problem());
             }
         }
     };
@@ -227,7 +243,7 @@ async fn accept(ctx: &ListenerContext, cfg: &SessionConfig, mut env: Envelope) -
             .map_or(0, |d| d.as_millis() as u64),
         smtputf8: env.smtputf8,
         eight_bit: env.eight_bit,
-        listener: cfg.listener.clone(),
+        listener: listener.clone(),
         auth_user: env.auth_user.clone(),
         peer: env.peer.to_string(),
         sender: env.sender.to_string(),
@@ -241,7 +257,7 @@ async fn accept(ctx: &ListenerContext, cfg: &SessionConfig, mut env: Envelope) -
         Ok(location) => {
             tracing::info!(
                 queue_id = %id,
-                listener = %cfg.listener,
+                %listener,
                 client = %env.peer.ip(),
                 size = location.len,
                 recipients = meta.recipients.len(),
@@ -252,25 +268,37 @@ async fn accept(ctx: &ListenerContext, cfg: &SessionConfig, mut env: Envelope) -
                 let mut ev =
                     crate::events::Event::new("accepted", id.to_string(), meta.sender.clone());
                 ev.recipients = Some(meta.recipients.len());
-                ev.listener = Some(cfg.listener.clone());
+                ev.listener = Some(listener.clone());
                 ev.size = Some(location.len);
                 ev
             });
             ctx.telemetry
                 .metrics
                 .received
-                .with_label_values(&[cfg.listener.as_str()])
+                .with_label_values(&[listener.as_str()])
                 .inc();
             ctx.queue.enqueue(NewEntry {
                 meta,
                 states,
                 location,
             });
-            Reply::with_text(250, "2.0.0", format!("Ok: queued as {id}"))
+            Ok(Reply::with_text(
+                250,
+                "2.0.0",
+                format!("Ok: queued as {id}"),
+            ))
         }
         Err(e) => {
-            tracing::error!(listener = %cfg.listener, error = %e, "spool write failed; message refused with 452");
-            reply::SPOOL_FAILURE
+            tracing::error!(%listener, error = %e, "spool write failed; message refused with 452");
+            Err(Refusal::new(SPOOL_FAILURE, "spool_error"))
         }
     }
+}
+
+/// The refusal when a task of ours failed: temporary, the client may retry; counted under `other`.
+fn local_problem() -> Refusal {
+    Refusal::new(
+        Reply::new(451, "4.3.0", "Temporary local problem, try again later"),
+        "other",
+    )
 }

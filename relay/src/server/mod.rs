@@ -1,8 +1,11 @@
-//! The SMTP listeners: sockets, connection limits, and the loop that drives each [`Session`].
+//! The SMTP listeners: sockets, connection limits, and the loop that drives each
+//! [`Session`](herald_smtp::Session).
 //!
 //! Each listener gets an accept loop. A connection is checked against the listener's allowed networks and
 //! the connection limits before a session exists; then `conn` feeds its bytes to the session and carries
-//! out the session's actions (TLS, password checks, spooling).
+//! out the session's actions (TLS, password checks, spooling). The session is the protocol core (crate
+//! herald-smtp); at MAIL and RCPT it consults a [`SessionPolicy`](crate::policy::SessionPolicy) built here
+//! from the listener's settings and whether the client is in its allowed networks.
 
 mod conn;
 pub mod tls;
@@ -24,10 +27,10 @@ use crate::outcome::suppression::Suppressions;
 use crate::outcome::verp::ReturnPaths;
 use crate::policy::Policy;
 use crate::queue::QueueHandle;
-use crate::smtp::SessionConfig;
 use crate::spool::Spool;
 use crate::telemetry::Telemetry;
 use herald_config::{AuthMode, Config, Listener, TlsMode};
+use herald_smtp::SessionConfig;
 use tls::TlsStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +122,10 @@ impl Drop for ConnectionSlot {
 pub struct ListenerSettings {
     pub session: Arc<SessionConfig>,
     pub allow_networks: Vec<IpNet>,
+    /// Users, their sending domains and the local domains.
+    pub policy: Arc<Policy>,
+    /// DKIM signers of the sending domains.
+    pub signers: Arc<Signers>,
 }
 
 /// What every connection of one listener shares.
@@ -131,6 +138,7 @@ pub struct ListenerContext {
     pub tls: Option<Arc<TlsStore>>,
     pub spool: Spool,
     pub queue: QueueHandle,
+    pub suppressions: Arc<Suppressions>,
     pub limits: Arc<ConnectionLimits>,
     pub rules: Arc<Rules>,
     pub telemetry: Telemetry,
@@ -191,21 +199,26 @@ fn settings(
     config: &Config,
     l: &Listener,
     policy: &Arc<Policy>,
-    suppressions: &Arc<Suppressions>,
     signers: &Arc<Signers>,
 ) -> ListenerSettings {
+    let limits = &config.limits;
     ListenerSettings {
         session: Arc::new(SessionConfig {
             hostname: config.hostname.clone(),
-            listener: l.name.clone(),
-            tls_mode: l.tls,
+            starttls: l.tls == TlsMode::Starttls,
             auth_required: l.auth == AuthMode::Required,
-            limits: config.limits.clone(),
-            policy: policy.clone(),
-            suppressions: suppressions.clone(),
-            signers: signers.clone(),
+            limits: herald_smtp::Limits {
+                max_message_size: limits.max_message_size,
+                max_recipients: limits.max_recipients,
+                max_errors: limits.max_errors,
+                max_line_length: limits.max_line_length,
+                command_timeout: limits.command_timeout,
+                data_timeout: limits.data_timeout,
+            },
         }),
         allow_networks: l.allow_networks.clone(),
+        policy: policy.clone(),
+        signers: signers.clone(),
     }
 }
 
@@ -223,12 +236,12 @@ fn context(config: &Config, l: &Listener, shared: &Shared) -> Result<ListenerCon
             config,
             l,
             &shared.policy,
-            &shared.suppressions,
             &shared.signers,
         ))),
         tls: shared.tls.clone(),
         spool: shared.spool.clone(),
         queue: shared.queue.clone(),
+        suppressions: shared.suppressions.clone(),
         limits: shared.limits.clone(),
         rules: shared.rules.clone(),
         telemetry: shared.telemetry.clone(),
@@ -250,12 +263,19 @@ pub fn reconfigure(
     for ctx in contexts {
         match config.listeners.iter().find(|l| l.name == ctx.name) {
             Some(l) if l.address == ctx.address && l.tls == ctx.tls_mode => {
-                ctx.set_settings(settings(config, l, &policy, &shared.suppressions, signers));
+                ctx.set_settings(settings(config, l, &policy, signers));
             }
-            Some(_) => needs_restart.push(format!(
-                "listener {:?} changed address or TLS mode",
-                ctx.name
-            )),
+            Some(l) => {
+                // The socket and its TLS mode stay as they are; everything else still applies.
+                let mut kept = l.clone();
+                kept.address = ctx.address;
+                kept.tls = ctx.tls_mode;
+                ctx.set_settings(settings(config, &kept, &policy, signers));
+                needs_restart.push(format!(
+                    "listener {:?} changed address or TLS mode",
+                    ctx.name
+                ));
+            }
             None => needs_restart.push(format!("listener {:?} was removed", ctx.name)),
         }
     }
@@ -334,7 +354,7 @@ async fn connection(
         .sessions
         .with_label_values(&[listener.as_str()]);
     sessions.inc();
-    let result = conn::run(tcp, peer, trusted, &ctx, &settings.session, shutdown).await;
+    let result = conn::run(tcp, peer, trusted, &ctx, &settings, shutdown).await;
     sessions.dec();
     if let Err(e) = result {
         tracing::debug!(%listener, client = %ip, error = %e, "session ended with an error");

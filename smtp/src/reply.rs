@@ -56,11 +56,6 @@ pub const BAD_SEQUENCE: Reply = Reply::new(503, "5.5.1", "Bad sequence of comman
 pub const TOO_MANY_ERRORS: Reply = Reply::new(421, "4.7.0", "Too many errors, closing connection");
 pub const LINE_TOO_LONG: Reply = Reply::new(500, "5.5.2", "Line too long");
 pub const TIMEOUT: Reply = Reply::new(421, "4.4.2", "Timeout, closing connection");
-pub const SPOOL_FAILURE: Reply = Reply::new(
-    452,
-    "4.3.1",
-    "Insufficient system storage, message not accepted; try again later",
-);
 pub const SHUTTING_DOWN: Reply = Reply::new(421, "4.3.2", "Service shutting down, try again later");
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! The caller feeds received bytes to [`Session::process`], writes out [`Session::output`] before it waits
 //! for more input, and carries out the [`Action`]s the session asks for (TLS handshake, password check,
 //! spooling), reporting each result back. Replies to pipelined commands accumulate in the output buffer and
-//! go out in one write, as RFC 2920 intends.
+//! go out in one write, as RFC 2920 intends. The session is generic over its [`EnvelopePolicy`] so that the
+//! relay's policy and a unit test's double drive the same code, with no dynamic dispatch per command.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,27 +14,39 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use memchr::memchr;
 
-use super::address::{Mailbox, ReversePath};
-use super::body::{Body, BodyError};
-use super::command::{self, Command, CommandError};
-use super::reply::{self, Reply};
-use crate::outcome::suppression::Suppressions;
-use crate::policy::Policy;
-use herald_config::{Limits, TlsMode};
+use crate::address::{Mailbox, ReversePath};
+use crate::body::{Body, BodyError};
+use crate::command::{self, Command, CommandError};
+use crate::reply::{self, Reply};
+use crate::verdict::{EnvelopePolicy, Refusal, Verdict};
 
-/// What a session needs to know about its listener and the relay; shared by the listener's sessions.
-#[derive(Debug)]
+/// What a session needs to know about its listener; shared by the listener's sessions.
+#[derive(Debug, Clone)]
 pub struct SessionConfig {
+    /// The name the server greets with and gives in EHLO.
     pub hostname: String,
-    pub listener: String,
-    pub tls_mode: TlsMode,
+    /// Offer STARTTLS (RFC 3207): the listener has a certificate and connections start in plain text.
+    pub starttls: bool,
     /// A submission listener: AUTH before MAIL, and messages are completed (Message-ID, Date).
     pub auth_required: bool,
     pub limits: Limits,
-    pub policy: Arc<Policy>,
-    pub suppressions: Arc<Suppressions>,
-    /// DKIM signers of the sending domains.
-    pub signers: Arc<crate::dkim::Signers>,
+}
+
+/// The limits a session enforces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes; advertised in the EHLO SIZE keyword and checked against MAIL's SIZE and the body.
+    pub max_message_size: usize,
+    /// RCPT commands per transaction; 452 4.5.3 beyond.
+    pub max_recipients: usize,
+    /// Bad commands in one session before it is closed with 421.
+    pub max_errors: u32,
+    /// Octets including CRLF, for command lines and message lines alike.
+    pub max_line_length: usize,
+    /// Waiting for the client's next command (RFC 5321 section 4.5.3.2).
+    pub command_timeout: Duration,
+    /// Waiting for the client's next bytes of a message body.
+    pub data_timeout: Duration,
 }
 
 /// What the session asks its driver to do next.
@@ -99,13 +112,12 @@ struct Transaction {
     chunks: Option<Body>,
 }
 
-/// One SMTP session.
+/// One SMTP session, consulting `P` about senders and recipients.
 #[derive(Debug)]
-pub struct Session {
+pub struct Session<P> {
     config: Arc<SessionConfig>,
+    policy: P,
     peer: SocketAddr,
-    /// The client is inside the listener's allowed networks and may relay.
-    trusted: bool,
     out: Vec<u8>,
     state: State,
     helo: Option<String>,
@@ -117,24 +129,24 @@ pub struct Session {
     /// Inside a command line too long to buffer; its bytes are dropped until its end.
     skipping_line: bool,
     closing: bool,
-    /// Why each refusal since the driver last looked was sent: the `reason` label of
-    /// `herald_smtp_rejections_total`, counted by the driver.
+    /// Why each refusal since the driver last looked was sent: the `reason` label of the host's rejection
+    /// metric, counted by the driver.
     rejections: Vec<&'static str>,
 }
 
-impl Session {
+impl<P: EnvelopePolicy> Session<P> {
     /// A new session; the greeting is already in the output. `tls` is the protocol version when the
     /// connection is already encrypted (implicit TLS).
     pub fn new(
         config: Arc<SessionConfig>,
+        policy: P,
         peer: SocketAddr,
-        trusted: bool,
         tls: Option<String>,
-    ) -> Session {
+    ) -> Session<P> {
         let mut s = Session {
             config,
+            policy,
             peer,
-            trusted,
             out: Vec::with_capacity(512),
             state: State::Command,
             helo: None,
@@ -179,6 +191,11 @@ impl Session {
         self.peer
     }
 
+    /// The policy this session consults.
+    pub fn policy(&self) -> &P {
+        &self.policy
+    }
+
     pub fn authenticated_user(&self) -> Option<&str> {
         self.user.as_deref()
     }
@@ -221,11 +238,15 @@ impl Session {
         }
     }
 
-    /// The outcome of an [`Action::Accept`]: the reply to send (250 with the queue id, or a refusal).
-    pub fn message_result(&mut self, reply: Reply) {
+    /// The outcome of an [`Action::Accept`]: the reply to send (250 with the queue id), or the refusal and
+    /// the reason it is counted under.
+    pub fn message_result(&mut self, result: Result<Reply, Refusal>) {
         self.state = State::Command;
         self.tx = None;
-        self.reply(&reply);
+        match result {
+            Ok(r) => self.reply(&r),
+            Err(refusal) => self.reply_as(&refusal.reply, refusal.reason),
+        }
     }
 
     /// Processes as much of `input` as it can. Returns the bytes consumed and what to do next; on
@@ -336,6 +357,21 @@ impl Session {
         }
     }
 
+    /// Sends the policy's refusal, if it is one; true when the request was accepted.
+    fn verdict(&mut self, verdict: Verdict) -> bool {
+        match verdict {
+            Verdict::Accept => true,
+            Verdict::Refuse(r) => {
+                self.reply_as(&r.reply, r.reason);
+                false
+            }
+            Verdict::RefuseAsError(r) => {
+                self.error_as(&r.reply, r.reason);
+                false
+            }
+        }
+    }
+
     fn line(&mut self, line: &[u8]) -> Option<Action> {
         match std::mem::replace(&mut self.state, State::Command) {
             State::AuthPlain => return self.auth_plain(line),
@@ -413,7 +449,7 @@ impl Session {
             "ENHANCEDSTATUSCODES".to_owned(),
             "CHUNKING".to_owned(),
         ];
-        if self.config.tls_mode == TlsMode::Starttls && self.tls.is_none() {
+        if self.config.starttls && self.tls.is_none() {
             lines.push("STARTTLS".to_owned());
         }
         if self.config.auth_required && self.tls.is_some() && self.user.is_none() {
@@ -494,22 +530,19 @@ impl Session {
                 }
             }
         }
-        if let Some(m) = from.mailbox() {
-            if m.is_utf8() && !smtputf8 {
-                self.reply(&Reply::new(
-                    553,
-                    "5.6.7",
-                    "Non-ASCII sender address needs the SMTPUTF8 parameter",
-                ));
-                return;
-            }
-            if let Some(user) = &self.user
-                && !self.config.policy.may_send_as(user, &m.domain)
-            {
-                let text = format!("Sender domain {} is not allowed for user {user}", m.domain);
-                self.reply(&Reply::with_text(550, "5.7.1", text));
-                return;
-            }
+        if let Some(m) = from.mailbox()
+            && m.is_utf8()
+            && !smtputf8
+        {
+            self.reply(&Reply::new(
+                553,
+                "5.6.7",
+                "Non-ASCII sender address needs the SMTPUTF8 parameter",
+            ));
+            return;
+        }
+        if !self.verdict(self.policy.mail_from(&from, self.user.as_deref())) {
+            return;
         }
         self.tx = Some(Transaction {
             sender: from,
@@ -547,42 +580,7 @@ impl Session {
             ));
             return;
         }
-        let local = !to.is_address_literal() && self.config.policy.is_local(&to.domain);
-        if local && to.has_routing_syntax() {
-            // %-hacks and bang paths were how open relays were abused; refuse them as relaying.
-            self.error(&Reply::with_text(
-                554,
-                "5.7.1",
-                format!("<{to}>: Relay access denied (routing syntax in the local part)"),
-            ));
-            return;
-        }
-        if local && !self.config.policy.accepts_local(&to.local) {
-            // Only tokens and the feedback mailboxes exist here; anything else is a guess or a forgery.
-            // Counted apart from suppressed recipients, which share the reply code.
-            self.error_as(
-                &Reply::with_text(550, "5.1.1", format!("<{to}>: no such mailbox")),
-                "unknown_recipient",
-            );
-            return;
-        }
-        if !local && !self.trusted && self.user.is_none() {
-            self.error(&Reply::with_text(
-                554,
-                "5.7.1",
-                format!("<{to}>: Relay access denied"),
-            ));
-            return;
-        }
-        if let Some(entry) = self.config.suppressions.get(&to.to_string()) {
-            self.reply(&Reply::with_text(
-                550,
-                "5.1.1",
-                format!(
-                    "<{to}>: recipient is suppressed (hard bounce at {}: {})",
-                    entry.added_at, entry.reason
-                ),
-            ));
+        if !self.verdict(self.policy.rcpt_to(&to, self.user.as_deref())) {
             return;
         }
         if let Some(tx) = &mut self.tx {
@@ -709,7 +707,7 @@ impl Session {
     }
 
     fn starttls(&mut self) -> Option<Action> {
-        if self.config.tls_mode != TlsMode::Starttls {
+        if !self.config.starttls {
             self.error(&Reply::new(
                 502,
                 "5.5.1",
@@ -873,20 +871,17 @@ impl Session {
     }
 }
 
-/// The `reason` label of `herald_smtp_rejections_total` for a refusal: a small fixed set, from the reply.
+/// The `reason` label for a refusal the session makes itself: a small fixed set, from the reply. Refusals
+/// from the policy and the driver carry their own reason ([`Refusal`]).
 fn rejection_reason(r: &Reply) -> &'static str {
     match (r.code, r.status) {
-        (554, "5.7.1") => "relay_denied",
-        (550, "5.7.1") => "sender_not_allowed",
         (_, "5.7.0" | "5.7.8" | "5.7.11") => "authentication",
         (_, "5.3.4") => "message_too_large",
         (_, "4.5.3") => "too_many_recipients",
         (_, "5.6.7") => "smtputf8_required",
         (_, "5.6.0") => "malformed_message",
-        (_, "5.1.1") => "suppressed",
         (_, "4.7.0") => "too_many_errors",
         (_, "4.4.2") => "timeout",
-        (_, "4.3.1") => "spool_error",
         (_, "4.3.2") => "shutting_down",
         (_, s) if s.starts_with("5.5.") || s == "5.1.3" || s == "5.1.7" => "protocol",
         _ => "other",
@@ -903,279 +898,4 @@ fn capitalize(e: &CommandError) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(tls_mode: TlsMode, auth_required: bool) -> Arc<SessionConfig> {
-        let hash = herald_config::password::hash("pw").unwrap();
-        let cfg = herald_config::Config::parse(&format!(
-            r#"
-hostname: mx.test
-spool_dir: s
-listeners: [{{ name: l, address: "127.0.0.1:1" }}]
-users: [{{ username: app, password_hash: "{hash}", allowed_domains: [ok.test] }}]
-domains: [{{ name: ok.test, return_path: bounces.ok.test }}]
-bounces: {{ secret_file: /nonexistent }}
-limits: {{ max_recipients: 3, max_errors: 4, max_message_size: 100 }}
-"#
-        ))
-        .unwrap();
-        Arc::new(SessionConfig {
-            hostname: "mx.test".into(),
-            listener: "l".into(),
-            tls_mode,
-            auth_required,
-            limits: cfg.limits.clone(),
-            policy: Arc::new(Policy::from_config(&cfg)),
-            // The list's file lives on in the open handle after the directory is cleaned up.
-            suppressions: Arc::new(
-                Suppressions::open(tempfile::tempdir().unwrap().path()).unwrap(),
-            ),
-            signers: Arc::default(),
-        })
-    }
-
-    #[test]
-    fn suppressed_recipients_are_refused_at_rcpt() {
-        let cfg = config(TlsMode::None, false);
-        cfg.suppressions
-            .add("Gone@Y.test", "550 5.1.1 no such user")
-            .unwrap();
-        let mut s = Session::new(cfg, "127.0.0.1:5000".parse().unwrap(), true, None);
-        feed(&mut s, "EHLO c.test\r\nMAIL FROM:<a@x.test>\r\n");
-        let (codes, _) = feed(&mut s, "RCPT TO:<gone@y.test>\r\nRCPT TO:<here@y.test>\r\n");
-        assert_eq!(codes, ["550 5.1.1", "250 2.1.5"]);
-    }
-
-    fn session(trusted: bool) -> Session {
-        Session::new(
-            config(TlsMode::None, false),
-            "127.0.0.1:5000".parse().unwrap(),
-            trusted,
-            None,
-        )
-    }
-
-    /// Feeds `input` and returns the reply codes written, and the last action.
-    fn feed(s: &mut Session, input: &str) -> (Vec<String>, Action) {
-        let (used, action) = s.process(input.as_bytes());
-        assert!(used <= input.len());
-        let out = String::from_utf8(std::mem::take(s.output())).unwrap();
-        let codes = out
-            .lines()
-            .filter(|l| l.as_bytes().get(3) == Some(&b' '))
-            .map(|l| l.split(' ').take(2).collect::<Vec<_>>().join(" "))
-            .collect();
-        (codes, action)
-    }
-
-    #[test]
-    fn pipelined_transaction_is_answered_in_order() {
-        let mut s = session(true);
-        let (codes, action) = feed(
-            &mut s,
-            "EHLO c.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\nDATA\r\n",
-        );
-        assert_eq!(
-            codes,
-            [
-                "220 mx.test",
-                "250 HELP",
-                "250 2.1.0",
-                "250 2.1.5",
-                "250 2.1.5",
-                "354 End"
-            ]
-        );
-        assert!(matches!(action, Action::NeedInput));
-        let (_, action) = feed(&mut s, "Subject: x\r\n\r\nhi\r\n.\r\n");
-        let Action::Accept(env) = action else {
-            panic!("no accept")
-        };
-        assert_eq!(env.recipients.len(), 2);
-        assert_eq!(env.body, b"Subject: x\r\n\r\nhi\r\n");
-        assert_eq!(env.protocol, "ESMTP");
-        s.message_result(Reply::new(250, "2.0.0", "Ok"));
-        assert_eq!(feed(&mut s, "QUIT\r\n").0, ["250 2.0.0", "221 2.0.0"]);
-    }
-
-    #[test]
-    fn untrusted_clients_cannot_relay_but_reach_local_domains() {
-        let mut s = session(false);
-        feed(&mut s, "EHLO c.test\r\nMAIL FROM:<a@x.test>\r\n");
-        assert_eq!(feed(&mut s, "RCPT TO:<b@y.test>\r\n").0, ["554 5.7.1"]);
-        assert_eq!(feed(&mut s, "RCPT TO:<b@[127.0.0.1]>\r\n").0, ["554 5.7.1"]);
-        assert_eq!(
-            feed(&mut s, "RCPT TO:<b%y.test@bounces.ok.test>\r\n").0,
-            ["554 5.7.1"]
-        );
-        assert_eq!(
-            feed(&mut s, "RCPT TO:<Postmaster@BOUNCES.ok.test>\r\n").0,
-            ["250 2.1.5"]
-        );
-        // A return-path domain has only its feedback mailboxes and tokens: no guessing addresses there.
-        let mut s = session(false);
-        feed(&mut s, "EHLO c.test\r\nMAIL FROM:<>\r\n");
-        assert_eq!(
-            feed(&mut s, "RCPT TO:<b@bounces.ok.test>\r\n").0,
-            ["550 5.1.1"]
-        );
-        assert_eq!(
-            feed(
-                &mut s,
-                "RCPT TO:<b+0123456789abcdef-0123456789@bounces.ok.test>\r\n"
-            )
-            .0,
-            ["250 2.1.5"]
-        );
-    }
-
-    #[test]
-    fn sequence_and_limit_errors() {
-        let mut s = session(true);
-        assert_eq!(
-            feed(&mut s, "MAIL FROM:<a@x.test>\r\n").0,
-            ["220 mx.test", "503 5.5.1"]
-        );
-        feed(&mut s, "HELO c.test\r\n");
-        assert_eq!(feed(&mut s, "RCPT TO:<b@y.test>\r\n").0, ["503 5.5.1"]);
-        assert_eq!(
-            feed(&mut s, "MAIL FROM:<a@x.test> SIZE=1\r\n").0,
-            ["555 5.5.4"]
-        );
-        let mut s = session(true);
-        feed(&mut s, "EHLO c.test\r\n");
-        assert_eq!(
-            feed(&mut s, "MAIL FROM:<a@x.test> SIZE=101\r\n").0,
-            ["552 5.3.4"]
-        );
-        feed(&mut s, "MAIL FROM:<a@x.test>\r\n");
-        let (codes, _) = feed(
-            &mut s,
-            "RCPT TO:<1@y.test>\r\nRCPT TO:<2@y.test>\r\nRCPT TO:<3@y.test>\r\nRCPT TO:<4@y.test>\r\n",
-        );
-        assert_eq!(codes, ["250 2.1.5", "250 2.1.5", "250 2.1.5", "452 4.5.3"]);
-    }
-
-    #[test]
-    fn too_many_errors_closes() {
-        let mut s = session(true);
-        let (codes, action) = feed(&mut s, "BOGUS\r\nBOGUS\r\nBOGUS\r\nBOGUS\r\nNOOP\r\n");
-        assert_eq!(
-            codes,
-            [
-                "220 mx.test",
-                "500 5.5.2",
-                "500 5.5.2",
-                "500 5.5.2",
-                "500 5.5.2",
-                "421 4.7.0"
-            ]
-        );
-        assert!(matches!(action, Action::Close));
-    }
-
-    #[test]
-    fn bare_lf_in_data_rejects_the_message_and_smuggled_commands_stay_data() {
-        let mut s = session(true);
-        feed(
-            &mut s,
-            "EHLO c.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n",
-        );
-        let (codes, action) = feed(
-            &mut s,
-            "x\r\n\n.\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<v@y.test>\r\nDATA\r\n.\r\n",
-        );
-        assert_eq!(codes, ["554 5.6.0"]);
-        assert!(matches!(action, Action::NeedInput));
-        assert!(s.is_idle());
-    }
-
-    #[test]
-    fn bdat_chunks_make_one_message() {
-        let mut s = session(true);
-        feed(
-            &mut s,
-            "EHLO c.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n",
-        );
-        let (codes, _) = feed(&mut s, "BDAT 5\r\nab\r\nc");
-        assert_eq!(codes, ["250 2.0.0"]);
-        let (_, action) = feed(&mut s, "BDAT 3 LAST\r\nd\r\n");
-        let Action::Accept(env) = action else {
-            panic!("no accept")
-        };
-        assert_eq!(env.body, b"ab\r\ncd\r\n");
-    }
-
-    #[test]
-    fn bdat_without_transaction_is_read_and_refused() {
-        let mut s = session(true);
-        feed(&mut s, "EHLO c.test\r\n");
-        let (codes, _) = feed(&mut s, "BDAT 12 LAST\r\nRSET\r\nRSET\r\nNOOP\r\n");
-        assert_eq!(codes, ["503 5.5.1", "250 2.0.0"]);
-    }
-
-    #[test]
-    fn submission_requires_tls_then_auth() {
-        let cfg = config(TlsMode::Starttls, true);
-        let mut s = Session::new(cfg, "127.0.0.1:5000".parse().unwrap(), false, None);
-        let (codes, _) = feed(
-            &mut s,
-            "EHLO c.test\r\nAUTH PLAIN AGFwcABwdw==\r\nMAIL FROM:<a@ok.test>\r\n",
-        );
-        assert_eq!(
-            codes,
-            ["220 mx.test", "250 HELP", "538 5.7.11", "530 5.7.0"]
-        );
-        let (codes, action) = feed(&mut s, "STARTTLS\r\nEHLO sneaky\r\n");
-        assert_eq!(codes, ["220 2.0.0"]);
-        assert!(matches!(action, Action::StartTls));
-        s.tls_started("TLSv1.3".into());
-        let (_, action) = feed(&mut s, "EHLO c.test\r\nAUTH PLAIN AGFwcABwdw==\r\n");
-        let Action::Authenticate { username, password } = action else {
-            panic!("no auth")
-        };
-        assert_eq!((username.as_str(), password.as_str()), ("app", "pw"));
-        s.auth_result(Some(username));
-        let (codes, _) = feed(
-            &mut s,
-            "MAIL FROM:<a@evil.test>\r\nMAIL FROM:<a@ok.test>\r\n",
-        );
-        assert_eq!(codes, ["235 2.7.0", "550 5.7.1", "250 2.1.0"]);
-    }
-
-    #[test]
-    fn auth_login_exchange() {
-        let cfg = config(TlsMode::Implicit, true);
-        let mut s = Session::new(
-            cfg,
-            "127.0.0.1:5000".parse().unwrap(),
-            false,
-            Some("TLSv1.3".into()),
-        );
-        let out = {
-            s.process(b"EHLO c.test\r\n");
-            String::from_utf8(std::mem::take(s.output())).unwrap()
-        };
-        assert!(out.contains("250-AUTH PLAIN LOGIN\r\n"), "{out}");
-        let (codes, _) = feed(&mut s, "AUTH LOGIN\r\n");
-        assert_eq!(codes, ["334 VXNlcm5hbWU6"]);
-        let (codes, _) = feed(&mut s, "YXBw\r\n");
-        assert_eq!(codes, ["334 UGFzc3dvcmQ6"]);
-        let (_, action) = feed(&mut s, "d3Jvbmc=\r\n");
-        assert!(matches!(action, Action::Authenticate { .. }));
-        s.auth_result(None);
-        assert_eq!(feed(&mut s, "").0, ["535 5.7.8"]);
-    }
-
-    #[test]
-    fn overlong_command_line_is_refused_and_skipped() {
-        let mut s = session(true);
-        feed(&mut s, "EHLO c.test\r\n");
-        let long = "NOOP ".to_owned() + &"x".repeat(3000);
-        let (codes, _) = feed(&mut s, &long);
-        assert_eq!(codes, ["500 5.5.2"]);
-        let (codes, _) = feed(&mut s, "yyy\r\nNOOP\r\n");
-        assert_eq!(codes, ["250 2.0.0"]);
-    }
-}
+mod tests;

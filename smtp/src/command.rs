@@ -4,7 +4,7 @@
 //! parameters. Which parameters are acceptable depends on what the session advertised, so that check is the
 //! session's; this module only parses.
 
-use super::address::{self, AddressError, Mailbox, ReversePath};
+use crate::address::{self, AddressError, Mailbox, ReversePath};
 
 /// A parsed command.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,812 @@
+//! The queue's decisions, with no I/O, no clock and no randomness: the shell (`queue::mod`) passes `now`
+//! and the retry jitter in, and carries out the [`Action`]s that come back (open a connection, write the
+//! spool, count, emit, suppress, send a DSN). Everything the queue promises is decided here and tested
+//! here, property tests included.
+//!
+//! A destination is a recipient domain (or, in smarthost mode, the smarthost) together with the source pool
+//! of the sender's domain. Each has at most `max_connections` connections; a connection carries up to
+//! `messages_per_connection` messages, asking for the next one as it finishes the last. Nothing is ever
+//! scanned to find work: each destination has a FIFO of ready messages, and deferred messages sit in a
+//! timer heap keyed by their next attempt, so the cost of a decision does not grow with the queue.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::outcome::dsn;
+use crate::outcome::{Category, Class};
+use crate::spool::{Location, MessageMeta, QueueId, RcptState, RcptStatus, RcptUpdate};
+use herald_config::{Config, Retry};
+
+use super::{Attempt, DestKey, Job, MessageView, NewEntry, RecipientView, Reply};
+
+/// The retry jitter band: a delay is the nominal one times a factor in `[1 - JITTER, 1 + JITTER)`.
+pub const JITTER: f64 = 0.1;
+
+/// Routing facts from the config and the return paths in force.
+#[derive(Debug, Clone, Default)]
+pub struct Routing {
+    /// Everything goes to the smarthost.
+    pub smarthost: bool,
+    /// Sender domain (lower case) to its IP pool.
+    pub pools: HashMap<String, Arc<str>>,
+    /// Return-path domains (lower case): mail to them is the relay's own, and a bounce of mail from them
+    /// gets no DSN (it would come straight back as a report about itself).
+    pub local: HashSet<String>,
+}
+
+/// What the core needs from the config; replaced whole by a reload.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub retry: Retry,
+    pub max_age: Duration,
+    pub max_connections: usize,
+    pub routing: Routing,
+}
+
+impl Settings {
+    /// The settings of `config`, with `local` as the return-path domains in force.
+    pub fn new(config: &Config, local: HashSet<String>) -> Settings {
+        Settings {
+            retry: config.delivery.retry.clone(),
+            max_age: config.delivery.max_age,
+            max_connections: config.delivery.per_domain.max_connections as usize,
+            routing: Routing {
+                smarthost: config.delivery.smarthost.is_some(),
+                pools: config
+                    .domains
+                    .iter()
+                    .filter_map(|d| {
+                        Some((
+                            d.name.to_ascii_lowercase(),
+                            Arc::from(d.ip_pool.as_deref()?),
+                        ))
+                    })
+                    .collect(),
+                local,
+            },
+        }
+    }
+
+    /// The nominal delay before attempt `attempts + 1`: `first × factor^(attempts-1)`, at most `max`.
+    pub fn nominal_delay(&self, attempts: u16) -> Duration {
+        let r = &self.retry;
+        let exp = r.factor.powi(i32::from(attempts.saturating_sub(1)).min(64));
+        Duration::from_secs_f64((r.first.as_secs_f64() * exp).min(r.max.as_secs_f64()))
+    }
+}
+
+/// A classifier's verdict on a failure reply.
+pub type Verdict = (Class, Category);
+
+/// Something for the shell to do.
+#[derive(Debug)]
+pub enum Action {
+    /// Open a delivery connection for this job; its destination has room.
+    Start(Job),
+    /// Write these recipient states to the spool.
+    Record {
+        id: QueueId,
+        updates: Vec<RcptUpdate>,
+    },
+    /// What became of one recipient in an attempt: counted, emitted and logged by the shell.
+    Outcome(Outcome),
+    /// Put this recipient on the suppression list.
+    Suppress {
+        id: QueueId,
+        sender: String,
+        recipient: String,
+        reason: String,
+    },
+    /// Tell the sender about these failed recipients.
+    Dsn {
+        meta: Arc<MessageMeta>,
+        location: Location,
+        failures: Vec<dsn::Failure>,
+    },
+    /// Failed recipients whose sender gets no DSN, and why.
+    NoDsn {
+        id: QueueId,
+        failed: usize,
+        why: &'static str,
+    },
+}
+
+/// One recipient's result in one attempt.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub id: QueueId,
+    pub sender: String,
+    pub recipient: String,
+    /// Deferred, delivered, bounced or expired.
+    pub status: RcptStatus,
+    pub reply: Reply,
+    pub verdict: Option<Verdict>,
+    pub attempts: u16,
+    /// Time since the message was accepted; the delivery latency when the outcome is final.
+    pub age_ms: u64,
+}
+
+struct Entry {
+    meta: Arc<MessageMeta>,
+    location: Location,
+    states: Vec<RcptState>,
+    in_flight: Vec<bool>,
+    replies: Vec<Option<Box<str>>>,
+}
+
+#[derive(Default)]
+struct Dest {
+    ready: VecDeque<QueueId>,
+    connections: usize,
+}
+
+/// A copy-forward of the oldest spool segment that the shell carries out.
+#[derive(Debug)]
+pub struct Compaction {
+    pub segment: u64,
+    /// Messages to copy (none: the segment only needs deleting).
+    pub copies: Vec<(QueueId, Arc<MessageMeta>, Vec<RcptState>, Location)>,
+}
+
+/// What follows a copy-forward.
+#[derive(Debug)]
+pub struct Moved {
+    /// State records to write again: a state may have changed while the copy was made.
+    pub rewrite: Vec<(QueueId, Vec<RcptUpdate>)>,
+    /// Messages that finished meanwhile, to record as deleted.
+    pub deleted: Vec<QueueId>,
+    /// The old segment can go once those writes are durable.
+    pub reclaim: bool,
+}
+
+/// Every message waiting for delivery and every decision about it.
+pub struct Core {
+    settings: Settings,
+    messages: BTreeMap<QueueId, Entry>,
+    dests: HashMap<DestKey, Dest>,
+    timers: BinaryHeap<Reverse<(u64, QueueId)>>,
+    /// Live messages and bytes per spool segment.
+    segments: BTreeMap<u64, (usize, u64)>,
+    /// Messages with recipients still pending, per destination domain (for `herald_queue_depth`).
+    depth: HashMap<String, i64>,
+    stopping: bool,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("messages", &self.messages.len())
+            .field("destinations", &self.dests.len())
+            .finish_non_exhaustive()
+    }
+}
+
+pub fn domain_of(address: &str) -> &str {
+    address.rsplit_once('@').map_or("", |(_, d)| d)
+}
+
+/// The distinct domains (lower case) of a message's recipients that have no final outcome yet.
+pub fn pending_domains(recipients: &[String], states: &[RcptState]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (r, s) in recipients.iter().zip(states) {
+        if s.status.is_final() {
+            continue;
+        }
+        let d = domain_of(r).to_ascii_lowercase();
+        if !out.contains(&d) {
+            out.push(d);
+        }
+    }
+    out
+}
+
+impl Core {
+    pub fn new(settings: Settings) -> Core {
+        Core {
+            settings,
+            messages: BTreeMap::new(),
+            dests: HashMap::new(),
+            timers: BinaryHeap::new(),
+            segments: BTreeMap::new(),
+            depth: HashMap::new(),
+            stopping: false,
+        }
+    }
+
+    /// Messages in the queue.
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    /// When the oldest message was accepted (Unix ms). Queue ids grow with the time of acceptance, so the
+    /// first id is the oldest message, found without a scan.
+    pub fn oldest_received_ms(&self) -> Option<u64> {
+        self.messages.values().next().map(|e| e.meta.received_at_ms)
+    }
+
+    /// Messages with pending recipients per destination domain.
+    pub fn depth(&self) -> Vec<(String, i64)> {
+        self.depth.iter().map(|(d, n)| (d.clone(), *n)).collect()
+    }
+
+    /// When the next deferred recipient is due (Unix ms).
+    pub fn next_due(&self) -> Option<u64> {
+        self.timers.peek().map(|Reverse((due, _))| *due)
+    }
+
+    /// No connection is open: after [`Core::stop`], the shell may finish.
+    pub fn idle(&self) -> bool {
+        self.dests.values().all(|d| d.connections == 0)
+    }
+
+    /// Hands out no more work; connections still open report back and close.
+    pub fn stop(&mut self) {
+        self.stopping = true;
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping
+    }
+
+    /// New settings from a reload. Routing may have changed (pools, smarthost, return-path domains), so
+    /// every waiting message is routed again; a larger connection cap is used at once.
+    pub fn reconfigure(&mut self, settings: Settings, now: u64) -> Vec<Action> {
+        self.settings = settings;
+        for d in self.dests.values_mut() {
+            d.ready.clear();
+        }
+        self.dests.retain(|_, d| d.connections > 0);
+        let ids: Vec<QueueId> = self.messages.keys().copied().collect();
+        let mut out = Vec::new();
+        for id in ids {
+            self.make_ready(id, now, &mut out);
+        }
+        out
+    }
+
+    /// Adds a spooled message.
+    pub fn insert(&mut self, new: NewEntry, now: u64) -> Vec<Action> {
+        let id = new.meta.id;
+        let n = new.meta.recipients.len();
+        let seg = self.segments.entry(new.location.segment).or_default();
+        seg.0 += 1;
+        seg.1 += new.location.len;
+        let mut states = new.states;
+        states.resize(n, RcptState::QUEUED);
+        let pending = pending_domains(&new.meta.recipients, &states);
+        self.adjust_depth(&pending, 1);
+        self.messages.insert(
+            id,
+            Entry {
+                meta: Arc::new(new.meta),
+                location: new.location,
+                states,
+                in_flight: vec![false; n],
+                replies: Vec::new(),
+            },
+        );
+        let mut out = Vec::new();
+        self.make_ready(id, now, &mut out);
+        out
+    }
+
+    /// Records an attempt: each recipient is delivered, deferred (its next attempt a jittered backoff
+    /// away, never past its expiry), bounced, or expired. `verdicts[i]` classifies `attempt.results[i]`
+    /// when it is a failure; `jitter` is drawn uniformly from [0, 1) for this attempt.
+    pub fn record(
+        &mut self,
+        attempt: &Attempt,
+        verdicts: &[Option<Verdict>],
+        now: u64,
+        jitter: f64,
+    ) -> Vec<Action> {
+        let id = attempt.id;
+        let max_age = self.settings.max_age.as_millis() as u64;
+        let mut out = Vec::new();
+        let Some(e) = self.messages.get_mut(&id) else {
+            return out;
+        };
+        let pending_before = pending_domains(&e.meta.recipients, &e.states);
+        let expires_at = e.meta.received_at_ms.saturating_add(max_age);
+        let mut updates = Vec::with_capacity(attempt.results.len());
+        let mut failures = Vec::new();
+        let mut any_deferred = false;
+        let n = e.states.len();
+        for (k, (idx, reply)) in attempt.results.iter().enumerate() {
+            let i = *idx as usize;
+            let (Some(st), Some(flag)) = (e.states.get_mut(i), e.in_flight.get_mut(i)) else {
+                continue;
+            };
+            if st.status.is_final() {
+                // A recipient has one final outcome; a second report about it changes nothing.
+                continue;
+            }
+            *flag = false;
+            st.attempts = st.attempts.saturating_add(1);
+            let rcpt = &e.meta.recipients[i];
+            let verdict = if reply.code >= 400 {
+                verdicts.get(k).copied().flatten()
+            } else {
+                None
+            };
+            if reply.code < 400 {
+                st.status = RcptStatus::Delivered;
+            } else if reply.code < 500 && now < expires_at {
+                st.status = RcptStatus::Deferred;
+                let nominal = self.settings.nominal_delay(st.attempts).as_secs_f64();
+                let factor = 1.0 - JITTER + jitter.clamp(0.0, 1.0) * 2.0 * JITTER;
+                let backoff = (nominal * factor * 1000.0) as u64;
+                st.next_attempt_ms = now.saturating_add(backoff).min(expires_at);
+                any_deferred = true;
+            } else {
+                let expired = reply.code < 500;
+                st.status = if expired {
+                    RcptStatus::Expired
+                } else {
+                    RcptStatus::Bounced
+                };
+                if let Some((class, category)) = verdict
+                    && class == Class::Hard
+                    && category.suppresses()
+                {
+                    out.push(Action::Suppress {
+                        id,
+                        sender: e.meta.sender.clone(),
+                        recipient: rcpt.clone(),
+                        reason: reply.to_string(),
+                    });
+                }
+                failures.push(dsn::Failure {
+                    recipient: rcpt.clone(),
+                    status: if expired {
+                        "4.4.7".to_owned()
+                    } else {
+                        reply
+                            .enhanced
+                            .clone()
+                            .unwrap_or_else(|| format!("{}.0.0", reply.code / 100))
+                    },
+                    diagnostic: if expired {
+                        format!("delivery time expired; last error: {reply}")
+                    } else {
+                        reply.to_string()
+                    },
+                    remote_mta: attempt.remote_mta.clone(),
+                    remote: reply.remote,
+                });
+            }
+            if reply.code >= 400 {
+                if e.replies.is_empty() {
+                    e.replies = vec![None; n];
+                }
+                e.replies[i] = Some(reply.to_string().into_boxed_str());
+            }
+            out.push(Action::Outcome(Outcome {
+                id,
+                sender: e.meta.sender.clone(),
+                recipient: rcpt.clone(),
+                status: st.status,
+                reply: reply.clone(),
+                verdict,
+                attempts: st.attempts,
+                age_ms: now.saturating_sub(e.meta.received_at_ms),
+            }));
+            updates.push(RcptUpdate {
+                index: *idx,
+                state: *st,
+            });
+        }
+        out.push(Action::Record { id, updates });
+        let pending_after = pending_domains(&e.meta.recipients, &e.states);
+        let meta = e.meta.clone();
+        let location = e.location;
+        let done = e.states.iter().all(|s| s.status.is_final());
+        let gone: Vec<String> = pending_before
+            .into_iter()
+            .filter(|d| !pending_after.contains(d))
+            .collect();
+        self.adjust_depth(&gone, -1);
+        if !failures.is_empty() {
+            if meta.sender.is_empty() {
+                out.push(Action::NoDsn {
+                    id,
+                    failed: failures.len(),
+                    why: "bounce of a message from the null sender: no DSN",
+                });
+            } else if self.is_local(domain_of(&meta.sender)) {
+                out.push(Action::NoDsn {
+                    id,
+                    failed: failures.len(),
+                    why: "bounce of a message from a return-path address: no DSN",
+                });
+            } else {
+                out.push(Action::Dsn {
+                    meta,
+                    location,
+                    failures,
+                });
+            }
+        }
+        if done {
+            self.remove(id);
+        } else if any_deferred {
+            self.make_ready(id, now, &mut out);
+        }
+        out
+    }
+
+    /// The next job for a destination: the first ready message that still has due recipients there.
+    /// None while stopping.
+    pub fn next_job(&mut self, key: &DestKey, now: u64) -> Option<Job> {
+        if self.stopping {
+            return None;
+        }
+        loop {
+            let id = self.dests.get_mut(key)?.ready.pop_front()?;
+            let Some(e) = self.messages.get(&id) else {
+                continue;
+            };
+            let mut rcpts = Vec::new();
+            let mut target = None;
+            for (i, s) in e.states.iter().enumerate() {
+                if s.status.is_final()
+                    || e.in_flight[i]
+                    || (s.status == RcptStatus::Deferred && s.next_attempt_ms > now)
+                {
+                    continue;
+                }
+                if let Some((k, domain, pool)) = dest_of(
+                    &self.settings.routing,
+                    &e.meta.sender,
+                    &e.meta.recipients[i],
+                ) && k == *key
+                {
+                    rcpts.push(i as u32);
+                    target.get_or_insert((domain, pool));
+                }
+            }
+            let Some((domain, pool)) = target else {
+                continue;
+            };
+            let job = Job {
+                id,
+                dest: key.clone(),
+                domain,
+                pool,
+                meta: e.meta.clone(),
+                location: e.location,
+                rcpts,
+            };
+            if let Some(e) = self.messages.get_mut(&id) {
+                for &i in &job.rcpts {
+                    e.in_flight[i as usize] = true;
+                }
+            }
+            return Some(job);
+        }
+    }
+
+    /// A connection of `key` closed: its slot is free for ready work.
+    pub fn connection_closed(&mut self, key: &DestKey, now: u64) -> Vec<Action> {
+        if let Some(d) = self.dests.get_mut(key) {
+            d.connections = d.connections.saturating_sub(1);
+            if d.connections == 0 && d.ready.is_empty() {
+                self.dests.remove(key);
+                return Vec::new();
+            }
+        }
+        let mut out = Vec::new();
+        self.kick(key, now, &mut out);
+        out
+    }
+
+    /// A job that was never attempted goes back to the ready list.
+    pub fn give_back(&mut self, job: &Job, now: u64) -> Vec<Action> {
+        if let Some(e) = self.messages.get_mut(&job.id) {
+            for &i in &job.rcpts {
+                if let Some(f) = e.in_flight.get_mut(i as usize) {
+                    *f = false;
+                }
+            }
+        }
+        let mut out = Vec::new();
+        self.make_ready(job.id, now, &mut out);
+        out
+    }
+
+    /// Makes ready the messages whose deferred recipients are due by `now`.
+    pub fn due(&mut self, now: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        while let Some(Reverse((due, id))) = self.timers.peek().copied() {
+            if due > now {
+                break;
+            }
+            self.timers.pop();
+            self.make_ready(id, now, &mut out);
+        }
+        out
+    }
+
+    /// Retries deferred recipients now (of one message, or all). False when `id` is not queued.
+    pub fn flush(&mut self, id: Option<QueueId>, now: u64) -> (bool, Vec<Action>) {
+        let ids: Vec<QueueId> = match id {
+            Some(id) => self
+                .messages
+                .contains_key(&id)
+                .then_some(id)
+                .into_iter()
+                .collect(),
+            None => self.messages.keys().copied().collect(),
+        };
+        let found = !ids.is_empty();
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(e) = self.messages.get_mut(&id) {
+                for s in &mut e.states {
+                    if s.status == RcptStatus::Deferred {
+                        s.next_attempt_ms = now;
+                    }
+                }
+            }
+            self.make_ready(id, now, &mut out);
+        }
+        (found, out)
+    }
+
+    /// Removes a message (an operator's delete, or every recipient final). False when not queued.
+    pub fn remove(&mut self, id: QueueId) -> bool {
+        let Some(e) = self.messages.remove(&id) else {
+            return false;
+        };
+        let pending = pending_domains(&e.meta.recipients, &e.states);
+        self.adjust_depth(&pending, -1);
+        if let Some(seg) = self.segments.get_mut(&e.location.segment) {
+            seg.0 = seg.0.saturating_sub(1);
+            seg.1 = seg.1.saturating_sub(e.location.len);
+        }
+        true
+    }
+
+    pub fn list(&self, limit: usize) -> (usize, Vec<MessageView>) {
+        let views = self
+            .messages
+            .iter()
+            .take(limit)
+            .map(|(id, e)| view(*id, e))
+            .collect();
+        (self.messages.len(), views)
+    }
+
+    pub fn get(&self, id: QueueId) -> Option<MessageView> {
+        self.messages.get(&id).map(|e| view(id, e))
+    }
+
+    /// The state of recipient `index` of message `id`, if it is queued.
+    pub fn state(&self, id: QueueId, index: usize) -> Option<RcptState> {
+        self.messages.get(&id)?.states.get(index).copied()
+    }
+
+    /// What to do about the oldest closed spool segment, if anything: delete it when nothing in it is
+    /// queued, or copy forward the few messages that keep a mostly finished one alive. `segments` are the
+    /// spool's (number, bytes), oldest first; `current` is the segment being written.
+    pub fn plan_compaction(&self, current: u64, segments: &[(u64, u64)]) -> Option<Compaction> {
+        let &(oldest, size) = segments.first()?;
+        if oldest >= current {
+            return None;
+        }
+        let (live, live_bytes) = self.segments.get(&oldest).copied().unwrap_or((0, 0));
+        let closed = segments.iter().filter(|(n, _)| *n < current).count();
+        let mut copies = Vec::new();
+        if live > 0 {
+            // Copy forward only when it frees much more than it writes.
+            if closed < 2 || live_bytes * 2 > size {
+                return None;
+            }
+            for (id, e) in &self.messages {
+                if e.location.segment == oldest && !e.in_flight.iter().any(|f| *f) {
+                    copies.push((*id, e.meta.clone(), e.states.clone(), e.location));
+                }
+                if copies.len() == live {
+                    break;
+                }
+            }
+            if copies.len() < live {
+                // Some are being delivered right now; try again later.
+                return None;
+            }
+        }
+        Some(Compaction {
+            segment: oldest,
+            copies,
+        })
+    }
+
+    /// Points copied messages at their new records.
+    pub fn moved(&mut self, segment: u64, moved: Vec<(QueueId, Location)>, done: bool) -> Moved {
+        let mut rewrite = Vec::new();
+        let mut deleted = Vec::new();
+        for (id, new) in moved {
+            let Some(e) = self.messages.get_mut(&id) else {
+                deleted.push(id);
+                continue;
+            };
+            if e.location.segment == segment {
+                let old = e.location;
+                e.location = new;
+                if let Some(seg) = self.segments.get_mut(&old.segment) {
+                    seg.0 = seg.0.saturating_sub(1);
+                    seg.1 = seg.1.saturating_sub(old.len);
+                }
+                let seg = self.segments.entry(new.segment).or_default();
+                seg.0 += 1;
+                seg.1 += new.len;
+            }
+            let updates = e
+                .states
+                .iter()
+                .enumerate()
+                .map(|(i, s)| RcptUpdate {
+                    index: i as u32,
+                    state: *s,
+                })
+                .collect();
+            rewrite.push((id, updates));
+        }
+        let live = self.segments.get(&segment).map_or(0, |s| s.0);
+        let reclaim = done && live == 0;
+        if reclaim {
+            self.segments.remove(&segment);
+        }
+        Moved {
+            rewrite,
+            deleted,
+            reclaim,
+        }
+    }
+
+    fn is_local(&self, domain: &str) -> bool {
+        self.settings
+            .routing
+            .local
+            .contains(&domain.to_ascii_lowercase())
+    }
+
+    fn adjust_depth(&mut self, domains: &[String], by: i64) {
+        for d in domains {
+            let n = self.depth.entry(d.clone()).or_insert(0);
+            *n += by;
+            if *n <= 0 {
+                self.depth.remove(d);
+            }
+        }
+    }
+
+    /// Puts a message on the ready list of every destination that has a recipient due now, and arms a timer
+    /// for the ones due later.
+    fn make_ready(&mut self, id: QueueId, now: u64, out: &mut Vec<Action>) {
+        let Some(e) = self.messages.get(&id) else {
+            return;
+        };
+        let mut dests: Vec<DestKey> = Vec::new();
+        let mut earliest: Option<u64> = None;
+        for (i, s) in e.states.iter().enumerate() {
+            if s.status.is_final() || e.in_flight[i] {
+                continue;
+            }
+            if s.status == RcptStatus::Deferred && s.next_attempt_ms > now {
+                earliest =
+                    Some(earliest.map_or(s.next_attempt_ms, |t: u64| t.min(s.next_attempt_ms)));
+                continue;
+            }
+            if let Some((key, _, _)) = dest_of(
+                &self.settings.routing,
+                &e.meta.sender,
+                &e.meta.recipients[i],
+            ) && !dests.contains(&key)
+            {
+                dests.push(key);
+            }
+        }
+        if let Some(t) = earliest {
+            self.timers.push(Reverse((t, id)));
+        }
+        for key in dests {
+            self.dests
+                .entry(key.clone())
+                .or_default()
+                .ready
+                .push_back(id);
+            self.kick(&key, now, out);
+        }
+    }
+
+    /// Starts connections for a destination while it has ready work and room.
+    fn kick(&mut self, key: &DestKey, now: u64, out: &mut Vec<Action>) {
+        if self.stopping {
+            return;
+        }
+        let max = self.settings.max_connections;
+        loop {
+            let Some(d) = self.dests.get(key) else { return };
+            if d.connections >= max || d.ready.is_empty() {
+                return;
+            }
+            let Some(job) = self.next_job(key, now) else {
+                return;
+            };
+            if let Some(d) = self.dests.get_mut(key) {
+                d.connections += 1;
+            }
+            out.push(Action::Start(job));
+        }
+    }
+}
+
+/// The destination of recipient `address` of a message from `sender`; None for return-path domains,
+/// whose mail is the relay's own and is not delivered by MX.
+fn dest_of(
+    routing: &Routing,
+    sender: &str,
+    address: &str,
+) -> Option<(DestKey, Arc<str>, Option<Arc<str>>)> {
+    let domain = domain_of(address).to_ascii_lowercase();
+    if routing.local.contains(&domain) {
+        return None;
+    }
+    let pool = routing
+        .pools
+        .get(&domain_of(sender).to_ascii_lowercase())
+        .cloned();
+    let target = if routing.smarthost {
+        "[smarthost]".to_owned()
+    } else {
+        domain.clone()
+    };
+    let key = match &pool {
+        Some(p) => format!("{p}/{target}"),
+        None => target,
+    };
+    Some((Arc::from(key), Arc::from(domain), pool))
+}
+
+fn view(id: QueueId, e: &Entry) -> MessageView {
+    let ts = |ms: u64| {
+        chrono::DateTime::from_timestamp_millis(ms as i64)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default()
+    };
+    MessageView {
+        id: id.to_string(),
+        sender: e.meta.sender.clone(),
+        recipients: e.meta.recipients.clone(),
+        size: e.location.len,
+        received_at: ts(e.meta.received_at_ms),
+        listener: e.meta.listener.clone(),
+        status: e
+            .meta
+            .recipients
+            .iter()
+            .zip(&e.states)
+            .enumerate()
+            .map(|(i, (r, s))| RecipientView {
+                recipient: r.clone(),
+                state: s.status.as_str(),
+                attempts: s.attempts,
+                next_attempt: (s.status == RcptStatus::Deferred).then(|| ts(s.next_attempt_ms)),
+                last_reply: e
+                    .replies
+                    .get(i)
+                    .and_then(|r| r.as_deref().map(str::to_owned)),
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,563 @@
+//! The queue core against its contract: every recipient reaches exactly one final outcome or stays queued;
+//! none is both delivered and bounced; each retry delay stays within the jitter band around
+//! `min(max, first × factor^n)` (and never past expiry); expiry and bounces yield a DSN for every sender
+//! but the null sender and return-path senders. Unit tests for the cases, property tests for the rest.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::spool::{Location, MessageMeta, QueueId, RcptState, RcptStatus};
+
+const T0: u64 = 1_700_000_000_000;
+const DAY: u64 = 86_400_000;
+
+fn settings() -> Settings {
+    Settings {
+        retry: Retry {
+            first: Duration::from_secs(60),
+            max: Duration::from_secs(3600),
+            factor: 2.0,
+        },
+        max_age: Duration::from_millis(DAY),
+        max_connections: 2,
+        routing: Routing {
+            smarthost: false,
+            pools: HashMap::new(),
+            local: HashSet::from(["bounces.test".to_owned()]),
+        },
+    }
+}
+
+fn message(id: u64, sender: &str, recipients: &[&str]) -> NewEntry {
+    NewEntry {
+        meta: MessageMeta {
+            id: QueueId(id),
+            received_at_ms: T0,
+            smtputf8: false,
+            eight_bit: false,
+            listener: "test".to_owned(),
+            auth_user: None,
+            peer: "127.0.0.1:1".to_owned(),
+            sender: sender.to_owned(),
+            recipients: recipients.iter().map(|r| (*r).to_owned()).collect(),
+        },
+        states: Vec::new(),
+        location: Location {
+            segment: 1,
+            offset: id * 100,
+            len: 100,
+        },
+    }
+}
+
+fn reply(code: u16) -> Reply {
+    Reply {
+        code,
+        enhanced: Some(format!("{}.0.0", code / 100)),
+        text: "test".to_owned(),
+        remote: true,
+    }
+}
+
+fn attempt(job: &Job, code: u16) -> Attempt {
+    Attempt {
+        id: job.id,
+        results: job.rcpts.iter().map(|&i| (i, reply(code))).collect(),
+        remote_mta: Some("mx.test".to_owned()),
+        domain: job.domain.clone(),
+        tls: None,
+    }
+}
+
+fn verdicts(a: &Attempt) -> Vec<Option<Verdict>> {
+    a.results
+        .iter()
+        .map(|(_, r)| match r.code {
+            550 => Some((Class::Hard, Category::InvalidRecipient)),
+            554 => Some((Class::Hard, Category::PolicyBlock)),
+            c if c >= 400 => Some((Class::Soft, Category::TransientOther)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn starts(actions: &[Action]) -> Vec<Job> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Start(j) => Some(j.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_message_is_handed_out_once_per_destination_within_the_connection_cap() {
+    let mut core = Core::new(settings());
+    let jobs = starts(&core.insert(
+        message(
+            1,
+            "a@example.test",
+            &["x@one.test", "y@two.test", "z@one.test"],
+        ),
+        T0,
+    ));
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    let one = jobs.iter().find(|j| &*j.domain == "one.test").unwrap();
+    assert_eq!(one.rcpts, vec![0, 2]);
+    // A third message to one.test while both slots of one.test are not taken: max_connections is 2.
+    let more = starts(&core.insert(message(2, "a@example.test", &["w@one.test"]), T0));
+    assert_eq!(more.len(), 1);
+    assert!(starts(&core.insert(message(3, "a@example.test", &["v@one.test"]), T0)).is_empty());
+}
+
+#[test]
+fn a_deferral_waits_the_nominal_delay_times_the_jitter() {
+    let mut core = Core::new(settings());
+    let job = starts(&core.insert(message(1, "a@example.test", &["x@one.test"]), T0)).remove(0);
+    let a = attempt(&job, 451);
+    core.record(&a, &verdicts(&a), T0, 0.5);
+    let st = core.state(QueueId(1), 0).unwrap();
+    assert_eq!((st.status, st.attempts), (RcptStatus::Deferred, 1));
+    assert_eq!(st.next_attempt_ms, T0 + 60_000);
+    assert_eq!(core.next_due(), Some(T0 + 60_000));
+    assert!(starts(&core.due(T0 + 59_999)).is_empty());
+    // The connection that carried it still holds one slot; the second slot takes the retry.
+    let again = starts(&core.due(T0 + 60_000));
+    assert_eq!(
+        again.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![QueueId(1)]
+    );
+}
+
+#[test]
+fn a_hard_invalid_recipient_bounce_suppresses_and_reports_to_the_sender() {
+    let mut core = Core::new(settings());
+    let job = starts(&core.insert(message(1, "a@example.test", &["x@one.test"]), T0)).remove(0);
+    let a = attempt(&job, 550);
+    let actions = core.record(&a, &verdicts(&a), T0 + 5, 0.0);
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Suppress { recipient, .. } if recipient == "x@one.test"))
+    );
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Dsn { failures, .. } if failures.len() == 1))
+    );
+    assert!(core.is_empty());
+}
+
+#[test]
+fn a_policy_block_bounces_without_suppressing() {
+    let mut core = Core::new(settings());
+    let job = starts(&core.insert(message(1, "a@example.test", &["x@one.test"]), T0)).remove(0);
+    let a = attempt(&job, 554);
+    let actions = core.record(&a, &verdicts(&a), T0, 0.0);
+    assert!(!actions.iter().any(|a| matches!(a, Action::Suppress { .. })));
+    assert!(actions.iter().any(|a| matches!(a, Action::Dsn { .. })));
+}
+
+#[test]
+fn null_and_return_path_senders_get_no_dsn() {
+    for sender in ["", "b+token@bounces.test"] {
+        let mut core = Core::new(settings());
+        let job = starts(&core.insert(message(1, sender, &["x@one.test"]), T0)).remove(0);
+        let a = attempt(&job, 550);
+        let actions = core.record(&a, &verdicts(&a), T0, 0.0);
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Dsn { .. })),
+            "{sender:?}"
+        );
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::NoDsn { failed: 1, .. })),
+            "{sender:?}"
+        );
+    }
+}
+
+#[test]
+fn a_temporary_failure_past_expiry_expires_with_status_4_4_7() {
+    let mut core = Core::new(settings());
+    let job = starts(&core.insert(message(1, "a@example.test", &["x@one.test"]), T0)).remove(0);
+    let a = attempt(&job, 451);
+    let actions = core.record(&a, &verdicts(&a), T0 + DAY, 0.0);
+    let failures = actions.iter().find_map(|a| match a {
+        Action::Dsn { failures, .. } => Some(failures),
+        _ => None,
+    });
+    assert_eq!(failures.map(|f| f[0].status.as_str()), Some("4.4.7"));
+}
+
+#[test]
+fn a_reload_to_a_smarthost_routes_waiting_mail_there() {
+    let mut s = settings();
+    s.max_connections = 1;
+    let mut core = Core::new(s.clone());
+    let first = starts(&core.insert(message(1, "a@example.test", &["x@one.test"]), T0));
+    assert_eq!(first.len(), 1);
+    // Waiting behind the first: the one.test slot is taken.
+    assert!(starts(&core.insert(message(2, "a@example.test", &["y@one.test"]), T0)).is_empty());
+    s.routing.smarthost = true;
+    let moved = starts(&core.reconfigure(s, T0));
+    assert_eq!(moved.len(), 1);
+    assert_eq!((&*moved[0].dest, moved[0].id), ("[smarthost]", QueueId(2)));
+}
+
+#[test]
+fn a_larger_connection_cap_from_a_reload_is_used_at_once() {
+    let mut s = settings();
+    s.max_connections = 1;
+    let mut core = Core::new(s.clone());
+    for id in 1..=3 {
+        core.insert(message(id, "a@example.test", &["x@one.test"]), T0);
+    }
+    s.max_connections = 3;
+    assert_eq!(starts(&core.reconfigure(s, T0)).len(), 2);
+}
+
+#[test]
+fn stopping_hands_out_nothing_and_waits_for_open_connections() {
+    let mut s = settings();
+    s.max_connections = 1;
+    let mut core = Core::new(s);
+    let job = starts(&core.insert(message(1, "a@example.test", &["x@one.test"]), T0)).remove(0);
+    core.insert(message(2, "a@example.test", &["y@one.test"]), T0);
+    core.stop();
+    assert!(!core.idle());
+    assert!(core.next_job(&job.dest, T0).is_none());
+    let a = attempt(&job, 250);
+    core.record(&a, &verdicts(&a), T0, 0.0);
+    assert!(starts(&core.connection_closed(&job.dest, T0)).is_empty());
+    assert!(core.idle());
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Properties
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// The open connection `pick` (modulo their number) reports replies drawn from `codes`, and asks for
+    /// more work when `more`.
+    Answer {
+        pick: usize,
+        codes: Vec<u16>,
+        more: bool,
+        jitter: f64,
+    },
+    /// Time passes.
+    Wait(u64),
+    /// An operator flushes the queue.
+    Flush,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => (any::<usize>(), prop::collection::vec(prop::sample::select(vec![250u16, 251, 421, 451, 452, 550, 552, 554]), 1..4), any::<bool>(), 0.0..1.0f64)
+            .prop_map(|(pick, codes, more, jitter)| Step::Answer { pick, codes, more, jitter }),
+        3 => (1u64..(6 * 3_600_000)).prop_map(Step::Wait),
+        1 => Just(Step::Flush),
+    ]
+}
+
+fn messages() -> impl Strategy<Value = Vec<(String, Vec<String>)>> {
+    let sender = prop::sample::select(vec![
+        "",
+        "app@example.test",
+        "b+tok@bounces.test",
+        "other@example.org",
+    ]);
+    let rcpt = (
+        0usize..6,
+        prop::sample::select(vec!["one.test", "two.test", "three.test"]),
+    )
+        .prop_map(|(n, d)| format!("r{n}@{d}"));
+    prop::collection::vec(
+        (
+            sender.prop_map(str::to_owned),
+            prop::collection::hash_set(rcpt, 1..5).prop_map(|s| s.into_iter().collect()),
+        ),
+        1..8,
+    )
+}
+
+/// Drives a core the way the shell does, checking the contract at every step.
+struct Sim {
+    core: Core,
+    settings: Settings,
+    now: u64,
+    open: Vec<Job>,
+    senders: HashMap<QueueId, String>,
+    recipients: HashMap<QueueId, Vec<String>>,
+    finals: HashMap<(QueueId, u32), RcptStatus>,
+    /// Failed recipients reported to their sender in a DSN.
+    reported: HashMap<(QueueId, String), usize>,
+    /// Failed recipients whose sender gets no DSN.
+    unreported: usize,
+}
+
+impl Sim {
+    fn new(msgs: &[(String, Vec<String>)]) -> Sim {
+        let s = settings();
+        let mut sim = Sim {
+            core: Core::new(s.clone()),
+            settings: s,
+            now: T0,
+            open: Vec::new(),
+            senders: HashMap::new(),
+            recipients: HashMap::new(),
+            finals: HashMap::new(),
+            reported: HashMap::new(),
+            unreported: 0,
+        };
+        for (i, (sender, rcpts)) in msgs.iter().enumerate() {
+            let id = i as u64 + 1;
+            let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+            let actions = sim.core.insert(message(id, sender, &refs), T0);
+            sim.senders.insert(QueueId(id), sender.clone());
+            sim.recipients.insert(QueueId(id), rcpts.clone());
+            sim.take(actions);
+        }
+        sim
+    }
+
+    fn take(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Start(job) => self.open.push(job),
+                Action::Outcome(o) => self.outcome(&o),
+                Action::Dsn { meta, failures, .. } => {
+                    let sender = &self.senders[&meta.id];
+                    assert!(
+                        !sender.is_empty() && !sender.ends_with("@bounces.test"),
+                        "DSN to {sender:?}"
+                    );
+                    for f in failures {
+                        *self.reported.entry((meta.id, f.recipient)).or_default() += 1;
+                    }
+                }
+                Action::NoDsn { id, failed, .. } => {
+                    let sender = &self.senders[&id];
+                    assert!(
+                        sender.is_empty() || sender.ends_with("@bounces.test"),
+                        "no DSN to {sender:?}"
+                    );
+                    self.unreported += failed;
+                }
+                Action::Record { .. } | Action::Suppress { .. } => {}
+            }
+        }
+    }
+
+    fn outcome(&mut self, o: &Outcome) {
+        let index = self.recipients[&o.id]
+            .iter()
+            .position(|r| *r == o.recipient)
+            .unwrap() as u32;
+        if o.status.is_final() {
+            let before = self.finals.insert((o.id, index), o.status);
+            assert!(
+                before.is_none(),
+                "{} of {} had {before:?}, now {:?}",
+                o.recipient,
+                o.id,
+                o.status
+            );
+        }
+        if o.status == RcptStatus::Deferred {
+            let st = self.core.state(o.id, index as usize).unwrap();
+            let nominal = self.settings.nominal_delay(st.attempts).as_millis() as f64;
+            let expires = T0 + DAY;
+            let lo = ((self.now as f64 + nominal * (1.0 - JITTER)) as u64).min(expires);
+            let hi = ((self.now as f64 + nominal * (1.0 + JITTER)).ceil() as u64).min(expires);
+            assert!(
+                (lo.saturating_sub(1)..=hi + 1).contains(&st.next_attempt_ms),
+                "attempt {} deferred to +{} ms, band +{}..+{} ms",
+                st.attempts,
+                st.next_attempt_ms - self.now,
+                lo - self.now,
+                hi - self.now
+            );
+        }
+    }
+
+    fn answer(&mut self, pick: usize, codes: &[u16], more: bool, jitter: f64) {
+        if self.open.is_empty() {
+            return;
+        }
+        let job = self.open.swap_remove(pick % self.open.len());
+        let a = Attempt {
+            id: job.id,
+            results: job
+                .rcpts
+                .iter()
+                .enumerate()
+                .map(|(k, &i)| (i, reply(codes[k % codes.len()])))
+                .collect(),
+            remote_mta: None,
+            domain: job.domain.clone(),
+            tls: None,
+        };
+        let actions = self.core.record(&a, &verdicts(&a), self.now, jitter);
+        self.take(actions);
+        if more && let Some(next) = self.core.next_job(&job.dest, self.now) {
+            self.open.push(next);
+            return;
+        }
+        let actions = self.core.connection_closed(&job.dest, self.now);
+        self.take(actions);
+    }
+
+    /// Every recipient has one final outcome, or is still queued with a non-final state.
+    fn check_accounted(&self) {
+        for (id, rcpts) in &self.recipients {
+            for i in 0..rcpts.len() {
+                match (self.finals.get(&(*id, i as u32)), self.core.state(*id, i)) {
+                    (Some(_), Some(st)) => {
+                        assert!(st.status.is_final(), "{id} #{i} final but queued as {st:?}")
+                    }
+                    (None, Some(st)) => {
+                        assert!(!st.status.is_final(), "{id} #{i} final without an outcome")
+                    }
+                    (Some(_), None) => {}
+                    (None, None) => panic!("{id} #{i} left the queue without a final outcome"),
+                }
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_recipient_ends_once_and_every_failure_reaches_its_sender(
+        msgs in messages(),
+        steps in prop::collection::vec(step(), 0..60),
+    ) {
+        let mut sim = Sim::new(&msgs);
+        for s in &steps {
+            match s {
+                Step::Answer { pick, codes, more, jitter } => sim.answer(*pick, codes, *more, *jitter),
+                Step::Wait(ms) => {
+                    sim.now += ms;
+                    let actions = sim.core.due(sim.now);
+                    sim.take(actions);
+                }
+                Step::Flush => {
+                    let (_, actions) = sim.core.flush(None, sim.now);
+                    sim.take(actions);
+                }
+            }
+            sim.check_accounted();
+        }
+        // Past the expiry every connection fails temporarily: whatever is left must expire, with a DSN.
+        sim.now = sim.now.max(T0 + DAY) + 1;
+        let actions = sim.core.due(sim.now);
+        sim.take(actions);
+        for _ in 0..1000 {
+            if sim.open.is_empty() {
+                break;
+            }
+            sim.answer(0, &[451], true, 0.5);
+        }
+        sim.check_accounted();
+        prop_assert!(sim.core.is_empty(), "still queued after expiry: {:?}", sim.core.list(10).1);
+        prop_assert!(sim.core.idle());
+        let total: usize = sim.recipients.values().map(Vec::len).sum();
+        prop_assert_eq!(sim.finals.len(), total);
+        // Each failure of an ordinary sender is in exactly one DSN; the others are counted as unreported.
+        let mut failed_ordinary = 0;
+        let mut failed_silent = 0;
+        for ((id, i), status) in &sim.finals {
+            if *status == RcptStatus::Delivered {
+                continue;
+            }
+            let sender = &sim.senders[id];
+            if sender.is_empty() || sender.ends_with("@bounces.test") {
+                failed_silent += 1;
+            } else {
+                failed_ordinary += 1;
+                let rcpt = sim.recipients[id][*i as usize].clone();
+                prop_assert_eq!(sim.reported.get(&(*id, rcpt)).copied(), Some(1));
+            }
+        }
+        prop_assert_eq!(sim.reported.len(), failed_ordinary);
+        prop_assert_eq!(sim.unreported, failed_silent);
+    }
+
+    #[test]
+    fn the_nominal_delay_follows_the_schedule_and_its_cap(first in 1u64..3600, factor in 1.0f64..4.0, attempts in 1u16..40) {
+        let mut s = settings();
+        s.retry = Retry { first: Duration::from_secs(first), max: Duration::from_secs(4 * 3600), factor };
+        let want = (first as f64 * factor.powi(i32::from(attempts) - 1)).min(4.0 * 3600.0);
+        let got = s.nominal_delay(attempts).as_secs_f64();
+        prop_assert!((got - want).abs() < 1e-6 * want.max(1.0), "{got} vs {want}");
+    }
+}
+
+#[test]
+fn a_recipient_reported_twice_keeps_its_first_final_outcome() {
+    let mut core = Core::new(settings());
+    let job = starts(&core.insert(
+        message(1, "a@example.test", &["x@one.test", "y@one.test"]),
+        T0,
+    ))
+    .remove(0);
+    let a = Attempt {
+        id: job.id,
+        results: vec![(0, reply(250)), (1, reply(451))],
+        remote_mta: None,
+        domain: job.domain.clone(),
+        tls: None,
+    };
+    core.record(&a, &verdicts(&a), T0, 0.0);
+    // A confused connection reports recipient 0 again, as bounced.
+    let again = Attempt {
+        results: vec![(0, reply(550))],
+        ..a
+    };
+    let actions = core.record(&again, &verdicts(&again), T0, 0.0);
+    assert!(!actions.iter().any(|a| matches!(
+        a,
+        Action::Outcome(_) | Action::Dsn { .. } | Action::Suppress { .. }
+    )));
+    assert_eq!(
+        core.state(QueueId(1), 0).unwrap().status,
+        RcptStatus::Delivered
+    );
+}
+
+#[test]
+fn states_loaded_from_the_spool_keep_their_schedule() {
+    let mut core = Core::new(settings());
+    let mut m = message(1, "a@example.test", &["x@one.test", "y@two.test"]);
+    m.states = vec![
+        RcptState {
+            status: RcptStatus::Delivered,
+            attempts: 1,
+            next_attempt_ms: 0,
+        },
+        RcptState {
+            status: RcptStatus::Deferred,
+            attempts: 2,
+            next_attempt_ms: T0 + 1000,
+        },
+    ];
+    assert!(starts(&core.insert(m, T0)).is_empty());
+    assert_eq!(core.next_due(), Some(T0 + 1000));
+    let jobs = starts(&core.due(T0 + 1000));
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(
+        (&*jobs[0].domain, jobs[0].rcpts.clone()),
+        ("two.test", vec![1])
+    );
+    let _ = Arc::clone(&jobs[0].meta);
+}

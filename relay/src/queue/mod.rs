@@ -1,0 +1,778 @@
+//! The queue: every message waiting for delivery, and the scheduler that hands work to delivery.
+//!
+//! `core` decides (pure: `now` and the retry jitter are inputs, actions are outputs); this module is the
+//! shell around it. One task owns the core (an actor): sessions enqueue, delivery connections report
+//! results and ask for their next job, the admin API asks questions, all through one channel; the task
+//! runs the timers and carries out the core's actions: connections, spool writes, metrics, events,
+//! suppressions and DSNs.
+//!
+//! Recipient state changes are written to the spool as they happen, so a restart neither repeats a
+//! delivered recipient nor forgets a deferred one. A message leaves the queue when every recipient has a final
+//! outcome; its spool segment is reclaimed once nothing in it is still queued (see `spool`).
+
+pub mod core;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::events::Event;
+use crate::outcome::Rules;
+use crate::outcome::dsn;
+use crate::outcome::suppression::Suppressions;
+use crate::spool::{Location, MessageMeta, QueueId, RcptState, RcptStatus, Spool};
+use crate::telemetry::Telemetry;
+use herald_config::Config;
+
+use self::core::{Action, Compaction, Core, Outcome, Settings, domain_of};
+
+/// How often old spool segments are looked at for reclaiming.
+const COMPACT_EVERY: Duration = Duration::from_secs(10);
+/// How often the queue gauges are refreshed.
+const GAUGES_EVERY: Duration = Duration::from_secs(2);
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Where a group of recipients is delivered: `[pool/]domain`, or `[pool/][smarthost]`.
+pub type DestKey = Arc<str>;
+
+/// Work for one delivery connection: the recipients of one message that go to one destination.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: QueueId,
+    pub dest: DestKey,
+    /// The recipient domain (empty in smarthost mode, where the key is not a domain).
+    pub domain: Arc<str>,
+    pub pool: Option<Arc<str>>,
+    pub meta: Arc<MessageMeta>,
+    pub location: Location,
+    /// Indices into `meta.recipients`.
+    pub rcpts: Vec<u32>,
+}
+
+/// The reply or local verdict behind a recipient's outcome.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub code: u16,
+    pub enhanced: Option<String>,
+    pub text: String,
+    /// Whether a remote server said it (vs. a local verdict: DNS, connection, policy).
+    pub remote: bool,
+}
+
+impl std::fmt::Display for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.enhanced {
+            Some(e) => write!(f, "{} {} {}", self.code, e, self.text),
+            None => write!(f, "{} {}", self.code, self.text),
+        }
+    }
+}
+
+/// The result of one delivery attempt of a job.
+#[derive(Debug)]
+pub struct Attempt {
+    pub id: QueueId,
+    /// Per recipient index: the reply (2xx delivered, 4xx deferred, 5xx bounced).
+    pub results: Vec<(u32, Reply)>,
+    /// The host that answered, if any.
+    pub remote_mta: Option<String>,
+    /// The recipient domain, for the log.
+    pub domain: Arc<str>,
+    /// The TLS version of the connection, if encrypted.
+    pub tls: Option<String>,
+}
+
+/// One recipient as the admin API shows it.
+#[derive(Debug, Serialize)]
+pub struct RecipientView {
+    pub recipient: String,
+    pub state: &'static str,
+    pub attempts: u16,
+    pub next_attempt: Option<String>,
+    pub last_reply: Option<String>,
+}
+
+/// One message as the admin API shows it.
+#[derive(Debug, Serialize)]
+pub struct MessageView {
+    pub id: String,
+    pub sender: String,
+    pub recipients: Vec<String>,
+    pub size: u64,
+    pub received_at: String,
+    pub listener: String,
+    pub status: Vec<RecipientView>,
+}
+
+/// A message to put in the queue.
+#[derive(Debug)]
+pub struct NewEntry {
+    pub meta: MessageMeta,
+    pub states: Vec<RcptState>,
+    pub location: Location,
+}
+
+enum Command {
+    Enqueue(Box<NewEntry>),
+    Finished {
+        dest: DestKey,
+        attempt: Attempt,
+        next: Option<oneshot::Sender<Option<Job>>>,
+    },
+    List {
+        limit: usize,
+        reply: oneshot::Sender<(usize, Vec<MessageView>)>,
+    },
+    Get {
+        id: QueueId,
+        reply: oneshot::Sender<Option<MessageView>>,
+    },
+    Delete {
+        id: QueueId,
+        reply: oneshot::Sender<bool>,
+    },
+    Flush {
+        id: Option<QueueId>,
+        reply: oneshot::Sender<bool>,
+    },
+    Stop {
+        reply: oneshot::Sender<()>,
+    },
+    /// Messages copied forward out of an old segment, with their new locations.
+    Moved {
+        segment: u64,
+        moved: Vec<(QueueId, Location)>,
+        done: bool,
+    },
+    /// An old segment was deleted (or could not be).
+    Compacted,
+    /// A connection gives back a job it never attempted.
+    Abandon {
+        dest: DestKey,
+        job: Job,
+    },
+    /// New settings from a config reload.
+    Reconfigure(Box<Reconfigure>),
+}
+
+/// Something that runs a delivery connection for a job; the delivery engine implements it.
+pub trait Dispatcher: Send + Sync + 'static {
+    fn start(self: Arc<Self>, job: Job, queue: QueueHandle);
+    /// The queue is stopping: connections not yet in a transaction should give their job back.
+    fn stopping(&self);
+}
+
+/// Handle to the queue task; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct QueueHandle {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Command")
+    }
+}
+
+impl QueueHandle {
+    fn send(&self, c: Command) {
+        // The queue task only ends at shutdown, after which nothing is enqueued.
+        let _ = self.tx.send(c);
+    }
+
+    /// Adds a spooled message.
+    pub fn enqueue(&self, entry: NewEntry) {
+        self.send(Command::Enqueue(Box::new(entry)));
+    }
+
+    /// Reports an attempt and, when `want_next`, waits for the next job for the same destination.
+    pub async fn finished(&self, dest: DestKey, attempt: Attempt, want_next: bool) -> Option<Job> {
+        if !want_next {
+            self.send(Command::Finished {
+                dest,
+                attempt,
+                next: None,
+            });
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Finished {
+            dest,
+            attempt,
+            next: Some(tx),
+        });
+        rx.await.ok().flatten()
+    }
+
+    pub async fn list(&self, limit: usize) -> (usize, Vec<MessageView>) {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::List { limit, reply });
+        rx.await.unwrap_or_default()
+    }
+
+    pub async fn get(&self, id: QueueId) -> Option<MessageView> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Get { id, reply });
+        rx.await.ok().flatten()
+    }
+
+    /// Removes a message without a DSN; false if it is not queued.
+    pub async fn delete(&self, id: QueueId) -> bool {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Delete { id, reply });
+        rx.await.unwrap_or(false)
+    }
+
+    /// Retries deferred recipients now (of one message, or all).
+    pub async fn flush(&self, id: Option<QueueId>) -> bool {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Flush { id, reply });
+        rx.await.unwrap_or(false)
+    }
+
+    /// Gives back a job that was never attempted (the relay is stopping), and closes the connection slot.
+    pub fn abandon(&self, dest: DestKey, job: Job) {
+        self.send(Command::Abandon { dest, job });
+    }
+
+    /// Applies a reloaded config: routing, limits, retry schedule, expiry, hostname, log policy.
+    pub fn reconfigure(&self, r: Reconfigure) {
+        self.send(Command::Reconfigure(Box::new(r)));
+    }
+
+    /// Stops handing out work and waits until the connections in flight have reported back.
+    pub async fn stop(&self) {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Stop { reply });
+        let _ = rx.await;
+    }
+}
+
+/// What a reload changes in a running queue: the core's settings, the name DSNs are sent under, and
+/// whether addresses may appear in log lines.
+#[derive(Debug)]
+pub struct Reconfigure {
+    pub settings: Settings,
+    pub hostname: String,
+    pub log_recipients: bool,
+}
+
+struct Shell {
+    core: Core,
+    spool: Spool,
+    suppressions: Arc<Suppressions>,
+    dispatcher: Arc<dyn Dispatcher>,
+    handle: QueueHandle,
+    hostname: String,
+    /// `log.recipients`: addresses may appear in log lines.
+    log_recipients: bool,
+    rules: Arc<Rules>,
+    telemetry: Telemetry,
+    stopping: Option<oneshot::Sender<()>>,
+    compacting: bool,
+}
+
+/// The settings of `config` with the return-path domains in force.
+pub fn settings(config: &Config, rules: &Rules) -> Settings {
+    Settings::new(config, rules.return_paths().domains().cloned().collect())
+}
+
+/// Starts the queue task with the messages loaded from the spool.
+pub fn start(
+    config: &Config,
+    spool: Spool,
+    suppressions: Arc<Suppressions>,
+    loaded: Vec<crate::spool::Loaded>,
+    dispatcher: Arc<dyn Dispatcher>,
+    rules: Arc<Rules>,
+    telemetry: Telemetry,
+) -> QueueHandle {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let handle = QueueHandle { tx };
+    let mut shell = Shell {
+        core: Core::new(settings(config, &rules)),
+        spool,
+        suppressions,
+        dispatcher,
+        handle: handle.clone(),
+        hostname: config.hostname.clone(),
+        log_recipients: config.log.recipients,
+        rules,
+        telemetry,
+        stopping: None,
+        compacting: false,
+    };
+    let now = now_ms();
+    for l in loaded {
+        let actions = shell.core.insert(
+            NewEntry {
+                meta: l.meta,
+                states: l.states,
+                location: l.location,
+            },
+            now,
+        );
+        shell.act(actions, None);
+    }
+    tokio::spawn(shell.run(rx));
+    handle
+}
+
+/// Replaces anything that looks like an address in `text` (a remote reply often quotes the recipient) so
+/// that log lines hold no addresses unless `log.recipients` allows them.
+pub fn redact_addresses(text: &str) -> String {
+    text.split(' ')
+        .map(|word| {
+            if word.contains('@') {
+                let open = word.starts_with('<');
+                let close = word.trim_end_matches([':', ',', ';', '.']).ends_with('>');
+                let tail = &word[word.trim_end_matches([':', ',', ';', '.']).len()..];
+                format!(
+                    "{}redacted{}{}",
+                    if open { "<" } else { "" },
+                    if close { ">" } else { "" },
+                    tail
+                )
+            } else {
+                word.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Facts of the attempt an outcome belongs to, for its metrics, event and log line.
+struct AttemptInfo<'a> {
+    domain: &'a str,
+    remote_mta: Option<&'a str>,
+    tls: Option<&'a str>,
+}
+
+impl Shell {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        let mut compact = tokio::time::interval(COMPACT_EVERY);
+        compact.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut gauges = tokio::time::interval(GAUGES_EVERY);
+        gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next_timer = self.core.next_due();
+            let sleep = async {
+                match next_timer {
+                    Some(due) => {
+                        let wait = due.saturating_sub(now_ms());
+                        tokio::time::sleep(Duration::from_millis(wait)).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(c) => self.command(c),
+                    None => return,
+                },
+                _ = sleep => {
+                    let actions = self.core.due(now_ms());
+                    self.act(actions, None);
+                }
+                _ = compact.tick() => self.compact(),
+                _ = gauges.tick() => self.gauges(),
+            }
+            if let Some(reply) = self.stopping.take() {
+                if self.core.idle() {
+                    let _ = reply.send(());
+                    return;
+                }
+                self.stopping = Some(reply);
+            }
+        }
+    }
+
+    fn command(&mut self, c: Command) {
+        let now = now_ms();
+        match c {
+            Command::Enqueue(e) => {
+                let actions = self.core.insert(*e, now);
+                self.act(actions, None);
+            }
+            Command::Finished {
+                dest,
+                attempt,
+                next,
+            } => {
+                self.finished(&attempt, now);
+                match next {
+                    Some(tx) => {
+                        let job = self.core.next_job(&dest, now);
+                        let none = job.is_none();
+                        // If the connection went away meanwhile, its job goes back to the queue.
+                        if let Err(Some(job)) = tx.send(job) {
+                            let mut actions = self.core.give_back(&job, now);
+                            actions.extend(self.core.connection_closed(&dest, now));
+                            self.act(actions, None);
+                        } else if none {
+                            let actions = self.core.connection_closed(&dest, now);
+                            self.act(actions, None);
+                        }
+                    }
+                    None => {
+                        let actions = self.core.connection_closed(&dest, now);
+                        self.act(actions, None);
+                    }
+                }
+            }
+            Command::List { limit, reply } => {
+                let _ = reply.send(self.core.list(limit));
+            }
+            Command::Get { id, reply } => {
+                let _ = reply.send(self.core.get(id));
+            }
+            Command::Delete { id, reply } => {
+                let found = self.core.remove(id);
+                if found {
+                    self.spool.record_delete(id);
+                    tracing::info!(queue_id = %id, "deleted by an operator");
+                }
+                let _ = reply.send(found);
+            }
+            Command::Flush { id, reply } => {
+                let (found, actions) = self.core.flush(id, now);
+                self.act(actions, None);
+                let _ = reply.send(found);
+            }
+            Command::Reconfigure(r) => {
+                let r = *r;
+                let actions = self.core.reconfigure(r.settings, now);
+                self.hostname = r.hostname;
+                self.log_recipients = r.log_recipients;
+                self.act(actions, None);
+            }
+            Command::Stop { reply } => {
+                self.core.stop();
+                self.stopping = Some(reply);
+                self.dispatcher.stopping();
+            }
+            Command::Abandon { dest, job } => {
+                let mut actions = self.core.give_back(&job, now);
+                actions.extend(self.core.connection_closed(&dest, now));
+                self.act(actions, None);
+            }
+            Command::Moved {
+                segment,
+                moved,
+                done,
+            } => self.moved(segment, moved, done),
+            Command::Compacted => self.compacting = false,
+        }
+    }
+
+    /// Classifies the failures of an attempt with the rules in force, records it in the core, and carries
+    /// out what follows.
+    fn finished(&mut self, attempt: &Attempt, now: u64) {
+        let classifier = self.rules.classifier();
+        let verdicts: Vec<_> = attempt
+            .results
+            .iter()
+            .map(|(_, r)| {
+                (r.code >= 400).then(|| classifier.classify(r.code, r.enhanced.as_deref(), &r.text))
+            })
+            .collect();
+        let actions = self
+            .core
+            .record(attempt, &verdicts, now, rand::random::<f64>());
+        let info = AttemptInfo {
+            domain: &attempt.domain,
+            remote_mta: attempt.remote_mta.as_deref(),
+            tls: attempt.tls.as_deref(),
+        };
+        self.act(actions, Some(&info));
+    }
+
+    /// Carries out the core's actions; `attempt` describes the attempt that outcomes come from.
+    fn act(&mut self, actions: Vec<Action>, attempt: Option<&AttemptInfo<'_>>) {
+        // One log line per result of an attempt: (result, first reply, recipients).
+        let mut logged: Vec<(&'static str, String, usize, QueueId, f64)> = Vec::new();
+        for action in actions {
+            match action {
+                Action::Start(job) => self.dispatcher.clone().start(job, self.handle.clone()),
+                Action::Record { id, updates } => self.spool.record_results(id, &updates),
+                Action::Outcome(o) => {
+                    self.outcome(&o, attempt);
+                    let result = o.status.as_str();
+                    let delay = o.age_ms as f64 / 1000.0;
+                    match logged.iter_mut().find(|l| l.0 == result) {
+                        Some(l) => {
+                            l.2 += 1;
+                            if self.log_recipients {
+                                l.1.push_str(&format!(" <{}>", o.recipient));
+                            }
+                        }
+                        None => {
+                            let mut text = self.redact(o.reply.to_string());
+                            if self.log_recipients {
+                                text.push_str(&format!(" <{}>", o.recipient));
+                            }
+                            logged.push((result, text, 1, o.id, delay));
+                        }
+                    }
+                }
+                Action::Suppress {
+                    id,
+                    sender,
+                    recipient,
+                    reason,
+                } => self.suppress(id, sender, recipient, reason),
+                Action::Dsn {
+                    meta,
+                    location,
+                    failures,
+                } => self.send_dsn(meta, location, failures),
+                Action::NoDsn { id, failed, why } => {
+                    tracing::info!(queue_id = %id, failed, "{why}");
+                }
+            }
+        }
+        if let Some(a) = attempt {
+            for (result, reply, recipients, id, delay) in logged {
+                tracing::info!(
+                    queue_id = %id,
+                    domain = %a.domain,
+                    mx = a.remote_mta.unwrap_or("-"),
+                    tls = a.tls.unwrap_or("none"),
+                    result,
+                    reply = %reply,
+                    delay,
+                    recipients,
+                    "delivery"
+                );
+            }
+        }
+    }
+
+    fn redact(&self, text: String) -> String {
+        if self.log_recipients {
+            text
+        } else {
+            redact_addresses(&text)
+        }
+    }
+
+    /// Metrics and the event of one recipient's outcome.
+    fn outcome(&self, o: &Outcome, attempt: Option<&AttemptInfo<'_>>) {
+        let m = &self.telemetry.metrics;
+        if let Some((class, category)) = o.verdict {
+            let domain_label = m.domain_label(domain_of(&o.recipient));
+            m.bounces
+                .with_label_values(&[class.as_str(), category.as_str(), &domain_label])
+                .inc();
+        }
+        let result_label = match o.status {
+            RcptStatus::Delivered => "delivered",
+            RcptStatus::Deferred => "deferred",
+            _ => "bounced",
+        };
+        m.deliveries.with_label_values(&[result_label]).inc();
+        if o.status.is_final() {
+            m.latency.observe(o.age_ms as f64 / 1000.0);
+        }
+        self.telemetry.emit(|| {
+            let mut ev = Event::new(o.status.as_str(), o.id.to_string(), o.sender.clone());
+            ev.recipient = Some(o.recipient.clone());
+            ev.domain = Some(domain_of(&o.recipient).to_ascii_lowercase());
+            ev.mx = attempt.and_then(|a| a.remote_mta.map(str::to_owned));
+            ev.tls = attempt.and_then(|a| a.tls.map(str::to_owned));
+            ev.reply = Some(o.reply.to_string());
+            ev.attempts = Some(o.attempts);
+            if let Some((class, category)) = o.verdict {
+                ev.class = Some(class.as_str());
+                ev.category = Some(category.as_str());
+            }
+            ev
+        });
+    }
+
+    /// Adds a recipient to the suppression list (off the queue task: the list is fsynced).
+    fn suppress(&self, id: QueueId, sender: String, recipient: String, reason: String) {
+        let list = self.suppressions.clone();
+        let telemetry = self.telemetry.clone();
+        let logged = self.redact(reason.clone());
+        tokio::task::spawn_blocking(move || match list.add(&recipient, &reason) {
+            Ok(()) => {
+                tracing::info!(reason = %logged, "recipient added to the suppression list");
+                telemetry.emit(|| {
+                    let mut ev = Event::new("suppressed", id.to_string(), sender);
+                    ev.recipient = Some(recipient);
+                    ev.reply = Some(reason);
+                    ev
+                });
+            }
+            Err(e) => tracing::error!(error = %e, "cannot record a suppression"),
+        });
+    }
+
+    fn gauges(&self) {
+        let m = &self.telemetry.metrics;
+        m.set_queue_depth(&self.core.depth());
+        m.queue_messages.set(self.core.len() as i64);
+        let oldest = self
+            .core
+            .oldest_received_ms()
+            .map_or(0, |t| now_ms().saturating_sub(t) / 1000);
+        m.queue_oldest_age.set(oldest as i64);
+        m.spool_bytes.set(self.spool.bytes() as i64);
+        m.suppressions.set(self.suppressions.len() as i64);
+    }
+
+    /// Points copied messages at their new records; only once their state is written again and durable
+    /// can the old segment go.
+    fn moved(&mut self, segment: u64, moved: Vec<(QueueId, Location)>, done: bool) {
+        let core::Moved {
+            rewrite,
+            deleted,
+            reclaim,
+        } = self.core.moved(segment, moved, done);
+        for id in deleted {
+            self.spool.record_delete(id);
+        }
+        for (id, updates) in rewrite {
+            self.spool.record_results(id, &updates);
+        }
+        if !reclaim {
+            self.compacting = false;
+            return;
+        }
+        let spool = self.spool.clone();
+        let handle = self.handle.clone();
+        tokio::spawn(async move {
+            match spool.sync().await {
+                Ok(()) => match spool.delete_segment(segment).await {
+                    Ok(()) => tracing::debug!(segment, "spool segment reclaimed"),
+                    Err(e) => tracing::warn!(segment, error = %e, "cannot delete a spool segment"),
+                },
+                Err(e) => tracing::warn!(error = %e, "spool sync before reclaiming failed"),
+            }
+            handle.send(Command::Compacted);
+        });
+    }
+
+    /// Reclaims the oldest spool segment when the core says it can go, copying forward what keeps it alive.
+    fn compact(&mut self) {
+        if self.compacting {
+            return;
+        }
+        let Some(Compaction { segment, copies }) = self
+            .core
+            .plan_compaction(self.spool.current_segment(), &self.spool.segments())
+        else {
+            return;
+        };
+        self.compacting = true;
+        let spool = self.spool.clone();
+        let handle = self.handle.clone();
+        tokio::spawn(async move {
+            let mut moved = Vec::new();
+            for (id, meta, states, location) in copies {
+                let copied = match spool.read(location).await {
+                    Ok(data) => spool.store(&meta, &states, &[&data]).await,
+                    Err(e) => Err(Arc::new(e)),
+                };
+                match copied {
+                    Ok(new) => moved.push((id, new)),
+                    Err(e) => {
+                        tracing::error!(queue_id = %id, error = %e, "cannot copy a message forward");
+                        handle.send(Command::Moved {
+                            segment,
+                            moved,
+                            done: false,
+                        });
+                        return;
+                    }
+                }
+            }
+            handle.send(Command::Moved {
+                segment,
+                moved,
+                done: true,
+            });
+        });
+    }
+
+    /// Builds and queues a DSN for `failures` (off the queue task: it reads the spool).
+    fn send_dsn(&self, meta: Arc<MessageMeta>, location: Location, failures: Vec<dsn::Failure>) {
+        let spool = self.spool.clone();
+        let handle = self.handle.clone();
+        let hostname = self.hostname.clone();
+        tokio::spawn(async move {
+            let original = match spool.read(location).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(queue_id = %meta.id, error = %e, "cannot read the message for its DSN; sending it without headers");
+                    Vec::new()
+                }
+            };
+            let id = spool.next_id();
+            let now = chrono::Utc::now();
+            let arrival =
+                chrono::DateTime::from_timestamp_millis(meta.received_at_ms as i64).unwrap_or(now);
+            let queue_id = meta.id.to_string();
+            let report = dsn::Report {
+                hostname: &hostname,
+                queue_id: &queue_id,
+                original_sender: &meta.sender,
+                arrival,
+                failures: &failures,
+                original: &original,
+            };
+            let body = dsn::build(&report, now, &format!("{id}@{hostname}"));
+            let dsn_meta = MessageMeta {
+                id,
+                received_at_ms: now_ms(),
+                smtputf8: meta.smtputf8,
+                eight_bit: false,
+                listener: "dsn".to_owned(),
+                auth_user: None,
+                peer: "local".to_owned(),
+                sender: String::new(),
+                recipients: vec![meta.sender.clone()],
+            };
+            match spool.store(&dsn_meta, &[], &[&body]).await {
+                Ok(location) => {
+                    tracing::info!(queue_id = %id, original = %meta.id, "DSN queued");
+                    handle.enqueue(NewEntry {
+                        meta: dsn_meta,
+                        states: vec![RcptState::QUEUED],
+                        location,
+                    });
+                }
+                Err(e) => tracing::error!(original = %meta.id, error = %e, "cannot spool a DSN"),
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_redacted_from_replies() {
+        assert_eq!(
+            redact_addresses(
+                "550 5.1.1 <gone@dest.test>: Recipient address rejected: User unknown"
+            ),
+            "550 5.1.1 <redacted>: Recipient address rejected: User unknown"
+        );
+        assert_eq!(
+            redact_addresses("451 mailbox x@y.test, busy"),
+            "451 mailbox redacted, busy"
+        );
+        assert_eq!(redact_addresses("250 2.0.0 Ok"), "250 2.0.0 Ok");
+    }
+}
