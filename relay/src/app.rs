@@ -68,7 +68,6 @@ pub struct Relay {
     shared: Shared,
     contexts: Vec<Arc<server::ListenerContext>>,
     listening: Vec<(String, SocketAddr)>,
-    admin: Option<SocketAddr>,
     state: Arc<AdminState>,
     stop: watch::Sender<bool>,
     events: Option<events::EventsHandle>,
@@ -149,16 +148,12 @@ impl Relay {
             suppressions,
             metrics,
         });
-        let admin = match &config.admin {
-            Some(a) => {
-                let listener = admin::bind(a.address).await?;
-                let address = listener.local_addr().unwrap_or(a.address);
-                tracing::info!(%address, "admin listening");
-                tokio::spawn(admin::serve(listener, state.clone()));
-                Some(address)
-            }
-            None => None,
-        };
+        if let Some(a) = &config.admin {
+            let listener = admin::bind(a.address).await?;
+            let address = listener.local_addr().unwrap_or(a.address);
+            tracing::info!(%address, "admin listening");
+            tokio::spawn(admin::serve(listener, state.clone()));
+        }
         let mut contexts = Vec::new();
         let mut listening = Vec::new();
         for (tcp, ctx) in server::bind(&config, &shared).await? {
@@ -183,7 +178,6 @@ impl Relay {
             shared,
             contexts,
             listening,
-            admin,
             state,
             stop,
             events,
@@ -197,11 +191,6 @@ impl Relay {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, a)| *a)
-    }
-
-    /// The address of the admin API, if configured.
-    pub fn admin_address(&self) -> Option<SocketAddr> {
-        self.admin
     }
 
     /// This relay's metrics.

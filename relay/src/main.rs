@@ -35,6 +35,9 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
+    // rustls chooses a process-wide crypto provider by itself only when exactly one is compiled in, and
+    // aws-lc-rs is linked too (for RSA DKIM signatures): name ring, which every TLS connection here uses.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig) => check_config(cli.config),
@@ -108,8 +111,6 @@ fn run(path: Option<PathBuf>, format: LogFormat) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Both kube (ring) and mail-send (aws-lc-rs) link rustls providers; pick one for the process.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -17,11 +17,6 @@ impl Telemetry {
         Telemetry { metrics, events }
     }
 
-    /// Metrics only, events dropped: unit tests and tools.
-    pub fn detached() -> Telemetry {
-        Telemetry::new(Arc::new(Metrics::new(&[])), EventSink::default())
-    }
-
     /// Builds and emits an event only when events are wanted.
     pub fn emit(&self, build: impl FnOnce() -> Event) {
         if self.events.enabled() {

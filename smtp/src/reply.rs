@@ -52,7 +52,6 @@ impl fmt::Display for Reply {
 
 // Replies used in more than one place.
 pub const OK: Reply = Reply::new(250, "2.0.0", "Ok");
-pub const BAD_SEQUENCE: Reply = Reply::new(503, "5.5.1", "Bad sequence of commands");
 pub const TOO_MANY_ERRORS: Reply = Reply::new(421, "4.7.0", "Too many errors, closing connection");
 pub const LINE_TOO_LONG: Reply = Reply::new(500, "5.5.2", "Line too long");
 pub const TIMEOUT: Reply = Reply::new(421, "4.4.2", "Timeout, closing connection");

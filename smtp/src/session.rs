@@ -196,10 +196,6 @@ impl<P: EnvelopePolicy> Session<P> {
         &self.policy
     }
 
-    pub fn authenticated_user(&self) -> Option<&str> {
-        self.user.as_deref()
-    }
-
     /// The client was silent for [`Session::timeout`].
     pub fn timed_out(&mut self) {
         self.reply(&reply::TIMEOUT);

@@ -250,10 +250,6 @@ impl Core {
         self.stopping = true;
     }
 
-    pub fn is_stopping(&self) -> bool {
-        self.stopping
-    }
-
     /// New settings from a reload. Routing may have changed (pools, smarthost, return-path domains), so
     /// every waiting message is routed again; a larger connection cap is used at once.
     pub fn reconfigure(&mut self, settings: Settings, now: u64) -> Vec<Action> {
