@@ -179,3 +179,23 @@ def test_a_listener_address_cannot_change_live_and_the_rest_still_applies(relays
     trusted["address"] = served
     assert rcpt_limit_reply(r, 4).startswith("452 4.5.3")
     assert rcpt_limit_reply(r, 3).startswith("250 2.1.5")
+
+
+def test_a_rotated_smarthost_password_file_is_used_without_a_signal(relays, dns, peers, tmp_path):
+    # The Secret behind password_file changes in place; the config file does not.
+    smarthost = peers.aio(SMARTHOST, "smarthost", starttls=True, auth={"relayuser": "old-password"},
+                          auth_required=True)
+    pw = tmp_path / "smarthost.password"
+    pw.write_text("old-password")
+    r = start_outbound(relays, dns, peers, delivery={"smarthost": {
+        "host": SMARTHOST, "port": peers.port, "tls": "starttls", "username": "relayuser", "password_file": str(pw)}})
+    qid, marker, _ = send(r, ["a@foreign.test"], "old-pw")
+    wait_gone(r, qid)
+    assert smarthost.with_marker(marker)
+    smarthost.users = {"relayuser": "new-password"}
+    pw.write_text("new-password")
+    assert wait_until(lambda: "config reloaded" in r.log_text(), attempts=150), r.log_tail(30)
+    qid, marker, _ = send(r, ["b@foreign.test"], "new-pw")
+    wait_gone(r, qid)
+    assert smarthost.with_marker(marker)
+    assert any(ok and password == "new-password" for _, _, password, ok in smarthost.logins), smarthost.logins

@@ -10,7 +10,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::admin::{self, AdminState};
-use crate::deliver::{self, Deliverer};
+use crate::deliver::{self, Deliverer, Outbound};
 use crate::dkim::Signers;
 use crate::events;
 use crate::metrics::Metrics;
@@ -101,8 +101,13 @@ impl Relay {
             tokio::task::spawn_blocking(move || load_bounces(&c)).await??
         };
         let rules = Arc::new(Rules::new(return_paths.clone(), classifier));
+        let outbound = {
+            let c = config.clone();
+            tokio::task::spawn_blocking(move || Outbound::load(&c)).await??
+        };
         let (queue, deliverer) = deliver::start_queue(
             &config,
+            outbound,
             spool.clone(),
             suppressions.clone(),
             loaded,
@@ -331,20 +336,12 @@ impl Reloader {
             reloads.with_label_values(&["rejected"]).inc();
             return;
         };
-        let outbound_changed = new.delivery != self.current.delivery
-            || new.ip_pools != self.current.ip_pools
-            || new.hostname != self.current.hostname
-            || forced;
-        if outbound_changed {
-            let (c, deliverer) = (new.clone(), relay.deliverer.clone());
-            if reload_step(move || deliverer.reconfigure(&c))
-                .await
-                .is_none()
-            {
-                reloads.with_label_values(&["rejected"]).inc();
-                return;
-            }
-        }
+        // Loaded whatever changed: the change that brought us here may be the password file's.
+        let c = new.clone();
+        let Some(outbound) = reload_step(move || Outbound::load(&c)).await else {
+            reloads.with_label_values(&["rejected"]).inc();
+            return;
+        };
         if let Some(t) = &relay.shared.tls {
             let t = t.clone();
             match tokio::task::spawn_blocking(move || t.reload()).await {
@@ -358,11 +355,13 @@ impl Reloader {
         relay.shared.rules.set(return_paths.clone(), classifier);
         let mut fixed =
             server::reconfigure(&new, relay.contexts, relay.shared, &signers, &return_paths);
+        // The queue first: it routes by the new keys before connections see the new delivery settings.
         relay.shared.queue.reconfigure(queue::Reconfigure {
             settings: queue::settings(&new, &relay.shared.rules),
             hostname: new.hostname.clone(),
             log_recipients: new.log.recipients,
         });
+        relay.deliverer.reconfigure(outbound);
         if new.spool_dir != self.current.spool_dir {
             fixed.push("spool_dir changed".into());
         }

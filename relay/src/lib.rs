@@ -3,8 +3,8 @@
 //! Follow the mail: a client connects to a listener (`server`), speaks SMTP to a session (the `herald-smtp`
 //! crate), which asks who may send what (`policy`); the accepted message is completed (`cleanup`) and
 //! written durably (`spool`) before the client hears 250, and waits in the `queue` for delivery. `admin`
-//! serves probes and the queue listing; `app` wires these together; `config` is the one definition of the
-//! config file.
+//! serves probes and the queue listing; `app` wires these together. The config file is defined once, in
+//! the `herald-config` crate.
 //!
 //! # Layout
 //! - the config file is the `herald-config` crate (shared with the operator).

@@ -47,7 +47,7 @@ struct Source {
 
 /// What a config reload may change about delivery. A connection keeps the one it started with; the next
 /// connection uses the new one.
-struct Outbound {
+pub struct Outbound {
     delivery: Delivery,
     hostname: String,
     resolver: Resolver,
@@ -79,7 +79,8 @@ impl Dispatcher for Deliverer {
     }
 
     fn stopping(&self) {
-        let _ = self.stop.send(true);
+        // send_replace: the flag must stick even while no connection is subscribed.
+        self.stop.send_replace(true);
     }
 }
 
@@ -95,9 +96,18 @@ struct NoSession {
     remote_mta: Option<String>,
 }
 
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound")
+            .field("hostname", &self.hostname)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Outbound {
-    /// Reads the smarthost password file: blocking.
-    fn new(config: &Config) -> Result<Outbound, DeliverError> {
+    /// The delivery settings of `config`. Blocking (reads the smarthost password file and the system
+    /// resolver's config): call it off the async runtime.
+    pub fn load(config: &Config) -> Result<Outbound, DeliverError> {
         let nameservers = config
             .delivery
             .dns
@@ -149,12 +159,12 @@ impl Outbound {
 
 impl Deliverer {
     pub fn new(
-        config: &Config,
+        outbound: Outbound,
         spool: Spool,
         rules: Arc<crate::outcome::Rules>,
     ) -> Result<Arc<Deliverer>, DeliverError> {
         Ok(Arc::new(Deliverer {
-            outbound: ArcSwap::from_pointee(Outbound::new(config)?),
+            outbound: ArcSwap::from_pointee(outbound),
             tls: client::opportunistic_tls()?,
             spool,
             stop: tokio::sync::watch::channel(false).0,
@@ -163,10 +173,8 @@ impl Deliverer {
     }
 
     /// Puts a reloaded config's delivery settings, IP pools and hostname in force for new connections.
-    /// Reads the smarthost password file: call it off the async runtime.
-    pub fn reconfigure(&self, config: &Config) -> Result<(), DeliverError> {
-        self.outbound.store(Arc::new(Outbound::new(config)?));
-        Ok(())
+    pub fn reconfigure(&self, outbound: Outbound) {
+        self.outbound.store(Arc::new(outbound));
     }
 
     async fn connection(self: Arc<Self>, first: Job, queue: QueueHandle) {
@@ -629,13 +637,14 @@ async fn connect(addr: SocketAddr, source: Option<&Source>) -> std::io::Result<T
 /// Wires the delivery engine to a queue; the deliverer is returned for reloads.
 pub fn start_queue(
     config: &Config,
+    outbound: Outbound,
     spool: Spool,
     suppressions: Arc<crate::outcome::suppression::Suppressions>,
     loaded: Vec<crate::spool::Loaded>,
     rules: Arc<crate::outcome::Rules>,
     telemetry: crate::telemetry::Telemetry,
 ) -> Result<(QueueHandle, Arc<Deliverer>), DeliverError> {
-    let d = Deliverer::new(config, spool.clone(), rules.clone())?;
+    let d = Deliverer::new(outbound, spool.clone(), rules.clone())?;
     let queue = queue::start(
         config,
         spool,

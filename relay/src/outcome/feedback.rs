@@ -44,7 +44,8 @@ pub fn process(
     suppressions: &Suppressions,
     telemetry: &Telemetry,
 ) -> Vec<Outcome> {
-    let outcomes = evaluate(raw, locals, &rules.return_paths(), &rules.classifier());
+    let rules = rules.snapshot();
+    let outcomes = evaluate(raw, locals, &rules.return_paths, &rules.classifier);
     for o in &outcomes {
         record(o, suppressions, telemetry);
     }

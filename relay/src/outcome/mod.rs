@@ -23,41 +23,44 @@ use arc_swap::ArcSwap;
 
 use verp::ReturnPaths;
 
-/// The return paths and the classification rules in force in one relay. A reload replaces each whole;
+/// The return paths and the classification rules in force in one relay. A reload replaces both at once;
 /// a decision takes one snapshot, so it never sees half of an old table and half of a new one.
 #[derive(Debug)]
-pub struct Rules {
-    return_paths: ArcSwap<ReturnPaths>,
-    classifier: ArcSwap<Classifier>,
+pub struct Rules(ArcSwap<RuleSet>);
+
+/// One generation of [`Rules`].
+#[derive(Debug)]
+pub struct RuleSet {
+    pub return_paths: Arc<ReturnPaths>,
+    pub classifier: Arc<Classifier>,
 }
 
 impl Rules {
     pub fn new(return_paths: Arc<ReturnPaths>, classifier: Arc<Classifier>) -> Rules {
-        Rules {
-            return_paths: ArcSwap::new(return_paths),
-            classifier: ArcSwap::new(classifier),
-        }
+        Rules(ArcSwap::from_pointee(RuleSet {
+            return_paths,
+            classifier,
+        }))
     }
 
-    /// No return paths and the built-in rules: unit tests.
-    pub fn builtin() -> Rules {
-        Rules::new(
-            Arc::new(ReturnPaths::default()),
-            Arc::new(Classifier::builtin()),
-        )
+    /// The rules in force now.
+    pub fn snapshot(&self) -> Arc<RuleSet> {
+        self.0.load_full()
     }
 
     pub fn return_paths(&self) -> Arc<ReturnPaths> {
-        self.return_paths.load_full()
+        self.0.load().return_paths.clone()
     }
 
     pub fn classifier(&self) -> Arc<Classifier> {
-        self.classifier.load_full()
+        self.0.load().classifier.clone()
     }
 
     /// Puts new return paths and rules in force (startup and reload).
     pub fn set(&self, return_paths: Arc<ReturnPaths>, classifier: Arc<Classifier>) {
-        self.return_paths.store(return_paths);
-        self.classifier.store(classifier);
+        self.0.store(Arc::new(RuleSet {
+            return_paths,
+            classifier,
+        }));
     }
 }

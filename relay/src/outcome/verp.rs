@@ -98,12 +98,12 @@ impl ReturnPaths {
         }
     }
 
-    /// Is `domain` a return-path domain (the relay is its MX)?
     /// The return-path domains, lower case.
     pub fn domains(&self) -> impl Iterator<Item = &String> {
         self.local.iter()
     }
 
+    /// Is `domain` a return-path domain (the relay is its MX)?
     pub fn is_local(&self, domain: &str) -> bool {
         self.local.contains(&domain.to_ascii_lowercase())
     }

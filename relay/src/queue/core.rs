@@ -19,13 +19,93 @@ use crate::outcome::{Category, Class};
 use crate::spool::{Location, MessageMeta, QueueId, RcptState, RcptStatus, RcptUpdate};
 use herald_config::{Config, Retry};
 
-use super::{Attempt, DestKey, Job, MessageView, NewEntry, RecipientView, Reply};
+use serde::Serialize;
+
+/// Where a group of recipients is delivered: `[pool/]domain`, or `[pool/][smarthost]`.
+pub type DestKey = Arc<str>;
+
+/// Work for one delivery connection: the recipients of one message that go to one destination.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: QueueId,
+    pub dest: DestKey,
+    /// The recipient domain (empty in smarthost mode, where the key is not a domain).
+    pub domain: Arc<str>,
+    pub pool: Option<Arc<str>>,
+    pub meta: Arc<MessageMeta>,
+    pub location: Location,
+    /// Indices into `meta.recipients`.
+    pub rcpts: Vec<u32>,
+}
+
+/// The reply or local verdict behind a recipient's outcome.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub code: u16,
+    pub enhanced: Option<String>,
+    pub text: String,
+    /// Whether a remote server said it (vs. a local verdict: DNS, connection, policy).
+    pub remote: bool,
+}
+
+impl std::fmt::Display for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.enhanced {
+            Some(e) => write!(f, "{} {} {}", self.code, e, self.text),
+            None => write!(f, "{} {}", self.code, self.text),
+        }
+    }
+}
+
+/// The result of one delivery attempt of a job.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub id: QueueId,
+    /// Per recipient index: the reply (2xx delivered, 4xx deferred, 5xx bounced).
+    pub results: Vec<(u32, Reply)>,
+    /// The host that answered, if any.
+    pub remote_mta: Option<String>,
+    /// The recipient domain, for the log.
+    pub domain: Arc<str>,
+    /// The TLS version of the connection, if encrypted.
+    pub tls: Option<String>,
+}
+
+/// One recipient as the admin API shows it.
+#[derive(Debug, Serialize)]
+pub struct RecipientView {
+    pub recipient: String,
+    pub state: &'static str,
+    pub attempts: u16,
+    pub next_attempt: Option<String>,
+    pub last_reply: Option<String>,
+}
+
+/// One message as the admin API shows it.
+#[derive(Debug, Serialize)]
+pub struct MessageView {
+    pub id: String,
+    pub sender: String,
+    pub recipients: Vec<String>,
+    pub size: u64,
+    pub received_at: String,
+    pub listener: String,
+    pub status: Vec<RecipientView>,
+}
+
+/// A message to put in the queue.
+#[derive(Debug)]
+pub struct NewEntry {
+    pub meta: MessageMeta,
+    pub states: Vec<RcptState>,
+    pub location: Location,
+}
 
 /// The retry jitter band: a delay is the nominal one times a factor in `[1 - JITTER, 1 + JITTER)`.
 pub const JITTER: f64 = 0.1;
 
 /// Routing facts from the config and the return paths in force.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Routing {
     /// Everything goes to the smarthost.
     pub smarthost: bool,
@@ -116,9 +196,9 @@ pub enum Action {
 /// One recipient's result in one attempt.
 #[derive(Debug, Clone)]
 pub struct Outcome {
-    pub id: QueueId,
-    pub sender: String,
-    pub recipient: String,
+    pub meta: Arc<MessageMeta>,
+    /// The recipient's index in `meta.recipients`.
+    pub index: u32,
     /// Deferred, delivered, bounced or expired.
     pub status: RcptStatus,
     pub reply: Reply,
@@ -128,11 +208,27 @@ pub struct Outcome {
     pub age_ms: u64,
 }
 
+impl Outcome {
+    pub fn id(&self) -> QueueId {
+        self.meta.id
+    }
+
+    pub fn recipient(&self) -> &str {
+        self.meta
+            .recipients
+            .get(self.index as usize)
+            .map_or("", String::as_str)
+    }
+}
+
 struct Entry {
     meta: Arc<MessageMeta>,
     location: Location,
     states: Vec<RcptState>,
     in_flight: Vec<bool>,
+    /// The earliest timer in the heap for this message: a later one is not pushed again, and a heap entry
+    /// that is not this one is stale and skipped.
+    armed: Option<u64>,
     replies: Vec<Option<Box<str>>>,
 }
 
@@ -253,15 +349,25 @@ impl Core {
     /// New settings from a reload. Routing may have changed (pools, smarthost, return-path domains), so
     /// every waiting message is routed again; a larger connection cap is used at once.
     pub fn reconfigure(&mut self, settings: Settings, now: u64) -> Vec<Action> {
+        let rerouted = settings.routing != self.settings.routing;
         self.settings = settings;
-        for d in self.dests.values_mut() {
-            d.ready.clear();
-        }
-        self.dests.retain(|_, d| d.connections > 0);
-        let ids: Vec<QueueId> = self.messages.keys().copied().collect();
         let mut out = Vec::new();
-        for id in ids {
-            self.make_ready(id, now, &mut out);
+        if rerouted {
+            // Keys change with routing: every waiting message is routed again, once.
+            for d in self.dests.values_mut() {
+                d.ready.clear();
+            }
+            self.dests.retain(|_, d| d.connections > 0);
+            let ids: Vec<QueueId> = self.messages.keys().copied().collect();
+            for id in ids {
+                self.make_ready(id, now, &mut out);
+            }
+        } else {
+            // Perhaps a larger connection cap: let every destination with waiting work use it.
+            let keys: Vec<DestKey> = self.dests.keys().cloned().collect();
+            for key in keys {
+                self.kick(&key, now, &mut out);
+            }
         }
         out
     }
@@ -284,6 +390,7 @@ impl Core {
                 location: new.location,
                 states,
                 in_flight: vec![false; n],
+                armed: None,
                 replies: Vec::new(),
             },
         );
@@ -297,7 +404,7 @@ impl Core {
     /// when it is a failure; `jitter` is drawn uniformly from [0, 1) for this attempt.
     pub fn record(
         &mut self,
-        attempt: &Attempt,
+        attempt: Attempt,
         verdicts: &[Option<Verdict>],
         now: u64,
         jitter: f64,
@@ -314,8 +421,8 @@ impl Core {
         let mut failures = Vec::new();
         let mut any_deferred = false;
         let n = e.states.len();
-        for (k, (idx, reply)) in attempt.results.iter().enumerate() {
-            let i = *idx as usize;
+        for (k, (idx, reply)) in attempt.results.into_iter().enumerate() {
+            let i = idx as usize;
             let (Some(st), Some(flag)) = (e.states.get_mut(i), e.in_flight.get_mut(i)) else {
                 continue;
             };
@@ -383,20 +490,19 @@ impl Core {
                 }
                 e.replies[i] = Some(reply.to_string().into_boxed_str());
             }
+            updates.push(RcptUpdate {
+                index: idx,
+                state: *st,
+            });
             out.push(Action::Outcome(Outcome {
-                id,
-                sender: e.meta.sender.clone(),
-                recipient: rcpt.clone(),
+                meta: e.meta.clone(),
+                index: idx,
                 status: st.status,
-                reply: reply.clone(),
+                reply,
                 verdict,
                 attempts: st.attempts,
                 age_ms: now.saturating_sub(e.meta.received_at_ms),
             }));
-            updates.push(RcptUpdate {
-                index: *idx,
-                state: *st,
-            });
         }
         out.push(Action::Record { id, updates });
         let pending_after = pending_domains(&e.meta.recipients, &e.states);
@@ -524,6 +630,11 @@ impl Core {
                 break;
             }
             self.timers.pop();
+            match self.messages.get_mut(&id) {
+                Some(e) if e.armed == Some(due) => e.armed = None,
+                // Superseded by an earlier timer, or the message is gone.
+                _ => continue,
+            }
             self.make_ready(id, now, &mut out);
         }
         out
@@ -691,6 +802,7 @@ impl Core {
         };
         let mut dests: Vec<DestKey> = Vec::new();
         let mut earliest: Option<u64> = None;
+        let mut nowhere: Vec<u32> = Vec::new();
         for (i, s) in e.states.iter().enumerate() {
             if s.status.is_final() || e.in_flight[i] {
                 continue;
@@ -700,17 +812,29 @@ impl Core {
                     Some(earliest.map_or(s.next_attempt_ms, |t: u64| t.min(s.next_attempt_ms)));
                 continue;
             }
-            if let Some((key, _, _)) = dest_of(
+            match dest_of(
                 &self.settings.routing,
                 &e.meta.sender,
                 &e.meta.recipients[i],
-            ) && !dests.contains(&key)
-            {
-                dests.push(key);
+            ) {
+                Some((key, _, _)) => {
+                    if !dests.contains(&key) {
+                        dests.push(key);
+                    }
+                }
+                None => nowhere.push(i as u32),
             }
         }
-        if let Some(t) = earliest {
+        let armed = e.armed;
+        if let Some(t) = earliest
+            && armed.is_none_or(|a| t < a)
+            && let Some(e) = self.messages.get_mut(&id)
+        {
+            e.armed = Some(t);
             self.timers.push(Reverse((t, id)));
+        }
+        if !nowhere.is_empty() {
+            out.extend(self.undeliverable(id, &nowhere, now));
         }
         for key in dests {
             self.dests
@@ -720,6 +844,33 @@ impl Core {
                 .push_back(id);
             self.kick(&key, now, out);
         }
+    }
+
+    /// Fails recipients that have nowhere to go: their domain became one of the relay's return-path domains
+    /// (a reload or a new config), whose mail is the relay's own and never leaves it. Left alone they would
+    /// wait for ever, never attempted and so never expired.
+    fn undeliverable(&mut self, id: QueueId, rcpts: &[u32], now: u64) -> Vec<Action> {
+        let Some(e) = self.messages.get(&id) else {
+            return Vec::new();
+        };
+        let domain = domain_of(&e.meta.recipients[rcpts[0] as usize]).to_ascii_lowercase();
+        let reply = Reply {
+            code: 554,
+            enhanced: Some("5.4.6".to_owned()),
+            text: format!(
+                "{domain} is a return-path domain of this relay; its mail is not delivered"
+            ),
+            remote: false,
+        };
+        let attempt = Attempt {
+            id,
+            results: rcpts.iter().map(|&i| (i, reply.clone())).collect(),
+            remote_mta: None,
+            domain: Arc::from(domain.as_str()),
+            tls: None,
+        };
+        let verdicts = vec![Some((Class::Hard, Category::PermanentOther)); rcpts.len()];
+        self.record(attempt, &verdicts, now, 0.0)
     }
 
     /// Starts connections for a destination while it has ready work and room.
@@ -741,6 +892,70 @@ impl Core {
             }
             out.push(Action::Start(job));
         }
+    }
+}
+
+#[cfg(test)]
+impl Core {
+    /// Checks the bookkeeping against the jobs the shell holds open: connections per destination, in-flight
+    /// flags, and that every recipient waiting for an attempt is on its destination's ready list or under a
+    /// timer, so that none can be forgotten.
+    pub(crate) fn audit(&self, open: &[Job], now: u64) -> Result<(), String> {
+        let mut per_key: HashMap<&DestKey, usize> = HashMap::new();
+        for j in open {
+            *per_key.entry(&j.dest).or_default() += 1;
+        }
+        for (k, d) in &self.dests {
+            let jobs = per_key.get(k).copied().unwrap_or(0);
+            if d.connections != jobs {
+                return Err(format!(
+                    "{k}: {} connections, {jobs} open jobs",
+                    d.connections
+                ));
+            }
+        }
+        if let Some((k, _)) = per_key.iter().find(|(k, _)| !self.dests.contains_key(**k)) {
+            return Err(format!("{k}: open jobs but no destination"));
+        }
+        let armed: HashSet<(u64, QueueId)> = self.timers.iter().map(|Reverse(t)| *t).collect();
+        for (id, e) in &self.messages {
+            for (i, s) in e.states.iter().enumerate() {
+                let in_job = open
+                    .iter()
+                    .any(|j| j.id == *id && j.rcpts.contains(&(i as u32)));
+                if e.in_flight[i] != in_job {
+                    return Err(format!(
+                        "{id} #{i}: in_flight {} but in an open job: {in_job}",
+                        e.in_flight[i]
+                    ));
+                }
+                if s.status.is_final() || in_job {
+                    continue;
+                }
+                if s.status == RcptStatus::Deferred && s.next_attempt_ms > now {
+                    match e.armed {
+                        Some(t) if t <= s.next_attempt_ms && armed.contains(&(t, *id)) => continue,
+                        other => {
+                            return Err(format!(
+                                "{id} #{i}: due at {}, armed {other:?}",
+                                s.next_attempt_ms
+                            ));
+                        }
+                    }
+                }
+                let Some((key, _, _)) = dest_of(
+                    &self.settings.routing,
+                    &e.meta.sender,
+                    &e.meta.recipients[i],
+                ) else {
+                    return Err(format!("{id} #{i}: waiting with nowhere to go"));
+                };
+                if !self.dests.get(&key).is_some_and(|d| d.ready.contains(id)) {
+                    return Err(format!("{id} #{i}: due but not on the ready list of {key}"));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -15,7 +15,6 @@ pub mod core;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::events::Event;
@@ -27,6 +26,7 @@ use crate::telemetry::Telemetry;
 use herald_config::Config;
 
 use self::core::{Action, Compaction, Core, Outcome, Settings, domain_of};
+pub use self::core::{Attempt, DestKey, Job, MessageView, NewEntry, RecipientView, Reply};
 
 /// How often old spool segments are looked at for reclaiming.
 const COMPACT_EVERY: Duration = Duration::from_secs(10);
@@ -38,86 +38,6 @@ pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Where a group of recipients is delivered: `[pool/]domain`, or `[pool/][smarthost]`.
-pub type DestKey = Arc<str>;
-
-/// Work for one delivery connection: the recipients of one message that go to one destination.
-#[derive(Debug, Clone)]
-pub struct Job {
-    pub id: QueueId,
-    pub dest: DestKey,
-    /// The recipient domain (empty in smarthost mode, where the key is not a domain).
-    pub domain: Arc<str>,
-    pub pool: Option<Arc<str>>,
-    pub meta: Arc<MessageMeta>,
-    pub location: Location,
-    /// Indices into `meta.recipients`.
-    pub rcpts: Vec<u32>,
-}
-
-/// The reply or local verdict behind a recipient's outcome.
-#[derive(Debug, Clone)]
-pub struct Reply {
-    pub code: u16,
-    pub enhanced: Option<String>,
-    pub text: String,
-    /// Whether a remote server said it (vs. a local verdict: DNS, connection, policy).
-    pub remote: bool,
-}
-
-impl std::fmt::Display for Reply {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.enhanced {
-            Some(e) => write!(f, "{} {} {}", self.code, e, self.text),
-            None => write!(f, "{} {}", self.code, self.text),
-        }
-    }
-}
-
-/// The result of one delivery attempt of a job.
-#[derive(Debug)]
-pub struct Attempt {
-    pub id: QueueId,
-    /// Per recipient index: the reply (2xx delivered, 4xx deferred, 5xx bounced).
-    pub results: Vec<(u32, Reply)>,
-    /// The host that answered, if any.
-    pub remote_mta: Option<String>,
-    /// The recipient domain, for the log.
-    pub domain: Arc<str>,
-    /// The TLS version of the connection, if encrypted.
-    pub tls: Option<String>,
-}
-
-/// One recipient as the admin API shows it.
-#[derive(Debug, Serialize)]
-pub struct RecipientView {
-    pub recipient: String,
-    pub state: &'static str,
-    pub attempts: u16,
-    pub next_attempt: Option<String>,
-    pub last_reply: Option<String>,
-}
-
-/// One message as the admin API shows it.
-#[derive(Debug, Serialize)]
-pub struct MessageView {
-    pub id: String,
-    pub sender: String,
-    pub recipients: Vec<String>,
-    pub size: u64,
-    pub received_at: String,
-    pub listener: String,
-    pub status: Vec<RecipientView>,
-}
-
-/// A message to put in the queue.
-#[derive(Debug)]
-pub struct NewEntry {
-    pub meta: MessageMeta,
-    pub states: Vec<RcptState>,
-    pub location: Location,
 }
 
 enum Command {
@@ -407,7 +327,7 @@ impl Shell {
                 attempt,
                 next,
             } => {
-                self.finished(&attempt, now);
+                self.finished(attempt, now);
                 match next {
                     Some(tx) => {
                         let job = self.core.next_job(&dest, now);
@@ -475,7 +395,7 @@ impl Shell {
 
     /// Classifies the failures of an attempt with the rules in force, records it in the core, and carries
     /// out what follows.
-    fn finished(&mut self, attempt: &Attempt, now: u64) {
+    fn finished(&mut self, attempt: Attempt, now: u64) {
         let classifier = self.rules.classifier();
         let verdicts: Vec<_> = attempt
             .results
@@ -484,13 +404,18 @@ impl Shell {
                 (r.code >= 400).then(|| classifier.classify(r.code, r.enhanced.as_deref(), &r.text))
             })
             .collect();
+        let (domain, remote_mta, tls) = (
+            attempt.domain.clone(),
+            attempt.remote_mta.clone(),
+            attempt.tls.clone(),
+        );
         let actions = self
             .core
             .record(attempt, &verdicts, now, rand::random::<f64>());
         let info = AttemptInfo {
-            domain: &attempt.domain,
-            remote_mta: attempt.remote_mta.as_deref(),
-            tls: attempt.tls.as_deref(),
+            domain: &domain,
+            remote_mta: remote_mta.as_deref(),
+            tls: tls.as_deref(),
         };
         self.act(actions, Some(&info));
     }
@@ -511,15 +436,15 @@ impl Shell {
                         Some(l) => {
                             l.2 += 1;
                             if self.log_recipients {
-                                l.1.push_str(&format!(" <{}>", o.recipient));
+                                l.1.push_str(&format!(" <{}>", o.recipient()));
                             }
                         }
                         None => {
                             let mut text = self.redact(o.reply.to_string());
                             if self.log_recipients {
-                                text.push_str(&format!(" <{}>", o.recipient));
+                                text.push_str(&format!(" <{}>", o.recipient()));
                             }
-                            logged.push((result, text, 1, o.id, delay));
+                            logged.push((result, text, 1, o.id(), delay));
                         }
                     }
                 }
@@ -539,20 +464,25 @@ impl Shell {
                 }
             }
         }
-        if let Some(a) = attempt {
-            for (result, reply, recipients, id, delay) in logged {
-                tracing::info!(
-                    queue_id = %id,
-                    domain = %a.domain,
-                    mx = a.remote_mta.unwrap_or("-"),
-                    tls = a.tls.unwrap_or("none"),
-                    result,
-                    reply = %reply,
-                    delay,
-                    recipients,
-                    "delivery"
-                );
-            }
+        // Outcomes decided without an attempt (a recipient with nowhere to go) are logged all the same.
+        let local = AttemptInfo {
+            domain: "-",
+            remote_mta: None,
+            tls: None,
+        };
+        let a = attempt.unwrap_or(&local);
+        for (result, reply, recipients, id, delay) in logged {
+            tracing::info!(
+                queue_id = %id,
+                domain = %a.domain,
+                mx = a.remote_mta.unwrap_or("-"),
+                tls = a.tls.unwrap_or("none"),
+                result,
+                reply = %reply,
+                delay,
+                recipients,
+                "delivery"
+            );
         }
     }
 
@@ -568,7 +498,7 @@ impl Shell {
     fn outcome(&self, o: &Outcome, attempt: Option<&AttemptInfo<'_>>) {
         let m = &self.telemetry.metrics;
         if let Some((class, category)) = o.verdict {
-            let domain_label = m.domain_label(domain_of(&o.recipient));
+            let domain_label = m.domain_label(domain_of(o.recipient()));
             m.bounces
                 .with_label_values(&[class.as_str(), category.as_str(), &domain_label])
                 .inc();
@@ -583,9 +513,9 @@ impl Shell {
             m.latency.observe(o.age_ms as f64 / 1000.0);
         }
         self.telemetry.emit(|| {
-            let mut ev = Event::new(o.status.as_str(), o.id.to_string(), o.sender.clone());
-            ev.recipient = Some(o.recipient.clone());
-            ev.domain = Some(domain_of(&o.recipient).to_ascii_lowercase());
+            let mut ev = Event::new(o.status.as_str(), o.id().to_string(), o.meta.sender.clone());
+            ev.recipient = Some(o.recipient().to_owned());
+            ev.domain = Some(domain_of(o.recipient()).to_ascii_lowercase());
             ev.mx = attempt.and_then(|a| a.remote_mta.map(str::to_owned));
             ev.tls = attempt.and_then(|a| a.tls.map(str::to_owned));
             ev.reply = Some(o.reply.to_string());

@@ -120,7 +120,7 @@ fn a_deferral_waits_the_nominal_delay_times_the_jitter() {
     let mut core = Core::new(settings());
     let job = starts(&core.insert(message(1, "a@example.test", &["x@one.test"]), T0)).remove(0);
     let a = attempt(&job, 451);
-    core.record(&a, &verdicts(&a), T0, 0.5);
+    core.record(a.clone(), &verdicts(&a), T0, 0.5);
     let st = core.state(QueueId(1), 0).unwrap();
     assert_eq!((st.status, st.attempts), (RcptStatus::Deferred, 1));
     assert_eq!(st.next_attempt_ms, T0 + 60_000);
@@ -139,7 +139,7 @@ fn a_hard_invalid_recipient_bounce_suppresses_and_reports_to_the_sender() {
     let mut core = Core::new(settings());
     let job = starts(&core.insert(message(1, "a@example.test", &["x@one.test"]), T0)).remove(0);
     let a = attempt(&job, 550);
-    let actions = core.record(&a, &verdicts(&a), T0 + 5, 0.0);
+    let actions = core.record(a.clone(), &verdicts(&a), T0 + 5, 0.0);
     assert!(
         actions
             .iter()
@@ -158,7 +158,7 @@ fn a_policy_block_bounces_without_suppressing() {
     let mut core = Core::new(settings());
     let job = starts(&core.insert(message(1, "a@example.test", &["x@one.test"]), T0)).remove(0);
     let a = attempt(&job, 554);
-    let actions = core.record(&a, &verdicts(&a), T0, 0.0);
+    let actions = core.record(a.clone(), &verdicts(&a), T0, 0.0);
     assert!(!actions.iter().any(|a| matches!(a, Action::Suppress { .. })));
     assert!(actions.iter().any(|a| matches!(a, Action::Dsn { .. })));
 }
@@ -169,7 +169,7 @@ fn null_and_return_path_senders_get_no_dsn() {
         let mut core = Core::new(settings());
         let job = starts(&core.insert(message(1, sender, &["x@one.test"]), T0)).remove(0);
         let a = attempt(&job, 550);
-        let actions = core.record(&a, &verdicts(&a), T0, 0.0);
+        let actions = core.record(a.clone(), &verdicts(&a), T0, 0.0);
         assert!(
             !actions.iter().any(|a| matches!(a, Action::Dsn { .. })),
             "{sender:?}"
@@ -188,7 +188,7 @@ fn a_temporary_failure_past_expiry_expires_with_status_4_4_7() {
     let mut core = Core::new(settings());
     let job = starts(&core.insert(message(1, "a@example.test", &["x@one.test"]), T0)).remove(0);
     let a = attempt(&job, 451);
-    let actions = core.record(&a, &verdicts(&a), T0 + DAY, 0.0);
+    let actions = core.record(a.clone(), &verdicts(&a), T0 + DAY, 0.0);
     let failures = actions.iter().find_map(|a| match a {
         Action::Dsn { failures, .. } => Some(failures),
         _ => None,
@@ -234,7 +234,7 @@ fn stopping_hands_out_nothing_and_waits_for_open_connections() {
     assert!(!core.idle());
     assert!(core.next_job(&job.dest, T0).is_none());
     let a = attempt(&job, 250);
-    core.record(&a, &verdicts(&a), T0, 0.0);
+    core.record(a.clone(), &verdicts(&a), T0, 0.0);
     assert!(starts(&core.connection_closed(&job.dest, T0)).is_empty());
     assert!(core.idle());
 }
@@ -256,6 +256,17 @@ enum Step {
     Wait(u64),
     /// An operator flushes the queue.
     Flush,
+    /// A reload: another connection cap, perhaps a smarthost, perhaps two.test turned into a return-path
+    /// domain (its waiting mail then has nowhere to go).
+    Reload {
+        cap: usize,
+        smarthost: bool,
+        two_is_local: bool,
+    },
+    /// A connection gives its job back unattempted (the relay is stopping, or the connection failed early).
+    GiveBack { pick: usize },
+    /// An operator deletes a message, perhaps while it is being delivered.
+    Delete { pick: u64 },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -264,6 +275,10 @@ fn step() -> impl Strategy<Value = Step> {
             .prop_map(|(pick, codes, more, jitter)| Step::Answer { pick, codes, more, jitter }),
         3 => (1u64..(6 * 3_600_000)).prop_map(Step::Wait),
         1 => Just(Step::Flush),
+        1 => (1usize..4, any::<bool>(), prop::bool::weighted(0.2))
+            .prop_map(|(cap, smarthost, two_is_local)| Step::Reload { cap, smarthost, two_is_local }),
+        1 => any::<usize>().prop_map(|pick| Step::GiveBack { pick }),
+        1 => (1u64..10).prop_map(|pick| Step::Delete { pick }),
     ]
 }
 
@@ -299,8 +314,9 @@ struct Sim {
     finals: HashMap<(QueueId, u32), RcptStatus>,
     /// Failed recipients reported to their sender in a DSN.
     reported: HashMap<(QueueId, String), usize>,
-    /// Failed recipients whose sender gets no DSN.
-    unreported: usize,
+    /// Failed recipients whose sender gets no DSN, per message.
+    unreported: HashMap<QueueId, usize>,
+    deleted: HashSet<QueueId>,
 }
 
 impl Sim {
@@ -315,7 +331,8 @@ impl Sim {
             recipients: HashMap::new(),
             finals: HashMap::new(),
             reported: HashMap::new(),
-            unreported: 0,
+            unreported: HashMap::new(),
+            deleted: HashSet::new(),
         };
         for (i, (sender, rcpts)) in msgs.iter().enumerate() {
             let id = i as u64 + 1;
@@ -349,7 +366,7 @@ impl Sim {
                         sender.is_empty() || sender.ends_with("@bounces.test"),
                         "no DSN to {sender:?}"
                     );
-                    self.unreported += failed;
+                    *self.unreported.entry(id).or_default() += failed;
                 }
                 Action::Record { .. } | Action::Suppress { .. } => {}
             }
@@ -357,22 +374,19 @@ impl Sim {
     }
 
     fn outcome(&mut self, o: &Outcome) {
-        let index = self.recipients[&o.id]
-            .iter()
-            .position(|r| *r == o.recipient)
-            .unwrap() as u32;
+        let (id, index) = (o.id(), o.index);
+        assert_eq!(self.recipients[&id][index as usize], o.recipient());
         if o.status.is_final() {
-            let before = self.finals.insert((o.id, index), o.status);
+            let before = self.finals.insert((id, index), o.status);
             assert!(
                 before.is_none(),
-                "{} of {} had {before:?}, now {:?}",
-                o.recipient,
-                o.id,
+                "{} of {id} had {before:?}, now {:?}",
+                o.recipient(),
                 o.status
             );
         }
         if o.status == RcptStatus::Deferred {
-            let st = self.core.state(o.id, index as usize).unwrap();
+            let st = self.core.state(id, index as usize).unwrap();
             let nominal = self.settings.nominal_delay(st.attempts).as_millis() as f64;
             let expires = T0 + DAY;
             let lo = ((self.now as f64 + nominal * (1.0 - JITTER)) as u64).min(expires);
@@ -405,7 +419,8 @@ impl Sim {
             domain: job.domain.clone(),
             tls: None,
         };
-        let actions = self.core.record(&a, &verdicts(&a), self.now, jitter);
+        let v = verdicts(&a);
+        let actions = self.core.record(a, &v, self.now, jitter);
         self.take(actions);
         if more && let Some(next) = self.core.next_job(&job.dest, self.now) {
             self.open.push(next);
@@ -416,8 +431,43 @@ impl Sim {
     }
 
     /// Every recipient has one final outcome, or is still queued with a non-final state.
+    fn reload(&mut self, cap: usize, smarthost: bool, two_is_local: bool) {
+        let mut s = settings();
+        s.max_connections = cap;
+        s.routing.smarthost = smarthost;
+        if two_is_local {
+            s.routing.local.insert("two.test".to_owned());
+        }
+        let actions = self.core.reconfigure(s, self.now);
+        self.take(actions);
+    }
+
+    fn give_back(&mut self, pick: usize) {
+        if self.open.is_empty() {
+            return;
+        }
+        let job = self.open.swap_remove(pick % self.open.len());
+        let mut actions = self.core.give_back(&job, self.now);
+        actions.extend(self.core.connection_closed(&job.dest, self.now));
+        self.take(actions);
+    }
+
+    fn delete(&mut self, id: QueueId) {
+        if self.core.remove(id) {
+            self.deleted.insert(id);
+        }
+    }
+
+    /// Every recipient has one final outcome, or is still queued with a non-final state; and the core's
+    /// bookkeeping agrees with the connections that are open.
     fn check_accounted(&self) {
+        if let Err(e) = self.core.audit(&self.open, self.now) {
+            panic!("{e}");
+        }
         for (id, rcpts) in &self.recipients {
+            if self.deleted.contains(id) {
+                continue;
+            }
             for i in 0..rcpts.len() {
                 match (self.finals.get(&(*id, i as u32)), self.core.state(*id, i)) {
                     (Some(_), Some(st)) => {
@@ -455,6 +505,9 @@ proptest! {
                     let (_, actions) = sim.core.flush(None, sim.now);
                     sim.take(actions);
                 }
+                Step::Reload { cap, smarthost, two_is_local } => sim.reload(*cap, *smarthost, *two_is_local),
+                Step::GiveBack { pick } => sim.give_back(*pick),
+                Step::Delete { pick } => sim.delete(QueueId(*pick)),
             }
             sim.check_accounted();
         }
@@ -471,13 +524,19 @@ proptest! {
         sim.check_accounted();
         prop_assert!(sim.core.is_empty(), "still queued after expiry: {:?}", sim.core.list(10).1);
         prop_assert!(sim.core.idle());
-        let total: usize = sim.recipients.values().map(Vec::len).sum();
-        prop_assert_eq!(sim.finals.len(), total);
+        let total: usize = sim
+            .recipients
+            .iter()
+            .filter(|(id, _)| !sim.deleted.contains(id))
+            .map(|(_, r)| r.len())
+            .sum();
+        let finals = sim.finals.keys().filter(|(id, _)| !sim.deleted.contains(id)).count();
+        prop_assert_eq!(finals, total);
         // Each failure of an ordinary sender is in exactly one DSN; the others are counted as unreported.
         let mut failed_ordinary = 0;
         let mut failed_silent = 0;
         for ((id, i), status) in &sim.finals {
-            if *status == RcptStatus::Delivered {
+            if *status == RcptStatus::Delivered || sim.deleted.contains(id) {
                 continue;
             }
             let sender = &sim.senders[id];
@@ -489,8 +548,15 @@ proptest! {
                 prop_assert_eq!(sim.reported.get(&(*id, rcpt)).copied(), Some(1));
             }
         }
-        prop_assert_eq!(sim.reported.len(), failed_ordinary);
-        prop_assert_eq!(sim.unreported, failed_silent);
+        let reported = sim.reported.keys().filter(|(id, _)| !sim.deleted.contains(id)).count();
+        prop_assert_eq!(reported, failed_ordinary);
+        let unreported: usize = sim
+            .unreported
+            .iter()
+            .filter(|(id, _)| !sim.deleted.contains(id))
+            .map(|(_, n)| n)
+            .sum();
+        prop_assert_eq!(unreported, failed_silent);
     }
 
     #[test]
@@ -518,13 +584,13 @@ fn a_recipient_reported_twice_keeps_its_first_final_outcome() {
         domain: job.domain.clone(),
         tls: None,
     };
-    core.record(&a, &verdicts(&a), T0, 0.0);
+    core.record(a.clone(), &verdicts(&a), T0, 0.0);
     // A confused connection reports recipient 0 again, as bounced.
     let again = Attempt {
         results: vec![(0, reply(550))],
         ..a
     };
-    let actions = core.record(&again, &verdicts(&again), T0, 0.0);
+    let actions = core.record(again.clone(), &verdicts(&again), T0, 0.0);
     assert!(!actions.iter().any(|a| matches!(
         a,
         Action::Outcome(_) | Action::Dsn { .. } | Action::Suppress { .. }
