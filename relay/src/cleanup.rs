@@ -12,7 +12,7 @@ use mail_parser::MessageParser;
 
 use crate::policy::Policy;
 use crate::spool::QueueId;
-use herald_smtp::{Envelope, Refusal, Reply};
+use herald_smtp::{Envelope, Refusal, RejectReason, Reply};
 
 /// Builds the header lines to put in front of the message, or the refusal (reply and rejection reason).
 pub fn prefix_headers(
@@ -37,7 +37,12 @@ pub fn prefix_headers(
     }
     let _ = write!(h, ";\r\n\t{date}\r\n");
     if env.submission {
-        let malformed = |text| Refusal::new(Reply::new(554, "5.6.0", text), "malformed_message");
+        let malformed = |text| {
+            Refusal::new(
+                Reply::new(554, "5.6.0", text),
+                RejectReason::MalformedMessage,
+            )
+        };
         let Some(parsed) = MessageParser::default().parse_headers(&env.body) else {
             return Err(malformed("Message has no header section"));
         };
@@ -59,7 +64,7 @@ pub fn prefix_headers(
                         );
                         return Err(Refusal::new(
                             Reply::with_text(550, "5.7.1", text),
-                            "sender_not_allowed",
+                            RejectReason::SenderNotAllowed,
                         ));
                     }
                 }
@@ -147,7 +152,7 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!((e.reply.code, e.reply.status), (550, "5.7.1"));
-        assert_eq!(e.reason, "sender_not_allowed");
+        assert_eq!(e.reason, RejectReason::SenderNotAllowed);
         let e = prefix_headers(
             &env("Subject: none\r\n\r\nb\r\n", true),
             QueueId(1),
@@ -156,7 +161,10 @@ mod tests {
             Utc::now(),
         )
         .unwrap_err();
-        assert_eq!((e.reply.code, e.reason), (554, "malformed_message"));
+        assert_eq!(
+            (e.reply.code, e.reason),
+            (554, RejectReason::MalformedMessage)
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 use std::sync::Mutex;
 
+use herald_smtp::RejectReason;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -63,27 +64,6 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     domains: Mutex<HashSet<String>>,
 }
-
-/// The `reason` values of `herald_smtp_rejections_total`; each series exists from the start at 0.
-pub const REJECTION_REASONS: &[&str] = &[
-    "network_denied",
-    "connection_limit",
-    "relay_denied",
-    "sender_not_allowed",
-    "authentication",
-    "message_too_large",
-    "too_many_recipients",
-    "smtputf8_required",
-    "malformed_message",
-    "suppressed",
-    "unknown_recipient",
-    "too_many_errors",
-    "timeout",
-    "spool_error",
-    "shutting_down",
-    "protocol",
-    "other",
-];
 
 /// The `kind` and `result` values of `herald_feedback_reports_total`.
 pub const FEEDBACK_KINDS: &[&str] = &["dsn", "arf", "text", "none"];
@@ -144,8 +124,8 @@ impl Metrics {
             m.received.with_label_values(&[l]);
             m.sessions.with_label_values(&[l]);
         }
-        for r in REJECTION_REASONS {
-            m.rejections.with_label_values(&[r]);
+        for r in RejectReason::ALL {
+            m.rejections.with_label_values(&[r.as_str()]);
         }
         for r in DELIVERY_RESULTS {
             m.deliveries.with_label_values(&[r]);
@@ -302,8 +282,8 @@ impl Metrics {
     }
 
     /// Counts a refused command, message or connection.
-    pub fn rejected(&self, reason: &str) {
-        self.rejections.with_label_values(&[reason]).inc();
+    pub fn rejected(&self, reason: RejectReason) {
+        self.rejections.with_label_values(&[reason.as_str()]).inc();
     }
 
     /// The exposition text for `GET /metrics`.
@@ -336,7 +316,7 @@ mod tests {
     #[test]
     fn two_registries_count_apart() {
         let (a, b) = (Metrics::new(&[]), Metrics::new(&[]));
-        a.rejected("timeout");
+        a.rejected(RejectReason::Timeout);
         assert!(
             a.render()
                 .contains("herald_smtp_rejections_total{reason=\"timeout\"} 1")

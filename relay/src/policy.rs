@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::outcome::suppression::Suppressions;
 use crate::outcome::verp::ReturnPaths;
 use herald_config::Config;
-use herald_smtp::{EnvelopePolicy, Mailbox, Refusal, Reply, ReversePath, Verdict};
+use herald_smtp::{EnvelopePolicy, Mailbox, Refusal, RejectReason, Reply, ReversePath, Verdict};
 
 /// A hash of a password nobody knows, checked when the user name is unknown so that a failed login takes
 /// as long whether or not the user exists.
@@ -129,7 +129,7 @@ impl EnvelopePolicy for SessionPolicy {
             let text = format!("Sender domain {} is not allowed for user {user}", m.domain);
             return Verdict::Refuse(Refusal::new(
                 Reply::with_text(550, "5.7.1", text),
-                "sender_not_allowed",
+                RejectReason::SenderNotAllowed,
             ));
         }
         Verdict::Accept
@@ -145,7 +145,7 @@ impl EnvelopePolicy for SessionPolicy {
                     "5.7.1",
                     format!("<{to}>: Relay access denied (routing syntax in the local part)"),
                 ),
-                "relay_denied",
+                RejectReason::RelayDenied,
             ));
         }
         if local && !self.policy.accepts_local(&to.local) {
@@ -153,13 +153,13 @@ impl EnvelopePolicy for SessionPolicy {
             // Counted apart from suppressed recipients, which share the reply code.
             return Verdict::RefuseAsError(Refusal::new(
                 Reply::with_text(550, "5.1.1", format!("<{to}>: no such mailbox")),
-                "unknown_recipient",
+                RejectReason::UnknownRecipient,
             ));
         }
         if !local && !self.trusted && user.is_none() {
             return Verdict::RefuseAsError(Refusal::new(
                 Reply::with_text(554, "5.7.1", format!("<{to}>: Relay access denied")),
-                "relay_denied",
+                RejectReason::RelayDenied,
             ));
         }
         if let Some(entry) = self.suppressions.get(&to.to_string()) {
@@ -173,7 +173,7 @@ impl EnvelopePolicy for SessionPolicy {
                         entry.added_at, entry.reason
                     ),
                 ),
-                "suppressed",
+                RejectReason::Suppressed,
             ));
         }
         Verdict::Accept
@@ -234,9 +234,10 @@ bounces: {{ secret_file: /nonexistent }}
     }
 
     /// The reply line, and the reason when refused.
-    fn rcpt(p: &SessionPolicy, to: &str, user: Option<&str>) -> (String, &'static str, bool) {
+    fn rcpt(p: &SessionPolicy, to: &str, user: Option<&str>) -> (String, RejectReason, bool) {
         match p.rcpt_to(&mailbox(to), user) {
-            Verdict::Accept => ("accept".into(), "", false),
+            // Accepted: the reason is never looked at.
+            Verdict::Accept => ("accept".into(), RejectReason::Other, false),
             Verdict::Refuse(r) => (r.reply.to_string(), r.reason, false),
             Verdict::RefuseAsError(r) => (r.reply.to_string(), r.reason, true),
         }
@@ -248,7 +249,7 @@ bounces: {{ secret_file: /nonexistent }}
         let denied = |to: &str| {
             (
                 format!("554 5.7.1 {to}: Relay access denied"),
-                "relay_denied",
+                RejectReason::RelayDenied,
                 true,
             )
         };
@@ -258,7 +259,7 @@ bounces: {{ secret_file: /nonexistent }}
             rcpt(&p, "<b%y.test@bounces.example.test>", None),
             (
                 "554 5.7.1 <b%y.test@bounces.example.test>: Relay access denied (routing syntax in the local part)".into(),
-                "relay_denied",
+                RejectReason::RelayDenied,
                 true
             )
         );
@@ -271,7 +272,7 @@ bounces: {{ secret_file: /nonexistent }}
             rcpt(&p, "<b@bounces.example.test>", None),
             (
                 "550 5.1.1 <b@bounces.example.test>: no such mailbox".into(),
-                "unknown_recipient",
+                RejectReason::UnknownRecipient,
                 true
             )
         );
@@ -301,7 +302,7 @@ bounces: {{ secret_file: /nonexistent }}
             "{line}"
         );
         assert!(line.ends_with(": 550 5.1.1 no such user)"), "{line}");
-        assert_eq!((reason, as_error), ("suppressed", false));
+        assert_eq!((reason, as_error), (RejectReason::Suppressed, false));
         assert_eq!(rcpt(&p, "<here@y.test>", None).0, "accept");
     }
 
@@ -317,7 +318,7 @@ bounces: {{ secret_file: /nonexistent }}
                     "5.7.1",
                     "Sender domain evil.test is not allowed for user app"
                 ),
-                "sender_not_allowed"
+                RejectReason::SenderNotAllowed
             ))
         );
         assert_eq!(

@@ -28,4 +28,4 @@ pub mod verdict;
 pub use address::{Mailbox, ReversePath};
 pub use reply::Reply;
 pub use session::{Action, Envelope, Limits, Session, SessionConfig};
-pub use verdict::{EnvelopePolicy, Refusal, Verdict};
+pub use verdict::{EnvelopePolicy, Refusal, RejectReason, Verdict};

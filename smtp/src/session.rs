@@ -18,7 +18,7 @@ use crate::address::{Mailbox, ReversePath};
 use crate::body::{Body, BodyError};
 use crate::command::{self, Command, CommandError};
 use crate::reply::{self, Reply};
-use crate::verdict::{EnvelopePolicy, Refusal, Verdict};
+use crate::verdict::{EnvelopePolicy, Refusal, RejectReason, Verdict};
 
 /// What a session needs to know about its listener; shared by the listener's sessions.
 #[derive(Debug, Clone)]
@@ -131,7 +131,7 @@ pub struct Session<P> {
     closing: bool,
     /// Why each refusal since the driver last looked was sent: the `reason` label of the host's rejection
     /// metric, counted by the driver.
-    rejections: Vec<&'static str>,
+    rejections: Vec<RejectReason>,
 }
 
 impl<P: EnvelopePolicy> Session<P> {
@@ -165,7 +165,7 @@ impl<P: EnvelopePolicy> Session<P> {
     }
 
     /// The reasons of the refusals sent since the last call, for the driver to count.
-    pub fn take_rejections(&mut self) -> Vec<&'static str> {
+    pub fn take_rejections(&mut self) -> Vec<RejectReason> {
         std::mem::take(&mut self.rejections)
     }
 
@@ -332,7 +332,7 @@ impl<P: EnvelopePolicy> Session<P> {
     }
 
     /// A reply whose refusal, if it is one, is counted under `reason`.
-    fn reply_as(&mut self, r: &Reply, reason: &'static str) {
+    fn reply_as(&mut self, r: &Reply, reason: RejectReason) {
         if r.code >= 400 {
             self.rejections.push(reason);
         }
@@ -344,7 +344,7 @@ impl<P: EnvelopePolicy> Session<P> {
         self.error_as(r, rejection_reason(r));
     }
 
-    fn error_as(&mut self, r: &Reply, reason: &'static str) {
+    fn error_as(&mut self, r: &Reply, reason: RejectReason) {
         self.reply_as(r, reason);
         self.errors += 1;
         if self.errors >= self.config.limits.max_errors {
@@ -869,18 +869,18 @@ impl<P: EnvelopePolicy> Session<P> {
 
 /// The `reason` label for a refusal the session makes itself: a small fixed set, from the reply. Refusals
 /// from the policy and the driver carry their own reason ([`Refusal`]).
-fn rejection_reason(r: &Reply) -> &'static str {
+fn rejection_reason(r: &Reply) -> RejectReason {
     match (r.code, r.status) {
-        (_, "5.7.0" | "5.7.8" | "5.7.11") => "authentication",
-        (_, "5.3.4") => "message_too_large",
-        (_, "4.5.3") => "too_many_recipients",
-        (_, "5.6.7") => "smtputf8_required",
-        (_, "5.6.0") => "malformed_message",
-        (_, "4.7.0") => "too_many_errors",
-        (_, "4.4.2") => "timeout",
-        (_, "4.3.2") => "shutting_down",
-        (_, s) if s.starts_with("5.5.") || s == "5.1.3" || s == "5.1.7" => "protocol",
-        _ => "other",
+        (_, "5.7.0" | "5.7.8" | "5.7.11") => RejectReason::Authentication,
+        (_, "5.3.4") => RejectReason::MessageTooLarge,
+        (_, "4.5.3") => RejectReason::TooManyRecipients,
+        (_, "5.6.7") => RejectReason::Smtputf8Required,
+        (_, "5.6.0") => RejectReason::MalformedMessage,
+        (_, "4.7.0") => RejectReason::TooManyErrors,
+        (_, "4.4.2") => RejectReason::Timeout,
+        (_, "4.3.2") => RejectReason::ShuttingDown,
+        (_, s) if s.starts_with("5.5.") || s == "5.1.3" || s == "5.1.7" => RejectReason::Protocol,
+        _ => RejectReason::Other,
     }
 }
 

@@ -35,12 +35,98 @@ pub enum Verdict {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub reply: Reply,
-    /// The `reason` label the refusal is counted under (see [`crate::Session::take_rejections`]).
-    pub reason: &'static str,
+    /// What the refusal is counted under (see [`crate::Session::take_rejections`]).
+    pub reason: RejectReason,
 }
 
 impl Refusal {
-    pub fn new(reply: Reply, reason: &'static str) -> Refusal {
+    pub fn new(reply: Reply, reason: RejectReason) -> Refusal {
         Refusal { reply, reason }
+    }
+}
+
+/// Why a command, message or connection was refused: the `reason` label of the host's rejection metric
+/// (`herald_smtp_rejections_total`). A closed set, so every series can exist from the start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// A client outside the listener's `allow_networks`, at connect.
+    NetworkDenied,
+    /// Too many connections, in total or from one client, at connect.
+    ConnectionLimit,
+    /// A recipient the client may not relay to.
+    RelayDenied,
+    /// A sender domain the authenticated user may not use.
+    SenderNotAllowed,
+    /// AUTH refused, or required first.
+    Authentication,
+    /// Over the size limit.
+    MessageTooLarge,
+    /// Over the recipient limit of a transaction.
+    TooManyRecipients,
+    /// A non-ASCII address without SMTPUTF8.
+    Smtputf8Required,
+    /// A message that breaks the line rules or lacks what it must have.
+    MalformedMessage,
+    /// A recipient on the suppression list.
+    Suppressed,
+    /// A mailbox that does not exist at a domain the relay receives for.
+    UnknownRecipient,
+    /// The session's limit of bad commands was reached.
+    TooManyErrors,
+    /// The client was silent too long.
+    Timeout,
+    /// The message could not be stored.
+    SpoolError,
+    /// The relay is stopping.
+    ShuttingDown,
+    /// A command out of sequence, malformed or unknown.
+    Protocol,
+    /// Anything else.
+    Other,
+}
+
+impl RejectReason {
+    /// Every reason, in a stable order.
+    pub const ALL: [RejectReason; 17] = [
+        RejectReason::NetworkDenied,
+        RejectReason::ConnectionLimit,
+        RejectReason::RelayDenied,
+        RejectReason::SenderNotAllowed,
+        RejectReason::Authentication,
+        RejectReason::MessageTooLarge,
+        RejectReason::TooManyRecipients,
+        RejectReason::Smtputf8Required,
+        RejectReason::MalformedMessage,
+        RejectReason::Suppressed,
+        RejectReason::UnknownRecipient,
+        RejectReason::TooManyErrors,
+        RejectReason::Timeout,
+        RejectReason::SpoolError,
+        RejectReason::ShuttingDown,
+        RejectReason::Protocol,
+        RejectReason::Other,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::NetworkDenied => "network_denied",
+            RejectReason::ConnectionLimit => "connection_limit",
+            RejectReason::RelayDenied => "relay_denied",
+            RejectReason::SenderNotAllowed => "sender_not_allowed",
+            RejectReason::Authentication => "authentication",
+            RejectReason::MessageTooLarge => "message_too_large",
+            RejectReason::TooManyRecipients => "too_many_recipients",
+            RejectReason::Smtputf8Required => "smtputf8_required",
+            RejectReason::MalformedMessage => "malformed_message",
+            RejectReason::Suppressed => "suppressed",
+            RejectReason::UnknownRecipient => "unknown_recipient",
+            RejectReason::TooManyErrors => "too_many_errors",
+            RejectReason::Timeout => "timeout",
+            RejectReason::SpoolError => "spool_error",
+            RejectReason::ShuttingDown => "shutting_down",
+            RejectReason::Protocol => "protocol",
+            RejectReason::Other => "other",
+        }
     }
 }

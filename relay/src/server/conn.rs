@@ -18,7 +18,7 @@ use crate::policy::SessionPolicy;
 use crate::queue::NewEntry;
 use crate::spool::MessageMeta;
 use herald_config::TlsMode;
-use herald_smtp::{Action, Envelope, Refusal, Reply};
+use herald_smtp::{Action, Envelope, Refusal, RejectReason, Reply};
 
 type Session = herald_smtp::Session<SessionPolicy>;
 
@@ -290,7 +290,7 @@ async fn accept(
         }
         Err(e) => {
             tracing::error!(%listener, error = %e, "spool write failed; message refused with 452");
-            Err(Refusal::new(SPOOL_FAILURE, "spool_error"))
+            Err(Refusal::new(SPOOL_FAILURE, RejectReason::SpoolError))
         }
     }
 }
@@ -299,6 +299,6 @@ async fn accept(
 fn local_problem() -> Refusal {
     Refusal::new(
         Reply::new(451, "4.3.0", "Temporary local problem, try again later"),
-        "other",
+        RejectReason::Other,
     )
 }

@@ -30,7 +30,7 @@ use crate::queue::QueueHandle;
 use crate::spool::Spool;
 use crate::telemetry::Telemetry;
 use herald_config::{AuthMode, Config, Listener, TlsMode};
-use herald_smtp::SessionConfig;
+use herald_smtp::{RejectReason, SessionConfig};
 use tls::TlsStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -331,7 +331,7 @@ async fn connection(
     let trusted = !settings.allow_networks.is_empty();
     if trusted && !settings.allow_networks.iter().any(|n| n.contains(&ip)) {
         tracing::info!(%listener, client = %ip, "refused: client not in allow_networks");
-        ctx.telemetry.metrics.rejected("network_denied");
+        ctx.telemetry.metrics.rejected(RejectReason::NetworkDenied);
         if ctx.tls_mode != TlsMode::Implicit {
             let msg = format!("554 5.7.1 {ip} is not allowed to use this service\r\n");
             let _ = tcp.write_all(msg.as_bytes()).await;
@@ -340,7 +340,9 @@ async fn connection(
     }
     let Some(_slot) = ctx.limits.acquire(ip) else {
         tracing::info!(%listener, client = %ip, "refused: too many connections");
-        ctx.telemetry.metrics.rejected("connection_limit");
+        ctx.telemetry
+            .metrics
+            .rejected(RejectReason::ConnectionLimit);
         if ctx.tls_mode != TlsMode::Implicit {
             let _ = tcp
                 .write_all(b"421 4.7.0 Too many connections, try again later\r\n")

@@ -30,7 +30,7 @@ impl EnvelopePolicy for Double {
                 let text = format!("Sender domain {} is not allowed for user {user}", m.domain);
                 Verdict::Refuse(Refusal::new(
                     Reply::with_text(550, "5.7.1", text),
-                    "sender_not_allowed",
+                    RejectReason::SenderNotAllowed,
                 ))
             }
             _ => Verdict::Accept,
@@ -78,7 +78,7 @@ fn session() -> Session<Double> {
     session_with(Double::default())
 }
 
-fn refuse(code: u16, status: &'static str, text: &'static str, reason: &'static str) -> Refusal {
+fn refuse(code: u16, status: &'static str, text: &'static str, reason: RejectReason) -> Refusal {
     Refusal::new(Reply::new(code, status, text), reason)
 }
 
@@ -100,7 +100,7 @@ fn refused_recipient_is_left_out_and_counted_under_the_policy_reason() {
     let mut s = session_with(Double {
         recipients: vec![(
             "gone@y.test",
-            Verdict::Refuse(refuse(550, "5.1.1", "suppressed", "suppressed")),
+            Verdict::Refuse(refuse(550, "5.1.1", "suppressed", RejectReason::Suppressed)),
         )],
         ..Double::default()
     });
@@ -110,7 +110,7 @@ fn refused_recipient_is_left_out_and_counted_under_the_policy_reason() {
     assert_eq!(s.process(input).0, input.len());
     let out = String::from_utf8(std::mem::take(s.output())).unwrap();
     assert_eq!(out, "550 5.1.1 suppressed\r\n250 2.1.5 Recipient ok\r\n");
-    assert_eq!(s.take_rejections(), ["suppressed"]);
+    assert_eq!(s.take_rejections(), [RejectReason::Suppressed]);
     let (_, action) = feed(&mut s, "DATA\r\nx\r\n.\r\n");
     let Action::Accept(env) = action else {
         panic!("no accept")
@@ -121,8 +121,9 @@ fn refused_recipient_is_left_out_and_counted_under_the_policy_reason() {
 
 #[test]
 fn policy_refusals_as_errors_count_towards_the_error_limit() {
-    let relay_denied = Verdict::RefuseAsError(refuse(554, "5.7.1", "denied", "relay_denied"));
-    let suppressed = Verdict::Refuse(refuse(550, "5.1.1", "suppressed", "suppressed"));
+    let relay_denied =
+        Verdict::RefuseAsError(refuse(554, "5.7.1", "denied", RejectReason::RelayDenied));
+    let suppressed = Verdict::Refuse(refuse(550, "5.1.1", "suppressed", RejectReason::Suppressed));
     let mut s = session_with(Double {
         recipients: vec![("b@y.test", relay_denied), ("s@y.test", suppressed)],
         ..Double::default()
@@ -145,9 +146,9 @@ fn policy_refusals_as_errors_count_towards_the_error_limit() {
         ]
     );
     assert!(matches!(action, Action::Close));
-    let mut reasons = vec!["suppressed"; 5];
-    reasons.extend(["relay_denied"; 4]);
-    reasons.push("too_many_errors");
+    let mut reasons = vec![RejectReason::Suppressed; 5];
+    reasons.extend([RejectReason::RelayDenied; 4]);
+    reasons.push(RejectReason::TooManyErrors);
     assert_eq!(s.take_rejections(), reasons);
 }
 
@@ -195,9 +196,14 @@ fn refusal_of_a_message_by_the_driver_is_counted_under_its_reason() {
     let (_, action) = feed(&mut s, "x\r\n.\r\n");
     assert!(matches!(action, Action::Accept(_)));
     s.take_rejections();
-    s.message_result(Err(refuse(452, "4.3.1", "no room", "spool_error")));
+    s.message_result(Err(refuse(
+        452,
+        "4.3.1",
+        "no room",
+        RejectReason::SpoolError,
+    )));
     assert_eq!(feed(&mut s, "").0, ["452 4.3.1"]);
-    assert_eq!(s.take_rejections(), ["spool_error"]);
+    assert_eq!(s.take_rejections(), [RejectReason::SpoolError]);
     assert!(s.is_idle());
 }
 
@@ -351,7 +357,10 @@ fn submission_requires_tls_then_auth() {
         "MAIL FROM:<a@evil.test>\r\nMAIL FROM:<a@ok.test>\r\n",
     );
     assert_eq!(codes, ["235 2.7.0", "550 5.7.1", "250 2.1.0"]);
-    assert_eq!(s.take_rejections().last(), Some(&"sender_not_allowed"));
+    assert_eq!(
+        s.take_rejections().last(),
+        Some(&RejectReason::SenderNotAllowed)
+    );
     assert_eq!(
         *s.policy().asked.borrow(),
         ["MAIL a@evil.test app", "MAIL a@ok.test app"]
