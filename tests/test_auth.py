@@ -259,6 +259,27 @@ def test_two_from_headers_one_disallowed_are_not_queued(relay, tls_ctx):
     assert relay.new_messages(before) == {}
 
 
+def test_two_allowed_from_headers_are_refused_too(relay, tls_ctx):
+    # Which of two From: fields a check, a DKIM signer or a reader's client uses is anyone's guess.
+    marker = unique("twofrom-ok")
+    before = set(relay.queue_by_id())
+    r = _send_with_from(relay, tls_ctx, "a@example.test", ["From: <a@example.test>", "From: <b@example.test>"], marker)
+    assert r.starts("550 5.7.1") and "From: header fields" in str(r), r
+    assert relay.new_messages(before) == {}
+
+
+def test_two_from_headers_are_refused_on_the_trusted_listener(relay):
+    host, port = relay.listener("trusted")
+    msg = ("From: <a@example.test>\r\nFrom: <b@example.test>\r\nSubject: two\r\n\r\nhi\r\n").encode()
+    with SmtpConn(host, port) as c:
+        c.greeting()
+        c.ehlo()
+        c.expect("MAIL FROM:<a@example.test>", "250 ")
+        c.expect("RCPT TO:<x@foreign.test>", "250 ")
+        end = c.data(msg)
+        assert end.starts("550 5.7.1") and end.queue_id is None, end
+
+
 @pytest.mark.parametrize("from_line", ["From: <a@example.test>", "From: App <noreply@EXAMPLE.test>"])
 def test_from_header_with_an_allowed_domain_is_queued(relay, tls_ctx, from_line):
     marker = unique("fromok")

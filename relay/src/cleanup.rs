@@ -3,7 +3,9 @@
 //! Every message gets a `Received:` header. Messages from submission listeners are also checked and
 //! completed the way RFC 6409 section 8 lets a submission server do: the From: domain must be one the
 //! authenticated user may send as, and a missing `Message-ID:` or `Date:` is added. The headers are
-//! produced as a separate prefix so that the body is never copied to prepend them.
+//! produced as a separate prefix so that the body is never copied to prepend them. On every listener a
+//! message with more than one From: field is refused: checks and DKIM would each pick one, and a reader's
+//! client may show the other.
 
 use std::fmt::Write;
 
@@ -22,6 +24,17 @@ pub fn prefix_headers(
     policy: &Policy,
     now: DateTime<Utc>,
 ) -> Result<String, Refusal> {
+    let froms = from_fields(&env.body);
+    if froms > 1 {
+        return Err(Refusal::new(
+            Reply::with_text(
+                550,
+                "5.7.1",
+                format!("Message has {froms} From: header fields; RFC 5322 allows one"),
+            ),
+            RejectReason::MalformedMessage,
+        ));
+    }
     let date = now.to_rfc2822();
     let mut h = String::with_capacity(256);
     // Writing into a String cannot fail.
@@ -78,6 +91,24 @@ pub fn prefix_headers(
         }
     }
     Ok(h)
+}
+
+/// How many From: fields the header section of `message` has (RFC 5322 section 3.6 allows one). A field
+/// name starts a line; the obsolete syntax (section 4.5.3) allows blanks before the colon.
+fn from_fields(message: &[u8]) -> usize {
+    message
+        .split(|&b| b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .take_while(|line| !line.is_empty())
+        .filter(|line| {
+            line.get(..4)
+                .is_some_and(|name| name.eq_ignore_ascii_case(b"from"))
+                && line[4..]
+                    .iter()
+                    .find(|&&b| b != b' ' && b != b'\t')
+                    .is_some_and(|&b| b == b':')
+        })
+        .count()
 }
 
 #[cfg(test)]
@@ -165,6 +196,33 @@ mod tests {
             (e.reply.code, e.reason),
             (554, RejectReason::MalformedMessage)
         );
+    }
+
+    #[test]
+    fn from_fields_are_counted_in_the_header_section_only() {
+        assert_eq!(
+            from_fields(b"From: a@x\r\nSubject: s\r\n\r\nFrom: in the body\r\n"),
+            1
+        );
+        assert_eq!(from_fields(b"FROM : a@x\r\nfrom:\tb@y\r\n\r\n"), 2);
+        assert_eq!(from_fields(b"From-Address: a@x\r\nX-From: b\r\n\r\n"), 0);
+        assert_eq!(from_fields(b"Subject: s\r\n\tFrom: folded\r\n\r\n"), 0);
+    }
+
+    #[test]
+    fn a_second_from_field_is_refused_on_every_listener() {
+        let p = policy();
+        for submission in [true, false] {
+            let body = "From: a@ok.test\r\nFrom: b@ok.test\r\n\r\nb\r\n";
+            let e = prefix_headers(&env(body, submission), QueueId(1), "h.test", &p, Utc::now())
+                .unwrap_err();
+            assert_eq!((e.reply.code, e.reply.status), (550, "5.7.1"));
+            assert!(
+                e.reply.text.contains("2 From: header fields"),
+                "{}",
+                e.reply
+            );
+        }
     }
 
     #[test]
