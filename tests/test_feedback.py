@@ -452,3 +452,37 @@ def test_a_bounce_rule_loaded_by_sighup_changes_the_category_and_the_suppression
     loop.assert_not_suppressed(second)
     [ev] = [e for e in loop.report_events() if e["type"] == "bounced" and e["recipient"] == second]
     assert ev["category"] == "permanent-other", ev
+
+
+def _dsn_with_blocks(rcpt_count: int, padding: int = 0) -> bytes:
+    """A DSN to postmaster naming `rcpt_count` failed recipients, with `padding` bytes of returned message."""
+    blocks = "".join(
+        f"Final-Recipient: rfc822; r{i}@gmail.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        f"Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n\r\n" for i in range(rcpt_count))
+    body = "x" * 76 + "\r\n"
+    return (
+        f"From: MAILER-DAEMON@gmail.test\r\nTo: {mailbox('postmaster')}\r\nSubject: Undelivered\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=\"b\"\r\n\r\n"
+        "--b\r\nContent-Type: text/plain\r\n\r\nSome addresses failed.\r\n"
+        "--b\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.gmail.test\r\n\r\n"
+        f"{blocks}"
+        "--b\r\nContent-Type: message/rfc822\r\n\r\nSubject: the original\r\n\r\n"
+        f"{body * (padding // len(body))}"
+        "--b--\r\n"
+    ).encode()
+
+
+def test_a_report_is_read_only_up_to_its_limits_and_the_cut_is_counted(relays, dns, peers, mx, tmp_path):
+    # Anyone may write to postmaster@ the return-path domain; what a report can cost is bounded.
+    loop = Loop(relays, dns, peers, mx, tmp_path)
+    before = scrape(loop.relay)
+    loop.report(mailbox("postmaster"), _dsn_with_blocks(3))
+    small = scrape(loop.relay)
+    assert small.get("herald_feedback_limited_total") == before.get("herald_feedback_limited_total") == 0
+    loop.report(mailbox("postmaster"), _dsn_with_blocks(150))
+    loop.report(mailbox("postmaster"), _dsn_with_blocks(1, padding=3 << 20))
+    after = scrape(loop.relay)
+    assert after.get("herald_feedback_limited_total") == 2, after.text
+    # Nothing in them verified (no token): counted, and nobody suppressed.
+    assert loop.report_events() == []
+    loop.assert_not_suppressed("r0@gmail.test", "r149@gmail.test")

@@ -61,6 +61,7 @@ pub struct Metrics {
     pub tls_expiry: IntGauge,
     pub feedback: IntCounterVec,
     pub complaints: IntCounterVec,
+    pub feedback_limited: IntCounter,
     pub config_reloads: IntCounterVec,
     domains: Mutex<HashSet<String>>,
 }
@@ -236,6 +237,11 @@ impl Metrics {
                 "herald_complaints_total",
                 "Feedback-loop complaints (ARF) with a verified return-path token, by feedback type and recipient domain.",
                 &["feedback_type", "domain"],
+            ),
+            feedback_limited: counter(
+                &r,
+                "herald_feedback_limited_total",
+                "Reports at return-path addresses cut short by a processing limit (size, MIME parts, recipients, addresses or tokens); the rest was not looked at.",
             ),
             config_reloads: counter_vec(
                 &r,

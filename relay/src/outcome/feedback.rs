@@ -14,6 +14,9 @@ use crate::outcome::verp::{self, ReturnPaths, Token};
 use crate::outcome::{Category, Class, Classifier, Rules};
 use crate::telemetry::Telemetry;
 
+/// Return-path tokens looked at per report: a report is about one message, rarely a few.
+const MAX_TOKENS: usize = 10;
+
 /// Feedback types that are a recipient saying "stop" (RFC 5965 section 7.3); `not-spam` and
 /// `auth-failure` (RFC 6591) are not.
 const COMPLAINT_TYPES: &[&str] = &["abuse", "fraud", "virus", "other"];
@@ -45,7 +48,11 @@ pub fn process(
     telemetry: &Telemetry,
 ) -> Vec<Outcome> {
     let rules = rules.snapshot();
-    let outcomes = evaluate(raw, locals, &rules.return_paths, &rules.classifier);
+    let (outcomes, limited) = assess(raw, locals, &rules.return_paths, &rules.classifier);
+    if limited {
+        telemetry.metrics.feedback_limited.inc();
+        tracing::info!("report cut short by a processing limit; the rest was not looked at");
+    }
     for o in &outcomes {
         record(o, suppressions, telemetry);
     }
@@ -59,9 +66,23 @@ pub fn evaluate(
     rp: &ReturnPaths,
     classifier: &Classifier,
 ) -> Vec<Outcome> {
+    assess(raw, locals, rp, classifier).0
+}
+
+/// [`evaluate`], and whether a processing limit cut the report short.
+fn assess(
+    raw: &[u8],
+    locals: &[String],
+    rp: &ReturnPaths,
+    classifier: &Classifier,
+) -> (Vec<Outcome>, bool) {
     let Some(report) = report::parse(raw) else {
-        return vec![bare("none", "not-a-report")];
+        return (
+            vec![bare("none", "not-a-report")],
+            raw.len() > report::MAX_REPORT_BYTES,
+        );
     };
+    let mut limited = report.limited;
     let kind = report.kind.as_str();
     let mut tokens: Vec<Token> = Vec::new();
     let from_senders = report.original_senders.iter().filter_map(|a| {
@@ -72,11 +93,15 @@ pub fn evaluate(
         if let Some(t) = verp::parse(local)
             && !tokens.contains(&t)
         {
+            if tokens.len() == MAX_TOKENS {
+                limited = true;
+                break;
+            }
             tokens.push(t);
         }
     }
     if tokens.is_empty() {
-        return vec![bare(kind, "unverified")];
+        return (vec![bare(kind, "unverified")], limited);
     }
     let mut out = Vec::new();
     for token in &tokens {
@@ -89,7 +114,7 @@ pub fn evaluate(
             None => out.push(bare(kind, "forged")),
         }
     }
-    out
+    (out, limited)
 }
 
 fn bare(kind: &'static str, result: &'static str) -> Outcome {

@@ -4,10 +4,25 @@
 //!
 //! mail-parser takes the MIME structure apart. The machine-readable parts (`message/delivery-status`,
 //! `message/feedback-report`) are blocks of header-style fields, which it parses as header blocks.
+//!
+//! Anyone can send mail to a return-path address, and a report is read before anything verifies it, so
+//! the work a report can cause is bounded: only its first [`MAX_REPORT_BYTES`] are parsed (the
+//! machine-readable part comes before the returned message), and at most [`MAX_PARTS`] parts,
+//! [`MAX_RECIPIENTS`] recipient blocks and [`MAX_ADDRESSES`] addresses of each kind are looked at.
+//! [`Report::limited`] says when a limit cut something off.
 
 use mail_parser::{MessageParser, MimeHeaders};
 use regex::Regex;
 use std::sync::LazyLock;
+
+/// The bytes of a report that are parsed.
+pub const MAX_REPORT_BYTES: usize = 1 << 20;
+/// MIME parts looked at.
+pub const MAX_PARTS: usize = 32;
+/// Per-recipient blocks kept.
+pub const MAX_RECIPIENTS: usize = 100;
+/// Addresses of each kind (original senders, original recipients) kept.
+pub const MAX_ADDRESSES: usize = 100;
 
 /// What kind of report a message is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,20 +84,24 @@ pub struct Report {
     /// Recipients the report names outside per-recipient blocks (ARF `Original-Rcpt-To`, the returned
     /// message's `To:`, `X-Failed-Recipients:`), candidates for a token that does not carry its recipient.
     pub original_recipients: Vec<String>,
+    /// A limit cut part of the report off (see the module's documentation).
+    pub limited: bool,
 }
 
 /// Parses `raw` as a report; None when it is not one (an auto-reply, a person writing back).
 pub fn parse(raw: &[u8]) -> Option<Report> {
-    let message = MessageParser::default().parse(raw)?;
+    let truncated = raw.len() > MAX_REPORT_BYTES;
+    let message = MessageParser::default().parse(&raw[..raw.len().min(MAX_REPORT_BYTES)])?;
     let mut report = Report {
         kind: Kind::Text,
         recipients: Vec::new(),
         feedback_type: None,
         original_senders: Vec::new(),
         original_recipients: Vec::new(),
+        limited: truncated || message.parts.len() > MAX_PARTS,
     };
     let mut machine_readable = false;
-    for part in &message.parts {
+    for part in message.parts.iter().take(MAX_PARTS) {
         let Some(ct) = part.content_type() else {
             continue;
         };
@@ -127,6 +146,12 @@ pub fn parse(raw: &[u8]) -> Option<Report> {
                 .extend(addresses_in(&unfold(value)));
         }
     }
+    report.limited |= report.recipients.len() > MAX_RECIPIENTS
+        || report.original_senders.len() > MAX_ADDRESSES
+        || report.original_recipients.len() > MAX_ADDRESSES;
+    report.recipients.truncate(MAX_RECIPIENTS);
+    report.original_senders.truncate(MAX_ADDRESSES);
+    report.original_recipients.truncate(MAX_ADDRESSES);
     if machine_readable {
         return Some(report);
     }
@@ -141,7 +166,8 @@ pub fn parse(raw: &[u8]) -> Option<Report> {
 fn delivery_status(body: &[u8]) -> Vec<RecipientStatus> {
     let mut out = Vec::new();
     // The first block is per-message fields; each later one is a recipient.
-    for block in blocks(body).into_iter().skip(1) {
+    // One block beyond the limit, so that the caller can tell the report was cut short.
+    for block in blocks(body).into_iter().skip(1).take(MAX_RECIPIENTS + 1) {
         let fields = header_fields(block.as_bytes());
         let get = |name: &str| {
             fields
@@ -319,6 +345,37 @@ fn addresses_in(text: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn dsn_with(recipients: usize, padding: usize) -> Vec<u8> {
+        let mut m = String::from(
+            "From: MAILER-DAEMON@mx.test\r\nMIME-Version: 1.0\r\n\
+             Content-Type: multipart/report; report-type=delivery-status; boundary=\"b\"\r\n\r\n\
+             --b\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.test\r\n\r\n",
+        );
+        for i in 0..recipients {
+            m.push_str(&format!(
+                "Final-Recipient: rfc822; r{i}@x.test\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n"
+            ));
+        }
+        m.push_str("--b\r\nContent-Type: message/rfc822\r\n\r\nSubject: original\r\n\r\n");
+        m.push_str(&"y".repeat(padding));
+        m.push_str("\r\n--b--\r\n");
+        m.into_bytes()
+    }
+
+    #[test]
+    fn a_report_is_read_up_to_its_limits() {
+        let r = parse(&dsn_with(3, 0)).unwrap();
+        assert_eq!((r.recipients.len(), r.limited), (3, false));
+        let r = parse(&dsn_with(MAX_RECIPIENTS + 50, 0)).unwrap();
+        assert_eq!((r.recipients.len(), r.limited), (MAX_RECIPIENTS, true));
+        // The status part comes first; a huge returned message behind it is not read.
+        let r = parse(&dsn_with(1, 2 * MAX_REPORT_BYTES)).unwrap();
+        assert_eq!(
+            (r.kind, r.recipients.len(), r.limited),
+            (Kind::Dsn, 1, true)
+        );
+    }
 
     const DSN: &str = "From: MAILER-DAEMON@mx.example.net\r\n\
 Subject: Undelivered Mail Returned to Sender\r\n\
