@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import base64
+import collections
 import re
+import threading
 import uuid
 
 import pytest
 
+from harness.outbound import wait_until
+from harness.prometheus import scrape
 from harness.relay import USERS, header_region
 from harness.smtp import SmtpConn, make_message
 
@@ -317,3 +321,58 @@ def test_submission_keeps_existing_message_id_and_date(relay, tls_ctx):
     head = header_region(stored, marker.encode())
     assert len(re.findall(rb"(?im)^message-id:", head)) == 1, head
     assert len(re.findall(rb"(?im)^date:", head)) == 1, head
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Password guessing
+
+
+def test_a_password_flood_from_one_address_is_throttled_and_others_still_get_in(relays, tls_ctx):
+    # 500 wrong passwords from 127.0.0.1: argon2 runs for the first few only; the rest get 454 unchecked,
+    # and meanwhile a client at another address logs in.
+    r = relays.start("flood", limits={"auth_failures_per_client": 5, "auth_failure_window": "1h"})
+    host, port = r.listener("submission")
+    replies: list[str] = []
+
+    def flood():
+        while len(replies) < 500:
+            c = SmtpConn(host, port, source="127.0.0.1")
+            c.greeting()
+            c.ehlo()
+            c.starttls(tls_ctx)
+            c.ehlo()
+            # The session allows max_errors bad commands, then closes; reconnect and go on.
+            for _ in range(9):
+                replies.append(str(c.cmd(f"AUTH PLAIN {plain('app', 'guess')}")))
+                if len(replies) >= 500:
+                    break
+            c.close()
+
+    flooder = threading.Thread(target=flood)
+    flooder.start()
+    try:
+        assert wait_until(lambda: len(replies) >= 50, timeout=60), "the flood did not get going"
+        c = SmtpConn(host, port, source="127.0.0.2")
+        c.greeting()
+        c.ehlo()
+        c.starttls(tls_ctx)
+        c.ehlo()
+        c.expect(f"AUTH PLAIN {plain('app', APP_PW)}", "235 2.7.0")
+        c.close()
+    finally:
+        flooder.join(timeout=120)
+    assert len(replies) >= 500
+    assert sum(x.startswith("535 5.7.8") for x in replies) == 5, collections.Counter(x[:9] for x in replies)
+    assert sum(x.startswith("454 4.7.0") for x in replies) == len(replies) - 5
+    # The right password from the flooding address is refused too until the window passes.
+    c = SmtpConn(host, port, source="127.0.0.1")
+    c.greeting()
+    c.ehlo()
+    c.starttls(tls_ctx)
+    c.ehlo()
+    c.expect(f"AUTH PLAIN {plain('app', APP_PW)}", "454 4.7.0")
+    c.close()
+    exp = scrape(r)
+    assert exp.get("herald_auth_attempts_total", result="failed") == 5, exp.text
+    assert exp.get("herald_auth_attempts_total", result="throttled") == len(replies) - 5 + 1
+    assert exp.get("herald_auth_attempts_total", result="accepted") == 1

@@ -522,6 +522,13 @@ pub struct Limits {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::schema::HumanDuration")]
     pub data_timeout: Duration,
+    /// Failed AUTH attempts from one client address within `auth_failure_window`; beyond, AUTH from that
+    /// address is refused (454 4.7.0) without checking the password until the window has passed.
+    pub auth_failures_per_client: u32,
+    /// How long failed AUTH attempts count against their client address.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
+    pub auth_failure_window: Duration,
 }
 
 impl Default for Limits {
@@ -535,6 +542,8 @@ impl Default for Limits {
             max_line_length: 2048,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
+            auth_failures_per_client: 10,
+            auth_failure_window: Duration::from_secs(900),
         }
     }
 }

@@ -232,6 +232,12 @@ impl Config {
                 return Err(invalid(name, "must be greater than 0"));
             }
         }
+        if lim.auth_failures_per_client == 0 {
+            return Err(invalid(
+                "limits.auth_failures_per_client",
+                "must be greater than 0",
+            ));
+        }
         if lim.command_timeout.is_zero() || lim.data_timeout.is_zero() {
             return Err(invalid("limits", "timeouts must be greater than 0"));
         }

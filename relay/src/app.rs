@@ -19,7 +19,7 @@ use crate::outcome::verp::{self, ReturnPaths};
 use crate::outcome::{Classifier, Rules, classify};
 use crate::policy::Policy;
 use crate::queue::{self, QueueHandle};
-use crate::server::{self, ConnectionLimits, Shared, tls::TlsStore};
+use crate::server::{self, ConnectionLimits, Shared, auth::AuthGate, tls::TlsStore};
 use crate::spool::Spool;
 use crate::telemetry::Telemetry;
 use herald_config::Config;
@@ -144,6 +144,7 @@ impl Relay {
                 config.limits.max_connections_per_client,
             ),
             rules,
+            auth: Arc::new(AuthGate::new(&config.limits, telemetry.metrics.clone())),
             telemetry,
         };
         let (stop, stop_rx) = watch::channel(false);

@@ -62,6 +62,7 @@ pub struct Metrics {
     pub feedback: IntCounterVec,
     pub complaints: IntCounterVec,
     pub feedback_limited: IntCounter,
+    pub auth_attempts: IntCounterVec,
     pub config_reloads: IntCounterVec,
     domains: Mutex<HashSet<String>>,
 }
@@ -83,6 +84,9 @@ const OTHER_DOMAIN: &str = "other";
 
 /// The `result` values of `herald_deliveries_total`.
 pub const DELIVERY_RESULTS: &[&str] = &["delivered", "deferred", "bounced"];
+
+/// The `result` values of `herald_auth_attempts_total`.
+pub const AUTH_RESULTS: &[&str] = &["accepted", "failed", "throttled", "busy"];
 
 /// The `result` values of `herald_config_reload_total`: the whole new config is in force; all of it but
 /// what cannot change live (named in the log); or none of it (invalid, the running config stays).
@@ -133,6 +137,9 @@ impl Metrics {
         }
         for r in RELOAD_RESULTS {
             m.config_reloads.with_label_values(&[r]);
+        }
+        for r in AUTH_RESULTS {
+            m.auth_attempts.with_label_values(&[r]);
         }
         // The domain label is open-ended; the zero series carry the fold-over value.
         for class in ["hard", "soft"] {
@@ -237,6 +244,12 @@ impl Metrics {
                 "herald_complaints_total",
                 "Feedback-loop complaints (ARF) with a verified return-path token, by feedback type and recipient domain.",
                 &["feedback_type", "domain"],
+            ),
+            auth_attempts: counter_vec(
+                &r,
+                "herald_auth_attempts_total",
+                "AUTH attempts by result: accepted, failed (wrong credentials), throttled (refused unchecked after repeated failures from the client address) or busy (no check slot came free).",
+                &["result"],
             ),
             feedback_limited: counter(
                 &r,

@@ -234,6 +234,13 @@ impl<P: EnvelopePolicy> Session<P> {
         }
     }
 
+    /// The password of an [`Action::Authenticate`] could not be checked now (the host is busy, or throttles
+    /// this client after repeated failures): the refusal to send. It counts as a bad command.
+    pub fn auth_refused(&mut self, refusal: Refusal) {
+        self.state = State::Command;
+        self.error_as(&refusal.reply, refusal.reason);
+    }
+
     /// The outcome of an [`Action::Accept`]: the reply to send (250 with the queue id), or the refusal and
     /// the reason it is counted under.
     pub fn message_result(&mut self, result: Result<Reply, Refusal>) {

@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use super::auth::Checked;
 use super::tls::version_name;
 use super::{ListenerContext, ListenerSettings};
 use crate::cleanup;
@@ -120,18 +121,33 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 return Ok(Exit::StartTls);
             }
             Action::Authenticate { username, password } => {
-                let policy = cfg.policy.clone();
-                let verdict = tokio::task::spawn_blocking(move || {
-                    policy
-                        .verify_password(&username, &password)
-                        .then_some(username)
-                })
-                .await
-                .unwrap_or(None);
-                if verdict.is_none() {
-                    tracing::info!(listener = %ctx.name, client = %session.peer().ip(), "authentication failed");
+                let ip = session.peer().ip().to_canonical();
+                let checked = ctx
+                    .auth
+                    .check(ip, cfg.policy.clone(), username, password)
+                    .await;
+                match checked {
+                    Checked::Valid(user) => session.auth_result(Some(user)),
+                    Checked::Invalid => {
+                        tracing::info!(listener = %ctx.name, client = %ip, "authentication failed");
+                        session.auth_result(None);
+                    }
+                    Checked::Throttled => {
+                        tracing::info!(listener = %ctx.name, client = %ip, "authentication refused: too many failures from this address");
+                        session.auth_refused(Refusal::new(
+                            Reply::new(
+                                454,
+                                "4.7.0",
+                                "Too many failed authentications from your address; try again later",
+                            ),
+                            RejectReason::Authentication,
+                        ));
+                    }
+                    Checked::Busy => session.auth_refused(Refusal::new(
+                        Reply::new(454, "4.7.0", "Authentication is busy; try again later"),
+                        RejectReason::Authentication,
+                    )),
                 }
-                session.auth_result(verdict);
             }
             Action::Accept(envelope) => {
                 let reply = accept(ctx, cfg, *envelope).await;

@@ -7,6 +7,7 @@
 //! herald-smtp); at MAIL and RCPT it consults a [`SessionPolicy`](crate::policy::SessionPolicy) built here
 //! from the listener's settings and whether the client is in its allowed networks.
 
+pub mod auth;
 mod conn;
 pub mod tls;
 
@@ -142,6 +143,7 @@ pub struct ListenerContext {
     pub limits: Arc<ConnectionLimits>,
     pub rules: Arc<Rules>,
     pub telemetry: Telemetry,
+    pub auth: Arc<auth::AuthGate>,
 }
 
 impl ListenerContext {
@@ -174,6 +176,7 @@ pub struct Shared {
     pub limits: Arc<ConnectionLimits>,
     pub rules: Arc<Rules>,
     pub telemetry: Telemetry,
+    pub auth: Arc<auth::AuthGate>,
 }
 
 /// Binds every listener of the config; nothing is served until [`serve`] runs them.
@@ -245,6 +248,7 @@ fn context(config: &Config, l: &Listener, shared: &Shared) -> Result<ListenerCon
         limits: shared.limits.clone(),
         rules: shared.rules.clone(),
         telemetry: shared.telemetry.clone(),
+        auth: shared.auth.clone(),
     })
 }
 
@@ -288,6 +292,7 @@ pub fn reconfigure(
         config.limits.max_connections,
         config.limits.max_connections_per_client,
     );
+    shared.auth.set_limits(&config.limits);
     needs_restart
 }
 
