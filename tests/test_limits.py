@@ -249,3 +249,63 @@ def test_ipv6_loopback_client_is_matched_against_ipv6_networks(relays):
     c, rep = connect_and_read_first_reply(host, port)
     with c:
         assert rep.starts("554 5.7.1"), rep
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Slow clients
+
+
+def test_a_client_that_trickles_commands_is_closed_at_the_session_lifetime(relays):
+    r = relays.start("lifetime", limits={"max_session_duration": "2s"})
+    host, port = r.listener("trusted")
+    c = SmtpConn(host, port)
+    c.greeting()
+    c.ehlo()
+    # Each NOOP is well within command_timeout; only the lifetime can end this session.
+    last = None
+    for _ in range(100):  # at most ~20 s
+        try:
+            last = c.cmd("NOOP")
+        except (ConnectionClosed, OSError):
+            break
+        if not last.starts("250"):
+            break
+        time.sleep(0.2)
+    assert last is not None and last.starts("421 4.4.2"), last
+    assert c.closed_by_peer()
+
+
+def test_a_client_that_stops_reading_is_closed_after_the_command_timeout(relays):
+    r = relays.start("nonreader", limits={"command_timeout": "2s"})
+    host, port = r.listener("trusted")
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # replies pile up in the relay's send buffer
+    s.connect((host, port))
+    s.settimeout(0.5)
+    # Pipeline NOOPs and never read: the relay's replies cannot be written once both buffers are full.
+    closed = False
+    for _ in range(60):  # bounded: at most ~30 s of blocked sends
+        try:
+            s.sendall(b"NOOP\r\n" * 10000)
+        except socket.timeout:
+            continue
+        except OSError:
+            closed = True
+            break
+    if not closed:
+        # Drain what was written before the relay closed; then the end of the stream.
+        s.settimeout(5)
+        for _ in range(100000):
+            try:
+                if s.recv(65536) == b"":
+                    closed = True
+                    break
+            except socket.timeout:
+                break  # still open, and silent: not closed
+            except OSError:
+                closed = True
+                break
+    s.close()
+    assert closed, "the relay kept a session whose client reads nothing"
+    status, body = r.http_get("/metrics")
+    assert b'herald_smtp_rejections_total{reason="timeout"} 1' in body, body.decode()[-2000:]

@@ -514,7 +514,8 @@ pub struct Limits {
     pub max_errors: u32,
     /// Octets including CRLF, for command lines and message lines alike.
     pub max_line_length: usize,
-    /// Waiting for the client's next command; then 421 4.4.2 and the session closes.
+    /// Waiting for the client's next command, and for a client to take a reply; then 421 4.4.2 and the
+    /// session closes.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::schema::HumanDuration")]
     pub command_timeout: Duration,
@@ -522,6 +523,11 @@ pub struct Limits {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::schema::HumanDuration")]
     pub data_timeout: Duration,
+    /// The longest an SMTP session may last, however active: a client that trickles a byte now and then
+    /// cannot hold a connection for ever. Then 421 4.4.2 and the session closes.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
+    pub max_session_duration: Duration,
     /// Failed AUTH attempts from one client address within `auth_failure_window`; beyond, AUTH from that
     /// address is refused (454 4.7.0) without checking the password until the window has passed.
     pub auth_failures_per_client: u32,
@@ -542,6 +548,7 @@ impl Default for Limits {
             max_line_length: 2048,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
+            max_session_duration: Duration::from_secs(3600),
             auth_failures_per_client: 10,
             auth_failure_window: Duration::from_secs(900),
         }

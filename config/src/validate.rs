@@ -238,7 +238,10 @@ impl Config {
                 "must be greater than 0",
             ));
         }
-        if lim.command_timeout.is_zero() || lim.data_timeout.is_zero() {
+        if lim.command_timeout.is_zero()
+            || lim.data_timeout.is_zero()
+            || lim.max_session_duration.is_zero()
+        {
             return Err(invalid("limits", "timeouts must be greater than 0"));
         }
         Ok(())

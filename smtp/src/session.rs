@@ -182,6 +182,11 @@ impl<P: EnvelopePolicy> Session<P> {
         }
     }
 
+    /// How long the client may take to send a command or to take a reply.
+    pub fn command_timeout(&self) -> Duration {
+        self.config.limits.command_timeout
+    }
+
     /// True between transactions: closing now loses nothing the client was sending.
     pub fn is_idle(&self) -> bool {
         self.tx.is_none() && matches!(self.state, State::Command)

@@ -44,6 +44,7 @@ pub(super) async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let handshake_timeout = cfg.session.limits.command_timeout;
+    let deadline = tokio::time::Instant::now() + cfg.max_session;
     let policy = SessionPolicy::new(cfg.policy.clone(), ctx.suppressions.clone(), trusted);
     if ctx.tls_mode == TlsMode::Implicit {
         let tls = ctx
@@ -55,11 +56,11 @@ pub(super) async fn run(
             .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         let version = version_name(stream.get_ref().1.protocol_version());
         let mut session = Session::new(cfg.session.clone(), policy, peer, Some(version));
-        drive(&mut stream, &mut session, ctx, cfg, &mut shutdown).await?;
+        drive(&mut stream, &mut session, ctx, cfg, deadline, &mut shutdown).await?;
         return stream.shutdown().await;
     }
     let mut session = Session::new(cfg.session.clone(), policy, peer, None);
-    match drive(&mut tcp, &mut session, ctx, cfg, &mut shutdown).await? {
+    match drive(&mut tcp, &mut session, ctx, cfg, deadline, &mut shutdown).await? {
         Exit::Close => tcp.shutdown().await,
         Exit::StartTls => {
             let tls = ctx
@@ -70,7 +71,7 @@ pub(super) async fn run(
                 .await
                 .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
             session.tls_started(version_name(stream.get_ref().1.protocol_version()));
-            drive(&mut stream, &mut session, ctx, cfg, &mut shutdown).await?;
+            drive(&mut stream, &mut session, ctx, cfg, deadline, &mut shutdown).await?;
             stream.shutdown().await
         }
     }
@@ -81,6 +82,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     session: &mut Session,
     ctx: &ListenerContext,
     cfg: &ListenerSettings,
+    deadline: tokio::time::Instant,
     shutdown: &mut watch::Receiver<bool>,
 ) -> io::Result<Exit> {
     // Room for a whole line at the limit, plus a good read's worth.
@@ -104,8 +106,12 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     start = 0;
                 }
                 let stopping = *shutdown.borrow();
+                // The client's silence is bounded by the timeout, the whole session by its lifetime.
+                let wait = session
+                    .timeout()
+                    .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
                 let read = tokio::select! {
-                    r = tokio::time::timeout(session.timeout(), stream.read(&mut buf[end..])) => r,
+                    r = tokio::time::timeout(wait, stream.read(&mut buf[end..])) => r,
                     _ = shutdown.changed(), if !stopping => continue,
                 };
                 match read {
@@ -169,9 +175,17 @@ async fn flush<S: AsyncWrite + Unpin>(
     for reason in session.take_rejections() {
         ctx.telemetry.metrics.rejected(reason);
     }
+    let limit = session.command_timeout();
     let out = session.output();
     if !out.is_empty() {
-        stream.write_all(out).await?;
+        // A client that stops reading would hold the session (and its buffers) for ever.
+        match tokio::time::timeout(limit, stream.write_all(out)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                ctx.telemetry.metrics.rejected(RejectReason::Timeout);
+                return Err(io::Error::from(io::ErrorKind::TimedOut));
+            }
+        }
         out.clear();
     }
     Ok(())

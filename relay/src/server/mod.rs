@@ -127,6 +127,8 @@ pub struct ListenerSettings {
     pub policy: Arc<Policy>,
     /// DKIM signers of the sending domains.
     pub signers: Arc<Signers>,
+    /// `limits.max_session_duration`.
+    pub max_session: std::time::Duration,
 }
 
 /// What every connection of one listener shares.
@@ -220,6 +222,7 @@ fn settings(
             },
         }),
         allow_networks: l.allow_networks.clone(),
+        max_session: limits.max_session_duration,
         policy: policy.clone(),
         signers: signers.clone(),
     }
