@@ -241,6 +241,7 @@ def of(events: list[dict], qid: str) -> list[dict]:
 
 
 def check_common(ev: dict, qid: str) -> None:
+    assert re.fullmatch(r"[0-9a-f]{32}", str(ev.get("id", ""))), f"no 128-bit hex id: {ev}"
     assert ev.get("type") in EVENT_TYPES, ev
     assert RFC3339_MS.match(str(ev.get("timestamp", ""))), f"timestamp not RFC 3339 with milliseconds: {ev}"
     assert str(ev.get("queue_id", "")).lower() == qid.lower(), ev
@@ -281,6 +282,7 @@ def test_events_file_gets_accepted_then_one_outcome_event_per_recipient(relays, 
         f"want accepted, then one event per recipient (delivered, deferred, bounced); got {all_evs}")
     for e in evs:
         check_common(e, qid)
+    assert len({e["id"] for e in all_evs}) == len(all_evs), f"event ids repeat: {all_evs}"
 
     acc = evs[0]
     assert acc.get("recipients") == 3 and acc.get("listener") == "trusted", acc
@@ -322,9 +324,10 @@ def hooks():
         r.stop()
 
 
-def webhook_relay(relays, dns, peers, tmp_path, name: str, url: str, **webhook) -> tuple[Relay, Path, bytes]:
+def webhook_relay(relays, dns, peers, tmp_path, name: str, url: str, secret: bytes | None = None,
+                  **webhook) -> tuple[Relay, Path, bytes]:
     """A relay posting events to url (and writing them to a file, the reference order); returns the secret."""
-    secret = f"s3cret-{token()}".encode()
+    secret = secret or f"s3cret-{token()}".encode()
     secret_file = tmp_path / f"{name}.secret"
     secret_file.write_bytes(secret + b"\n")  # the trailing newline is not part of the secret (spec)
     events_file = tmp_path / f"{name}.events.jsonl"
@@ -360,10 +363,13 @@ def assert_same_stream(hook: WebhookReceiver, events_file: Path, ids: list[str],
         assert [e["type"] for e in of(got, qid)] == ["accepted", "delivered"], of(got, qid)
 
 
+@pytest.mark.parametrize("key", ["text", "binary"])
 def test_webhook_posts_are_json_arrays_of_events_signed_with_the_shared_secret(relays, dns, peers, foreign, hooks,
-                                                                               tmp_path):
+                                                                               tmp_path, key):
     hook = hooks().start()
-    relay, events_file, secret = webhook_relay(relays, dns, peers, tmp_path, "signed", hook.url)
+    # A key is bytes: one that is not UTF-8 signs as it is, not as its lossy text.
+    secret = b"\xff\xfe\x00k3y-" + token().encode() if key == "binary" else None
+    relay, events_file, secret = webhook_relay(relays, dns, peers, tmp_path, "signed", hook.url, secret=secret)
     ids = send_delivered(relay, foreign, 2, "signed")
     assert_same_stream(hook, events_file, ids)
     for req in hook.all_requests():

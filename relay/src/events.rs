@@ -23,6 +23,9 @@ use crate::metrics::Metrics;
 /// One event. Fields that do not apply are left out of the JSON.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
+    /// Unique per event (128 random bits, hex): a receiver de-duplicates by it, since a webhook batch that
+    /// timed out is sent again.
+    pub id: String,
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub timestamp: String,
@@ -62,6 +65,7 @@ impl Event {
     /// A new event of `kind` about message `queue_id` from `sender`; set the other fields as they apply.
     pub fn new(kind: &'static str, queue_id: String, sender: String) -> Event {
         Event {
+            id: format!("{:032x}", rand::random::<u128>()),
             kind,
             timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             queue_id,
@@ -180,10 +184,12 @@ pub async fn start(
                     path: w.secret_file.clone(),
                     source,
                 })?;
-        let secret = String::from_utf8_lossy(&secret)
-            .trim_end()
-            .as_bytes()
-            .to_vec();
+        // The key is the file's bytes as they are (any bytes may be a key), less the line end an editor or
+        // `echo` leaves.
+        let mut secret = secret;
+        while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            secret.pop();
+        }
         let client = reqwest::Client::builder()
             .timeout(w.timeout)
             .build()
