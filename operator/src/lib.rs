@@ -6,6 +6,7 @@
 //! - `crd`: the custom resource types (the CRD schema is generated from them).
 //! - `crds`: the generated CRD documents, as `kubectl apply` takes them.
 //! - `dkim`: DKIM key generation and the DKIM record value.
+//! - `layout`: the names and paths the relay's objects and its config agree on (mounts, Secret keys).
 //! - `objects`: the Secret, StatefulSet, Services, PDB and ServiceMonitor of an SmtpRelay.
 //! - `records`: the DNS records a SendingDomain needs.
 //! - `render`: an SmtpRelay and its domains and pools to the relay's config file.
@@ -21,6 +22,7 @@ pub mod crds;
 pub mod dkim;
 #[cfg(test)]
 mod fixtures;
+pub mod layout;
 pub mod metrics;
 pub mod objects;
 pub mod records;

@@ -1,9 +1,19 @@
 //! The operator's own metrics, defined in one place: `herald_operator_reconcile_*` per kind, and
 //! `herald_operator_sending_domain_verified` per SendingDomain (what the "DNS records not verified" alert
 //! of the Helm chart watches).
+//!
+//! A reconcile is measured by a [`ReconcileGuard`]: it counts the reconcile when it starts and records the
+//! duration when it is dropped, so every way out of a reconcile (success, an error returned with `?`, an
+//! early return, a cancelled future) is timed, not only the happy path.
 
+use std::time::Instant;
+
+use crate::crd::{IpPool, SendingDomain, SmtpRelay};
+
+use kube::Resource;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Reconcile counts, failures and durations per kind; DNS verification per SendingDomain.
@@ -65,12 +75,33 @@ impl Metrics {
         registry
             .register(Box::new(domain_verified.clone()))
             .expect("metric names are unique");
+        // The kinds are known: their series exist from the start at 0, so that a dashboard or an alert reads
+        // 0 rather than "no data" before the first reconcile (or the first error) of a kind.
+        for kind in [
+            SendingDomain::kind(&()),
+            SmtpRelay::kind(&()),
+            IpPool::kind(&()),
+        ] {
+            reconciles.with_label_values(&[&kind]);
+            failures.with_label_values(&[&kind]);
+            duration.with_label_values(&[&kind]);
+        }
         Metrics {
             registry,
             reconciles,
             failures,
             duration,
             domain_verified,
+        }
+    }
+
+    /// Counts a reconcile of `kind` as started and times it until the returned guard is dropped.
+    pub fn reconcile_started(&self, kind: &str) -> ReconcileGuard {
+        self.reconciles.with_label_values(&[kind]).inc();
+        ReconcileGuard {
+            duration: self.duration.with_label_values(&[kind]),
+            errors: self.failures.with_label_values(&[kind]),
+            started: Instant::now(),
         }
     }
 
@@ -91,6 +122,32 @@ impl Metrics {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// One reconcile in progress: records its duration when dropped, however the reconcile ended.
+#[derive(Debug)]
+#[must_use = "the reconcile is timed until the guard is dropped"]
+pub struct ReconcileGuard {
+    duration: Histogram,
+    errors: IntCounter,
+    started: Instant,
+}
+
+impl ReconcileGuard {
+    /// Passes the reconcile's result through, counting it in `herald_operator_reconcile_errors_total` when it
+    /// is an error; the duration is recorded as the guard drops at the end of this call.
+    pub fn finish<T, E>(self, result: Result<T, E>) -> Result<T, E> {
+        if result.is_err() {
+            self.errors.inc();
+        }
+        result
+    }
+}
+
+impl Drop for ReconcileGuard {
+    fn drop(&mut self) {
+        self.duration.observe(self.started.elapsed().as_secs_f64());
     }
 }
 
@@ -128,5 +185,60 @@ mod tests {
         let text = m.render();
         assert!(!text.contains("example-com"), "{text}");
         assert!(text.contains("name=\"other\""));
+    }
+
+    fn timed(m: &Metrics, kind: &str) -> (u64, u64, u64) {
+        (
+            m.reconciles.with_label_values(&[kind]).get(),
+            m.duration.with_label_values(&[kind]).get_sample_count(),
+            m.failures.with_label_values(&[kind]).get(),
+        )
+    }
+
+    #[test]
+    fn every_kind_starts_at_zero() {
+        let text = Metrics::new().render();
+        for kind in ["SendingDomain", "SmtpRelay", "IpPool"] {
+            for line in [
+                format!("herald_operator_reconcile_total{{kind=\"{kind}\"}} 0"),
+                format!("herald_operator_reconcile_errors_total{{kind=\"{kind}\"}} 0"),
+                format!("herald_operator_reconcile_duration_seconds_count{{kind=\"{kind}\"}} 0"),
+            ] {
+                assert!(text.contains(&line), "{line} missing from\n{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_guard_times_every_way_out_of_a_reconcile() {
+        let m = Metrics::new();
+        // Success.
+        let ok: Result<(), ()> = m.reconcile_started("SmtpRelay").finish(Ok(()));
+        assert!(ok.is_ok());
+        assert_eq!(timed(&m, "SmtpRelay"), (1, 1, 0));
+        // An error: timed, and counted as one.
+        let err: Result<(), &str> = m.reconcile_started("SmtpRelay").finish(Err("boom"));
+        assert_eq!(err, Err("boom"));
+        assert_eq!(timed(&m, "SmtpRelay"), (2, 2, 1));
+        // A return with `?` before `finish` is reached: still timed. (The controllers call `finish` on the
+        // whole reconcile's result, so such an error is counted there.)
+        fn early(m: &Metrics, input: &str) -> Result<u8, std::num::ParseIntError> {
+            let guard = m.reconcile_started("IpPool");
+            let n: u8 = input.parse()?;
+            guard.finish(Ok(n))
+        }
+        assert!(early(&m, "not a number").is_err());
+        assert_eq!(timed(&m, "IpPool"), (1, 1, 0));
+        assert_eq!(early(&m, "7"), Ok(7));
+        assert_eq!(timed(&m, "IpPool"), (2, 2, 0));
+        // A reconcile dropped midway (the controller shutting down): timed, not an error.
+        drop(m.reconcile_started("SendingDomain"));
+        assert_eq!(timed(&m, "SendingDomain"), (1, 1, 0));
+        let text = m.render();
+        assert!(
+            text.contains("herald_operator_reconcile_duration_seconds_count{kind=\"SmtpRelay\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("herald_operator_reconcile_errors_total{kind=\"SmtpRelay\"} 1"));
     }
 }

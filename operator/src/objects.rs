@@ -5,6 +5,7 @@
 //! The relay config goes in a Secret, not a ConfigMap, because it carries the users' password hashes.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
@@ -21,7 +22,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 use crate::crd::{SendingDomain, SmtpRelay};
-use crate::render::{self, ADMIN_PORT};
+use crate::layout::{
+    ADMIN_PORT, BOUNCE_KEYS, CONFIG_DIR, CONFIG_FILE, DKIM_DIR, DKIM_KEY, SMARTHOST_DIR, SPOOL_DIR,
+    TLS_DIR, active_selector, config_secret_name, dkim_key_file_name, dkim_secret_name,
+};
 
 /// The annotation that carries the rendered config's hash, so a change rolls the pods.
 pub const CONFIG_HASH_ANNOTATION: &str = "herald.dev/config-hash";
@@ -61,10 +65,6 @@ fn owner(relay: &SmtpRelay) -> Option<OwnerReference> {
     relay.controller_owner_ref(&())
 }
 
-pub fn config_secret_name(relay: &SmtpRelay) -> String {
-    format!("{}-config", relay.name_any())
-}
-
 pub fn headless_service_name(relay: &SmtpRelay) -> String {
     format!("{}-headless", relay.name_any())
 }
@@ -74,32 +74,13 @@ pub fn config_secret(relay: &SmtpRelay, config_yaml: &str, bounce_keys: &str) ->
     Secret {
         metadata: meta(relay, config_secret_name(relay)),
         string_data: Some(BTreeMap::from([
-            (render::CONFIG_FILE.to_owned(), config_yaml.to_owned()),
-            (render::BOUNCE_KEYS.to_owned(), bounce_keys.to_owned()),
+            (CONFIG_FILE.to_owned(), config_yaml.to_owned()),
+            (BOUNCE_KEYS.to_owned(), bounce_keys.to_owned()),
         ])),
         type_: Some("Opaque".to_owned()),
         ..Secret::default()
     }
 }
-
-/// The name of the Secret holding a domain's DKIM key (generated or given).
-pub fn dkim_secret_name(domain: &SendingDomain) -> String {
-    match &domain.spec.dkim.secret_ref {
-        Some(r) => r.name.clone(),
-        None => format!("{}-dkim", domain.name_any()),
-    }
-}
-
-/// The selector a domain signs with now: the one the operator promoted last, or the spec's.
-pub fn active_selector(d: &SendingDomain) -> String {
-    d.status
-        .as_ref()
-        .and_then(|s| s.active_selector.clone())
-        .unwrap_or_else(|| d.spec.dkim.selector.clone())
-}
-
-/// The key in a DKIM Secret that holds the private key.
-pub const DKIM_KEY: &str = "private.key";
 
 fn port(name: &str, port: i32) -> ContainerPort {
     ContainerPort {
@@ -125,7 +106,11 @@ fn probe(path: &str, period: i32) -> Probe {
 
 /// The relay StatefulSet: one spool volume per replica, probes on the admin port, non-root with a
 /// read-only root filesystem.
-pub fn statefulset(relay: &SmtpRelay, domains: &[SendingDomain], config_hash: &str) -> StatefulSet {
+pub fn statefulset(
+    relay: &SmtpRelay,
+    domains: &[Arc<SendingDomain>],
+    config_hash: &str,
+) -> StatefulSet {
     let spec = &relay.spec;
     let mut ports: Vec<ContainerPort> = spec
         .listeners
@@ -136,13 +121,13 @@ pub fn statefulset(relay: &SmtpRelay, domains: &[SendingDomain], config_hash: &s
     let mut mounts = vec![
         VolumeMount {
             name: "config".into(),
-            mount_path: render::CONFIG_DIR.into(),
+            mount_path: CONFIG_DIR.into(),
             read_only: Some(true),
             ..VolumeMount::default()
         },
         VolumeMount {
             name: "spool".into(),
-            mount_path: render::SPOOL_DIR.into(),
+            mount_path: SPOOL_DIR.into(),
             ..VolumeMount::default()
         },
     ];
@@ -157,7 +142,7 @@ pub fn statefulset(relay: &SmtpRelay, domains: &[SendingDomain], config_hash: &s
     if let Some(tls) = &spec.tls_secret_ref {
         mounts.push(VolumeMount {
             name: "tls".into(),
-            mount_path: render::TLS_DIR.into(),
+            mount_path: TLS_DIR.into(),
             read_only: Some(true),
             ..VolumeMount::default()
         });
@@ -179,7 +164,7 @@ pub fn statefulset(relay: &SmtpRelay, domains: &[SendingDomain], config_hash: &s
                     name: dkim_secret_name(d),
                     items: Some(vec![KeyToPath {
                         key: DKIM_KEY.into(),
-                        path: format!("{}.{}.pem", d.spec.domain, active_selector(d)),
+                        path: dkim_key_file_name(&d.spec.domain, &active_selector(d)),
                         mode: Some(0o400),
                         ..KeyToPath::default()
                     }]),
@@ -190,7 +175,7 @@ pub fn statefulset(relay: &SmtpRelay, domains: &[SendingDomain], config_hash: &s
             .collect();
         mounts.push(VolumeMount {
             name: "dkim".into(),
-            mount_path: render::DKIM_DIR.into(),
+            mount_path: DKIM_DIR.into(),
             read_only: Some(true),
             ..VolumeMount::default()
         });
@@ -211,7 +196,7 @@ pub fn statefulset(relay: &SmtpRelay, domains: &[SendingDomain], config_hash: &s
     {
         mounts.push(VolumeMount {
             name: "smarthost".into(),
-            mount_path: "/etc/herald/smarthost".into(),
+            mount_path: SMARTHOST_DIR.into(),
             read_only: Some(true),
             ..VolumeMount::default()
         });
@@ -236,7 +221,7 @@ pub fn statefulset(relay: &SmtpRelay, domains: &[SendingDomain], config_hash: &s
         image: Some(spec.image.clone()),
         args: Some(vec![
             "--config".into(),
-            format!("{}/{}", render::CONFIG_DIR, render::CONFIG_FILE),
+            format!("{CONFIG_DIR}/{CONFIG_FILE}"),
             "--log-format".into(),
             "json".into(),
         ]),
@@ -419,7 +404,7 @@ mod tests {
 
     #[test]
     fn statefulset_mounts_what_the_config_names_and_is_hardened() {
-        let d = SendingDomain::new("example", domain_spec());
+        let d = Arc::new(SendingDomain::new("example", domain_spec()));
         let s = statefulset(&relay(), &[d], "abc");
         let spec = s.spec;
         assert_eq!(spec.replicas, Some(3));
@@ -435,7 +420,7 @@ mod tests {
             .iter()
             .map(|m| m.mount_path.as_str())
             .collect();
-        assert!(mounts.contains(&render::DKIM_DIR) && mounts.contains(&render::TLS_DIR));
+        assert!(mounts.contains(&DKIM_DIR) && mounts.contains(&TLS_DIR));
         let dkim = pod
             .volumes
             .unwrap()
@@ -450,8 +435,8 @@ mod tests {
             .unwrap()[0];
         // The file the rendered config's key_file points at.
         assert_eq!(
-            format!("{}/{}", render::DKIM_DIR, item.path),
-            render::dkim_key_file("example.test", "herald1")
+            format!("{DKIM_DIR}/{}", item.path),
+            crate::layout::dkim_key_file("example.test", "herald1")
         );
         assert_eq!(
             spec.template.metadata.unwrap().annotations.unwrap()[CONFIG_HASH_ANNOTATION],

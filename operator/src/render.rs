@@ -5,6 +5,7 @@
 //! mounts things in the pod.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use herald_config::{
     self as relay, Admin, AuthMode, Config, Delivery, Dkim, DkimAlgorithm as RelayDkim, Domain,
@@ -13,18 +14,11 @@ use herald_config::{
 use kube::ResourceExt;
 
 use crate::crd::{DkimAlgorithm, IpPool, ListenerAuth, ListenerTls, SendingDomain, SmtpRelay};
+use crate::layout::{
+    ADMIN_PORT, BOUNCE_KEYS, CONFIG_DIR, SMARTHOST_PASSWORD, SPOOL_DIR, TLS_DIR, active_selector,
+    dkim_key_file,
+};
 use crate::records::return_path_domain;
-
-/// Where the pod mounts what the config refers to.
-pub const CONFIG_DIR: &str = "/etc/herald/config";
-pub const CONFIG_FILE: &str = "relay.yaml";
-pub const TLS_DIR: &str = "/etc/herald/tls";
-pub const DKIM_DIR: &str = "/etc/herald/dkim";
-pub const SMARTHOST_PASSWORD: &str = "/etc/herald/smarthost/password";
-/// The key in the config Secret that holds the return-path token keys (one per line).
-pub const BOUNCE_KEYS: &str = "bounce-keys";
-pub const SPOOL_DIR: &str = "/var/lib/herald/spool";
-pub const ADMIN_PORT: u16 = 9090;
 
 /// Why a relay config could not be rendered; `field` is a path in the resource the user can fix.
 #[derive(Debug, thiserror::Error)]
@@ -49,11 +43,6 @@ pub struct HashedUser {
     pub name: String,
     pub password_hash: String,
     pub allowed_domains: Vec<String>,
-}
-
-/// The file name of a domain's DKIM key under [`DKIM_DIR`].
-pub fn dkim_key_file(domain: &str, selector: &str) -> String {
-    format!("{DKIM_DIR}/{domain}.{selector}.pem")
 }
 
 /// The relay's own host name: the spec's, or the in-cluster Service name.
@@ -83,8 +72,8 @@ fn duration(resource: &str, field: &str, v: &str) -> Result<std::time::Duration,
 /// Renders the relay config.
 pub fn relay_config(
     relay: &SmtpRelay,
-    domains: &[SendingDomain],
-    pools: &[IpPool],
+    domains: &[Arc<SendingDomain>],
+    pools: &[Arc<IpPool>],
     users: &[HashedUser],
     smarthost_username: Option<&str>,
 ) -> Result<Config, RenderError> {
@@ -124,15 +113,16 @@ pub fn relay_config(
         {
             pool_names.push(p.clone());
         }
+        let selector = active_selector(d);
         relay_domains.push(Domain {
             name: d.spec.domain.clone(),
             dkim: vec![Dkim {
-                selector: crate::objects::active_selector(d),
+                key_file: dkim_key_file(&d.spec.domain, &selector).into(),
+                selector,
                 algorithm: match d.spec.dkim.algorithm {
                     DkimAlgorithm::Rsa2048 => RelayDkim::RsaSha256,
                     DkimAlgorithm::Ed25519 => RelayDkim::Ed25519Sha256,
                 },
-                key_file: dkim_key_file(&d.spec.domain, &crate::objects::active_selector(d)).into(),
             }],
             return_path: Some(return_path_domain(&d.spec)),
             ip_pool: pool,
@@ -216,7 +206,7 @@ pub fn relay_config(
         }),
         events: None,
         log: relay::Log::default(),
-        // The operator keeps the keys in the config Secret (see objects::config_secret): every replica reads
+        // The operator keeps the keys in the config Secret (see `objects::config_secret`): every replica reads
         // the same ones, so a bounce verifies wherever it lands.
         bounces: relay::Bounces {
             secret_file: Some(format!("{CONFIG_DIR}/{BOUNCE_KEYS}").into()),
@@ -266,8 +256,8 @@ mod tests {
         r
     }
 
-    fn domain() -> SendingDomain {
-        SendingDomain::new(
+    fn domain() -> Arc<SendingDomain> {
+        Arc::new(SendingDomain::new(
             "example",
             SendingDomainSpec {
                 ip_pool_ref: Some(LocalRef {
@@ -275,11 +265,11 @@ mod tests {
                 }),
                 ..crate::fixtures::domain_spec()
             },
-        )
+        ))
     }
 
-    fn pool() -> IpPool {
-        IpPool::new(
+    fn pool() -> Arc<IpPool> {
+        Arc::new(IpPool::new(
             "pool",
             IpPoolSpec {
                 addresses: vec![PoolAddress {
@@ -290,7 +280,7 @@ mod tests {
                 }],
                 warmup: vec![],
             },
-        )
+        ))
     }
 
     fn users() -> Vec<HashedUser> {

@@ -79,7 +79,8 @@ for b in "${bins[@]}"; do
 done
 "$tmp/bin/kube-apiserver" --version >&2
 "$tmp/bin/kubectl" version --client >&2
-"$tmp/bin/etcd" --version | head -1 >&2
+# Not `| head -1`: under pipefail, etcd writing on after head exits fails the build with SIGPIPE.
+"$tmp/bin/etcd" --version | sed -n 1p >&2
 "$tmp/bin/helm" version --short >&2
 
 rm -rf "$dest"

@@ -1,126 +1,256 @@
 //! SendingDomain: a DKIM key in a Secret, the DNS records to publish, and whether DNS serves them.
+//!
+//! - **Fetch**: the DKIM key Secret (generated when the domain brings none) and, during a rotation, the next
+//!   key's; the relay and the IpPool from the shared caches. The records those make ([`wanted_records`])
+//!   are checked in DNS and, when the spec asks, written as an external-dns DNSEndpoint.
+//! - **Decide**: [`decide`] turns what was read and observed into the status, the selector to promote and
+//!   the events to publish, without I/O.
+//! - **Apply**: promote the next key, patch the status when it changed, publish the events.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use super::{Context, Error, MANAGER, condition};
+use super::{Context, Error, MANAGER, Recheck, chrono_time, condition, patch_status};
 use crate::crd::{
-    DkimAlgorithm, IpPool, RecordState, SendingDomain, SendingDomainStatus, SmtpRelay,
+    DkimAlgorithm, DnsRecord, IpPool, RecordState, SendingDomain, SendingDomainStatus, SmtpRelay,
 };
-use crate::objects::{DKIM_KEY, dkim_secret_name};
+use crate::layout::{DKIM_KEY, DKIM_PUBLIC, dkim_secret_name};
 use crate::records::{self, Inputs};
 use crate::{dkim, render};
 
-/// The key in a generated DKIM Secret holding the `p=` value, so the public key is not re-derived each time.
-pub const DKIM_PUBLIC: &str = "public.b64";
+/// Annotations on a generated DKIM Secret: its selector and when it started signing.
+const SELECTOR_ANNOTATION: &str = "herald.dev/dkim-selector";
+const CREATED_ANNOTATION: &str = "herald.dev/dkim-created";
 
 pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    ctx.metrics
-        .reconciles
-        .with_label_values(&["SendingDomain"])
-        .inc();
+    ctx.reconciling(sd.as_ref(), reconcile_domain(&sd, &ctx))
+        .await
+}
+
+async fn reconcile_domain(sd: &SendingDomain, ctx: &Context) -> Result<Action, Error> {
     let ns = sd
         .namespace()
         .ok_or_else(|| Error::Invalid("SendingDomain without a namespace".into()))?;
+    ctx.stores.ready().await?;
+    let now = Timestamp::now();
+    let name = sd.name_any();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let previous = sd.status.clone().unwrap_or_default();
-    let generation = sd.metadata.generation;
 
-    let key = dkim_public_key(&sd, &secrets).await;
-    let mut conditions = Vec::new();
-    let (selector, public) = match &key {
-        Ok((selector, p)) => {
-            conditions.push(condition(
-                &previous.conditions,
-                "DkimKeyReady",
-                true,
-                "KeyReady",
-                format!("DKIM key in Secret {}", dkim_secret_name(&sd)),
-                generation,
-            ));
-            (selector.clone(), Some(p.clone()))
-        }
-        Err(e) => {
-            conditions.push(condition(
-                &previous.conditions,
-                "DkimKeyReady",
-                false,
-                "KeyUnavailable",
-                e.to_string(),
-                generation,
-            ));
-            (sd.spec.dkim.selector.clone(), None)
-        }
+    // Fetch.
+    let key = dkim_key(sd, &secrets, now).await.map_err(|e| e.to_string());
+    let next = match &key {
+        Ok(_) => rotation_key(sd, &secrets, now).await?,
+        Err(_) => None,
     };
-    let next = if public.is_some() {
-        rotation_key(&sd, &secrets).await?
+    let relay = ctx.stores.relay(&ns, &sd.spec.relay_ref.name);
+    let pool = sd
+        .spec
+        .ip_pool_ref
+        .as_ref()
+        .and_then(|r| ctx.stores.pool(&ns, &r.name));
+    let wanted = wanted_records(
+        sd,
+        &ns,
+        &key,
+        next.as_ref(),
+        relay.as_deref(),
+        pool.as_deref(),
+    );
+    let mut records = Vec::with_capacity(wanted.len());
+    for r in &wanted {
+        records.push(ctx.dns.check(r).await);
+    }
+    let external_dns = if sd.spec.publish_with_external_dns {
+        Some(match dns_endpoint(sd, &ns, &records) {
+            Ok(endpoint) => apply_dns_endpoint(ctx, &ns, &endpoint).await,
+            Err(why) => Err(why),
+        })
     } else {
         None
     };
 
-    let pools: Api<IpPool> = Api::namespaced(ctx.client.clone(), &ns);
-    let pool_addresses = match &sd.spec.ip_pool_ref {
-        Some(r) => pools
-            .get_opt(&r.name)
-            .await?
-            .map(|p| p.spec.addresses.iter().map(|a| a.address.clone()).collect())
-            .unwrap_or_default(),
-        None => Vec::new(),
+    // Decide.
+    let observed = Observed {
+        key,
+        next,
+        records,
+        external_dns,
     };
-    let relays: Api<SmtpRelay> = Api::namespaced(ctx.client.clone(), &ns);
-    let relay = relays.get_opt(&sd.spec.relay_ref.name).await?;
-    let inbound_host = match &relay {
+    let decision = decide(sd, observed, ctx.recheck, now);
+
+    // Apply.
+    if let Some(p) = &decision.promote {
+        promote(&secrets, sd, &p.selector, now).await?;
+        publish_event(ctx, sd, &p.note).await;
+    }
+    ctx.metrics
+        .set_domain_verified(&ns, &name, decision.verified);
+    if sd.status.as_ref() != Some(&decision.status) {
+        let api: Api<SendingDomain> = Api::namespaced(ctx.client.clone(), &ns);
+        patch_status(&api, &name, &decision.status).await?;
+        if let Some(note) = &decision.transition {
+            publish_event(ctx, sd, note).await;
+        }
+    }
+    Ok(Action::requeue(decision.requeue))
+}
+
+/// A DKIM key as the records need it: its selector and public key (`p=`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DkimKey {
+    pub selector: String,
+    pub public: String,
+}
+
+/// What the status of a SendingDomain is decided from.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    /// The key that signs now, or why there is none.
+    pub key: Result<DkimKey, String>,
+    /// During a rotation: the next key, published before it signs.
+    pub next: Option<DkimKey>,
+    /// The [`wanted_records`] as DNS served them.
+    pub records: Vec<DnsRecord>,
+    /// When the spec asks for a DNSEndpoint: whether it was written, or why not.
+    pub external_dns: Option<Result<(), String>>,
+}
+
+/// An event to publish on the SendingDomain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Note {
+    pub type_: EventType,
+    pub reason: &'static str,
+    pub action: &'static str,
+    pub note: String,
+}
+
+/// The next key verified in DNS: it signs from now on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Promotion {
+    pub selector: String,
+    pub note: Note,
+}
+
+/// What to write for a SendingDomain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub status: SendingDomainStatus,
+    /// Every record is served: the value of `herald_operator_sending_domain_verified`.
+    pub verified: bool,
+    pub promote: Option<Promotion>,
+    /// The event for DnsVerified turning true or false; published once the status saying so is written.
+    pub transition: Option<Note>,
+    pub requeue: Duration,
+}
+
+/// The records to publish for a domain whose key is `key`; none while there is no key.
+pub fn wanted_records(
+    sd: &SendingDomain,
+    namespace: &str,
+    key: &Result<DkimKey, String>,
+    next: Option<&DkimKey>,
+    relay: Option<&SmtpRelay>,
+    pool: Option<&IpPool>,
+) -> Vec<DnsRecord> {
+    let Ok(key) = key else {
+        return Vec::new();
+    };
+    let pool_addresses: Vec<String> = pool
+        .map(|p| p.spec.addresses.iter().map(|a| a.address.clone()).collect())
+        .unwrap_or_default();
+    let inbound_host = match relay {
         Some(r) => render::hostname(r),
-        None => format!("{}.{ns}.svc.cluster.local", sd.spec.relay_ref.name),
+        None => format!("{}.{namespace}.svc.cluster.local", sd.spec.relay_ref.name),
     };
     let spf_include = relay
-        .as_ref()
         .and_then(|r| r.spec.delivery.smarthost.as_ref())
-        .and_then(|s| s.spf_include.clone());
-    let mut records = Vec::new();
-    if let Some(p) = &public {
-        let desired = records::desired(
-            &sd.spec,
-            &Inputs {
-                selector: &selector,
-                dkim_public_b64: p,
-                next: next.as_ref().map(|(s, k)| (s.as_str(), k.as_str())),
-                spf_include: spf_include.as_deref(),
-                pool_addresses: &pool_addresses,
-                inbound_host: &inbound_host,
-            },
-        );
-        for r in &desired {
-            records.push(ctx.dns.check(r).await);
+        .and_then(|s| s.spf_include.as_deref());
+    records::desired(
+        &sd.spec,
+        &Inputs {
+            selector: &key.selector,
+            dkim_public_b64: &key.public,
+            next: next.map(|n| (n.selector.as_str(), n.public.as_str())),
+            spf_include,
+            pool_addresses: &pool_addresses,
+            inbound_host: &inbound_host,
+        },
+    )
+}
+
+/// The status, promotion and events that follow from what was observed. `previous` conditions keep their
+/// transition times; `now` is the time of any transition.
+pub fn decide(
+    sd: &SendingDomain,
+    observed: Observed,
+    recheck: Recheck,
+    now: Timestamp,
+) -> Decision {
+    let previous = sd.status.clone().unwrap_or_default();
+    let generation = sd.metadata.generation;
+    let cond = |type_: &str, ok: bool, reason: &str, message: String| {
+        condition(
+            &previous.conditions,
+            type_,
+            ok,
+            reason,
+            message,
+            generation,
+            now,
+        )
+    };
+    let mut conditions = Vec::new();
+    let key = match observed.key {
+        Ok(k) => {
+            conditions.push(cond(
+                "DkimKeyReady",
+                true,
+                "KeyReady",
+                format!("DKIM key in Secret {}", dkim_secret_name(sd)),
+            ));
+            Some(k)
         }
-    }
+        Err(e) => {
+            conditions.push(cond("DkimKeyReady", false, "KeyUnavailable", e));
+            None
+        }
+    };
+    let records = observed.records;
     // The next key signs only once receivers can find it: promote it when its record verifies.
-    let mut active = selector.to_owned();
-    if let Some((next_selector, _)) = &next {
-        let next_name = format!("{next_selector}._domainkey.{}", sd.spec.domain);
-        if records
-            .iter()
-            .any(|r| r.name == next_name && r.state == RecordState::Published)
-        {
-            promote(&secrets, &sd, next_selector).await?;
-            active = next_selector.clone();
-            publish_event(&ctx, &sd, EventType::Normal, "DkimKeyRotated", "RotateDkimKey",
-                format!("selector {next_selector} verified in DNS and now signs; keep {selector}'s record until mail signed with it has been delivered")).await;
+    let promote = match (&key, &observed.next) {
+        (Some(current), Some(next)) => {
+            let next_name = format!("{}._domainkey.{}", next.selector, sd.spec.domain);
+            records
+                .iter()
+                .any(|r| r.name == next_name && r.state == RecordState::Published)
+                .then(|| Promotion {
+                    selector: next.selector.clone(),
+                    note: Note {
+                        type_: EventType::Normal,
+                        reason: "DkimKeyRotated",
+                        action: "RotateDkimKey",
+                        note: format!(
+                            "selector {} verified in DNS and now signs; keep {}'s record until mail signed with it has been delivered",
+                            next.selector, current.selector
+                        ),
+                    },
+                })
         }
-    }
+        _ => None,
+    };
     let missing: Vec<String> = records
         .iter()
         .filter(|r| r.state != RecordState::Published)
@@ -133,8 +263,8 @@ pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Acti
             _ => format!("{} {} ({:?})", r.record_type, r.name, r.state),
         })
         .collect();
-    let verified = public.is_some() && missing.is_empty();
-    let dns_message = if public.is_none() {
+    let verified = key.is_some() && missing.is_empty();
+    let dns_message = if key.is_none() {
         "waiting for the DKIM key".to_owned()
     } else if verified {
         format!("all {} records are published", records.len())
@@ -148,42 +278,24 @@ pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Acti
     } else {
         "RecordsMissing"
     };
-    conditions.push(condition(
-        &previous.conditions,
-        "DnsVerified",
-        verified,
-        reason,
-        dns_message,
-        generation,
-    ));
-    ctx.metrics
-        .set_domain_verified(&ns, &sd.name_any(), verified);
-    if sd.spec.publish_with_external_dns {
-        let published = publish_external_dns(&ctx, &ns, &sd, &records).await;
+    conditions.push(cond("DnsVerified", verified, reason, dns_message));
+    if let Some(published) = observed.external_dns {
         let (ok, reason, message) = match published {
             Ok(()) => (
                 true,
                 "Published",
                 format!(
-                    "DNSEndpoint {}-records holds {} records",
-                    sd.name_any(),
+                    "DNSEndpoint {} holds {} records",
+                    dns_endpoint_name(sd),
                     records.len()
                 ),
             ),
             Err(m) => (false, "NotPublished", m),
         };
-        conditions.push(condition(
-            &previous.conditions,
-            "ExternalDnsPublished",
-            ok,
-            reason,
-            message,
-            generation,
-        ));
+        conditions.push(cond("ExternalDnsPublished", ok, reason, message));
     }
-    let ready = verified && key.is_ok();
-    conditions.push(condition(
-        &previous.conditions,
+    let ready = verified;
+    conditions.push(cond(
         "Ready",
         ready,
         if ready { "Ready" } else { "NotReady" },
@@ -192,73 +304,66 @@ pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Acti
         } else {
             "see DkimKeyReady and DnsVerified".into()
         },
-        generation,
     ));
+    let active_selector = match (&promote, &key) {
+        (Some(p), _) => Some(p.selector.clone()),
+        (None, Some(k)) => Some(k.selector.clone()),
+        (None, None) => None,
+    };
     let status = SendingDomainStatus {
         records,
         conditions,
         observed_generation: generation,
-        active_selector: public.as_ref().map(|_| active),
+        active_selector,
     };
-    if status != previous {
-        let was_verified = previous
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "DnsVerified" && c.status == "True");
-        let api: Api<SendingDomain> = Api::namespaced(ctx.client.clone(), &ns);
-        api.patch_status(
-            &sd.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(json!({
-                "apiVersion": "herald.dev/v1alpha1",
-                "kind": "SendingDomain",
-                "status": status,
-            })),
-        )
-        .await?;
-        if was_verified != verified {
-            let (type_, reason, note) = if verified {
-                (
-                    EventType::Normal,
-                    "DnsVerified",
-                    "all DNS records are published",
-                )
-            } else {
-                (
-                    EventType::Warning,
-                    "DnsNotVerified",
-                    "some DNS records are missing or differ; see status.records",
-                )
-            };
-            publish_event(&ctx, &sd, type_, reason, "VerifyDns", note.into()).await;
+    let was_verified = previous
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "DnsVerified" && c.status == "True");
+    let transition = (status != previous && was_verified != verified).then(|| {
+        if verified {
+            Note {
+                type_: EventType::Normal,
+                reason: "DnsVerified",
+                action: "VerifyDns",
+                note: "all DNS records are published".into(),
+            }
+        } else {
+            Note {
+                type_: EventType::Warning,
+                reason: "DnsNotVerified",
+                action: "VerifyDns",
+                note: "some DNS records are missing or differ; see status.records".into(),
+            }
         }
+    });
+    Decision {
+        status,
+        verified,
+        promote,
+        transition,
+        requeue: if verified {
+            recheck.verified
+        } else {
+            recheck.pending
+        },
     }
-    ctx.succeeded(sd.as_ref());
-    ctx.metrics
-        .duration
-        .with_label_values(&["SendingDomain"])
-        .observe(started.elapsed().as_secs_f64());
-    Ok(Action::requeue(if verified {
-        ctx.recheck_verified
-    } else {
-        ctx.recheck_pending
-    }))
 }
 
-/// Writes the records as an external-dns DNSEndpoint, so external-dns publishes them.
-async fn publish_external_dns(
-    ctx: &Context,
-    ns: &str,
+fn dns_endpoint_name(sd: &SendingDomain) -> String {
+    format!("{}-records", sd.name_any())
+}
+
+/// The records as an external-dns DNSEndpoint, so external-dns publishes them; an error while there are
+/// none yet.
+pub fn dns_endpoint(
     sd: &SendingDomain,
-    records: &[crate::crd::DnsRecord],
-) -> Result<(), String> {
-    use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+    namespace: &str,
+    records: &[DnsRecord],
+) -> Result<serde_json::Value, String> {
     if records.is_empty() {
         return Err("no records yet (waiting for the DKIM key)".into());
     }
-    let gvk = GroupVersionKind::gvk("externaldns.k8s.io", "v1alpha1", "DNSEndpoint");
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(ctx.client.clone(), ns, &ApiResource::from_gvk(&gvk));
     let endpoints: Vec<serde_json::Value> = records
         .iter()
         .map(|r| {
@@ -266,18 +371,30 @@ async fn publish_external_dns(
             json!({ "dnsName": r.name, "recordType": r.record_type, "targets": [target], "recordTTL": 300 })
         })
         .collect();
-    let name = format!("{}-records", sd.name_any());
-    let obj = json!({
+    Ok(json!({
         "apiVersion": "externaldns.k8s.io/v1alpha1",
         "kind": "DNSEndpoint",
         "metadata": {
-            "name": name,
-            "namespace": ns,
+            "name": dns_endpoint_name(sd),
+            "namespace": namespace,
             "ownerReferences": sd.controller_owner_ref(&()).map(|o| vec![o]),
         },
         "spec": { "endpoints": endpoints },
-    });
-    match api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&obj)).await {
+    }))
+}
+
+/// Writes the DNSEndpoint; the error says what to do when the CRD is missing.
+async fn apply_dns_endpoint(
+    ctx: &Context,
+    namespace: &str,
+    endpoint: &serde_json::Value,
+) -> Result<(), String> {
+    use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+    let gvk = GroupVersionKind::gvk("externaldns.k8s.io", "v1alpha1", "DNSEndpoint");
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), namespace, &ApiResource::from_gvk(&gvk));
+    let name = endpoint["metadata"]["name"].as_str().unwrap_or_default();
+    match api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(endpoint)).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => {
             Err("the DNSEndpoint CRD (externaldns.k8s.io) is not installed; publish the records by hand".into())
@@ -286,16 +403,13 @@ async fn publish_external_dns(
     }
 }
 
-/// Annotations on a generated DKIM Secret: its selector and when it started signing.
-const SELECTOR_ANNOTATION: &str = "herald.dev/dkim-selector";
-const CREATED_ANNOTATION: &str = "herald.dev/dkim-created";
-
 /// The active selector and its DKIM public key (`p=`), creating the key Secret when the domain does not
 /// bring its own.
-async fn dkim_public_key(
+async fn dkim_key(
     sd: &SendingDomain,
     secrets: &Api<Secret>,
-) -> Result<(String, String), Error> {
+    now: Timestamp,
+) -> Result<DkimKey, Error> {
     let name = dkim_secret_name(sd);
     if let Some(s) = secrets.get_opt(&name).await? {
         let selector = s
@@ -307,17 +421,20 @@ async fn dkim_public_key(
             .unwrap_or_else(|| sd.spec.dkim.selector.clone());
         let data = s.data.unwrap_or_default();
         if let Some(p) = data.get(DKIM_PUBLIC) {
-            return Ok((selector, String::from_utf8_lossy(&p.0).into_owned()));
+            return Ok(DkimKey {
+                selector,
+                public: String::from_utf8_lossy(&p.0).into_owned(),
+            });
         }
         let Some(private) = data.get(DKIM_KEY) else {
             return Err(Error::Invalid(format!(
                 "Secret {name} has no {DKIM_KEY} key"
             )));
         };
-        return Ok((
+        return Ok(DkimKey {
             selector,
-            public_from_private(sd.spec.dkim.algorithm, &private.0)?,
-        ));
+            public: public_from_private(sd.spec.dkim.algorithm, &private.0)?,
+        });
     }
     if sd.spec.dkim.secret_ref.is_some() {
         return Err(Error::Invalid(format!(
@@ -325,8 +442,8 @@ async fn dkim_public_key(
         )));
     }
     let selector = sd.spec.dkim.selector.clone();
-    let public = create_key_secret(sd, secrets, &name, &selector).await?;
-    Ok((selector, public))
+    let public = create_key_secret(sd, secrets, &name, &selector, now).await?;
+    Ok(DkimKey { selector, public })
 }
 
 /// Generates a key into Secret `name` for `selector`; returns its `p=`. If the Secret appeared meanwhile
@@ -336,6 +453,7 @@ async fn create_key_secret(
     secrets: &Api<Secret>,
     name: &str,
     selector: &str,
+    now: Timestamp,
 ) -> Result<String, Error> {
     let algorithm = sd.spec.dkim.algorithm;
     let key = tokio::task::spawn_blocking(move || dkim::generate(algorithm))
@@ -352,10 +470,7 @@ async fn create_key_secret(
             )])),
             annotations: Some(BTreeMap::from([
                 (SELECTOR_ANNOTATION.to_owned(), selector.to_owned()),
-                (
-                    CREATED_ANNOTATION.to_owned(),
-                    chrono::Utc::now().to_rfc3339(),
-                ),
+                (CREATED_ANNOTATION.to_owned(), chrono_time(now).to_rfc3339()),
                 (
                     "herald.dev/dkim-algorithm".to_owned(),
                     format!("{algorithm:?}").to_lowercase(),
@@ -398,7 +513,8 @@ fn next_secret_name(sd: &SendingDomain) -> String {
 async fn rotation_key(
     sd: &SendingDomain,
     secrets: &Api<Secret>,
-) -> Result<Option<(String, String)>, Error> {
+    now: Timestamp,
+) -> Result<Option<DkimKey>, Error> {
     let Some(period) = &sd.spec.dkim.rotation_period else {
         return Ok(None);
     };
@@ -419,7 +535,9 @@ async fn rotation_key(
             .as_ref()
             .and_then(|d| d.get(DKIM_PUBLIC))
             .map(|p| String::from_utf8_lossy(&p.0).into_owned());
-        return Ok(selector.zip(public));
+        return Ok(selector
+            .zip(public)
+            .map(|(selector, public)| DkimKey { selector, public }));
     }
     let Some(active) = secrets.get_opt(&dkim_secret_name(sd)).await? else {
         return Ok(None);
@@ -428,37 +546,47 @@ async fn rotation_key(
         .metadata
         .annotations
         .as_ref()
-        .and_then(|a| a.get(CREATED_ANNOTATION))
-        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-        .map(|t| t.with_timezone(&chrono::Utc));
-    let Some(created) = created else {
-        return Ok(None);
-    };
-    let age = chrono::Utc::now()
-        .signed_duration_since(created)
-        .to_std()
-        .unwrap_or_default();
-    if age < period {
+        .and_then(|a| a.get(CREATED_ANNOTATION));
+    if !rotation_due(created.map(String::as_str), period, now) {
         return Ok(None);
     }
-    let selector = format!(
-        "{}-{}",
-        sd.spec.dkim.selector,
-        chrono::Utc::now().format("%Y%m%d%H%M%S")
-    );
-    let public = create_key_secret(sd, secrets, &next_name, &selector).await?;
-    Ok(Some((selector, public)))
+    let selector = next_selector(&sd.spec.dkim.selector, now);
+    let public = create_key_secret(sd, secrets, &next_name, &selector, now).await?;
+    Ok(Some(DkimKey { selector, public }))
+}
+
+/// Whether a key created at `created` (the RFC 3339 annotation) is due for rotation; never without a
+/// readable creation time.
+pub fn rotation_due(created: Option<&str>, period: Duration, now: Timestamp) -> bool {
+    let Some(created) = created.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()) else {
+        return false;
+    };
+    let age = chrono_time(now)
+        .signed_duration_since(created.with_timezone(&chrono::Utc))
+        .to_std()
+        .unwrap_or_default();
+    age >= period
+}
+
+/// The selector of the next key: the spec's, with the time it was made.
+pub fn next_selector(base: &str, now: Timestamp) -> String {
+    format!("{base}-{}", chrono_time(now).format("%Y%m%d%H%M%S"))
 }
 
 /// Makes the next key the active one: its data and selector move into the active Secret (same name, so the
 /// relay's mount does not change), and the next Secret goes.
-async fn promote(secrets: &Api<Secret>, sd: &SendingDomain, selector: &str) -> Result<(), Error> {
+async fn promote(
+    secrets: &Api<Secret>,
+    sd: &SendingDomain,
+    selector: &str,
+    now: Timestamp,
+) -> Result<(), Error> {
     let next_name = next_secret_name(sd);
     let next = secrets.get(&next_name).await?;
     let patch = json!({
         "metadata": { "annotations": {
             SELECTOR_ANNOTATION: selector,
-            CREATED_ANNOTATION: chrono::Utc::now().to_rfc3339(),
+            CREATED_ANNOTATION: chrono_time(now).to_rfc3339(),
         }},
         "data": next.data,
     });
@@ -473,19 +601,12 @@ async fn promote(secrets: &Api<Secret>, sd: &SendingDomain, selector: &str) -> R
     Ok(())
 }
 
-async fn publish_event(
-    ctx: &Context,
-    sd: &SendingDomain,
-    type_: EventType,
-    reason: &str,
-    action: &str,
-    note: String,
-) {
+async fn publish_event(ctx: &Context, sd: &SendingDomain, note: &Note) {
     let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: action.into(),
+        type_: note.type_,
+        reason: note.reason.into(),
+        note: Some(note.note.clone()),
+        action: note.action.into(),
         secondary: None,
     };
     if let Err(e) = ctx.recorder.publish(&ev, &sd.object_ref(&())).await {
@@ -494,7 +615,7 @@ async fn publish_event(
 }
 
 /// The `p=` value of a private key the user brought.
-fn public_from_private(algorithm: DkimAlgorithm, pem: &[u8]) -> Result<String, Error> {
+pub fn public_from_private(algorithm: DkimAlgorithm, pem: &[u8]) -> Result<String, Error> {
     let text = String::from_utf8_lossy(pem);
     match algorithm {
         DkimAlgorithm::Rsa2048 => {
@@ -522,5 +643,319 @@ fn public_from_private(algorithm: DkimAlgorithm, pem: &[u8]) -> Result<String, E
             )?;
             Ok(B64.encode(pair.public_key().as_ref()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{DmarcSpec, IpPoolSpec, PoolAddress, SmarthostSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    const RECHECK: Recheck = Recheck {
+        pending: Duration::from_secs(30),
+        verified: Duration::from_secs(600),
+    };
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(secs).unwrap()
+    }
+
+    fn domain() -> SendingDomain {
+        let mut d = SendingDomain::new(
+            "example",
+            crate::crd::SendingDomainSpec {
+                dmarc: Some(DmarcSpec {
+                    policy: crate::crd::DmarcPolicy::Reject,
+                    report_address: None,
+                }),
+                ..crate::fixtures::domain_spec()
+            },
+        );
+        d.metadata.namespace = Some("mail".into());
+        d.metadata.generation = Some(3);
+        d.metadata.uid = Some("5678".into());
+        d
+    }
+
+    fn key(selector: &str) -> DkimKey {
+        DkimKey {
+            selector: selector.into(),
+            public: format!("KEY-{selector}"),
+        }
+    }
+
+    /// The wanted records as a nameserver would serve them: `served` names the purposes it has.
+    fn served(records: Vec<DnsRecord>, unserved: &[&str]) -> Vec<DnsRecord> {
+        records
+            .into_iter()
+            .map(|mut r| {
+                if unserved.iter().any(|n| r.name.starts_with(n)) {
+                    r.state = RecordState::Missing;
+                    r.nameserver = Some("127.0.0.1:53".into());
+                } else {
+                    r.state = RecordState::Published;
+                }
+                r
+            })
+            .collect()
+    }
+
+    fn observe(sd: &SendingDomain, next: Option<DkimKey>, unserved: &[&str]) -> Observed {
+        let k = Ok(key("herald1"));
+        let wanted = wanted_records(sd, "mail", &k, next.as_ref(), None, None);
+        Observed {
+            key: k,
+            next,
+            records: served(wanted, unserved),
+            external_dns: None,
+        }
+    }
+
+    fn cond<'a>(
+        d: &'a Decision,
+        type_: &str,
+    ) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        d.status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .unwrap_or_else(|| panic!("no {type_} in {:?}", d.status.conditions))
+    }
+
+    #[test]
+    fn records_name_the_relay_and_its_smarthost_and_pool() {
+        let sd = domain();
+        let k = Ok(key("herald1"));
+        let none = wanted_records(&sd, "mail", &k, None, None, None);
+        assert_eq!(none.len(), 4);
+        assert_eq!(none[2].value, "10 relay.mail.svc.cluster.local.");
+        let mut relay = crate::fixtures::relay();
+        relay.spec.hostname = Some("mx.example.test".into());
+        relay.spec.delivery.smarthost = Some(SmarthostSpec {
+            host: "smtp.provider.test".into(),
+            port: 587,
+            tls: crate::crd::ListenerTls::Starttls,
+            credentials_secret_ref: None,
+            spf_include: Some("_spf.provider.test".into()),
+        });
+        let pool = IpPool::new(
+            "pool",
+            IpPoolSpec {
+                addresses: vec![PoolAddress {
+                    address: "192.0.2.10".into(),
+                    ehlo: "mta1.example.test".into(),
+                    weight: 1,
+                    warmup_start: None,
+                }],
+                warmup: vec![],
+            },
+        );
+        let r = wanted_records(&sd, "mail", &k, None, Some(&relay), Some(&pool));
+        assert_eq!(r[2].value, "10 mx.example.test.");
+        assert_eq!(
+            records::unquoted(&r[1].value),
+            "v=spf1 include:_spf.provider.test ip4:192.0.2.10 -all"
+        );
+        assert!(wanted_records(&sd, "mail", &Err("no key".into()), None, None, None).is_empty());
+    }
+
+    #[test]
+    fn missing_records_leave_the_domain_pending_naming_the_nameserver() {
+        let sd = domain();
+        let d = decide(&sd, observe(&sd, None, &["_dmarc."]), RECHECK, at(100));
+        assert!(!d.verified);
+        assert_eq!(cond(&d, "DkimKeyReady").status, "True");
+        let dns = cond(&d, "DnsVerified");
+        assert_eq!(
+            (dns.status.as_str(), dns.reason.as_str()),
+            ("False", "RecordsMissing")
+        );
+        assert_eq!(
+            dns.message,
+            "not yet served: TXT _dmarc.example.test (Missing at 127.0.0.1:53)"
+        );
+        assert_eq!(dns.observed_generation, Some(3));
+        assert_eq!(cond(&d, "Ready").status, "False");
+        assert_eq!(d.status.active_selector.as_deref(), Some("herald1"));
+        assert_eq!(d.requeue, RECHECK.pending);
+        // Never verified before, so not verified now is no transition.
+        assert_eq!(d.transition, None);
+        assert_eq!(d.promote, None);
+    }
+
+    #[test]
+    fn all_records_served_make_the_domain_ready_once_with_one_event() {
+        let mut sd = domain();
+        let pending = decide(&sd, observe(&sd, None, &["_dmarc."]), RECHECK, at(100));
+        sd.status = Some(pending.status);
+        let d = decide(&sd, observe(&sd, None, &[]), RECHECK, at(200));
+        assert!(d.verified);
+        assert_eq!(
+            cond(&d, "DnsVerified").message,
+            "all 4 records are published"
+        );
+        assert_eq!(cond(&d, "Ready").status, "True");
+        assert_eq!(cond(&d, "Ready").last_transition_time, Time(at(200)));
+        assert_eq!(
+            cond(&d, "DkimKeyReady").last_transition_time,
+            Time(at(100)),
+            "an unchanged condition keeps its transition time"
+        );
+        assert_eq!(d.transition.as_ref().map(|n| n.reason), Some("DnsVerified"));
+        assert_eq!(d.requeue, RECHECK.verified);
+        // The next check finds the same: the same status (so no write) and no event.
+        sd.status = Some(d.status.clone());
+        let again = decide(&sd, observe(&sd, None, &[]), RECHECK, at(900));
+        assert_eq!(Some(&again.status), sd.status.as_ref());
+        assert_eq!(again.transition, None);
+    }
+
+    #[test]
+    fn a_record_that_goes_away_is_a_warning_transition() {
+        let mut sd = domain();
+        sd.status = Some(decide(&sd, observe(&sd, None, &[]), RECHECK, at(100)).status);
+        let d = decide(&sd, observe(&sd, None, &["bounces."]), RECHECK, at(200));
+        assert!(!d.verified);
+        let note = d.transition.expect("an event");
+        assert_eq!(
+            (note.type_, note.reason),
+            (EventType::Warning, "DnsNotVerified")
+        );
+    }
+
+    #[test]
+    fn a_mismatch_says_what_was_served() {
+        let sd = domain();
+        let mut o = observe(&sd, None, &[]);
+        o.records[3].state = RecordState::Mismatch;
+        o.records[3].observed = Some("v=DMARC1; p=none".into());
+        o.records[3].nameserver = Some("127.0.0.1:53".into());
+        let d = decide(&sd, o, RECHECK, at(100));
+        let dns = cond(&d, "DnsVerified");
+        assert_eq!(dns.reason, "RecordsMismatch");
+        assert!(
+            dns.message
+                .contains("(Mismatch: 127.0.0.1:53 served \"v=DMARC1; p=none\")"),
+            "{}",
+            dns.message
+        );
+    }
+
+    #[test]
+    fn without_a_key_there_are_no_records_and_the_domain_waits() {
+        let sd = domain();
+        let o = Observed {
+            key: Err("Secret mine (spec.dkim.secretRef) does not exist".into()),
+            next: None,
+            records: vec![],
+            external_dns: Some(Err("no records yet (waiting for the DKIM key)".into())),
+        };
+        let d = decide(&sd, o, RECHECK, at(100));
+        let k = cond(&d, "DkimKeyReady");
+        assert_eq!(
+            (k.status.as_str(), k.reason.as_str()),
+            ("False", "KeyUnavailable")
+        );
+        assert!(k.message.contains("does not exist"));
+        assert_eq!(cond(&d, "DnsVerified").message, "waiting for the DKIM key");
+        assert_eq!(cond(&d, "ExternalDnsPublished").reason, "NotPublished");
+        assert_eq!(d.status.active_selector, None);
+        assert!(!d.verified);
+    }
+
+    #[test]
+    fn the_next_key_is_promoted_only_once_its_record_is_served() {
+        let sd = domain();
+        let next = key("herald1-20260101000000");
+        let d = decide(
+            &sd,
+            observe(&sd, Some(next.clone()), &["herald1-2026"]),
+            RECHECK,
+            at(100),
+        );
+        assert_eq!(d.promote, None);
+        assert_eq!(d.status.active_selector.as_deref(), Some("herald1"));
+        assert_eq!(d.status.records.len(), 5, "both keys are published");
+        let d = decide(&sd, observe(&sd, Some(next), &[]), RECHECK, at(200));
+        let p = d.promote.expect("promoted");
+        assert_eq!(p.selector, "herald1-20260101000000");
+        assert_eq!(p.note.reason, "DkimKeyRotated");
+        assert!(
+            p.note.note.contains("keep herald1's record"),
+            "{}",
+            p.note.note
+        );
+        assert_eq!(
+            d.status.active_selector.as_deref(),
+            Some("herald1-20260101000000")
+        );
+    }
+
+    #[test]
+    fn the_dns_endpoint_holds_every_record_unquoted_and_its_outcome_is_a_condition() {
+        let mut sd = domain();
+        sd.spec.publish_with_external_dns = true;
+        let o = observe(&sd, None, &[]);
+        let endpoint = dns_endpoint(&sd, "mail", &o.records).unwrap();
+        assert_eq!(endpoint["metadata"]["name"], "example-records");
+        assert_eq!(
+            endpoint["metadata"]["ownerReferences"][0]["kind"],
+            "SendingDomain"
+        );
+        let e = &endpoint["spec"]["endpoints"];
+        assert_eq!(e.as_array().unwrap().len(), 4);
+        assert_eq!(e[3]["targets"][0], "v=DMARC1; p=reject; adkim=r; aspf=r");
+        assert_eq!(e[2]["targets"][0], "10 relay.mail.svc.cluster.local.");
+        let d = decide(
+            &sd,
+            Observed {
+                external_dns: Some(Ok(())),
+                ..o
+            },
+            RECHECK,
+            at(100),
+        );
+        let c = cond(&d, "ExternalDnsPublished");
+        assert_eq!(c.status, "True");
+        assert_eq!(c.message, "DNSEndpoint example-records holds 4 records");
+    }
+
+    #[test]
+    fn a_key_is_rotated_once_it_is_older_than_the_period() {
+        let day = Duration::from_secs(86400);
+        let created = "2026-01-01T00:00:00+00:00";
+        let t = |s: &str| s.parse::<Timestamp>().unwrap();
+        assert!(!rotation_due(
+            Some(created),
+            90 * day,
+            t("2026-03-31T23:59:59Z")
+        ));
+        assert!(rotation_due(
+            Some(created),
+            90 * day,
+            t("2026-04-01T00:00:00Z")
+        ));
+        assert!(!rotation_due(None, day, t("2030-01-01T00:00:00Z")));
+        assert!(!rotation_due(
+            Some("yesterday"),
+            day,
+            t("2030-01-01T00:00:00Z")
+        ));
+        assert_eq!(
+            next_selector("herald1", t("2026-04-01T12:30:05Z")),
+            "herald1-20260401123005"
+        );
+    }
+
+    #[test]
+    fn a_brought_key_gives_the_public_key_it_was_generated_with() {
+        let k = dkim::generate(DkimAlgorithm::Ed25519).unwrap();
+        assert_eq!(
+            public_from_private(DkimAlgorithm::Ed25519, k.private_pem.as_bytes()).unwrap(),
+            k.public_b64
+        );
+        assert!(public_from_private(DkimAlgorithm::Rsa2048, k.private_pem.as_bytes()).is_err());
+        assert!(public_from_private(DkimAlgorithm::Ed25519, b"not a key").is_err());
     }
 }

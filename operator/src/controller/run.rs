@@ -1,26 +1,47 @@
 //! Builds and runs the controllers, with the health and metrics endpoint.
+//!
+//! Each kind is watched once, into one cache ([`Stores`]) that every controller reads; nothing lists or
+//! caches a kind a second time.
+//! - SendingDomain: the watch fills the cache, tells the relays what changed for them (`triggers`), and
+//!   triggers the domain controller through a generation predicate, so the controller's own status writes
+//!   do not run it again (DNS is rechecked on a timer anyway).
+//! - IpPool: likewise; a spec change also renders the relays whose domains use the pool.
+//! - SmtpRelay: runs on its own spec changes, its StatefulSet's, and what `triggers` names, with a
+//!   debounce that folds a burst of domain changes into one render.
 
+use std::fmt::Debug;
+use std::hash::Hash;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
-
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::runtime::controller::{Controller, Error as ControllerError};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::controller::{self, Controller, Error as ControllerError};
+use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher::{self, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::runtime::{WatchStreamExt, predicates};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
 
 use super::leader::Elector;
-use super::{Context, domain, error_policy, pool, relay};
+use super::triggers::{self, Changes};
+use super::{Context, Recheck, Stores, domain, error_policy, listed, pool, relay};
 use crate::crd::{IpPool, SendingDomain, SmtpRelay};
 use crate::verify::Verifier;
 
 /// How long a leader's lease lasts without renewal.
 const LEASE: Duration = Duration::from_secs(15);
+/// How long a relay waits for more changes before it renders: a thousand domains applied together render
+/// once, not a thousand times.
+const RELAY_DEBOUNCE: Duration = Duration::from_secs(1);
+/// SendingDomain reconciles in flight at once. Each holds its API requests (an HTTP/1 connection each, which
+/// the client's pool keeps afterwards) and its DNS lookups: unbounded, a thousand domains meant a thousand of
+/// each at startup, and 107 MiB instead of 34 (tests/bench/operator_scale.py). 32 keeps a slow nameserver
+/// from serialising the rechecks; 64 was no faster in that benchmark.
+const DOMAIN_CONCURRENCY: u16 = 32;
 
 /// Options of `herald-operator run`.
 #[derive(Debug, Clone)]
@@ -47,13 +68,50 @@ pub enum RunError {
     LostLeadership,
 }
 
+/// The watch of one kind, filling its cache and setting `listed` once the cache holds the first full
+/// listing. Nothing in the operator reads `managedFields`, and they are a large part of each object: they
+/// are dropped before the object is cached.
+fn watch<K>(
+    api: Api<K>,
+    writer: Writer<K>,
+    listed: tokio::sync::watch::Sender<bool>,
+) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Default,
+{
+    watcher(api, watcher::Config::default())
+        .modify(|o| o.meta_mut().managed_fields = None)
+        .default_backoff()
+        .reflect(writer)
+        // After `reflect`: the cache has swapped in the listing by the time the flag is seen.
+        .inspect_ok(move |event| {
+            if matches!(event, watcher::Event::InitDone) {
+                listed.send_replace(true);
+            }
+        })
+}
+
 pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let client = Client::try_default().await?;
+    let (domains, domain_writer) = reflector::store::<SendingDomain>();
+    let (relays, relay_writer) = reflector::store::<SmtpRelay>();
+    let (pools, pool_writer) = reflector::store::<IpPool>();
+    let (domains_listed, domains_listed_rx) = listed();
+    let (relays_listed, relays_listed_rx) = listed();
+    let (pools_listed, pools_listed_rx) = listed();
     let ctx = Context::new(
         client.clone(),
         Verifier::new(&opts.nameservers)?,
-        opts.recheck_pending,
-        opts.recheck_verified,
+        Stores::new(
+            (domains, domains_listed_rx),
+            (relays, relays_listed_rx),
+            (pools, pools_listed_rx),
+        ),
+        Recheck {
+            pending: opts.recheck_pending,
+            verified: opts.recheck_verified,
+        },
     );
     let listener = tokio::net::TcpListener::bind(opts.health_address)
         .await
@@ -89,61 +147,94 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         "herald-operator is the leader; starting the controllers"
     );
 
-    let domains = Controller::new(
+    let (relay_tx, relay_rx) = futures::channel::mpsc::unbounded();
+    let mut domain_changes = Changes::new(triggers::domain_view);
+    let (events_ctx, to_relays) = (ctx.clone(), relay_tx.clone());
+    let domain_stream = watch(
         Api::<SendingDomain>::all(client.clone()),
-        watcher::Config::default(),
+        domain_writer,
+        domains_listed,
     )
-    .shutdown_on_signal()
-    .run(domain::reconcile, error_policy, ctx.clone())
-    .for_each(|r| {
-        match r {
-            // Every SendingDomain is requeued (the DNS recheck), so a deleted one comes back here as not
-            // found within one recheck period: that is when its verification series goes.
-            Err(ControllerError::ObjectNotFound(obj)) => {
-                ctx.metrics
-                    .forget_domain(obj.namespace.as_deref().unwrap_or_default(), &obj.name);
+    .inspect_ok(move |event| {
+        let changes = domain_changes.observe(event);
+        for r in triggers::relays_of(&changes) {
+            // Err only when the relay controller has stopped: the operator is shutting down.
+            let _ = to_relays.unbounded_send(r);
+        }
+        for d in triggers::gone(&changes) {
+            events_ctx
+                .metrics
+                .forget_domain(d.namespace.as_deref().unwrap_or_default(), &d.name);
+        }
+    })
+    .touched_objects()
+    .predicate_filter(predicates::generation, Default::default());
+    let domains = Controller::for_stream(domain_stream, ctx.stores.domains.clone())
+        .with_config(controller::Config::default().concurrency(DOMAIN_CONCURRENCY))
+        .shutdown_on_signal()
+        .run(domain::reconcile, error_policy, ctx.clone())
+        .for_each(|r| {
+            match r {
+                // A reconcile already queued for a domain deleted meanwhile (a requeue) finds it gone; its
+                // series went with the delete event, and goes again here in case that reconcile had
+                // written it back.
+                Err(ControllerError::ObjectNotFound(obj)) => {
+                    ctx.metrics
+                        .forget_domain(obj.namespace.as_deref().unwrap_or_default(), &obj.name);
+                }
+                Err(e) => tracing::debug!(error = %e, "SendingDomain controller event"),
+                Ok(_) => {}
             }
-            Err(e) => tracing::debug!(error = %e, "SendingDomain controller event"),
-            Ok(_) => {}
-        }
-        futures::future::ready(())
-    });
-    let relays = Controller::new(
+            futures::future::ready(())
+        });
+    let relay_stream = watch(
         Api::<SmtpRelay>::all(client.clone()),
-        watcher::Config::default(),
+        relay_writer,
+        relays_listed,
     )
-    .owns(
-        Api::<StatefulSet>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .watches(
-        Api::<SendingDomain>::all(client.clone()),
-        watcher::Config::default(),
-        |sd| {
-            let ns = sd.namespace()?;
-            Some(ObjectRef::<SmtpRelay>::new(&sd.spec.relay_ref.name).within(&ns))
-        },
-    )
-    .shutdown_on_signal()
-    .run(relay::reconcile, error_policy, ctx.clone())
-    .for_each(|r| {
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "SmtpRelay controller event");
-        }
-        futures::future::ready(())
-    });
-    let pools = Controller::new(
+    .touched_objects()
+    .predicate_filter(predicates::generation, Default::default());
+    let relays = Controller::for_stream(relay_stream, ctx.stores.relays.clone())
+        .owns(
+            Api::<StatefulSet>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .reconcile_on(relay_rx)
+        .with_config(controller::Config::default().debounce(RELAY_DEBOUNCE))
+        .shutdown_on_signal()
+        .run(relay::reconcile, error_policy, ctx.clone())
+        .for_each(|r| {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "SmtpRelay controller event");
+            }
+            futures::future::ready(())
+        });
+    let mut pool_changes = Changes::new(triggers::pool_view);
+    let stores = ctx.stores.clone();
+    let pool_stream = watch(
         Api::<IpPool>::all(client.clone()),
-        watcher::Config::default(),
+        pool_writer,
+        pools_listed,
     )
-    .shutdown_on_signal()
-    .run(pool::reconcile, error_policy, ctx.clone())
-    .for_each(|r| {
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "IpPool controller event");
+    .inspect_ok(move |event| {
+        for c in pool_changes.observe(event) {
+            let ns = c.object.namespace.as_deref().unwrap_or_default();
+            for r in stores.relays_using_pool(ns, &c.object.name) {
+                let _ = relay_tx.unbounded_send(r);
+            }
         }
-        futures::future::ready(())
-    });
+    })
+    .touched_objects()
+    .predicate_filter(predicates::generation, Default::default());
+    let pools = Controller::for_stream(pool_stream, ctx.stores.pools.clone())
+        .shutdown_on_signal()
+        .run(pool::reconcile, error_policy, ctx.clone())
+        .for_each(|r| {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "IpPool controller event");
+            }
+            futures::future::ready(())
+        });
     let controllers = async {
         tokio::join!(domains, relays, pools);
     };
@@ -161,7 +252,9 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
 async fn watch_heartbeat(client: Client, namespace: String, ctx: Arc<Context>) {
     let api = Api::<Lease>::namespaced(client, &namespace);
     let config = watcher::Config::default().fields("metadata.name=herald-operator");
-    let mut stream = std::pin::pin!(watcher(api, config));
+    // Backed off like the other watches: without it, an unreachable API server made this loop retry as
+    // fast as connections were refused, an error line and a busy CPU each time round.
+    let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
     while let Some(event) = stream.next().await {
         match event {
             Ok(_) => ctx.touch(),
