@@ -38,14 +38,14 @@ def plaintext_session(relay, listener="submission") -> SmtpConn:
     return c
 
 
-def tls_session(relay, tls_ctx, listener="submission") -> SmtpConn:
-    """Connected, TLS up (STARTTLS or implicit), EHLO done, not authenticated."""
+def tls_session(relay, tls_ctx, listener="submission", source: str | None = None) -> SmtpConn:
+    """Connected (from `source`, if given), TLS up (STARTTLS or implicit), EHLO done, not authenticated."""
     host, port = relay.listener(listener)
     if listener == "smtps":
-        c = SmtpConn(host, port, tls_context=tls_ctx, server_hostname="localhost")
+        c = SmtpConn(host, port, tls_context=tls_ctx, server_hostname="localhost", source=source)
         c.greeting()
     else:
-        c = SmtpConn(host, port)
+        c = SmtpConn(host, port, source=source)
         c.greeting()
         c.ehlo()
         c.starttls(tls_ctx)
@@ -331,16 +331,11 @@ def test_a_password_flood_from_one_address_is_throttled_and_others_still_get_in(
     # 500 wrong passwords from 127.0.0.1: argon2 runs for the first few only; the rest get 454 unchecked,
     # and meanwhile a client at another address logs in.
     r = relays.start("flood", limits={"auth_failures_per_client": 5, "auth_failure_window": "1h"})
-    host, port = r.listener("submission")
     replies: list[str] = []
 
     def flood():
         while len(replies) < 500:
-            c = SmtpConn(host, port, source="127.0.0.1")
-            c.greeting()
-            c.ehlo()
-            c.starttls(tls_ctx)
-            c.ehlo()
+            c = tls_session(r, tls_ctx, source="127.0.0.1")
             # The session allows max_errors bad commands, then closes; reconnect and go on.
             for _ in range(9):
                 replies.append(str(c.cmd(f"AUTH PLAIN {plain('app', 'guess')}")))
@@ -352,11 +347,7 @@ def test_a_password_flood_from_one_address_is_throttled_and_others_still_get_in(
     flooder.start()
     try:
         assert wait_until(lambda: len(replies) >= 50, timeout=60), "the flood did not get going"
-        c = SmtpConn(host, port, source="127.0.0.2")
-        c.greeting()
-        c.ehlo()
-        c.starttls(tls_ctx)
-        c.ehlo()
+        c = tls_session(r, tls_ctx, source="127.0.0.2")
         c.expect(f"AUTH PLAIN {plain('app', APP_PW)}", "235 2.7.0")
         c.close()
     finally:
@@ -365,11 +356,7 @@ def test_a_password_flood_from_one_address_is_throttled_and_others_still_get_in(
     assert sum(x.startswith("535 5.7.8") for x in replies) == 5, collections.Counter(x[:9] for x in replies)
     assert sum(x.startswith("454 4.7.0") for x in replies) == len(replies) - 5
     # The right password from the flooding address is refused too until the window passes.
-    c = SmtpConn(host, port, source="127.0.0.1")
-    c.greeting()
-    c.ehlo()
-    c.starttls(tls_ctx)
-    c.ehlo()
+    c = tls_session(r, tls_ctx, source="127.0.0.1")
     c.expect(f"AUTH PLAIN {plain('app', APP_PW)}", "454 4.7.0")
     c.close()
     exp = scrape(r)

@@ -48,3 +48,19 @@ pub fn relay() -> SmtpRelay {
     r.metadata.uid = Some("1234".into());
     r
 }
+
+/// IpPool `pool`: one address, 192.0.2.10 saying `mta1.example.test`, no warm-up.
+pub fn pool() -> IpPool {
+    IpPool::new(
+        "pool",
+        IpPoolSpec {
+            addresses: vec![PoolAddress {
+                address: "192.0.2.10".into(),
+                ehlo: "mta1.example.test".into(),
+                weight: 1,
+                warmup_start: None,
+            }],
+            warmup: vec![],
+        },
+    )
+}

@@ -269,18 +269,7 @@ mod tests {
     }
 
     fn pool() -> Arc<IpPool> {
-        Arc::new(IpPool::new(
-            "pool",
-            IpPoolSpec {
-                addresses: vec![PoolAddress {
-                    address: "192.0.2.10".into(),
-                    ehlo: "mta1.example.test".into(),
-                    weight: 1,
-                    warmup_start: None,
-                }],
-                warmup: vec![],
-            },
-        ))
+        Arc::new(crate::fixtures::pool())
     }
 
     fn users() -> Vec<HashedUser> {

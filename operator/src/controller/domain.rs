@@ -23,7 +23,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use super::{Context, Error, MANAGER, Recheck, chrono_time, condition, patch_status};
+use super::{Conditions, Context, Error, MANAGER, Recheck, chrono_time, patch_status};
 use crate::crd::{
     DkimAlgorithm, DnsRecord, IpPool, RecordState, SendingDomain, SendingDomainStatus, SmtpRelay,
 };
@@ -201,16 +201,9 @@ pub fn decide(
 ) -> Decision {
     let previous = sd.status.clone().unwrap_or_default();
     let generation = sd.metadata.generation;
+    let conditions = Conditions::new(&previous.conditions, generation, now);
     let cond = |type_: &str, ok: bool, reason: &str, message: String| {
-        condition(
-            &previous.conditions,
-            type_,
-            ok,
-            reason,
-            message,
-            generation,
-            now,
-        )
+        conditions.set(type_, ok, reason, message)
     };
     let mut conditions = Vec::new();
     let key = match observed.key {
@@ -649,7 +642,7 @@ pub fn public_from_private(algorithm: DkimAlgorithm, pem: &[u8]) -> Result<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{DmarcSpec, IpPoolSpec, PoolAddress, SmarthostSpec};
+    use crate::crd::{DmarcSpec, SmarthostSpec};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     const RECHECK: Recheck = Recheck {
@@ -739,18 +732,7 @@ mod tests {
             credentials_secret_ref: None,
             spf_include: Some("_spf.provider.test".into()),
         });
-        let pool = IpPool::new(
-            "pool",
-            IpPoolSpec {
-                addresses: vec![PoolAddress {
-                    address: "192.0.2.10".into(),
-                    ehlo: "mta1.example.test".into(),
-                    weight: 1,
-                    warmup_start: None,
-                }],
-                warmup: vec![],
-            },
-        );
+        let pool = crate::fixtures::pool();
         let r = wanted_records(&sd, "mail", &k, None, Some(&relay), Some(&pool));
         assert_eq!(r[2].value, "10 mx.example.test.");
         assert_eq!(

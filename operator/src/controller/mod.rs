@@ -333,6 +333,36 @@ where
     Ok(())
 }
 
+/// The conditions of one status write: each keeps its `lastTransitionTime` while its status is unchanged.
+#[derive(Debug)]
+pub struct Conditions<'a> {
+    previous: &'a [Condition],
+    generation: Option<i64>,
+    now: Timestamp,
+}
+
+impl<'a> Conditions<'a> {
+    pub fn new(previous: &'a [Condition], generation: Option<i64>, now: Timestamp) -> Self {
+        Conditions {
+            previous,
+            generation,
+            now,
+        }
+    }
+
+    pub fn set(&self, type_: &str, ok: bool, reason: &str, message: String) -> Condition {
+        condition(
+            self.previous,
+            type_,
+            ok,
+            reason,
+            message,
+            self.generation,
+            self.now,
+        )
+    }
+}
+
 /// A condition per the API conventions. `lastTransitionTime` is kept from `previous` when the status did
 /// not change, so re-writing the same conditions is a no-op; `now` is the time of a transition.
 pub fn condition(

@@ -25,7 +25,7 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use sha2::{Digest, Sha256};
 
-use super::{Context, Error, MANAGER, apply, condition, patch_status};
+use super::{Conditions, Context, Error, MANAGER, apply, patch_status};
 use crate::crd::{IpPool, SendingDomain, SmtpRelay, SmtpRelayStatus};
 use crate::layout::{BOUNCE_KEYS, CONFIG_FILE, config_secret_name};
 use crate::objects;
@@ -170,16 +170,9 @@ pub struct Decision {
 pub fn decide(relay: &SmtpRelay, inputs: &Inputs, now: Timestamp) -> Result<Decision, Error> {
     let previous = relay.status.clone().unwrap_or_default();
     let generation = relay.metadata.generation;
+    let conditions = Conditions::new(&previous.conditions, generation, now);
     let cond = |type_: &str, ok: bool, reason: &str, message: String| {
-        condition(
-            &previous.conditions,
-            type_,
-            ok,
-            reason,
-            message,
-            generation,
-            now,
-        )
+        conditions.set(type_, ok, reason, message)
     };
     let rendered = if inputs.problems.is_empty() {
         render::relay_config(

@@ -183,9 +183,7 @@ pub fn gone(changes: &[Change<SendingDomain, DomainView>]) -> Vec<ObjectRef<Send
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{
-        DnsRecord, IpPoolSpec, PoolAddress, RecordPurpose, RecordState, SendingDomainStatus,
-    };
+    use crate::crd::{DnsRecord, RecordPurpose, RecordState, SendingDomainStatus};
 
     fn domain(name: &str, relay: &str) -> SendingDomain {
         let mut d = SendingDomain::new(name, crate::fixtures::domain_spec());
@@ -317,18 +315,7 @@ mod tests {
     #[test]
     fn a_pool_is_reported_when_its_spec_changes_not_its_status() {
         let mut e = Changes::new(pool_view);
-        let mut p = IpPool::new(
-            "pool",
-            IpPoolSpec {
-                addresses: vec![PoolAddress {
-                    address: "192.0.2.10".into(),
-                    ehlo: "mta1.example.test".into(),
-                    weight: 1,
-                    warmup_start: None,
-                }],
-                warmup: vec![],
-            },
-        );
+        let mut p = crate::fixtures::pool();
         p.metadata.namespace = Some("mail".into());
         assert_eq!(listed(&mut e, std::slice::from_ref(&p)).len(), 1);
         let mut status = p.clone();
