@@ -201,6 +201,23 @@ def test_readyz_answers_503_while_draining_after_sigterm(relays):
         assert r.running, "relay exited while a session was still open"
 
 
+def test_the_session_drain_ends_at_shutdown_sessions_and_the_relay_exits(relays):
+    # A client stuck in the middle of a transaction holds the drain only as long as shutdown.sessions.
+    cfg = relays.config("drain-short")
+    cfg["shutdown"] = {"sessions": "1s", "deliveries": "1s", "events": "1s"}
+    r = relays.start("drain-short", config=cfg)
+    host, port = r.listener("trusted")
+    with SmtpConn(host, port) as c:
+        c.greeting()
+        c.ehlo()
+        c.expect("MAIL FROM:<a@example.test>", "250 2.1.0")
+        r.proc.send_signal(signal.SIGTERM)
+        # The default drain would keep it alive for 30 s; bounded wait well below that.
+        assert wait_until(lambda: not r.running, timeout=20, step=0.1), r.log_tail(20)
+    assert "drain grace period over" in r.log_text(), r.log_tail(20)
+    assert r.proc.returncode == 0, r.proc.returncode
+
+
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
     mnt = tmp_path / "tiny"

@@ -81,6 +81,48 @@ pub struct Config {
     pub log: Log,
     #[serde(default)]
     pub bounces: Bounces,
+    /// How long each step of the drain after SIGTERM may take. In Kubernetes the pod's
+    /// `terminationGracePeriodSeconds` must cover their sum; the operator derives it from these.
+    #[serde(default)]
+    pub shutdown: Shutdown,
+}
+
+/// The drain after SIGTERM, step by step: sessions in flight finish, deliveries in flight record their
+/// outcome, events reach their outputs. Each step ends at its limit; what is cut off is not lost (the spool
+/// keeps it), only retried after the restart.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Shutdown {
+    /// SMTP sessions in flight may finish their transaction.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
+    pub sessions: Duration,
+    /// Deliveries in flight may finish and record their outcome (else they are retried after the restart,
+    /// and may arrive twice).
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
+    pub deliveries: Duration,
+    /// Events still buffered may reach the file and the webhook.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
+    pub events: Duration,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown {
+            sessions: Duration::from_secs(30),
+            deliveries: Duration::from_secs(30),
+            events: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Shutdown {
+    /// The longest the whole drain can take.
+    pub fn total(&self) -> Duration {
+        self.sessions + self.deliveries + self.events
+    }
 }
 
 /// Return-path tokens, the reports that come back to them, and how failures are classified.

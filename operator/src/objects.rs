@@ -11,9 +11,9 @@ use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, HTTPGetAction, KeyToPath, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ProjectedVolumeSource, Secret, SecretProjection, SecretVolumeSource, SecurityContext, Service,
-    ServicePort, ServiceSpec, Sysctl, Volume, VolumeMount, VolumeProjection,
-    VolumeResourceRequirements,
+    ProjectedVolumeSource, SeccompProfile, Secret, SecretProjection, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, Sysctl, Volume, VolumeMount,
+    VolumeProjection, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -106,10 +106,18 @@ fn probe(path: &str, period: i32) -> Probe {
 
 /// The relay StatefulSet: one spool volume per replica, probes on the admin port, non-root with a
 /// read-only root filesystem.
+/// The pod's `terminationGracePeriodSeconds`: the relay's whole drain (config `shutdown`) and some room for
+/// the process to exit, so Kubernetes never kills a relay that is still recording outcomes.
+pub fn grace_period(drain: &herald_config::Shutdown) -> i64 {
+    const EXIT_ROOM: u64 = 10;
+    (drain.total().as_secs() + EXIT_ROOM) as i64
+}
+
 pub fn statefulset(
     relay: &SmtpRelay,
     domains: &[Arc<SendingDomain>],
     config_hash: &str,
+    drain: &herald_config::Shutdown,
 ) -> StatefulSet {
     let spec = &relay.spec;
     let mut ports: Vec<ContainerPort> = spec
@@ -266,11 +274,16 @@ pub fn statefulset(
                 spec: Some(PodSpec {
                     containers: vec![container],
                     volumes: Some(volumes),
-                    // Deliveries in flight finish and record their outcome within the relay's 30 s drain.
-                    termination_grace_period_seconds: Some(45),
+                    termination_grace_period_seconds: Some(grace_period(drain)),
+                    // The relay never talks to the API server: no token in the pod.
+                    automount_service_account_token: Some(false),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         fs_group: Some(RUN_AS),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..SeccompProfile::default()
+                        }),
                         // Ports 25, 465 and 587 without any capability.
                         sysctls: low_port.then(|| {
                             vec![Sysctl {
@@ -405,7 +418,8 @@ mod tests {
     #[test]
     fn statefulset_mounts_what_the_config_names_and_is_hardened() {
         let d = Arc::new(SendingDomain::new("example", domain_spec()));
-        let s = statefulset(&relay(), &[d], "abc");
+        let drain = herald_config::Shutdown::default();
+        let s = statefulset(&relay(), &[d], "abc", &drain);
         let spec = s.spec;
         assert_eq!(spec.replicas, Some(3));
         let pod = spec.template.spec.unwrap();
@@ -447,6 +461,10 @@ mod tests {
             "port 587 needs the unprivileged-port sysctl"
         );
         assert_eq!(s.metadata.owner_references.unwrap()[0].kind, "SmtpRelay");
+        // Kubernetes waits for the relay's whole drain (70 s by default) before it kills the pod.
+        assert_eq!(pod.termination_grace_period_seconds, Some(80));
+        assert!(drain.total().as_secs() < 80);
+        assert_eq!(pod.automount_service_account_token, Some(false));
     }
 
     #[test]
@@ -454,7 +472,7 @@ mod tests {
         let r = relay();
         let svc = smtp_service(&r);
         let sel = svc.spec.as_ref().unwrap().selector.clone().unwrap();
-        let pod_labels = statefulset(&r, &[], "h")
+        let pod_labels = statefulset(&r, &[], "h", &herald_config::Shutdown::default())
             .spec
             .template
             .metadata

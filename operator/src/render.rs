@@ -212,6 +212,7 @@ pub fn relay_config(
             secret_file: Some(format!("{CONFIG_DIR}/{BOUNCE_KEYS}").into()),
             ..relay::Bounces::default()
         },
+        shutdown: relay::Shutdown::default(),
     };
     config.validate().map_err(|e| {
         err(

@@ -27,9 +27,6 @@ use herald_config::Config;
 /// How often the config file is checked for a change (a ConfigMap update replaces it in place).
 const CONFIG_POLL: Duration = Duration::from_secs(5);
 
-/// How long sessions in flight may take to finish after SIGTERM.
-const DRAIN_GRACE: Duration = Duration::from_secs(30);
-
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
@@ -221,7 +218,8 @@ impl Relay {
         tracing::info!("stopping: no new sessions; finishing the ones in flight");
         self.state.ready.store(false, Ordering::Relaxed);
         let _ = self.stop.send(true);
-        let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
+        let drain = self.reloader.current.shutdown.clone();
+        let deadline = tokio::time::Instant::now() + drain.sessions;
         while self.shared.limits.active() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -234,7 +232,7 @@ impl Relay {
         }
         // Deliveries in flight finish their transaction and record the outcome, so nothing is sent twice
         // after the restart; then everything recorded is made durable.
-        if tokio::time::timeout(DRAIN_GRACE, self.queue.stop())
+        if tokio::time::timeout(drain.deliveries, self.queue.stop())
             .await
             .is_err()
         {
@@ -246,7 +244,7 @@ impl Relay {
             tracing::error!(error = %e, "final spool sync failed");
         }
         if let Some(ev) = self.events {
-            ev.shutdown(Duration::from_secs(10)).await;
+            ev.shutdown(drain.events).await;
         }
         tracing::info!("stopped");
     }

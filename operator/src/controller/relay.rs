@@ -204,7 +204,7 @@ pub fn decide(relay: &SmtpRelay, inputs: &Inputs, now: Timestamp) -> Result<Deci
             ));
             let o = Objects {
                 config_secret: objects::config_secret(relay, &yaml, &inputs.bounce_keys),
-                statefulset: objects::statefulset(relay, &inputs.domains, &hash),
+                statefulset: objects::statefulset(relay, &inputs.domains, &hash, &config.shutdown),
                 smtp_service: objects::smtp_service(relay),
                 headless_service: objects::headless_service(relay),
                 pdb: objects::pdb(relay),
