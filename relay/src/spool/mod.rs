@@ -8,7 +8,13 @@
 //!
 //! On start the spool replays every segment. A crash can leave a torn record at the end of the segment
 //! that was being written; its checksum fails, and the segment is truncated to its last whole record. No such
-//! record was ever acknowledged, because acknowledgements follow the sync.
+//! record was ever acknowledged, because acknowledgements follow the sync. A damaged record elsewhere (a
+//! flipped bit, a bad sector) is skipped, counted and logged, and replay goes on from the next record that
+//! verifies: the records after it were acknowledged and are not given up for one bad one.
+//!
+//! A write that fails is cut back so that nothing half-written sits in front of later records; if even that
+//! fails, the writer refuses every later write until the relay restarts and replays, rather than append
+//! behind garbage. A state change that was not written makes the next [`Spool::sync`] fail.
 //!
 //! Segments are never rewritten. Space comes back by deleting whole segments, oldest first: the oldest can
 //! go once none of its messages is still queued. A queued message that holds an old segment alive is copied
@@ -135,6 +141,12 @@ impl Spool {
         for &n in &numbers {
             let size = load_segment(&segment_path(&seg_dir, n), n, &mut replay)?;
             sizes.insert(n, size);
+        }
+        if replay.damaged > 0 {
+            tracing::error!(
+                records = replay.damaged,
+                "damaged spool records were skipped during replay; what they held is lost"
+            );
         }
         let loaded = replay.finish();
         let bytes: u64 = sizes.values().sum();
@@ -338,6 +350,8 @@ fn segment_path(dir: &Path, n: u64) -> PathBuf {
 #[derive(Default)]
 struct Replay {
     messages: HashMap<QueueId, Loaded>,
+    /// Damaged records skipped.
+    damaged: usize,
 }
 
 impl Replay {
@@ -352,6 +366,27 @@ impl Replay {
     }
 }
 
+/// Where replay can go on after a record at `pos` that does not verify: the next offset at which a record
+/// verifies and is followed by another that verifies, or by the end of the segment. None when nothing after
+/// `pos` verifies: a torn tail. Tried first is the end the damaged record's own length gives (a flipped bit
+/// in its body leaves its header intact).
+fn resync(buf: &[u8], pos: usize) -> Option<usize> {
+    let chained = |at: usize| match record::decode_frame(&buf[at..]) {
+        Ok(f) => at + f.len == buf.len() || record::decode_frame(&buf[at + f.len..]).is_ok(),
+        Err(_) => false,
+    };
+    let by_length = buf
+        .get(pos + 2..pos + 6)
+        .map(|l| u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize)
+        .map(|len| pos + record::FRAME_LEN + len)
+        .filter(|&end| end < buf.len() && chained(end));
+    by_length.or_else(|| {
+        (pos + 1..buf.len())
+            .filter(|&at| buf[at] == record::MAGIC)
+            .find(|&at| chained(at))
+    })
+}
+
 /// Replays one segment into `replay`; truncates a torn tail. Returns the segment's size after that.
 fn load_segment(path: &Path, number: u64, replay: &mut Replay) -> Result<u64, SpoolError> {
     let read_err = |source| SpoolError::Read {
@@ -364,6 +399,18 @@ fn load_segment(path: &Path, number: u64, replay: &mut Replay) -> Result<u64, Sp
         let frame = match record::decode_frame(&buf[pos..]) {
             Ok(f) => f,
             Err(e) => {
+                if let Some(next) = resync(&buf, pos) {
+                    tracing::error!(
+                        segment = %path.display(),
+                        offset = pos,
+                        skipped = next - pos,
+                        error = %e,
+                        "damaged spool record skipped; replay goes on with the next record that verifies"
+                    );
+                    replay.damaged += 1;
+                    pos = next;
+                    continue;
+                }
                 tracing::warn!(
                     segment = %path.display(),
                     offset = pos,
@@ -435,6 +482,10 @@ struct Writer {
     len: u64,
     /// Held while the writer runs, so a second relay cannot share the spool.
     lock: File,
+    /// A failed write could not be cut back: nothing more is appended behind it until a restart replays.
+    broken: Option<Arc<SpoolError>>,
+    /// A state change that nobody waited for was not written; the next sync reports it.
+    unacked_lost: Option<Arc<SpoolError>>,
 }
 
 impl Writer {
@@ -457,6 +508,8 @@ impl Writer {
             file,
             len: 0,
             lock,
+            broken: None,
+            unacked_lost: None,
         })
     }
 
@@ -477,7 +530,14 @@ impl Writer {
                 }
             }
             let start = self.len;
-            let result = self.commit(&batch, &mut buf).map_err(Arc::new);
+            let result = self.commit(&batch, &mut buf);
+            if let Err(e) = &result
+                && batch
+                    .iter()
+                    .any(|r| r.done.is_none() && !r.record.is_empty())
+            {
+                self.unacked_lost = Some(e.clone());
+            }
             if result.is_ok() {
                 shared.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
                 shared
@@ -491,6 +551,11 @@ impl Writer {
                 let len = req.record.len() as u64;
                 if let Some(done) = req.done {
                     let reply = match &result {
+                        // A sync: everything sent before it must be durable, not only this batch.
+                        Ok(()) if req.record.is_empty() => match self.unacked_lost.take() {
+                            Some(lost) => Err(lost),
+                            None => Ok((self.number, offset)),
+                        },
                         Ok(()) => Ok((self.number, offset)),
                         Err(e) => Err(e.clone()),
                     };
@@ -516,7 +581,8 @@ impl Writer {
             })
             .and_then(|lock| Writer::create(self.dir.clone(), self.number + 1, lock));
         match next {
-            Ok(next) => {
+            Ok(mut next) => {
+                next.unacked_lost = self.unacked_lost.take();
                 *self = next;
                 shared
                     .sizes
@@ -533,7 +599,10 @@ impl Writer {
 
     /// Writes and syncs one batch. On failure the segment is cut back to where it was, so that a partial
     /// write cannot sit in front of later records.
-    fn commit(&mut self, batch: &[WriteRequest], buf: &mut Vec<u8>) -> Result<(), SpoolError> {
+    fn commit(&mut self, batch: &[WriteRequest], buf: &mut Vec<u8>) -> Result<(), Arc<SpoolError>> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
         for r in batch {
             buf.extend_from_slice(&r.record);
         }
@@ -551,11 +620,13 @@ impl Writer {
                 Ok(())
             }
             Err(source) => {
+                let err = Arc::new(SpoolError::Write { path, source });
                 if let Err(e) = self.file.set_len(self.len) {
-                    tracing::error!(segment = %path.display(), error = %e, "cannot cut a failed write back");
+                    tracing::error!(error = %e, "cannot cut a failed spool write back; refusing further writes until a restart");
+                    self.broken = Some(err.clone());
                 }
                 buf.clear();
-                Err(SpoolError::Write { path, source })
+                Err(err)
             }
         }
     }
@@ -713,5 +784,83 @@ mod tests {
             fs::metadata(segment_path(&seg_dir, 1)).unwrap().len(),
             good as u64
         );
+    }
+
+    /// Three message records in one segment, the middle one damaged by `damage`; returns what replay keeps.
+    fn replay_with_damage(damage: impl Fn(&mut Vec<u8>, usize)) -> (Vec<QueueId>, usize, u64, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let seg_dir = dir.path().join("segments");
+        fs::create_dir_all(&seg_dir).unwrap();
+        let mut buf = Vec::new();
+        record::encode_message(&mut buf, &meta(QueueId(1)), &[], &[b"one\r\n"]);
+        let second = buf.len();
+        record::encode_message(&mut buf, &meta(QueueId(2)), &[], &[b"two\r\n"]);
+        record::encode_message(&mut buf, &meta(QueueId(3)), &[], &[b"three\r\n"]);
+        damage(&mut buf, second);
+        let whole = buf.len() as u64;
+        fs::write(segment_path(&seg_dir, 1), &buf).unwrap();
+        let mut replay = Replay::default();
+        let size = load_segment(&segment_path(&seg_dir, 1), 1, &mut replay).unwrap();
+        let damaged = replay.damaged;
+        let mut ids: Vec<QueueId> = replay.finish().into_iter().map(|l| l.meta.id).collect();
+        ids.sort();
+        (ids, damaged, size, whole)
+    }
+
+    #[test]
+    fn a_damaged_record_is_skipped_and_the_ones_after_it_survive() {
+        // A flipped bit in the body: the header's length still finds the next record.
+        let (ids, damaged, size, whole) =
+            replay_with_damage(|buf, at| buf[at + record::FRAME_LEN + 20] ^= 0x10);
+        assert_eq!(ids, vec![QueueId(1), QueueId(3)]);
+        assert_eq!((damaged, size), (1, whole), "nothing may be truncated");
+        // A damaged header: the next record is found by scanning.
+        let (ids, damaged, _, _) = replay_with_damage(|buf, at| {
+            buf[at] = 0;
+            buf[at + 2] ^= 0xFF;
+        });
+        assert_eq!((ids, damaged), (vec![QueueId(1), QueueId(3)], 1));
+    }
+
+    #[test]
+    fn a_failed_write_that_cannot_be_cut_back_stops_the_writer_and_fails_the_next_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = File::create(dir.path().join("lock")).unwrap();
+        let mut writer = Writer::create(dir.path().to_owned(), 1, lock).unwrap();
+        // A handle that can neither write nor truncate: every write fails, and so does the cut-back.
+        writer.file = File::open(segment_path(dir.path(), 1)).unwrap();
+        let shared = WriterShared {
+            bytes: Arc::new(AtomicU64::new(0)),
+            current: Arc::new(AtomicU64::new(1)),
+            sizes: Arc::new(Mutex::new(BTreeMap::new())),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let thread = std::thread::spawn(move || writer.run(rx, shared));
+        let ask = |record: Vec<u8>| {
+            let (done, wait) = oneshot::channel();
+            tx.send(WriteRequest {
+                record,
+                done: Some(done),
+            })
+            .unwrap();
+            wait.blocking_recv().unwrap()
+        };
+        let mut state = Vec::new();
+        record::encode_delete(&mut state, QueueId(7));
+        tx.send(WriteRequest {
+            record: state,
+            done: None,
+        })
+        .unwrap();
+        assert!(ask(Vec::new()).is_err(), "a sync after a lost state change");
+        let mut msg = Vec::new();
+        record::encode_message(&mut msg, &meta(QueueId(8)), &[], &[b"x\r\n"]);
+        assert!(ask(msg).is_err(), "a write after a failed cut-back");
+        assert!(
+            ask(Vec::new()).is_err(),
+            "the writer stays refused until a restart"
+        );
+        drop(tx);
+        thread.join().unwrap();
     }
 }
