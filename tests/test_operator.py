@@ -96,6 +96,9 @@ def test_crds_are_established_and_list_in_kubectl_get(ns):
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: a, port: 587, auth: required}]}", "auth: required needs tls"),
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: a, port: 465, tls: implicit}]}", "tlsSecretRef"),
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {replicas: 0, listeners: [{name: a, port: 25}]}", "spec.replicas"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {image: 'herald relay:latest', listeners: [{name: a, port: 25}]}", "spec.image"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {image: 'Registry.test/Herald/Relay', listeners: [{name: a, port: 25}]}", "spec.image"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {tlsSecretRef: {name: 'Bad_Name'}, listeners: [{name: a, port: 25}]}", "spec.tlsSecretRef.name"),
         ("kind: IpPool\nmetadata: {name: bad}\nspec: {addresses: [{address: nonsense, ehlo: mta.a.test}]}", "address must be an IPv4 or IPv6 address"),
     ],
 )

@@ -20,6 +20,9 @@ const LABELS_PATTERN: &str =
 const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 /// A Go-style duration as the relay config takes it: `90d`, `12h`, `30m`.
 const DURATION_PATTERN: &str = r"^[0-9]+(s|m|h|d)$";
+/// A container image reference: `[registry[:port]/]path[:tag][@sha256:digest]` (the OCI distribution
+/// grammar, simplified), so that a typo is refused at `kubectl apply` rather than as a pod that never pulls.
+const IMAGE_PATTERN: &str = r"^(([A-Za-z0-9-]+\.)*[A-Za-z0-9-]+(:[0-9]+)?/)?[a-z0-9]+([._-]+[a-z0-9]+)*(/[a-z0-9]+([._-]+[a-z0-9]+)*)*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$";
 
 /// A reference to an object in the same namespace.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
@@ -244,8 +247,9 @@ pub struct SmtpRelaySpec {
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 1, max = 100))]
     pub replicas: i32,
+    /// The relay's container image.
     #[serde(default = "default_image")]
-    #[schemars(length(min = 1))]
+    #[schemars(regex(pattern = IMAGE_PATTERN), length(min = 1, max = 255))]
     pub image: String,
     /// Name in the banner, EHLO and Received: headers; defaults to `<name>.<namespace>.svc`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
