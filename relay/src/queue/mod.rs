@@ -424,9 +424,28 @@ impl Shell {
     fn act(&mut self, actions: Vec<Action>, attempt: Option<&AttemptInfo<'_>>) {
         // One log line per result of an attempt: (result, first reply, recipients).
         let mut logged: Vec<(&'static str, String, usize, QueueId, f64)> = Vec::new();
+        // The failures a DSN reports are recorded only once the DSN is durable: a crash in between then
+        // retries them (at worst a second DSN), where recording first could lose the DSN for good.
+        let reported: Vec<QueueId> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Dsn { meta, .. } => Some(meta.id),
+                _ => None,
+            })
+            .collect();
+        let mut held: Vec<(QueueId, Vec<crate::spool::RcptUpdate>)> = Vec::new();
         for action in actions {
             match action {
                 Action::Start(job) => self.dispatcher.clone().start(job, self.handle.clone()),
+                Action::Record { id, updates } if reported.contains(&id) => {
+                    let (failed, rest): (Vec<_>, Vec<_>) = updates.into_iter().partition(|u| {
+                        matches!(u.state.status, RcptStatus::Bounced | RcptStatus::Expired)
+                    });
+                    if !rest.is_empty() {
+                        self.spool.record_results(id, &rest);
+                    }
+                    held.push((id, failed));
+                }
                 Action::Record { id, updates } => self.spool.record_results(id, &updates),
                 Action::Outcome(o) => {
                     self.outcome(&o, attempt);
@@ -458,7 +477,14 @@ impl Shell {
                     meta,
                     location,
                     failures,
-                } => self.send_dsn(meta, location, failures),
+                } => {
+                    let updates = held
+                        .iter()
+                        .position(|(id, _)| *id == meta.id)
+                        .map(|i| held.swap_remove(i).1)
+                        .unwrap_or_default();
+                    self.send_dsn(meta, location, failures, updates);
+                }
                 Action::NoDsn { id, failed, why } => {
                     tracing::info!(queue_id = %id, failed, "{why}");
                 }
@@ -634,8 +660,15 @@ impl Shell {
         });
     }
 
-    /// Builds and queues a DSN for `failures` (off the queue task: it reads the spool).
-    fn send_dsn(&self, meta: Arc<MessageMeta>, location: Location, failures: Vec<dsn::Failure>) {
+    /// Builds and queues a DSN for `failures`, then records `updates` (the states of the failures it
+    /// reports) once the DSN is durable (off the queue task: it reads the spool).
+    fn send_dsn(
+        &self,
+        meta: Arc<MessageMeta>,
+        location: Location,
+        failures: Vec<dsn::Failure>,
+        updates: Vec<crate::spool::RcptUpdate>,
+    ) {
         let spool = self.spool.clone();
         let handle = self.handle.clone();
         let hostname = self.hostname.clone();
@@ -675,13 +708,20 @@ impl Shell {
             match spool.store(&dsn_meta, &[], &[&body]).await {
                 Ok(location) => {
                     tracing::info!(queue_id = %id, original = %meta.id, "DSN queued");
+                    if !updates.is_empty() {
+                        spool.record_results(meta.id, &updates);
+                    }
                     handle.enqueue(NewEntry {
                         meta: dsn_meta,
                         states: vec![RcptState::QUEUED],
                         location,
                     });
                 }
-                Err(e) => tracing::error!(original = %meta.id, error = %e, "cannot spool a DSN"),
+                Err(e) => tracing::error!(
+                    original = %meta.id,
+                    error = %e,
+                    "cannot spool a DSN; the failures it reports stay queued on disk and are tried again after a restart"
+                ),
             }
         });
     }
@@ -704,5 +744,137 @@ mod tests {
             "451 mailbox redacted, busy"
         );
         assert_eq!(redact_addresses("250 2.0.0 Ok"), "250 2.0.0 Ok");
+    }
+
+    /// A delivery engine that answers 550 5.1.1 for every recipient of every job.
+    struct Refusing;
+
+    impl Dispatcher for Refusing {
+        fn start(self: Arc<Self>, job: Job, queue: QueueHandle) {
+            tokio::spawn(async move {
+                let reply = Reply {
+                    code: 550,
+                    enhanced: Some("5.1.1".into()),
+                    text: "no such user".into(),
+                    remote: true,
+                };
+                let attempt = Attempt {
+                    id: job.id,
+                    results: job.rcpts.iter().map(|&i| (i, reply.clone())).collect(),
+                    remote_mta: Some("mx.test".into()),
+                    domain: job.domain.clone(),
+                    tls: None,
+                };
+                queue.finished(job.dest, attempt, false).await;
+            });
+        }
+
+        fn stopping(&self) {}
+    }
+
+    /// Where the spool's records are, in the order they were written: (offset, kind, queue id, sender, bounced?).
+    fn records(dir: &std::path::Path) -> Vec<(usize, u8, QueueId, String, bool)> {
+        use crate::spool::record;
+        let mut out = Vec::new();
+        let mut segments: Vec<_> = std::fs::read_dir(dir.join("segments"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        segments.sort();
+        let mut base = 0;
+        for seg in segments {
+            let buf = std::fs::read(&seg).unwrap();
+            let mut pos = 0;
+            while let Ok(f) = record::decode_frame(&buf[pos..]) {
+                match f.kind {
+                    record::KIND_MESSAGE => {
+                        let m = record::decode_message(f.payload).unwrap();
+                        out.push((base + pos, f.kind, m.meta.id, m.meta.sender, false));
+                    }
+                    record::KIND_RESULTS => {
+                        let (id, updates) = record::decode_results(f.payload).unwrap();
+                        let bounced = updates
+                            .iter()
+                            .any(|u| u.state.status == RcptStatus::Bounced);
+                        out.push((base + pos, f.kind, id, String::new(), bounced));
+                    }
+                    _ => {}
+                }
+                pos += f.len;
+            }
+            base += buf.len();
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_bounce_is_recorded_only_after_its_dsn_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::parse(&format!(
+            "hostname: relay.test\nspool_dir: {}\nlisteners: [{{ name: a, address: \"127.0.0.1:1\" }}]\n",
+            dir.path().display()
+        ))
+        .unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let suppressions = Arc::new(Suppressions::open(dir.path()).unwrap());
+        let rules = Arc::new(Rules::new(
+            Arc::new(crate::outcome::verp::ReturnPaths::default()),
+            Arc::new(crate::outcome::Classifier::builtin()),
+        ));
+        let telemetry = Telemetry::new(
+            Arc::new(crate::metrics::Metrics::new(&[])),
+            crate::events::EventSink::default(),
+        );
+        let queue = start(
+            &config,
+            spool.clone(),
+            suppressions,
+            Vec::new(),
+            Arc::new(Refusing),
+            rules,
+            telemetry,
+        );
+        let meta = MessageMeta {
+            id: spool.next_id(),
+            received_at_ms: now_ms(),
+            smtputf8: false,
+            eight_bit: false,
+            listener: "a".into(),
+            auth_user: None,
+            peer: "127.0.0.1:1".into(),
+            sender: "app@example.test".into(),
+            recipients: vec!["gone@dest.test".into()],
+        };
+        let id = meta.id;
+        let location = spool
+            .store(&meta, &[], &[b"Subject: x\r\n\r\nhi\r\n"])
+            .await
+            .unwrap();
+        queue.enqueue(NewEntry {
+            meta,
+            states: vec![RcptState::QUEUED],
+            location,
+        });
+        // The message bounces, its DSN is queued, and the DSN (from the null sender) bounces in turn.
+        for _ in 0..200 {
+            if queue.list(10).await.0 == 0 && records(dir.path()).len() >= 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        spool.sync().await.unwrap();
+        let written = records(dir.path());
+        let dsn = written
+            .iter()
+            .find(|r| r.1 == crate::spool::record::KIND_MESSAGE && r.3.is_empty())
+            .unwrap_or_else(|| panic!("no DSN in the spool: {written:?}"));
+        let bounce = written
+            .iter()
+            .find(|r| r.1 == crate::spool::record::KIND_RESULTS && r.2 == id && r.4)
+            .unwrap_or_else(|| panic!("the bounce was not recorded: {written:?}"));
+        assert!(
+            dsn.0 < bounce.0,
+            "the bounce was recorded before its DSN: {written:?}"
+        );
     }
 }
