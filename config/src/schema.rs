@@ -228,30 +228,17 @@ fn walk(s: &Value, prefix: &str, defs: &Map<String, Value>, rows: &mut Vec<Row>,
         let default = prop
             .get("default")
             .filter(|d| !d.is_null() && !d.is_object())
-            .map(|d| d.to_string())
-            .or_else(|| {
-                required
-                    .contains(&name.as_str())
-                    .then(|| "required".to_owned())
-            })
-            .map(|d| {
-                if d == "required" {
-                    d
-                } else {
-                    d.trim_matches('"').to_owned()
-                }
-            });
+            .map(|d| d.to_string().trim_matches('"').to_owned());
         rows.push(Row {
             key: key.clone(),
             kind: kind(prop, defs),
-            default: default.filter(|d| d != "required"),
+            default,
             description: if required.contains(&name.as_str()) {
                 format!("**Required.** {description}")
             } else {
                 description
             },
         });
-        let target = resolve(prop, defs);
         if target.get("properties").is_some() {
             walk(target, &key, defs, rows, depth + 1);
         } else if let Some(items) = target.get("items") {

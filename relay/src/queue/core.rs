@@ -184,6 +184,9 @@ pub enum Action {
         meta: Arc<MessageMeta>,
         location: Location,
         failures: Vec<dsn::Failure>,
+        /// The final states of those recipients, to write to the spool once the DSN is durable: a crash in
+        /// between then retries them (at worst a second DSN) instead of losing the DSN.
+        then_record: Vec<RcptUpdate>,
     },
     /// Failed recipients whose sender gets no DSN, and why.
     NoDsn {
@@ -504,7 +507,6 @@ impl Core {
                 age_ms: now.saturating_sub(e.meta.received_at_ms),
             }));
         }
-        out.push(Action::Record { id, updates });
         let pending_after = pending_domains(&e.meta.recipients, &e.states);
         let meta = e.meta.clone();
         let location = e.location;
@@ -528,12 +530,20 @@ impl Core {
                     why: "bounce of a message from a return-path address: no DSN",
                 });
             } else {
+                let (failed, rest) = updates.into_iter().partition(|u: &RcptUpdate| {
+                    matches!(u.state.status, RcptStatus::Bounced | RcptStatus::Expired)
+                });
+                updates = rest;
                 out.push(Action::Dsn {
                     meta,
                     location,
                     failures,
+                    then_record: failed,
                 });
             }
+        }
+        if !updates.is_empty() {
+            out.push(Action::Record { id, updates });
         }
         if done {
             self.remove(id);

@@ -424,28 +424,9 @@ impl Shell {
     fn act(&mut self, actions: Vec<Action>, attempt: Option<&AttemptInfo<'_>>) {
         // One log line per result of an attempt: (result, first reply, recipients).
         let mut logged: Vec<(&'static str, String, usize, QueueId, f64)> = Vec::new();
-        // The failures a DSN reports are recorded only once the DSN is durable: a crash in between then
-        // retries them (at worst a second DSN), where recording first could lose the DSN for good.
-        let reported: Vec<QueueId> = actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Dsn { meta, .. } => Some(meta.id),
-                _ => None,
-            })
-            .collect();
-        let mut held: Vec<(QueueId, Vec<crate::spool::RcptUpdate>)> = Vec::new();
         for action in actions {
             match action {
                 Action::Start(job) => self.dispatcher.clone().start(job, self.handle.clone()),
-                Action::Record { id, updates } if reported.contains(&id) => {
-                    let (failed, rest): (Vec<_>, Vec<_>) = updates.into_iter().partition(|u| {
-                        matches!(u.state.status, RcptStatus::Bounced | RcptStatus::Expired)
-                    });
-                    if !rest.is_empty() {
-                        self.spool.record_results(id, &rest);
-                    }
-                    held.push((id, failed));
-                }
                 Action::Record { id, updates } => self.spool.record_results(id, &updates),
                 Action::Outcome(o) => {
                     self.outcome(&o, attempt);
@@ -477,14 +458,8 @@ impl Shell {
                     meta,
                     location,
                     failures,
-                } => {
-                    let updates = held
-                        .iter()
-                        .position(|(id, _)| *id == meta.id)
-                        .map(|i| held.swap_remove(i).1)
-                        .unwrap_or_default();
-                    self.send_dsn(meta, location, failures, updates);
-                }
+                    then_record,
+                } => self.send_dsn(meta, location, failures, then_record),
                 Action::NoDsn { id, failed, why } => {
                     tracing::info!(queue_id = %id, failed, "{why}");
                 }
