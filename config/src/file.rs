@@ -22,7 +22,8 @@ listeners:
     address: 127.0.0.1:2525
     auth: none
     allow_networks: [127.0.0.0/8, "::1/128"]
-admin: { address: 127.0.0.1:9090 }
+metrics: { address: 127.0.0.1:9090 }
+admin: { address: 127.0.0.1:9091 }
 "#;
 
 /// Errors from reading or validating a config file.
@@ -72,7 +73,12 @@ pub struct Config {
     pub delivery: Delivery,
     #[serde(default)]
     pub limits: Limits,
-    /// The HTTP listener for probes, metrics and the queue and suppression API; none when absent.
+    /// The HTTP listener for Prometheus and the Kubernetes probes: `/metrics`, `/healthz`, `/readyz`, and
+    /// nothing else; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsEndpoint>,
+    /// The HTTP listener of the queue and suppression API (`herald-relay admin` talks to it); none when
+    /// absent. Anyone who reaches it can delete queued mail: keep it on loopback or set `token_file`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<Admin>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -599,9 +605,21 @@ impl Default for Limits {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct Admin {
-    /// IP address and port of the HTTP listener, e.g. `127.0.0.1:9090`.
+pub struct MetricsEndpoint {
+    /// IP address and port of the HTTP listener, e.g. `0.0.0.0:9090`.
     pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// IP address and port of the HTTP listener, e.g. `127.0.0.1:9091`.
+    pub address: SocketAddr,
+    /// File holding the bearer token every request must carry (`Authorization: Bearer <token>`; 401
+    /// without it). Read again on every request, so a rotated Secret takes effect without a restart.
+    /// Without it the API is open to whoever reaches the address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -700,7 +718,8 @@ delivery:
   retry: { first: 1m, max: 4h, factor: 2.0 }
   max_age: 5d
   per_domain: { max_connections: 10, messages_per_connection: 100 }
-admin: { address: 127.0.0.1:9090 }
+metrics: { address: 127.0.0.1:9090 }
+admin: { address: 127.0.0.1:9091, token_file: /etc/herald/admin/token }
 "#,
         )
         .unwrap();
@@ -730,6 +749,18 @@ admin: { address: 127.0.0.1:9090 }
             "hostname: a\nspool_dir: s\nlisteners:\n - {name: x, address: 127.0.0.1:1}\n - {name: x, address: 127.0.0.1:2}\n",
         );
         assert!(e.starts_with("listeners[1].name:"), "{e}");
+    }
+
+    #[test]
+    fn admin_needs_its_own_port() {
+        let e = err(
+            "hostname: a\nspool_dir: s\nlisteners:\n - {name: x, address: 127.0.0.1:1}\nmetrics: {address: 127.0.0.1:2}\nadmin: {address: 127.0.0.1:2}\n",
+        );
+        assert!(e.starts_with("admin.address:"), "{e}");
+        let e = err(
+            "hostname: a\nspool_dir: s\nlisteners:\n - {name: x, address: 127.0.0.1:1}\nmetrics: {address: 127.0.0.1:1}\n",
+        );
+        assert!(e.starts_with("metrics.address:"), "{e}");
     }
 
     #[test]

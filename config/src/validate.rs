@@ -4,6 +4,42 @@
 use crate::file::{AuthMode, Config, ConfigError, TlsMode, invalid};
 
 impl Config {
+    /// Metrics and admin are separate sockets (one is scraped from the monitoring namespace, the other
+    /// deletes mail), and neither may take an SMTP listener's address.
+    fn validate_http_endpoints(&self) -> Result<(), ConfigError> {
+        let smtp = |address| self.listeners.iter().find(|l| l.address == address);
+        if let Some(m) = &self.metrics
+            && let Some(l) = smtp(m.address)
+        {
+            return Err(invalid(
+                "metrics.address",
+                format!("{} is also the address of listener {:?}", m.address, l.name),
+            ));
+        }
+        if let Some(a) = &self.admin {
+            if let Some(l) = smtp(a.address) {
+                return Err(invalid(
+                    "admin.address",
+                    format!("{} is also the address of listener {:?}", a.address, l.name),
+                ));
+            }
+            if self.metrics.as_ref().is_some_and(|m| m.address == a.address) {
+                return Err(invalid(
+                    "admin.address",
+                    format!(
+                        "{} is also metrics.address: the queue API needs its own port, so that \
+                         whoever may scrape metrics cannot delete mail",
+                        a.address
+                    ),
+                ));
+            }
+            if a.token_file.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
+                return Err(invalid("admin.token_file", "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks what the types cannot: references, uniqueness, well-formed names and hashes.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !is_domain_name(&self.hostname) {
@@ -60,6 +96,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_http_endpoints()?;
         for (i, u) in self.users.iter().enumerate() {
             let field = format!("users[{i}]");
             if u.username.is_empty() {
