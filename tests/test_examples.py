@@ -123,6 +123,7 @@ def test_the_sidecar_relay_hands_the_apps_mail_to_the_relay_service(relay_servic
     listener = cfg["listeners"][0]
     _, example_port = split_addr(listener["address"])
     listener["address"] = addr("127.0.0.1", free_port())
+    cfg["metrics"]["address"] = addr("127.0.0.1", free_port())
     cfg["admin"]["address"] = addr("127.0.0.1", free_port())
     cfg["spool_dir"] = str(tmp_path / "sidecar-spool")
     (tmp_path / "password").write_text(example_password() + "\n")
@@ -150,9 +151,9 @@ def test_the_sidecar_relay_hands_the_apps_mail_to_the_relay_service(relay_servic
 README_SINK = "python3 -m aiosmtpd -n -c aiosmtpd.handlers.Debugging -l 127.0.0.1:2526"
 README_RELAY = "cargo run -p herald-relay -- --config examples/local/relay.yaml"
 README_SEND = "swaks --server 127.0.0.1:2525 --from app@example.test --to someone@example.net"
-README_QUEUE = "curl -s 127.0.0.1:9090/queue"
+README_QUEUE = "curl -s 127.0.0.1:9091/queue"
 README_METRICS = "curl -s 127.0.0.1:9090/metrics | grep herald_deliveries_total"
-README_FLUSH = "curl -s -X POST 127.0.0.1:9090/queue/flush"
+README_FLUSH = "curl -s -X POST 127.0.0.1:9091/queue/flush"
 LOCAL_CONFIG = EXAMPLES / "local" / "relay.yaml"
 
 
@@ -222,11 +223,13 @@ def test_the_readme_first_use_flow_ends_in_a_delivered_message_the_sink_prints(r
     # The example config as it is, but for the addresses and the spool: free ports, the test's directory.
     cfg = yaml.safe_load(LOCAL_CONFIG.read_text())
     assert run_cli("check-config", "--config", str(LOCAL_CONFIG)).returncode == 0
-    smtp, admin, sink = (f"127.0.0.1:{free_port()}" for _ in range(3))
-    ports = {"127.0.0.1:2525": smtp, "127.0.0.1:9090": admin, "127.0.0.1:2526": sink}
-    assert [l["address"] for l in cfg["listeners"]] == ["127.0.0.1:2525"] and cfg["admin"]["address"] == "127.0.0.1:9090"
+    smtp, metrics, admin, sink = (f"127.0.0.1:{free_port()}" for _ in range(4))
+    ports = {"127.0.0.1:2525": smtp, "127.0.0.1:9090": metrics, "127.0.0.1:9091": admin, "127.0.0.1:2526": sink}
+    assert [l["address"] for l in cfg["listeners"]] == ["127.0.0.1:2525"]
+    assert cfg["metrics"]["address"] == "127.0.0.1:9090" and cfg["admin"] == {"address": "127.0.0.1:9091"}
     assert cfg["delivery"]["smarthost"] == {"host": "127.0.0.1", "port": 2526, "tls": "none"}, cfg["delivery"]
     cfg["listeners"][0]["address"] = smtp
+    cfg["metrics"]["address"] = metrics
     cfg["admin"]["address"] = admin
     cfg["delivery"]["smarthost"]["port"] = split_addr(sink)[1]
     cfg["spool_dir"] = str(tmp_path / "herald-spool")
@@ -244,7 +247,7 @@ def test_the_readme_first_use_flow_ends_in_a_delivered_message_the_sink_prints(r
     # Nothing left in the queue; one delivery in the metrics.
     queue = json.loads(run(moved(README_QUEUE, ports)).stdout)
     assert queue == {"total": 0, "messages": []}, queue
-    metrics = run(["bash", "-c", README_METRICS.replace("127.0.0.1:9090", admin)]).stdout
+    metrics = run(["bash", "-c", README_METRICS.replace("127.0.0.1:9090", metrics)]).stdout
     assert 'herald_deliveries_total{result="delivered"} 1' in metrics, metrics
 
     # The sink stopped (Ctrl-C): the next message waits in the queue, deferred, and says why.

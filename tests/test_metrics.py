@@ -59,12 +59,12 @@ CATEGORIES = {
 REJECTION_REASONS = {
     "relay_denied", "sender_not_allowed", "authentication", "message_too_large", "too_many_recipients",
     "smtputf8_required", "malformed_message", "suppressed", "too_many_errors", "timeout", "spool_error",
-    "shutting_down", "protocol", "network_denied", "connection_limit", "unknown_recipient", "other",
+    "memory_budget", "shutting_down", "protocol", "network_denied", "connection_limit", "unknown_recipient", "other",
 }
 
 
 def admin_target(relay) -> str:
-    host, port = split_addr(relay.config["admin"]["address"])
+    host, port = split_addr(relay.config["metrics"]["address"])
     return addr(host, port)
 
 

@@ -413,6 +413,11 @@ pub struct Delivery {
     pub max_age: Duration,
     /// Limits per destination domain.
     pub per_domain: PerDomain,
+    /// Delivery connections open at once, all destinations together; ready work beyond waits for a free
+    /// one. Each costs little memory (the message is streamed from the spool), but not none. When absent:
+    /// one per 2 MiB of the container's memory limit (16 to 1000), or 200 when no limit is known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
     pub timeouts: Timeouts,
 }
 
@@ -468,6 +473,7 @@ impl Default for Delivery {
             retry: Retry::default(),
             max_age: Duration::from_secs(5 * 86400),
             per_domain: PerDomain::default(),
+            max_connections: None,
             timeouts: Timeouts::default(),
         }
     }
@@ -583,6 +589,12 @@ pub struct Limits {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::schema::HumanDuration")]
     pub auth_failure_window: Duration,
+    /// Bytes of message bodies all sessions together may hold in memory while they are received and
+    /// stored; a message that would go beyond is refused with 452 4.3.1 (the client tries again later), so
+    /// a burst of large messages cannot push the relay past its memory limit. When absent: a quarter of the
+    /// container's memory limit, or 256 MiB when no limit is known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_inbound_bytes: Option<u64>,
 }
 
 impl Default for Limits {
@@ -599,6 +611,7 @@ impl Default for Limits {
             max_session_duration: Duration::from_secs(3600),
             auth_failures_per_client: 10,
             auth_failure_window: Duration::from_secs(900),
+            max_inbound_bytes: None,
         }
     }
 }

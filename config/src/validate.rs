@@ -23,7 +23,11 @@ impl Config {
                     format!("{} is also the address of listener {:?}", a.address, l.name),
                 ));
             }
-            if self.metrics.as_ref().is_some_and(|m| m.address == a.address) {
+            if self
+                .metrics
+                .as_ref()
+                .is_some_and(|m| m.address == a.address)
+            {
                 return Err(invalid(
                     "admin.address",
                     format!(
@@ -33,7 +37,10 @@ impl Config {
                     ),
                 ));
             }
-            if a.token_file.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
+            if a.token_file
+                .as_ref()
+                .is_some_and(|f| f.as_os_str().is_empty())
+            {
                 return Err(invalid("admin.token_file", "must not be empty"));
             }
         }
@@ -272,6 +279,23 @@ impl Config {
         if lim.auth_failures_per_client == 0 {
             return Err(invalid(
                 "limits.auth_failures_per_client",
+                "must be greater than 0",
+            ));
+        }
+        if let Some(b) = lim.max_inbound_bytes
+            && b < lim.max_message_size as u64
+        {
+            return Err(invalid(
+                "limits.max_inbound_bytes",
+                format!(
+                    "{b} is less than limits.max_message_size ({}): a message of the largest allowed size could never be received",
+                    lim.max_message_size
+                ),
+            ));
+        }
+        if self.delivery.max_connections == Some(0) {
+            return Err(invalid(
+                "delivery.max_connections",
                 "must be greater than 0",
             ));
         }

@@ -8,8 +8,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use herald_config::{
-    self as relay, Admin, AuthMode, Config, Delivery, Dkim, DkimAlgorithm as RelayDkim, Domain,
-    IpPool as RelayPool, Listener, PerDomain, Retry, Smarthost, Source, TlsFiles, TlsMode,
+    self as relay, AuthMode, Config, Delivery, Dkim, DkimAlgorithm as RelayDkim, Domain,
+    IpPool as RelayPool, Listener, MetricsEndpoint, PerDomain, Retry, Smarthost, Source, TlsFiles,
+    TlsMode,
 };
 use kube::ResourceExt;
 
@@ -201,9 +202,12 @@ pub fn relay_config(
         ip_pools,
         delivery,
         limits: relay::Limits::default(),
-        admin: Some(Admin {
+        // Probes and scrapes keep the port they had; the queue API is not served in pods until it has a
+        // token and a NetworkPolicy of its own.
+        metrics: Some(MetricsEndpoint {
             address: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), ADMIN_PORT),
         }),
+        admin: None,
         events: None,
         log: relay::Log::default(),
         // The operator keeps the keys in the config Secret (see `objects::config_secret`): every replica reads

@@ -13,6 +13,7 @@ use crate::admin::{self, AdminState};
 use crate::deliver::{self, Deliverer, Outbound};
 use crate::dkim::Signers;
 use crate::events;
+use crate::exporter::{self, ExporterState};
 use crate::metrics::Metrics;
 use crate::outcome::suppression::Suppressions;
 use crate::outcome::verp::{self, ReturnPaths};
@@ -37,6 +38,8 @@ pub enum RunError {
     Server(#[from] server::ServerError),
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    #[error(transparent)]
+    Exporter(#[from] exporter::ExporterError),
     #[error("signal handling: {0}")]
     Signal(std::io::Error),
     #[error(transparent)]
@@ -65,7 +68,7 @@ pub struct Relay {
     shared: Shared,
     contexts: Vec<Arc<server::ListenerContext>>,
     listening: Vec<(String, SocketAddr)>,
-    state: Arc<AdminState>,
+    state: Arc<ExporterState>,
     stop: watch::Sender<bool>,
     events: Option<events::EventsHandle>,
     reloader: Reloader,
@@ -145,17 +148,26 @@ impl Relay {
             telemetry,
         };
         let (stop, stop_rx) = watch::channel(false);
-        let state = Arc::new(AdminState {
+        let state = Arc::new(ExporterState {
             ready: false.into(),
-            queue: queue.clone(),
-            suppressions,
             metrics,
         });
+        if let Some(m) = &config.metrics {
+            let listener = exporter::bind(m.address).await?;
+            let address = listener.local_addr().unwrap_or(m.address);
+            tracing::info!(%address, "metrics listening");
+            tokio::spawn(exporter::serve(listener, state.clone()));
+        }
         if let Some(a) = &config.admin {
             let listener = admin::bind(a.address).await?;
             let address = listener.local_addr().unwrap_or(a.address);
-            tracing::info!(%address, "admin listening");
-            tokio::spawn(admin::serve(listener, state.clone()));
+            tracing::info!(%address, token = a.token_file.is_some(), "admin API listening");
+            let api = Arc::new(AdminState {
+                queue: queue.clone(),
+                suppressions,
+                token_file: a.token_file.clone(),
+            });
+            tokio::spawn(admin::serve(listener, api));
         }
         let mut contexts = Vec::new();
         let mut listening = Vec::new();
@@ -368,7 +380,10 @@ impl Reloader {
             fixed.push("tls file paths changed".into());
         }
         if new.admin != self.current.admin {
-            fixed.push("admin address changed".into());
+            fixed.push("admin section changed".into());
+        }
+        if new.metrics != self.current.metrics {
+            fixed.push("metrics address changed".into());
         }
         if new.events != self.current.events {
             fixed.push("events outputs changed".into());
@@ -388,6 +403,7 @@ impl Reloader {
         current.spool_dir = self.current.spool_dir.clone();
         current.tls = self.current.tls.clone();
         current.admin = self.current.admin.clone();
+        current.metrics = self.current.metrics.clone();
         current.events = self.current.events.clone();
         self.current = current;
     }

@@ -130,6 +130,7 @@ mod tests {
             tls: Some("TLSv1.3".into()),
             protocol: "ESMTPSA".into(),
             submission,
+            held: None,
         }
     }
 

@@ -2,8 +2,8 @@
 //!
 //! Follow the mail: a client connects to a listener (`server`), speaks SMTP to a session (the `herald-smtp`
 //! crate), which asks who may send what (`policy`); the accepted message is completed (`cleanup`) and
-//! written durably (`spool`) before the client hears 250, and waits in the `queue` for delivery. `admin`
-//! serves probes and the queue listing; `app` wires these together. The config file is defined once, in
+//! written durably (`spool`) before the client hears 250, and waits in the `queue` for delivery.
+//! `exporter` serves metrics and probes, `admin` the queue and suppression API; `app` wires these together. The config file is defined once, in
 //! the `herald-config` crate.
 //!
 //! # Layout
@@ -20,7 +20,8 @@
 //! - `metrics`: the Prometheus metrics.
 //! - `events`: delivery events to a file and a signed webhook.
 //! - `telemetry`: one relay's metrics and event sink, handed to every stage.
-//! - `admin`: HTTP probes, metrics, queue and suppression API.
+//! - `exporter`: `/metrics` and the Kubernetes probes.
+//! - `admin`: the queue and suppression API (bearer token), and its client, `herald-relay admin`.
 //! - `app`: startup, signals, drain.
 
 #![forbid(unsafe_code)]
@@ -32,6 +33,7 @@ pub mod cleanup;
 pub mod deliver;
 pub mod dkim;
 pub mod events;
+pub mod exporter;
 pub mod metrics;
 pub mod outcome;
 pub mod policy;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use herald_config::Config;
+use herald_relay::admin::client::{self, AdminCommand, Target};
 
 #[derive(Parser)]
 #[command(name = "herald-relay", version, about = "Herald's mail transfer agent")]
@@ -26,6 +27,17 @@ enum Command {
     CheckConfig,
     /// Read a password on stdin and print its argon2id hash for `users[].password_hash`.
     HashPassword,
+    /// Ask a running relay's admin API (address and token from the config's admin section).
+    Admin {
+        /// Base URL of the admin API instead of the config's `admin.address`.
+        #[arg(long)]
+        url: Option<String>,
+        /// Bearer token file instead of the config's `admin.token_file`.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -42,6 +54,11 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig) => check_config(cli.config),
         Some(Command::HashPassword) => hash_password(),
+        Some(Command::Admin {
+            url,
+            token_file,
+            command,
+        }) => admin(cli.config, url, token_file, &command),
         None => run(cli.config, cli.log_format),
     }
 }
@@ -61,6 +78,27 @@ fn check_config(path: Option<PathBuf>) -> ExitCode {
     match Config::load(&path) {
         Ok(_) => {
             println!("config OK");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn admin(
+    path: Option<PathBuf>,
+    url: Option<String>,
+    token_file: Option<PathBuf>,
+    command: &AdminCommand,
+) -> ExitCode {
+    let result = load(path.as_ref())
+        .and_then(|config| Target::resolve(&config, url, token_file).map_err(|e| e.to_string()))
+        .and_then(|target| client::run(&target, command).map_err(|e| e.to_string()));
+    match result {
+        Ok(answer) => {
+            println!("{answer}");
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -6,7 +6,11 @@
 //! contains any other spelling of an end-of-data marker is refused rather than passed on to a peer that might
 //! read it differently.
 
+use std::sync::Arc;
+
 use memchr::{memchr, memchr2_iter};
+
+use crate::budget::{Budget, Reservation};
 
 /// Why a body was refused; the reply is chosen from it once the body has been read to its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -17,6 +21,9 @@ pub enum BodyError {
     LineTooLong,
     #[error("message has a bare CR or LF; lines must end in CRLF")]
     BareLineEnding,
+    /// The relay holds as many message bytes in memory as its budget allows.
+    #[error("the relay's memory budget for messages in transit is spent")]
+    OverBudget,
 }
 
 /// A message body being received, with the limits it must meet.
@@ -34,6 +41,8 @@ pub struct Body {
     last_cr: bool,
     /// Length of the line in progress (BDAT only; DATA sees whole lines).
     line_len: usize,
+    /// What `data` holds of the relay's shared budget, when there is one.
+    reservation: Option<Reservation>,
 }
 
 impl Body {
@@ -48,7 +57,14 @@ impl Body {
             skipping_line: false,
             last_cr: false,
             line_len: 0,
+            reservation: None,
         }
+    }
+
+    /// Holds the body's bytes against `budget`: beyond it the body fails with [`BodyError::OverBudget`].
+    pub fn budgeted(mut self, budget: Option<&Arc<Budget>>) -> Body {
+        self.reservation = budget.map(|b| Reservation::new(b.clone()));
+        self
     }
 
     fn fail(&mut self, e: BodyError) {
@@ -56,6 +72,9 @@ impl Body {
             self.error = Some(e);
             // A failed body is never stored: free it now rather than keep reading into it.
             self.data = Vec::new();
+            if let Some(r) = &mut self.reservation {
+                r.release();
+            }
         }
     }
 
@@ -63,8 +82,15 @@ impl Body {
         if self.error.is_some() {
             return;
         }
-        if self.data.len() + bytes.len() > self.max_size {
+        let total = self.data.len() + bytes.len();
+        if total > self.max_size {
             self.fail(BodyError::TooBig);
+            return;
+        }
+        if let Some(r) = &mut self.reservation
+            && !r.grow_to(total)
+        {
+            self.fail(BodyError::OverBudget);
             return;
         }
         self.data.extend_from_slice(bytes);
@@ -160,13 +186,19 @@ impl Body {
 
     /// Ends the body: the bytes, or why they were refused.
     pub fn finish(self, chunked: bool) -> Result<Vec<u8>, BodyError> {
+        self.finish_held(chunked).map(|(data, _)| data)
+    }
+
+    /// Ends the body: the bytes with what they hold of the budget (give it back by dropping it once the
+    /// bytes are freed), or why they were refused.
+    pub fn finish_held(self, chunked: bool) -> Result<(Vec<u8>, Option<Reservation>), BodyError> {
         if let Some(e) = self.error {
             return Err(e);
         }
         if chunked && self.last_cr {
             return Err(BodyError::BareLineEnding);
         }
-        Ok(self.data)
+        Ok((self.data, self.reservation))
     }
 
     pub fn len(&self) -> usize {
@@ -181,6 +213,32 @@ impl Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_body_over_the_budget_fails_and_gives_it_back() {
+        let budget = Budget::new(128 * 1024);
+        let mut small = Body::new(1 << 20, 1000).budgeted(Some(&budget));
+        small.feed_data(b"hello\r\n");
+        let mut big = Body::new(1 << 20, 1000).budgeted(Some(&budget));
+        let mut line = vec![b'x'; 998];
+        line.extend_from_slice(b"\r\n");
+        for _ in 0..200 {
+            assert_eq!(big.feed_data(&line), (line.len(), false));
+        }
+        let (_, done) = big.feed_data(b".\r\n");
+        assert!(done, "a refused body is still read to its end");
+        assert_eq!(big.finish(false), Err(BodyError::OverBudget));
+        assert_eq!(
+            budget.used(),
+            64 * 1024,
+            "only the small body holds the budget"
+        );
+        let (data, held) = small.finish_held(false).unwrap();
+        assert_eq!(data, b"hello\r\n");
+        assert!(held.is_some());
+        drop(held);
+        assert_eq!(budget.used(), 0);
+    }
 
     fn data(input: &[u8]) -> (Result<Vec<u8>, BodyError>, usize, bool) {
         let mut b = Body::new(1000, 100);

@@ -12,6 +12,7 @@
 //! - `command`: one command line to a [`command::Command`].
 //! - `reply`: reply codes with enhanced status codes (RFC 3463).
 //! - `body`: the DATA and BDAT readers: dot-unstuffing, CRLF discipline, size and line limits.
+//! - `budget`: the byte budget all sessions share for message bodies held in memory.
 //! - `verdict`: the [`EnvelopePolicy`] the session consults for MAIL FROM and RCPT TO, and its answers.
 //! - `session`: the state machine.
 
@@ -20,6 +21,7 @@
 
 pub mod address;
 pub mod body;
+pub mod budget;
 pub mod command;
 pub mod reply;
 pub mod session;

@@ -16,6 +16,7 @@ use memchr::memchr;
 
 use crate::address::{Mailbox, ReversePath};
 use crate::body::{Body, BodyError};
+use crate::budget::{Budget, Reservation};
 use crate::command::{self, Command, CommandError};
 use crate::reply::{self, Reply};
 use crate::verdict::{EnvelopePolicy, Refusal, RejectReason, Verdict};
@@ -30,6 +31,8 @@ pub struct SessionConfig {
     /// A submission listener: AUTH before MAIL, and messages are completed (Message-ID, Date).
     pub auth_required: bool,
     pub limits: Limits,
+    /// The byte budget every session of the relay shares for bodies in memory; none: unbounded.
+    pub budget: Option<Arc<Budget>>,
 }
 
 /// The limits a session enforces.
@@ -83,6 +86,8 @@ pub struct Envelope {
     pub protocol: String,
     /// Received on a submission listener: the message may be completed (Message-ID:, Date:).
     pub submission: bool,
+    /// What `body` holds of the shared budget: keep it as long as the bytes (or a copy) are in memory.
+    pub held: Option<Reservation>,
 }
 
 #[derive(Debug)]
@@ -278,7 +283,7 @@ impl<P: EnvelopePolicy> Session<P> {
                     else {
                         unreachable!("state was Data above");
                     };
-                    if let Some(action) = self.end_of_message(body.finish(false)) {
+                    if let Some(action) = self.end_of_message(body.finish_held(false)) {
                         return (pos, action);
                     }
                 }
@@ -610,7 +615,10 @@ impl<P: EnvelopePolicy> Session<P> {
                 self.out
                     .extend_from_slice(b"354 End data with <CR><LF>.<CR><LF>\r\n");
                 let l = &self.config.limits;
-                self.state = State::Data(Body::new(l.max_message_size, l.max_line_length));
+                self.state = State::Data(
+                    Body::new(l.max_message_size, l.max_line_length)
+                        .budgeted(self.config.budget.as_ref()),
+                );
             }
         }
     }
@@ -624,8 +632,10 @@ impl<P: EnvelopePolicy> Session<P> {
             }
             Some(tx) => {
                 let l = &self.config.limits;
-                tx.chunks
-                    .get_or_insert_with(|| Body::new(l.max_message_size, l.max_line_length));
+                let budget = self.config.budget.as_ref();
+                tx.chunks.get_or_insert_with(|| {
+                    Body::new(l.max_message_size, l.max_line_length).budgeted(budget)
+                });
                 None
             }
         };
@@ -646,10 +656,13 @@ impl<P: EnvelopePolicy> Session<P> {
             return None;
         }
         let body = self.tx.as_mut().and_then(|t| t.chunks.take())?;
-        self.end_of_message(body.finish(true))
+        self.end_of_message(body.finish_held(true))
     }
 
-    fn end_of_message(&mut self, body: Result<Vec<u8>, BodyError>) -> Option<Action> {
+    fn end_of_message(
+        &mut self,
+        body: Result<(Vec<u8>, Option<Reservation>), BodyError>,
+    ) -> Option<Action> {
         let body = match body {
             Ok(b) => b,
             Err(e) => {
@@ -676,6 +689,11 @@ impl<P: EnvelopePolicy> Session<P> {
                         "5.6.0",
                         "Message has a bare CR or LF; lines must end in CRLF",
                     ),
+                    BodyError::OverBudget => Reply::new(
+                        452,
+                        "4.3.1",
+                        "Insufficient system resources for this message now; try again later",
+                    ),
                 };
                 self.reply(&r);
                 return None;
@@ -684,10 +702,12 @@ impl<P: EnvelopePolicy> Session<P> {
         let tx = self.tx.take()?;
         let protocol = self.protocol_name(tx.smtputf8);
         self.state = State::Waiting;
+        let (body, held) = body;
         Some(Action::Accept(Box::new(Envelope {
             sender: tx.sender,
             recipients: tx.recipients,
             body,
+            held,
             smtputf8: tx.smtputf8,
             eight_bit: tx.eight_bit,
             helo: self.helo.clone().unwrap_or_default(),
@@ -891,6 +911,7 @@ fn rejection_reason(r: &Reply) -> RejectReason {
         (_, "4.7.0") => RejectReason::TooManyErrors,
         (_, "4.4.2") => RejectReason::Timeout,
         (_, "4.3.2") => RejectReason::ShuttingDown,
+        (_, "4.3.1") => RejectReason::MemoryBudget,
         (_, s) if s.starts_with("5.5.") || s == "5.1.3" || s == "5.1.7" => RejectReason::Protocol,
         _ => RejectReason::Other,
     }

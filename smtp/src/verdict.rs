@@ -77,6 +77,8 @@ pub enum RejectReason {
     Timeout,
     /// The message could not be stored.
     SpoolError,
+    /// The relay's memory budget for message bodies was spent (452 4.3.1; the client retries later).
+    MemoryBudget,
     /// The relay is stopping.
     ShuttingDown,
     /// A command out of sequence, malformed or unknown.
@@ -87,7 +89,7 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Every reason, in a stable order.
-    pub const ALL: [RejectReason; 17] = [
+    pub const ALL: [RejectReason; 18] = [
         RejectReason::NetworkDenied,
         RejectReason::ConnectionLimit,
         RejectReason::RelayDenied,
@@ -102,6 +104,7 @@ impl RejectReason {
         RejectReason::TooManyErrors,
         RejectReason::Timeout,
         RejectReason::SpoolError,
+        RejectReason::MemoryBudget,
         RejectReason::ShuttingDown,
         RejectReason::Protocol,
         RejectReason::Other,
@@ -124,6 +127,7 @@ impl RejectReason {
             RejectReason::TooManyErrors => "too_many_errors",
             RejectReason::Timeout => "timeout",
             RejectReason::SpoolError => "spool_error",
+            RejectReason::MemoryBudget => "memory_budget",
             RejectReason::ShuttingDown => "shutting_down",
             RejectReason::Protocol => "protocol",
             RejectReason::Other => "other",

@@ -304,7 +304,7 @@ class Target:
 
 
 class Herald(Target):
-    """herald-relay with one trusted loopback listener and the admin port.
+    """herald-relay with one trusted loopback listener, the metrics port and the admin port.
 
     `extra_yaml` is appended to the config (e.g. a `delivery:` section);
     `log_format` is passed as `--log-format` when set.  Everything the
@@ -327,6 +327,7 @@ class Herald(Target):
         self.seen_pids = set()
         self.logfile = self.dir / "herald.log"
         self.port = 0
+        self.metrics_port = 0
         self.admin_port = 0
 
     def config_text(self) -> str:
@@ -337,6 +338,7 @@ class Herald(Target):
             "  - name: trusted\n"
             f"    address: 127.0.0.1:{self.port}\n"
             "    allow_networks: [127.0.0.0/8]\n"
+            f"metrics: {{ address: 127.0.0.1:{self.metrics_port} }}\n"
             f"admin: {{ address: 127.0.0.1:{self.admin_port} }}\n"
             + self.extra_yaml
         )
@@ -347,7 +349,8 @@ class Herald(Target):
         self.spool.mkdir(exist_ok=True)
         if not self.port:
             self.port = free_port()
-            self.admin_port = free_port(avoid=(self.port,))
+            self.metrics_port = free_port(avoid=(self.port,))
+            self.admin_port = free_port(avoid=(self.port, self.metrics_port))
         cfg = self.dir / "herald.yaml"
         cfg.write_text(self.config_text())
         cmd = [str(self.binary), "--config", str(cfg)]
@@ -367,7 +370,7 @@ class Herald(Target):
                     f"becoming ready (log {self.logfile}):\n{tail(self.logfile)}"
                 )
             try:
-                with urllib.request.urlopen(self.admin_url("/readyz"), timeout=2) as r:
+                with urllib.request.urlopen(self.metrics_url("/readyz"), timeout=2) as r:
                     return r.status == 200
             except (urllib.error.URLError, OSError):
                 return False
@@ -381,17 +384,31 @@ class Herald(Target):
     def admin_url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.admin_port}{path}"
 
+    def metrics_url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}{path}"
+
     def get_queue(self, limit: int, timeout: float = 120) -> dict:
-        with urllib.request.urlopen(self.admin_url(f"/queue?limit={limit}"), timeout=timeout) as r:
-            return json.load(r)
+        """The whole queue, page by page (1000 a page, the API's largest), stopping after `limit` messages;
+        `total` is the API's count."""
+        messages: list = []
+        after, total = None, 0
+        deadline = time.monotonic() + timeout
+        while len(messages) < limit and time.monotonic() < deadline:
+            path = f"/queue?limit={min(1000, limit - len(messages))}" + (f"&after={after}" if after else "")
+            with urllib.request.urlopen(self.admin_url(path), timeout=timeout) as r:
+                page = json.load(r)
+            messages += page["messages"]
+            total, after = page["total"], page.get("next")
+            if not after:
+                break
+        return {"total": total, "messages": messages}
 
     def queue_total(self) -> int:
-        """`total` of GET /queue?limit=0 (lists nothing, so it is cheap)."""
-        return int(self.get_queue(0)["total"])
+        """`total` of GET /queue?limit=1 (lists one message, so it is cheap)."""
+        return int(self.get_queue(1)["total"])
 
     def queued(self) -> int:
-        # /queue lists at most `limit` messages (server default 1000); ask for
-        # more than we sent so the listing is never the thing that's short.
+        # Ask for more than we sent so the listing is never the thing that's short.
         limit = max(100_000, 2 * self.expected)
         body = self.get_queue(limit)
         n = len(body["messages"])

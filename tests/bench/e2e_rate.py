@@ -1090,7 +1090,7 @@ def run_backlog(args, base: Path, herald_bin: Path) -> int:
               f"goal < 1024 MiB: {'met' if hwm and hwm < 1024 * 1024 else 'NOT met'}")
     if "total" in out:
         files, used = out["spool"]
-        print(f"/queue?limit=0 total: {out['total']} (sent {msgs} messages); spool on disk: "
+        print(f"/queue total: {out['total']} (sent {msgs} messages); spool on disk: "
               f"{files} files, {used / 2**20:.1f} MB")
     if "listed_rcpts" in out:
         print(f"full /queue listing: {out['listed_msgs']} messages, {out['listed_rcpts']} "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import secrets
 import os
 import random
 import re
@@ -213,15 +214,22 @@ def standard_config(
         "dns": {"nameservers": [addr("127.0.0.1", free_port())]},
         "retry": {"first": "1h", "max": "4h", "factor": 2.0},
     }
-    cfg["admin"] = {"address": addr("127.0.0.1", free_port())}
+    # As in a pod: metrics and probes on one port, the queue API on another behind a bearer token.
+    token = workdir / "admin-token"
+    if not token.exists():
+        token.write_text(secrets.token_urlsafe(32) + "\n")
+        token.chmod(0o600)
+    cfg["metrics"] = {"address": addr("127.0.0.1", free_port())}
+    cfg["admin"] = {"address": addr("127.0.0.1", free_port()), "token_file": str(token)}
     return cfg
 
 
 def reassign_ports(cfg: dict) -> None:
-    """Give every listener and the admin endpoint a fresh port (used when restarting after kill -9)."""
+    """Give every listener and the metrics and admin endpoints a fresh port (used when restarting after kill -9)."""
     for lst in cfg["listeners"]:
         host, _ = split_addr(lst["address"])
         lst["address"] = addr(host, free_port(host))
+    cfg["metrics"]["address"] = addr("127.0.0.1", free_port())
     cfg["admin"]["address"] = addr("127.0.0.1", free_port())
 
 
@@ -340,10 +348,27 @@ class Relay:
         host, port = split_addr(self.config["admin"]["address"])
         return f"http://{addr(host, port)}"
 
-    # -- admin API -------------------------------------------------------------------------------------
+    @property
+    def metrics_base(self) -> str:
+        host, port = split_addr(self.config["metrics"]["address"])
+        return f"http://{addr(host, port)}"
+
+    def admin_token(self) -> str | None:
+        f = self.config.get("admin", {}).get("token_file")
+        return Path(f).read_text().strip() if f else None
+
+    def _endpoint(self, path: str) -> tuple[str, dict]:
+        """Probes and /metrics are on the metrics port; everything else is the admin API, with its token."""
+        if path.split("?")[0] in ("/metrics", "/healthz", "/readyz"):
+            return self.metrics_base, {}
+        token = self.admin_token()
+        return self.admin_base, ({"Authorization": f"Bearer {token}"} if token else {})
+
+    # -- metrics, probes and the admin API -------------------------------------------------------------
 
     def http_get(self, path: str, timeout: float = 5) -> tuple[int, bytes]:
-        req = urllib.request.Request(self.admin_base + path, method="GET")
+        base, headers = self._endpoint(path)
+        req = urllib.request.Request(base + path, method="GET", headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return resp.status, resp.read()
@@ -353,23 +378,32 @@ class Relay:
     def http(self, method: str, path: str, body: Any = None, timeout: float = 15) -> tuple[int, bytes]:
         """Any admin API request; a dict/list body is sent as JSON. Returns (status, body) for every status."""
         data = None
-        headers = {}
+        base, headers = self._endpoint(path)
         if body is not None:
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        req = urllib.request.Request(self.admin_base + path, data=data, method=method, headers=headers)
+        req = urllib.request.Request(base + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
 
-    def queue(self) -> list[dict]:
-        status, body = self.http_get("/queue?limit=1000000", timeout=15)
-        assert status == 200, f"GET /queue -> {status}: {body[:500]!r}"
-        doc = json.loads(body)
-        assert isinstance(doc, dict) and isinstance(doc.get("messages"), list), f"unexpected /queue JSON: {body[:500]!r}"
-        return doc["messages"]
+    def queue(self, max_pages: int = 1000) -> list[dict]:
+        """Every queued message, following the `next` cursor page by page."""
+        messages: list[dict] = []
+        after = None
+        for _ in range(max_pages):
+            path = "/queue?limit=1000" + (f"&after={after}" if after else "")
+            status, body = self.http_get(path, timeout=15)
+            assert status == 200, f"GET {path} -> {status}: {body[:500]!r}"
+            doc = json.loads(body)
+            assert isinstance(doc, dict) and isinstance(doc.get("messages"), list), f"unexpected /queue JSON: {body[:500]!r}"
+            messages += doc["messages"]
+            after = doc.get("next")
+            if not after:
+                return messages
+        raise AssertionError(f"/queue still had a next page after {max_pages} pages")
 
     def queue_by_id(self) -> dict[str, dict]:
         return {m["id"]: m for m in self.queue()}

@@ -3,7 +3,7 @@
 //! Kept in memory for the RCPT check and persisted as an append-only file of `add`/`remove` lines (JSON) on
 //! the spool volume, replayed at start and rewritten compactly when it has grown well past the live set.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
@@ -37,7 +37,7 @@ enum Line {
 #[derive(Debug)]
 pub struct Suppressions {
     path: PathBuf,
-    entries: RwLock<HashMap<String, Entry>>,
+    entries: RwLock<BTreeMap<String, Entry>>,
     /// The open file and how many lines it holds; writes are serialized here.
     file: Mutex<(std::fs::File, usize)>,
 }
@@ -55,7 +55,7 @@ impl Suppressions {
             source,
         };
         std::fs::create_dir_all(spool_dir).map_err(err)?;
-        let mut entries = HashMap::new();
+        let mut entries = BTreeMap::new();
         let mut lines = 0;
         match std::fs::File::open(&path) {
             Ok(f) => {
@@ -101,10 +101,19 @@ impl Suppressions {
         self.read().contains_key(&key(address))
     }
 
-    pub fn list(&self) -> Vec<Entry> {
-        let mut v: Vec<Entry> = self.read().values().cloned().collect();
-        v.sort_by(|a, b| a.address.cmp(&b.address));
-        v
+    /// Up to `limit` entries in address order, starting after `after` (a cursor: the last address of the
+    /// previous page); the copy stays one page long however long the list is.
+    pub fn page(&self, after: Option<&str>, limit: usize) -> Vec<Entry> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(a) => Bound::Excluded(key(a)),
+            None => Bound::Unbounded,
+        };
+        self.read()
+            .range((start, Bound::Unbounded))
+            .take(limit)
+            .map(|(_, e)| e.clone())
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -115,7 +124,7 @@ impl Suppressions {
         self.len() == 0
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Entry>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Entry>> {
         self.entries.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -171,7 +180,7 @@ impl Suppressions {
     fn compact(&self, guard: &mut (std::fs::File, usize)) -> io::Result<()> {
         let tmp = self.path.with_extension("tmp");
         let mut f = std::fs::File::create(&tmp)?;
-        let entries = self.list();
+        let entries: Vec<Entry> = self.read().values().cloned().collect();
         for e in &entries {
             let mut text =
                 serde_json::to_string(&Line::Add(e.clone())).map_err(io::Error::other)?;
@@ -192,6 +201,22 @@ impl Suppressions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pages_follow_the_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Suppressions::open(dir.path()).unwrap();
+        for a in ["c@x.test", "A@x.test", "b@x.test"] {
+            s.add(a, "r").unwrap();
+        }
+        let first = s.page(None, 2);
+        let names: Vec<_> = first.iter().map(|e| e.address.as_str()).collect();
+        assert_eq!(names, ["A@x.test", "b@x.test"]);
+        let rest = s.page(Some("B@X.TEST"), 2);
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].address, "c@x.test");
+        assert!(s.page(Some("c@x.test"), 2).is_empty());
+    }
 
     #[test]
     fn entries_survive_reopen_and_compaction() {

@@ -690,10 +690,13 @@ impl Core {
         true
     }
 
-    pub fn list(&self, limit: usize) -> (usize, Vec<MessageView>) {
+    /// The number of queued messages, and up to `limit` of them in id order after `after` (a cursor).
+    pub fn list(&self, after: Option<QueueId>, limit: usize) -> (usize, Vec<MessageView>) {
+        use std::ops::Bound;
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
         let views = self
             .messages
-            .iter()
+            .range((start, Bound::Unbounded))
             .take(limit)
             .map(|(id, e)| view(*id, e))
             .collect();

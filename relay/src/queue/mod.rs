@@ -48,6 +48,7 @@ enum Command {
         next: Option<oneshot::Sender<Option<Job>>>,
     },
     List {
+        after: Option<QueueId>,
         limit: usize,
         reply: oneshot::Sender<(usize, Vec<MessageView>)>,
     },
@@ -132,9 +133,14 @@ impl QueueHandle {
         rx.await.ok().flatten()
     }
 
-    pub async fn list(&self, limit: usize) -> (usize, Vec<MessageView>) {
+    /// The number of queued messages, and up to `limit` of them in queue-id order after `after`.
+    pub async fn list(&self, after: Option<QueueId>, limit: usize) -> (usize, Vec<MessageView>) {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::List { limit, reply });
+        self.send(Command::List {
+            after,
+            limit,
+            reply,
+        });
         rx.await.unwrap_or_default()
     }
 
@@ -348,8 +354,12 @@ impl Shell {
                     }
                 }
             }
-            Command::List { limit, reply } => {
-                let _ = reply.send(self.core.list(limit));
+            Command::List {
+                after,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.core.list(after, limit));
             }
             Command::Get { id, reply } => {
                 let _ = reply.send(self.core.get(id));
@@ -832,7 +842,7 @@ mod tests {
         });
         // The message bounces, its DSN is queued, and the DSN (from the null sender) bounces in turn.
         for _ in 0..200 {
-            if queue.list(10).await.0 == 0 && records(dir.path()).len() >= 4 {
+            if queue.list(None, 10).await.0 == 0 && records(dir.path()).len() >= 4 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -220,6 +220,7 @@ fn settings(
                 command_timeout: limits.command_timeout,
                 data_timeout: limits.data_timeout,
             },
+            budget: None,
         }),
         allow_networks: l.allow_networks.clone(),
         max_session: limits.max_session_duration,

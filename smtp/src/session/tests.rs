@@ -62,6 +62,7 @@ fn config(starttls: bool, auth_required: bool) -> Arc<SessionConfig> {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
         },
+        budget: None,
     })
 }
 

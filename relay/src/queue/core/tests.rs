@@ -522,7 +522,7 @@ proptest! {
             sim.answer(0, &[451], true, 0.5);
         }
         sim.check_accounted();
-        prop_assert!(sim.core.is_empty(), "still queued after expiry: {:?}", sim.core.list(10).1);
+        prop_assert!(sim.core.is_empty(), "still queued after expiry: {:?}", sim.core.list(None, 10).1);
         prop_assert!(sim.core.idle());
         let total: usize = sim
             .recipients
