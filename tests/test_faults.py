@@ -360,6 +360,30 @@ def test_a_connection_dropped_mid_data_is_deferred_and_delivered_later_exactly_o
     no_final_failure(r, mailbox)
 
 
+def test_an_mx_that_always_drops_mid_data_does_not_keep_the_mail_from_the_next_mx(relays, dns, peers, mailbox):
+    # RFC 5321 section 5.1: the MX hosts are tried in order until an attempt succeeds. A retry starts at the
+    # most preferred host again, so the next one must be tried in the same attempt, or a primary that always
+    # drops the connection (a crashing content filter) holds the mail until it expires.
+    broken = peers.aio(FOREIGN, "broken").drop_mid_data(times=1000, after=16 * 1024)
+    backup = peers.aio(SPARE, "backup")
+    dns.route("foreign.test", FOREIGN, SPARE)
+    r = start_outbound(relays, dns, peers, "alwaysdrops", delivery={
+        "retry": {"first": "1s", "max": "2s", "factor": 2.0},
+        "per_domain": {"max_connections": 2, "messages_per_connection": 10}})
+    sent = submit_tokens(r, 4, "alwaysdrops", body=BIG_BODY)
+    done = wait_until(lambda: queue_empty(r), 20, 0.1)
+    got = received(broken, backup)
+    t = tally(set(sent), got)
+    figures("drop_mid_data_always", faults_injected=broken.faults["mid_data"],
+            via_mx2=sum(received(backup).values()), **t)
+    assert broken.faults["mid_data"] >= 1, "the primary MX never cut a transaction: the test proved nothing"
+    assert done, (f"{len(r.queue())} messages still queued while mx2 is healthy; mx1 cut "
+                  f"{broken.faults['mid_data']} transactions: {delivery_events(r)[-3:]}")
+    assert t["lost"] == 0 and t["duplicates"] == 0 and t["unacknowledged_delivered"] == 0, (t, got)
+    assert sum(received(backup).values()) == len(sent), got
+    no_final_failure(r, mailbox)
+
+
 def test_a_250_followed_by_a_dropped_connection_counts_as_delivered_and_is_not_sent_again(
         relays, dns, peers, mailbox):
     peer = peers.aio(FOREIGN).close_after_data(times=3)
