@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import ssl
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,45 @@ def mailbox(dns, peers):
     """The envelope sender's mailbox: example.test's MX, an aiosmtpd peer where DSNs arrive."""
     dns.route("example.test", MAILBOX)
     return peers.aio(MAILBOX, "mailbox")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Small file systems that fill up
+
+
+class Tmpfs:
+    """tmpfs mounts for one test: `mount("256k")` returns the mount point (skips the test without the right to
+    mount). Relays passed through `uses(relay)` are stopped before the file systems are unmounted."""
+
+    def __init__(self, base):
+        self.base = base
+        self.mounts: list = []
+        self.relays: list = []
+
+    def mount(self, size: str):
+        mnt = self.base / f"tmpfs{len(self.mounts)}"
+        mnt.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mnt)],
+                             capture_output=True, text=True, timeout=30)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a {size} tmpfs for the spool (needs root/CAP_SYS_ADMIN): {res.stderr.strip()}")
+        self.mounts.append(mnt)
+        return mnt
+
+    def uses(self, relay):
+        self.relays.append(relay)
+        return relay
+
+    def cleanup(self) -> None:
+        for r in self.relays:
+            r.stop()
+        for mnt in reversed(self.mounts):
+            if subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30).returncode != 0:
+                subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    t = Tmpfs(tmp_path)
+    yield t
+    t.cleanup()

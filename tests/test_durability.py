@@ -218,26 +218,9 @@ def test_the_session_drain_ends_at_shutdown_sessions_and_the_relay_exits(relays)
     assert r.proc.returncode == 0, r.proc.returncode
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mnt)],
-                         capture_output=True, text=True, timeout=30)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a 256k tmpfs for the spool (needs root/CAP_SYS_ADMIN): {res.stderr.strip()}")
-    holder: dict = {"relay": None}
-    yield mnt, holder
-    if holder["relay"] is not None:
-        holder["relay"].stop()
-    if subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30).returncode != 0:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
-
-
-def test_full_spool_answers_452_4_3_1_and_keeps_every_acknowledged_message(relays, tiny_tmpfs):
-    mnt, holder = tiny_tmpfs
-    r = relays.start("full", spool_dir=mnt / "spool")
-    holder["relay"] = r
+def test_full_spool_answers_452_4_3_1_and_keeps_every_acknowledged_message(relays, tmpfs):
+    mnt = tmpfs.mount("256k")
+    r = tmpfs.uses(relays.start("full", spool_dir=mnt / "spool"))
     host, port = r.listener("trusted")
     acked: list[str] = []
     full = None

@@ -11,7 +11,9 @@ be produced exactly:
 - a name inside a zone that does not exist: NXDOMAIN with the SOA; a name outside every zone: REFUSED;
 - `servfail(name)`: SERVFAIL for that name and every name under it;
 - `drop(name)`: never answers (UDP: no datagram back; TCP: the connection stays open, silent), for timeouts;
-- `truncate(name)`: over UDP the answer comes back empty with TC=1, over TCP in full (TCP fallback).
+- `truncate(name)`: over UDP the answer comes back empty with TC=1, over TCP in full (TCP fallback);
+- `stop()` and then `start()` again: the server goes away (nothing listens on its port) and comes back on
+  the same port, with the same records, for an outage of the relay's only nameserver.
 
 Every query is recorded (name, type, transport, rcode) for assertions. Every loop is bounded by the stop event
 and socket timeouts; `stop()` joins the threads with a timeout.
@@ -72,8 +74,11 @@ class DnsServer:
     # -- lifecycle -------------------------------------------------------------------------------------
 
     def start(self) -> "DnsServer":
+        """Serve on a free port; after `stop()`, serve again on the same port (the relay's config names it)."""
+        self._stop = threading.Event()
+        self._threads = []
         for _ in range(50):
-            port = free_port(self.host)
+            port = self.port if self.port is not None else free_port(self.host)
             udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -83,6 +88,8 @@ class DnsServer:
             except OSError:
                 udp.close()
                 tcp.close()
+                if self.port is not None:
+                    raise RuntimeError(f"cannot serve again on {self.host}:{self.port}: it is taken")
                 continue
             tcp.listen(MAX_TCP_CLIENTS)
             udp.settimeout(POLL)
@@ -92,18 +99,21 @@ class DnsServer:
         else:
             raise RuntimeError("no free port for the test DNS server (UDP and TCP)")
         for target in (self._serve_udp, self._serve_tcp):
-            t = threading.Thread(target=target, name=f"dns-{target.__name__}", daemon=True)
+            # Each generation of threads watches its own stop event, so a restart cannot revive an old one.
+            t = threading.Thread(target=target, args=(self._stop,), name=f"dns-{target.__name__}", daemon=True)
             t.start()
             self._threads.append(t)
         return self
 
     def stop(self) -> None:
+        """Close both sockets: queries then go unanswered (UDP) or are refused (TCP) until `start()`."""
         self._stop.set()
         for t in self._threads:
             t.join(timeout=5)
         for s in (self._udp, self._tcp):
             if s is not None:
                 s.close()
+        self._udp = self._tcp = None
 
     @property
     def address(self) -> str:
@@ -249,11 +259,12 @@ class DnsServer:
             self.queries.append(Query(name, qtype, transport, RCODE.get(rcode)))
         return reply.pack()
 
-    def _serve_udp(self) -> None:
-        assert self._udp is not None
-        while not self._stop.is_set():
+    def _serve_udp(self, stop: threading.Event) -> None:
+        udp = self._udp
+        assert udp is not None
+        while not stop.is_set():
             try:
-                data, peer = self._udp.recvfrom(65535)
+                data, peer = udp.recvfrom(65535)
             except (socket.timeout, TimeoutError):
                 continue
             except OSError:
@@ -261,28 +272,29 @@ class DnsServer:
             out = self.answer(data, "udp")
             if out is not None:
                 try:
-                    self._udp.sendto(out, peer)
+                    udp.sendto(out, peer)
                 except OSError:
                     pass
 
-    def _serve_tcp(self) -> None:
-        assert self._tcp is not None
-        while not self._stop.is_set():
+    def _serve_tcp(self, stop: threading.Event) -> None:
+        tcp = self._tcp
+        assert tcp is not None
+        while not stop.is_set():
             try:
-                conn, _ = self._tcp.accept()
+                conn, _ = tcp.accept()
             except (socket.timeout, TimeoutError):
                 continue
             except OSError:
                 return
-            t = threading.Thread(target=self._tcp_client, args=(conn,), daemon=True)
+            t = threading.Thread(target=self._tcp_client, args=(conn, stop), daemon=True)
             t.start()
 
-    def _tcp_client(self, conn: socket.socket) -> None:
+    def _tcp_client(self, conn: socket.socket, stop: threading.Event) -> None:
         conn.settimeout(POLL)
         buf = b""
         idle_since = time.monotonic()
         with conn:
-            while not self._stop.is_set() and time.monotonic() - idle_since < TCP_IDLE:
+            while not stop.is_set() and time.monotonic() - idle_since < TCP_IDLE:
                 try:
                     chunk = conn.recv(65535)
                 except (socket.timeout, TimeoutError):

@@ -6,6 +6,11 @@
   It records every connection, command and transaction (envelope, data bytes, TLS version, login, time).
 - `SmtpSink`: Postfix's `smtp-sink` (a separate process, stopped by PID), dumping each transaction to a file.
 - `GreetingPeer`: a raw TCP listener that answers every connection with a fixed greeting (e.g. 421) and closes.
+- `SilentPeer`: a raw TCP listener that accepts every connection and never sends a byte (no greeting).
+
+Faults an `AioPeer` can inject on its first N transactions: drop the connection part-way through the message
+(after the 354, with the rest of the body unread), or answer 250 to the end of data and close at once, with no
+reply to what follows (QUIT included).
 
 Peers bind distinct 127.0.0.x addresses on one port (`free_port_on`), because the relay uses a single
 `delivery.port` for every MX host: the DNS server maps each MX name to the address of one peer.
@@ -19,6 +24,7 @@ import email.message
 import logging
 import os
 import random
+import selectors
 import shutil
 import signal
 import socket
@@ -32,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.smtp import SMTP, AuthResult
+from aiosmtpd.smtp import SMTP, AuthResult, syntax
 
 from .relay import _ephemeral_range, _handed_out
 
@@ -143,6 +149,9 @@ class _PeerSMTP(SMTP):
     def __init__(self, peer: "AioPeer", **kw):
         self._peer = peer
         self._conn: _Conn | None = None
+        # While a message is being read after 354: drop the connection once this many bytes have come in.
+        self._cut_after: int | None = None
+        self._cut_seen = 0
         super().__init__(peer, **kw)
 
     def connection_made(self, transport):
@@ -165,7 +174,25 @@ class _PeerSMTP(SMTP):
     def data_received(self, data):
         if self._conn is not None:
             self._conn.chunks.append(bytes(data))
+        if self._cut_after is not None:
+            self._cut_seen += len(data)
+            if self._cut_seen >= self._cut_after and self._peer._take_fault("mid_data"):
+                # Part of the body is read and the rest never will be: RST, no reply, no transaction.
+                self._cut_after = None
+                if self.transport is not None:
+                    self.transport.abort()
+                return
         super().data_received(data)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg):
+        # Every byte read after the DATA command line is the message (the client waits for 354 to send it).
+        if self.envelope is not None and self.envelope.rcpt_tos:
+            self._cut_after, self._cut_seen = self._peer._mid_data_cut(), 0
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._cut_after = None
 
 
 class AioPeer:
@@ -212,6 +239,10 @@ class AioPeer:
         self.commands: list[Command] = []
         self.logins: list[tuple[str, str, str, bool]] = []  # AUTH attempts: (mechanism, login, password, success)
         self.conns: list[_Conn] = []
+        # Faults still to inject and injected so far, by kind ("mid_data", "after_data").
+        self._fault_budget: dict[str, int] = {"mid_data": 0, "after_data": 0}
+        self._mid_data_after = 0
+        self.faults: dict[str, int] = {"mid_data": 0, "after_data": 0}
         self.concurrent = 0
         self.max_concurrent = 0
 
@@ -238,6 +269,33 @@ class AioPeer:
         with self._lock:
             self._data_rules.append(_Rule(reply, times))
         return self
+
+    def drop_mid_data(self, times: int = 1, after: int = 4096) -> "AioPeer":
+        """On the next `times` messages longer than `after` bytes: answer DATA with 354, read `after` bytes of
+        the message and drop the connection (RST) with no reply. `faults["mid_data"]` counts them."""
+        with self._lock:
+            self._fault_budget["mid_data"] += times
+            self._mid_data_after = after
+        return self
+
+    def close_after_data(self, times: int = 1) -> "AioPeer":
+        """On the next `times` accepted messages: answer 250 to the end of data, then close the connection at
+        once, answering nothing more (not even QUIT). `faults["after_data"]` counts them."""
+        with self._lock:
+            self._fault_budget["after_data"] += times
+        return self
+
+    def _mid_data_cut(self) -> int | None:
+        with self._lock:
+            return self._mid_data_after if self._fault_budget["mid_data"] > 0 else None
+
+    def _take_fault(self, kind: str) -> bool:
+        with self._lock:
+            if self._fault_budget[kind] <= 0:
+                return False
+            self._fault_budget[kind] -= 1
+            self.faults[kind] += 1
+            return True
 
     def clear_rules(self) -> None:
         with self._lock:
@@ -309,12 +367,18 @@ class AioPeer:
             self.commands.append(Command(conn, verb, arg, reply))
 
     def _maybe_close(self, server, reply: str) -> str:
-        if reply.startswith("421") and server._conn is not None:
-            server._conn.closed_by_rule = True
-            transport = server.transport
-            # after the reply is written: close() flushes what is buffered, then drops the connection
-            asyncio.get_running_loop().call_soon(lambda: transport and transport.close())
+        if reply.startswith("421"):
+            self._close_after_reply(server)
         return reply
+
+    @staticmethod
+    def _close_after_reply(server) -> None:
+        if server._conn is None:
+            return
+        server._conn.closed_by_rule = True
+        transport = server.transport
+        # after the reply is written: close() flushes what is buffered, then drops the connection
+        asyncio.get_running_loop().call_soon(lambda: transport and transport.close())
 
     @staticmethod
     def _closing(server) -> bool:
@@ -399,6 +463,9 @@ class AioPeer:
         with self._lock:
             self.transactions.append(t)
         self._record(server, "DATA", "", reply)
+        if reply.startswith("2") and self._take_fault("after_data"):
+            self._close_after_reply(server)
+            return reply
         return self._maybe_close(server, reply)
 
     async def handle_RSET(self, server, session, envelope):
@@ -619,6 +686,74 @@ class GreetingPeer:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# A peer that never speaks
+
+
+class SilentPeer:
+    """Accepts every connection and sends nothing, ever: the MX that hangs after connect. Each connection is
+    held open (and whatever the client sends is read and dropped) until the client closes it or the peer
+    stops; `connections` counts them and `closed_by_client` those the client gave up on."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.connections = 0
+        self.closed_by_client = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "SilentPeer":
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((self.host, self.port))
+        s.listen(64)
+        self._sock = s
+        self._thread = threading.Thread(target=self._run, name=f"silent-{self.host}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        assert self._sock is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self._sock, selectors.EVENT_READ)
+        try:
+            while not self._stop.is_set():
+                for key, _ in sel.select(timeout=0.2):
+                    if key.fileobj is self._sock:
+                        try:
+                            c, _ = self._sock.accept()
+                        except OSError:
+                            continue
+                        c.setblocking(False)
+                        sel.register(c, selectors.EVENT_READ)
+                        with self._lock:
+                            self.connections += 1
+                        continue
+                    c = key.fileobj
+                    try:
+                        data = c.recv(4096)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        data = b""
+                    if not data:
+                        sel.unregister(c)
+                        c.close()
+                        with self._lock:
+                            self.closed_by_client += 1
+        finally:
+            for key in list(sel.get_map().values()):
+                key.fileobj.close()
+            sel.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+# ---------------------------------------------------------------------------------------------------------
 
 
 class PeerPool:
@@ -647,6 +782,11 @@ class PeerPool:
         g = GreetingPeer(host, self.port, greeting).start()
         self.peers.append(g)
         return g
+
+    def silent(self, host: str) -> SilentPeer:
+        p = SilentPeer(host, self.port).start()
+        self.peers.append(p)
+        return p
 
     def stop_all(self) -> None:
         for p in reversed(self.peers):

@@ -4,7 +4,9 @@
 //! A connection task resolves the destination (MX, or the smarthost), connects to the first host that
 //! answers (binding the source address of the sender's IP pool), says EHLO, upgrades with STARTTLS per
 //! policy, authenticates to a smarthost, and then sends job after job over the same connection while the
-//! queue has more for this destination, up to `messages_per_connection`.
+//! queue has more for this destination, up to `messages_per_connection`. A host that drops the connection
+//! in the middle of the first transaction of its session has not taken the job, and the next host is tried
+//! with it in the same attempt.
 //!
 //! - `dns`: MX and address resolution.
 //! - `client`: the SMTP client protocol.
@@ -181,6 +183,8 @@ impl Deliverer {
         let dest = first.dest.clone();
         let mut job = first;
         let mut session: Option<Session> = None;
+        // The session was opened for the job in hand (not carried over from an earlier one).
+        let mut fresh = false;
         let mut sent = 0u32;
         let o = self.outbound.load_full();
         let max = o.delivery.per_domain.messages_per_connection;
@@ -188,14 +192,17 @@ impl Deliverer {
             if session.is_none() {
                 let mut stop = self.stop.subscribe();
                 let opened = tokio::select! {
-                    r = self.open(&o, &job) => r,
+                    r = self.open(&o, &job, None) => r,
                     _ = stop.wait_for(|s| *s) => {
                         queue.abandon(dest, job);
                         return;
                     }
                 };
                 match opened {
-                    Ok(s) => session = Some(s),
+                    Ok(s) => {
+                        session = Some(s);
+                        fresh = true;
+                    }
                     Err(fail) => {
                         let attempt =
                             self.fail_all(&job, &fail.reply, fail.remote_mta.clone(), None);
@@ -207,7 +214,28 @@ impl Deliverer {
                 }
             }
             let Some(s) = session.as_mut() else { return };
-            let (attempt, usable) = self.transact(s, &job).await;
+            let (mut attempt, mut usable) = self.transact(s, &job).await;
+            if fresh && lost_in_transaction(&attempt, usable) {
+                // RFC 5321 section 5.1: the MX hosts are tried in order until an attempt succeeds, and one
+                // that drops the connection in the middle of the transaction has not succeeded. A retry
+                // starts at the same host again, so a host that always drops it (a crashing content filter)
+                // would keep the mail from a healthy next host until it expired. A session carried over from
+                // an earlier job is left out: a cached connection the server has closed says nothing about
+                // the host.
+                let failed = s.host.clone();
+                let mut stop = self.stop.subscribe();
+                let next = tokio::select! {
+                    r = self.open(&o, &job, Some(&failed)) => r.ok(),
+                    _ = stop.wait_for(|s| *s) => None,
+                };
+                if let Some(next) = next {
+                    tracing::info!(queue_id = %job.id, host = %failed, next = %next.host,
+                        "connection lost in the middle of a transaction; trying the next MX host");
+                    let s = session.insert(next);
+                    (attempt, usable) = self.transact(s, &job).await;
+                }
+            }
+            fresh = false;
             sent += 1;
             let want_next = usable && sent < max;
             match queue.finished(dest.clone(), attempt, want_next).await {
@@ -270,9 +298,18 @@ impl Deliverer {
         pool.get(i).cloned()
     }
 
-    /// Connects to the first host that greets, says EHLO, starts TLS and authenticates as configured.
-    async fn open(&self, o: &Outbound, job: &Job) -> Result<Session, NoSession> {
-        let hosts = self.hosts(o, job).await?;
+    /// Connects to the first host that greets, says EHLO, starts TLS and authenticates as configured. With
+    /// `after`, only the hosts that come after that one are tried.
+    async fn open(
+        &self,
+        o: &Outbound,
+        job: &Job,
+        after: Option<&str>,
+    ) -> Result<Session, NoSession> {
+        let mut hosts = self.hosts(o, job).await?;
+        if let Some(failed) = after {
+            hosts = hosts_after(hosts, failed);
+        }
         let source = self.source(o, job);
         let ehlo = source
             .as_ref()
@@ -596,6 +633,30 @@ impl Deliverer {
     }
 }
 
+/// Whether an attempt ended with the connection lost before the server answered for any recipient: the
+/// session is unusable and every result is the relay's own temporary failure (an I/O error, a time-out,
+/// the server closing), none a reply from the server.
+fn lost_in_transaction(attempt: &Attempt, usable: bool) -> bool {
+    !usable
+        && !attempt.results.is_empty()
+        && attempt
+            .results
+            .iter()
+            .all(|(_, r)| !r.remote && (400..500).contains(&r.code))
+}
+
+/// The hosts after `failed` in the order they are tried; none when `failed` is not among them (the MX
+/// records changed meanwhile: the next attempt starts from the top).
+fn hosts_after(mut hosts: Vec<(String, u16)>, failed: &str) -> Vec<(String, u16)> {
+    match hosts.iter().position(|(h, _)| h == failed) {
+        Some(i) => {
+            hosts.drain(..=i);
+            hosts
+        }
+        None => Vec::new(),
+    }
+}
+
 enum Retry {
     /// Try the next address or host.
     Next(NoSession),
@@ -655,4 +716,60 @@ pub fn start_queue(
         telemetry,
     );
     Ok((queue, d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempt(results: Vec<(u32, Reply)>) -> Attempt {
+        Attempt {
+            id: crate::spool::QueueId(1),
+            results,
+            remote_mta: Some("mx1.example.test".into()),
+            domain: Arc::from("example.test"),
+            tls: None,
+        }
+    }
+
+    fn reply(code: u16, remote: bool) -> Reply {
+        Reply {
+            code,
+            enhanced: None,
+            text: String::new(),
+            remote,
+        }
+    }
+
+    #[test]
+    fn a_connection_lost_before_any_reply_is_lost_in_the_transaction() {
+        let lost = attempt(vec![(0, reply(451, false)), (1, reply(451, false))]);
+        assert!(lost_in_transaction(&lost, false));
+        // The session carries on: nothing was lost.
+        assert!(!lost_in_transaction(&lost, true));
+    }
+
+    #[test]
+    fn a_reply_from_the_server_is_not_a_lost_connection() {
+        // 421: the server said it is closing; it answered.
+        assert!(!lost_in_transaction(
+            &attempt(vec![(0, reply(421, true))]),
+            false
+        ));
+        // One recipient's transaction went through before the connection was lost: it is not sent again.
+        let partly = attempt(vec![(0, reply(250, true)), (1, reply(451, false))]);
+        assert!(!lost_in_transaction(&partly, false));
+        assert!(!lost_in_transaction(&attempt(vec![]), false));
+    }
+
+    #[test]
+    fn the_hosts_after_a_failed_one_keep_their_order() {
+        let hosts = |names: &[&str]| -> Vec<(String, u16)> {
+            names.iter().map(|n| ((*n).to_owned(), 25)).collect()
+        };
+        let all = hosts(&["mx1", "mx2", "mx3"]);
+        assert_eq!(hosts_after(all.clone(), "mx1"), hosts(&["mx2", "mx3"]));
+        assert_eq!(hosts_after(all.clone(), "mx3"), hosts(&[]));
+        assert_eq!(hosts_after(all, "gone"), hosts(&[]));
+    }
 }
