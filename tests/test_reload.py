@@ -220,6 +220,7 @@ def test_a_renewed_smarthost_ca_file_is_used_without_a_signal(relays, dns, peers
     qid, marker, _ = send(r, ["a@foreign.test"], "renewed-ca")
     reply = wait_state(r, qid, {"a@foreign.test": "deferred"})["a@foreign.test"]["last_reply"]
     assert "certificate not verified" in reply and not smarthost.logins, (reply, smarthost.logins)
+    assert "renewed with a new key" in reply, reply  # same issuer name, another key: the reason says so
     staged = tmp_path / "ca.crt.new"
     staged.write_bytes(new["ca"].read_bytes())
     staged.replace(ca)

@@ -652,8 +652,15 @@ fn tls_failure(host: &str, addr: SocketAddr, e: &ClientError) -> Reply {
     };
     let why = match cert {
         rustls::CertificateError::UnknownIssuer => {
-            "issued by a CA that is neither among the system's CA \
-             certificates nor in delivery.smarthost.ca_file"
+            "issued by a CA that is neither among the system's CA certificates nor in \
+             delivery.smarthost.ca_file"
+                .to_owned()
+        }
+        // A trusted CA of the issuer's name exists but did not sign it: typically a CA (or a self-signed
+        // certificate) renewed with a new key while the CA file still holds the old one.
+        rustls::CertificateError::BadSignature => {
+            "its signature does not verify with the trusted CA certificate of its issuer's name (a CA \
+             renewed with a new key, and the CA file not updated yet?)"
                 .to_owned()
         }
         other => other.to_string(),
