@@ -646,4 +646,25 @@ mod tests {
         assert_eq!(e.size, Some(1000));
         assert!(!e.eight_bit);
     }
+
+    #[tokio::test]
+    async fn credentials_are_not_sent_in_clear_whatever_the_server_offers() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let limits = Limits {
+            command: Duration::from_secs(5),
+            data: Duration::from_secs(5),
+        };
+        let mut client = Client::new(Stream::Plain(tcp), limits);
+        client.extensions.auth_plain = true;
+        let e = client.authenticate("user", "secret").await.unwrap_err();
+        assert!(matches!(e, ClientError::Unverified), "{e}");
+        drop(client);
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    }
 }
