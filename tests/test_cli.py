@@ -100,6 +100,19 @@ BAD_CONFIGS = {
     "negative-size": (_bad(lambda c: c.update(limits={"max_message_size": -1})), "limits.max_message_size", []),
     "bad-admin-address": (_bad(lambda c: c["admin"].update(address="nowhere")), "admin.address", []),
     "listeners-not-a-list": (_bad(lambda c: c.update(listeners=Raw('"trusted"'))), "listeners", []),
+    "smarthost-credentials-in-clear": (
+        _bad(lambda c: c.update(delivery={"smarthost": {
+            "host": "relay.example.test", "tls": "none", "username": "u", "password_file": "/p"}})),
+        "delivery.smarthost.tls", ["never in clear"],
+    ),
+    "smarthost-ca-file-without-tls": (
+        _bad(lambda c: c.update(delivery={"smarthost": {"host": "relay.example.test", "ca_file": "/ca.crt"}})),
+        "delivery.smarthost.ca_file", [],
+    ),
+    "smarthost-host-not-a-name": (
+        _bad(lambda c: c.update(delivery={"smarthost": {"host": "relay_1", "tls": "starttls"}})),
+        "delivery.smarthost.host", ["relay_1"],
+    ),
 }
 
 
@@ -132,6 +145,21 @@ def test_relay_refuses_to_start_with_a_bad_config(tmp_path, good):
         relay.kill()
     assert code != 0
     assert "listeners[0].tls" in relay.log_text(), relay.log_tail()
+
+
+def test_relay_refuses_to_start_with_a_smarthost_ca_file_that_holds_no_certificate(tmp_path, good):
+    cfg = copy.deepcopy(good)
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not a certificate\n")
+    cfg["delivery"] = {"smarthost": {"host": "relay.example.test", "tls": "starttls", "ca_file": str(ca)}}
+    relay = Relay(tmp_path / "bad-ca", cfg, label="bad-ca")
+    relay.start(wait=False)
+    try:
+        code = relay.proc.wait(timeout=30)
+    finally:
+        relay.kill()
+    assert code != 0
+    assert f"delivery.smarthost.ca_file {ca}: no CERTIFICATE block" in relay.log_text(), relay.log_tail()
 
 
 def test_hash_password_prints_a_salted_argon2id_phc_string(relay_binary):

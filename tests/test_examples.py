@@ -7,11 +7,14 @@
 - app-deployment.yaml: its container's program, with its environment, submits through a relay that has the
   SmtpRelay example's submission listener (STARTTLS, AUTH) and user, and the password of app-password.yaml.
 - sidecar.yaml: its relay config passes `check-config` as it is; then, with only addresses and paths moved
-  to the test's (ports, spool, password file, the smarthost's address), a sidecar relay takes the app
-  container's message on loopback and hands it to that relay as its smarthost.
+  to the test's (ports, spool, password and CA files, the smarthost's address), a sidecar relay takes the app
+  container's message on loopback and hands it to that relay as its smarthost, having verified the relay's
+  certificate against the CA file it mounts from the relay's certificate Secret.
 
 The "relay Service" is a herald-relay with the standard test config whose users are the SmtpRelay
-example's; its delivery resolver is a dead port, so what it accepts stays in its queue to be looked at.
+example's, serving a certificate made as certificate.yaml's self-signed Issuer makes it (its names, its own
+issuer, so that its Secret's ca.crt is the certificate itself); its delivery resolver is a dead port, so
+what it accepts stays in its queue to be looked at.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import subprocess
 import pytest
 import yaml
 
+from harness.certs import make_self_signed
 from harness.outbound import wait_until
 from harness.peers import wait_listening
 from harness.relay import REPO, addr, free_port, hash_password, run_cli, split_addr
@@ -49,16 +53,31 @@ def example_password() -> str:
 
 
 @pytest.fixture
-def relay_service(relays):
+def relay_certificate(tmp_path) -> dict:
+    """The relay Service's certificate as certificate.yaml has cert-manager make it: the Certificate's names
+    (and 127.0.0.1, where the test's relay listens), signed by its own key (a selfSigned Issuer), so that
+    the Secret's ca.crt (here "ca") is the certificate itself."""
+    issuer = one("certificate.yaml", "Issuer")
+    assert "selfSigned" in issuer["spec"], issuer
+    cert = one("certificate.yaml", "Certificate")["spec"]
+    assert cert["issuerRef"]["name"] == issuer["metadata"]["name"], cert["issuerRef"]
+    assert cert["secretName"] == one("smtp-relay.yaml", "SmtpRelay")["spec"]["tlsSecretRef"]["name"]
+    return make_self_signed(tmp_path / "relay-tls", [*cert["dnsNames"], "127.0.0.1"])
+
+
+@pytest.fixture
+def relay_service(relays, relay_certificate):
     """A relay standing in for the SmtpRelay example's Service: its submission listener and its users, with
-    the example password."""
+    the example password, serving the example's certificate."""
     spec = one("smtp-relay.yaml", "SmtpRelay")["spec"]
     listener = next(l for l in spec["listeners"] if l.get("auth") == "required")
     assert listener["tls"] == "starttls", listener
     password = hash_password(example_password())
     users = [{"username": u["name"], "password_hash": password, "allowed_domains": u["allowedDomains"]}
              for u in spec["users"]]
-    return relays.start("relay-service", users=users)
+    cfg = relays.config("relay-service", users=users)
+    cfg["tls"] = {"cert_file": str(relay_certificate["cert"]), "key_file": str(relay_certificate["key"])}
+    return relays.start("relay-service", config=cfg)
 
 
 def queued_from(relay, sender: str) -> list[dict]:
@@ -95,13 +114,13 @@ def test_the_sidecar_config_is_valid_as_it_is(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
-def test_the_sidecar_relay_hands_the_apps_mail_to_the_relay_service(relay_service, relays, tmp_path):
+def test_the_sidecar_relay_hands_the_apps_mail_to_the_relay_service(relay_service, relay_certificate, relays, tmp_path):
     cm = one("sidecar.yaml", "ConfigMap")
     cfg = yaml.safe_load(cm["data"]["relay.yaml"])
     pod = one("sidecar.yaml", "Deployment")["spec"]["template"]["spec"]
     sidecar = pod["initContainers"][0]
     assert sidecar["restartPolicy"] == "Always", "the relay must be a native sidecar"
-    # The Deployment mounts what the config names: the config itself, the smarthost password, the spool.
+    # The Deployment mounts what the config names: the config itself, the smarthost password and CA, the spool.
     mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert sidecar["args"][:2] == ["--config", "/etc/herald/config/relay.yaml"]
@@ -111,10 +130,17 @@ def test_the_sidecar_relay_hands_the_apps_mail_to_the_relay_service(relay_servic
     secret = volumes[mounts[password_dir]]["secret"]
     assert secret["secretName"] == one("app-password.yaml", "Secret")["metadata"]["name"]
     assert [i["path"] for i in secret["items"]] == [password_file]
+    # The CA is the ca.crt of the relay's certificate Secret, and nothing else of it (not the relay's key).
+    ca_dir, ca_file = os.path.split(smarthost["ca_file"])
+    ca_secret = volumes[mounts[ca_dir]]["secret"]
+    assert ca_secret["secretName"] == one("certificate.yaml", "Certificate")["spec"]["secretName"], ca_secret
+    assert ca_secret["items"] == [{"key": "ca.crt", "path": ca_file}], ca_secret["items"]
     assert cfg["spool_dir"] in mounts and "emptyDir" in volumes[mounts[cfg["spool_dir"]]]
-    # The smarthost is the SmtpRelay example's Service, on its STARTTLS + AUTH listener, as its user.
+    # The smarthost is the SmtpRelay example's Service, on its STARTTLS + AUTH listener, as its user, by a
+    # name its certificate holds.
     spec = one("smtp-relay.yaml", "SmtpRelay")
     assert smarthost["host"] == spec["metadata"]["name"]
+    assert smarthost["host"] in one("certificate.yaml", "Certificate")["spec"]["dnsNames"]
     assert any(l["port"] == smarthost["port"] and l.get("auth") == "required" and l["tls"] == smarthost["tls"]
                for l in spec["spec"]["listeners"]), (smarthost, spec["spec"]["listeners"])
     assert smarthost["username"] in [u["name"] for u in spec["spec"]["users"]]
@@ -128,6 +154,7 @@ def test_the_sidecar_relay_hands_the_apps_mail_to_the_relay_service(relay_servic
     cfg["spool_dir"] = str(tmp_path / "sidecar-spool")
     (tmp_path / "password").write_text(example_password() + "\n")
     smarthost["password_file"] = str(tmp_path / "password")
+    smarthost["ca_file"] = str(relay_certificate["ca"])  # what cert-manager puts in the Secret's ca.crt
     host, port = relay_service.listener("submission")
     smarthost.update(host=host, port=port)
     side = relays.start("sidecar", config=cfg)

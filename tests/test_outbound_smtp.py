@@ -1,16 +1,19 @@
-"""The relay's SMTP client: STARTTLS policy, smarthost with AUTH, the extensions it must respect (SIZE,
+"""The relay's SMTP client: STARTTLS policy, smarthost with AUTH (only once its certificate verified: an
+unknown CA or another name defers the attempt, with no AUTH sent), the extensions it must respect (SIZE,
 8BITMIME, SMTPUTF8, PIPELINING), connection reuse and the per-domain connection limit, source addresses and
 EHLO names from ip_pools."""
 
 from __future__ import annotations
 
 import collections
+import signal
 
 import pytest
 
+from harness.certs import issue
 from harness.outbound import (
-    FOREIGN, SENDER, delivery_events, flush, parse_dsn, send, start_outbound, states, status_field, submit, unique, wait_dsn,
-    wait_event, wait_gone, wait_state,
+    FOREIGN, SENDER, delivery_events, flush, log_records, parse_dsn, send, start_outbound, states, status_field, submit,
+    unique, wait_dsn, wait_event, wait_gone, wait_state, wait_until,
 )
 from harness.relay import HOSTNAME
 
@@ -74,14 +77,43 @@ def test_tls_required_delivers_over_starttls_without_verifying_the_certificate(r
 # Smarthost
 
 
-@pytest.mark.parametrize("mode", ["starttls", "implicit"])
-def test_smarthost_gets_every_message_with_checked_credentials(relays, dns, peers, tmp_path, mode):
-    smarthost = peers.aio(FOREIGN, "smarthost", starttls=(mode == "starttls"), implicit_tls=(mode == "implicit"),
-                          auth={"relayuser": "s3cret-pw"}, auth_required=True)
+SMARTHOST = "smarthost.test"  # the smarthost's name: in the test DNS (-> FOREIGN) and in its certificate
+
+
+def smarthost_peer(peers, tls: dict, mode: str):
+    """An aiosmtpd smarthost on FOREIGN serving `tls` (a certificate and key), wanting AUTH as relayuser."""
+    return peers.aio(FOREIGN, "smarthost", certs=tls, starttls=(mode == "starttls"), implicit_tls=(mode == "implicit"),
+                     auth={"relayuser": "s3cret-pw"}, auth_required=True)
+
+
+def through_smarthost(relays, dns, peers, tmp_path, mode: str, **over):
+    """A relay whose smarthost is SMARTHOST, in `mode`, with relayuser's password; `over` adds keys (ca_file)."""
+    dns.a(SMARTHOST, FOREIGN)
     pw = tmp_path / "smarthost.password"
     pw.write_text("s3cret-pw")
-    r = start_outbound(relays, dns, peers, delivery={"smarthost": {
-        "host": FOREIGN, "port": peers.port, "tls": mode, "username": "relayuser", "password_file": str(pw)}})
+    return start_outbound(relays, dns, peers, delivery={"smarthost": {
+        "host": SMARTHOST, "port": peers.port, "tls": mode, "username": "relayuser", "password_file": str(pw), **over}})
+
+
+def saw_auth(peer) -> bool:
+    """Did the peer get an AUTH command, in clear or inside TLS (its raw reads and its login attempts)?"""
+    return bool(peer.logins) or any(b"AUTH" in chunk.upper() for conn in peer.chunks() for chunk in conn)
+
+
+def unverified_log_lines(relay) -> list[dict]:
+    out = []
+    for rec in log_records(relay):
+        f = rec.get("fields") if isinstance(rec.get("fields"), dict) else rec
+        if "certificate did not verify" in str(f.get("message", "")):
+            out.append(f)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["starttls", "implicit"])
+def test_smarthost_gets_every_message_with_checked_credentials(relays, dns, peers, certs, tmp_path, mode):
+    # The smarthost's certificate is for its name, from the test CA, which ca_file names.
+    smarthost = smarthost_peer(peers, issue(certs, tmp_path / "smarthost-tls", [SMARTHOST]), mode)
+    r = through_smarthost(relays, dns, peers, tmp_path, mode, ca_file=str(certs["ca"]))
     # neither domain resolves in the test DNS: in smarthost mode nothing is looked up
     qid, marker, _ = send(r, ["bob@foreign.test", "carol@elsewhere.test"], "smarthost")
     wait_gone(r, qid)
@@ -91,6 +123,46 @@ def test_smarthost_gets_every_message_with_checked_credentials(relays, dns, peer
         assert t.login == "relayuser" and t.tls and t.tls.startswith("TLS"), t
     assert any(ok and login == "relayuser" and password == "s3cret-pw" for _, login, password, ok in smarthost.logins)
     assert not dns.queries_for("foreign.test") and not dns.queries_for("elsewhere.test"), dns.queries
+
+
+@pytest.mark.parametrize("mode", ["starttls", "implicit"])
+def test_a_smarthost_certificate_from_an_unknown_ca_defers_without_auth_until_the_ca_is_trusted(
+        relays, dns, peers, certs, tmp_path, mode):
+    smarthost = smarthost_peer(peers, issue(certs, tmp_path / "smarthost-tls", [SMARTHOST]), mode)
+    r = through_smarthost(relays, dns, peers, tmp_path, mode)  # no ca_file: the test CA is not among the system's
+    qid, marker, _ = send(r, ["bob@foreign.test"], "unknownca")
+    reply = wait_state(r, qid, {"bob@foreign.test": "deferred"})["bob@foreign.test"]["last_reply"]
+    assert reply.startswith("451 4.7.5") and "certificate not verified" in reply, reply
+    assert "delivery.smarthost.ca_file" in reply, reply  # the reason says where a CA is missing
+    # (a verification error means the handshake reached the smarthost's certificate)
+    assert not saw_auth(smarthost), (smarthost.logins, smarthost.chunks())
+    assert not smarthost.transactions, smarthost.transactions
+    [line, *_] = unverified_log_lines(r) or [None]
+    assert line and line.get("smarthost") == SMARTHOST and "ca_file" in str(line.get("error")), r.log_tail(20)
+
+    # The message stays queued: once the relay trusts the CA, the next attempt delivers it, with AUTH.
+    r.config["delivery"]["smarthost"]["ca_file"] = str(certs["ca"])
+    r.write_config()
+    r.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "config reloaded" in r.log_text(), timeout=15, step=0.1), r.log_tail(30)
+    flush(r, qid)
+    wait_gone(r, qid)
+    [t] = smarthost.with_marker(marker)
+    assert t.login == "relayuser" and t.rcpt_tos == ["bob@foreign.test"], t
+
+
+def test_a_smarthost_certificate_for_another_name_defers_without_auth(relays, dns, peers, certs, tmp_path):
+    # From the trusted CA, but for another name than delivery.smarthost.host.
+    smarthost = smarthost_peer(peers, issue(certs, tmp_path / "other-tls", ["other.test"]), "starttls")
+    r = through_smarthost(relays, dns, peers, tmp_path, "starttls", ca_file=str(certs["ca"]))
+    qid, _, _ = send(r, ["bob@foreign.test"], "wrongname")
+    reply = wait_state(r, qid, {"bob@foreign.test": "deferred"})["bob@foreign.test"]["last_reply"]
+    assert reply.startswith("451 4.7.5") and "certificate not verified" in reply, reply
+    assert f'not valid for name "{SMARTHOST}"' in reply, reply
+    assert any(b"STARTTLS" in chunk for conn in smarthost.chunks() for chunk in conn), smarthost.chunks()
+    assert not saw_auth(smarthost), (smarthost.logins, smarthost.chunks())
+    assert not smarthost.transactions, smarthost.transactions
+    assert unverified_log_lines(r), r.log_tail(20)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import time
 
+from harness.certs import issue, make_self_signed
 from harness.outbound import FOREIGN, flush, send, start_outbound, wait_gone, wait_state
 from harness.prometheus import scrape
 from harness.relay import HOSTNAME
@@ -181,14 +182,15 @@ def test_a_listener_address_cannot_change_live_and_the_rest_still_applies(relays
     assert rcpt_limit_reply(r, 3).startswith("250 2.1.5")
 
 
-def test_a_rotated_smarthost_password_file_is_used_without_a_signal(relays, dns, peers, tmp_path):
+def test_a_rotated_smarthost_password_file_is_used_without_a_signal(relays, dns, peers, certs, tmp_path):
     # The Secret behind password_file changes in place; the config file does not.
-    smarthost = peers.aio(SMARTHOST, "smarthost", starttls=True, auth={"relayuser": "old-password"},
-                          auth_required=True)
+    smarthost = peers.aio(SMARTHOST, "smarthost", certs=issue(certs, tmp_path / "smarthost-tls", [SMARTHOST]),
+                          starttls=True, auth={"relayuser": "old-password"}, auth_required=True)
     pw = tmp_path / "smarthost.password"
     pw.write_text("old-password")
     r = start_outbound(relays, dns, peers, delivery={"smarthost": {
-        "host": SMARTHOST, "port": peers.port, "tls": "starttls", "username": "relayuser", "password_file": str(pw)}})
+        "host": SMARTHOST, "port": peers.port, "tls": "starttls", "username": "relayuser", "password_file": str(pw),
+        "ca_file": str(certs["ca"])}})
     qid, marker, _ = send(r, ["a@foreign.test"], "old-pw")
     wait_gone(r, qid)
     assert smarthost.with_marker(marker)
@@ -199,3 +201,47 @@ def test_a_rotated_smarthost_password_file_is_used_without_a_signal(relays, dns,
     wait_gone(r, qid)
     assert smarthost.with_marker(marker)
     assert any(ok and password == "new-password" for _, _, password, ok in smarthost.logins), smarthost.logins
+
+
+def test_a_renewed_smarthost_ca_file_is_used_without_a_signal(relays, dns, peers, certs, tmp_path):
+    # A self-signed smarthost certificate (cert-manager's selfSigned Issuer) is its own CA: a renewal changes
+    # the Secret's ca.crt in place, and the relay must trust the new one without a signal.
+    old = make_self_signed(tmp_path / "old", [SMARTHOST])
+    new = make_self_signed(tmp_path / "new", [SMARTHOST])
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(old["ca"].read_bytes())
+    smarthost = peers.aio(SMARTHOST, "smarthost", certs=new, starttls=True, auth={"relayuser": "pw"},
+                          auth_required=True)
+    pw = tmp_path / "smarthost.password"
+    pw.write_text("pw")
+    r = start_outbound(relays, dns, peers, delivery={"smarthost": {
+        "host": SMARTHOST, "port": peers.port, "tls": "starttls", "username": "relayuser", "password_file": str(pw),
+        "ca_file": str(ca)}})
+    qid, marker, _ = send(r, ["a@foreign.test"], "renewed-ca")
+    reply = wait_state(r, qid, {"a@foreign.test": "deferred"})["a@foreign.test"]["last_reply"]
+    assert "certificate not verified" in reply and not smarthost.logins, (reply, smarthost.logins)
+    assert "renewed with a new key" in reply, reply  # same issuer name, another key: the reason says so
+    staged = tmp_path / "ca.crt.new"
+    staged.write_bytes(new["ca"].read_bytes())
+    staged.replace(ca)
+    assert wait_until(lambda: "config reloaded" in r.log_text(), attempts=150), r.log_tail(30)
+    flush(r, qid)
+    wait_gone(r, qid)
+    [t] = smarthost.with_marker(marker)
+    assert t.login == "relayuser", t
+
+
+def test_an_unreadable_smarthost_ca_file_on_reload_is_refused_and_the_old_one_stays(relays, dns, peers, certs, tmp_path):
+    smarthost = peers.aio(SMARTHOST, "smarthost", certs=issue(certs, tmp_path / "smarthost-tls", [SMARTHOST]),
+                          starttls=True)
+    r = start_outbound(relays, dns, peers, delivery={"smarthost": {
+        "host": SMARTHOST, "port": peers.port, "tls": "starttls", "ca_file": str(certs["ca"])}})
+    r.config["delivery"]["smarthost"]["ca_file"] = str(tmp_path / "missing-ca.crt")
+    r.write_config()
+    r.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "config reload refused" in r.log_text()), r.log_tail(30)
+    assert "delivery.smarthost.ca_file" in r.log_text(), r.log_tail(10)
+    assert reloads(r)["rejected"] == 1
+    qid, marker, _ = send(r, ["a@foreign.test"], "old-ca-stays")
+    wait_gone(r, qid)
+    assert smarthost.with_marker(marker)

@@ -489,20 +489,27 @@ pub struct Dns {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Smarthost {
-    /// Host name or IP address of the smarthost.
+    /// Host name or IP address of the smarthost; also the name its certificate must be valid for.
     pub host: String,
     /// The smarthost's port.
     #[serde(default = "default_smarthost_port")]
     pub port: u16,
-    /// How the connection is secured: `starttls` on 587, `implicit` on 465.
+    /// How the connection is secured: `starttls` on 587, `implicit` on 465. The smarthost's certificate must
+    /// verify (chain to the system's CA certificates or `ca_file`, valid for `host`), else the attempt is
+    /// deferred.
     #[serde(default)]
     pub tls: TlsMode,
-    /// AUTH user name; goes with `password_file`.
+    /// AUTH user name; goes with `password_file` and needs `tls: starttls` or `implicit`. Sent only once the
+    /// smarthost's certificate has verified.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
     /// File holding the AUTH password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
+    /// PEM file of CA certificates trusted for the smarthost's certificate besides the system's (e.g. the
+    /// `ca.crt` of a cert-manager Secret); read at start and on every reload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_smarthost_port() -> u16 {

@@ -217,8 +217,12 @@ impl Config {
             ));
         }
         if let Some(sh) = &self.delivery.smarthost {
-            if sh.host.is_empty() {
-                return Err(invalid("delivery.smarthost.host", "must not be empty"));
+            // The host is also the name its certificate must be valid for.
+            if !(is_domain_name(&sh.host) || sh.host.parse::<std::net::IpAddr>().is_ok()) {
+                return Err(invalid(
+                    "delivery.smarthost.host",
+                    format!("{:?} is not a host name or IP address", sh.host),
+                ));
             }
             if sh.username.is_some() != sh.password_file.is_some() {
                 return Err(invalid(
@@ -229,8 +233,20 @@ impl Config {
             if sh.username.is_some() && sh.tls == TlsMode::None {
                 return Err(invalid(
                     "delivery.smarthost.tls",
-                    "AUTH needs tls: starttls or implicit (credentials are never sent in clear)",
+                    "username and password_file need tls: starttls or implicit (credentials are sent only \
+                     over TLS to a smarthost whose certificate verified, never in clear)",
                 ));
+            }
+            if let Some(ca) = &sh.ca_file {
+                if ca.as_os_str().is_empty() {
+                    return Err(invalid("delivery.smarthost.ca_file", "must not be empty"));
+                }
+                if sh.tls == TlsMode::None {
+                    return Err(invalid(
+                        "delivery.smarthost.ca_file",
+                        "needs tls: starttls or implicit (with tls: none there is no certificate to verify)",
+                    ));
+                }
             }
         }
         if let Some(dns) = &self.delivery.dns

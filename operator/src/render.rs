@@ -180,6 +180,9 @@ pub fn relay_config(
             tls: tls_mode(s.tls),
             username: smarthost_username.map(str::to_owned),
             password_file: smarthost_username.map(|_| SMARTHOST_PASSWORD.into()),
+            // SmarthostSpec has no field for a private CA yet: the smarthost's certificate must chain to
+            // the system's CA certificates (those of the relay image).
+            ca_file: None,
         });
     }
     let config = Config {

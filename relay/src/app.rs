@@ -291,8 +291,8 @@ struct Reloader {
 }
 
 impl Reloader {
-    /// The config file and the key files it names (DKIM, return-path tokens): a renewed key (a mounted
-    /// Secret changing) reloads too.
+    /// The config file and the key files it names (DKIM, return-path tokens, the smarthost's password and CA):
+    /// a renewed key (a mounted Secret changing) reloads too.
     async fn read(&self) -> Option<Vec<u8>> {
         let mut all = tokio::fs::read(self.path.as_ref()?).await.ok()?;
         for d in &self.current.domains {
@@ -303,14 +303,11 @@ impl Reloader {
         if let Some(f) = &self.current.bounces.secret_file {
             all.extend(tokio::fs::read(f).await.unwrap_or_default());
         }
-        if let Some(f) = self
-            .current
-            .delivery
-            .smarthost
-            .as_ref()
-            .and_then(|s| s.password_file.as_ref())
-        {
-            all.extend(tokio::fs::read(f).await.unwrap_or_default());
+        if let Some(s) = &self.current.delivery.smarthost {
+            // The CA file too: a CA that cert-manager renews reaches the verifier without a signal.
+            for f in s.password_file.iter().chain(&s.ca_file) {
+                all.extend(tokio::fs::read(f).await.unwrap_or_default());
+            }
         }
         Some(all)
     }
@@ -347,7 +344,7 @@ impl Reloader {
             reloads.with_label_values(&["rejected"]).inc();
             return;
         };
-        // Loaded whatever changed: the change that brought us here may be the password file's.
+        // Loaded whatever changed: the change that brought us here may be the password or CA file's.
         let c = new.clone();
         let Some(outbound) = reload_step(move || Outbound::load(&c)).await else {
             reloads.with_label_values(&["rejected"]).inc();

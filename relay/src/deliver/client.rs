@@ -7,7 +7,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,8 +16,9 @@ use memchr::memchr;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+
+use super::tls::{Assurance, TlsClient};
 
 /// A parsed server reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +58,12 @@ pub enum ClientError {
     Protocol(String),
     #[error("TLS handshake failed: {0}")]
     Tls(io::Error),
+    /// The server's certificate did not verify (a verifying config only: the smarthost's).
+    #[error("certificate not verified: {0}")]
+    Certificate(rustls::CertificateError),
+    /// AUTH was asked for over a connection whose server is not authenticated; nothing was sent.
+    #[error("credentials withheld: the server's certificate was not verified")]
+    Unverified,
 }
 
 /// What the server advertised in its EHLO reply.
@@ -169,6 +175,8 @@ pub struct Client {
     pub extensions: Extensions,
     /// The negotiated TLS version, once STARTTLS or implicit TLS is up.
     pub tls: Option<String>,
+    /// What the TLS session established about the server; None in clear.
+    assurance: Option<Assurance>,
     /// A transaction was sent; the next one starts with RSET, so each begins from a known state.
     used: bool,
 }
@@ -213,8 +221,33 @@ impl Client {
             limits,
             extensions: Extensions::default(),
             tls: None,
+            assurance: None,
             used: false,
         }
+    }
+
+    /// Implicit TLS (RFC 8314): the handshake before the greeting.
+    pub async fn connect_tls(
+        tcp: TcpStream,
+        tls: &TlsClient,
+        name: ServerName<'static>,
+        limits: Limits,
+    ) -> Result<Client, ClientError> {
+        let stream = handshake(tcp, tls, name, limits.command).await?;
+        Ok(Client::over_tls(stream, tls, limits))
+    }
+
+    fn over_tls(stream: TlsStream<TcpStream>, tls: &TlsClient, limits: Limits) -> Client {
+        let version = crate::server::tls::version_name(stream.get_ref().1.protocol_version());
+        let mut client = Client::new(Stream::Tls(Box::new(stream)), limits);
+        client.tls = Some(version);
+        client.assurance = Some(tls.assurance());
+        client
+    }
+
+    /// Is the server authenticated: TLS with a certificate that verified?
+    pub fn verified(&self) -> bool {
+        self.assurance == Some(Assurance::Verified)
     }
 
     /// Reads one (possibly multi-line) reply.
@@ -351,8 +384,8 @@ impl Client {
     /// STARTTLS and the handshake. On success the caller must EHLO again.
     pub async fn starttls(
         self,
-        connector: &TlsConnector,
-        server: &str,
+        tls: &TlsClient,
+        name: ServerName<'static>,
     ) -> Result<(Client, Option<Response>), ClientError> {
         let mut this = self;
         let r = this.command("STARTTLS", "the STARTTLS reply").await?;
@@ -362,24 +395,20 @@ impl Client {
         let Stream::Plain(tcp) = this.stream else {
             return Err(ClientError::Protocol("STARTTLS on a TLS connection".into()));
         };
-        let name = ServerName::try_from(server.to_owned())
-            .unwrap_or_else(|_| ServerName::try_from("invalid.invalid").expect("a valid DNS name"));
-        let tls = tokio::time::timeout(this.limits.command, connector.connect(name, tcp))
-            .await
-            .map_err(|_| ClientError::Timeout("the TLS handshake"))?
-            .map_err(ClientError::Tls)?;
-        let version = crate::server::tls::version_name(tls.get_ref().1.protocol_version());
-        let mut client = Client::new(Stream::Tls(Box::new(tls)), this.limits);
-        client.tls = Some(version);
-        Ok((client, None))
+        let stream = handshake(tcp, tls, name, this.limits.command).await?;
+        Ok((Client::over_tls(stream, tls, this.limits), None))
     }
 
-    /// AUTH PLAIN (or LOGIN) with the given credentials.
+    /// AUTH PLAIN (or LOGIN) with the given credentials, only to a server whose certificate verified: the
+    /// credentials go nowhere else, whatever the caller's policy.
     pub async fn authenticate(
         &mut self,
         user: &str,
         password: &str,
     ) -> Result<Response, ClientError> {
+        if !self.verified() {
+            return Err(ClientError::Unverified);
+        }
         if self.extensions.auth_plain || !self.extensions.auth_login {
             let token = BASE64.encode(format!("\0{user}\0{password}"));
             return self
@@ -565,63 +594,24 @@ pub fn dot_stuff(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A rustls client config for STARTTLS to MX hosts: encryption without certificate authentication, as
-/// opportunistic TLS is (RFC 7435). Signatures in the handshake are still verified.
-pub fn opportunistic_tls() -> Result<TlsConnector, rustls::Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-        .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
-}
-
-#[derive(Debug)]
-struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+async fn handshake(
+    tcp: TcpStream,
+    tls: &TlsClient,
+    name: ServerName<'static>,
+    limit: Duration,
+) -> Result<TlsStream<TcpStream>, ClientError> {
+    match tokio::time::timeout(limit, tls.handshake(name, tcp)).await {
+        Err(_) => Err(ClientError::Timeout("the TLS handshake")),
+        Ok(Ok(stream)) => Ok(stream),
+        // tokio-rustls hands rustls's error over inside the io::Error: a certificate that did not verify is
+        // told apart from a failed handshake, so the reason names it.
+        Ok(Err(e)) => match e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            Some(rustls::Error::InvalidCertificate(c)) => Err(ClientError::Certificate(c.clone())),
+            _ => Err(ClientError::Tls(e)),
+        },
     }
 }
 
@@ -655,5 +645,26 @@ mod tests {
         assert!(e.pipelining && e.starttls && e.auth_plain && e.auth_login);
         assert_eq!(e.size, Some(1000));
         assert!(!e.eight_bit);
+    }
+
+    #[tokio::test]
+    async fn credentials_are_not_sent_in_clear_whatever_the_server_offers() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let limits = Limits {
+            command: Duration::from_secs(5),
+            data: Duration::from_secs(5),
+        };
+        let mut client = Client::new(Stream::Plain(tcp), limits);
+        client.extensions.auth_plain = true;
+        let e = client.authenticate("user", "secret").await.unwrap_err();
+        assert!(matches!(e, ClientError::Unverified), "{e}");
+        drop(client);
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
     }
 }

@@ -10,15 +10,17 @@
 //!
 //! - `dns`: MX and address resolution.
 //! - `client`: the SMTP client protocol.
+//! - `tls`: the two TLS client configs: encrypt-only to MX hosts, verified to the smarthost.
 
 pub mod client;
 pub mod dns;
+pub mod tls;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use rustls_pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
-use tokio_rustls::TlsConnector;
 
 use crate::queue::{self, Attempt, Dispatcher, Job, QueueHandle, Reply};
 use crate::spool::Spool;
@@ -26,13 +28,14 @@ use arc_swap::ArcSwap;
 use client::{Client, ClientError, Rcpt, Stream, Transaction};
 use dns::{DnsFailure, Resolver};
 use herald_config::{Config, Delivery, OutboundTls, TlsMode};
+use tls::TlsClient;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliverError {
     #[error(transparent)]
     Resolver(#[from] dns::ResolverError),
-    #[error("outbound TLS: {0}")]
-    Tls(#[from] rustls::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("delivery.smarthost.password_file {path}: {source}")]
     Password {
         path: std::path::PathBuf,
@@ -55,12 +58,22 @@ pub struct Outbound {
     resolver: Resolver,
     pools: std::collections::HashMap<String, Vec<Source>>,
     smarthost_password: Option<String>,
+    /// With a smarthost and `tls: starttls` or `implicit`.
+    smarthost_tls: Option<SmarthostTls>,
+}
+
+/// How the smarthost's certificate is checked: the verifying config (system roots and `ca_file`) and the name
+/// the certificate must be valid for.
+struct SmarthostTls {
+    client: TlsClient,
+    name: ServerName<'static>,
 }
 
 /// Everything connection tasks share.
 pub struct Deliverer {
     outbound: ArcSwap<Outbound>,
-    tls: TlsConnector,
+    /// Opportunistic, encrypt-only TLS for MX hosts; the smarthost's verifying config is in `Outbound`.
+    mx_tls: TlsClient,
     spool: Spool,
     /// Turns true when the relay stops: connections still resolving or connecting give their job back.
     stop: tokio::sync::watch::Sender<bool>,
@@ -107,8 +120,8 @@ impl std::fmt::Debug for Outbound {
 }
 
 impl Outbound {
-    /// The delivery settings of `config`. Blocking (reads the smarthost password file and the system
-    /// resolver's config): call it off the async runtime.
+    /// The delivery settings of `config`. Blocking (reads the smarthost password and CA files, the system's
+    /// CA certificates and the system resolver's config): call it off the async runtime.
     pub fn load(config: &Config) -> Result<Outbound, DeliverError> {
         let nameservers = config
             .delivery
@@ -133,6 +146,13 @@ impl Outbound {
             ),
             None => None,
         };
+        let smarthost_tls = match &config.delivery.smarthost {
+            Some(sh) if sh.tls != TlsMode::None => Some(SmarthostTls {
+                client: TlsClient::smarthost_verified(sh.ca_file.as_deref())?,
+                name: tls::smarthost_name(&sh.host)?,
+            }),
+            _ => None,
+        };
         let pools = config
             .ip_pools
             .iter()
@@ -155,6 +175,7 @@ impl Outbound {
             resolver: Resolver::new(&nameservers)?,
             pools,
             smarthost_password,
+            smarthost_tls,
         })
     }
 }
@@ -167,7 +188,7 @@ impl Deliverer {
     ) -> Result<Arc<Deliverer>, DeliverError> {
         Ok(Arc::new(Deliverer {
             outbound: ArcSwap::from_pointee(outbound),
-            tls: client::opportunistic_tls()?,
+            mx_tls: TlsClient::mx_encrypt_only()?,
             spool,
             stop: tokio::sync::watch::channel(false).0,
             rules,
@@ -408,25 +429,22 @@ impl Deliverer {
             data: t.data,
         };
         let smarthost = o.delivery.smarthost.as_ref();
+        // The smarthost's certificate is verified against its configured name; an MX host's is not checked
+        // (the name is only SNI), as opportunistic TLS goes.
+        let (tls, name) = match &o.smarthost_tls {
+            Some(sh) => (&sh.client, sh.name.clone()),
+            None => (
+                &self.mx_tls,
+                ServerName::try_from(host.to_owned()).unwrap_or_else(|_| {
+                    ServerName::try_from("invalid.invalid").expect("a valid DNS name")
+                }),
+            ),
+        };
         let implicit = smarthost.is_some_and(|s| s.tls == TlsMode::Implicit);
         let mut c = if implicit {
-            let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-                .unwrap_or_else(|_| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
-            match tokio::time::timeout(t.command, self.tls.connect(name, tcp)).await {
-                Ok(Ok(s)) => {
-                    let version =
-                        crate::server::tls::version_name(s.get_ref().1.protocol_version());
-                    let mut c = Client::new(Stream::Tls(Box::new(s)), limits);
-                    c.tls = Some(version);
-                    c
-                }
-                _ => {
-                    return Err(Retry::Next(fail(Self::local(
-                        451,
-                        "4.7.5",
-                        format!("TLS handshake with {host} failed"),
-                    ))));
-                }
+            match Client::connect_tls(tcp, tls, name.clone(), limits).await {
+                Ok(c) => c,
+                Err(e) => return Err(Retry::Next(fail(tls_failure(host, addr, &e)))),
             }
         } else {
             Client::new(Stream::Plain(tcp), limits)
@@ -456,7 +474,7 @@ impl Deliverer {
         };
         if want_tls && c.tls.is_none() {
             if c.extensions.starttls {
-                match c.starttls(&self.tls, host).await {
+                match c.starttls(tls, name).await {
                     Ok((next, None)) => {
                         c = next;
                         let r = c.hello(ehlo).await.map_err(err)?;
@@ -473,7 +491,7 @@ impl Deliverer {
                         c = plain;
                     }
                     Err(e) => {
-                        let f = fail(Self::local(451, "4.7.5", format!("{host}: {e}")));
+                        let f = fail(tls_failure(host, addr, &e));
                         return Err(if must_tls {
                             Retry::Next(f)
                         } else {
@@ -493,7 +511,19 @@ impl Deliverer {
         if let (Some(sh), Some(pw)) = (smarthost, &o.smarthost_password)
             && let Some(user) = &sh.username
         {
-            let r = c.authenticate(user, pw).await.map_err(err)?;
+            let r = match c.authenticate(user, pw).await {
+                Ok(r) => r,
+                // The client's own guard: the policy above never gets here without a verified certificate.
+                Err(e @ ClientError::Unverified) => {
+                    c.quit().await;
+                    return Err(Retry::Stop(fail(Self::local(
+                        451,
+                        "4.7.5",
+                        format!("{host}: {e}"),
+                    ))));
+                }
+                Err(e) => return Err(err(e)),
+            };
             if r.code != 235 {
                 c.quit().await;
                 // A refused login will not get better by retrying every minute, but it is our config, not
@@ -673,6 +703,40 @@ fn remote_reply(r: &client::Response) -> Reply {
         text: r.text.clone(),
         remote: true,
     }
+}
+
+/// The reply for a failed TLS handshake. A certificate that did not verify (the smarthost's: MX hosts' are
+/// not checked) is logged as such: the attempt is deferred, and nothing, credentials least of all, was sent.
+fn tls_failure(host: &str, addr: SocketAddr, e: &ClientError) -> Reply {
+    let ClientError::Certificate(cert) = e else {
+        return Deliverer::local(451, "4.7.5", format!("{host}: {e}"));
+    };
+    let why = match cert {
+        rustls::CertificateError::UnknownIssuer => {
+            "issued by a CA that is neither among the system's CA certificates nor in \
+             delivery.smarthost.ca_file"
+                .to_owned()
+        }
+        // A trusted CA of the issuer's name exists but did not sign it: typically a CA (or a self-signed
+        // certificate) renewed with a new key while the CA file still holds the old one.
+        rustls::CertificateError::BadSignature => {
+            "its signature does not verify with the trusted CA certificate of its issuer's name (a CA \
+             renewed with a new key, and the CA file not updated yet?)"
+                .to_owned()
+        }
+        other => other.to_string(),
+    };
+    tracing::warn!(
+        smarthost = host,
+        address = %addr,
+        error = %why,
+        "the smarthost's certificate did not verify: deferred, no credentials sent"
+    );
+    Deliverer::local(
+        451,
+        "4.7.5",
+        format!("{host}[{addr}]: certificate not verified: {why}"),
+    )
 }
 
 fn dns_reply(e: &DnsFailure) -> Reply {
