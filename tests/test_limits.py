@@ -309,3 +309,53 @@ def test_a_client_that_stops_reading_is_closed_after_the_command_timeout(relays)
     assert closed, "the relay kept a session whose client reads nothing"
     status, body = r.http_get("/metrics")
     assert b'herald_smtp_rejections_total{reason="timeout"} 1' in body, body.decode()[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory: the bodies all sessions hold at once are bounded by limits.max_inbound_bytes
+
+
+def test_bodies_beyond_the_memory_budget_get_452_4_3_1_and_fit_once_it_is_free(relays):
+    budget = 1024 * 1024
+    r = relays.start("budget", limits={"max_message_size": budget, "max_inbound_bytes": budget})
+    line = b"y" * 998 + b"\r\n"
+    half = line * 400  # 400 kB: two fit in the budget, three do not
+    holders = []
+    try:
+        # Two sessions each hold 400 kB of an unfinished body.
+        for i in range(2):
+            c = session(r)
+            holders.append(c)
+            c.expect("MAIL FROM:<a@example.test>", "250 2.1.0")
+            c.expect(f"RCPT TO:<held{i}@foreign.test>", "250 2.1.5")
+            c.expect("DATA", "354")
+            c.send(make_message(unique("held"), body=half))
+        # Wait until the relay has read them (a NOOP on a third session proves nothing about the others):
+        # a third body refused while they hold the budget is the proof, so try it a bounded number of times.
+        refused = None
+        for _ in range(50):
+            with session(r) as c:
+                c.expect("MAIL FROM:<a@example.test>", "250 2.1.0")
+                c.expect("RCPT TO:<third@foreign.test>", "250 2.1.5")
+                reply = c.data(make_message(unique("third"), body=half))
+                if reply.starts("452 4.3.1"):
+                    refused = reply
+                    c.expect("NOOP", "250 2.0.0")  # the session goes on after the refusal
+                    break
+            time.sleep(0.1)
+        assert refused, "a third body was never refused while two held the budget"
+        assert "try again later" in refused.last, refused
+        # The holders finish: their messages are accepted, and the budget is free again.
+        for c in holders:
+            c.send(b".\r\n")
+            assert c.read_reply().starts("250 2.0.0")
+    finally:
+        for c in holders:
+            c.close()
+    with session(r) as c:
+        ok = c.transaction("a@example.test", ["third@foreign.test"], make_message(unique("again"), body=half))
+        assert ok.queue_id, ok
+    status, body = r.http_get("/metrics")
+    assert status == 200
+    assert b'herald_smtp_rejections_total{reason="memory_budget"} ' in body
+    assert b'herald_smtp_rejections_total{reason="memory_budget"} 0' not in body, body.decode()[-2000:]

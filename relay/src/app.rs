@@ -20,10 +20,12 @@ use crate::outcome::verp::{self, ReturnPaths};
 use crate::outcome::{Classifier, Rules, classify};
 use crate::policy::Policy;
 use crate::queue::{self, QueueHandle};
+use crate::resources;
 use crate::server::{self, ConnectionLimits, Shared, auth::AuthGate, tls::TlsStore};
 use crate::spool::Spool;
 use crate::telemetry::Telemetry;
 use herald_config::Config;
+use herald_smtp::budget::Budget;
 
 /// How often the config file is checked for a change (a ConfigMap update replaces it in place).
 const CONFIG_POLL: Duration = Duration::from_secs(5);
@@ -132,6 +134,13 @@ impl Relay {
             let c = config.clone();
             Arc::new(tokio::task::spawn_blocking(move || Signers::load(&c)).await??)
         };
+        let memory_limit = resources::memory_limit().await;
+        let inbound = resources::inbound_bytes(&config, memory_limit);
+        tracing::info!(
+            memory_limit = memory_limit.map_or_else(|| "none".to_owned(), |l| l.to_string()),
+            inbound_bytes = inbound,
+            "memory budgets"
+        );
         let shared = Shared {
             signers,
             policy: Arc::new(Policy::new(&config, return_paths)),
@@ -146,6 +155,8 @@ impl Relay {
             rules,
             auth: Arc::new(AuthGate::new(&config.limits, telemetry.metrics.clone())),
             telemetry,
+            budget: Budget::new(inbound as usize),
+            memory_limit,
         };
         let (stop, stop_rx) = watch::channel(false);
         let state = Arc::new(ExporterState {

@@ -15,20 +15,25 @@ const STEP: usize = 64 * 1024;
 /// The shared budget.
 #[derive(Debug)]
 pub struct Budget {
-    capacity: usize,
+    capacity: AtomicUsize,
     used: AtomicUsize,
 }
 
 impl Budget {
     pub fn new(capacity: usize) -> Arc<Budget> {
         Arc::new(Budget {
-            capacity,
+            capacity: AtomicUsize::new(capacity),
             used: AtomicUsize::new(0),
         })
     }
 
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.capacity.load(Ordering::Relaxed)
+    }
+
+    /// A new size (a config reload); reservations held beyond it stay until they are given back.
+    pub fn set_capacity(&self, capacity: usize) {
+        self.capacity.store(capacity, Ordering::Relaxed);
     }
 
     /// Bytes reserved now.
@@ -39,7 +44,7 @@ impl Budget {
     fn take(&self, n: usize) -> bool {
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(n).filter(|&t| t <= self.capacity)
+                used.checked_add(n).filter(|&t| t <= self.capacity())
             })
             .is_ok()
     }

@@ -31,6 +31,7 @@ use crate::queue::QueueHandle;
 use crate::spool::Spool;
 use crate::telemetry::Telemetry;
 use herald_config::{AuthMode, Config, Listener, TlsMode};
+use herald_smtp::budget::Budget;
 use herald_smtp::{RejectReason, SessionConfig};
 use tls::TlsStore;
 
@@ -179,6 +180,10 @@ pub struct Shared {
     pub rules: Arc<Rules>,
     pub telemetry: Telemetry,
     pub auth: Arc<auth::AuthGate>,
+    /// Bytes of message bodies all sessions together may hold in memory.
+    pub budget: Arc<Budget>,
+    /// The container's memory limit, which sizes `budget` when the config does not.
+    pub memory_limit: Option<u64>,
 }
 
 /// Binds every listener of the config; nothing is served until [`serve`] runs them.
@@ -205,6 +210,7 @@ fn settings(
     l: &Listener,
     policy: &Arc<Policy>,
     signers: &Arc<Signers>,
+    budget: &Arc<Budget>,
 ) -> ListenerSettings {
     let limits = &config.limits;
     ListenerSettings {
@@ -220,7 +226,7 @@ fn settings(
                 command_timeout: limits.command_timeout,
                 data_timeout: limits.data_timeout,
             },
-            budget: None,
+            budget: Some(budget.clone()),
         }),
         allow_networks: l.allow_networks.clone(),
         max_session: limits.max_session_duration,
@@ -244,6 +250,7 @@ fn context(config: &Config, l: &Listener, shared: &Shared) -> Result<ListenerCon
             l,
             &shared.policy,
             &shared.signers,
+            &shared.budget,
         ))),
         tls: shared.tls.clone(),
         spool: shared.spool.clone(),
@@ -267,18 +274,21 @@ pub fn reconfigure(
 ) -> Vec<String> {
     let limits = &shared.limits;
     let policy = Arc::new(Policy::new(config, return_paths.clone()));
+    shared
+        .budget
+        .set_capacity(crate::resources::inbound_bytes(config, shared.memory_limit) as usize);
     let mut needs_restart = Vec::new();
     for ctx in contexts {
         match config.listeners.iter().find(|l| l.name == ctx.name) {
             Some(l) if l.address == ctx.address && l.tls == ctx.tls_mode => {
-                ctx.set_settings(settings(config, l, &policy, signers));
+                ctx.set_settings(settings(config, l, &policy, signers, &shared.budget));
             }
             Some(l) => {
                 // The socket and its TLS mode stay as they are; everything else still applies.
                 let mut kept = l.clone();
                 kept.address = ctx.address;
                 kept.tls = ctx.tls_mode;
-                ctx.set_settings(settings(config, &kept, &policy, signers));
+                ctx.set_settings(settings(config, &kept, &policy, signers, &shared.budget));
                 needs_restart.push(format!(
                     "listener {:?} changed address or TLS mode",
                     ctx.name
