@@ -23,7 +23,11 @@ impl Config {
                     format!("{} is also the address of listener {:?}", a.address, l.name),
                 ));
             }
-            if self.metrics.as_ref().is_some_and(|m| m.address == a.address) {
+            if self
+                .metrics
+                .as_ref()
+                .is_some_and(|m| m.address == a.address)
+            {
                 return Err(invalid(
                     "admin.address",
                     format!(
@@ -33,7 +37,10 @@ impl Config {
                     ),
                 ));
             }
-            if a.token_file.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
+            if a.token_file
+                .as_ref()
+                .is_some_and(|f| f.as_os_str().is_empty())
+            {
                 return Err(invalid("admin.token_file", "must not be empty"));
             }
         }

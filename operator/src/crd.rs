@@ -283,7 +283,10 @@ fn default_image() -> String {
 /// One SMTP port of the relay.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.auth != 'required' || self.tls != 'none'").message("auth: required needs tls: starttls or implicit"))]
+#[x_kube(
+    validation = Rule::new("self.auth != 'required' || self.tls != 'none'").message("auth: required needs tls: starttls or implicit"),
+    validation = Rule::new("self.port != 9090 && self.port != 9091 && self.name != 'metrics' && self.name != 'admin'").message("port 9090 (name metrics) and port 9091 (name admin) are the relay's metrics and admin ports")
+)]
 pub struct ListenerSpec {
     #[schemars(regex(pattern = r"^[a-z][a-z0-9-]{0,14}$"), length(min = 1, max = 15))]
     pub name: String,

@@ -23,8 +23,17 @@ pub const SMARTHOST_DIR: &str = "/etc/herald/smarthost";
 pub const SMARTHOST_PASSWORD: &str = "/etc/herald/smarthost/password";
 /// The spool volume of each replica.
 pub const SPOOL_DIR: &str = "/var/lib/herald/spool";
-/// The relay's admin listener: probes, metrics and the queue API.
-pub const ADMIN_PORT: u16 = 9090;
+/// The relay's metrics listener (`/metrics`, `/healthz`, `/readyz`), and its container port's name: what
+/// Prometheus scrapes and the kubelet probes.
+pub const METRICS_PORT: u16 = 9090;
+pub const METRICS_PORT_NAME: &str = "metrics";
+/// The relay's admin listener (the queue and suppression API, behind a bearer token), and its port's name.
+pub const ADMIN_PORT: u16 = 9091;
+pub const ADMIN_PORT_NAME: &str = "admin";
+/// Where the admin token Secret is mounted, the key that holds the token, and the file the relay reads.
+pub const ADMIN_DIR: &str = "/etc/herald/admin";
+pub const ADMIN_TOKEN_KEY: &str = "token";
+pub const ADMIN_TOKEN_FILE: &str = "/etc/herald/admin/token";
 
 /// The key in a DKIM Secret that holds the private key.
 pub const DKIM_KEY: &str = "private.key";
@@ -34,6 +43,11 @@ pub const DKIM_PUBLIC: &str = "public.b64";
 /// The Secret holding a relay's config file and its return-path token keys.
 pub fn config_secret_name(relay: &SmtpRelay) -> String {
     format!("{}-config", relay.name_any())
+}
+
+/// The Secret holding a relay's admin API token (generated once, kept until deleted).
+pub fn admin_token_secret_name(relay: &SmtpRelay) -> String {
+    format!("{}-admin-token", relay.name_any())
 }
 
 /// The name of the Secret holding a domain's DKIM key (generated or given).
@@ -67,12 +81,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_smarthost_password_is_in_the_mounted_directory() {
+    fn the_smarthost_password_and_admin_token_are_in_their_mounted_directories() {
         assert_eq!(
             SMARTHOST_PASSWORD,
             format!("{SMARTHOST_DIR}/password"),
             "objects mounts the Secret's `password` key at SMARTHOST_DIR"
         );
+        assert_eq!(ADMIN_TOKEN_FILE, format!("{ADMIN_DIR}/{ADMIN_TOKEN_KEY}"));
     }
 
     #[test]

@@ -9,14 +9,15 @@ use std::sync::Arc;
 
 use herald_config::{
     self as relay, Admin, AuthMode, Config, Delivery, Dkim, DkimAlgorithm as RelayDkim, Domain,
-    IpPool as RelayPool, Listener, PerDomain, Retry, Smarthost, Source, TlsFiles, TlsMode,
+    IpPool as RelayPool, Listener, MetricsEndpoint, PerDomain, Retry, Smarthost, Source, TlsFiles,
+    TlsMode,
 };
 use kube::ResourceExt;
 
 use crate::crd::{DkimAlgorithm, IpPool, ListenerAuth, ListenerTls, SendingDomain, SmtpRelay};
 use crate::layout::{
-    ADMIN_PORT, BOUNCE_KEYS, CONFIG_DIR, SMARTHOST_PASSWORD, SPOOL_DIR, TLS_DIR, active_selector,
-    dkim_key_file,
+    ADMIN_PORT, ADMIN_TOKEN_FILE, BOUNCE_KEYS, CONFIG_DIR, METRICS_PORT, SMARTHOST_PASSWORD,
+    SPOOL_DIR, TLS_DIR, active_selector, dkim_key_file,
 };
 use crate::records::return_path_domain;
 
@@ -201,8 +202,14 @@ pub fn relay_config(
         ip_pools,
         delivery,
         limits: relay::Limits::default(),
+        // On every address, so that Prometheus (metrics) and the operator (admin) reach them; the
+        // NetworkPolicy (`network`) says from where, and the admin API wants the token besides.
+        metrics: Some(MetricsEndpoint {
+            address: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), METRICS_PORT),
+        }),
         admin: Some(Admin {
             address: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), ADMIN_PORT),
+            token_file: Some(ADMIN_TOKEN_FILE.into()),
         }),
         events: None,
         log: relay::Log::default(),
@@ -293,6 +300,16 @@ mod tests {
         assert_eq!(
             c.delivery.max_age,
             std::time::Duration::from_secs(3 * 86400)
+        );
+        assert_eq!(
+            c.metrics.as_ref().map(|m| m.address.to_string()).as_deref(),
+            Some("0.0.0.0:9090")
+        );
+        let admin = c.admin.as_ref().unwrap();
+        assert_eq!(admin.address.to_string(), "0.0.0.0:9091");
+        assert_eq!(
+            admin.token_file.as_deref(),
+            Some(std::path::Path::new("/etc/herald/admin/token"))
         );
         // What herald-relay check-config does with the file.
         let text = config_yaml(&c).unwrap();

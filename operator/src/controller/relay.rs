@@ -2,11 +2,14 @@
 //! it.
 //!
 //! - **Fetch**: the relay's domains and the namespace's pools from the shared caches; the config Secret as it
-//!   is (to keep the return-path keys, and the password hashes that still match); each user's password,
-//!   hashed; the smarthost username; the StatefulSet's ready replicas.
-//! - **Decide**: [`decide`] renders the config and builds the config Secret, StatefulSet, Services, PDB and
-//!   ServiceMonitor, and the status, without I/O.
-//! - **Apply**: server-side apply of each object, then the status when it changed.
+//!   is (to keep the return-path keys, and the password hashes that still match) and whether the admin
+//!   token Secret exists ([`kept_secrets`]); each user's password, hashed; the smarthost username; the
+//!   StatefulSet's ready replicas.
+//! - **Decide**: [`decide`] renders the config and builds the config Secret, the admin token Secret when
+//!   there is none, StatefulSet, Services, PDB, NetworkPolicy and ServiceMonitor, and the status, without
+//!   I/O.
+//! - **Apply**: the admin token Secret is created (never applied: it is made once and kept); every other
+//!   object is server-side applied; then the status when it changed.
 //!
 //! A relay renders once per batch of changes, not once per domain event: SendingDomain events reach it
 //! through `triggers::DomainEvents` only when something the config reads changed, and a debounce folds a
@@ -27,7 +30,9 @@ use sha2::{Digest, Sha256};
 
 use super::{Conditions, Context, Error, MANAGER, apply, patch_status};
 use crate::crd::{IpPool, SendingDomain, SmtpRelay, SmtpRelayStatus};
-use crate::layout::{BOUNCE_KEYS, CONFIG_FILE, config_secret_name};
+use crate::layout::{
+    ADMIN_TOKEN_KEY, BOUNCE_KEYS, CONFIG_FILE, admin_token_secret_name, config_secret_name,
+};
 use crate::objects;
 use crate::render::{self, HashedUser};
 
@@ -49,14 +54,13 @@ async fn reconcile_relay(relay: &SmtpRelay, ctx: &Context) -> Result<Action, Err
     let client = ctx.client.clone();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
 
-    // Fetch. A failed read of the config Secret fails the reconcile: carrying on would replace the
-    // return-path keys with new ones, and every bounce in flight would stop verifying.
-    let applied = secrets.get_opt(&config_secret_name(relay)).await?;
-    let mut problems = Vec::new();
+    // Fetch.
+    let kept = kept_secrets(&secrets, relay).await?;
+    let mut problems = kept.problems;
     let users = hashed_users(
         relay,
         &secrets,
-        applied.as_ref().and_then(applied_config).as_ref(),
+        kept.applied.as_ref().and_then(applied_config).as_ref(),
         &mut problems,
     )
     .await?;
@@ -90,10 +94,8 @@ async fn reconcile_relay(relay: &SmtpRelay, ctx: &Context) -> Result<Action, Err
         users,
         problems,
         smarthost_username,
-        bounce_keys: applied
-            .as_ref()
-            .and_then(kept_bounce_keys)
-            .unwrap_or_else(new_bounce_keys),
+        bounce_keys: kept.bounce_keys,
+        new_admin_token: kept.new_admin_token,
         ready_replicas,
     };
 
@@ -102,6 +104,9 @@ async fn reconcile_relay(relay: &SmtpRelay, ctx: &Context) -> Result<Action, Err
 
     // Apply.
     if let Some(o) = &decision.objects {
+        if let Some(token) = &o.admin_token_secret {
+            create_once(&secrets, token).await?;
+        }
         apply(&secrets, &o.config_secret).await?;
         apply(
             &Api::<StatefulSet>::namespaced(client.clone(), &ns),
@@ -144,6 +149,8 @@ pub struct Inputs {
     pub smarthost_username: Option<String>,
     /// The return-path token keys: those already applied, or new ones for a new relay.
     pub bounce_keys: String,
+    /// A new admin API token, when the relay has no token Secret yet.
+    pub new_admin_token: Option<String>,
     pub ready_replicas: i32,
 }
 
@@ -151,6 +158,8 @@ pub struct Inputs {
 #[derive(Debug, Clone)]
 pub struct Objects {
     pub config_secret: Secret,
+    /// Created when the relay has none yet; never applied over an existing one.
+    pub admin_token_secret: Option<Secret>,
     pub statefulset: StatefulSet,
     pub smtp_service: Service,
     pub headless_service: Service,
@@ -204,6 +213,10 @@ pub fn decide(relay: &SmtpRelay, inputs: &Inputs, now: Timestamp) -> Result<Deci
             ));
             let o = Objects {
                 config_secret: objects::config_secret(relay, &yaml, &inputs.bounce_keys),
+                admin_token_secret: inputs
+                    .new_admin_token
+                    .as_deref()
+                    .map(|t| objects::admin_token_secret(relay, t)),
                 statefulset: objects::statefulset(relay, &inputs.domains, &hash, &config.shutdown),
                 smtp_service: objects::smtp_service(relay),
                 headless_service: objects::headless_service(relay),
@@ -323,6 +336,70 @@ async fn secret_value(
         }))
 }
 
+/// What a relay keeps across reconciles in its own Secrets, as read from the API server.
+#[derive(Debug)]
+pub struct Kept {
+    /// The config Secret as applied last (its password hashes are kept while they match).
+    pub applied: Option<Secret>,
+    /// The return-path token keys: the applied ones, or new ones when there is no config Secret yet.
+    pub bounce_keys: String,
+    /// A new admin token, only when the token Secret does not exist.
+    pub new_admin_token: Option<String>,
+    /// A token Secret without a usable token: said in the status rather than replaced behind the
+    /// user's back.
+    pub problems: Vec<String>,
+}
+
+/// Reads the config and admin token Secrets. A value is new only where its Secret is absent (a 404): any
+/// other failure to read fails the reconcile, because carrying on would replace keys in use (every bounce
+/// in flight would stop verifying; `herald-relay admin` would be locked out until the pods read the new
+/// token).
+pub async fn kept_secrets(secrets: &Api<Secret>, relay: &SmtpRelay) -> Result<Kept, Error> {
+    let applied = secrets.get_opt(&config_secret_name(relay)).await?;
+    let token_name = admin_token_secret_name(relay);
+    let token = secrets.get_opt(&token_name).await?;
+    let mut problems = Vec::new();
+    let new_admin_token = match &token {
+        None => Some(new_secret_value()),
+        Some(s) if secret_has_value(s, ADMIN_TOKEN_KEY) => None,
+        Some(_) => {
+            problems.push(format!(
+                "Secret {token_name} has no key {ADMIN_TOKEN_KEY}: delete it and the operator makes a new admin token"
+            ));
+            None
+        }
+    };
+    Ok(Kept {
+        bounce_keys: applied
+            .as_ref()
+            .and_then(kept_bounce_keys)
+            .unwrap_or_else(new_secret_value_line),
+        applied,
+        new_admin_token,
+        problems,
+    })
+}
+
+fn secret_has_value(s: &Secret, key: &str) -> bool {
+    s.data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .is_some_and(|v| !v.0.iter().all(u8::is_ascii_whitespace))
+}
+
+/// Creates a Secret that must be made once and never replaced; one made meanwhile (another operator
+/// replica, an interrupted reconcile) is kept.
+async fn create_once(secrets: &Api<Secret>, secret: &Secret) -> Result<(), Error> {
+    match secrets
+        .create(&kube::api::PostParams::default(), secret)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The return-path token keys in the applied config Secret (replacing them would make every bounce in
 /// flight unverifiable). A user rotates by editing the Secret: a new first line signs, the old lines keep
 /// verifying.
@@ -335,12 +412,17 @@ fn kept_bounce_keys(applied: &Secret) -> Option<String> {
         .filter(|k| !k.trim().is_empty())
 }
 
-/// A new random return-path key, for a relay that has none yet.
-fn new_bounce_keys() -> String {
+/// 32 random bytes in hex: a return-path key or an admin token.
+fn new_secret_value() -> String {
     use rand_core::RngCore;
     let mut key = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut key);
-    format!("{}\n", hex::encode(key))
+    hex::encode(key)
+}
+
+/// A new return-path key file (one key per line), for a relay that has none yet.
+fn new_secret_value_line() -> String {
+    format!("{}\n", new_secret_value())
 }
 
 /// The config in the applied Secret, to keep its password hashes.
@@ -414,6 +496,7 @@ mod tests {
             problems: vec![],
             smarthost_username: None,
             bounce_keys: "00\n".into(),
+            new_admin_token: None,
             ready_replicas: 0,
         }
     }
@@ -588,8 +671,116 @@ mod tests {
             ..Secret::default()
         };
         assert_eq!(kept_bounce_keys(&empty), None);
-        let fresh = new_bounce_keys();
+        let fresh = new_secret_value_line();
         assert_eq!(fresh.len(), 65);
-        assert_ne!(fresh, new_bounce_keys());
+        assert_ne!(fresh, new_secret_value_line());
+    }
+
+    /// A stand-in API server for one fetch step: `answer` maps a request path to a status and a JSON body.
+    fn secrets_api(answer: fn(&str) -> (u16, serde_json::Value)) -> Api<Secret> {
+        let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+            let (status, body) = answer(req.uri().path());
+            async move {
+                let body = serde_json::to_vec(&body).expect("JSON");
+                http::Response::builder()
+                    .status(status)
+                    .body(kube::client::Body::from(body))
+            }
+        });
+        Api::namespaced(kube::Client::new(service, "mail"), "mail")
+    }
+
+    fn status(code: u16, reason: &str) -> serde_json::Value {
+        serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": reason, "reason": reason, "code": code})
+    }
+
+    fn secret(name: &str, key: &str, value: &[u8]) -> serde_json::Value {
+        use base64::Engine;
+        let value = base64::engine::general_purpose::STANDARD.encode(value);
+        serde_json::json!({"kind": "Secret", "apiVersion": "v1",
+            "metadata": {"name": name, "namespace": "mail"}, "data": {key: value}})
+    }
+
+    #[tokio::test]
+    async fn a_failed_read_never_makes_new_bounce_keys_or_a_new_admin_token() {
+        // The API server fails (500, or 429 while it sheds load): the reconcile fails and keeps what exists.
+        for code in [500, 429, 403] {
+            let api = match code {
+                500 => secrets_api(|_| (500, status(500, "InternalError"))),
+                429 => secrets_api(|_| (429, status(429, "TooManyRequests"))),
+                _ => secrets_api(|_| (403, status(403, "Forbidden"))),
+            };
+            assert!(kept_secrets(&api, &relay()).await.is_err(), "{code}");
+        }
+        // Only the token Secret's read fails: still no new bounce keys go out with a new token.
+        let api = secrets_api(|path| {
+            if path.ends_with("/relay-config") {
+                (200, secret("relay-config", BOUNCE_KEYS, b"abc\n"))
+            } else {
+                (500, status(500, "InternalError"))
+            }
+        });
+        assert!(kept_secrets(&api, &relay()).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn keys_and_token_are_new_only_where_their_secret_is_absent() {
+        let api = secrets_api(|path| {
+            if path.ends_with("/relay-config") {
+                (200, secret("relay-config", BOUNCE_KEYS, b"abc\n"))
+            } else {
+                (404, status(404, "NotFound"))
+            }
+        });
+        let kept = kept_secrets(&api, &relay()).await.unwrap();
+        assert_eq!(kept.bounce_keys, "abc\n");
+        let token = kept.new_admin_token.expect("a new token");
+        assert!(
+            token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{token}"
+        );
+
+        let api = secrets_api(|path| {
+            if path.ends_with("/relay-admin-token") {
+                (200, secret("relay-admin-token", ADMIN_TOKEN_KEY, b"t0ken"))
+            } else {
+                (404, status(404, "NotFound"))
+            }
+        });
+        let kept = kept_secrets(&api, &relay()).await.unwrap();
+        assert_eq!(kept.new_admin_token, None, "the existing token is kept");
+        assert_eq!(kept.bounce_keys.len(), 65, "a new relay gets new keys");
+        assert!(kept.problems.is_empty());
+
+        // A token Secret emptied by hand is reported, not silently replaced.
+        let api = secrets_api(|path| {
+            if path.ends_with("/relay-admin-token") {
+                (200, secret("relay-admin-token", ADMIN_TOKEN_KEY, b"\n"))
+            } else {
+                (404, status(404, "NotFound"))
+            }
+        });
+        let kept = kept_secrets(&api, &relay()).await.unwrap();
+        assert_eq!(kept.new_admin_token, None);
+        assert!(
+            kept.problems[0].contains("relay-admin-token has no key token"),
+            "{:?}",
+            kept.problems
+        );
+    }
+
+    #[test]
+    fn a_new_admin_token_is_an_object_to_create_and_none_otherwise() {
+        let r = relay();
+        let d = decide(&r, &inputs(), at(100)).unwrap();
+        assert!(d.objects.unwrap().admin_token_secret.is_none());
+        let with_token = Inputs {
+            new_admin_token: Some("t".into()),
+            ..inputs()
+        };
+        let o = decide(&r, &with_token, at(100)).unwrap().objects.unwrap();
+        let token = o.admin_token_secret.expect("a token Secret");
+        assert_eq!(token.metadata.name.as_deref(), Some("relay-admin-token"));
     }
 }
