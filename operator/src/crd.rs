@@ -5,7 +5,9 @@
 //! in `crds/` is generated from these types (`herald-operator crds`), and a test fails when it differs.
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -285,7 +287,8 @@ fn default_image() -> String {
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("self.auth != 'required' || self.tls != 'none'").message("auth: required needs tls: starttls or implicit"),
-    validation = Rule::new("self.port != 9090 && self.port != 9091 && self.name != 'metrics' && self.name != 'admin'").message("port 9090 (name metrics) and port 9091 (name admin) are the relay's metrics and admin ports")
+    validation = Rule::new("self.port != 9090 && self.port != 9091 && self.name != 'metrics' && self.name != 'admin'").message("port 9090 (name metrics) and port 9091 (name admin) are the relay's metrics and admin ports"),
+    validation = Rule::new("!has(self.allowNamespaces) || !has(self.allowNetworks) || size(self.allowNetworks) == 0").message("allowNamespaces narrows a listener without allowNetworks; with allowNetworks the relay admits only those networks")
 )]
 pub struct ListenerSpec {
     #[schemars(regex(pattern = r"^[a-z][a-z0-9-]{0,14}$"), length(min = 1, max = 15))]
@@ -296,9 +299,16 @@ pub struct ListenerSpec {
     pub tls: ListenerTls,
     #[serde(default)]
     pub auth: ListenerAuth,
-    /// Clients outside these CIDRs are refused; clients inside may relay without AUTH.
+    /// Clients outside these CIDRs are refused; clients inside may relay without AUTH. The relay's
+    /// NetworkPolicy admits only these networks to the port (as `ipBlock`s).
     #[serde(default)]
     pub allow_networks: Vec<String>,
+    /// For a listener without `allowNetworks`: only pods in the namespaces this selects may connect. The
+    /// relay's NetworkPolicy enforces it (the relay itself sees addresses, not namespaces), so it needs a
+    /// network plugin that enforces NetworkPolicy. Without it (and without `allowNetworks`) anyone may
+    /// connect: a public submission or MX port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_namespaces: Option<LabelSelector>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -417,19 +427,36 @@ fn default_storage_size() -> String {
     "10Gi".to_owned()
 }
 
+/// The relay's metrics port (9090: `/metrics`, `/healthz`, `/readyz`) and who scrapes it.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MetricsSpec {
     /// Create a ServiceMonitor (when the Prometheus Operator's CRD is installed).
     #[serde(default = "default_true")]
     pub service_monitor: bool,
+    /// The namespaces whose pods may scrape the metrics port (the relay's NetworkPolicy); Prometheus's.
+    /// The kubelet's probes come from the node and are always let in.
+    #[serde(default = "default_monitoring_namespaces")]
+    pub namespace_selector: LabelSelector,
 }
 
 impl Default for MetricsSpec {
     fn default() -> Self {
         MetricsSpec {
             service_monitor: true,
+            namespace_selector: default_monitoring_namespaces(),
         }
+    }
+}
+
+/// The namespace kube-prometheus-stack is usually installed in.
+fn default_monitoring_namespaces() -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(BTreeMap::from([(
+            "kubernetes.io/metadata.name".to_owned(),
+            "monitoring".to_owned(),
+        )])),
+        match_expressions: None,
     }
 }
 

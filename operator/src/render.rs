@@ -250,6 +250,7 @@ mod tests {
             tls: ListenerTls::None,
             auth: ListenerAuth::None,
             allow_networks: vec!["10.0.0.0/8".into()],
+            allow_namespaces: None,
         });
         r.spec.delivery = DeliverySpec {
             retry: Some(RetrySpec {

@@ -195,6 +195,8 @@ pub struct Context {
     /// sets it: reconciles run from requeue timers even when every watch has stalled.
     pub last_activity: AtomicI64,
     pub recheck: Recheck,
+    /// Where this operator's pods run, for the relays' NetworkPolicy (their admin port admits them).
+    pub operator_pods: Option<crate::network::OperatorPods>,
 }
 
 impl std::fmt::Debug for Context {
@@ -207,7 +209,13 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
-    pub fn new(client: Client, dns: Verifier, stores: Stores, recheck: Recheck) -> Arc<Context> {
+    pub fn new(
+        client: Client,
+        dns: Verifier,
+        stores: Stores,
+        recheck: Recheck,
+        operator_pods: Option<crate::network::OperatorPods>,
+    ) -> Arc<Context> {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -224,6 +232,7 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             last_activity: AtomicI64::new(chrono::Utc::now().timestamp()),
             recheck,
+            operator_pods,
         })
     }
 

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -33,6 +34,7 @@ use crate::crd::{IpPool, SendingDomain, SmtpRelay, SmtpRelayStatus};
 use crate::layout::{
     ADMIN_TOKEN_KEY, BOUNCE_KEYS, CONFIG_FILE, admin_token_secret_name, config_secret_name,
 };
+use crate::network::{self, OperatorPods};
 use crate::objects;
 use crate::render::{self, HashedUser};
 
@@ -96,6 +98,7 @@ async fn reconcile_relay(relay: &SmtpRelay, ctx: &Context) -> Result<Action, Err
         smarthost_username,
         bounce_keys: kept.bounce_keys,
         new_admin_token: kept.new_admin_token,
+        operator_pods: ctx.operator_pods.clone(),
         ready_replicas,
     };
 
@@ -119,6 +122,11 @@ async fn reconcile_relay(relay: &SmtpRelay, ctx: &Context) -> Result<Action, Err
         apply(
             &Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns),
             &o.pdb,
+        )
+        .await?;
+        apply(
+            &Api::<NetworkPolicy>::namespaced(client.clone(), &ns),
+            &o.network_policy,
         )
         .await?;
         if let Some(monitor) = &o.service_monitor {
@@ -151,6 +159,8 @@ pub struct Inputs {
     pub bounce_keys: String,
     /// A new admin API token, when the relay has no token Secret yet.
     pub new_admin_token: Option<String>,
+    /// The operator's pods, which the NetworkPolicy admits to the admin port.
+    pub operator_pods: Option<OperatorPods>,
     pub ready_replicas: i32,
 }
 
@@ -164,6 +174,7 @@ pub struct Objects {
     pub smtp_service: Service,
     pub headless_service: Service,
     pub pdb: PodDisruptionBudget,
+    pub network_policy: NetworkPolicy,
     /// Applied when the Prometheus Operator's CRD is installed.
     pub service_monitor: Option<serde_json::Value>,
 }
@@ -221,6 +232,7 @@ pub fn decide(relay: &SmtpRelay, inputs: &Inputs, now: Timestamp) -> Result<Deci
                 smtp_service: objects::smtp_service(relay),
                 headless_service: objects::headless_service(relay),
                 pdb: objects::pdb(relay),
+                network_policy: network::network_policy(relay, inputs.operator_pods.as_ref()),
                 service_monitor: relay
                     .spec
                     .metrics
@@ -497,6 +509,7 @@ mod tests {
             smarthost_username: None,
             bounce_keys: "00\n".into(),
             new_admin_token: None,
+            operator_pods: None,
             ready_replicas: 0,
         }
     }

@@ -54,6 +54,10 @@ pub struct RunOptions {
     pub stale_after: Duration,
     pub recheck_pending: Duration,
     pub recheck_verified: Duration,
+    /// The namespace of the operator's own pods (the downward API's `POD_NAMESPACE`): the relays'
+    /// NetworkPolicy admits pods labelled `app.kubernetes.io/name: herald-operator` there to their admin
+    /// port. None outside a cluster: no pod is admitted.
+    pub operator_namespace: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +116,9 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             pending: opts.recheck_pending,
             verified: opts.recheck_verified,
         },
+        opts.operator_namespace
+            .clone()
+            .map(|namespace| crate::network::OperatorPods { namespace }),
     );
     let listener = tokio::net::TcpListener::bind(opts.health_address)
         .await
