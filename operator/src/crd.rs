@@ -272,6 +272,8 @@ pub struct SmtpRelaySpec {
     pub resources: Option<ResourceRequirements>,
     #[serde(default)]
     pub metrics: MetricsSpec,
+    #[serde(default)]
+    pub shutdown: ShutdownSpec,
 }
 
 fn default_replicas() -> i32 {
@@ -401,6 +403,50 @@ fn default_smarthost_port() -> i32 {
 
 fn default_smarthost_tls() -> ListenerTls {
     ListenerTls::Starttls
+}
+
+/// How long a stopping relay drains, step by step (the relay config's `shutdown`). The pod's
+/// `terminationGracePeriodSeconds` is their sum and 10 s more, so Kubernetes never kills a relay that is
+/// still draining.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShutdownSpec {
+    /// SMTP sessions in flight may finish their transaction, e.g. `30s`.
+    #[serde(default = "default_drain_sessions")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 10))]
+    pub sessions: String,
+    /// Deliveries in flight may finish and record their outcome (else they are retried after the restart,
+    /// and may arrive twice).
+    #[serde(default = "default_drain_deliveries")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 10))]
+    pub deliveries: String,
+    /// Events still buffered may reach the file and the webhook.
+    #[serde(default = "default_drain_events")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 10))]
+    pub events: String,
+}
+
+impl Default for ShutdownSpec {
+    fn default() -> Self {
+        ShutdownSpec {
+            sessions: default_drain_sessions(),
+            deliveries: default_drain_deliveries(),
+            events: default_drain_events(),
+        }
+    }
+}
+
+// The relay's own defaults (`herald_config::Shutdown::default`); a test keeps them equal.
+fn default_drain_sessions() -> String {
+    "30s".to_owned()
+}
+
+fn default_drain_deliveries() -> String {
+    "30s".to_owned()
+}
+
+fn default_drain_events() -> String {
+    "10s".to_owned()
 }
 
 /// The spool volume of each replica.

@@ -43,6 +43,7 @@ pub fn relay() -> SmtpRelay {
             storage: StorageSpec::default(),
             resources: None,
             metrics: MetricsSpec::default(),
+            shutdown: ShutdownSpec::default(),
         },
     );
     r.metadata.namespace = Some("mail".into());

@@ -130,7 +130,7 @@ const STARTUP_FAILURES: i32 = 60;
 /// the process to exit, so Kubernetes never kills a relay that is still recording outcomes.
 pub fn grace_period(drain: &herald_config::Shutdown) -> i64 {
     const EXIT_ROOM: u64 = 10;
-    (drain.total().as_secs() + EXIT_ROOM) as i64
+    i64::try_from(drain.total().as_secs().saturating_add(EXIT_ROOM)).unwrap_or(i64::MAX)
 }
 
 /// The relay StatefulSet: one spool volume per replica, probes on the metrics port, the admin token mounted

@@ -219,7 +219,11 @@ pub fn relay_config(
             secret_file: Some(format!("{CONFIG_DIR}/{BOUNCE_KEYS}").into()),
             ..relay::Bounces::default()
         },
-        shutdown: relay::Shutdown::default(),
+        shutdown: relay::Shutdown {
+            sessions: duration(&res, "spec.shutdown.sessions", &spec.shutdown.sessions)?,
+            deliveries: duration(&res, "spec.shutdown.deliveries", &spec.shutdown.deliveries)?,
+            events: duration(&res, "spec.shutdown.events", &spec.shutdown.events)?,
+        },
     };
     config.validate().map_err(|e| {
         err(
@@ -325,6 +329,23 @@ mod tests {
         r.spec.listeners[1].allow_networks = vec!["10.0.0.0/33".into()];
         let e = relay_config(&r, &[], &[], &users(), None).unwrap_err();
         assert_eq!(e.field, "spec.listeners[1].allowNetworks[0]");
+    }
+
+    #[test]
+    fn the_drain_is_the_specs_and_its_defaults_are_the_relays() {
+        let c = relay_config(&relay(), &[], &[], &users(), None).unwrap();
+        assert_eq!(c.shutdown, herald_config::Shutdown::default());
+        let mut r = relay();
+        r.spec.shutdown = ShutdownSpec {
+            sessions: "1m".into(),
+            deliveries: "2m".into(),
+            events: "5s".into(),
+        };
+        let c = relay_config(&r, &[], &[], &users(), None).unwrap();
+        assert_eq!(c.shutdown.total(), std::time::Duration::from_secs(185));
+        r.spec.shutdown.deliveries = "99999999999999999999d".into();
+        let e = relay_config(&r, &[], &[], &users(), None).unwrap_err();
+        assert_eq!(e.field, "spec.shutdown.deliveries");
     }
 
     #[test]

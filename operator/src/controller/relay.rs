@@ -648,6 +648,31 @@ mod tests {
     }
 
     #[test]
+    fn the_pods_grace_period_is_the_rendered_drain_and_ten_seconds() {
+        let mut r = relay();
+        let grace = |r: &SmtpRelay| {
+            let d = decide(r, &inputs(), at(100)).unwrap();
+            let o = d.objects.unwrap();
+            let pod = o.statefulset.spec.template.spec.unwrap();
+            let yaml = &o.config_secret.string_data.unwrap()[CONFIG_FILE];
+            let config = herald_config::Config::parse(yaml).unwrap();
+            (pod.termination_grace_period_seconds, config.shutdown)
+        };
+        let (seconds, drain) = grace(&r);
+        assert_eq!((seconds, drain.total().as_secs()), (Some(80), 70));
+        r.spec.shutdown.deliveries = "5m".into();
+        let (seconds, drain) = grace(&r);
+        assert_eq!(drain.deliveries.as_secs(), 300);
+        assert_eq!(seconds, Some(30 + 300 + 10 + 10));
+        // A drain that does not parse is a condition naming the field; nothing is applied.
+        r.spec.shutdown.events = "forever".into();
+        let d = decide(&r, &inputs(), at(100)).unwrap();
+        assert!(d.objects.is_none());
+        let c = cond(&d.status, "ConfigRendered");
+        assert!(c.message.contains("spec.shutdown.events"), "{}", c.message);
+    }
+
+    #[test]
     fn no_service_monitor_when_the_spec_turns_it_off() {
         let mut r = relay();
         r.spec.metrics.service_monitor = false;
