@@ -24,9 +24,8 @@ use kube::{Resource, ResourceExt};
 use crate::crd::{SendingDomain, SmtpRelay};
 use crate::layout::{
     ADMIN_DIR, ADMIN_PORT, ADMIN_PORT_NAME, ADMIN_TOKEN_KEY, BOUNCE_KEYS, CONFIG_DIR, CONFIG_FILE,
-    DKIM_DIR, DKIM_KEY, METRICS_PORT, METRICS_PORT_NAME, SMARTHOST_DIR, SPOOL_DIR, TLS_DIR,
-    active_selector, admin_token_secret_name, config_secret_name, dkim_key_file_name,
-    dkim_secret_name,
+    DKIM_DIR, METRICS_PORT, METRICS_PORT_NAME, SMARTHOST_DIR, SPOOL_DIR, TLS_DIR,
+    admin_token_secret_name, config_secret_name, signing_key,
 };
 
 /// The annotation that carries the rendered config's hash, so a change rolls the pods.
@@ -209,21 +208,25 @@ pub fn statefulset(
         });
     }
     if !domains.is_empty() {
-        // One projected volume gathers every domain's key under its own file name.
+        // One projected volume gathers every domain's key under its own file name. The Secret key and
+        // the file come from the same `SigningKey` as the config's selector (see `layout`).
         let sources = domains
             .iter()
-            .map(|d| VolumeProjection {
-                secret: Some(SecretProjection {
-                    name: dkim_secret_name(d),
-                    items: Some(vec![KeyToPath {
-                        key: DKIM_KEY.into(),
-                        path: dkim_key_file_name(&d.spec.domain, &active_selector(d)),
-                        mode: Some(0o400),
-                        ..KeyToPath::default()
-                    }]),
-                    optional: Some(false),
-                }),
-                ..VolumeProjection::default()
+            .map(|d| {
+                let key = signing_key(d);
+                VolumeProjection {
+                    secret: Some(SecretProjection {
+                        items: Some(vec![KeyToPath {
+                            path: key.file_name(&d.spec.domain),
+                            key: key.secret_key,
+                            mode: Some(0o400),
+                            ..KeyToPath::default()
+                        }]),
+                        name: key.secret,
+                        optional: Some(false),
+                    }),
+                    ..VolumeProjection::default()
+                }
             })
             .collect();
         mounts.push(VolumeMount {

@@ -17,7 +17,7 @@ use kube::ResourceExt;
 use crate::crd::{DkimAlgorithm, IpPool, ListenerAuth, ListenerTls, SendingDomain, SmtpRelay};
 use crate::layout::{
     ADMIN_PORT, ADMIN_TOKEN_FILE, BOUNCE_KEYS, CONFIG_DIR, METRICS_PORT, SMARTHOST_PASSWORD,
-    SPOOL_DIR, TLS_DIR, active_selector, dkim_key_file,
+    SPOOL_DIR, TLS_DIR, signing_key,
 };
 use crate::records::return_path_domain;
 
@@ -114,12 +114,13 @@ pub fn relay_config(
         {
             pool_names.push(p.clone());
         }
-        let selector = active_selector(d);
+        // The selector and the file of its key from one value: see `layout::SigningKey`.
+        let key = signing_key(d);
         relay_domains.push(Domain {
             name: d.spec.domain.clone(),
             dkim: vec![Dkim {
-                key_file: dkim_key_file(&d.spec.domain, &selector).into(),
-                selector,
+                key_file: key.file(&d.spec.domain).into(),
+                selector: key.selector,
                 algorithm: match d.spec.dkim.algorithm {
                     DkimAlgorithm::Rsa2048 => RelayDkim::RsaSha256,
                     DkimAlgorithm::Ed25519 => RelayDkim::Ed25519Sha256,

@@ -647,6 +647,92 @@ mod tests {
         );
     }
 
+    /// Each domain's selector and key file in the rendered config, and the Secret key projected to that
+    /// file in the StatefulSet.
+    fn signing(d: &Decision) -> Vec<(String, String, String, String)> {
+        let o = d.objects.as_ref().unwrap();
+        let yaml = &o.config_secret.string_data.as_ref().unwrap()[CONFIG_FILE];
+        let config = herald_config::Config::parse(yaml).unwrap();
+        let pod = o.statefulset.spec.template.spec.as_ref().unwrap();
+        let dkim = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "dkim")
+            .unwrap();
+        let sources = dkim.projected.as_ref().unwrap().sources.as_ref().unwrap();
+        config
+            .domains
+            .iter()
+            .zip(sources)
+            .map(|(domain, source)| {
+                let secret = source.secret.as_ref().unwrap();
+                let item = &secret.items.as_ref().unwrap()[0];
+                let file = format!("{}/{}", crate::layout::DKIM_DIR, item.path);
+                assert_eq!(file, domain.dkim[0].key_file.display().to_string());
+                (
+                    domain.dkim[0].selector.clone(),
+                    file,
+                    secret.name.clone(),
+                    item.key.clone(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_selector_is_only_ever_rendered_with_its_own_key() {
+        let r = relay();
+        let mut d = (*domain("a")).clone();
+        let mut brought = (*domain("b")).clone();
+        brought.spec.dkim.secret_ref = Some(LocalRef {
+            name: "b-key".into(),
+        });
+        let with = |d: &SendingDomain, b: &SendingDomain| Inputs {
+            domains: vec![Arc::new(d.clone()), Arc::new(b.clone())],
+            ..inputs()
+        };
+        let row = |sel: &str, domain: &str, secret: &str, key: &str| {
+            (
+                sel.to_owned(),
+                format!("/etc/herald/dkim/{domain}.{sel}.pem"),
+                secret.to_owned(),
+                key.to_owned(),
+            )
+        };
+        let before = decide(&r, &with(&d, &brought), at(100)).unwrap();
+        assert_eq!(
+            signing(&before),
+            [
+                row("herald1", "a.test", "a-dkim", "herald1.pem"),
+                row("herald1", "b.test", "b-key", "private.key"),
+            ]
+        );
+        // The rotation is promoted: the selector, the file and the Secret key it is projected from move
+        // together, and the config hash changes so the pods roll.
+        d.status = Some(crate::crd::SendingDomainStatus {
+            active_selector: Some("herald1-20260101000000".into()),
+            ..Default::default()
+        });
+        // A brought key's selector is the spec's (with the spec's Secret), whatever the status says.
+        brought.spec.dkim.selector = "s2".into();
+        brought.status = d.status.clone();
+        let after = decide(&r, &with(&d, &brought), at(200)).unwrap();
+        assert_eq!(
+            signing(&after),
+            [
+                row(
+                    "herald1-20260101000000",
+                    "a.test",
+                    "a-dkim",
+                    "herald1-20260101000000.pem"
+                ),
+                row("s2", "b.test", "b-key", "private.key"),
+            ]
+        );
+        assert_ne!(before.status.config_hash, after.status.config_hash);
+    }
+
     #[test]
     fn the_pods_grace_period_is_the_rendered_drain_and_ten_seconds() {
         let mut r = relay();
