@@ -33,6 +33,14 @@ enum Command {
         /// the relays' NetworkPolicy admits to the admin port. Unset (outside a cluster): none is.
         #[arg(long, env = "POD_NAMESPACE")]
         operator_namespace: Option<String>,
+        /// Reconcile the resources of this namespace only; repeat for several (or a comma-separated list
+        /// in HERALD_WATCH_NAMESPACES). Default: every namespace. A Role in each is then enough.
+        #[arg(
+            long = "watch-namespace",
+            env = "HERALD_WATCH_NAMESPACES",
+            value_delimiter = ','
+        )]
+        watch_namespaces: Vec<String>,
         /// /healthz fails when no watch event has arrived for this long.
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         stale_after: std::time::Duration,
@@ -64,6 +72,7 @@ fn main() -> ExitCode {
             health_address,
             lease_namespace,
             operator_namespace,
+            watch_namespaces,
             stale_after,
             dns_recheck_pending,
             dns_recheck_verified,
@@ -92,6 +101,7 @@ fn main() -> ExitCode {
                 recheck_pending: dns_recheck_pending,
                 recheck_verified: dns_recheck_verified,
                 operator_namespace,
+                watch_namespaces,
             };
             match runtime.block_on(herald_operator::controller::run::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -12,6 +12,7 @@
 //! - `domain`, `relay`, `pool`: the reconciler of each kind.
 //! - `triggers`: which SmtpRelay a SendingDomain event re-renders, and which domains went away.
 //! - `leader`: the leader-election Lease.
+//! - `scope`: the namespaces served (all, or those named) and one watch over them per kind.
 //! - `run`: the watches, the shared caches and the controllers built on them.
 
 pub mod domain;
@@ -19,6 +20,7 @@ pub mod leader;
 pub mod pool;
 pub mod relay;
 pub mod run;
+pub mod scope;
 pub mod triggers;
 
 use std::collections::HashMap;
