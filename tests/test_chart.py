@@ -327,8 +327,9 @@ def test_the_operator_with_the_chart_service_account_reconciles_the_chart_relay_
     bash(notes_command(notes, r"create secret generic app-smtp-password"))
     op = Operator(tmp_path, dns.address, ns.name, kubeconfig=str(kc))
     try:
-        for kind, name in [("secret", "relay-config"), ("statefulset", "relay"), ("service", "relay"),
-                           ("service", "relay-headless"), ("poddisruptionbudget", "relay")]:
+        for kind, name in [("secret", "relay-config"), ("secret", "relay-admin-token"), ("statefulset", "relay"),
+                           ("service", "relay"), ("service", "relay-headless"), ("poddisruptionbudget", "relay"),
+                           ("networkpolicy", "relay")]:
             obj = wait_for(lambda: get_json(kind, name, ns.name), f"{kind}/{name}\n{op.log_text()[-3000:]}")
             assert obj["metadata"]["ownerReferences"][0]["kind"] == "SmtpRelay"
         sts = get_json("statefulset", "relay", ns.name)
@@ -416,6 +417,46 @@ def test_the_chart_rbac_covers_every_call_the_operator_makes(installed, tmp_path
         assert "forbidden" not in log.lower() and "cannot publish an event" not in log, log[-3000:]
     finally:
         op.stop()
+
+
+def test_a_namespace_scoped_install_reconciles_its_namespace_with_roles_only(tmp_path, dns):
+    """`watchNamespaces`: no cluster-wide permission at all, and the operator (as the chart's ServiceAccount,
+    watching only that namespace) still makes everything for a relay and a domain there."""
+    if not kubeconfig():
+        pytest.skip("needs a test control plane: run under tests/cluster/run.sh (CI always does)")
+    install_crds(PROMETHEUS_CRDS)
+    ns = Namespace()
+    release = f"herald-{uuid.uuid4().hex[:6]}"
+    op = None
+    try:
+        helm("install", release, str(CHART), "-n", ns.name, "--set", f"watchNamespaces={{{ns.name}}}",
+             "--set", "relay.enabled=true", "--set", "monitoring.serviceMonitor.enabled=true")
+        sa = f"{release}-operator"
+        assert kubectl("get", "clusterrole", sa, check=False).returncode != 0, "a ClusterRole was installed"
+        assert get_json("role", sa, ns.name) and get_json("rolebinding", sa, ns.name)
+        kc = service_account_kubeconfig(ns.name, sa, tmp_path / "kubeconfig")
+        # Secrets of any other namespace are out of reach.
+        r = kubectl("--kubeconfig", str(kc), "get", "secrets", "-n", "default", check=False)
+        assert r.returncode != 0 and "forbidden" in r.stderr.lower(), r.stderr
+        kubectl("create", "secret", "generic", "app-smtp-password", "-n", ns.name, "--from-literal=password=pw")
+        op = Operator(tmp_path, dns.address, ns.name, ["--watch-namespace", ns.name], kubeconfig=str(kc))
+        for kind, name in [("secret", "relay-config"), ("secret", "relay-admin-token"), ("statefulset", "relay"),
+                           ("service", "relay-headless"), ("poddisruptionbudget", "relay"), ("networkpolicy", "relay")]:
+            wait_for(lambda: get_json(kind, name, ns.name), f"{kind}/{name}\n{op.log_text()[-3000:]}")
+        assert ns.apply(ROTATING.replace("relayRef: { name: other }", "relayRef: { name: relay }")
+                        .replace("  publishWithExternalDns: true\n", "")).returncode == 0
+        wait_for(lambda: ((get_json("sendingdomain", "rotating", ns.name) or {}).get("status") or {}).get("records"),
+                 f"the domain's records\n{op.log_text()[-3000:]}")
+        assert get_json("secret", "rotating-dkim", ns.name)
+        ready = wait_for(lambda: next((c for c in ((get_json("smtprelay", "relay", ns.name) or {}).get("status") or {})
+                                       .get("conditions", []) if c["type"] == "ConfigRendered"), None), "ConfigRendered")
+        assert ready["status"] == "True", ready
+        assert "forbidden" not in op.log_text().lower(), op.log_text()[-3000:]
+    finally:
+        if op:
+            op.stop()
+        helm("uninstall", release, "-n", ns.name, "--wait=false", check=False)
+        ns.delete()
 
 
 @pytest.mark.parametrize("values", VALUES.values(), ids=VALUES.keys())
