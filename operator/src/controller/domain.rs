@@ -1124,4 +1124,32 @@ mod tests {
         let wrong = generated("s2", &[("s3.pem", "K3")]);
         assert!(promotion_patch(&active, &wrong, "s1", "s2", at(0)).is_err());
     }
+
+    #[tokio::test]
+    async fn a_failed_read_of_a_key_secret_never_generates_a_key() {
+        use super::super::stub::{self, secret, status};
+        let mut sd = domain();
+        sd.spec.dkim.algorithm = DkimAlgorithm::Ed25519;
+        sd.spec.dkim.rotation_period = Some("1s".into());
+        let s = stub::secrets(|_, _| (503, status(503, "ServiceUnavailable")));
+        assert!(dkim_key(&sd, &s.api, at(0)).await.is_err());
+        assert!(rotation_key(&sd, &s.api, at(0)).await.is_err());
+        assert!(s.writes().is_empty(), "{:?}", s.writes());
+        // Absent (a 404): the key is generated and created, under its selector's name.
+        let s = stub::secrets(|method, _| {
+            if method == http::Method::GET {
+                (404, status(404, "NotFound"))
+            } else {
+                (201, secret("example-dkim", &[]))
+            }
+        });
+        let key = dkim_key(&sd, &s.api, at(0)).await.unwrap();
+        assert_eq!(key.selector, "herald1");
+        assert_eq!(
+            s.writes(),
+            ["POST /api/v1/namespaces/mail/secrets"],
+            "{:?}",
+            s.requests()
+        );
+    }
 }

@@ -21,6 +21,8 @@ pub mod pool;
 pub mod relay;
 pub mod run;
 pub mod scope;
+#[cfg(test)]
+mod stub;
 pub mod triggers;
 
 use std::collections::HashMap;

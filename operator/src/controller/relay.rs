@@ -800,64 +800,43 @@ mod tests {
         assert_ne!(fresh, new_secret_value_line());
     }
 
-    /// A stand-in API server for one fetch step: `answer` maps a request path to a status and a JSON body.
-    fn secrets_api(answer: fn(&str) -> (u16, serde_json::Value)) -> Api<Secret> {
-        let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
-            let (status, body) = answer(req.uri().path());
-            async move {
-                let body = serde_json::to_vec(&body).expect("JSON");
-                http::Response::builder()
-                    .status(status)
-                    .body(kube::client::Body::from(body))
-            }
-        });
-        Api::namespaced(kube::Client::new(service, "mail"), "mail")
-    }
-
-    fn status(code: u16, reason: &str) -> serde_json::Value {
-        serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": reason, "reason": reason, "code": code})
-    }
-
-    fn secret(name: &str, key: &str, value: &[u8]) -> serde_json::Value {
-        use base64::Engine;
-        let value = base64::engine::general_purpose::STANDARD.encode(value);
-        serde_json::json!({"kind": "Secret", "apiVersion": "v1",
-            "metadata": {"name": name, "namespace": "mail"}, "data": {key: value}})
-    }
+    use super::super::stub::{self, secret, status};
 
     #[tokio::test]
     async fn a_failed_read_never_makes_new_bounce_keys_or_a_new_admin_token() {
-        // The API server fails (500, or 429 while it sheds load): the reconcile fails and keeps what exists.
-        for code in [500, 429, 403] {
-            let api = match code {
-                500 => secrets_api(|_| (500, status(500, "InternalError"))),
-                429 => secrets_api(|_| (429, status(429, "TooManyRequests"))),
-                _ => secrets_api(|_| (403, status(403, "Forbidden"))),
-            };
-            assert!(kept_secrets(&api, &relay()).await.is_err(), "{code}");
+        // The API server fails (500, or 429 while it sheds load, 403 after an RBAC edit): the reconcile
+        // fails and keeps what exists.
+        let failing: [stub::Answer; 3] = [
+            |_, _| (500, status(500, "InternalError")),
+            |_, _| (429, status(429, "TooManyRequests")),
+            |_, _| (403, status(403, "Forbidden")),
+        ];
+        for answer in failing {
+            let s = stub::secrets(answer);
+            assert!(kept_secrets(&s.api, &relay()).await.is_err());
+            assert!(s.writes().is_empty(), "{:?}", s.writes());
         }
         // Only the token Secret's read fails: still no new bounce keys go out with a new token.
-        let api = secrets_api(|path| {
+        let s = stub::secrets(|_, path| {
             if path.ends_with("/relay-config") {
-                (200, secret("relay-config", BOUNCE_KEYS, b"abc\n"))
+                (200, secret("relay-config", &[(BOUNCE_KEYS, b"abc\n")]))
             } else {
                 (500, status(500, "InternalError"))
             }
         });
-        assert!(kept_secrets(&api, &relay()).await.is_err());
+        assert!(kept_secrets(&s.api, &relay()).await.is_err());
     }
 
     #[tokio::test]
     async fn keys_and_token_are_new_only_where_their_secret_is_absent() {
-        let api = secrets_api(|path| {
+        let s = stub::secrets(|_, path| {
             if path.ends_with("/relay-config") {
-                (200, secret("relay-config", BOUNCE_KEYS, b"abc\n"))
+                (200, secret("relay-config", &[(BOUNCE_KEYS, b"abc\n")]))
             } else {
                 (404, status(404, "NotFound"))
             }
         });
-        let kept = kept_secrets(&api, &relay()).await.unwrap();
+        let kept = kept_secrets(&s.api, &relay()).await.unwrap();
         assert_eq!(kept.bounce_keys, "abc\n");
         let token = kept.new_admin_token.expect("a new token");
         assert!(
@@ -865,27 +844,33 @@ mod tests {
             "{token}"
         );
 
-        let api = secrets_api(|path| {
+        let s = stub::secrets(|_, path| {
             if path.ends_with("/relay-admin-token") {
-                (200, secret("relay-admin-token", ADMIN_TOKEN_KEY, b"t0ken"))
+                (
+                    200,
+                    secret("relay-admin-token", &[(ADMIN_TOKEN_KEY, b"t0ken")]),
+                )
             } else {
                 (404, status(404, "NotFound"))
             }
         });
-        let kept = kept_secrets(&api, &relay()).await.unwrap();
+        let kept = kept_secrets(&s.api, &relay()).await.unwrap();
         assert_eq!(kept.new_admin_token, None, "the existing token is kept");
         assert_eq!(kept.bounce_keys.len(), 65, "a new relay gets new keys");
         assert!(kept.problems.is_empty());
 
         // A token Secret emptied by hand is reported, not silently replaced.
-        let api = secrets_api(|path| {
+        let s = stub::secrets(|_, path| {
             if path.ends_with("/relay-admin-token") {
-                (200, secret("relay-admin-token", ADMIN_TOKEN_KEY, b"\n"))
+                (
+                    200,
+                    secret("relay-admin-token", &[(ADMIN_TOKEN_KEY, b"\n")]),
+                )
             } else {
                 (404, status(404, "NotFound"))
             }
         });
-        let kept = kept_secrets(&api, &relay()).await.unwrap();
+        let kept = kept_secrets(&s.api, &relay()).await.unwrap();
         assert_eq!(kept.new_admin_token, None);
         assert!(
             kept.problems[0].contains("relay-admin-token has no key token"),

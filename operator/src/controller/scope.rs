@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 
 use futures::stream::{self, BoxStream};
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
@@ -62,9 +62,13 @@ impl Scope {
             + Sync
             + 'static,
     {
+        // A watch that keeps failing (a Role missing in one namespace: 403) keeps the caches from ever
+        // being filled, and with them every reconcile: say so at warn, not only in the controllers' debug
+        // lines.
         fn one<K>(
             api: Api<K>,
             config: watcher::Config,
+            namespace: Option<String>,
         ) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static
         where
             K: Resource<DynamicType = ()>
@@ -77,15 +81,23 @@ impl Scope {
         {
             watcher(api, config)
                 .modify(|o| o.meta_mut().managed_fields = None)
+                .inspect_err(move |e| {
+                    let namespace = namespace.as_deref().unwrap_or("(all)");
+                    tracing::warn!(kind = %K::kind(&()), namespace, error = %e, "watch failed; retrying with backoff");
+                })
                 .default_backoff()
         }
         match self {
-            Scope::Cluster => one(Api::all(client.clone()), config).boxed(),
+            Scope::Cluster => one(Api::all(client.clone()), config, None).boxed(),
             Scope::Namespaces(namespaces) => {
                 let watches = namespaces.iter().enumerate().map(|(i, ns)| {
-                    one(Api::namespaced(client.clone(), ns), config.clone())
-                        .map(move |e| (i, e))
-                        .boxed()
+                    one(
+                        Api::namespaced(client.clone(), ns),
+                        config.clone(),
+                        Some(ns.clone()),
+                    )
+                    .map(move |e| (i, e))
+                    .boxed()
                 });
                 let mut union = Union::new(namespaces.len());
                 stream::select_all(watches)
