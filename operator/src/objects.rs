@@ -33,7 +33,8 @@ pub const CONFIG_HASH_ANNOTATION: &str = "herald.dev/config-hash";
 /// The non-root user the relay runs as (distroless's `nonroot`).
 const RUN_AS: i64 = 65532;
 
-/// Labels every object of a relay carries; the selector uses the first two.
+/// Labels every object of a relay carries; the selector uses the first two in key order (`instance` and
+/// `managed-by`: a StatefulSet's selector cannot change, so neither can that).
 pub fn labels(relay: &SmtpRelay) -> BTreeMap<String, String> {
     BTreeMap::from([
         (
