@@ -148,6 +148,58 @@ def test_the_chart_relay_is_the_smtp_relay_the_values_describe():
     assert find(render("--set", "relay.enabled=true"), "SmtpRelay")["spec"]["metrics"] == {"serviceMonitor": True}
 
 
+def test_the_relay_monitors_scrape_the_metrics_port_never_the_admin_port():
+    """The relay's admin port serves the queue API (it can delete mail): Prometheus scrapes port `metrics`,
+    which the operator's headless Service carries and the admin port is on no Service at all."""
+    docs = render(*ALL_ON)
+    relay_monitors = [d for d in docs if d["kind"] in ("ServiceMonitor", "PodMonitor") and d["metadata"]["name"].endswith("-relay")]
+    assert len(relay_monitors) == 2, [d["metadata"]["name"] for d in relay_monitors]
+    for m in relay_monitors:
+        endpoints = m["spec"].get("endpoints") or m["spec"]["podMetricsEndpoints"]
+        assert [e["port"] for e in endpoints] == ["metrics"], m
+        assert m["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == "herald-relay"
+    text = yaml.safe_dump_all(docs)
+    assert "port: admin" not in text
+
+
+def test_the_chart_relay_carries_its_network_policy_and_drain_settings_to_the_operator():
+    """The chart renders an SmtpRelay, not relay pods: the operator makes the relay's NetworkPolicy from the
+    SmtpRelay's listeners and metrics selector, so the chart renders none of its own and lets the RBAC
+    apply it."""
+    docs = render("--set", "relay.enabled=true", "--set", "relay.metricsNamespaceSelector.matchLabels.prometheus=yes",
+                  "--set", "relay.shutdown.deliveries=2m")
+    assert not [d for d in docs if d["kind"] == "NetworkPolicy"]
+    spec = find(docs, "SmtpRelay")["spec"]
+    assert spec["metrics"]["namespaceSelector"] == {"matchLabels": {"prometheus": "yes"}}
+    assert spec["shutdown"] == {"deliveries": "2m"}
+    # Without the values the SmtpRelay's own defaults apply (namespace monitoring; 30s, 30s, 10s).
+    spec = find(render("--set", "relay.enabled=true"), "SmtpRelay")["spec"]
+    assert "namespaceSelector" not in spec["metrics"] and "shutdown" not in spec
+    rules = find(render(), "ClusterRole")["rules"]
+    assert {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create", "patch"]} in rules
+
+
+def test_watch_namespaces_makes_the_operator_namespace_scoped_with_no_cluster_wide_permission():
+    cluster = find(render(), "ClusterRole")["rules"]
+    docs = render("--set", "watchNamespaces={mail,apps}", namespace="mail")
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    roles = {(d["metadata"]["namespace"], d["metadata"]["name"]): d for d in docs if d["kind"] == "Role"}
+    bindings = {(d["metadata"]["namespace"], d["metadata"]["name"]): d for d in docs if d["kind"] == "RoleBinding"}
+    assert sorted(roles) == [("apps", "herald-operator"), ("mail", "herald-operator"), ("mail", "herald-operator-leader")]
+    for ns in ("mail", "apps"):
+        # The same rules as the ClusterRole, in each watched namespace only, Secrets included.
+        assert roles[(ns, "herald-operator")]["rules"] == cluster
+        b = bindings[(ns, "herald-operator")]
+        assert b["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "herald-operator"}
+        assert b["subjects"] == [{"kind": "ServiceAccount", "name": "herald-operator", "namespace": "mail"}]
+    args = find(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--watch-namespace")] == ["--watch-namespace=mail", "--watch-namespace=apps"]
+    # The chart's own relay must be in a watched namespace, or nothing would ever reconcile it.
+    r = helm("template", "herald", str(CHART), "-n", "mail", "--set", "watchNamespaces={apps}", "--set", "relay.enabled=true",
+             check=False)
+    assert r.returncode != 0 and "watchNamespaces [apps] leaves out" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize(
     "setting, path",
     [
@@ -160,6 +212,9 @@ def test_the_chart_relay_is_the_smtp_relay_the_values_describe():
         ("monitoring.prometheusRule.hardBounceRate.percent=lots", "/monitoring/prometheusRule/hardBounceRate/percent"),
         ("monitoring.prometheusRule.queueGrowing.for=half an hour", "/monitoring/prometheusRule/queueGrowing/for"),
         ("relay.replica=3", "/relay"),
+        ("relay.shutdown.sessions=half a minute", "/relay/shutdown/sessions"),
+        ("relay.metricsNamespaceSelector.matchLabel.a=b", "/relay/metricsNamespaceSelector"),
+        ("watchNamespaces={Not_A_Namespace}", "/watchNamespaces/0"),
     ],
 )
 def test_values_of_the_wrong_type_are_refused(setting, path):
@@ -272,8 +327,9 @@ def test_the_operator_with_the_chart_service_account_reconciles_the_chart_relay_
     bash(notes_command(notes, r"create secret generic app-smtp-password"))
     op = Operator(tmp_path, dns.address, ns.name, kubeconfig=str(kc))
     try:
-        for kind, name in [("secret", "relay-config"), ("statefulset", "relay"), ("service", "relay"),
-                           ("service", "relay-headless"), ("poddisruptionbudget", "relay")]:
+        for kind, name in [("secret", "relay-config"), ("secret", "relay-admin-token"), ("statefulset", "relay"),
+                           ("service", "relay"), ("service", "relay-headless"), ("poddisruptionbudget", "relay"),
+                           ("networkpolicy", "relay")]:
             obj = wait_for(lambda: get_json(kind, name, ns.name), f"{kind}/{name}\n{op.log_text()[-3000:]}")
             assert obj["metadata"]["ownerReferences"][0]["kind"] == "SmtpRelay"
         sts = get_json("statefulset", "relay", ns.name)
@@ -361,6 +417,46 @@ def test_the_chart_rbac_covers_every_call_the_operator_makes(installed, tmp_path
         assert "forbidden" not in log.lower() and "cannot publish an event" not in log, log[-3000:]
     finally:
         op.stop()
+
+
+def test_a_namespace_scoped_install_reconciles_its_namespace_with_roles_only(tmp_path, dns):
+    """`watchNamespaces`: no cluster-wide permission at all, and the operator (as the chart's ServiceAccount,
+    watching only that namespace) still makes everything for a relay and a domain there."""
+    if not kubeconfig():
+        pytest.skip("needs a test control plane: run under tests/cluster/run.sh (CI always does)")
+    install_crds(PROMETHEUS_CRDS)
+    ns = Namespace()
+    release = f"herald-{uuid.uuid4().hex[:6]}"
+    op = None
+    try:
+        helm("install", release, str(CHART), "-n", ns.name, "--set", f"watchNamespaces={{{ns.name}}}",
+             "--set", "relay.enabled=true", "--set", "monitoring.serviceMonitor.enabled=true")
+        sa = f"{release}-operator"
+        assert kubectl("get", "clusterrole", sa, check=False).returncode != 0, "a ClusterRole was installed"
+        assert get_json("role", sa, ns.name) and get_json("rolebinding", sa, ns.name)
+        kc = service_account_kubeconfig(ns.name, sa, tmp_path / "kubeconfig")
+        # Secrets of any other namespace are out of reach.
+        r = kubectl("--kubeconfig", str(kc), "get", "secrets", "-n", "default", check=False)
+        assert r.returncode != 0 and "forbidden" in r.stderr.lower(), r.stderr
+        kubectl("create", "secret", "generic", "app-smtp-password", "-n", ns.name, "--from-literal=password=pw")
+        op = Operator(tmp_path, dns.address, ns.name, ["--watch-namespace", ns.name], kubeconfig=str(kc))
+        for kind, name in [("secret", "relay-config"), ("secret", "relay-admin-token"), ("statefulset", "relay"),
+                           ("service", "relay-headless"), ("poddisruptionbudget", "relay"), ("networkpolicy", "relay")]:
+            wait_for(lambda: get_json(kind, name, ns.name), f"{kind}/{name}\n{op.log_text()[-3000:]}")
+        assert ns.apply(ROTATING.replace("relayRef: { name: other }", "relayRef: { name: relay }")
+                        .replace("  publishWithExternalDns: true\n", "")).returncode == 0
+        wait_for(lambda: ((get_json("sendingdomain", "rotating", ns.name) or {}).get("status") or {}).get("records"),
+                 f"the domain's records\n{op.log_text()[-3000:]}")
+        assert get_json("secret", "rotating-dkim", ns.name)
+        ready = wait_for(lambda: next((c for c in ((get_json("smtprelay", "relay", ns.name) or {}).get("status") or {})
+                                       .get("conditions", []) if c["type"] == "ConfigRendered"), None), "ConfigRendered")
+        assert ready["status"] == "True", ready
+        assert "forbidden" not in op.log_text().lower(), op.log_text()[-3000:]
+    finally:
+        if op:
+            op.stop()
+        helm("uninstall", release, "-n", ns.name, "--wait=false", check=False)
+        ns.delete()
 
 
 @pytest.mark.parametrize("values", VALUES.values(), ids=VALUES.keys())

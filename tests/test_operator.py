@@ -100,6 +100,11 @@ def test_crds_are_established_and_list_in_kubectl_get(ns):
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {image: 'Registry.test/Herald/Relay', listeners: [{name: a, port: 25}]}", "spec.image"),
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {tlsSecretRef: {name: 'Bad_Name'}, listeners: [{name: a, port: 25}]}", "spec.tlsSecretRef.name"),
         ("kind: IpPool\nmetadata: {name: bad}\nspec: {addresses: [{address: nonsense, ehlo: mta.a.test}]}", "address must be an IPv4 or IPv6 address"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: a, port: 9091}]}", "port 9091 (name admin)"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: metrics, port: 25}]}", "port 9090 (name metrics)"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: a, port: 25, allowNetworks: [10.0.0.0/8], allowNamespaces: {matchLabels: {a: b}}}]}",
+         "allowNamespaces narrows a listener without allowNetworks"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: a, port: 25}], shutdown: {deliveries: 'two minutes'}}", "spec.shutdown.deliveries"),
     ],
 )
 def test_bad_objects_are_refused_by_the_schema_naming_the_field(ns, manifest, field):
@@ -142,10 +147,106 @@ def test_a_domain_and_relay_become_owned_objects_and_a_config_the_relay_accepts(
              "StatefulSet scaled to 3")
     assert secret_data(get_json("secret", "relay-config", ns.name), "bounce-keys") == keys
     # The DKIM private key stays in its Secret: never in status, never in the log.
-    key = secret_data(get_json("secret", "example-dkim", ns.name), "private.key")
+    key = secret_data(get_json("secret", "example-dkim", ns.name), "herald1.pem")
     body = "".join(l for l in key.splitlines() if not l.startswith("-----"))
     sd = wait_for(lambda: (get_json("sendingdomain", "example", ns.name) or {}).get("status"), "SendingDomain status")
     assert body not in json.dumps(sd) and body not in operator.log_text()
+
+
+HARDENED = """
+apiVersion: herald.dev/v1alpha1
+kind: SmtpRelay
+metadata: {{ name: relay }}
+spec:
+  replicas: {replicas}
+  listeners:
+    - {{ name: mx, port: 25 }}
+    - {{ name: trusted, port: 2525, allowNetworks: [10.1.2.3/8, "fd00::/8"] }}
+    - {{ name: internal, port: 2526, allowNamespaces: {{ matchLabels: {{ team: apps }} }} }}
+  shutdown: {{ deliveries: 2m }}
+"""
+
+
+def test_a_relay_gets_a_network_policy_per_port_and_an_admin_token_made_once(ns, tmp_path, dns):
+    """What the API server accepts and keeps: the NetworkPolicy with one rule per listener (its networks as
+    ipBlocks, its namespaces as a selector, or open), the metrics port from the monitoring namespace and the
+    admin port from the operator's pods; the admin token Secret created once, mounted where the config says,
+    and kept across reconciles; probes on the metrics port; the drain in the config and the grace period."""
+    op = Operator(tmp_path, dns.address, ns.name, ["--operator-namespace", "herald-system"])
+    try:
+        assert ns.apply(HARDENED.format(replicas=1)).returncode == 0
+        policy = wait_for(lambda: get_json("networkpolicy", "relay", ns.name), f"the NetworkPolicy\n{op.log_text()[-3000:]}")
+        assert policy["metadata"]["ownerReferences"][0]["kind"] == "SmtpRelay"
+        spec = policy["spec"]
+        assert spec["policyTypes"] == ["Ingress"]
+        # The relay's pods: the StatefulSet's own selector.
+        sts = wait_for(lambda: get_json("statefulset", "relay", ns.name), "the StatefulSet")
+        assert spec["podSelector"] == sts["spec"]["selector"], (spec["podSelector"], sts["spec"]["selector"])
+        rules = spec["ingress"]
+        assert [[p["port"] for p in r["ports"]] for r in rules] == [[25], [2525], [2526], [9090], [9091]], rules
+        assert all(p["protocol"] == "TCP" for r in rules for p in r["ports"])
+        mx, trusted, internal, metrics, admin = rules
+        assert "from" not in mx, mx
+        assert [f["ipBlock"]["cidr"] for f in trusted["from"]] == ["10.0.0.0/8", "fd00::/8"], trusted
+        assert internal["from"] == [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}], internal
+        assert metrics["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+        assert admin["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "herald-system"}},
+                                  "podSelector": {"matchLabels": {"app.kubernetes.io/name": "herald-operator"}}}], admin
+
+        secret = wait_for(lambda: get_json("secret", "relay-admin-token", ns.name), "the admin token Secret")
+        assert secret["metadata"]["ownerReferences"][0]["kind"] == "SmtpRelay"
+        token = secret_data(secret, "token")
+        assert re.fullmatch(r"[0-9a-f]{64}", token), token
+        cfg = yaml.safe_load(secret_data(wait_for(lambda: get_json("secret", "relay-config", ns.name), "config"), "relay.yaml"))
+        assert cfg["metrics"] == {"address": "0.0.0.0:9090"}
+        assert cfg["admin"] == {"address": "0.0.0.0:9091", "token_file": "/etc/herald/admin/token"}
+        assert cfg["shutdown"] == {"sessions": "30s", "deliveries": "2m", "events": "10s"}, cfg["shutdown"]
+        sts = wait_for(lambda: get_json("statefulset", "relay", ns.name), "the StatefulSet")
+        pod = sts["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] == 30 + 120 + 10 + 10
+        c = pod["containers"][0]
+        assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"mx": 25, "trusted": 2525, "internal": 2526, "metrics": 9090, "admin": 9091}
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            assert c[probe]["httpGet"]["port"] == "metrics", (probe, c[probe])
+        mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/herald/admin")
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["secretName"] == "relay-admin-token" and mount["readOnly"] is True
+        headless = get_json("service", "relay-headless", ns.name)
+        assert [p["name"] for p in headless["spec"]["ports"]] == ["mx", "trusted", "internal", "metrics"]
+        assert "admin" not in [p["name"] for p in get_json("service", "relay", ns.name)["spec"]["ports"]]
+
+        # Reconciles after a spec edit keep the token: the same Secret, never rewritten.
+        assert ns.apply(HARDENED.format(replicas=2)).returncode == 0
+        wait_for(lambda: get_json("statefulset", "relay", ns.name)["spec"]["replicas"] == 2, "the edit reconciled")
+        again = get_json("secret", "relay-admin-token", ns.name)
+        assert again["metadata"]["uid"] == secret["metadata"]["uid"]
+        assert again["metadata"]["resourceVersion"] == secret["metadata"]["resourceVersion"]
+        # Deleted (to rotate it), a new token is made at the next reconcile.
+        kubectl("delete", "secret", "relay-admin-token", "-n", ns.name)
+        assert ns.apply(HARDENED.format(replicas=3)).returncode == 0
+        new = wait_for(lambda: get_json("secret", "relay-admin-token", ns.name), "a new token Secret")
+        assert secret_data(new, "token") != token
+    finally:
+        op.stop()
+
+
+def test_an_operator_watching_one_namespace_leaves_the_others_alone(ns, crds, tmp_path, dns):
+    other = Namespace()
+    op = Operator(tmp_path, dns.address, ns.name, ["--watch-namespace", ns.name])
+    try:
+        for n in (ns, other):
+            assert n.apply(PASSWORD).returncode == 0
+            assert n.apply(RELAY.format(replicas=1)).returncode == 0
+        wait_for(lambda: get_json("statefulset", "relay", ns.name), f"the watched namespace's relay\n{op.log_text()[-3000:]}")
+        # A second change in the watched namespace is reconciled too; by then the other relay would have been.
+        assert ns.apply(RELAY.format(replicas=2)).returncode == 0
+        wait_for(lambda: get_json("statefulset", "relay", ns.name)["spec"]["replicas"] == 2, "the edit reconciled")
+        for kind in ("statefulset", "secret", "networkpolicy"):
+            assert kubectl("get", kind, "-n", other.name, "-o", "name").stdout.strip() in ("", "secret/app-password"), kind
+        assert (get_json("smtprelay", "relay", other.name) or {}).get("status") is None
+    finally:
+        op.stop()
+        other.delete()
 
 
 def _records(ns):
@@ -365,7 +466,8 @@ def test_dkim_key_rotation_publishes_the_new_selector_before_it_signs(ns, operat
     nxt = next(r for r in two if not r["name"].startswith("herald1._domainkey."))
     new_selector = nxt["name"].split("._domainkey.")[0]
     assert new_selector.startswith("herald1-"), nxt
-    assert get_json("secret", "example-dkim-next", ns.name)
+    first_key = secret_data(get_json("secret", "example-dkim", ns.name), "herald1.pem")
+    next_key = secret_data(get_json("secret", "example-dkim-next", ns.name), f"{new_selector}.pem")
     cfg = secret_data(get_json("secret", "relay-config", ns.name), "relay.yaml")
     assert "selector: herald1\n" in cfg or "selector: herald1\r" in cfg or "herald1.pem" in cfg, cfg
     # Once receivers can find it, it signs: the relay config and the mount switch to it.
@@ -377,7 +479,15 @@ def test_dkim_key_rotation_publishes_the_new_selector_before_it_signs(ns, operat
              "the relay config to use the new key", attempts=300)
     sts = get_json("statefulset", "relay", ns.name)
     dkim_vol = next(v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "dkim")
-    assert dkim_vol["projected"]["sources"][0]["secret"]["items"][0]["path"] == f"example.test.{new_selector}.pem"
+    item = dkim_vol["projected"]["sources"][0]["secret"]["items"][0]
+    assert item["path"] == f"example.test.{new_selector}.pem"
+    # Each selector's file is projected from that selector's own key: the new key joined the Secret under
+    # its selector's name, and the old key is still there, unchanged, under the old one (pods that have not
+    # rolled yet read it, with the old selector).
+    assert item["key"] == f"{new_selector}.pem"
+    active = get_json("secret", "example-dkim", ns.name)
+    assert secret_data(active, "herald1.pem") == first_key
+    assert secret_data(active, f"{new_selector}.pem") == next_key and next_key != first_key
 
 
 def test_liveness_fails_while_watches_are_stalled_and_recovers(tmp_path, dns, ns):

@@ -5,7 +5,9 @@
 //! in `crds/` is generated from these types (`herald-operator crds`), and a test fails when it differs.
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -266,10 +268,15 @@ pub struct SmtpRelaySpec {
     pub delivery: DeliverySpec,
     #[serde(default)]
     pub storage: StorageSpec,
+    /// Requests and limits of the relay container. When absent: 100m CPU and 256Mi requested, a 512Mi
+    /// memory limit. The relay sizes its memory budgets (bodies in transit, delivery connections) from the
+    /// memory limit, so give it one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     #[serde(default)]
     pub metrics: MetricsSpec,
+    #[serde(default)]
+    pub shutdown: ShutdownSpec,
 }
 
 fn default_replicas() -> i32 {
@@ -283,7 +290,11 @@ fn default_image() -> String {
 /// One SMTP port of the relay.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.auth != 'required' || self.tls != 'none'").message("auth: required needs tls: starttls or implicit"))]
+#[x_kube(
+    validation = Rule::new("self.auth != 'required' || self.tls != 'none'").message("auth: required needs tls: starttls or implicit"),
+    validation = Rule::new("self.port != 9090 && self.port != 9091 && self.name != 'metrics' && self.name != 'admin'").message("port 9090 (name metrics) and port 9091 (name admin) are the relay's metrics and admin ports"),
+    validation = Rule::new("!has(self.allowNamespaces) || !has(self.allowNetworks) || size(self.allowNetworks) == 0").message("allowNamespaces narrows a listener without allowNetworks; with allowNetworks the relay admits only those networks")
+)]
 pub struct ListenerSpec {
     #[schemars(regex(pattern = r"^[a-z][a-z0-9-]{0,14}$"), length(min = 1, max = 15))]
     pub name: String,
@@ -293,9 +304,16 @@ pub struct ListenerSpec {
     pub tls: ListenerTls,
     #[serde(default)]
     pub auth: ListenerAuth,
-    /// Clients outside these CIDRs are refused; clients inside may relay without AUTH.
+    /// Clients outside these CIDRs are refused; clients inside may relay without AUTH. The relay's
+    /// NetworkPolicy admits only these networks to the port (as `ipBlock`s).
     #[serde(default)]
     pub allow_networks: Vec<String>,
+    /// For a listener without `allowNetworks`: only pods in the namespaces this selects may connect. The
+    /// relay's NetworkPolicy enforces it (the relay itself sees addresses, not namespaces), so it needs a
+    /// network plugin that enforces NetworkPolicy. Without it (and without `allowNetworks`) anyone may
+    /// connect: a public submission or MX port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_namespaces: Option<LabelSelector>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -390,6 +408,50 @@ fn default_smarthost_tls() -> ListenerTls {
     ListenerTls::Starttls
 }
 
+/// How long a stopping relay drains, step by step (the relay config's `shutdown`). The pod's
+/// `terminationGracePeriodSeconds` is their sum and 10 s more, so Kubernetes never kills a relay that is
+/// still draining.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShutdownSpec {
+    /// SMTP sessions in flight may finish their transaction, e.g. `30s`.
+    #[serde(default = "default_drain_sessions")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 10))]
+    pub sessions: String,
+    /// Deliveries in flight may finish and record their outcome (else they are retried after the restart,
+    /// and may arrive twice).
+    #[serde(default = "default_drain_deliveries")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 10))]
+    pub deliveries: String,
+    /// Events still buffered may reach the file and the webhook.
+    #[serde(default = "default_drain_events")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 10))]
+    pub events: String,
+}
+
+impl Default for ShutdownSpec {
+    fn default() -> Self {
+        ShutdownSpec {
+            sessions: default_drain_sessions(),
+            deliveries: default_drain_deliveries(),
+            events: default_drain_events(),
+        }
+    }
+}
+
+// The relay's own defaults (`herald_config::Shutdown::default`); a test keeps them equal.
+fn default_drain_sessions() -> String {
+    "30s".to_owned()
+}
+
+fn default_drain_deliveries() -> String {
+    "30s".to_owned()
+}
+
+fn default_drain_events() -> String {
+    "10s".to_owned()
+}
+
 /// The spool volume of each replica.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -414,19 +476,36 @@ fn default_storage_size() -> String {
     "10Gi".to_owned()
 }
 
+/// The relay's metrics port (9090: `/metrics`, `/healthz`, `/readyz`) and who scrapes it.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MetricsSpec {
     /// Create a ServiceMonitor (when the Prometheus Operator's CRD is installed).
     #[serde(default = "default_true")]
     pub service_monitor: bool,
+    /// The namespaces whose pods may scrape the metrics port (the relay's NetworkPolicy); Prometheus's.
+    /// The kubelet's probes come from the node and are always let in.
+    #[serde(default = "default_monitoring_namespaces")]
+    pub namespace_selector: LabelSelector,
 }
 
 impl Default for MetricsSpec {
     fn default() -> Self {
         MetricsSpec {
             service_monitor: true,
+            namespace_selector: default_monitoring_namespaces(),
         }
+    }
+}
+
+/// The namespace kube-prometheus-stack is usually installed in.
+fn default_monitoring_namespaces() -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(BTreeMap::from([(
+            "kubernetes.io/metadata.name".to_owned(),
+            "monitoring".to_owned(),
+        )])),
+        match_expressions: None,
     }
 }
 

@@ -33,6 +33,7 @@ pub fn relay() -> SmtpRelay {
                 tls: ListenerTls::Starttls,
                 auth: ListenerAuth::Required,
                 allow_networks: vec![],
+                allow_namespaces: None,
             }],
             tls_secret_ref: Some(LocalRef {
                 name: "relay-tls".into(),
@@ -42,6 +43,7 @@ pub fn relay() -> SmtpRelay {
             storage: StorageSpec::default(),
             resources: None,
             metrics: MetricsSpec::default(),
+            shutdown: ShutdownSpec::default(),
         },
     );
     r.metadata.namespace = Some("mail".into());

@@ -7,7 +7,8 @@
 //! - `crds`: the generated CRD documents, as `kubectl apply` takes them.
 //! - `dkim`: DKIM key generation and the DKIM record value.
 //! - `layout`: the names and paths the relay's objects and its config agree on (mounts, Secret keys).
-//! - `objects`: the Secret, StatefulSet, Services, PDB and ServiceMonitor of an SmtpRelay.
+//! - `objects`: the Secrets, StatefulSet, Services, PDB and ServiceMonitor of an SmtpRelay.
+//! - `network`: the NetworkPolicy of an SmtpRelay, one ingress rule per port from the peers it names.
 //! - `records`: the DNS records a SendingDomain needs.
 //! - `render`: an SmtpRelay and its domains and pools to the relay's config file.
 //! - `verify`: DNS checks of the records, naming the nameserver.
@@ -24,6 +25,7 @@ pub mod dkim;
 mod fixtures;
 pub mod layout;
 pub mod metrics;
+pub mod network;
 pub mod objects;
 pub mod records;
 pub mod render;

@@ -29,6 +29,18 @@ enum Command {
         /// Namespace of the leader-election Lease (two replicas are safe: one reconciles).
         #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
         lease_namespace: String,
+        /// Namespace of the operator's own pods, whose pods labelled app.kubernetes.io/name=herald-operator
+        /// the relays' NetworkPolicy admits to the admin port. Unset (outside a cluster): none is.
+        #[arg(long, env = "POD_NAMESPACE")]
+        operator_namespace: Option<String>,
+        /// Reconcile the resources of this namespace only; repeat for several (or a comma-separated list
+        /// in HERALD_WATCH_NAMESPACES). Default: every namespace. A Role in each is then enough.
+        #[arg(
+            long = "watch-namespace",
+            env = "HERALD_WATCH_NAMESPACES",
+            value_delimiter = ','
+        )]
+        watch_namespaces: Vec<String>,
         /// /healthz fails when no watch event has arrived for this long.
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         stale_after: std::time::Duration,
@@ -59,6 +71,8 @@ fn main() -> ExitCode {
             nameservers,
             health_address,
             lease_namespace,
+            operator_namespace,
+            watch_namespaces,
             stale_after,
             dns_recheck_pending,
             dns_recheck_verified,
@@ -86,6 +100,8 @@ fn main() -> ExitCode {
                 stale_after,
                 recheck_pending: dns_recheck_pending,
                 recheck_verified: dns_recheck_verified,
+                operator_namespace,
+                watch_namespaces,
             };
             match runtime.block_on(herald_operator::controller::run::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,5 @@
-//! The Kubernetes objects an SmtpRelay becomes: the config Secret, the StatefulSet, the Services, the
-//! PodDisruptionBudget and the ServiceMonitor. Pure functions from the resource (and what was rendered or
+//! The Kubernetes objects an SmtpRelay becomes: the config Secret, the admin token Secret, the StatefulSet,
+//! the Services, the PodDisruptionBudget and the ServiceMonitor (the NetworkPolicy is `network`'s). Pure functions from the resource (and what was rendered or
 //! read for it) to the desired objects; the reconciler applies them with server-side apply.
 //!
 //! The relay config goes in a Secret, not a ConfigMap, because it carries the users' password hashes.
@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, HTTPGetAction, KeyToPath, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ProjectedVolumeSource, SeccompProfile, Secret, SecretProjection, SecretVolumeSource,
-    SecurityContext, Service, ServicePort, ServiceSpec, Sysctl, Volume, VolumeMount,
-    VolumeProjection, VolumeResourceRequirements,
+    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, KeyToPath,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, Secret, SecretProjection,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Sysctl, Volume,
+    VolumeMount, VolumeProjection, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -23,8 +23,9 @@ use kube::{Resource, ResourceExt};
 
 use crate::crd::{SendingDomain, SmtpRelay};
 use crate::layout::{
-    ADMIN_PORT, BOUNCE_KEYS, CONFIG_DIR, CONFIG_FILE, DKIM_DIR, DKIM_KEY, SMARTHOST_DIR, SPOOL_DIR,
-    TLS_DIR, active_selector, config_secret_name, dkim_key_file_name, dkim_secret_name,
+    ADMIN_DIR, ADMIN_PORT, ADMIN_PORT_NAME, ADMIN_TOKEN_KEY, BOUNCE_KEYS, CONFIG_DIR, CONFIG_FILE,
+    DKIM_DIR, METRICS_PORT, METRICS_PORT_NAME, SMARTHOST_DIR, SPOOL_DIR, TLS_DIR,
+    admin_token_secret_name, config_secret_name, signing_key,
 };
 
 /// The annotation that carries the rendered config's hash, so a change rolls the pods.
@@ -32,7 +33,8 @@ pub const CONFIG_HASH_ANNOTATION: &str = "herald.dev/config-hash";
 /// The non-root user the relay runs as (distroless's `nonroot`).
 const RUN_AS: i64 = 65532;
 
-/// Labels every object of a relay carries; the selector uses the first two.
+/// Labels every object of a relay carries; the selector uses the first two in key order (`instance` and
+/// `managed-by`: a StatefulSet's selector cannot change, so neither can that).
 pub fn labels(relay: &SmtpRelay) -> BTreeMap<String, String> {
     BTreeMap::from([
         (
@@ -47,11 +49,12 @@ pub fn labels(relay: &SmtpRelay) -> BTreeMap<String, String> {
     ])
 }
 
-fn selector(relay: &SmtpRelay) -> BTreeMap<String, String> {
+/// The labels that select a relay's pods (the StatefulSet's selector, the Services', the policy's).
+pub fn selector(relay: &SmtpRelay) -> BTreeMap<String, String> {
     labels(relay).into_iter().take(2).collect()
 }
 
-fn meta(relay: &SmtpRelay, name: String) -> ObjectMeta {
+pub(crate) fn meta(relay: &SmtpRelay, name: String) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: relay.namespace(),
@@ -82,6 +85,20 @@ pub fn config_secret(relay: &SmtpRelay, config_yaml: &str, bounce_keys: &str) ->
     }
 }
 
+/// The Secret holding the admin API token, created once (never applied: an apply would replace the token
+/// every reconcile). `token` is the caller's random value, so that this stays a pure function.
+pub fn admin_token_secret(relay: &SmtpRelay, token: &str) -> Secret {
+    Secret {
+        metadata: meta(relay, admin_token_secret_name(relay)),
+        string_data: Some(BTreeMap::from([(
+            ADMIN_TOKEN_KEY.to_owned(),
+            token.to_owned(),
+        )])),
+        type_: Some("Opaque".to_owned()),
+        ..Secret::default()
+    }
+}
+
 fn port(name: &str, port: i32) -> ContainerPort {
     ContainerPort {
         name: Some(name.to_owned()),
@@ -91,28 +108,33 @@ fn port(name: &str, port: i32) -> ContainerPort {
     }
 }
 
-fn probe(path: &str, period: i32) -> Probe {
+fn probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_owned()),
-            port: IntOrString::String("admin".to_owned()),
+            port: IntOrString::String(METRICS_PORT_NAME.to_owned()),
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(period),
-        failure_threshold: Some(3),
+        failure_threshold: Some(failures),
         ..Probe::default()
     }
 }
 
-/// The relay StatefulSet: one spool volume per replica, probes on the admin port, non-root with a
-/// read-only root filesystem.
+/// How long a starting relay may take before liveness applies: it reads its whole spool back before
+/// `/healthz` answers, which for a large queue takes longer than three liveness periods.
+const STARTUP_PERIOD: i32 = 5;
+const STARTUP_FAILURES: i32 = 60;
+
 /// The pod's `terminationGracePeriodSeconds`: the relay's whole drain (config `shutdown`) and some room for
 /// the process to exit, so Kubernetes never kills a relay that is still recording outcomes.
 pub fn grace_period(drain: &herald_config::Shutdown) -> i64 {
     const EXIT_ROOM: u64 = 10;
-    (drain.total().as_secs() + EXIT_ROOM) as i64
+    i64::try_from(drain.total().as_secs().saturating_add(EXIT_ROOM)).unwrap_or(i64::MAX)
 }
 
+/// The relay StatefulSet: one spool volume per replica, probes on the metrics port, the admin token mounted
+/// for the relay (and `kubectl exec ... herald-relay admin`), non-root with a read-only root filesystem.
 pub fn statefulset(
     relay: &SmtpRelay,
     domains: &[Arc<SendingDomain>],
@@ -125,11 +147,18 @@ pub fn statefulset(
         .iter()
         .map(|l| port(&l.name, l.port))
         .collect();
-    ports.push(port("admin", i32::from(ADMIN_PORT)));
+    ports.push(port(METRICS_PORT_NAME, i32::from(METRICS_PORT)));
+    ports.push(port(ADMIN_PORT_NAME, i32::from(ADMIN_PORT)));
     let mut mounts = vec![
         VolumeMount {
             name: "config".into(),
             mount_path: CONFIG_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "admin-token".into(),
+            mount_path: ADMIN_DIR.into(),
             read_only: Some(true),
             ..VolumeMount::default()
         },
@@ -139,14 +168,30 @@ pub fn statefulset(
             ..VolumeMount::default()
         },
     ];
-    let mut volumes = vec![Volume {
-        name: "config".into(),
-        secret: Some(SecretVolumeSource {
-            secret_name: Some(config_secret_name(relay)),
-            ..SecretVolumeSource::default()
-        }),
-        ..Volume::default()
-    }];
+    let mut volumes = vec![
+        Volume {
+            name: "config".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(config_secret_name(relay)),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "admin-token".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(admin_token_secret_name(relay)),
+                items: Some(vec![KeyToPath {
+                    key: ADMIN_TOKEN_KEY.into(),
+                    path: ADMIN_TOKEN_KEY.into(),
+                    mode: Some(0o400),
+                    ..KeyToPath::default()
+                }]),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ];
     if let Some(tls) = &spec.tls_secret_ref {
         mounts.push(VolumeMount {
             name: "tls".into(),
@@ -164,21 +209,25 @@ pub fn statefulset(
         });
     }
     if !domains.is_empty() {
-        // One projected volume gathers every domain's key under its own file name.
+        // One projected volume gathers every domain's key under its own file name. The Secret key and
+        // the file come from the same `SigningKey` as the config's selector (see `layout`).
         let sources = domains
             .iter()
-            .map(|d| VolumeProjection {
-                secret: Some(SecretProjection {
-                    name: dkim_secret_name(d),
-                    items: Some(vec![KeyToPath {
-                        key: DKIM_KEY.into(),
-                        path: dkim_key_file_name(&d.spec.domain, &active_selector(d)),
-                        mode: Some(0o400),
-                        ..KeyToPath::default()
-                    }]),
-                    optional: Some(false),
-                }),
-                ..VolumeProjection::default()
+            .map(|d| {
+                let key = signing_key(d);
+                VolumeProjection {
+                    secret: Some(SecretProjection {
+                        items: Some(vec![KeyToPath {
+                            path: key.file_name(&d.spec.domain),
+                            key: key.secret_key,
+                            mode: Some(0o400),
+                            ..KeyToPath::default()
+                        }]),
+                        name: key.secret,
+                        optional: Some(false),
+                    }),
+                    ..VolumeProjection::default()
+                }
             })
             .collect();
         mounts.push(VolumeMount {
@@ -233,10 +282,21 @@ pub fn statefulset(
             "--log-format".into(),
             "json".into(),
         ]),
+        // So that `kubectl exec <pod> -- herald-relay admin ...` finds the admin address and token.
+        env: Some(vec![EnvVar {
+            name: "HERALD_CONFIG".into(),
+            value: Some(format!("{CONFIG_DIR}/{CONFIG_FILE}")),
+            ..EnvVar::default()
+        }]),
         ports: Some(ports),
-        readiness_probe: Some(probe("/readyz", 5)),
-        liveness_probe: Some(probe("/healthz", 10)),
-        resources: spec.resources.clone(),
+        readiness_probe: Some(probe("/readyz", 5, 3)),
+        liveness_probe: Some(probe("/healthz", 10, 3)),
+        startup_probe: Some(probe("/healthz", STARTUP_PERIOD, STARTUP_FAILURES)),
+        resources: Some(
+            spec.resources
+                .clone()
+                .unwrap_or_else(default_relay_resources),
+        ),
         volume_mounts: Some(mounts),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
@@ -318,7 +378,21 @@ pub fn statefulset(
     }
 }
 
-fn service_ports(relay: &SmtpRelay, with_admin: bool) -> Vec<ServicePort> {
+/// A relay without `spec.resources` still gets a memory limit: the relay sizes its memory budgets (bodies in
+/// transit, delivery connections) from it, and without one a burst ends in an OOM kill of the node's choosing.
+fn default_relay_resources() -> ResourceRequirements {
+    let q = |s: &str| Quantity(s.to_owned());
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_owned(), q("100m")),
+            ("memory".to_owned(), q("256Mi")),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_owned(), q("512Mi"))])),
+        ..ResourceRequirements::default()
+    }
+}
+
+fn service_ports(relay: &SmtpRelay, with_metrics: bool) -> Vec<ServicePort> {
     let mut ports: Vec<ServicePort> = relay
         .spec
         .listeners
@@ -331,11 +405,11 @@ fn service_ports(relay: &SmtpRelay, with_admin: bool) -> Vec<ServicePort> {
             ..ServicePort::default()
         })
         .collect();
-    if with_admin {
+    if with_metrics {
         ports.push(ServicePort {
-            name: Some("admin".into()),
-            port: i32::from(ADMIN_PORT),
-            target_port: Some(IntOrString::String("admin".into())),
+            name: Some(METRICS_PORT_NAME.into()),
+            port: i32::from(METRICS_PORT),
+            target_port: Some(IntOrString::String(METRICS_PORT_NAME.into())),
             protocol: Some("TCP".into()),
             ..ServicePort::default()
         });
@@ -356,7 +430,9 @@ pub fn smtp_service(relay: &SmtpRelay) -> Service {
     }
 }
 
-/// The headless Service of the StatefulSet; also what the ServiceMonitor scrapes.
+/// The headless Service of the StatefulSet; also what the ServiceMonitor scrapes, so it has the metrics
+/// port. No Service has the admin port: nothing calls the admin API from outside the pod today
+/// (`kubectl exec ... herald-relay admin` runs inside it), and the NetworkPolicy admits only the operator.
 pub fn headless_service(relay: &SmtpRelay) -> Service {
     Service {
         metadata: meta(relay, headless_service_name(relay)),
@@ -403,7 +479,7 @@ pub fn service_monitor(relay: &SmtpRelay) -> serde_json::Value {
             // rather than the Service's name.
             "jobLabel": "app.kubernetes.io/name",
             "selector": { "matchLabels": selector(relay) },
-            "endpoints": [ { "port": "admin", "path": "/metrics", "interval": "30s" } ],
+            "endpoints": [ { "port": METRICS_PORT_NAME, "path": "/metrics", "interval": "30s" } ],
         }
     })
 }
@@ -414,6 +490,19 @@ mod tests {
     use crate::crd::*;
 
     use crate::fixtures::{domain_spec, relay};
+
+    #[test]
+    fn a_relay_without_resources_gets_a_memory_limit() {
+        let drain = herald_config::Shutdown::default();
+        let sts = statefulset(&relay(), &[], "hash", &drain);
+        let c = &sts.spec.template.spec.unwrap().containers[0];
+        let res = c.resources.as_ref().unwrap();
+        assert_eq!(res.limits.as_ref().unwrap()["memory"].0, "512Mi");
+        assert_eq!(
+            c.env.as_ref().unwrap()[0].value.as_deref(),
+            Some("/etc/herald/config/relay.yaml")
+        );
+    }
 
     #[test]
     fn statefulset_mounts_what_the_config_names_and_is_hardened() {
@@ -435,12 +524,34 @@ mod tests {
             .map(|m| m.mount_path.as_str())
             .collect();
         assert!(mounts.contains(&DKIM_DIR) && mounts.contains(&TLS_DIR));
-        let dkim = pod
-            .volumes
+        // Kubelet probes on the metrics port; the admin port is there for the API, never for probes.
+        for p in [&c.liveness_probe, &c.readiness_probe, &c.startup_probe] {
+            let port = &p.as_ref().unwrap().http_get.as_ref().unwrap().port;
+            assert_eq!(port, &IntOrString::String("metrics".into()));
+        }
+        let ports: Vec<(&str, i32)> = c
+            .ports
+            .as_ref()
             .unwrap()
-            .into_iter()
-            .find(|v| v.name == "dkim")
-            .unwrap();
+            .iter()
+            .map(|p| (p.name.as_deref().unwrap(), p.container_port))
+            .collect();
+        assert_eq!(
+            ports,
+            [("submission", 587), ("metrics", 9090), ("admin", 9091)]
+        );
+        // The token file the rendered config names, from the relay's own token Secret.
+        assert!(mounts.contains(&ADMIN_DIR));
+        let volumes = pod.volumes.unwrap();
+        let token = volumes.iter().find(|v| v.name == "admin-token").unwrap();
+        let token = token.secret.as_ref().unwrap();
+        assert_eq!(token.secret_name.as_deref(), Some("relay-admin-token"));
+        let item = &token.items.as_ref().unwrap()[0];
+        assert_eq!(
+            format!("{ADMIN_DIR}/{}", item.path),
+            crate::layout::ADMIN_TOKEN_FILE
+        );
+        let dkim = volumes.into_iter().find(|v| v.name == "dkim").unwrap();
         let item = &dkim.projected.unwrap().sources.unwrap()[0]
             .secret
             .clone()
@@ -468,6 +579,14 @@ mod tests {
     }
 
     #[test]
+    fn the_admin_token_secret_is_owned_by_the_relay_and_holds_the_token() {
+        let s = admin_token_secret(&relay(), "abc");
+        assert_eq!(s.metadata.name.as_deref(), Some("relay-admin-token"));
+        assert_eq!(s.metadata.owner_references.unwrap()[0].kind, "SmtpRelay");
+        assert_eq!(s.string_data.unwrap()["token"], "abc");
+    }
+
+    #[test]
     fn services_and_pdb_select_the_pods() {
         let r = relay();
         let svc = smtp_service(&r);
@@ -489,6 +608,22 @@ mod tests {
             pdb(&r).spec.unwrap().max_unavailable,
             Some(IntOrString::Int(1))
         );
-        assert_eq!(service_monitor(&r)["spec"]["endpoints"][0]["port"], "admin");
+        assert_eq!(
+            service_monitor(&r)["spec"]["endpoints"][0]["port"],
+            "metrics"
+        );
+        let headless: Vec<String> = headless_service(&r)
+            .spec
+            .unwrap()
+            .ports
+            .unwrap()
+            .into_iter()
+            .filter_map(|p| p.name)
+            .collect();
+        assert_eq!(
+            headless,
+            ["submission", "metrics"],
+            "no Service has the admin port"
+        );
     }
 }

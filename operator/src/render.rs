@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use herald_config::{
-    self as relay, AuthMode, Config, Delivery, Dkim, DkimAlgorithm as RelayDkim, Domain,
+    self as relay, Admin, AuthMode, Config, Delivery, Dkim, DkimAlgorithm as RelayDkim, Domain,
     IpPool as RelayPool, Listener, MetricsEndpoint, PerDomain, Retry, Smarthost, Source, TlsFiles,
     TlsMode,
 };
@@ -16,8 +16,8 @@ use kube::ResourceExt;
 
 use crate::crd::{DkimAlgorithm, IpPool, ListenerAuth, ListenerTls, SendingDomain, SmtpRelay};
 use crate::layout::{
-    ADMIN_PORT, BOUNCE_KEYS, CONFIG_DIR, SMARTHOST_PASSWORD, SPOOL_DIR, TLS_DIR, active_selector,
-    dkim_key_file,
+    ADMIN_PORT, ADMIN_TOKEN_FILE, BOUNCE_KEYS, CONFIG_DIR, METRICS_PORT, SMARTHOST_PASSWORD,
+    SPOOL_DIR, TLS_DIR, signing_key,
 };
 use crate::records::return_path_domain;
 
@@ -114,12 +114,13 @@ pub fn relay_config(
         {
             pool_names.push(p.clone());
         }
-        let selector = active_selector(d);
+        // The selector and the file of its key from one value: see `layout::SigningKey`.
+        let key = signing_key(d);
         relay_domains.push(Domain {
             name: d.spec.domain.clone(),
             dkim: vec![Dkim {
-                key_file: dkim_key_file(&d.spec.domain, &selector).into(),
-                selector,
+                key_file: key.file(&d.spec.domain).into(),
+                selector: key.selector,
                 algorithm: match d.spec.dkim.algorithm {
                     DkimAlgorithm::Rsa2048 => RelayDkim::RsaSha256,
                     DkimAlgorithm::Ed25519 => RelayDkim::Ed25519Sha256,
@@ -180,8 +181,6 @@ pub fn relay_config(
             tls: tls_mode(s.tls),
             username: smarthost_username.map(str::to_owned),
             password_file: smarthost_username.map(|_| SMARTHOST_PASSWORD.into()),
-            // SmarthostSpec has no field for a private CA yet: the smarthost's certificate must chain to
-            // the system's CA certificates (those of the relay image).
             ca_file: None,
         });
     }
@@ -205,12 +204,15 @@ pub fn relay_config(
         ip_pools,
         delivery,
         limits: relay::Limits::default(),
-        // Probes and scrapes keep the port they had; the queue API is not served in pods until it has a
-        // token and a NetworkPolicy of its own.
+        // On every address, so that Prometheus (metrics) and the operator (admin) reach them; the
+        // NetworkPolicy (`network`) says from where, and the admin API wants the token besides.
         metrics: Some(MetricsEndpoint {
-            address: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), ADMIN_PORT),
+            address: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), METRICS_PORT),
         }),
-        admin: None,
+        admin: Some(Admin {
+            address: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), ADMIN_PORT),
+            token_file: Some(ADMIN_TOKEN_FILE.into()),
+        }),
         events: None,
         log: relay::Log::default(),
         // The operator keeps the keys in the config Secret (see `objects::config_secret`): every replica reads
@@ -219,7 +221,11 @@ pub fn relay_config(
             secret_file: Some(format!("{CONFIG_DIR}/{BOUNCE_KEYS}").into()),
             ..relay::Bounces::default()
         },
-        shutdown: relay::Shutdown::default(),
+        shutdown: relay::Shutdown {
+            sessions: duration(&res, "spec.shutdown.sessions", &spec.shutdown.sessions)?,
+            deliveries: duration(&res, "spec.shutdown.deliveries", &spec.shutdown.deliveries)?,
+            events: duration(&res, "spec.shutdown.events", &spec.shutdown.events)?,
+        },
     };
     config.validate().map_err(|e| {
         err(
@@ -250,6 +256,7 @@ mod tests {
             tls: ListenerTls::None,
             auth: ListenerAuth::None,
             allow_networks: vec!["10.0.0.0/8".into()],
+            allow_namespaces: None,
         });
         r.spec.delivery = DeliverySpec {
             retry: Some(RetrySpec {
@@ -301,6 +308,16 @@ mod tests {
             c.delivery.max_age,
             std::time::Duration::from_secs(3 * 86400)
         );
+        assert_eq!(
+            c.metrics.as_ref().map(|m| m.address.to_string()).as_deref(),
+            Some("0.0.0.0:9090")
+        );
+        let admin = c.admin.as_ref().unwrap();
+        assert_eq!(admin.address.to_string(), "0.0.0.0:9091");
+        assert_eq!(
+            admin.token_file.as_deref(),
+            Some(std::path::Path::new("/etc/herald/admin/token"))
+        );
         // What herald-relay check-config does with the file.
         let text = config_yaml(&c).unwrap();
         assert_eq!(Config::parse(&text).unwrap(), c);
@@ -314,6 +331,23 @@ mod tests {
         r.spec.listeners[1].allow_networks = vec!["10.0.0.0/33".into()];
         let e = relay_config(&r, &[], &[], &users(), None).unwrap_err();
         assert_eq!(e.field, "spec.listeners[1].allowNetworks[0]");
+    }
+
+    #[test]
+    fn the_drain_is_the_specs_and_its_defaults_are_the_relays() {
+        let c = relay_config(&relay(), &[], &[], &users(), None).unwrap();
+        assert_eq!(c.shutdown, herald_config::Shutdown::default());
+        let mut r = relay();
+        r.spec.shutdown = ShutdownSpec {
+            sessions: "1m".into(),
+            deliveries: "2m".into(),
+            events: "5s".into(),
+        };
+        let c = relay_config(&r, &[], &[], &users(), None).unwrap();
+        assert_eq!(c.shutdown.total(), std::time::Duration::from_secs(185));
+        r.spec.shutdown.deliveries = "99999999999999999999d".into();
+        let e = relay_config(&r, &[], &[], &users(), None).unwrap_err();
+        assert_eq!(e.field, "spec.shutdown.deliveries");
     }
 
     #[test]

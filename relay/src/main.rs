@@ -12,7 +12,7 @@ use herald_relay::admin::client::{self, AdminCommand, Target};
 #[command(name = "herald-relay", version, about = "Herald's mail transfer agent")]
 struct Cli {
     /// Config file; without it the relay runs on an embedded default (loopback only).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "HERALD_CONFIG")]
     config: Option<PathBuf>,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]

@@ -6,6 +6,12 @@
 //! - **Decide**: [`decide`] turns what was read and observed into the status, the selector to promote and
 //!   the events to publish, without I/O.
 //! - **Apply**: promote the next key, patch the status when it changed, publish the events.
+//!
+//! A generated Secret holds each key under its own selector's names (`<selector>.pem`, `<selector>.pub`),
+//! and a key is never written under another selector's names: a promotion adds the next key beside the
+//! current one and only then does the status name the new selector, which is what the relay's config and
+//! StatefulSet follow (`layout::SigningKey`). So no relay ever signs with a key under a selector that is
+//! not its own, at any step of a rotation, whatever order the pods see the changes in.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,7 +33,7 @@ use super::{Conditions, Context, Error, MANAGER, Recheck, chrono_time, patch_sta
 use crate::crd::{
     DkimAlgorithm, DnsRecord, IpPool, RecordState, SendingDomain, SendingDomainStatus, SmtpRelay,
 };
-use crate::layout::{DKIM_KEY, DKIM_PUBLIC, dkim_secret_name};
+use crate::layout::{DKIM_KEY, DKIM_PUBLIC, dkim_private_key, dkim_public_key, dkim_secret_name};
 use crate::records::{self, Inputs};
 use crate::{dkim, render};
 
@@ -93,7 +99,7 @@ async fn reconcile_domain(sd: &SendingDomain, ctx: &Context) -> Result<Action, E
 
     // Apply.
     if let Some(p) = &decision.promote {
-        promote(&secrets, sd, &p.selector, now).await?;
+        promote(&secrets, sd, p, now).await?;
         publish_event(ctx, sd, &p.note).await;
     }
     ctx.metrics
@@ -141,6 +147,8 @@ pub struct Note {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Promotion {
     pub selector: String,
+    /// The selector that signed until now; its key stays in the Secret until the next rotation.
+    pub previous: String,
     pub note: Note,
 }
 
@@ -231,6 +239,7 @@ pub fn decide(
                 .any(|r| r.name == next_name && r.state == RecordState::Published)
                 .then(|| Promotion {
                     selector: next.selector.clone(),
+                    previous: current.selector.clone(),
                     note: Note {
                         type_: EventType::Normal,
                         reason: "DkimKeyRotated",
@@ -404,39 +413,92 @@ async fn dkim_key(
     now: Timestamp,
 ) -> Result<DkimKey, Error> {
     let name = dkim_secret_name(sd);
-    if let Some(s) = secrets.get_opt(&name).await? {
-        let selector = s
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(SELECTOR_ANNOTATION).cloned())
-            .filter(|_| sd.spec.dkim.secret_ref.is_none())
-            .unwrap_or_else(|| sd.spec.dkim.selector.clone());
-        let data = s.data.unwrap_or_default();
-        if let Some(p) = data.get(DKIM_PUBLIC) {
-            return Ok(DkimKey {
-                selector,
-                public: String::from_utf8_lossy(&p.0).into_owned(),
-            });
-        }
-        let Some(private) = data.get(DKIM_KEY) else {
+    let secret = secrets.get_opt(&name).await?;
+    if sd.spec.dkim.secret_ref.is_some() {
+        let Some(s) = secret else {
+            return Err(Error::Invalid(format!(
+                "Secret {name} (spec.dkim.secretRef) does not exist"
+            )));
+        };
+        let Some(private) = s.data.as_ref().and_then(|d| d.get(DKIM_KEY)) else {
             return Err(Error::Invalid(format!(
                 "Secret {name} has no {DKIM_KEY} key"
             )));
         };
         return Ok(DkimKey {
-            selector,
+            selector: sd.spec.dkim.selector.clone(),
             public: public_from_private(sd.spec.dkim.algorithm, &private.0)?,
         });
     }
-    if sd.spec.dkim.secret_ref.is_some() {
+    let Some(s) = secret else {
+        let selector = sd.spec.dkim.selector.clone();
+        let public = create_key_secret(sd, secrets, &name, &selector, now).await?;
+        return Ok(DkimKey { selector, public });
+    };
+    let selector = secret_selector(&s).unwrap_or_else(|| sd.spec.dkim.selector.clone());
+    let Some(stored) = stored_key(&s, &selector) else {
         return Err(Error::Invalid(format!(
-            "Secret {name} (spec.dkim.secretRef) does not exist"
+            "Secret {name} has no key for selector {selector} ({} or {DKIM_KEY})",
+            dkim_private_key(&selector)
         )));
+    };
+    let public = match &stored.public {
+        Some(p) => p.clone(),
+        None => public_from_private(sd.spec.dkim.algorithm, &stored.private.0)?,
+    };
+    if stored.legacy {
+        // Written before keys were stored per selector: the key joins the Secret under its selector's
+        // names, which the relay's StatefulSet reads from now on (the old names stay until a rotation).
+        let patch = json!({ "data": {
+            dkim_private_key(&selector): stored.private,
+            dkim_public_key(&selector): ByteString(public.clone().into_bytes()),
+        }});
+        secrets
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
     }
-    let selector = sd.spec.dkim.selector.clone();
-    let public = create_key_secret(sd, secrets, &name, &selector, now).await?;
     Ok(DkimKey { selector, public })
+}
+
+/// The selector a generated DKIM Secret says its key is for.
+fn secret_selector(s: &Secret) -> Option<String> {
+    s.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SELECTOR_ANNOTATION).cloned())
+}
+
+/// One selector's key as a generated Secret holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredKey {
+    pub private: ByteString,
+    /// The `p=` value, when the Secret holds it.
+    pub public: Option<String>,
+    /// Found under the names of before keys were stored per selector (`private.key`, `public.b64`).
+    pub legacy: bool,
+}
+
+/// The key of `selector` in a generated Secret: under its own names, or, in a Secret written before keys
+/// were stored per selector, under the one pair of names those had, which belongs to the selector the
+/// Secret's annotation names (the old code wrote both in one patch). Never another selector's key.
+pub fn stored_key(s: &Secret, selector: &str) -> Option<StoredKey> {
+    let data = s.data.as_ref()?;
+    let text = |v: &ByteString| String::from_utf8_lossy(&v.0).into_owned();
+    if let Some(private) = data.get(&dkim_private_key(selector)) {
+        return Some(StoredKey {
+            private: private.clone(),
+            public: data.get(&dkim_public_key(selector)).map(text),
+            legacy: false,
+        });
+    }
+    if secret_selector(s).as_deref() != Some(selector) {
+        return None;
+    }
+    data.get(DKIM_KEY).map(|private| StoredKey {
+        private: private.clone(),
+        public: data.get(DKIM_PUBLIC).map(text),
+        legacy: true,
+    })
 }
 
 /// Generates a key into Secret `name` for `selector`; returns its `p=`. If the Secret appeared meanwhile
@@ -473,11 +535,11 @@ async fn create_key_secret(
         },
         data: Some(BTreeMap::from([
             (
-                DKIM_KEY.to_owned(),
+                dkim_private_key(selector),
                 ByteString(key.private_pem.into_bytes()),
             ),
             (
-                DKIM_PUBLIC.to_owned(),
+                dkim_public_key(selector),
                 ByteString(key.public_b64.clone().into_bytes()),
             ),
         ])),
@@ -488,10 +550,10 @@ async fn create_key_secret(
         Ok(_) => Ok(key.public_b64),
         Err(kube::Error::Api(s)) if s.code == 409 => {
             let s = secrets.get(name).await?;
-            let data = s.data.unwrap_or_default();
-            data.get(DKIM_PUBLIC)
-                .map(|p| String::from_utf8_lossy(&p.0).into_owned())
-                .ok_or_else(|| Error::Invalid(format!("Secret {name} has no {DKIM_PUBLIC} key")))
+            let public = stored_key(&s, selector).and_then(|k| k.public);
+            public.ok_or_else(|| {
+                Error::Invalid(format!("Secret {name} has no public key for {selector}"))
+            })
         }
         Err(e) => Err(e.into()),
     }
@@ -518,19 +580,11 @@ async fn rotation_key(
         .map_err(|e| Error::Invalid(format!("spec.dkim.rotationPeriod {period:?}: {e}")))?;
     let next_name = next_secret_name(sd);
     if let Some(s) = secrets.get_opt(&next_name).await? {
-        let selector = s
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(SELECTOR_ANNOTATION).cloned());
-        let public = s
-            .data
-            .as_ref()
-            .and_then(|d| d.get(DKIM_PUBLIC))
-            .map(|p| String::from_utf8_lossy(&p.0).into_owned());
-        return Ok(selector
-            .zip(public)
-            .map(|(selector, public)| DkimKey { selector, public }));
+        let Some(selector) = secret_selector(&s) else {
+            return Ok(None);
+        };
+        let public = stored_key(&s, &selector).and_then(|k| k.public);
+        return Ok(public.map(|public| DkimKey { selector, public }));
     }
     let Some(active) = secrets.get_opt(&dkim_secret_name(sd)).await? else {
         return Ok(None);
@@ -566,29 +620,69 @@ pub fn next_selector(base: &str, now: Timestamp) -> String {
     format!("{base}-{}", chrono_time(now).format("%Y%m%d%H%M%S"))
 }
 
-/// Makes the next key the active one: its data and selector move into the active Secret (same name, so the
-/// relay's mount does not change), and the next Secret goes.
-async fn promote(
-    secrets: &Api<Secret>,
-    sd: &SendingDomain,
+/// The merge patch of the active Secret that makes the next key the one that signs. The next key joins the
+/// Secret under its own selector's names, next to the current key (whose pods have not rolled yet still
+/// project it), every older key leaves, and the annotation names the new selector. Each key is copied under
+/// the names of the selector it was made for, so no selector ever reads another's key; which selector signs
+/// is then the status's `activeSelector`, written after this patch.
+pub fn promotion_patch(
+    active: &Secret,
+    next: &Secret,
+    current: &str,
     selector: &str,
     now: Timestamp,
-) -> Result<(), Error> {
-    let next_name = next_secret_name(sd);
-    let next = secrets.get(&next_name).await?;
-    let patch = json!({
+) -> Result<serde_json::Value, Error> {
+    let missing = |which: &str, s: &str| {
+        Error::Invalid(format!(
+            "the {which} DKIM Secret has no key for selector {s}"
+        ))
+    };
+    let kept = stored_key(active, current).ok_or_else(|| missing("active", current))?;
+    let new = stored_key(next, selector).ok_or_else(|| missing("next", selector))?;
+    let mut data = serde_json::Map::new();
+    for old in active.data.iter().flat_map(|d| d.keys()) {
+        data.insert(old.clone(), serde_json::Value::Null);
+    }
+    for (s, key) in [(current, &kept), (selector, &new)] {
+        data.insert(dkim_private_key(s), json!(key.private));
+        match &key.public {
+            Some(p) => data.insert(
+                dkim_public_key(s),
+                json!(ByteString(p.clone().into_bytes())),
+            ),
+            None => data.remove(&dkim_public_key(s)),
+        };
+    }
+    Ok(json!({
         "metadata": { "annotations": {
             SELECTOR_ANNOTATION: selector,
             CREATED_ANNOTATION: chrono_time(now).to_rfc3339(),
         }},
-        "data": next.data,
-    });
+        "data": data,
+    }))
+}
+
+/// Makes the next key the active one (see [`promotion_patch`]); the next Secret goes. The relay follows
+/// once the status names the new selector.
+async fn promote(
+    secrets: &Api<Secret>,
+    sd: &SendingDomain,
+    promotion: &Promotion,
+    now: Timestamp,
+) -> Result<(), Error> {
+    let name = dkim_secret_name(sd);
+    let next_name = next_secret_name(sd);
+    let active = secrets.get(&name).await?;
+    let next = secrets.get(&next_name).await?;
+    let patch = promotion_patch(
+        &active,
+        &next,
+        &promotion.previous,
+        &promotion.selector,
+        now,
+    )?;
     secrets
-        .patch(
-            &dkim_secret_name(sd),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
     secrets.delete(&next_name, &Default::default()).await?;
     Ok(())
@@ -939,5 +1033,123 @@ mod tests {
         );
         assert!(public_from_private(DkimAlgorithm::Rsa2048, k.private_pem.as_bytes()).is_err());
         assert!(public_from_private(DkimAlgorithm::Ed25519, b"not a key").is_err());
+    }
+
+    fn generated(selector: &str, data: &[(&str, &str)]) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                annotations: Some(BTreeMap::from([(
+                    SELECTOR_ANNOTATION.to_owned(),
+                    selector.to_owned(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Secret::default()
+        }
+    }
+
+    fn b64(v: &str) -> serde_json::Value {
+        json!(B64.encode(v))
+    }
+
+    #[test]
+    fn a_stored_key_is_found_only_under_its_own_selector_or_the_legacy_names_of_its_annotation() {
+        let s = generated(
+            "s1",
+            &[("s1.pem", "K1"), ("s1.pub", "P1"), ("s0.pem", "K0")],
+        );
+        let k = stored_key(&s, "s1").unwrap();
+        assert_eq!(
+            (k.private.0.as_slice(), k.public.as_deref(), k.legacy),
+            (&b"K1"[..], Some("P1"), false)
+        );
+        assert_eq!(stored_key(&s, "s0").unwrap().public, None);
+        assert_eq!(stored_key(&s, "s2"), None);
+        // Before keys were stored per selector: private.key belongs to the annotation's selector only.
+        let legacy = generated("s1", &[("private.key", "K1"), ("public.b64", "P1")]);
+        let k = stored_key(&legacy, "s1").unwrap();
+        assert_eq!(
+            (k.private.0.as_slice(), k.public.as_deref(), k.legacy),
+            (&b"K1"[..], Some("P1"), true)
+        );
+        assert_eq!(
+            stored_key(&legacy, "s2"),
+            None,
+            "never another selector's key"
+        );
+    }
+
+    #[test]
+    fn a_promotion_copies_each_key_under_its_own_selector_and_drops_older_ones() {
+        let active = generated(
+            "s1",
+            &[
+                ("s0.pem", "K0"),
+                ("s0.pub", "P0"),
+                ("s1.pem", "K1"),
+                ("s1.pub", "P1"),
+            ],
+        );
+        let next = generated("s2", &[("s2.pem", "K2"), ("s2.pub", "P2")]);
+        let patch = promotion_patch(&active, &next, "s1", "s2", at(86400)).unwrap();
+        assert_eq!(patch["metadata"]["annotations"][SELECTOR_ANNOTATION], "s2");
+        assert_eq!(
+            patch["metadata"]["annotations"][CREATED_ANNOTATION],
+            "1970-01-02T00:00:00+00:00"
+        );
+        let data = patch["data"].as_object().unwrap();
+        let expected = json!({
+            "s0.pem": null, "s0.pub": null,
+            "s1.pem": b64("K1"), "s1.pub": b64("P1"),
+            "s2.pem": b64("K2"), "s2.pub": b64("P2"),
+        });
+        assert_eq!(&json!(data), &expected);
+        // A Secret of before keys were stored per selector: its key moves to its selector's names.
+        let legacy = generated("s1", &[("private.key", "K1"), ("public.b64", "P1")]);
+        let patch = promotion_patch(&legacy, &next, "s1", "s2", at(0)).unwrap();
+        assert_eq!(
+            patch["data"],
+            json!({
+                "private.key": null, "public.b64": null,
+                "s1.pem": b64("K1"), "s1.pub": b64("P1"),
+                "s2.pem": b64("K2"), "s2.pub": b64("P2"),
+            })
+        );
+        // A next Secret without its selector's key is refused rather than promoted.
+        let wrong = generated("s2", &[("s3.pem", "K3")]);
+        assert!(promotion_patch(&active, &wrong, "s1", "s2", at(0)).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_failed_read_of_a_key_secret_never_generates_a_key() {
+        use super::super::stub::{self, secret, status};
+        let mut sd = domain();
+        sd.spec.dkim.algorithm = DkimAlgorithm::Ed25519;
+        sd.spec.dkim.rotation_period = Some("1s".into());
+        let s = stub::secrets(|_, _| (503, status(503, "ServiceUnavailable")));
+        assert!(dkim_key(&sd, &s.api, at(0)).await.is_err());
+        assert!(rotation_key(&sd, &s.api, at(0)).await.is_err());
+        assert!(s.writes().is_empty(), "{:?}", s.writes());
+        // Absent (a 404): the key is generated and created, under its selector's name.
+        let s = stub::secrets(|method, _| {
+            if method == http::Method::GET {
+                (404, status(404, "NotFound"))
+            } else {
+                (201, secret("example-dkim", &[]))
+            }
+        });
+        let key = dkim_key(&sd, &s.api, at(0)).await.unwrap();
+        assert_eq!(key.selector, "herald1");
+        assert_eq!(
+            s.writes(),
+            ["POST /api/v1/namespaces/mail/secrets"],
+            "{:?}",
+            s.requests()
+        );
     }
 }

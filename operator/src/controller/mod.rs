@@ -12,6 +12,7 @@
 //! - `domain`, `relay`, `pool`: the reconciler of each kind.
 //! - `triggers`: which SmtpRelay a SendingDomain event re-renders, and which domains went away.
 //! - `leader`: the leader-election Lease.
+//! - `scope`: the namespaces served (all, or those named) and one watch over them per kind.
 //! - `run`: the watches, the shared caches and the controllers built on them.
 
 pub mod domain;
@@ -19,6 +20,9 @@ pub mod leader;
 pub mod pool;
 pub mod relay;
 pub mod run;
+pub mod scope;
+#[cfg(test)]
+mod stub;
 pub mod triggers;
 
 use std::collections::HashMap;
@@ -195,6 +199,8 @@ pub struct Context {
     /// sets it: reconciles run from requeue timers even when every watch has stalled.
     pub last_activity: AtomicI64,
     pub recheck: Recheck,
+    /// Where this operator's pods run, for the relays' NetworkPolicy (their admin port admits them).
+    pub operator_pods: Option<crate::network::OperatorPods>,
 }
 
 impl std::fmt::Debug for Context {
@@ -207,7 +213,13 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
-    pub fn new(client: Client, dns: Verifier, stores: Stores, recheck: Recheck) -> Arc<Context> {
+    pub fn new(
+        client: Client,
+        dns: Verifier,
+        stores: Stores,
+        recheck: Recheck,
+        operator_pods: Option<crate::network::OperatorPods>,
+    ) -> Arc<Context> {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -224,6 +236,7 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             last_activity: AtomicI64::new(chrono::Utc::now().timestamp()),
             recheck,
+            operator_pods,
         })
     }
 

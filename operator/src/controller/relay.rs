@@ -2,11 +2,14 @@
 //! it.
 //!
 //! - **Fetch**: the relay's domains and the namespace's pools from the shared caches; the config Secret as it
-//!   is (to keep the return-path keys, and the password hashes that still match); each user's password,
-//!   hashed; the smarthost username; the StatefulSet's ready replicas.
-//! - **Decide**: [`decide`] renders the config and builds the config Secret, StatefulSet, Services, PDB and
-//!   ServiceMonitor, and the status, without I/O.
-//! - **Apply**: server-side apply of each object, then the status when it changed.
+//!   is (to keep the return-path keys, and the password hashes that still match) and whether the admin
+//!   token Secret exists ([`kept_secrets`]); each user's password, hashed; the smarthost username; the
+//!   StatefulSet's ready replicas.
+//! - **Decide**: [`decide`] renders the config and builds the config Secret, the admin token Secret when
+//!   there is none, StatefulSet, Services, PDB, NetworkPolicy and ServiceMonitor, and the status, without
+//!   I/O.
+//! - **Apply**: the admin token Secret is created (never applied: it is made once and kept); every other
+//!   object is server-side applied; then the status when it changed.
 //!
 //! A relay renders once per batch of changes, not once per domain event: SendingDomain events reach it
 //! through `triggers::DomainEvents` only when something the config reads changed, and a debounce folds a
@@ -17,6 +20,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -27,7 +31,10 @@ use sha2::{Digest, Sha256};
 
 use super::{Conditions, Context, Error, MANAGER, apply, patch_status};
 use crate::crd::{IpPool, SendingDomain, SmtpRelay, SmtpRelayStatus};
-use crate::layout::{BOUNCE_KEYS, CONFIG_FILE, config_secret_name};
+use crate::layout::{
+    ADMIN_TOKEN_KEY, BOUNCE_KEYS, CONFIG_FILE, admin_token_secret_name, config_secret_name,
+};
+use crate::network::{self, OperatorPods};
 use crate::objects;
 use crate::render::{self, HashedUser};
 
@@ -49,14 +56,13 @@ async fn reconcile_relay(relay: &SmtpRelay, ctx: &Context) -> Result<Action, Err
     let client = ctx.client.clone();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
 
-    // Fetch. A failed read of the config Secret fails the reconcile: carrying on would replace the
-    // return-path keys with new ones, and every bounce in flight would stop verifying.
-    let applied = secrets.get_opt(&config_secret_name(relay)).await?;
-    let mut problems = Vec::new();
+    // Fetch.
+    let kept = kept_secrets(&secrets, relay).await?;
+    let mut problems = kept.problems;
     let users = hashed_users(
         relay,
         &secrets,
-        applied.as_ref().and_then(applied_config).as_ref(),
+        kept.applied.as_ref().and_then(applied_config).as_ref(),
         &mut problems,
     )
     .await?;
@@ -90,10 +96,9 @@ async fn reconcile_relay(relay: &SmtpRelay, ctx: &Context) -> Result<Action, Err
         users,
         problems,
         smarthost_username,
-        bounce_keys: applied
-            .as_ref()
-            .and_then(kept_bounce_keys)
-            .unwrap_or_else(new_bounce_keys),
+        bounce_keys: kept.bounce_keys,
+        new_admin_token: kept.new_admin_token,
+        operator_pods: ctx.operator_pods.clone(),
         ready_replicas,
     };
 
@@ -102,6 +107,9 @@ async fn reconcile_relay(relay: &SmtpRelay, ctx: &Context) -> Result<Action, Err
 
     // Apply.
     if let Some(o) = &decision.objects {
+        if let Some(token) = &o.admin_token_secret {
+            create_once(&secrets, token).await?;
+        }
         apply(&secrets, &o.config_secret).await?;
         apply(
             &Api::<StatefulSet>::namespaced(client.clone(), &ns),
@@ -114,6 +122,11 @@ async fn reconcile_relay(relay: &SmtpRelay, ctx: &Context) -> Result<Action, Err
         apply(
             &Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns),
             &o.pdb,
+        )
+        .await?;
+        apply(
+            &Api::<NetworkPolicy>::namespaced(client.clone(), &ns),
+            &o.network_policy,
         )
         .await?;
         if let Some(monitor) = &o.service_monitor {
@@ -144,6 +157,10 @@ pub struct Inputs {
     pub smarthost_username: Option<String>,
     /// The return-path token keys: those already applied, or new ones for a new relay.
     pub bounce_keys: String,
+    /// A new admin API token, when the relay has no token Secret yet.
+    pub new_admin_token: Option<String>,
+    /// The operator's pods, which the NetworkPolicy admits to the admin port.
+    pub operator_pods: Option<OperatorPods>,
     pub ready_replicas: i32,
 }
 
@@ -151,10 +168,13 @@ pub struct Inputs {
 #[derive(Debug, Clone)]
 pub struct Objects {
     pub config_secret: Secret,
+    /// Created when the relay has none yet; never applied over an existing one.
+    pub admin_token_secret: Option<Secret>,
     pub statefulset: StatefulSet,
     pub smtp_service: Service,
     pub headless_service: Service,
     pub pdb: PodDisruptionBudget,
+    pub network_policy: NetworkPolicy,
     /// Applied when the Prometheus Operator's CRD is installed.
     pub service_monitor: Option<serde_json::Value>,
 }
@@ -204,10 +224,15 @@ pub fn decide(relay: &SmtpRelay, inputs: &Inputs, now: Timestamp) -> Result<Deci
             ));
             let o = Objects {
                 config_secret: objects::config_secret(relay, &yaml, &inputs.bounce_keys),
+                admin_token_secret: inputs
+                    .new_admin_token
+                    .as_deref()
+                    .map(|t| objects::admin_token_secret(relay, t)),
                 statefulset: objects::statefulset(relay, &inputs.domains, &hash, &config.shutdown),
                 smtp_service: objects::smtp_service(relay),
                 headless_service: objects::headless_service(relay),
                 pdb: objects::pdb(relay),
+                network_policy: network::network_policy(relay, inputs.operator_pods.as_ref()),
                 service_monitor: relay
                     .spec
                     .metrics
@@ -323,6 +348,70 @@ async fn secret_value(
         }))
 }
 
+/// What a relay keeps across reconciles in its own Secrets, as read from the API server.
+#[derive(Debug)]
+pub struct Kept {
+    /// The config Secret as applied last (its password hashes are kept while they match).
+    pub applied: Option<Secret>,
+    /// The return-path token keys: the applied ones, or new ones when there is no config Secret yet.
+    pub bounce_keys: String,
+    /// A new admin token, only when the token Secret does not exist.
+    pub new_admin_token: Option<String>,
+    /// A token Secret without a usable token: said in the status rather than replaced behind the
+    /// user's back.
+    pub problems: Vec<String>,
+}
+
+/// Reads the config and admin token Secrets. A value is new only where its Secret is absent (a 404): any
+/// other failure to read fails the reconcile, because carrying on would replace keys in use (every bounce
+/// in flight would stop verifying; `herald-relay admin` would be locked out until the pods read the new
+/// token).
+pub async fn kept_secrets(secrets: &Api<Secret>, relay: &SmtpRelay) -> Result<Kept, Error> {
+    let applied = secrets.get_opt(&config_secret_name(relay)).await?;
+    let token_name = admin_token_secret_name(relay);
+    let token = secrets.get_opt(&token_name).await?;
+    let mut problems = Vec::new();
+    let new_admin_token = match &token {
+        None => Some(new_secret_value()),
+        Some(s) if secret_has_value(s, ADMIN_TOKEN_KEY) => None,
+        Some(_) => {
+            problems.push(format!(
+                "Secret {token_name} has no key {ADMIN_TOKEN_KEY}: delete it and the operator makes a new admin token"
+            ));
+            None
+        }
+    };
+    Ok(Kept {
+        bounce_keys: applied
+            .as_ref()
+            .and_then(kept_bounce_keys)
+            .unwrap_or_else(new_secret_value_line),
+        applied,
+        new_admin_token,
+        problems,
+    })
+}
+
+fn secret_has_value(s: &Secret, key: &str) -> bool {
+    s.data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .is_some_and(|v| !v.0.iter().all(u8::is_ascii_whitespace))
+}
+
+/// Creates a Secret that must be made once and never replaced; one made meanwhile (another operator
+/// replica, an interrupted reconcile) is kept.
+async fn create_once(secrets: &Api<Secret>, secret: &Secret) -> Result<(), Error> {
+    match secrets
+        .create(&kube::api::PostParams::default(), secret)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The return-path token keys in the applied config Secret (replacing them would make every bounce in
 /// flight unverifiable). A user rotates by editing the Secret: a new first line signs, the old lines keep
 /// verifying.
@@ -335,12 +424,17 @@ fn kept_bounce_keys(applied: &Secret) -> Option<String> {
         .filter(|k| !k.trim().is_empty())
 }
 
-/// A new random return-path key, for a relay that has none yet.
-fn new_bounce_keys() -> String {
+/// 32 random bytes in hex: a return-path key or an admin token.
+fn new_secret_value() -> String {
     use rand_core::RngCore;
     let mut key = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut key);
-    format!("{}\n", hex::encode(key))
+    hex::encode(key)
+}
+
+/// A new return-path key file (one key per line), for a relay that has none yet.
+fn new_secret_value_line() -> String {
+    format!("{}\n", new_secret_value())
 }
 
 /// The config in the applied Secret, to keep its password hashes.
@@ -414,6 +508,8 @@ mod tests {
             problems: vec![],
             smarthost_username: None,
             bounce_keys: "00\n".into(),
+            new_admin_token: None,
+            operator_pods: None,
             ready_replicas: 0,
         }
     }
@@ -551,6 +647,117 @@ mod tests {
         );
     }
 
+    /// Each domain's selector and key file in the rendered config, and the Secret key projected to that
+    /// file in the StatefulSet.
+    fn signing(d: &Decision) -> Vec<(String, String, String, String)> {
+        let o = d.objects.as_ref().unwrap();
+        let yaml = &o.config_secret.string_data.as_ref().unwrap()[CONFIG_FILE];
+        let config = herald_config::Config::parse(yaml).unwrap();
+        let pod = o.statefulset.spec.template.spec.as_ref().unwrap();
+        let dkim = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "dkim")
+            .unwrap();
+        let sources = dkim.projected.as_ref().unwrap().sources.as_ref().unwrap();
+        config
+            .domains
+            .iter()
+            .zip(sources)
+            .map(|(domain, source)| {
+                let secret = source.secret.as_ref().unwrap();
+                let item = &secret.items.as_ref().unwrap()[0];
+                let file = format!("{}/{}", crate::layout::DKIM_DIR, item.path);
+                assert_eq!(file, domain.dkim[0].key_file.display().to_string());
+                (
+                    domain.dkim[0].selector.clone(),
+                    file,
+                    secret.name.clone(),
+                    item.key.clone(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_selector_is_only_ever_rendered_with_its_own_key() {
+        let r = relay();
+        let mut d = (*domain("a")).clone();
+        let mut brought = (*domain("b")).clone();
+        brought.spec.dkim.secret_ref = Some(LocalRef {
+            name: "b-key".into(),
+        });
+        let with = |d: &SendingDomain, b: &SendingDomain| Inputs {
+            domains: vec![Arc::new(d.clone()), Arc::new(b.clone())],
+            ..inputs()
+        };
+        let row = |sel: &str, domain: &str, secret: &str, key: &str| {
+            (
+                sel.to_owned(),
+                format!("/etc/herald/dkim/{domain}.{sel}.pem"),
+                secret.to_owned(),
+                key.to_owned(),
+            )
+        };
+        let before = decide(&r, &with(&d, &brought), at(100)).unwrap();
+        assert_eq!(
+            signing(&before),
+            [
+                row("herald1", "a.test", "a-dkim", "herald1.pem"),
+                row("herald1", "b.test", "b-key", "private.key"),
+            ]
+        );
+        // The rotation is promoted: the selector, the file and the Secret key it is projected from move
+        // together, and the config hash changes so the pods roll.
+        d.status = Some(crate::crd::SendingDomainStatus {
+            active_selector: Some("herald1-20260101000000".into()),
+            ..Default::default()
+        });
+        // A brought key's selector is the spec's (with the spec's Secret), whatever the status says.
+        brought.spec.dkim.selector = "s2".into();
+        brought.status = d.status.clone();
+        let after = decide(&r, &with(&d, &brought), at(200)).unwrap();
+        assert_eq!(
+            signing(&after),
+            [
+                row(
+                    "herald1-20260101000000",
+                    "a.test",
+                    "a-dkim",
+                    "herald1-20260101000000.pem"
+                ),
+                row("s2", "b.test", "b-key", "private.key"),
+            ]
+        );
+        assert_ne!(before.status.config_hash, after.status.config_hash);
+    }
+
+    #[test]
+    fn the_pods_grace_period_is_the_rendered_drain_and_ten_seconds() {
+        let mut r = relay();
+        let grace = |r: &SmtpRelay| {
+            let d = decide(r, &inputs(), at(100)).unwrap();
+            let o = d.objects.unwrap();
+            let pod = o.statefulset.spec.template.spec.unwrap();
+            let yaml = &o.config_secret.string_data.unwrap()[CONFIG_FILE];
+            let config = herald_config::Config::parse(yaml).unwrap();
+            (pod.termination_grace_period_seconds, config.shutdown)
+        };
+        let (seconds, drain) = grace(&r);
+        assert_eq!((seconds, drain.total().as_secs()), (Some(80), 70));
+        r.spec.shutdown.deliveries = "5m".into();
+        let (seconds, drain) = grace(&r);
+        assert_eq!(drain.deliveries.as_secs(), 300);
+        assert_eq!(seconds, Some(30 + 300 + 10 + 10));
+        // A drain that does not parse is a condition naming the field; nothing is applied.
+        r.spec.shutdown.events = "forever".into();
+        let d = decide(&r, &inputs(), at(100)).unwrap();
+        assert!(d.objects.is_none());
+        let c = cond(&d.status, "ConfigRendered");
+        assert!(c.message.contains("spec.shutdown.events"), "{}", c.message);
+    }
+
     #[test]
     fn no_service_monitor_when_the_spec_turns_it_off() {
         let mut r = relay();
@@ -588,8 +795,101 @@ mod tests {
             ..Secret::default()
         };
         assert_eq!(kept_bounce_keys(&empty), None);
-        let fresh = new_bounce_keys();
+        let fresh = new_secret_value_line();
         assert_eq!(fresh.len(), 65);
-        assert_ne!(fresh, new_bounce_keys());
+        assert_ne!(fresh, new_secret_value_line());
+    }
+
+    use super::super::stub::{self, secret, status};
+
+    #[tokio::test]
+    async fn a_failed_read_never_makes_new_bounce_keys_or_a_new_admin_token() {
+        // The API server fails (500, or 429 while it sheds load, 403 after an RBAC edit): the reconcile
+        // fails and keeps what exists.
+        let failing: [stub::Answer; 3] = [
+            |_, _| (500, status(500, "InternalError")),
+            |_, _| (429, status(429, "TooManyRequests")),
+            |_, _| (403, status(403, "Forbidden")),
+        ];
+        for answer in failing {
+            let s = stub::secrets(answer);
+            assert!(kept_secrets(&s.api, &relay()).await.is_err());
+            assert!(s.writes().is_empty(), "{:?}", s.writes());
+        }
+        // Only the token Secret's read fails: still no new bounce keys go out with a new token.
+        let s = stub::secrets(|_, path| {
+            if path.ends_with("/relay-config") {
+                (200, secret("relay-config", &[(BOUNCE_KEYS, b"abc\n")]))
+            } else {
+                (500, status(500, "InternalError"))
+            }
+        });
+        assert!(kept_secrets(&s.api, &relay()).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn keys_and_token_are_new_only_where_their_secret_is_absent() {
+        let s = stub::secrets(|_, path| {
+            if path.ends_with("/relay-config") {
+                (200, secret("relay-config", &[(BOUNCE_KEYS, b"abc\n")]))
+            } else {
+                (404, status(404, "NotFound"))
+            }
+        });
+        let kept = kept_secrets(&s.api, &relay()).await.unwrap();
+        assert_eq!(kept.bounce_keys, "abc\n");
+        let token = kept.new_admin_token.expect("a new token");
+        assert!(
+            token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{token}"
+        );
+
+        let s = stub::secrets(|_, path| {
+            if path.ends_with("/relay-admin-token") {
+                (
+                    200,
+                    secret("relay-admin-token", &[(ADMIN_TOKEN_KEY, b"t0ken")]),
+                )
+            } else {
+                (404, status(404, "NotFound"))
+            }
+        });
+        let kept = kept_secrets(&s.api, &relay()).await.unwrap();
+        assert_eq!(kept.new_admin_token, None, "the existing token is kept");
+        assert_eq!(kept.bounce_keys.len(), 65, "a new relay gets new keys");
+        assert!(kept.problems.is_empty());
+
+        // A token Secret emptied by hand is reported, not silently replaced.
+        let s = stub::secrets(|_, path| {
+            if path.ends_with("/relay-admin-token") {
+                (
+                    200,
+                    secret("relay-admin-token", &[(ADMIN_TOKEN_KEY, b"\n")]),
+                )
+            } else {
+                (404, status(404, "NotFound"))
+            }
+        });
+        let kept = kept_secrets(&s.api, &relay()).await.unwrap();
+        assert_eq!(kept.new_admin_token, None);
+        assert!(
+            kept.problems[0].contains("relay-admin-token has no key token"),
+            "{:?}",
+            kept.problems
+        );
+    }
+
+    #[test]
+    fn a_new_admin_token_is_an_object_to_create_and_none_otherwise() {
+        let r = relay();
+        let d = decide(&r, &inputs(), at(100)).unwrap();
+        assert!(d.objects.unwrap().admin_token_secret.is_none());
+        let with_token = Inputs {
+            new_admin_token: Some("t".into()),
+            ..inputs()
+        };
+        let o = decide(&r, &with_token, at(100)).unwrap().objects.unwrap();
+        let token = o.admin_token_secret.expect("a token Secret");
+        assert_eq!(token.metadata.name.as_deref(), Some("relay-admin-token"));
     }
 }

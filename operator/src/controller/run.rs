@@ -10,13 +10,13 @@
 //!   debounce that folds a burst of domain changes into one render.
 
 use std::fmt::Debug;
-use std::hash::Hash;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt, TryStreamExt};
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::controller::{self, Controller, Error as ControllerError};
@@ -27,6 +27,7 @@ use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
 use super::leader::Elector;
+use super::scope::Scope;
 use super::triggers::{self, Changes};
 use super::{Context, Recheck, Stores, domain, error_policy, listed, pool, relay};
 use crate::crd::{IpPool, SendingDomain, SmtpRelay};
@@ -54,6 +55,12 @@ pub struct RunOptions {
     pub stale_after: Duration,
     pub recheck_pending: Duration,
     pub recheck_verified: Duration,
+    /// The namespace of the operator's own pods (the downward API's `POD_NAMESPACE`): the relays'
+    /// NetworkPolicy admits pods labelled `app.kubernetes.io/name: herald-operator` there to their admin
+    /// port. None outside a cluster: no pod is admitted.
+    pub operator_namespace: Option<String>,
+    /// The namespaces whose resources the operator reconciles; empty: every namespace.
+    pub watch_namespaces: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,21 +75,25 @@ pub enum RunError {
     LostLeadership,
 }
 
-/// The watch of one kind, filling its cache and setting `listed` once the cache holds the first full
-/// listing. Nothing in the operator reads `managedFields`, and they are a large part of each object: they
-/// are dropped before the object is cached.
+/// The watch of one kind over the scope, filling its cache and setting `listed` once the cache holds the
+/// first full listing (`managedFields` dropped, see `Scope::watch`).
 fn watch<K>(
-    api: Api<K>,
+    scope: &Scope,
+    client: &Client,
     writer: Writer<K>,
     listed: tokio::sync::watch::Sender<bool>,
 ) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Eq + Hash + Clone + Default,
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
 {
-    watcher(api, watcher::Config::default())
-        .modify(|o| o.meta_mut().managed_fields = None)
-        .default_backoff()
+    scope
+        .watch(client, watcher::Config::default())
         .reflect(writer)
         // After `reflect`: the cache has swapped in the listing by the time the flag is seen.
         .inspect_ok(move |event| {
@@ -94,6 +105,7 @@ where
 
 pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let client = Client::try_default().await?;
+    let scope = Scope::new(&opts.watch_namespaces);
     let (domains, domain_writer) = reflector::store::<SendingDomain>();
     let (relays, relay_writer) = reflector::store::<SmtpRelay>();
     let (pools, pool_writer) = reflector::store::<IpPool>();
@@ -112,6 +124,9 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             pending: opts.recheck_pending,
             verified: opts.recheck_verified,
         },
+        opts.operator_namespace
+            .clone()
+            .map(|namespace| crate::network::OperatorPods { namespace }),
     );
     let listener = tokio::net::TcpListener::bind(opts.health_address)
         .await
@@ -140,7 +155,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         identity,
         LEASE,
     );
-    tracing::info!(health = %opts.health_address, identity = elector.identity(), "herald-operator waiting for the leader lease");
+    tracing::info!(health = %opts.health_address, identity = elector.identity(), scope = ?scope, "herald-operator waiting for the leader lease");
     elector.acquire().await;
     tracing::info!(
         identity = elector.identity(),
@@ -150,25 +165,21 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let (relay_tx, relay_rx) = futures::channel::mpsc::unbounded();
     let mut domain_changes = Changes::new(triggers::domain_view);
     let (events_ctx, to_relays) = (ctx.clone(), relay_tx.clone());
-    let domain_stream = watch(
-        Api::<SendingDomain>::all(client.clone()),
-        domain_writer,
-        domains_listed,
-    )
-    .inspect_ok(move |event| {
-        let changes = domain_changes.observe(event);
-        for r in triggers::relays_of(&changes) {
-            // Err only when the relay controller has stopped: the operator is shutting down.
-            let _ = to_relays.unbounded_send(r);
-        }
-        for d in triggers::gone(&changes) {
-            events_ctx
-                .metrics
-                .forget_domain(d.namespace.as_deref().unwrap_or_default(), &d.name);
-        }
-    })
-    .touched_objects()
-    .predicate_filter(predicates::generation, Default::default());
+    let domain_stream = watch::<SendingDomain>(&scope, &client, domain_writer, domains_listed)
+        .inspect_ok(move |event| {
+            let changes = domain_changes.observe(event);
+            for r in triggers::relays_of(&changes) {
+                // Err only when the relay controller has stopped: the operator is shutting down.
+                let _ = to_relays.unbounded_send(r);
+            }
+            for d in triggers::gone(&changes) {
+                events_ctx
+                    .metrics
+                    .forget_domain(d.namespace.as_deref().unwrap_or_default(), &d.name);
+            }
+        })
+        .touched_objects()
+        .predicate_filter(predicates::generation, Default::default());
     let domains = Controller::for_stream(domain_stream, ctx.stores.domains.clone())
         .with_config(controller::Config::default().concurrency(DOMAIN_CONCURRENCY))
         .shutdown_on_signal()
@@ -187,17 +198,19 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             }
             futures::future::ready(())
         });
-    let relay_stream = watch(
-        Api::<SmtpRelay>::all(client.clone()),
-        relay_writer,
-        relays_listed,
-    )
-    .touched_objects()
-    .predicate_filter(predicates::generation, Default::default());
+    let relay_stream = watch::<SmtpRelay>(&scope, &client, relay_writer, relays_listed)
+        .touched_objects()
+        .predicate_filter(predicates::generation, Default::default());
     let relays = Controller::for_stream(relay_stream, ctx.stores.relays.clone())
-        .owns(
-            Api::<StatefulSet>::all(client.clone()),
-            watcher::Config::default(),
+        // Only the operator's StatefulSets: their ready replicas go into the relay's status.
+        .owns_stream(
+            scope
+                .watch::<StatefulSet>(
+                    &client,
+                    watcher::Config::default()
+                        .labels("app.kubernetes.io/managed-by=herald-operator"),
+                )
+                .touched_objects(),
         )
         .reconcile_on(relay_rx)
         .with_config(controller::Config::default().debounce(RELAY_DEBOUNCE))
@@ -211,21 +224,17 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         });
     let mut pool_changes = Changes::new(triggers::pool_view);
     let stores = ctx.stores.clone();
-    let pool_stream = watch(
-        Api::<IpPool>::all(client.clone()),
-        pool_writer,
-        pools_listed,
-    )
-    .inspect_ok(move |event| {
-        for c in pool_changes.observe(event) {
-            let ns = c.object.namespace.as_deref().unwrap_or_default();
-            for r in stores.relays_using_pool(ns, &c.object.name) {
-                let _ = relay_tx.unbounded_send(r);
+    let pool_stream = watch::<IpPool>(&scope, &client, pool_writer, pools_listed)
+        .inspect_ok(move |event| {
+            for c in pool_changes.observe(event) {
+                let ns = c.object.namespace.as_deref().unwrap_or_default();
+                for r in stores.relays_using_pool(ns, &c.object.name) {
+                    let _ = relay_tx.unbounded_send(r);
+                }
             }
-        }
-    })
-    .touched_objects()
-    .predicate_filter(predicates::generation, Default::default());
+        })
+        .touched_objects()
+        .predicate_filter(predicates::generation, Default::default());
     let pools = Controller::for_stream(pool_stream, ctx.stores.pools.clone())
         .shutdown_on_signal()
         .run(pool::reconcile, error_policy, ctx.clone())

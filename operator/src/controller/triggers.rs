@@ -19,7 +19,7 @@ use kube::runtime::reflector::{Lookup, ObjectRef};
 use kube::runtime::watcher::Event;
 
 use crate::crd::{IpPool, SendingDomain, SmtpRelay};
-use crate::layout::active_selector;
+use crate::layout::signing_key;
 
 /// One object whose view changed: what it was and what it is (`None`: not there).
 #[derive(Debug, Clone, PartialEq)]
@@ -127,7 +127,7 @@ pub struct DomainView {
     hash: u64,
 }
 
-/// The view of a SendingDomain: its relay, its spec and its signing selector. The whole spec rather than
+/// The view of a SendingDomain: its relay, its spec and the key it signs with. The whole spec rather than
 /// the fields rendered today, so a field the rendering starts to read later cannot be missed; specs change
 /// rarely, so this costs a render now and then, not one per status write.
 pub fn domain_view(sd: &SendingDomain) -> DomainView {
@@ -135,7 +135,7 @@ pub fn domain_view(sd: &SendingDomain) -> DomainView {
     serde_json::to_vec(&sd.spec)
         .unwrap_or_default()
         .hash(&mut h);
-    active_selector(sd).hash(&mut h);
+    signing_key(sd).hash(&mut h);
     DomainView {
         relay: sd
             .metadata
