@@ -100,6 +100,17 @@ BAD_CONFIGS = {
     "negative-size": (_bad(lambda c: c.update(limits={"max_message_size": -1})), "limits.max_message_size", []),
     "bad-admin-address": (_bad(lambda c: c["admin"].update(address="nowhere")), "admin.address", []),
     "listeners-not-a-list": (_bad(lambda c: c.update(listeners=Raw('"trusted"'))), "listeners", []),
+    "bad-trusted-sender": (
+        _bad(lambda c: c["listeners"][0].update(trusted_senders=["example.test", "not a domain"])),
+        "listeners[0].trusted_senders[1]", ["not a domain name"],
+    ),
+    "trusted-senders-neither-any-nor-list": (
+        _bad(lambda c: c["listeners"][0].update(trusted_senders="anyone")), "listeners[0].trusted_senders", ["any"],
+    ),
+    "trusted-senders-on-submission": (
+        _bad(lambda c: c["listeners"][2].update(trusted_senders="any")), "listeners[2].trusted_senders",
+        ["allowed_domains"],
+    ),
 }
 
 

@@ -102,6 +102,7 @@ pub fn relay_config(
                 ListenerAuth::Required => AuthMode::Required,
             },
             allow_networks: nets,
+            trusted_senders: None,
         });
     }
     let mut relay_domains = Vec::new();
