@@ -33,6 +33,7 @@ pub fn relay() -> SmtpRelay {
                 tls: ListenerTls::Starttls,
                 auth: ListenerAuth::Required,
                 allow_networks: vec![],
+                trusted_senders: None,
             }],
             tls_secret_ref: Some(LocalRef {
                 name: "relay-tls".into(),
