@@ -117,16 +117,14 @@ pub enum Senders {
 impl Senders {
     /// What `listener` lets its relaying clients send as. Only trusted listeners consult it.
     pub fn for_listener(config: &Config, listener: &Listener) -> Senders {
-        // A name is written as users write it; matching is on the lower-case name without a final dot.
-        let names = |names: &mut dyn Iterator<Item = &String>| {
-            names
-                .map(|d| d.strip_suffix('.').unwrap_or(d).to_ascii_lowercase())
-                .collect()
-        };
         match &listener.trusted_senders {
             Some(TrustedSenders::Any) => Senders::Any,
-            Some(TrustedSenders::Domains(list)) => Senders::Listed(names(&mut list.iter())),
-            None => Senders::SendingDomains(names(&mut config.domains.iter().map(|d| &d.name))),
+            Some(TrustedSenders::Domains(list)) => {
+                Senders::Listed(list.iter().map(|d| matchable(d)).collect())
+            }
+            None => {
+                Senders::SendingDomains(config.domains.iter().map(|d| matchable(&d.name)).collect())
+            }
         }
     }
 
@@ -140,6 +138,14 @@ impl Senders {
         let domain = domain.to_ascii_lowercase();
         (!list.contains(&domain)).then_some(why)
     }
+}
+
+/// A domain as the config writes it, as sender domains are compared: lower case, without a final dot.
+fn matchable(domain: &str) -> String {
+    domain
+        .strip_suffix('.')
+        .unwrap_or(domain)
+        .to_ascii_lowercase()
 }
 
 /// The MAIL FROM and RCPT TO decisions for one SMTP session, and the From: header check cleanup makes with
