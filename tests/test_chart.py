@@ -200,6 +200,25 @@ def test_watch_namespaces_makes_the_operator_namespace_scoped_with_no_cluster_wi
     assert r.returncode != 0 and "watchNamespaces [apps] leaves out" in r.stderr, r.stderr
 
 
+def test_the_chart_renders_no_trusted_listener_by_default():
+    """A trusted listener lets every client of its networks relay without AUTH: the user adds one, with their
+    pods' networks; the default is the submission port alone."""
+    listeners = find(render("--set", "relay.enabled=true"), "SmtpRelay")["spec"]["listeners"]
+    assert listeners == [{"name": "submission", "port": 587, "tls": "starttls", "auth": "required"}], listeners
+    assert not any(l.get("allowNetworks") for l in listeners), listeners
+
+
+def test_a_trusted_listener_the_user_adds_reaches_the_smtp_relay_with_its_trusted_senders():
+    trusted = {"name": "trusted", "port": 2525, "allowNetworks": ["10.42.7.0/24"], "trustedSenders": ["example.com"]}
+    submission = {"name": "submission", "port": 587, "tls": "starttls", "auth": "required"}
+    docs = render("--set", "relay.enabled=true", "--set-json", f"relay.listeners={json.dumps([submission, trusted])}")
+    assert find(docs, "SmtpRelay")["spec"]["listeners"] == [submission, trusted]
+    # trustedSenders is a list (the CRD's field has one type): `any` alone is the list [any].
+    r = helm("template", "herald", str(CHART), "--set", "relay.enabled=true",
+             "--set-json", f"relay.listeners={json.dumps([{**trusted, 'trustedSenders': 'any'}])}", check=False)
+    assert r.returncode != 0 and "'/relay/listeners/0/trustedSenders'" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize(
     "setting, path",
     [

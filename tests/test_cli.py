@@ -113,6 +113,17 @@ BAD_CONFIGS = {
         _bad(lambda c: c.update(delivery={"smarthost": {"host": "relay_1", "tls": "starttls"}})),
         "delivery.smarthost.host", ["relay_1"],
     ),
+    "bad-trusted-sender": (
+        _bad(lambda c: c["listeners"][0].update(trusted_senders=["example.test", "not a domain"])),
+        "listeners[0].trusted_senders[1]", ["not a domain name"],
+    ),
+    "trusted-senders-neither-any-nor-list": (
+        _bad(lambda c: c["listeners"][0].update(trusted_senders="anyone")), "listeners[0].trusted_senders", ["any"],
+    ),
+    "trusted-senders-on-submission": (
+        _bad(lambda c: c["listeners"][2].update(trusted_senders="any")), "listeners[2].trusted_senders",
+        ["allowed_domains"],
+    ),
 }
 
 

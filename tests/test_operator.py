@@ -54,7 +54,7 @@ spec:
   replicas: {replicas}
   listeners:
     - {{ name: submission, port: 587, tls: starttls, auth: required }}
-    - {{ name: trusted, port: 2525, allowNetworks: [10.0.0.0/8] }}
+    - {{ name: trusted, port: 2525, allowNetworks: [10.0.0.0/8], trustedSenders: [example.test] }}
   tlsSecretRef: {{ name: relay-tls }}
   users:
     - name: app
@@ -105,6 +105,10 @@ def test_crds_are_established_and_list_in_kubectl_get(ns):
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: a, port: 25, allowNetworks: [10.0.0.0/8], allowNamespaces: {matchLabels: {a: b}}}]}",
          "allowNamespaces narrows a listener without allowNetworks"),
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: a, port: 25}], shutdown: {deliveries: 'two minutes'}}", "spec.shutdown.deliveries"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: a, port: 25, allowNetworks: [10.0.0.0/8], trustedSenders: [any, a.test]}]}", "[any] stands alone"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: a, port: 25, allowNetworks: [10.0.0.0/8], trustedSenders: ['Not A Domain']}]}", "spec.listeners[0].trustedSenders[0]"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: a, port: 25, allowNetworks: [10.0.0.0/8], trustedSenders: []}]}", "spec.listeners[0].trustedSenders"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: a, port: 25, trustedSenders: [a.test]}]}", "trustedSenders is for a listener with allowNetworks and no auth"),
     ],
 )
 def test_bad_objects_are_refused_by_the_schema_naming_the_field(ns, manifest, field):
@@ -130,6 +134,8 @@ def test_a_domain_and_relay_become_owned_objects_and_a_config_the_relay_accepts(
         assert owners and owners[0]["kind"] in ("SmtpRelay", "SendingDomain"), obj["metadata"]
     cfg = secret_data(get_json("secret", "relay-config", ns.name), "relay.yaml")
     assert "example.test" in cfg and "$argon2id$" in cfg and "s3cret" not in cfg
+    trusted = next(l for l in yaml.safe_load(cfg)["listeners"] if l["name"] == "trusted")
+    assert trusted["trusted_senders"] == ["example.test"], trusted
     path = tmp_path / "relay.yaml"
     path.write_text(cfg)
     r = subprocess.run([str(relay_bin()), "check-config", "--config", str(path)], capture_output=True, text=True, timeout=30)

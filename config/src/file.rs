@@ -13,7 +13,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// The embedded default: a trusted listener on loopback and a spool in the working directory, so that
-/// `herald-relay` runs with no file and no cluster.
+/// `herald-relay` runs with no file and no cluster. It has no sending domains, so it signs nothing and no
+/// sender domain is more its own than another: its listener takes any sender (`trusted_senders: any`).
 pub const DEFAULT_CONFIG: &str = r#"
 hostname: localhost
 spool_dir: ./herald-spool
@@ -21,6 +22,7 @@ listeners:
   - name: trusted
     address: 127.0.0.1:2525
     auth: none
+    trusted_senders: any
     allow_networks: [127.0.0.0/8, "::1/128"]
 metrics: { address: 127.0.0.1:9090 }
 admin: { address: 127.0.0.1:9091 }
@@ -255,6 +257,76 @@ pub struct Listener {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(with = "Vec<crate::schema::Network>")]
     pub allow_networks: Vec<IpNet>,
+    /// On a trusted listener (`allow_networks`, no `auth`): the domains its clients may send as, in MAIL
+    /// FROM and in the From: header (550 5.7.1 otherwise). Absent: the relay's sending domains
+    /// (`domains[].name`); a list: exactly those domains; `any`: every sender, unchecked. Not allowed on a
+    /// submission listener (its users' `allowed_domains` decide) nor on an inbound one (it relays nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trusted_senders: Option<TrustedSenders>,
+}
+
+/// `listeners[].trusted_senders`: the word `any`, or a list of domains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrustedSenders {
+    /// `any`: a client inside the networks may send as anyone, and its mail for a configured domain is
+    /// DKIM-signed.
+    Any,
+    /// Only these domains (matched without regard to case, never their subdomains).
+    Domains(Vec<String>),
+}
+
+impl Serialize for TrustedSenders {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            TrustedSenders::Any => s.serialize_str("any"),
+            TrustedSenders::Domains(d) => d.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TrustedSenders {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<TrustedSenders, D::Error> {
+        use serde::de::value::SeqAccessDeserializer;
+        use serde::de::{Error, SeqAccess, Visitor};
+
+        // By hand rather than `#[serde(untagged)]`, whose error ("did not match any variant") names neither
+        // form a user may write.
+        struct AnyOrList;
+        impl<'de> Visitor<'de> for AnyOrList {
+            type Value = TrustedSenders;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("`any` or a list of domains")
+            }
+            fn visit_str<E: Error>(self, v: &str) -> Result<TrustedSenders, E> {
+                if v == "any" {
+                    Ok(TrustedSenders::Any)
+                } else {
+                    Err(E::custom(format!(
+                        "{v:?} is neither `any` nor a list of domains (write [{v}] for one domain)"
+                    )))
+                }
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<TrustedSenders, A::Error> {
+                Vec::<String>::deserialize(SeqAccessDeserializer::new(seq))
+                    .map(TrustedSenders::Domains)
+            }
+        }
+        d.deserialize_any(AnyOrList)
+    }
+}
+
+impl JsonSchema for TrustedSenders {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "TrustedSenders".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "anyOf": [
+                { "type": "string", "enum": ["any"] },
+                { "type": "array", "items": { "type": "string" } },
+            ],
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]

@@ -1,7 +1,7 @@
 //! What the config file's types cannot express: references between sections, uniqueness, well-formed
 //! names, hashes, patterns and ranges. Each error names the field as a user writes it (`users[1].username`).
 
-use crate::file::{AuthMode, Config, ConfigError, TlsMode, invalid};
+use crate::file::{AuthMode, Config, ConfigError, Listener, TlsMode, TrustedSenders, invalid};
 
 impl Config {
     /// Metrics and admin are separate sockets (one is scraped from the monitoring namespace, the other
@@ -101,6 +101,9 @@ impl Config {
                         l.name
                     ),
                 ));
+            }
+            if let Some(senders) = &l.trusted_senders {
+                validate_trusted_senders(l, senders, &field)?;
             }
         }
         self.validate_http_endpoints()?;
@@ -369,6 +372,54 @@ impl Config {
     }
 }
 
+/// `trusted_senders` only where it decides something: on a listener whose clients relay without AUTH.
+fn validate_trusted_senders(
+    l: &Listener,
+    senders: &TrustedSenders,
+    field: &str,
+) -> Result<(), ConfigError> {
+    let field = format!("{field}.trusted_senders");
+    if l.auth == AuthMode::Required {
+        return Err(invalid(
+            field,
+            "a submission listener (auth: required) checks each user's allowed_domains; \
+             trusted_senders is for a listener with allow_networks and no auth",
+        ));
+    }
+    if l.allow_networks.is_empty() {
+        return Err(invalid(
+            field,
+            "a listener without allow_networks is inbound and relays nothing; \
+             trusted_senders is for a listener with allow_networks and no auth",
+        ));
+    }
+    let TrustedSenders::Domains(domains) = senders else {
+        return Ok(());
+    };
+    if domains.is_empty() {
+        return Err(invalid(
+            field,
+            "an empty list lets no sender through: list domains, write `any`, or leave it out for the \
+             relay's sending domains",
+        ));
+    }
+    for (j, d) in domains.iter().enumerate() {
+        if d == "any" {
+            return Err(invalid(
+                format!("{field}[{j}]"),
+                "for every sender write `trusted_senders: any`, not a list",
+            ));
+        }
+        if !is_domain_name(d) {
+            return Err(invalid(
+                format!("{field}[{j}]"),
+                format!("{d:?} is not a domain name"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A host or domain name in the LDH syntax (RFC 1035, with RFC 1123's leading digits), or an A-label.
 pub fn is_domain_name(name: &str) -> bool {
     let name = name.strip_suffix('.').unwrap_or(name);
@@ -383,4 +434,103 @@ pub fn is_domain_name(name: &str) -> bool {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Config, TrustedSenders};
+
+    /// A config whose second listener is `listener` (YAML flow mapping contents).
+    fn with_listener(listener: &str) -> Result<Config, String> {
+        Config::parse(&format!(
+            "hostname: a\nspool_dir: s\ntls: {{cert_file: c, key_file: k}}\n\
+             users: [{{username: u, password_hash: \"{hash}\"}}]\n\
+             listeners:\n - {{name: x, address: \"127.0.0.1:1\"}}\n - {{name: y, address: \"127.0.0.1:2\", {listener}}}\n",
+            hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$5gqTt8S6NUXAwTCq+3eE1QKqPzB3P7vQ5ny1dB1Hd5w",
+        ))
+        .map_err(|e| e.to_string())
+    }
+
+    const TRUSTED: &str = "allow_networks: [10.0.0.0/8]";
+
+    #[test]
+    fn trusted_senders_is_any_or_a_list_of_domains() {
+        let c = with_listener(&format!("{TRUSTED}, trusted_senders: any")).unwrap();
+        assert_eq!(c.listeners[1].trusted_senders, Some(TrustedSenders::Any));
+        let c = with_listener(&format!("{TRUSTED}, trusted_senders: [a.test, B.Test]")).unwrap();
+        assert_eq!(
+            c.listeners[1].trusted_senders,
+            Some(TrustedSenders::Domains(vec![
+                "a.test".into(),
+                "B.Test".into()
+            ]))
+        );
+        assert_eq!(
+            with_listener(TRUSTED).unwrap().listeners[1].trusted_senders,
+            None
+        );
+        // Written back as it was read.
+        for form in ["any", "[a.test]"] {
+            let c = with_listener(&format!("{TRUSTED}, trusted_senders: {form}")).unwrap();
+            let text = serde_saphyr::to_string(&c).unwrap();
+            assert_eq!(Config::parse(&text).unwrap(), c, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_bad_trusted_senders_names_the_field() {
+        let cases = [
+            (
+                "trusted_senders: anyone",
+                "listeners[1].trusted_senders: ",
+                "neither `any` nor a list",
+            ),
+            (
+                "trusted_senders: a.test",
+                "listeners[1].trusted_senders: ",
+                "write [a.test]",
+            ),
+            (
+                "trusted_senders: [a.test, \"bad domain\"]",
+                "listeners[1].trusted_senders[1]: ",
+                "not a domain name",
+            ),
+            (
+                "trusted_senders: [a.test, any]",
+                "listeners[1].trusted_senders[1]: ",
+                "trusted_senders: any",
+            ),
+            (
+                "trusted_senders: []",
+                "listeners[1].trusted_senders: ",
+                "empty list",
+            ),
+        ];
+        for (senders, field, message) in cases {
+            let e = with_listener(&format!("{TRUSTED}, {senders}")).unwrap_err();
+            assert!(
+                e.starts_with(field) && e.contains(message),
+                "{senders}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn trusted_senders_is_refused_where_nobody_relays_without_auth() {
+        let e = with_listener(
+            "tls: starttls, auth: required, allow_networks: [10.0.0.0/8], trusted_senders: any",
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("listeners[1].trusted_senders: a submission listener"),
+            "{e}"
+        );
+        let e = with_listener("trusted_senders: [a.test]").unwrap_err();
+        assert!(
+            e.starts_with(
+                "listeners[1].trusted_senders: a listener without allow_networks is inbound"
+            ),
+            "{e}"
+        );
+    }
 }

@@ -18,6 +18,9 @@ const DOMAIN_PATTERN: &str =
 /// One or more DNS labels (a subdomain prefix such as `bounces` or `mail.bounces`).
 const LABELS_PATTERN: &str =
     r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$";
+/// A listener's trusted sender: a domain as [`DOMAIN_PATTERN`] takes it, or the word `any`.
+const TRUSTED_SENDER_PATTERN: &str =
+    r"^(any|([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?)$";
 /// A Kubernetes object name (RFC 1123 subdomain).
 const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 /// A Go-style duration as the relay config takes it: `90d`, `12h`, `30m`.
@@ -293,7 +296,8 @@ fn default_image() -> String {
 #[x_kube(
     validation = Rule::new("self.auth != 'required' || self.tls != 'none'").message("auth: required needs tls: starttls or implicit"),
     validation = Rule::new("self.port != 9090 && self.port != 9091 && self.name != 'metrics' && self.name != 'admin'").message("port 9090 (name metrics) and port 9091 (name admin) are the relay's metrics and admin ports"),
-    validation = Rule::new("!has(self.allowNamespaces) || !has(self.allowNetworks) || size(self.allowNetworks) == 0").message("allowNamespaces narrows a listener without allowNetworks; with allowNetworks the relay admits only those networks")
+    validation = Rule::new("!has(self.allowNamespaces) || !has(self.allowNetworks) || size(self.allowNetworks) == 0").message("allowNamespaces narrows a listener without allowNetworks; with allowNetworks the relay admits only those networks"),
+    validation = Rule::new("!has(self.trustedSenders) || (self.auth != 'required' && has(self.allowNetworks) && size(self.allowNetworks) > 0)").message("trustedSenders is for a listener with allowNetworks and no auth (a submission listener checks its users' allowedDomains; one without allowNetworks relays nothing)")
 )]
 pub struct ListenerSpec {
     #[schemars(regex(pattern = r"^[a-z][a-z0-9-]{0,14}$"), length(min = 1, max = 15))]
@@ -314,6 +318,13 @@ pub struct ListenerSpec {
     /// connect: a public submission or MX port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_namespaces: Option<LabelSelector>,
+    /// With `allowNetworks` and no AUTH: the domains its clients may send as, in MAIL FROM and the From:
+    /// header (550 5.7.1 otherwise). Absent: the domains of this relay's SendingDomains; `[any]`: every
+    /// sender, unchecked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 100), inner(regex(pattern = TRUSTED_SENDER_PATTERN), length(max = 253)))]
+    #[x_kube(validation = Rule::new("!('any' in self) || size(self) == 1").message("trustedSenders: [any] stands alone"))]
+    pub trusted_senders: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]

@@ -34,6 +34,7 @@ pub fn relay() -> SmtpRelay {
                 auth: ListenerAuth::Required,
                 allow_networks: vec![],
                 allow_namespaces: None,
+                trusted_senders: None,
             }],
             tls_secret_ref: Some(LocalRef {
                 name: "relay-tls".into(),

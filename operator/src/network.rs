@@ -144,6 +144,7 @@ mod tests {
             auth: ListenerAuth::None,
             allow_networks: networks.iter().map(|n| n.to_string()).collect(),
             allow_namespaces: None,
+            trusted_senders: None,
         }
     }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use herald_config::{
     self as relay, Admin, AuthMode, Config, Delivery, Dkim, DkimAlgorithm as RelayDkim, Domain,
     IpPool as RelayPool, Listener, MetricsEndpoint, PerDomain, Retry, Smarthost, Source, TlsFiles,
-    TlsMode,
+    TlsMode, TrustedSenders,
 };
 use kube::ResourceExt;
 
@@ -70,6 +70,25 @@ fn duration(resource: &str, field: &str, v: &str) -> Result<std::time::Duration,
         .map_err(|e| err(resource, field, format!("{v:?} is not a duration: {e}")))
 }
 
+/// `trustedSenders` as the relay config writes it: `[any]` is `any` (a CRD field has one type, so the word
+/// comes as the list's only item).
+fn trusted_senders(
+    resource: &str,
+    listener: usize,
+    senders: Option<&[String]>,
+) -> Result<Option<TrustedSenders>, RenderError> {
+    match senders {
+        None => Ok(None),
+        Some([any]) if any == "any" => Ok(Some(TrustedSenders::Any)),
+        Some(list) if list.iter().any(|d| d == "any") => Err(err(
+            resource,
+            format!("spec.listeners[{listener}].trustedSenders"),
+            "[any] stands alone: with other domains it would mean neither",
+        )),
+        Some(list) => Ok(Some(TrustedSenders::Domains(list.to_vec()))),
+    }
+}
+
 /// Renders the relay config.
 pub fn relay_config(
     relay: &SmtpRelay,
@@ -103,6 +122,7 @@ pub fn relay_config(
                 ListenerAuth::Required => AuthMode::Required,
             },
             allow_networks: nets,
+            trusted_senders: trusted_senders(&res, i, l.trusted_senders.as_deref())?,
         });
     }
     let mut relay_domains = Vec::new();
@@ -257,6 +277,7 @@ mod tests {
             auth: ListenerAuth::None,
             allow_networks: vec!["10.0.0.0/8".into()],
             allow_namespaces: None,
+            trusted_senders: None,
         });
         r.spec.delivery = DeliverySpec {
             retry: Some(RetrySpec {
@@ -354,5 +375,42 @@ mod tests {
     fn auth_listeners_without_users_are_refused_by_the_relays_own_validation() {
         let e = relay_config(&relay(), &[], &[], &[], None).unwrap_err();
         assert!(e.message.contains("users"), "{e}");
+    }
+
+    #[test]
+    fn trusted_senders_reach_the_relay_config() {
+        let trusted = |senders: Option<Vec<&str>>| {
+            let mut r = relay();
+            r.spec.listeners[1].trusted_senders =
+                senders.map(|s| s.into_iter().map(String::from).collect());
+            relay_config(&r, &[domain()], &[pool()], &users(), None)
+        };
+        // Absent: the relay's sending domains decide, so nothing is written.
+        let c = trusted(None).unwrap();
+        assert_eq!(c.listeners[1].trusted_senders, None);
+        assert!(!config_yaml(&c).unwrap().contains("trusted_senders"));
+        let c = trusted(Some(vec!["example.test", "other.test"])).unwrap();
+        assert_eq!(
+            c.listeners[1].trusted_senders,
+            Some(TrustedSenders::Domains(vec![
+                "example.test".into(),
+                "other.test".into()
+            ]))
+        );
+        let c = trusted(Some(vec!["any"])).unwrap();
+        assert_eq!(c.listeners[1].trusted_senders, Some(TrustedSenders::Any));
+        let text = config_yaml(&c).unwrap();
+        assert!(text.contains("trusted_senders: any"), "{text}");
+        assert_eq!(Config::parse(&text).unwrap(), c);
+        let e = trusted(Some(vec!["example.test", "any"])).unwrap_err();
+        assert_eq!(e.field, "spec.listeners[1].trustedSenders");
+    }
+
+    #[test]
+    fn trusted_senders_on_a_submission_listener_is_refused_by_the_relays_own_validation() {
+        let mut r = relay();
+        r.spec.listeners[0].trusted_senders = Some(vec!["example.test".into()]);
+        let e = relay_config(&r, &[domain()], &[pool()], &users(), None).unwrap_err();
+        assert!(e.message.contains("listeners[0].trusted_senders"), "{e}");
     }
 }

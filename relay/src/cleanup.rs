@@ -1,18 +1,20 @@
 //! Completing an accepted message before it is spooled (Postfix's "cleanup" stage).
 //!
-//! Every message gets a `Received:` header. Messages from submission listeners are also checked and
-//! completed the way RFC 6409 section 8 lets a submission server do: the From: domain must be one the
-//! authenticated user may send as, and a missing `Message-ID:` or `Date:` is added. The headers are
-//! produced as a separate prefix so that the body is never copied to prepend them. On every listener a
-//! message with more than one From: field is refused: checks and DKIM would each pick one, and a reader's
-//! client may show the other.
+//! Every message gets a `Received:` header. Wherever the session checks sender domains (an authenticated
+//! user, a trusted listener without `trusted_senders: any`; see [`SessionPolicy`]), every From: address must
+//! be in a domain the client may send as, the same rule as for MAIL FROM: DKIM signs for the From: domain,
+//! so that is the one that must not be forged. Messages from submission listeners are also completed the
+//! way RFC 6409 section 8 lets a submission server do: a missing `Message-ID:` or `Date:` is added. The
+//! headers are produced as a separate prefix so that the body is never copied to prepend them. On every
+//! listener a message with more than one From: field is refused: checks and DKIM would each pick one, and
+//! a reader's client may show the other.
 
 use std::fmt::Write;
 
 use chrono::{DateTime, Utc};
 use mail_parser::MessageParser;
 
-use crate::policy::Policy;
+use crate::policy::SessionPolicy;
 use crate::spool::QueueId;
 use herald_smtp::{Envelope, Refusal, RejectReason, Reply};
 
@@ -21,7 +23,7 @@ pub fn prefix_headers(
     env: &Envelope,
     id: QueueId,
     hostname: &str,
-    policy: &Policy,
+    policy: &SessionPolicy,
     now: DateTime<Utc>,
 ) -> Result<String, Refusal> {
     let froms = from_fields(&env.body);
@@ -49,7 +51,9 @@ pub fn prefix_headers(
         let _ = write!(h, "\r\n\t(using {tls})");
     }
     let _ = write!(h, ";\r\n\t{date}\r\n");
-    if env.submission {
+    let user = env.auth_user.as_deref();
+    let check_from = policy.checks_senders(user);
+    if env.submission || check_from {
         let malformed = |text| {
             Refusal::new(
                 Reply::new(554, "5.6.0", text),
@@ -59,35 +63,34 @@ pub fn prefix_headers(
         let Some(parsed) = MessageParser::default().parse_headers(&env.body) else {
             return Err(malformed("Message has no header section"));
         };
+        // Without a From: there is nothing to check (nor to sign for): refused where it would be checked.
         let Some(from) = parsed.from() else {
             return Err(malformed("Message has no From: header"));
         };
-        if let Some(user) = &env.auth_user {
+        if check_from {
             for addr in from.iter() {
-                let domain = addr
-                    .address()
-                    .and_then(|a| a.rsplit_once('@'))
-                    .map(|(_, d)| d);
-                match domain {
-                    Some(d) if policy.may_send_as(user, d) => {}
-                    _ => {
-                        let text = format!(
-                            "From: address {} is not in a domain user {user} may send as",
-                            addr.address().unwrap_or("(none)")
-                        );
-                        return Err(Refusal::new(
-                            Reply::with_text(550, "5.7.1", text),
-                            RejectReason::SenderNotAllowed,
-                        ));
-                    }
+                let address = addr.address().unwrap_or("(empty)");
+                let refused = match address.rsplit_once('@') {
+                    Some((_, domain)) => policy
+                        .sender_refusal(domain, user)
+                        .map(|why| format!("From: address {address}: domain {domain} is {why}")),
+                    None => Some(format!("From: address {address} has no domain")),
+                };
+                if let Some(text) = refused {
+                    return Err(Refusal::new(
+                        Reply::with_text(550, "5.7.1", text),
+                        RejectReason::SenderNotAllowed,
+                    ));
                 }
             }
         }
-        if parsed.message_id().is_none() {
-            let _ = write!(h, "Message-ID: <{id}@{hostname}>\r\n");
-        }
-        if parsed.date().is_none() {
-            let _ = write!(h, "Date: {date}\r\n");
+        if env.submission {
+            if parsed.message_id().is_none() {
+                let _ = write!(h, "Message-ID: <{id}@{hostname}>\r\n");
+            }
+            if parsed.date().is_none() {
+                let _ = write!(h, "Date: {date}\r\n");
+            }
         }
     }
     Ok(h)
@@ -113,7 +116,11 @@ fn from_fields(message: &[u8]) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::outcome::suppression::Suppressions;
+    use crate::policy::{Policy, Senders};
     use herald_config::Config;
     use herald_smtp::ReversePath;
 
@@ -134,14 +141,37 @@ mod tests {
         }
     }
 
-    fn policy() -> Policy {
+    /// The policy of a session whose client relays as `relaying` (`None`: an inbound client), with user
+    /// `app` allowed ok.test and sending domains ok.test and also.test.
+    fn session(relaying: Option<Senders>) -> SessionPolicy {
         let hash = herald_config::password::hash("x").unwrap();
-        Policy::from_config(
+        let policy = Policy::from_config(
             &Config::parse(&format!(
-                "hostname: h.test\nspool_dir: s\nlisteners: [{{name: a, address: \"127.0.0.1:1\"}}]\nusers: [{{username: app, password_hash: \"{hash}\", allowed_domains: [ok.test]}}]\n"
+                "hostname: h.test\nspool_dir: s\nlisteners: [{{name: a, address: \"127.0.0.1:1\"}}]\nusers: [{{username: app, password_hash: \"{hash}\", allowed_domains: [ok.test]}}]\ndomains: [{{name: ok.test}}, {{name: also.test}}]\n"
             ))
             .unwrap(),
+        );
+        // The list's file lives on in the open handle after the directory is cleaned up.
+        let suppressions = Suppressions::open(tempfile::tempdir().unwrap().path()).unwrap();
+        SessionPolicy::new(
+            Arc::new(policy),
+            Arc::new(suppressions),
+            relaying.map(Arc::new),
         )
+    }
+
+    /// A submission session's policy (the user's domains decide; the listener relays as anyone).
+    fn policy() -> SessionPolicy {
+        session(Some(Senders::Any))
+    }
+
+    /// A relaying envelope without AUTH, as a trusted listener makes it.
+    fn trusted_env(body: &str) -> Envelope {
+        Envelope {
+            auth_user: None,
+            protocol: "ESMTP".into(),
+            ..env(body, false)
+        }
     }
 
     #[test]
@@ -230,7 +260,7 @@ mod tests {
     fn relay_listeners_only_get_received() {
         let p = policy();
         let h = prefix_headers(
-            &env("Subject: none\r\n\r\nb\r\n", false),
+            &trusted_env("Subject: none\r\n\r\nb\r\n"),
             QueueId(1),
             "h.test",
             &p,
@@ -238,5 +268,70 @@ mod tests {
         )
         .unwrap();
         assert_eq!(h.matches("\r\n").count(), 4);
+    }
+
+    fn refusal(body: &str, p: &SessionPolicy) -> Option<String> {
+        prefix_headers(&trusted_env(body), QueueId(1), "h.test", p, Utc::now())
+            .err()
+            .map(|e| {
+                assert_eq!(e.reason, RejectReason::SenderNotAllowed, "{}", e.reply);
+                e.reply.to_string()
+            })
+    }
+
+    #[test]
+    fn a_trusted_listener_checks_the_from_domain_against_its_senders() {
+        let p = session(Some(Senders::SendingDomains(vec![
+            "ok.test".into(),
+            "also.test".into(),
+        ])));
+        assert_eq!(refusal("From: App <a@OK.test>\r\n\r\nb\r\n", &p), None);
+        assert_eq!(
+            refusal("From: a@ok.test, b@also.test\r\n\r\nb\r\n", &p),
+            None
+        );
+        assert_eq!(
+            refusal("From: Boss <boss@evil.test>\r\n\r\nb\r\n", &p).as_deref(),
+            Some(
+                "550 5.7.1 From: address boss@evil.test: domain evil.test is not one of this relay's sending domains"
+            )
+        );
+        // One author outside the set is enough; so is an allowed domain only in the display name.
+        assert!(refusal("From: a@ok.test, b@evil.test\r\n\r\nb\r\n", &p).is_some());
+        assert!(refusal("From: \"a@ok.test\" <b@evil.test>\r\n\r\nb\r\n", &p).is_some());
+        let p = session(Some(Senders::Listed(vec!["also.test".into()])));
+        assert_eq!(
+            refusal("From: a@ok.test\r\n\r\nb\r\n", &p).as_deref(),
+            Some(
+                "550 5.7.1 From: address a@ok.test: domain ok.test is not in this listener's trusted_senders"
+            )
+        );
+        // Nothing to check without a From:, where it would be checked.
+        let e = prefix_headers(
+            &trusted_env("Subject: s\r\n\r\nb\r\n"),
+            QueueId(1),
+            "h.test",
+            &p,
+            Utc::now(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.reply.code, e.reason),
+            (554, RejectReason::MalformedMessage)
+        );
+    }
+
+    #[test]
+    fn any_sender_and_inbound_clients_get_no_from_check() {
+        for p in [session(Some(Senders::Any)), session(None)] {
+            for body in [
+                "From: boss@evil.test\r\n\r\nb\r\n",
+                "Subject: no from\r\n\r\nb\r\n",
+            ] {
+                let h = prefix_headers(&trusted_env(body), QueueId(1), "h.test", &p, Utc::now())
+                    .unwrap();
+                assert_eq!(h.matches("\r\n").count(), 4, "{h}");
+            }
+        }
     }
 }

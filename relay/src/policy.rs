@@ -2,15 +2,22 @@
 //!
 //! [`Policy`] is built once from the config and shared by every session; reloading the config builds a new
 //! one. [`SessionPolicy`] is what one SMTP session consults at MAIL FROM and RCPT TO (herald-smtp's
-//! [`EnvelopePolicy`]): the relay's policy, its suppression list and what the listener knows of the client.
-//! It answers from memory, so the session stays synchronous and pipelined replies stay in order.
+//! [`EnvelopePolicy`]), and cleanup at the end of DATA for the From: header: the relay's policy, its
+//! suppression list and what the listener knows of the client. It answers from memory, so the session
+//! stays synchronous and pipelined replies stay in order.
+//!
+//! A sender domain (MAIL FROM's and each From: address's) is checked wherever a client may relay: an
+//! authenticated user against its `allowed_domains`, a client of a trusted listener against the listener's
+//! [`Senders`]. Whoever relays here gets its mail DKIM-signed, so relaying and sending as a domain go
+//! together. An inbound client is not checked: it reaches only the return-path domains, and the bounces
+//! and reports sent there come from anyone.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::outcome::suppression::Suppressions;
 use crate::outcome::verp::ReturnPaths;
-use herald_config::Config;
+use herald_config::{Config, Listener, TrustedSenders};
 use herald_smtp::{EnvelopePolicy, Mailbox, Refusal, RejectReason, Reply, ReversePath, Verdict};
 
 /// A hash of a password nobody knows, checked when the user name is unknown so that a failed login takes
@@ -95,38 +102,104 @@ impl Policy {
     }
 }
 
-/// The MAIL FROM and RCPT TO decisions for one SMTP session. Each refusal carries the `reason` label of
-/// `herald_smtp_rejections_total` it is counted under.
+/// The sender domains a trusted listener's clients may use without AUTH: its `trusted_senders`, resolved
+/// against the config it came with. Names are kept in lower case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Senders {
+    /// `trusted_senders: any`: not checked.
+    Any,
+    /// `trusted_senders` left out: the relay's sending domains (`domains[].name`).
+    SendingDomains(Vec<String>),
+    /// `trusted_senders: [...]`: exactly these.
+    Listed(Vec<String>),
+}
+
+impl Senders {
+    /// What `listener` lets its relaying clients send as. Only trusted listeners consult it.
+    pub fn for_listener(config: &Config, listener: &Listener) -> Senders {
+        match &listener.trusted_senders {
+            Some(TrustedSenders::Any) => Senders::Any,
+            Some(TrustedSenders::Domains(list)) => {
+                Senders::Listed(list.iter().map(|d| matchable(d)).collect())
+            }
+            None => {
+                Senders::SendingDomains(config.domains.iter().map(|d| matchable(&d.name)).collect())
+            }
+        }
+    }
+
+    /// Why `domain` may not be used, to end "Sender domain x is ...", or `None` when it may.
+    fn refusal(&self, domain: &str) -> Option<&'static str> {
+        let (list, why) = match self {
+            Senders::Any => return None,
+            Senders::SendingDomains(list) => (list, "not one of this relay's sending domains"),
+            Senders::Listed(list) => (list, "not in this listener's trusted_senders"),
+        };
+        let domain = domain.to_ascii_lowercase();
+        (!list.contains(&domain)).then_some(why)
+    }
+}
+
+/// A domain as the config writes it, as sender domains are compared: lower case, without a final dot.
+fn matchable(domain: &str) -> String {
+    domain
+        .strip_suffix('.')
+        .unwrap_or(domain)
+        .to_ascii_lowercase()
+}
+
+/// The MAIL FROM and RCPT TO decisions for one SMTP session, and the From: header check cleanup makes with
+/// the same rules. Each refusal carries the `reason` label of `herald_smtp_rejections_total` it is counted
+/// under.
 #[derive(Debug)]
 pub struct SessionPolicy {
     policy: Arc<Policy>,
     suppressions: Arc<Suppressions>,
-    /// The client is inside the listener's allowed networks and may relay.
-    trusted: bool,
+    /// Set when the client is inside the listener's allowed networks: it may relay, as these senders.
+    relaying: Option<Arc<Senders>>,
 }
 
 impl SessionPolicy {
+    /// `relaying` is the listener's senders when the client is inside its allowed networks, `None` for a
+    /// client of an inbound listener.
     pub fn new(
         policy: Arc<Policy>,
         suppressions: Arc<Suppressions>,
-        trusted: bool,
+        relaying: Option<Arc<Senders>>,
     ) -> SessionPolicy {
         SessionPolicy {
             policy,
             suppressions,
-            trusted,
+            relaying,
+        }
+    }
+
+    /// Whether this session's sender domains are checked at all; the From: header is read only then.
+    pub fn checks_senders(&self, user: Option<&str>) -> bool {
+        user.is_some() || self.relaying.as_deref().is_some_and(|s| *s != Senders::Any)
+    }
+
+    /// Why this session may not use `domain` as a sender (MAIL FROM or From:), to end "... is ", or `None`
+    /// when it may. An authenticated user is held to its `allowed_domains`, whatever the listener.
+    pub fn sender_refusal(&self, domain: &str, user: Option<&str>) -> Option<String> {
+        match (user, self.relaying.as_deref()) {
+            (Some(user), _) => (!self.policy.may_send_as(user, domain))
+                .then(|| format!("not allowed for user {user}")),
+            (None, Some(senders)) => senders.refusal(domain).map(str::to_owned),
+            (None, None) => None,
         }
     }
 }
 
 impl EnvelopePolicy for SessionPolicy {
-    /// An authenticated user sends only from its allowed domains; the null sender and unauthenticated
-    /// clients (who reach local domains, or relay from allowed networks) are not checked here.
+    /// An authenticated user sends only from its allowed domains, a trusted listener's client only from
+    /// the listener's senders. The null sender is not checked here (cleanup checks its From: header); nor
+    /// are inbound clients.
     fn mail_from(&self, from: &ReversePath, user: Option<&str>) -> Verdict {
-        if let (Some(m), Some(user)) = (from.mailbox(), user)
-            && !self.policy.may_send_as(user, &m.domain)
+        if let Some(m) = from.mailbox()
+            && let Some(why) = self.sender_refusal(&m.domain, user)
         {
-            let text = format!("Sender domain {} is not allowed for user {user}", m.domain);
+            let text = format!("Sender domain {} is {why}", m.domain);
             return Verdict::Refuse(Refusal::new(
                 Reply::with_text(550, "5.7.1", text),
                 RejectReason::SenderNotAllowed,
@@ -156,7 +229,7 @@ impl EnvelopePolicy for SessionPolicy {
                 RejectReason::UnknownRecipient,
             ));
         }
-        if !local && !self.trusted && user.is_none() {
+        if !local && self.relaying.is_none() && user.is_none() {
             return Verdict::RefuseAsError(Refusal::new(
                 Reply::with_text(554, "5.7.1", format!("<{to}>: Relay access denied")),
                 RejectReason::RelayDenied,
@@ -224,9 +297,17 @@ bounces: {{ secret_file: /nonexistent }}
     }
 
     fn session_policy(trusted: bool) -> SessionPolicy {
+        session_policy_with(trusted.then_some(Senders::Any))
+    }
+
+    fn session_policy_with(relaying: Option<Senders>) -> SessionPolicy {
         // The list's file lives on in the open handle after the directory is cleaned up.
         let suppressions = Suppressions::open(tempfile::tempdir().unwrap().path()).unwrap();
-        SessionPolicy::new(Arc::new(policy()), Arc::new(suppressions), trusted)
+        SessionPolicy::new(
+            Arc::new(policy()),
+            Arc::new(suppressions),
+            relaying.map(Arc::new),
+        )
     }
 
     fn mailbox(s: &str) -> Mailbox {
@@ -327,5 +408,114 @@ bounces: {{ secret_file: /nonexistent }}
         );
         assert_eq!(p.mail_from(&from("<>"), Some("app")), Verdict::Accept);
         assert_eq!(p.mail_from(&from("<a@evil.test>"), None), Verdict::Accept);
+    }
+
+    fn mail_from(p: &SessionPolicy, from: &str, user: Option<&str>) -> Verdict {
+        p.mail_from(
+            &herald_smtp::address::parse_reverse_path(from).unwrap(),
+            user,
+        )
+    }
+
+    fn refused(text: &str) -> Verdict {
+        Verdict::Refuse(Refusal::new(
+            Reply::with_text(550, "5.7.1", text.to_owned()),
+            RejectReason::SenderNotAllowed,
+        ))
+    }
+
+    /// The senders of the listener named `name` in a config with two sending domains.
+    fn listener_senders(listener: &str) -> Senders {
+        let config = Config::parse(&format!(
+            "hostname: relay.test\nspool_dir: s\ndomains: [{{name: Example.TEST}}, {{name: other.test.}}]\n\
+             listeners: [{{name: t, address: \"127.0.0.1:1\", allow_networks: [10.0.0.0/8]{listener}}}]\n"
+        ))
+        .unwrap();
+        Senders::for_listener(&config, &config.listeners[0])
+    }
+
+    #[test]
+    fn a_trusted_listener_sends_as_the_relays_sending_domains_by_default() {
+        let senders = listener_senders("");
+        assert_eq!(
+            senders,
+            Senders::SendingDomains(vec!["example.test".into(), "other.test".into()])
+        );
+        let p = session_policy_with(Some(senders));
+        assert!(p.checks_senders(None));
+        for ok in [
+            "<a@example.test>",
+            "<a@EXAMPLE.Test>",
+            "<a@other.test>",
+            "<>",
+        ] {
+            assert_eq!(mail_from(&p, ok, None), Verdict::Accept, "{ok}");
+        }
+        for (from, domain) in [
+            ("<a@evil.test>", "evil.test"),
+            ("<a@sub.example.test>", "sub.example.test"),
+            ("<a@example.test.evil.test>", "example.test.evil.test"),
+            ("<a@[127.0.0.1]>", "[127.0.0.1]"),
+        ] {
+            assert_eq!(
+                mail_from(&p, from, None),
+                refused(&format!(
+                    "Sender domain {domain} is not one of this relay's sending domains"
+                )),
+                "{from}"
+            );
+        }
+        // Still a relay for its clients: the sender is what is checked, not the recipient.
+        assert_eq!(rcpt(&p, "<b@y.test>", None).0, "accept");
+    }
+
+    #[test]
+    fn trusted_senders_narrows_or_opens_a_trusted_listener() {
+        let listed = listener_senders(", trusted_senders: [Other.Test]");
+        assert_eq!(listed, Senders::Listed(vec!["other.test".into()]));
+        let p = session_policy_with(Some(listed));
+        assert_eq!(mail_from(&p, "<a@other.test>", None), Verdict::Accept);
+        assert_eq!(
+            mail_from(&p, "<a@example.test>", None),
+            refused("Sender domain example.test is not in this listener's trusted_senders")
+        );
+        let any = listener_senders(", trusted_senders: any");
+        assert_eq!(any, Senders::Any);
+        let p = session_policy_with(Some(any));
+        assert!(!p.checks_senders(None));
+        assert_eq!(mail_from(&p, "<a@evil.test>", None), Verdict::Accept);
+        assert_eq!(p.sender_refusal("evil.test", None), None);
+    }
+
+    #[test]
+    fn an_authenticated_user_is_held_to_its_own_domains_on_any_listener() {
+        // A submission listener with allow_networks: the user's allowed_domains decide, not the listener.
+        let p = session_policy_with(Some(Senders::Any));
+        assert!(p.checks_senders(Some("app")));
+        assert_eq!(
+            p.sender_refusal("evil.test", Some("app")).as_deref(),
+            Some("not allowed for user app")
+        );
+        let p = session_policy_with(Some(Senders::Listed(vec!["evil.test".into()])));
+        assert_eq!(
+            mail_from(&p, "<a@evil.test>", Some("app")),
+            refused("Sender domain evil.test is not allowed for user app")
+        );
+        assert_eq!(
+            mail_from(&p, "<a@example.test>", Some("app")),
+            Verdict::Accept
+        );
+    }
+
+    #[test]
+    fn inbound_clients_send_as_anyone_but_only_to_local_domains() {
+        let p = session_policy_with(None);
+        assert!(!p.checks_senders(None));
+        assert_eq!(
+            mail_from(&p, "<mailer-daemon@far.test>", None),
+            Verdict::Accept
+        );
+        assert_eq!(rcpt(&p, "<fbl@bounces.example.test>", None).0, "accept");
+        assert_eq!(rcpt(&p, "<b@y.test>", None).1, RejectReason::RelayDenied);
     }
 }

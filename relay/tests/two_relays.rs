@@ -9,13 +9,14 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 fn config(spool: &std::path::Path) -> Config {
-    // Delivery goes to a closed loopback port: accepted mail is deferred, never sent anywhere.
+    // Delivery goes to a closed loopback port: accepted mail is deferred, never sent anywhere. The relays
+    // have no sending domains, so their listener takes any sender.
     Config::parse(&format!(
         r#"
 hostname: relay.test
 spool_dir: {}
 listeners:
-  - {{ name: trusted, address: "127.0.0.1:0", allow_networks: [127.0.0.0/8] }}
+  - {{ name: trusted, address: "127.0.0.1:0", allow_networks: [127.0.0.0/8], trusted_senders: any }}
 delivery:
   smarthost: {{ host: 127.0.0.1, port: 9, tls: none }}
 "#,

@@ -55,7 +55,8 @@ pub enum RejectReason {
     ConnectionLimit,
     /// A recipient the client may not relay to.
     RelayDenied,
-    /// A sender domain the authenticated user may not use.
+    /// A sender domain (MAIL FROM or From:) the client may not use: outside an authenticated user's allowed
+    /// domains, or a trusted listener's senders.
     SenderNotAllowed,
     /// AUTH refused, or required first.
     Authentication,

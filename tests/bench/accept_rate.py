@@ -60,6 +60,7 @@ from benchlib import (  # noqa: E402
     postfix_version,
     print_host_info,
     reap_orphans,
+    sender_domain,
     smtp_source_cmd,
 )
 
@@ -287,7 +288,8 @@ def main() -> int:
                 rundir = base / f"r{rnd}-{name}"
                 rundir.mkdir()
                 current = (Herald(herald_bin, rundir, args.ready_timeout, args.messages,
-                                  extra_yaml=no_delivery_yaml(free_port())) if name == "herald"
+                                  extra_yaml=no_delivery_yaml(free_port()),
+                                  senders=[sender_domain(args)]) if name == "herald"
                            else AcceptPostfix(rundir, args.ready_timeout, postfix_cmd))
                 try:
                     current.start()

@@ -306,6 +306,9 @@ class Target:
 class Herald(Target):
     """herald-relay with one trusted loopback listener, the metrics port and the admin port.
 
+    The listener's clients may send as `senders` (its `trusted_senders`,
+    checked in MAIL FROM and the From: header, as a deployed trusted listener
+    does): pass [sender_domain(args)]; None writes `trusted_senders: any`.
     `extra_yaml` is appended to the config (e.g. a `delivery:` section);
     `log_format` is passed as `--log-format` when set.  Everything the
     process writes (stdout and stderr) goes to `herald.log` in `workdir`.
@@ -315,8 +318,9 @@ class Herald(Target):
 
     def __init__(self, binary: Path, workdir: Path, ready_timeout: float, expected: int,
                  extra_yaml: str = "", log_format: str | None = None,
-                 spool_dir: Path | None = None):
+                 spool_dir: Path | None = None, senders: list[str] | None = None):
         self.binary = binary
+        self.senders = senders
         self.expected = expected
         self.dir = workdir
         self.ready_timeout = ready_timeout
@@ -338,6 +342,7 @@ class Herald(Target):
             "  - name: trusted\n"
             f"    address: 127.0.0.1:{self.port}\n"
             "    allow_networks: [127.0.0.0/8]\n"
+            f"    trusted_senders: {'any' if self.senders is None else '[' + ', '.join(self.senders) + ']'}\n"
             f"metrics: {{ address: 127.0.0.1:{self.metrics_port} }}\n"
             f"admin: {{ address: 127.0.0.1:{self.admin_port} }}\n"
             + self.extra_yaml
@@ -676,6 +681,18 @@ def smtp_source_cmd(args, port: int, *, messages: int | None = None,
         *args.source_args.split(),
         f"127.0.0.1:{port}",
     ]
+
+
+def sender_domain(args) -> str:
+    """The domain of smtp-source's envelope sender (the last -f wins, as in
+    its getopt); smtp-source also writes it as the From: header, which is
+    what herald checks against the listener's trusted_senders and picks the
+    signing key by."""
+    cmd = smtp_source_cmd(args, 0)
+    senders = [cmd[i + 1] for i, a in enumerate(cmd[:-1]) if a == "-f"]
+    if not senders or "@" not in senders[-1]:
+        raise SetupError(f"cannot tell smtp-source's sender domain from {' '.join(cmd)}")
+    return senders[-1].rsplit("@", 1)[1].lower()
 
 
 class SourceRun:

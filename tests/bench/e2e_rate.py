@@ -86,6 +86,7 @@ from benchlib import (  # noqa: E402
     postfix_version,
     print_host_info,
     reap_orphans,
+    sender_domain,
     smtp_banner_ok,
     smtp_source_cmd,
     status_kb,
@@ -275,17 +276,6 @@ class SendingDomain:
         return ", ".join(parts)
 
 
-def sender_domain(args) -> str:
-    """The domain of smtp-source's envelope sender (the last -f wins, as in
-    its getopt); smtp-source also writes it as the From: header, which is
-    what herald picks the signing key by."""
-    cmd = smtp_source_cmd(args, 0)
-    senders = [cmd[i + 1] for i, a in enumerate(cmd[:-1]) if a == "-f"]
-    if not senders or "@" not in senders[-1]:
-        raise SetupError(f"cannot tell smtp-source's sender domain from {' '.join(cmd)}")
-    return senders[-1].rsplit("@", 1)[1].lower()
-
-
 def make_sending_domain(args, base: Path) -> SendingDomain | None:
     if args.dkim == "none" and not args.return_path:
         return None
@@ -419,7 +409,8 @@ def preflight(args, base: Path, herald_bin: Path, d: SendingDomain) -> str:
     try:
         sink.start()
         h = Herald(herald_bin, pdir, args.ready_timeout, 1,
-                   extra_yaml=herald_yaml(sink.port, args), log_format="json")
+                   extra_yaml=herald_yaml(sink.port, args), log_format="json",
+                   senders=[sender_domain(args)])
         h.start()
         sink.expect(1)
         cmd = smtp_source_cmd(args, h.port, messages=1)
@@ -896,7 +887,7 @@ def run_compare(args, base: Path, targets: list[str], herald_bin: Path | None,
                     if name == "herald":
                         current = Herald(herald_bin, rundir, args.ready_timeout, args.messages,
                                          extra_yaml=herald_yaml(sink.port, args),
-                                         log_format="json")
+                                         log_format="json", senders=[sender_domain(args)])
                     else:
                         current = DeliveringPostfix(rundir, args.ready_timeout, postfix_cmd,
                                                     sink.port)
@@ -988,7 +979,7 @@ def run_backlog(args, base: Path, herald_bin: Path) -> int:
     dead_port = free_port()  # nothing listens here: every attempt is refused
     h = Herald(herald_bin, rundir, args.ready_timeout, msgs,
                extra_yaml=herald_yaml(dead_port, args, retry_first=args.backlog_retry),
-               log_format="json")
+               log_format="json", senders=[sender_domain(args)])
     problems: list[str] = []
     out: dict[str, object] = {}
     status = EXIT_OK

@@ -154,11 +154,15 @@ def standard_config(
 ) -> dict:
     """A config with the four kinds of listener the spec describes, on fresh loopback ports.
 
-    trusted     auth none, allow_networks loopback: may relay anywhere
+    trusted     auth none, allow_networks loopback, trusted_senders any: may relay anywhere as anyone
     inbound     auth none, no allow_networks: only the return_path domains are accepted
     submission  STARTTLS, auth required
     smtps       implicit TLS, auth required
-    trusted_tls STARTTLS offered, auth none, allow_networks loopback (TLS without AUTH in the way)
+    trusted_tls STARTTLS offered, auth none, allow_networks loopback, trusted_senders any (TLS without AUTH
+                in the way)
+
+    The trusted listeners take any sender because the front-door tests use whatever senders they are
+    about; test_trusted_senders.py holds the checks of a trusted listener's senders.
     """
     if listeners is None:
         listeners = [
@@ -168,6 +172,7 @@ def standard_config(
                 "tls": "none",
                 "auth": "none",
                 "allow_networks": ["127.0.0.0/8", "::1/128"],
+                "trusted_senders": "any",
             },
             # defaults on purpose: tls none, auth none, no allow_networks
             {"name": "inbound", "address": addr("127.0.0.1", free_port())},
@@ -182,6 +187,7 @@ def standard_config(
                     "tls": "starttls",
                     "auth": "none",
                     "allow_networks": ["127.0.0.0/8"],
+                    "trusted_senders": "any",
                 },
             ]
     cfg: dict[str, Any] = {

@@ -45,7 +45,8 @@ pub(super) async fn run(
 ) -> io::Result<()> {
     let handshake_timeout = cfg.session.limits.command_timeout;
     let deadline = tokio::time::Instant::now() + cfg.max_session;
-    let policy = SessionPolicy::new(cfg.policy.clone(), ctx.suppressions.clone(), trusted);
+    let relaying = trusted.then(|| cfg.senders.clone());
+    let policy = SessionPolicy::new(cfg.policy.clone(), ctx.suppressions.clone(), relaying);
     if ctx.tls_mode == TlsMode::Implicit {
         let tls = ctx
             .tls
@@ -156,7 +157,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             Action::Accept(envelope) => {
-                let reply = accept(ctx, cfg, *envelope).await;
+                let reply = accept(ctx, cfg, session.policy(), *envelope).await;
                 session.message_result(reply);
             }
             Action::Close => {
@@ -197,6 +198,7 @@ async fn flush<S: AsyncWrite + Unpin>(
 async fn accept(
     ctx: &ListenerContext,
     cfg: &ListenerSettings,
+    policy: &SessionPolicy,
     mut env: Envelope,
 ) -> Result<Reply, Refusal> {
     let listener = &ctx.name;
@@ -233,7 +235,7 @@ async fn accept(
     }
     let id = ctx.spool.next_id();
     let hostname = &cfg.session.hostname;
-    let prefix = match cleanup::prefix_headers(&env, id, hostname, &cfg.policy, Utc::now()) {
+    let prefix = match cleanup::prefix_headers(&env, id, hostname, policy, Utc::now()) {
         Ok(p) => p,
         Err(r) => {
             tracing::info!(%listener, client = %env.peer.ip(), reply = %r.reply, "message refused");

@@ -26,7 +26,7 @@ use crate::dkim::Signers;
 use crate::outcome::Rules;
 use crate::outcome::suppression::Suppressions;
 use crate::outcome::verp::ReturnPaths;
-use crate::policy::Policy;
+use crate::policy::{Policy, Senders};
 use crate::queue::QueueHandle;
 use crate::spool::Spool;
 use crate::telemetry::Telemetry;
@@ -124,6 +124,8 @@ impl Drop for ConnectionSlot {
 pub struct ListenerSettings {
     pub session: Arc<SessionConfig>,
     pub allow_networks: Vec<IpNet>,
+    /// Who the clients inside `allow_networks` may send as without AUTH.
+    pub senders: Arc<Senders>,
     /// Users, their sending domains and the local domains.
     pub policy: Arc<Policy>,
     /// DKIM signers of the sending domains.
@@ -229,6 +231,7 @@ fn settings(
             budget: Some(budget.clone()),
         }),
         allow_networks: l.allow_networks.clone(),
+        senders: Arc::new(Senders::for_listener(config, l)),
         max_session: limits.max_session_duration,
         policy: policy.clone(),
         signers: signers.clone(),
