@@ -478,8 +478,10 @@ impl Deliverer {
     /// Sends one job over an open session. Returns the attempt and whether the session can carry more.
     async fn transact(&self, s: &mut Session, job: &Job) -> (Attempt, bool) {
         let mta = Some(s.host.clone());
-        let data = match self.spool.read(job.location).await {
-            Ok(d) => d,
+        // Streamed from the spool a piece at a time (each transaction reads it again from the start): what a
+        // delivery holds of its message stays one piece, whatever the message's size.
+        let mut body = match self.spool.message(job.location).await {
+            Ok(r) => r,
             Err(e) => {
                 let reply = Self::local(
                     451,
@@ -511,13 +513,13 @@ impl Deliverer {
                     s.host
                 ),
             ))
-        } else if let Some(limit) = ext.size.filter(|&l| l > 0 && (data.len() as u64) > l) {
+        } else if let Some(limit) = ext.size.filter(|&l| l > 0 && body.len() > l) {
             Some(Self::local(
                 552,
                 "5.3.4",
                 format!(
                     "message of {} bytes exceeds {}'s limit of {limit}",
-                    data.len(),
+                    body.len(),
                     s.host
                 ),
             ))
@@ -562,11 +564,12 @@ impl Deliverer {
                         address: &job.meta.recipients[i as usize],
                     })
                     .collect(),
-                data: &data,
+                size: body.len(),
                 eight_bit: job.meta.eight_bit,
                 smtputf8: job.meta.smtputf8,
             };
-            match s.client.send(&tx).await {
+            body.rewind();
+            match s.client.send(&tx, &mut body).await {
                 Ok(result) => {
                     let replies: Vec<(u32, Reply)> = rcpts
                         .iter()
@@ -575,6 +578,17 @@ impl Deliverer {
                         .collect();
                     usable = replies.iter().all(|(_, r)| r.code != 421);
                     results.extend(replies);
+                }
+                Err(ClientError::Body(e)) => {
+                    // The server has part of the message and no end of data: dropping the connection makes it
+                    // discard what it got.
+                    let reply = Self::local(
+                        451,
+                        "4.3.0",
+                        format!("cannot read the message from the spool: {e}"),
+                    );
+                    results.extend(rcpts.iter().map(|&i| (i, reply.clone())));
+                    usable = false;
                 }
                 Err(e) => {
                     let reply = Self::local(451, "4.4.2", format!("{}: {e}", s.host));
