@@ -20,6 +20,7 @@ use crate::outcome::verp::{self, ReturnPaths};
 use crate::outcome::{Classifier, Rules, classify};
 use crate::policy::Policy;
 use crate::queue::{self, QueueHandle};
+use crate::resources;
 use crate::server::{self, ConnectionLimits, Shared, auth::AuthGate, tls::TlsStore};
 use crate::spool::Spool;
 use crate::telemetry::Telemetry;
@@ -105,8 +106,15 @@ impl Relay {
             let c = config.clone();
             tokio::task::spawn_blocking(move || Outbound::load(&c)).await??
         };
+        let memory_limit = tokio::task::spawn_blocking(resources::memory_limit).await?;
+        let initial = queue::Reconfigure::new(&config, &rules, memory_limit);
+        tracing::info!(
+            memory_limit,
+            delivery_connections = initial.settings.total_connections,
+            "resources"
+        );
         let (queue, deliverer) = deliver::start_queue(
-            &config,
+            initial,
             outbound,
             spool.clone(),
             suppressions.clone(),
@@ -184,6 +192,7 @@ impl Relay {
             path: config_path,
             current: config,
             seen: None,
+            memory_limit,
         };
         reloader.seen = reloader.read().await;
         Ok(Relay {
@@ -288,6 +297,8 @@ struct Reloader {
     current: Config,
     /// The file's content when it was last applied (or found bad), to notice changes.
     seen: Option<Vec<u8>>,
+    /// The container's memory limit, read at start: what the budgets the config leaves open are sized by.
+    memory_limit: Option<u64>,
 }
 
 impl Reloader {
@@ -367,11 +378,11 @@ impl Reloader {
         let mut fixed =
             server::reconfigure(&new, relay.contexts, relay.shared, &signers, &return_paths);
         // The queue first: it routes by the new keys before connections see the new delivery settings.
-        relay.shared.queue.reconfigure(queue::Reconfigure {
-            settings: queue::settings(&new, &relay.shared.rules),
-            hostname: new.hostname.clone(),
-            log_recipients: new.log.recipients,
-        });
+        relay.shared.queue.reconfigure(queue::Reconfigure::new(
+            &new,
+            &relay.shared.rules,
+            self.memory_limit,
+        ));
         relay.deliverer.reconfigure(outbound);
         if new.spool_dir != self.current.spool_dir {
             fixed.push("spool_dir changed".into());

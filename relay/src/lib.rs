@@ -22,6 +22,7 @@
 //! - `telemetry`: one relay's metrics and event sink, handed to every stage.
 //! - `exporter`: `/metrics` and the Kubernetes probes.
 //! - `admin`: the queue and suppression API (bearer token), and its client, `herald-relay admin`.
+//! - `resources`: the container's memory limit and the budgets sized from it.
 //! - `app`: startup, signals, drain.
 
 #![forbid(unsafe_code)]
@@ -38,6 +39,7 @@ pub mod metrics;
 pub mod outcome;
 pub mod policy;
 pub mod queue;
+pub mod resources;
 pub mod server;
 pub mod spool;
 pub mod telemetry;

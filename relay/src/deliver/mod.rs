@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 
-use crate::queue::{self, Attempt, Dispatcher, Job, QueueHandle, Reply};
+use crate::queue::{self, Attempt, Dispatcher, Job, QueueHandle, Reply, Slot};
 use crate::spool::Spool;
 use arc_swap::ArcSwap;
 use client::{Client, ClientError, Rcpt, Stream, Transaction};
@@ -74,8 +74,8 @@ impl std::fmt::Debug for Deliverer {
 }
 
 impl Dispatcher for Deliverer {
-    fn start(self: Arc<Self>, job: Job, queue: QueueHandle) {
-        tokio::spawn(async move { self.connection(job, queue).await });
+    fn start(self: Arc<Self>, job: Job, slot: Slot) {
+        tokio::spawn(async move { self.connection(job, slot).await });
     }
 
     fn stopping(&self) {
@@ -177,8 +177,9 @@ impl Deliverer {
         self.outbound.store(Arc::new(outbound));
     }
 
-    async fn connection(self: Arc<Self>, first: Job, queue: QueueHandle) {
-        let dest = first.dest.clone();
+    /// One connection, from the first job to QUIT. `slot` is its place under the connection caps: it goes
+    /// when this returns, after the socket is closed.
+    async fn connection(self: Arc<Self>, first: Job, slot: Slot) {
         let mut job = first;
         let mut session: Option<Session> = None;
         let mut sent = 0u32;
@@ -190,7 +191,7 @@ impl Deliverer {
                 let opened = tokio::select! {
                     r = self.open(&o, &job) => r,
                     _ = stop.wait_for(|s| *s) => {
-                        queue.abandon(dest, job);
+                        slot.abandon(job);
                         return;
                     }
                 };
@@ -201,7 +202,7 @@ impl Deliverer {
                             self.fail_all(&job, &fail.reply, fail.remote_mta.clone(), None);
                         // The next job for this destination would meet the same fate now; end here and
                         // let the queue retry on its schedule.
-                        queue.finished(dest, attempt, false).await;
+                        slot.finished(attempt, false).await;
                         return;
                     }
                 }
@@ -210,7 +211,7 @@ impl Deliverer {
             let (attempt, usable) = self.transact(s, &job).await;
             sent += 1;
             let want_next = usable && sent < max;
-            match queue.finished(dest.clone(), attempt, want_next).await {
+            match slot.finished(attempt, want_next).await {
                 Some(next) => job = next,
                 None => break,
             }
@@ -648,9 +649,9 @@ async fn connect(addr: SocketAddr, source: Option<&Source>) -> std::io::Result<T
     socket.connect(addr).await
 }
 
-/// Wires the delivery engine to a queue; the deliverer is returned for reloads.
+/// Wires the delivery engine to a queue configured by `initial`; the deliverer is returned for reloads.
 pub fn start_queue(
-    config: &Config,
+    initial: queue::Reconfigure,
     outbound: Outbound,
     spool: Spool,
     suppressions: Arc<crate::outcome::suppression::Suppressions>,
@@ -660,7 +661,7 @@ pub fn start_queue(
 ) -> Result<(QueueHandle, Arc<Deliverer>), DeliverError> {
     let d = Deliverer::new(outbound, spool.clone(), rules.clone())?;
     let queue = queue::start(
-        config,
+        initial,
         spool,
         suppressions,
         loaded,
