@@ -32,6 +32,8 @@ pub use self::core::{Attempt, DestKey, Job, MessageView, NewEntry, RecipientView
 const COMPACT_EVERY: Duration = Duration::from_secs(10);
 /// How often the queue gauges are refreshed.
 const GAUGES_EVERY: Duration = Duration::from_secs(2);
+/// The most of an original message a DSN reads to find its header section.
+const DSN_HEADERS_MAX: usize = 1024 * 1024;
 
 /// Unix milliseconds now.
 pub fn now_ms() -> u64 {
@@ -696,7 +698,7 @@ impl Shell {
         let handle = self.handle.clone();
         let hostname = self.hostname.clone();
         tokio::spawn(async move {
-            let original = match spool.read(location).await {
+            let original = match message_head(&spool, location, DSN_HEADERS_MAX).await {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::warn!(queue_id = %meta.id, error = %e, "cannot read the message for its DSN; sending it without headers");
@@ -750,6 +752,34 @@ impl Shell {
     }
 }
 
+/// The start of a message through its header section (the first empty line), at most `limit` bytes, cut
+/// at a line end: a DSN returns only the headers, and a burst of bounces of large messages must not read
+/// each one whole.
+async fn message_head(
+    spool: &Spool,
+    location: Location,
+    limit: usize,
+) -> Result<Vec<u8>, crate::spool::SpoolError> {
+    let mut reader = spool.message(location).await?;
+    let mut head = Vec::new();
+    while let Some(piece) = reader.next_piece().await? {
+        // The empty line may straddle two pieces.
+        let from = head.len().saturating_sub(3);
+        head.extend_from_slice(piece);
+        if let Some(i) = memchr::memmem::find(&head[from..], b"\r\n\r\n") {
+            head.truncate(from + i + 4);
+            return Ok(head);
+        }
+        if head.len() >= limit {
+            head.truncate(limit);
+            let end = memchr::memrchr(b'\n', &head).map_or(0, |i| i + 1);
+            head.truncate(end);
+            return Ok(head);
+        }
+    }
+    Ok(head)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -767,6 +797,47 @@ mod tests {
             "451 mailbox redacted, busy"
         );
         assert_eq!(redact_addresses("250 2.0.0 Ok"), "250 2.0.0 Ok");
+    }
+
+    #[tokio::test]
+    async fn a_dsn_reads_only_the_header_section_of_the_original() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let meta = |id| MessageMeta {
+            id,
+            received_at_ms: 1,
+            smtputf8: false,
+            eight_bit: false,
+            listener: "a".into(),
+            auth_user: None,
+            peer: "127.0.0.1:1".into(),
+            sender: "app@example.test".into(),
+            recipients: vec!["x@dest.test".into()],
+        };
+        let piece = crate::spool::READ_CHUNK;
+        // Headers that end just across the first piece boundary, then a large body.
+        let mut headers = b"Subject: x\r\n".to_vec();
+        while headers.len() < piece - 1 {
+            headers.extend_from_slice(b"X-Pad: yyyyyyyyyyyyyyyyyyyyyyyy\r\n");
+        }
+        headers.truncate(piece - 3);
+        headers.extend_from_slice(b"\r\n\r\n");
+        let body = vec![b'b'; 3 * piece];
+        let loc = spool
+            .store(&meta(spool.next_id()), &[], &[&headers, b"body\r\n", &body])
+            .await
+            .unwrap();
+        let head = message_head(&spool, loc, DSN_HEADERS_MAX).await.unwrap();
+        assert_eq!(head, headers);
+        // No empty line within the limit: cut at the last line end before it.
+        let lines = b"X-Long: zzzzzzzzzzzzzzzzzzzzzzzz\r\n".repeat(2 * piece / 32);
+        let loc = spool
+            .store(&meta(spool.next_id()), &[], &[&lines])
+            .await
+            .unwrap();
+        let head = message_head(&spool, loc, piece + 10).await.unwrap();
+        assert!(head.len() <= piece + 10 && head.ends_with(b"\r\n"));
+        assert_eq!(head, lines[..head.len()]);
     }
 
     /// A delivery engine that answers 550 5.1.1 for every recipient of every job.
