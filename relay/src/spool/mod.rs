@@ -289,22 +289,35 @@ impl Spool {
 
     /// Opens a message's data for reading a piece at a time, so that sending it never needs it whole.
     pub async fn message(&self, location: Location) -> Result<MessageReader, SpoolError> {
-        let inner = self.inner.clone();
-        let path = segment_path(&inner.dir, location.segment);
-        let file = tokio::task::spawn_blocking(move || inner.reader(location.segment))
-            .await
-            .map_err(io::Error::other)
-            .and_then(|r| r)
-            .map_err(|source| SpoolError::Read {
-                path: path.clone(),
-                source,
-            })?;
+        // Nearly always the segment is open already: then no hop to a blocking thread.
+        let open = self
+            .inner
+            .readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&location.segment)
+            .cloned();
+        let file = match open {
+            Some(f) => f,
+            None => {
+                let inner = self.inner.clone();
+                tokio::task::spawn_blocking(move || inner.reader(location.segment))
+                    .await
+                    .map_err(io::Error::other)
+                    .and_then(|r| r)
+                    .map_err(|source| SpoolError::Read {
+                        path: segment_path(&self.inner.dir, location.segment),
+                        source,
+                    })?
+            }
+        };
         Ok(MessageReader {
+            inner: self.inner.clone(),
             file,
-            path,
             location,
             pos: 0,
             buf: Vec::new(),
+            buf_at: None,
         })
     }
 
@@ -359,13 +372,16 @@ impl Spool {
 /// It holds its segment's file open: a segment deleted meanwhile stays readable until the reader goes.
 #[derive(Debug)]
 pub struct MessageReader {
+    inner: Arc<Inner>,
     file: Arc<File>,
-    path: PathBuf,
     location: Location,
     /// Bytes of the message read so far.
     pos: u64,
-    /// The last piece read; reused for the next one.
+    /// The last piece read; its memory is reused for the next one.
     buf: Vec<u8>,
+    /// Where in the message `buf` starts, while it holds a whole piece: a message of one piece is read
+    /// once for all the transactions that send it.
+    buf_at: Option<u64>,
 }
 
 impl MessageReader {
@@ -391,26 +407,31 @@ impl MessageReader {
             return Ok(None);
         }
         let n = left.min(READ_CHUNK as u64) as usize;
-        let mut buf = std::mem::take(&mut self.buf);
-        let file = self.file.clone();
-        let offset = self.location.offset + self.pos;
-        let (buf, read) = tokio::task::spawn_blocking(move || {
-            buf.resize(n, 0);
-            let read = file.read_exact_at(&mut buf, offset);
-            (buf, read)
-        })
-        .await
-        .map_err(|e| SpoolError::Read {
-            path: self.path.clone(),
-            source: io::Error::other(e),
-        })?;
-        self.buf = buf;
-        read.map_err(|source| SpoolError::Read {
-            path: self.path.clone(),
-            source,
-        })?;
+        if self.buf_at != Some(self.pos) || self.buf.len() != n {
+            self.buf_at = None;
+            let mut buf = std::mem::take(&mut self.buf);
+            let file = self.file.clone();
+            let offset = self.location.offset + self.pos;
+            let (buf, read) = tokio::task::spawn_blocking(move || {
+                buf.resize(n, 0);
+                let read = file.read_exact_at(&mut buf, offset);
+                (buf, read)
+            })
+            .await
+            .map_err(|e| self.error(io::Error::other(e)))?;
+            self.buf = buf;
+            read.map_err(|e| self.error(e))?;
+            self.buf_at = Some(self.pos);
+        }
         self.pos += n as u64;
         Ok(Some(&self.buf))
+    }
+
+    fn error(&self, source: io::Error) -> SpoolError {
+        SpoolError::Read {
+            path: segment_path(&self.inner.dir, self.location.segment),
+            source,
+        }
     }
 }
 
@@ -843,6 +864,18 @@ mod tests {
             assert_eq!((pieces, got == body), (4, true));
             reader.rewind();
         }
+        // A message of one piece is read once for every transaction that sends it.
+        let small = spool
+            .store(&meta(spool.next_id()), &[], &[b"small\r\n"])
+            .await
+            .unwrap();
+        let mut reader = spool.message(small).await.unwrap();
+        for _ in 0..2 {
+            assert_eq!(reader.next_piece().await.unwrap(), Some(&b"small\r\n"[..]));
+            assert_eq!(reader.next_piece().await.unwrap(), None);
+            reader.rewind();
+        }
+        assert_eq!(reader.buf_at, Some(0));
         // A record that claims more than the segment holds is an error, not a short message.
         let past = Location {
             len: loc.len + READ_CHUNK as u64,
