@@ -4,7 +4,8 @@
 //! shell around it. One task owns the core (an actor): sessions enqueue, delivery connections report
 //! results and ask for their next job, the admin API asks questions, all through one channel; the task
 //! runs the timers and carries out the core's actions: connections, spool writes, metrics, events,
-//! suppressions and DSNs.
+//! suppressions and DSNs. A connection it starts holds a [`Slot`] until its socket is closed; the slot's
+//! drop tells the core that the connection's place under the caps is free.
 //!
 //! Recipient state changes are written to the spool as they happen, so a restart neither repeats a
 //! delivered recipient nor forgets a deferred one. A message leaves the queue when every recipient has a final
