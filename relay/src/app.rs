@@ -107,8 +107,15 @@ impl Relay {
             let c = config.clone();
             tokio::task::spawn_blocking(move || Outbound::load(&c)).await??
         };
+        let memory_limit = tokio::task::spawn_blocking(resources::memory_limit).await?;
+        let initial = queue::Reconfigure::new(&config, &rules, memory_limit);
+        tracing::info!(
+            memory_limit,
+            delivery_connections = initial.settings.total_connections,
+            "resources"
+        );
         let (queue, deliverer) = deliver::start_queue(
-            &config,
+            initial,
             outbound,
             spool.clone(),
             suppressions.clone(),
@@ -134,11 +141,11 @@ impl Relay {
             let c = config.clone();
             Arc::new(tokio::task::spawn_blocking(move || Signers::load(&c)).await??)
         };
-        let memory_limit = resources::memory_limit().await;
         let inbound = resources::inbound_bytes(&config, memory_limit);
         tracing::info!(
             memory_limit = memory_limit.map_or_else(|| "none".to_owned(), |l| l.to_string()),
             inbound_bytes = inbound,
+            delivery_connections = resources::delivery_connections(&config, memory_limit),
             "memory budgets"
         );
         let shared = Shared {
@@ -195,6 +202,7 @@ impl Relay {
             path: config_path,
             current: config,
             seen: None,
+            memory_limit,
         };
         reloader.seen = reloader.read().await;
         Ok(Relay {
@@ -299,6 +307,8 @@ struct Reloader {
     current: Config,
     /// The file's content when it was last applied (or found bad), to notice changes.
     seen: Option<Vec<u8>>,
+    /// The container's memory limit, read at start: what the budgets the config leaves open are sized by.
+    memory_limit: Option<u64>,
 }
 
 impl Reloader {
@@ -375,11 +385,11 @@ impl Reloader {
         let mut fixed =
             server::reconfigure(&new, relay.contexts, relay.shared, &signers, &return_paths);
         // The queue first: it routes by the new keys before connections see the new delivery settings.
-        relay.shared.queue.reconfigure(queue::Reconfigure {
-            settings: queue::settings(&new, &relay.shared.rules),
-            hostname: new.hostname.clone(),
-            log_recipients: new.log.recipients,
-        });
+        relay.shared.queue.reconfigure(queue::Reconfigure::new(
+            &new,
+            &relay.shared.rules,
+            self.memory_limit,
+        ));
         relay.deliverer.reconfigure(outbound);
         if new.spool_dir != self.current.spool_dir {
             fixed.push("spool_dir changed".into());

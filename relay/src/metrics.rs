@@ -54,6 +54,7 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     pub queue_messages: IntGauge,
     pub queue_oldest_age: IntGauge,
+    pub delivery_connections: IntGauge,
     pub spool_bytes: IntGauge,
     pub suppressions: IntGauge,
     pub events_dropped: IntCounter,
@@ -211,6 +212,11 @@ impl Metrics {
                 &r,
                 "herald_queue_oldest_message_age_seconds",
                 "Age of the oldest message in the queue (0 when empty).",
+            ),
+            delivery_connections: gauge(
+                &r,
+                "herald_delivery_connections",
+                "Delivery connections open now, all destinations together (at most delivery.max_connections).",
             ),
             spool_bytes: gauge(&r, "herald_spool_bytes", "Bytes of spool segments on disk."),
             suppressions: gauge(

@@ -4,6 +4,10 @@
 //! a reply per recipient (mail-send's `send` stops at the first refused RCPT), PIPELINING of MAIL, RCPT and
 //! DATA in one write, a bound source address, opportunistic STARTTLS that falls back, and the server's
 //! extensions (SIZE, 8BITMIME, SMTPUTF8) to decide before sending.
+//!
+//! The message is never held whole: a [`Body`] (the spool's reader) hands it over a piece at a time after the
+//! 354, and a [`DotStuffer`] stuffs each piece as it goes out, carrying "at the start of a line" from one
+//! piece to the next.
 
 use std::io;
 use std::pin::Pin;
@@ -64,6 +68,9 @@ pub enum ClientError {
     /// AUTH was asked for over a connection whose server is not authenticated; nothing was sent.
     #[error("credentials withheld: the server's certificate was not verified")]
     Unverified,
+    /// The message could not be read while it was being sent; the connection is mid-DATA and unusable.
+    #[error("{0}")]
+    Body(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// What the server advertised in its EHLO reply.
@@ -179,6 +186,8 @@ pub struct Client {
     assurance: Option<Assurance>,
     /// A transaction was sent; the next one starts with RSET, so each begins from a known state.
     used: bool,
+    /// The message is being sent and its end of data has not gone out: a QUIT now would be message text.
+    in_data: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -195,14 +204,36 @@ pub struct Rcpt<'a> {
     pub address: &'a str,
 }
 
-/// A message to send.
+/// A message to send. Its content comes separately, as a [`Body`].
 #[derive(Debug)]
 pub struct Transaction<'a> {
     pub sender: &'a str,
     pub recipients: Vec<Rcpt<'a>>,
-    pub data: &'a [u8],
+    /// The message's size in bytes, for the SIZE parameter.
+    pub size: u64,
     pub eight_bit: bool,
     pub smtputf8: bool,
+}
+
+/// A message's content, handed to [`Client::send`] a piece at a time as it goes out, so that the client
+/// never holds the message whole (only one stuffed piece).
+pub trait Body: Send {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The next piece of the message, or None after the last.
+    fn next_piece(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<Option<&[u8]>, Self::Error>> + Send;
+}
+
+impl Body for crate::spool::MessageReader {
+    type Error = crate::spool::SpoolError;
+
+    fn next_piece(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<Option<&[u8]>, Self::Error>> + Send {
+        crate::spool::MessageReader::next_piece(self)
+    }
 }
 
 /// Per-recipient replies: the RCPT reply if refused, else the final reply to the data.
@@ -223,6 +254,7 @@ impl Client {
             tls: None,
             assurance: None,
             used: false,
+            in_data: false,
         }
     }
 
@@ -428,11 +460,15 @@ impl Client {
     }
 
     /// One mail transaction with a reply per recipient. With PIPELINING, MAIL, every RCPT and DATA go out in
-    /// one write.
-    pub async fn send(&mut self, tx: &Transaction<'_>) -> Result<TransactionResult, ClientError> {
+    /// one write. The message is read from `body` only once the server said 354.
+    pub async fn send<B: Body>(
+        &mut self,
+        tx: &Transaction<'_>,
+        body: &mut B,
+    ) -> Result<TransactionResult, ClientError> {
         let mut mail = format!("MAIL FROM:<{}>", tx.sender);
         if self.extensions.size.is_some() {
-            mail.push_str(&format!(" SIZE={}", tx.data.len()));
+            mail.push_str(&format!(" SIZE={}", tx.size));
         }
         if tx.eight_bit && self.extensions.eight_bit {
             mail.push_str(" BODY=8BITMIME");
@@ -534,9 +570,7 @@ impl Client {
                 replies: rcpt_replies,
             });
         }
-        let stuffed = dot_stuff(tx.data);
-        self.write(&stuffed, self.limits.data, "sending the message")
-            .await?;
+        self.send_body(body).await?;
         let end = self
             .read_response("the reply to the end of data", self.limits.data)
             .await?;
@@ -550,6 +584,37 @@ impl Client {
         })
     }
 
+    /// Sends the message after 354, dot-stuffed piece by piece, each piece under the data time limit (RFC
+    /// 5321 section 4.5.3.2 times each send, not the whole message). A piece is written once the next one is
+    /// read, so the end of data goes out with the last piece. When the body fails, the end of data is never
+    /// sent: the caller must drop the connection, and the server discards what it got.
+    async fn send_body<B: Body>(&mut self, body: &mut B) -> Result<(), ClientError> {
+        let mut stuffer = DotStuffer::new();
+        let mut out = Vec::new();
+        self.in_data = true;
+        loop {
+            let piece = body
+                .next_piece()
+                .await
+                .map_err(|e| ClientError::Body(Box::new(e)))?;
+            if !out.is_empty() {
+                self.write(&out, self.limits.data, "sending the message")
+                    .await?;
+                out.clear();
+            }
+            match piece {
+                Some(p) => stuffer.push(p, &mut out),
+                None => {
+                    stuffer.finish(&mut out);
+                    self.write(&out, self.limits.data, "sending the message")
+                        .await?;
+                    self.in_data = false;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
     async fn finish_empty_data(&mut self) -> Result<(), ClientError> {
         self.write(b".\r\n", self.limits.command, "ending DATA")
             .await?;
@@ -558,40 +623,76 @@ impl Client {
         Ok(())
     }
 
-    /// QUIT, best effort.
+    /// QUIT, best effort, within the command time limit: a connection that will not close cleanly must not
+    /// hold its delivery slot. Cut off mid-message, it only closes, so the server discards what it got.
     pub async fn quit(mut self) {
-        let _ = self.command("QUIT", "the QUIT reply").await;
-        let _ = self.stream.shutdown().await;
+        let limit = self.limits.command;
+        let _ = tokio::time::timeout(limit, async {
+            if !self.in_data {
+                let _ = self.command("QUIT", "the QUIT reply").await;
+            }
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
     }
 }
 
 /// The message as it goes after DATA: lines starting with "." doubled, a final CRLF, and ".CRLF".
 pub fn dot_stuff(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() + data.len() / 64 + 5);
-    let mut line_start = true;
-    let mut pos = 0;
-    while pos < data.len() {
-        if line_start && data[pos] == b'.' {
-            out.push(b'.');
-        }
-        match memchr(b'\n', &data[pos..]) {
-            Some(i) => {
-                out.extend_from_slice(&data[pos..=pos + i]);
-                pos += i + 1;
-                line_start = true;
-            }
-            None => {
-                out.extend_from_slice(&data[pos..]);
-                pos = data.len();
-                line_start = false;
-            }
-        }
-    }
-    if !line_start {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
+    let mut stuffer = DotStuffer::new();
+    stuffer.push(data, &mut out);
+    stuffer.finish(&mut out);
     out
+}
+
+/// [`dot_stuff`] for a message that arrives in pieces: whether the next byte starts a line is carried from
+/// one piece to the next, so any split of the message gives the same bytes as stuffing it whole.
+#[derive(Debug, Clone, Copy)]
+pub struct DotStuffer {
+    line_start: bool,
+}
+
+impl Default for DotStuffer {
+    fn default() -> Self {
+        DotStuffer::new()
+    }
+}
+
+impl DotStuffer {
+    pub fn new() -> DotStuffer {
+        DotStuffer { line_start: true }
+    }
+
+    /// Appends the stuffed form of the next piece of the message to `out`.
+    pub fn push(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        let mut pos = 0;
+        while pos < data.len() {
+            if self.line_start && data[pos] == b'.' {
+                out.push(b'.');
+            }
+            match memchr(b'\n', &data[pos..]) {
+                Some(i) => {
+                    out.extend_from_slice(&data[pos..=pos + i]);
+                    pos += i + 1;
+                    self.line_start = true;
+                }
+                None => {
+                    out.extend_from_slice(&data[pos..]);
+                    pos = data.len();
+                    self.line_start = false;
+                }
+            }
+        }
+    }
+
+    /// Appends the end of the data: CRLF if the message did not end a line, then ".CRLF".
+    pub fn finish(self, out: &mut Vec<u8>) {
+        if !self.line_start {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+    }
 }
 
 async fn handshake(
@@ -618,6 +719,7 @@ async fn handshake(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn dot_stuffing() {
@@ -625,6 +727,188 @@ mod tests {
         assert_eq!(dot_stuff(b".\r\n"), b"..\r\n.\r\n");
         assert_eq!(dot_stuff(b"no end"), b"no end\r\n.\r\n");
         assert_eq!(dot_stuff(b""), b".\r\n");
+    }
+
+    /// RFC 5321 section 4.5.2 read literally, line by line: the oracle for the stuffers.
+    fn stuffed_by_lines(data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for line in data.split_inclusive(|&b| b == b'\n') {
+            if line.first() == Some(&b'.') {
+                out.push(b'.');
+            }
+            out.extend_from_slice(line);
+        }
+        if !data.is_empty() && data.last() != Some(&b'\n') {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+        out
+    }
+
+    /// Message bytes rich in what matters to stuffing: dots, CR, LF, and lines that are only a dot.
+    fn message_bytes() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(
+            prop::sample::select(vec![b'.', b'.', b'\r', b'\n', b'\n', b'a', b' ']),
+            0..200,
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn stuffing_in_pieces_equals_stuffing_whole(
+            data in message_bytes(),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+        ) {
+            let whole = dot_stuff(&data);
+            prop_assert_eq!(&whole, &stuffed_by_lines(&data));
+            let mut at: Vec<usize> = cuts.iter().map(|c| c.index(data.len() + 1)).collect();
+            at.sort_unstable();
+            let mut stuffer = DotStuffer::new();
+            let mut out = Vec::new();
+            let mut from = 0;
+            for &to in at.iter().chain(std::iter::once(&data.len())) {
+                // Empty pieces too: a reader may hand one over at a boundary.
+                stuffer.push(&data[from..to], &mut out);
+                from = to;
+            }
+            stuffer.finish(&mut out);
+            prop_assert_eq!(out, whole);
+        }
+    }
+
+    /// A body in fixed pieces that fails, when told, instead of handing out piece `fail_at`.
+    struct Pieces {
+        pieces: Vec<Vec<u8>>,
+        next: usize,
+        fail_at: Option<usize>,
+    }
+
+    impl Body for Pieces {
+        type Error = io::Error;
+
+        async fn next_piece(&mut self) -> Result<Option<&[u8]>, io::Error> {
+            if self.fail_at == Some(self.next) {
+                return Err(io::Error::other("disk on fire"));
+            }
+            self.next += 1;
+            Ok(self.pieces.get(self.next - 1).map(Vec::as_slice))
+        }
+    }
+
+    /// A minimal SMTP server on loopback for one transaction: returns the MAIL line and every byte that
+    /// followed the 354, until the end of data or the client's close.
+    async fn one_transaction(listener: tokio::net::TcpListener) -> (String, Vec<u8>) {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        sock.write_all(b"220 test\r\n").await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut mail = String::new();
+        // Commands: EHLO, then MAIL, RCPT, DATA (one per line; the client pipelines them).
+        let mut answered = 0;
+        while answered < 4 {
+            let n = sock.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before DATA");
+            got.extend_from_slice(&buf[..n]);
+            while let Some(nl) = memchr(b'\n', &got) {
+                let line = String::from_utf8_lossy(&got[..nl]).trim_end().to_owned();
+                got.drain(..=nl);
+                let reply: &[u8] = match answered {
+                    0 => b"250-test\r\n250-PIPELINING\r\n250 SIZE 100000000\r\n",
+                    1 => {
+                        mail = line;
+                        b"250 ok\r\n"
+                    }
+                    2 => b"250 ok\r\n",
+                    _ => b"354 go on\r\n",
+                };
+                sock.write_all(reply).await.unwrap();
+                answered += 1;
+                if answered == 4 {
+                    break;
+                }
+            }
+        }
+        loop {
+            if got.ends_with(b"\r\n.\r\n") {
+                sock.write_all(b"250 queued\r\n").await.unwrap();
+                return (mail, got);
+            }
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => return (mail, got),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    async fn send_pieces(
+        pieces: Vec<Vec<u8>>,
+        fail_at: Option<usize>,
+    ) -> (Result<u16, String>, String, Vec<u8>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(one_transaction(listener));
+        let limits = Limits {
+            command: Duration::from_secs(10),
+            data: Duration::from_secs(10),
+        };
+        let mut c = Client::new(
+            Stream::Plain(TcpStream::connect(addr).await.unwrap()),
+            limits,
+        );
+        c.read_response("the greeting", limits.command)
+            .await
+            .unwrap();
+        c.hello("client.test").await.unwrap();
+        let size = pieces.iter().map(|p| p.len() as u64).sum();
+        let tx = Transaction {
+            sender: "a@b.test",
+            recipients: vec![Rcpt {
+                address: "c@d.test",
+            }],
+            size,
+            eight_bit: false,
+            smtputf8: false,
+        };
+        let mut body = Pieces {
+            pieces,
+            next: 0,
+            fail_at,
+        };
+        let result = match c.send(&tx, &mut body).await {
+            Ok(r) => Ok(r.replies[0].code),
+            Err(e) => Err(e.to_string()),
+        };
+        c.quit().await;
+        let (mail, data) = server.await.unwrap();
+        (result, mail, data)
+    }
+
+    #[tokio::test]
+    async fn a_message_in_pieces_goes_out_stuffed_with_its_size() {
+        let pieces = vec![
+            b"Subject: x\r\n\r\na\r".to_vec(),
+            b"\n.".to_vec(),
+            b"\r\n".to_vec(),
+            b".b".to_vec(),
+        ];
+        let (result, mail, data) = send_pieces(pieces.clone(), None).await;
+        assert_eq!(result, Ok(250));
+        assert_eq!(mail, "MAIL FROM:<a@b.test> SIZE=22");
+        assert_eq!(data, dot_stuff(&pieces.concat()));
+    }
+
+    #[tokio::test]
+    async fn a_body_that_fails_midway_never_ends_the_data() {
+        let pieces = vec![
+            b"Subject: x\r\n\r\n".to_vec(),
+            b"line\r\n".to_vec(),
+            b"more\r\n".to_vec(),
+        ];
+        let (result, _, data) = send_pieces(pieces, Some(2)).await;
+        let err = result.unwrap_err();
+        assert!(err.contains("disk on fire"), "{err}");
+        // What went out is a prefix of the message and nothing else: no end of data, no QUIT as message text.
+        assert_eq!(data, b"Subject: x\r\n\r\n");
     }
 
     #[test]

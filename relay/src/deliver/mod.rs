@@ -22,7 +22,7 @@ use std::sync::Arc;
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::queue::{self, Attempt, Dispatcher, Job, QueueHandle, Reply};
+use crate::queue::{self, Attempt, Dispatcher, Job, QueueHandle, Reply, Slot};
 use crate::spool::Spool;
 use arc_swap::ArcSwap;
 use client::{Client, ClientError, Rcpt, Stream, Transaction};
@@ -89,8 +89,8 @@ impl std::fmt::Debug for Deliverer {
 }
 
 impl Dispatcher for Deliverer {
-    fn start(self: Arc<Self>, job: Job, queue: QueueHandle) {
-        tokio::spawn(async move { self.connection(job, queue).await });
+    fn start(self: Arc<Self>, job: Job, slot: Slot) {
+        tokio::spawn(async move { self.connection(job, slot).await });
     }
 
     fn stopping(&self) {
@@ -200,8 +200,9 @@ impl Deliverer {
         self.outbound.store(Arc::new(outbound));
     }
 
-    async fn connection(self: Arc<Self>, first: Job, queue: QueueHandle) {
-        let dest = first.dest.clone();
+    /// One connection, from the first job to QUIT. `slot` is its place under the connection caps: it goes
+    /// when this returns, after the socket is closed.
+    async fn connection(self: Arc<Self>, first: Job, slot: Slot) {
         let mut job = first;
         let mut session: Option<Session> = None;
         // The session was opened for the job in hand (not carried over from an earlier one).
@@ -215,7 +216,7 @@ impl Deliverer {
                 let opened = tokio::select! {
                     r = self.open(&o, &job, None) => r,
                     _ = stop.wait_for(|s| *s) => {
-                        queue.abandon(dest, job);
+                        slot.abandon(job);
                         return;
                     }
                 };
@@ -229,7 +230,7 @@ impl Deliverer {
                             self.fail_all(&job, &fail.reply, fail.remote_mta.clone(), None);
                         // The next job for this destination would meet the same fate now; end here and
                         // let the queue retry on its schedule.
-                        queue.finished(dest, attempt, false).await;
+                        slot.finished(attempt, false).await;
                         return;
                     }
                 }
@@ -259,7 +260,7 @@ impl Deliverer {
             fresh = false;
             sent += 1;
             let want_next = usable && sent < max;
-            match queue.finished(dest.clone(), attempt, want_next).await {
+            match slot.finished(attempt, want_next).await {
                 Some(next) => job = next,
                 None => break,
             }
@@ -545,8 +546,10 @@ impl Deliverer {
     /// Sends one job over an open session. Returns the attempt and whether the session can carry more.
     async fn transact(&self, s: &mut Session, job: &Job) -> (Attempt, bool) {
         let mta = Some(s.host.clone());
-        let data = match self.spool.read(job.location).await {
-            Ok(d) => d,
+        // Streamed from the spool a piece at a time (each transaction reads it again from the start): what a
+        // delivery holds of its message stays one piece, whatever the message's size.
+        let mut body = match self.spool.message(job.location).await {
+            Ok(r) => r,
             Err(e) => {
                 let reply = Self::local(
                     451,
@@ -578,13 +581,13 @@ impl Deliverer {
                     s.host
                 ),
             ))
-        } else if let Some(limit) = ext.size.filter(|&l| l > 0 && (data.len() as u64) > l) {
+        } else if let Some(limit) = ext.size.filter(|&l| l > 0 && body.len() > l) {
             Some(Self::local(
                 552,
                 "5.3.4",
                 format!(
                     "message of {} bytes exceeds {}'s limit of {limit}",
-                    data.len(),
+                    body.len(),
                     s.host
                 ),
             ))
@@ -629,11 +632,12 @@ impl Deliverer {
                         address: &job.meta.recipients[i as usize],
                     })
                     .collect(),
-                data: &data,
+                size: body.len(),
                 eight_bit: job.meta.eight_bit,
                 smtputf8: job.meta.smtputf8,
             };
-            match s.client.send(&tx).await {
+            body.rewind();
+            match s.client.send(&tx, &mut body).await {
                 Ok(result) => {
                     let replies: Vec<(u32, Reply)> = rcpts
                         .iter()
@@ -642,6 +646,17 @@ impl Deliverer {
                         .collect();
                     usable = replies.iter().all(|(_, r)| r.code != 421);
                     results.extend(replies);
+                }
+                Err(ClientError::Body(e)) => {
+                    // The server has part of the message and no end of data: dropping the connection makes it
+                    // discard what it got.
+                    let reply = Self::local(
+                        451,
+                        "4.3.0",
+                        format!("cannot read the message from the spool: {e}"),
+                    );
+                    results.extend(rcpts.iter().map(|&i| (i, reply.clone())));
+                    usable = false;
                 }
                 Err(e) => {
                     let reply = Self::local(451, "4.4.2", format!("{}: {e}", s.host));
@@ -759,9 +774,9 @@ async fn connect(addr: SocketAddr, source: Option<&Source>) -> std::io::Result<T
     socket.connect(addr).await
 }
 
-/// Wires the delivery engine to a queue; the deliverer is returned for reloads.
+/// Wires the delivery engine to a queue configured by `initial`; the deliverer is returned for reloads.
 pub fn start_queue(
-    config: &Config,
+    initial: queue::Reconfigure,
     outbound: Outbound,
     spool: Spool,
     suppressions: Arc<crate::outcome::suppression::Suppressions>,
@@ -771,7 +786,7 @@ pub fn start_queue(
 ) -> Result<(QueueHandle, Arc<Deliverer>), DeliverError> {
     let d = Deliverer::new(outbound, spool.clone(), rules.clone())?;
     let queue = queue::start(
-        config,
+        initial,
         spool,
         suppressions,
         loaded,

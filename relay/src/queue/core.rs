@@ -4,10 +4,16 @@
 //! here, property tests included.
 //!
 //! A destination is a recipient domain (or, in smarthost mode, the smarthost) together with the source pool
-//! of the sender's domain. Each has at most `max_connections` connections; a connection carries up to
+//! of the sender's domain. Each has at most `per_destination` connections; a connection carries up to
 //! `messages_per_connection` messages, asking for the next one as it finishes the last. Nothing is ever
 //! scanned to find work: each destination has a FIFO of ready messages, and deferred messages sit in a
 //! timer heap keyed by their next attempt, so the cost of a decision does not grow with the queue.
+//!
+//! All destinations together have at most `total_connections` connections (`delivery.max_connections`):
+//! what bounds the relay's delivery memory and sockets. A destination with ready work and room of its own
+//! that finds the total at the cap joins a FIFO of waiting destinations (once); each connection that closes
+//! hands its place to the first of them, one connection each in turn, so a busy destination cannot starve
+//! the others of the places that come free.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
@@ -121,17 +127,22 @@ pub struct Routing {
 pub struct Settings {
     pub retry: Retry,
     pub max_age: Duration,
-    pub max_connections: usize,
+    /// Connections to one destination (`delivery.per_domain.max_connections`).
+    pub per_destination: usize,
+    /// Connections to all destinations together (`delivery.max_connections`, or its default).
+    pub total_connections: usize,
     pub routing: Routing,
 }
 
 impl Settings {
-    /// The settings of `config`, with `local` as the return-path domains in force.
-    pub fn new(config: &Config, local: HashSet<String>) -> Settings {
+    /// The settings of `config`, with `local` as the return-path domains in force; `memory_limit` (the
+    /// container's, in bytes) sizes the connection cap when the config names none.
+    pub fn new(config: &Config, local: HashSet<String>, memory_limit: Option<u64>) -> Settings {
         Settings {
             retry: config.delivery.retry.clone(),
             max_age: config.delivery.max_age,
-            max_connections: config.delivery.per_domain.max_connections as usize,
+            per_destination: config.delivery.per_domain.max_connections as usize,
+            total_connections: crate::resources::delivery_connections(config, memory_limit),
             routing: Routing {
                 smarthost: config.delivery.smarthost.is_some(),
                 pools: config
@@ -239,6 +250,8 @@ struct Entry {
 struct Dest {
     ready: VecDeque<QueueId>,
     connections: usize,
+    /// On the FIFO of destinations waiting for a place under the total cap.
+    waiting: bool,
 }
 
 /// A copy-forward of the oldest spool segment that the shell carries out.
@@ -265,6 +278,11 @@ pub struct Core {
     settings: Settings,
     messages: BTreeMap<QueueId, Entry>,
     dests: HashMap<DestKey, Dest>,
+    /// Connections open to all destinations: the sum of their `connections`.
+    connections: usize,
+    /// Destinations that found the total at the cap, in the order they came; each once (`Dest::waiting`).
+    /// A destination stays in `dests` while it is here.
+    waiting: VecDeque<DestKey>,
     timers: BinaryHeap<Reverse<(u64, QueueId)>>,
     /// Live messages and bytes per spool segment.
     segments: BTreeMap<u64, (usize, u64)>,
@@ -307,6 +325,8 @@ impl Core {
             settings,
             messages: BTreeMap::new(),
             dests: HashMap::new(),
+            connections: 0,
+            waiting: VecDeque::new(),
             timers: BinaryHeap::new(),
             segments: BTreeMap::new(),
             depth: HashMap::new(),
@@ -341,7 +361,12 @@ impl Core {
 
     /// No connection is open: after [`Core::stop`], the shell may finish.
     pub fn idle(&self) -> bool {
-        self.dests.values().all(|d| d.connections == 0)
+        self.connections == 0
+    }
+
+    /// Delivery connections open now, all destinations together.
+    pub fn connections(&self) -> usize {
+        self.connections
     }
 
     /// Hands out no more work; connections still open report back and close.
@@ -350,15 +375,19 @@ impl Core {
     }
 
     /// New settings from a reload. Routing may have changed (pools, smarthost, return-path domains), so
-    /// every waiting message is routed again; a larger connection cap is used at once.
+    /// every waiting message is routed again; a larger connection cap is used at once, and a smaller one as
+    /// connections close.
     pub fn reconfigure(&mut self, settings: Settings, now: u64) -> Vec<Action> {
         let rerouted = settings.routing != self.settings.routing;
         self.settings = settings;
         let mut out = Vec::new();
         if rerouted {
-            // Keys change with routing: every waiting message is routed again, once.
+            // Keys change with routing: every waiting message is routed again, once, and destinations wait
+            // for a place again under their new keys.
+            self.waiting.clear();
             for d in self.dests.values_mut() {
                 d.ready.clear();
+                d.waiting = false;
             }
             self.dests.retain(|_, d| d.connections > 0);
             let ids: Vec<QueueId> = self.messages.keys().copied().collect();
@@ -366,7 +395,8 @@ impl Core {
                 self.make_ready(id, now, &mut out);
             }
         } else {
-            // Perhaps a larger connection cap: let every destination with waiting work use it.
+            // Perhaps larger caps: the destinations that waited first, then every one with ready work.
+            self.serve_waiting(now, &mut out);
             let keys: Vec<DestKey> = self.dests.keys().cloned().collect();
             for key in keys {
                 self.kick(&key, now, &mut out);
@@ -604,17 +634,19 @@ impl Core {
         }
     }
 
-    /// A connection of `key` closed: its slot is free for ready work.
+    /// A connection of `key` closed: its place goes to the destinations waiting for one, in turn, and then
+    /// to `key`'s own ready work (which waits behind them when they took every place).
     pub fn connection_closed(&mut self, key: &DestKey, now: u64) -> Vec<Action> {
-        if let Some(d) = self.dests.get_mut(key) {
-            d.connections = d.connections.saturating_sub(1);
-            if d.connections == 0 && d.ready.is_empty() {
-                self.dests.remove(key);
-                return Vec::new();
-            }
+        if let Some(d) = self.dests.get_mut(key)
+            && d.connections > 0
+        {
+            d.connections -= 1;
+            self.connections -= 1;
         }
         let mut out = Vec::new();
+        self.serve_waiting(now, &mut out);
         self.kick(key, now, &mut out);
+        self.forget_if_idle(key);
         out
     }
 
@@ -886,50 +918,196 @@ impl Core {
         self.record(attempt, &verdicts, now, 0.0)
     }
 
-    /// Starts connections for a destination while it has ready work and room.
+    /// Starts connections for a destination while it has ready work and room, and the total is under its
+    /// cap; at the cap, the destination waits for a place (see [`Core::serve_waiting`]).
     fn kick(&mut self, key: &DestKey, now: u64, out: &mut Vec<Action>) {
-        if self.stopping {
-            return;
-        }
-        let max = self.settings.max_connections;
-        loop {
-            let Some(d) = self.dests.get(key) else { return };
-            if d.connections >= max || d.ready.is_empty() {
+        while self.wants_connection(key) {
+            if self.connections >= self.settings.total_connections {
+                self.wait_for_place(key);
                 return;
             }
-            let Some(job) = self.next_job(key, now) else {
+            if !self.start(key, now, out) {
+                return;
+            }
+        }
+    }
+
+    /// Whether `key` has ready work and room for another connection of its own.
+    fn wants_connection(&self, key: &DestKey) -> bool {
+        !self.stopping
+            && self.dests.get(key).is_some_and(|d| {
+                d.connections < self.settings.per_destination && !d.ready.is_empty()
+            })
+    }
+
+    /// Starts one connection for `key` with its next job; false when it has none (its ready list held only
+    /// messages that were finished, deleted, or already in flight).
+    fn start(&mut self, key: &DestKey, now: u64, out: &mut Vec<Action>) -> bool {
+        let Some(job) = self.next_job(key, now) else {
+            return false;
+        };
+        if let Some(d) = self.dests.get_mut(key) {
+            d.connections += 1;
+            self.connections += 1;
+        }
+        out.push(Action::Start(job));
+        true
+    }
+
+    fn wait_for_place(&mut self, key: &DestKey) {
+        if let Some(d) = self.dests.get_mut(key)
+            && !d.waiting
+        {
+            d.waiting = true;
+            self.waiting.push_back(key.clone());
+        }
+    }
+
+    /// Gives the places under the total cap to the waiting destinations, one connection each in turn: a
+    /// destination that still wants more after its turn goes to the back.
+    fn serve_waiting(&mut self, now: u64, out: &mut Vec<Action>) {
+        while self.connections < self.settings.total_connections && !self.stopping {
+            let Some(key) = self.waiting.pop_front() else {
                 return;
             };
-            if let Some(d) = self.dests.get_mut(key) {
-                d.connections += 1;
+            if let Some(d) = self.dests.get_mut(&key) {
+                d.waiting = false;
             }
-            out.push(Action::Start(job));
+            if self.wants_connection(&key)
+                && self.start(&key, now, out)
+                && self.wants_connection(&key)
+            {
+                self.wait_for_place(&key);
+            }
+            self.forget_if_idle(&key);
+        }
+    }
+
+    /// Drops a destination that has nothing left: no connection, no ready work, no place in the waiting line.
+    fn forget_if_idle(&mut self, key: &DestKey) {
+        if self
+            .dests
+            .get(key)
+            .is_some_and(|d| d.connections == 0 && d.ready.is_empty() && !d.waiting)
+        {
+            self.dests.remove(key);
         }
     }
 }
 
 #[cfg(test)]
 impl Core {
-    /// Checks the bookkeeping against the jobs the shell holds open: connections per destination, in-flight
-    /// flags, and that every recipient waiting for an attempt is on its destination's ready list or under a
-    /// timer, so that none can be forgotten.
-    pub(crate) fn audit(&self, open: &[Job], now: u64) -> Result<(), String> {
+    /// Checks the bookkeeping against the connections the shell holds open (with a job, or `closing`: done
+    /// and not yet closed): connections per destination and in total, in-flight flags, that every recipient
+    /// waiting for an attempt is on its destination's ready list or under a timer, and that every
+    /// destination with due work and room of its own has a connection, or waits for a place because the
+    /// total is at its cap: so that nothing can be forgotten.
+    pub(crate) fn audit(&self, open: &[Job], closing: &[DestKey], now: u64) -> Result<(), String> {
+        self.audit_connections(open, closing)?;
+        self.audit_recipients(open, now)?;
+        self.audit_places(now)
+    }
+
+    fn audit_connections(&self, open: &[Job], closing: &[DestKey]) -> Result<(), String> {
         let mut per_key: HashMap<&DestKey, usize> = HashMap::new();
-        for j in open {
-            *per_key.entry(&j.dest).or_default() += 1;
+        for k in open.iter().map(|j| &j.dest).chain(closing) {
+            *per_key.entry(k).or_default() += 1;
         }
         for (k, d) in &self.dests {
             let jobs = per_key.get(k).copied().unwrap_or(0);
             if d.connections != jobs {
                 return Err(format!(
-                    "{k}: {} connections, {jobs} open jobs",
+                    "{k}: {} connections, {jobs} open or closing",
                     d.connections
                 ));
             }
         }
         if let Some((k, _)) = per_key.iter().find(|(k, _)| !self.dests.contains_key(**k)) {
-            return Err(format!("{k}: open jobs but no destination"));
+            return Err(format!("{k}: connections but no destination"));
         }
+        let sum: usize = self.dests.values().map(|d| d.connections).sum();
+        if self.connections != sum || sum != open.len() + closing.len() {
+            return Err(format!(
+                "{} connections in total, {sum} per destination, {} open and {} closing",
+                self.connections,
+                open.len(),
+                closing.len()
+            ));
+        }
+        let mut seen = HashSet::new();
+        for k in &self.waiting {
+            if !seen.insert(k) {
+                return Err(format!("{k} waits twice"));
+            }
+            if !self.dests.get(k).is_some_and(|d| d.waiting) {
+                return Err(format!("{k} waits but is not marked waiting"));
+            }
+        }
+        if let Some((k, _)) = self
+            .dests
+            .iter()
+            .find(|(k, d)| d.waiting && !seen.contains(k))
+        {
+            return Err(format!("{k} marked waiting but not in the line"));
+        }
+        Ok(())
+    }
+
+    fn audit_places(&self, now: u64) -> Result<(), String> {
+        if self.stopping {
+            return Ok(());
+        }
+        let under_cap = self.connections < self.settings.total_connections;
+        if under_cap && !self.waiting.is_empty() {
+            return Err(format!(
+                "{} of {} places taken, yet {:?} wait",
+                self.connections, self.settings.total_connections, self.waiting
+            ));
+        }
+        let mut due: HashSet<DestKey> = HashSet::new();
+        for e in self.messages.values() {
+            for (i, s) in e.states.iter().enumerate() {
+                if s.status.is_final()
+                    || e.in_flight[i]
+                    || (s.status == RcptStatus::Deferred && s.next_attempt_ms > now)
+                {
+                    continue;
+                }
+                if let Some((key, _, _)) = dest_of(
+                    &self.settings.routing,
+                    &e.meta.sender,
+                    &e.meta.recipients[i],
+                ) {
+                    due.insert(key);
+                }
+            }
+        }
+        for key in due {
+            let Some(d) = self.dests.get(&key) else {
+                return Err(format!("{key}: due work but no destination"));
+            };
+            if d.connections >= self.settings.per_destination {
+                continue;
+            }
+            if under_cap {
+                return Err(format!(
+                    "{key}: due work, {} of its {} connections and {} of {} in total, yet none started",
+                    d.connections,
+                    self.settings.per_destination,
+                    self.connections,
+                    self.settings.total_connections
+                ));
+            }
+            if !d.waiting && d.connections == 0 {
+                return Err(format!(
+                    "{key}: due work and no connection, but not waiting for a place"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn audit_recipients(&self, open: &[Job], now: u64) -> Result<(), String> {
         let armed: HashSet<(u64, QueueId)> = self.timers.iter().map(|Reverse(t)| *t).collect();
         for (id, e) in &self.messages {
             for (i, s) in e.states.iter().enumerate() {

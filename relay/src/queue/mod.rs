@@ -4,7 +4,8 @@
 //! shell around it. One task owns the core (an actor): sessions enqueue, delivery connections report
 //! results and ask for their next job, the admin API asks questions, all through one channel; the task
 //! runs the timers and carries out the core's actions: connections, spool writes, metrics, events,
-//! suppressions and DSNs.
+//! suppressions and DSNs. A connection it starts holds a [`Slot`] until its socket is closed; the slot's
+//! drop tells the core that the connection's place under the caps is free.
 //!
 //! Recipient state changes are written to the spool as they happen, so a restart neither repeats a
 //! delivered recipient nor forgets a deferred one. A message leaves the queue when every recipient has a final
@@ -32,6 +33,8 @@ pub use self::core::{Attempt, DestKey, Job, MessageView, NewEntry, RecipientView
 const COMPACT_EVERY: Duration = Duration::from_secs(10);
 /// How often the queue gauges are refreshed.
 const GAUGES_EVERY: Duration = Duration::from_secs(2);
+/// The most of an original message a DSN reads to find its header section.
+const DSN_HEADERS_MAX: usize = 1024 * 1024;
 
 /// Unix milliseconds now.
 pub fn now_ms() -> u64 {
@@ -46,6 +49,10 @@ enum Command {
         dest: DestKey,
         attempt: Attempt,
         next: Option<oneshot::Sender<Option<Job>>>,
+    },
+    /// A delivery connection ended (its [`Slot`] was dropped): its place is free.
+    Closed {
+        dest: DestKey,
     },
     List {
         after: Option<QueueId>,
@@ -77,7 +84,6 @@ enum Command {
     Compacted,
     /// A connection gives back a job it never attempted.
     Abandon {
-        dest: DestKey,
         job: Job,
     },
     /// New settings from a config reload.
@@ -86,7 +92,9 @@ enum Command {
 
 /// Something that runs a delivery connection for a job; the delivery engine implements it.
 pub trait Dispatcher: Send + Sync + 'static {
-    fn start(self: Arc<Self>, job: Job, queue: QueueHandle);
+    /// Runs a connection for `job`, reporting through `slot`; the connection holds `slot` until its socket
+    /// is closed, and dropping it frees the connection's place.
+    fn start(self: Arc<Self>, job: Job, slot: Slot);
     /// The queue is stopping: connections not yet in a transaction should give their job back.
     fn stopping(&self);
 }
@@ -112,25 +120,6 @@ impl QueueHandle {
     /// Adds a spooled message.
     pub fn enqueue(&self, entry: NewEntry) {
         self.send(Command::Enqueue(Box::new(entry)));
-    }
-
-    /// Reports an attempt and, when `want_next`, waits for the next job for the same destination.
-    pub async fn finished(&self, dest: DestKey, attempt: Attempt, want_next: bool) -> Option<Job> {
-        if !want_next {
-            self.send(Command::Finished {
-                dest,
-                attempt,
-                next: None,
-            });
-            return None;
-        }
-        let (tx, rx) = oneshot::channel();
-        self.send(Command::Finished {
-            dest,
-            attempt,
-            next: Some(tx),
-        });
-        rx.await.ok().flatten()
     }
 
     /// The number of queued messages, and up to `limit` of them in queue-id order after `after`.
@@ -164,11 +153,6 @@ impl QueueHandle {
         rx.await.unwrap_or(false)
     }
 
-    /// Gives back a job that was never attempted (the relay is stopping), and closes the connection slot.
-    pub fn abandon(&self, dest: DestKey, job: Job) {
-        self.send(Command::Abandon { dest, job });
-    }
-
     /// Applies a reloaded config: routing, limits, retry schedule, expiry, hostname, log policy.
     pub fn reconfigure(&self, r: Reconfigure) {
         self.send(Command::Reconfigure(Box::new(r)));
@@ -182,6 +166,52 @@ impl QueueHandle {
     }
 }
 
+/// A delivery connection's place under the connection caps (per destination and in total), from the
+/// queue's decision to open it until its socket is closed. Dropping it frees the place, however the
+/// connection ends: a connection still saying QUIT keeps its place, and one whose task panicked gives it
+/// back all the same.
+#[derive(Debug)]
+pub struct Slot {
+    queue: QueueHandle,
+    dest: DestKey,
+}
+
+impl Slot {
+    /// Reports an attempt and, when `want_next`, waits for the next job for the same destination. None:
+    /// close the connection, then drop the slot.
+    pub async fn finished(&self, attempt: Attempt, want_next: bool) -> Option<Job> {
+        let dest = self.dest.clone();
+        if !want_next {
+            self.queue.send(Command::Finished {
+                dest,
+                attempt,
+                next: None,
+            });
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.queue.send(Command::Finished {
+            dest,
+            attempt,
+            next: Some(tx),
+        });
+        rx.await.ok().flatten()
+    }
+
+    /// Gives back a job that was never attempted (the relay is stopping); the place is freed with it.
+    pub fn abandon(self, job: Job) {
+        self.queue.send(Command::Abandon { job });
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.queue.send(Command::Closed {
+            dest: self.dest.clone(),
+        });
+    }
+}
+
 /// What a reload changes in a running queue: the core's settings, the name DSNs are sent under, and
 /// whether addresses may appear in log lines.
 #[derive(Debug)]
@@ -189,6 +219,22 @@ pub struct Reconfigure {
     pub settings: Settings,
     pub hostname: String,
     pub log_recipients: bool,
+}
+
+impl Reconfigure {
+    /// What the queue takes from `config`, with the return-path domains of `rules` and the container's
+    /// `memory_limit` (for the default connection cap).
+    pub fn new(config: &Config, rules: &Rules, memory_limit: Option<u64>) -> Reconfigure {
+        Reconfigure {
+            settings: Settings::new(
+                config,
+                rules.return_paths().domains().cloned().collect(),
+                memory_limit,
+            ),
+            hostname: config.hostname.clone(),
+            log_recipients: config.log.recipients,
+        }
+    }
 }
 
 struct Shell {
@@ -206,14 +252,9 @@ struct Shell {
     compacting: bool,
 }
 
-/// The settings of `config` with the return-path domains in force.
-pub fn settings(config: &Config, rules: &Rules) -> Settings {
-    Settings::new(config, rules.return_paths().domains().cloned().collect())
-}
-
-/// Starts the queue task with the messages loaded from the spool.
+/// Starts the queue task, configured by `initial`, with the messages loaded from the spool.
 pub fn start(
-    config: &Config,
+    initial: Reconfigure,
     spool: Spool,
     suppressions: Arc<Suppressions>,
     loaded: Vec<crate::spool::Loaded>,
@@ -224,13 +265,13 @@ pub fn start(
     let (tx, rx) = mpsc::unbounded_channel();
     let handle = QueueHandle { tx };
     let mut shell = Shell {
-        core: Core::new(settings(config, &rules)),
+        core: Core::new(initial.settings),
         spool,
         suppressions,
         dispatcher,
         handle: handle.clone(),
-        hostname: config.hostname.clone(),
-        log_recipients: config.log.recipients,
+        hostname: initial.hostname,
+        log_recipients: initial.log_recipients,
         rules,
         telemetry,
         stopping: None,
@@ -334,25 +375,19 @@ impl Shell {
                 next,
             } => {
                 self.finished(attempt, now);
-                match next {
-                    Some(tx) => {
-                        let job = self.core.next_job(&dest, now);
-                        let none = job.is_none();
-                        // If the connection went away meanwhile, its job goes back to the queue.
-                        if let Err(Some(job)) = tx.send(job) {
-                            let mut actions = self.core.give_back(&job, now);
-                            actions.extend(self.core.connection_closed(&dest, now));
-                            self.act(actions, None);
-                        } else if none {
-                            let actions = self.core.connection_closed(&dest, now);
-                            self.act(actions, None);
-                        }
-                    }
-                    None => {
-                        let actions = self.core.connection_closed(&dest, now);
+                // Without a next job the connection closes; its place is freed when its slot goes.
+                if let Some(tx) = next {
+                    let job = self.core.next_job(&dest, now);
+                    // If the connection went away meanwhile, its job goes back to the queue.
+                    if let Err(Some(job)) = tx.send(job) {
+                        let actions = self.core.give_back(&job, now);
                         self.act(actions, None);
                     }
                 }
+            }
+            Command::Closed { dest } => {
+                let actions = self.core.connection_closed(&dest, now);
+                self.act(actions, None);
             }
             Command::List {
                 after,
@@ -389,9 +424,8 @@ impl Shell {
                 self.stopping = Some(reply);
                 self.dispatcher.stopping();
             }
-            Command::Abandon { dest, job } => {
-                let mut actions = self.core.give_back(&job, now);
-                actions.extend(self.core.connection_closed(&dest, now));
+            Command::Abandon { job } => {
+                let actions = self.core.give_back(&job, now);
                 self.act(actions, None);
             }
             Command::Moved {
@@ -436,7 +470,13 @@ impl Shell {
         let mut logged: Vec<(&'static str, String, usize, QueueId, f64)> = Vec::new();
         for action in actions {
             match action {
-                Action::Start(job) => self.dispatcher.clone().start(job, self.handle.clone()),
+                Action::Start(job) => {
+                    let slot = Slot {
+                        queue: self.handle.clone(),
+                        dest: job.dest.clone(),
+                    };
+                    self.dispatcher.clone().start(job, slot);
+                }
                 Action::Record { id, updates } => self.spool.record_results(id, &updates),
                 Action::Outcome(o) => {
                     self.outcome(&o, attempt);
@@ -569,6 +609,7 @@ impl Shell {
         m.queue_oldest_age.set(oldest as i64);
         m.spool_bytes.set(self.spool.bytes() as i64);
         m.suppressions.set(self.suppressions.len() as i64);
+        m.delivery_connections.set(self.core.connections() as i64);
     }
 
     /// Points copied messages at their new records; only once their state is written again and durable
@@ -658,7 +699,7 @@ impl Shell {
         let handle = self.handle.clone();
         let hostname = self.hostname.clone();
         tokio::spawn(async move {
-            let original = match spool.read(location).await {
+            let original = match message_head(&spool, location, DSN_HEADERS_MAX).await {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::warn!(queue_id = %meta.id, error = %e, "cannot read the message for its DSN; sending it without headers");
@@ -712,6 +753,34 @@ impl Shell {
     }
 }
 
+/// The start of a message through its header section (the first empty line), at most `limit` bytes, cut
+/// at a line end: a DSN returns only the headers, and a burst of bounces of large messages must not read
+/// each one whole.
+async fn message_head(
+    spool: &Spool,
+    location: Location,
+    limit: usize,
+) -> Result<Vec<u8>, crate::spool::SpoolError> {
+    let mut reader = spool.message(location).await?;
+    let mut head = Vec::new();
+    while let Some(piece) = reader.next_piece().await? {
+        // The empty line may straddle two pieces.
+        let from = head.len().saturating_sub(3);
+        head.extend_from_slice(piece);
+        if let Some(i) = memchr::memmem::find(&head[from..], b"\r\n\r\n") {
+            head.truncate(from + i + 4);
+            return Ok(head);
+        }
+        if head.len() >= limit {
+            head.truncate(limit);
+            let end = memchr::memrchr(b'\n', &head).map_or(0, |i| i + 1);
+            head.truncate(end);
+            return Ok(head);
+        }
+    }
+    Ok(head)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -731,11 +800,52 @@ mod tests {
         assert_eq!(redact_addresses("250 2.0.0 Ok"), "250 2.0.0 Ok");
     }
 
+    #[tokio::test]
+    async fn a_dsn_reads_only_the_header_section_of_the_original() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let meta = |id| MessageMeta {
+            id,
+            received_at_ms: 1,
+            smtputf8: false,
+            eight_bit: false,
+            listener: "a".into(),
+            auth_user: None,
+            peer: "127.0.0.1:1".into(),
+            sender: "app@example.test".into(),
+            recipients: vec!["x@dest.test".into()],
+        };
+        let piece = crate::spool::READ_CHUNK;
+        // Headers that end just across the first piece boundary, then a large body.
+        let mut headers = b"Subject: x\r\n".to_vec();
+        while headers.len() < piece - 1 {
+            headers.extend_from_slice(b"X-Pad: yyyyyyyyyyyyyyyyyyyyyyyy\r\n");
+        }
+        headers.truncate(piece - 3);
+        headers.extend_from_slice(b"\r\n\r\n");
+        let body = vec![b'b'; 3 * piece];
+        let loc = spool
+            .store(&meta(spool.next_id()), &[], &[&headers, b"body\r\n", &body])
+            .await
+            .unwrap();
+        let head = message_head(&spool, loc, DSN_HEADERS_MAX).await.unwrap();
+        assert_eq!(head, headers);
+        // No empty line within the limit: cut at the last line end before it.
+        let lines = b"X-Long: zzzzzzzzzzzzzzzzzzzzzzzz\r\n".repeat(2 * piece / 32);
+        let loc = spool
+            .store(&meta(spool.next_id()), &[], &[&lines])
+            .await
+            .unwrap();
+        let head = message_head(&spool, loc, piece + 10).await.unwrap();
+        assert!(head.len() <= piece + 10 && head.ends_with(b"\r\n"));
+        assert_eq!(head, lines[..head.len()]);
+    }
+
     /// A delivery engine that answers 550 5.1.1 for every recipient of every job.
     struct Refusing;
 
     impl Dispatcher for Refusing {
-        fn start(self: Arc<Self>, job: Job, queue: QueueHandle) {
+        fn start(self: Arc<Self>, job: Job, slot: Slot) {
             tokio::spawn(async move {
                 let reply = Reply {
                     code: 550,
@@ -750,7 +860,7 @@ mod tests {
                     domain: job.domain.clone(),
                     tls: None,
                 };
-                queue.finished(job.dest, attempt, false).await;
+                slot.finished(attempt, false).await;
             });
         }
 
@@ -811,7 +921,7 @@ mod tests {
             crate::events::EventSink::default(),
         );
         let queue = start(
-            &config,
+            Reconfigure::new(&config, &rules, None),
             spool.clone(),
             suppressions,
             Vec::new(),

@@ -41,6 +41,9 @@ pub use record::{MessageMeta, QueueId, RcptState, RcptStatus, RcptUpdate};
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Upper bound on one group commit, so a burst cannot delay the first writer's answer without bound.
 const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// The largest piece a [`MessageReader`] reads at once: what one delivery holds of its message, whatever the
+/// message's size. Large enough that the hop to a blocking thread per piece costs little.
+pub const READ_CHUNK: usize = 128 * 1024;
 
 /// Errors of the spool.
 #[derive(Debug, thiserror::Error)]
@@ -284,6 +287,40 @@ impl Spool {
         res.map_err(|source| SpoolError::Read { path, source })
     }
 
+    /// Opens a message's data for reading a piece at a time, so that sending it never needs it whole.
+    pub async fn message(&self, location: Location) -> Result<MessageReader, SpoolError> {
+        // Nearly always the segment is open already: then no hop to a blocking thread.
+        let open = self
+            .inner
+            .readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&location.segment)
+            .cloned();
+        let file = match open {
+            Some(f) => f,
+            None => {
+                let inner = self.inner.clone();
+                tokio::task::spawn_blocking(move || inner.reader(location.segment))
+                    .await
+                    .map_err(io::Error::other)
+                    .and_then(|r| r)
+                    .map_err(|source| SpoolError::Read {
+                        path: segment_path(&self.inner.dir, location.segment),
+                        source,
+                    })?
+            }
+        };
+        Ok(MessageReader {
+            inner: self.inner.clone(),
+            file,
+            location,
+            pos: 0,
+            buf: Vec::new(),
+            buf_at: None,
+        })
+    }
+
     /// The segment being appended to now.
     pub fn current_segment(&self) -> u64 {
         self.inner.current.load(Ordering::Relaxed)
@@ -327,6 +364,74 @@ impl Spool {
         .map_err(io::Error::other)
         .and_then(|r| r)
         .map_err(|source| SpoolError::Write { path, source })
+    }
+}
+
+/// A message's data, read from its segment in pieces of at most [`READ_CHUNK`] bytes; see [`Spool::message`].
+///
+/// It holds its segment's file open: a segment deleted meanwhile stays readable until the reader goes.
+#[derive(Debug)]
+pub struct MessageReader {
+    inner: Arc<Inner>,
+    file: Arc<File>,
+    location: Location,
+    /// Bytes of the message read so far.
+    pos: u64,
+    /// The last piece read; its memory is reused for the next one.
+    buf: Vec<u8>,
+    /// Where in the message `buf` starts, while it holds a whole piece: a message of one piece is read
+    /// once for all the transactions that send it.
+    buf_at: Option<u64>,
+}
+
+impl MessageReader {
+    /// The message's size in bytes.
+    pub fn len(&self) -> u64 {
+        self.location.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.location.len == 0
+    }
+
+    /// Goes back to the first byte, to send the message again (the next transaction on a connection).
+    pub fn rewind(&mut self) {
+        self.pos = 0;
+    }
+
+    /// The next piece of the message (never empty), or None after the last. The read runs on a blocking
+    /// thread; a message shorter on disk than its record says is an error, not a short message.
+    pub async fn next_piece(&mut self) -> Result<Option<&[u8]>, SpoolError> {
+        let left = self.location.len - self.pos;
+        if left == 0 {
+            return Ok(None);
+        }
+        let n = left.min(READ_CHUNK as u64) as usize;
+        if self.buf_at != Some(self.pos) || self.buf.len() != n {
+            self.buf_at = None;
+            let mut buf = std::mem::take(&mut self.buf);
+            let file = self.file.clone();
+            let offset = self.location.offset + self.pos;
+            let (buf, read) = tokio::task::spawn_blocking(move || {
+                buf.resize(n, 0);
+                let read = file.read_exact_at(&mut buf, offset);
+                (buf, read)
+            })
+            .await
+            .map_err(|e| self.error(io::Error::other(e)))?;
+            self.buf = buf;
+            read.map_err(|e| self.error(e))?;
+            self.buf_at = Some(self.pos);
+        }
+        self.pos += n as u64;
+        Ok(Some(&self.buf))
+    }
+
+    fn error(&self, source: io::Error) -> SpoolError {
+        SpoolError::Read {
+            path: segment_path(&self.inner.dir, self.location.segment),
+            source,
+        }
     }
 }
 
@@ -735,6 +840,56 @@ mod tests {
         assert!(spool.next_id() > *ids.last().unwrap());
         let data = spool.read(loaded[5].location).await.unwrap();
         assert_eq!(data, b"message 7\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_message_reads_back_in_bounded_pieces_and_again_after_a_rewind() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let body: Vec<u8> = (0..3 * READ_CHUNK + 17).map(|i| (i % 251) as u8).collect();
+        let loc = spool
+            .store(&meta(spool.next_id()), &[], &[&body[..10], &body[10..]])
+            .await
+            .unwrap();
+        let mut reader = spool.message(loc).await.unwrap();
+        assert_eq!(reader.len(), body.len() as u64);
+        for _ in 0..2 {
+            let mut got = Vec::new();
+            let mut pieces = 0;
+            while let Some(p) = reader.next_piece().await.unwrap() {
+                assert!(!p.is_empty() && p.len() <= READ_CHUNK);
+                got.extend_from_slice(p);
+                pieces += 1;
+            }
+            assert_eq!((pieces, got == body), (4, true));
+            reader.rewind();
+        }
+        // A message of one piece is read once for every transaction that sends it.
+        let small = spool
+            .store(&meta(spool.next_id()), &[], &[b"small\r\n"])
+            .await
+            .unwrap();
+        let mut reader = spool.message(small).await.unwrap();
+        for _ in 0..2 {
+            assert_eq!(reader.next_piece().await.unwrap(), Some(&b"small\r\n"[..]));
+            assert_eq!(reader.next_piece().await.unwrap(), None);
+            reader.rewind();
+        }
+        assert_eq!(reader.buf_at, Some(0));
+        // A record that claims more than the segment holds is an error, not a short message.
+        let past = Location {
+            len: loc.len + READ_CHUNK as u64,
+            ..loc
+        };
+        let mut reader = spool.message(past).await.unwrap();
+        let mut result = Ok(None);
+        for _ in 0..5 {
+            result = reader.next_piece().await.map(|p| p.map(<[u8]>::len));
+            if !matches!(result, Ok(Some(_))) {
+                break;
+            }
+        }
+        assert!(matches!(result, Err(SpoolError::Read { .. })), "{result:?}");
     }
 
     #[tokio::test]

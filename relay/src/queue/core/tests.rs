@@ -23,7 +23,8 @@ fn settings() -> Settings {
             factor: 2.0,
         },
         max_age: Duration::from_millis(DAY),
-        max_connections: 2,
+        per_destination: 2,
+        total_connections: 100,
         routing: Routing {
             smarthost: false,
             pools: HashMap::new(),
@@ -109,7 +110,7 @@ fn a_message_is_handed_out_once_per_destination_within_the_connection_cap() {
     assert_eq!(jobs.len(), 2, "{jobs:?}");
     let one = jobs.iter().find(|j| &*j.domain == "one.test").unwrap();
     assert_eq!(one.rcpts, vec![0, 2]);
-    // A third message to one.test while both slots of one.test are not taken: max_connections is 2.
+    // A third message to one.test while both slots of one.test are not taken: per_destination is 2.
     let more = starts(&core.insert(message(2, "a@example.test", &["w@one.test"]), T0));
     assert_eq!(more.len(), 1);
     assert!(starts(&core.insert(message(3, "a@example.test", &["v@one.test"]), T0)).is_empty());
@@ -199,7 +200,7 @@ fn a_temporary_failure_past_expiry_expires_with_status_4_4_7() {
 #[test]
 fn a_reload_to_a_smarthost_routes_waiting_mail_there() {
     let mut s = settings();
-    s.max_connections = 1;
+    s.per_destination = 1;
     let mut core = Core::new(s.clone());
     let first = starts(&core.insert(message(1, "a@example.test", &["x@one.test"]), T0));
     assert_eq!(first.len(), 1);
@@ -214,19 +215,19 @@ fn a_reload_to_a_smarthost_routes_waiting_mail_there() {
 #[test]
 fn a_larger_connection_cap_from_a_reload_is_used_at_once() {
     let mut s = settings();
-    s.max_connections = 1;
+    s.per_destination = 1;
     let mut core = Core::new(s.clone());
     for id in 1..=3 {
         core.insert(message(id, "a@example.test", &["x@one.test"]), T0);
     }
-    s.max_connections = 3;
+    s.per_destination = 3;
     assert_eq!(starts(&core.reconfigure(s, T0)).len(), 2);
 }
 
 #[test]
 fn stopping_hands_out_nothing_and_waits_for_open_connections() {
     let mut s = settings();
-    s.max_connections = 1;
+    s.per_destination = 1;
     let mut core = Core::new(s);
     let job = starts(&core.insert(message(1, "a@example.test", &["x@one.test"]), T0)).remove(0);
     core.insert(message(2, "a@example.test", &["y@one.test"]), T0);
@@ -239,13 +240,95 @@ fn stopping_hands_out_nothing_and_waits_for_open_connections() {
     assert!(core.idle());
 }
 
+fn domains(jobs: &[Job]) -> Vec<&str> {
+    jobs.iter().map(|j| &*j.domain).collect()
+}
+
+/// Records a delivered attempt of `job` and closes its connection, as a connection without more work does.
+fn deliver_and_close(core: &mut Core, job: &Job) -> Vec<Job> {
+    let a = attempt(job, 250);
+    let mut out = starts(&core.record(a.clone(), &verdicts(&a), T0, 0.0));
+    out.extend(starts(&core.connection_closed(&job.dest, T0)));
+    out
+}
+
+#[test]
+fn at_the_total_cap_destinations_wait_and_closed_connections_serve_them_in_order() {
+    let mut s = settings();
+    s.total_connections = 2;
+    let mut core = Core::new(s);
+    let first = starts(&core.insert(
+        message(
+            1,
+            "a@example.test",
+            &["x@a.test", "x@b.test", "x@c.test", "x@d.test"],
+        ),
+        T0,
+    ));
+    assert_eq!(domains(&first), ["a.test", "b.test"]);
+    assert_eq!(core.connections(), 2);
+    core.audit(&first, &[], T0).unwrap();
+    // Each place that comes free goes to the next destination in line.
+    let next = deliver_and_close(&mut core, &first[0]);
+    assert_eq!(domains(&next), ["c.test"]);
+    let last = deliver_and_close(&mut core, &first[1]);
+    assert_eq!(domains(&last), ["d.test"]);
+    assert_eq!(core.connections(), 2);
+    core.audit(&[next[0].clone(), last[0].clone()], &[], T0)
+        .unwrap();
+}
+
+#[test]
+fn a_destination_with_more_work_waits_behind_those_already_waiting() {
+    let mut s = settings();
+    s.total_connections = 1;
+    let mut core = Core::new(s);
+    let a1 = starts(&core.insert(message(1, "s@example.test", &["x@a.test"]), T0)).remove(0);
+    assert!(starts(&core.insert(message(2, "s@example.test", &["x@b.test"]), T0)).is_empty());
+    // a.test has room of its own (2 per destination) but the total is at its cap: it waits, behind b.test.
+    assert!(starts(&core.insert(message(3, "s@example.test", &["y@a.test"]), T0)).is_empty());
+    core.audit(std::slice::from_ref(&a1), &[], T0).unwrap();
+    let b = deliver_and_close(&mut core, &a1);
+    assert_eq!((domains(&b), b[0].id), (vec!["b.test"], QueueId(2)));
+    let a2 = deliver_and_close(&mut core, &b[0]);
+    assert_eq!((domains(&a2), a2[0].id), (vec!["a.test"], QueueId(3)));
+    assert!(deliver_and_close(&mut core, &a2[0]).is_empty());
+    assert!(core.idle() && core.is_empty());
+    core.audit(&[], &[], T0).unwrap();
+}
+
+#[test]
+fn a_reload_changes_the_total_cap() {
+    let mut s = settings();
+    s.total_connections = 1;
+    let mut core = Core::new(s.clone());
+    let mut open = starts(&core.insert(
+        message(1, "s@example.test", &["x@a.test", "x@b.test", "x@c.test"]),
+        T0,
+    ));
+    assert_eq!(open.len(), 1);
+    s.total_connections = 3;
+    open.extend(starts(&core.reconfigure(s.clone(), T0)));
+    assert_eq!(domains(&open), ["a.test", "b.test", "c.test"]);
+    core.audit(&open, &[], T0).unwrap();
+    // Lowered under what is open: nothing new starts until the total is under the new cap.
+    s.total_connections = 1;
+    assert!(starts(&core.reconfigure(s, T0)).is_empty());
+    core.insert(message(2, "s@example.test", &["y@d.test"]), T0);
+    assert!(deliver_and_close(&mut core, &open[0]).is_empty());
+    assert!(deliver_and_close(&mut core, &open[1]).is_empty());
+    let d = deliver_and_close(&mut core, &open[2]);
+    assert_eq!(domains(&d), ["d.test"]);
+    core.audit(&d, &[], T0).unwrap();
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Properties
 
 #[derive(Debug, Clone)]
 enum Step {
     /// The open connection `pick` (modulo their number) reports replies drawn from `codes`, and asks for
-    /// more work when `more`.
+    /// more work when `more`; without more it is closing until a `Close` step.
     Answer {
         pick: usize,
         codes: Vec<u16>,
@@ -256,15 +339,19 @@ enum Step {
     Wait(u64),
     /// An operator flushes the queue.
     Flush,
-    /// A reload: another connection cap, perhaps a smarthost, perhaps two.test turned into a return-path
-    /// domain (its waiting mail then has nowhere to go).
+    /// A reload: other connection caps (per destination, in total), perhaps a smarthost, perhaps two.test
+    /// turned into a return-path domain (its waiting mail then has nowhere to go).
     Reload {
         cap: usize,
+        total: usize,
         smarthost: bool,
         two_is_local: bool,
     },
-    /// A connection gives its job back unattempted (the relay is stopping, or the connection failed early).
+    /// A connection gives its job back unattempted (the relay is stopping, or the connection failed early),
+    /// and is closing.
     GiveBack { pick: usize },
+    /// The closing connection `pick` is closed (its QUIT is done): its place is free.
+    Close { pick: usize },
     /// An operator deletes a message, perhaps while it is being delivered.
     Delete { pick: u64 },
 }
@@ -275,9 +362,10 @@ fn step() -> impl Strategy<Value = Step> {
             .prop_map(|(pick, codes, more, jitter)| Step::Answer { pick, codes, more, jitter }),
         3 => (1u64..(6 * 3_600_000)).prop_map(Step::Wait),
         1 => Just(Step::Flush),
-        1 => (1usize..4, any::<bool>(), prop::bool::weighted(0.2))
-            .prop_map(|(cap, smarthost, two_is_local)| Step::Reload { cap, smarthost, two_is_local }),
+        1 => (1usize..4, 1usize..6, any::<bool>(), prop::bool::weighted(0.2))
+            .prop_map(|(cap, total, smarthost, two_is_local)| Step::Reload { cap, total, smarthost, two_is_local }),
         1 => any::<usize>().prop_map(|pick| Step::GiveBack { pick }),
+        4 => any::<usize>().prop_map(|pick| Step::Close { pick }),
         1 => (1u64..10).prop_map(|pick| Step::Delete { pick }),
     ]
 }
@@ -291,7 +379,13 @@ fn messages() -> impl Strategy<Value = Vec<(String, Vec<String>)>> {
     ]);
     let rcpt = (
         0usize..6,
-        prop::sample::select(vec!["one.test", "two.test", "three.test"]),
+        prop::sample::select(vec![
+            "one.test",
+            "two.test",
+            "three.test",
+            "four.test",
+            "five.test",
+        ]),
     )
         .prop_map(|(n, d)| format!("r{n}@{d}"));
     prop::collection::vec(
@@ -309,6 +403,11 @@ struct Sim {
     settings: Settings,
     now: u64,
     open: Vec<Job>,
+    /// Connections done with their work and not yet closed: they still hold their place.
+    closing: Vec<DestKey>,
+    /// What `open` and `closing` may add up to: the total cap, or more while a reload lowered it under what
+    /// was open, until enough of those closed.
+    ceiling: usize,
     senders: HashMap<QueueId, String>,
     recipients: HashMap<QueueId, Vec<String>>,
     finals: HashMap<(QueueId, u32), RcptStatus>,
@@ -320,13 +419,16 @@ struct Sim {
 }
 
 impl Sim {
-    fn new(msgs: &[(String, Vec<String>)]) -> Sim {
-        let s = settings();
+    fn new(msgs: &[(String, Vec<String>)], total: usize) -> Sim {
+        let mut s = settings();
+        s.total_connections = total;
         let mut sim = Sim {
             core: Core::new(s.clone()),
             settings: s,
             now: T0,
             open: Vec::new(),
+            closing: Vec::new(),
+            ceiling: total,
             senders: HashMap::new(),
             recipients: HashMap::new(),
             finals: HashMap::new(),
@@ -348,7 +450,16 @@ impl Sim {
     fn take(&mut self, actions: Vec<Action>) {
         for a in actions {
             match a {
-                Action::Start(job) => self.open.push(job),
+                Action::Start(job) => {
+                    let total = self.settings.total_connections;
+                    assert!(
+                        self.open.len() + self.closing.len() < total,
+                        "a connection started with {} open and {} closing, total cap {total}",
+                        self.open.len(),
+                        self.closing.len()
+                    );
+                    self.open.push(job);
+                }
                 Action::Outcome(o) => self.outcome(&o),
                 Action::Dsn { meta, failures, .. } => {
                     let sender = &self.senders[&meta.id];
@@ -426,14 +537,25 @@ impl Sim {
             self.open.push(next);
             return;
         }
-        let actions = self.core.connection_closed(&job.dest, self.now);
+        self.closing.push(job.dest);
+    }
+
+    fn close(&mut self, pick: usize) {
+        if self.closing.is_empty() {
+            return;
+        }
+        let dest = self.closing.swap_remove(pick % self.closing.len());
+        let actions = self.core.connection_closed(&dest, self.now);
         self.take(actions);
     }
 
     /// Every recipient has one final outcome, or is still queued with a non-final state.
-    fn reload(&mut self, cap: usize, smarthost: bool, two_is_local: bool) {
+    fn reload(&mut self, cap: usize, total: usize, smarthost: bool, two_is_local: bool) {
         let mut s = settings();
-        s.max_connections = cap;
+        s.per_destination = cap;
+        s.total_connections = total;
+        self.ceiling = total.max(self.open.len() + self.closing.len());
+        self.settings = s.clone();
         s.routing.smarthost = smarthost;
         if two_is_local {
             s.routing.local.insert("two.test".to_owned());
@@ -447,9 +569,9 @@ impl Sim {
             return;
         }
         let job = self.open.swap_remove(pick % self.open.len());
-        let mut actions = self.core.give_back(&job, self.now);
-        actions.extend(self.core.connection_closed(&job.dest, self.now));
+        let actions = self.core.give_back(&job, self.now);
         self.take(actions);
+        self.closing.push(job.dest);
     }
 
     fn delete(&mut self, id: QueueId) {
@@ -460,10 +582,17 @@ impl Sim {
 
     /// Every recipient has one final outcome, or is still queued with a non-final state; and the core's
     /// bookkeeping agrees with the connections that are open.
-    fn check_accounted(&self) {
-        if let Err(e) = self.core.audit(&self.open, self.now) {
+    fn check_accounted(&mut self) {
+        if let Err(e) = self.core.audit(&self.open, &self.closing, self.now) {
             panic!("{e}");
         }
+        let held = self.open.len() + self.closing.len();
+        assert!(
+            held <= self.ceiling,
+            "{held} connections, at most {} allowed",
+            self.ceiling
+        );
+        self.ceiling = self.settings.total_connections.max(held);
         for (id, rcpts) in &self.recipients {
             if self.deleted.contains(id) {
                 continue;
@@ -490,9 +619,10 @@ proptest! {
     #[test]
     fn every_recipient_ends_once_and_every_failure_reaches_its_sender(
         msgs in messages(),
+        total in 1usize..6,
         steps in prop::collection::vec(step(), 0..60),
     ) {
-        let mut sim = Sim::new(&msgs);
+        let mut sim = Sim::new(&msgs, total);
         for s in &steps {
             match s {
                 Step::Answer { pick, codes, more, jitter } => sim.answer(*pick, codes, *more, *jitter),
@@ -505,8 +635,9 @@ proptest! {
                     let (_, actions) = sim.core.flush(None, sim.now);
                     sim.take(actions);
                 }
-                Step::Reload { cap, smarthost, two_is_local } => sim.reload(*cap, *smarthost, *two_is_local),
+                Step::Reload { cap, total, smarthost, two_is_local } => sim.reload(*cap, *total, *smarthost, *two_is_local),
                 Step::GiveBack { pick } => sim.give_back(*pick),
+                Step::Close { pick } => sim.close(*pick),
                 Step::Delete { pick } => sim.delete(QueueId(*pick)),
             }
             sim.check_accounted();
@@ -516,10 +647,14 @@ proptest! {
         let actions = sim.core.due(sim.now);
         sim.take(actions);
         for _ in 0..1000 {
-            if sim.open.is_empty() {
+            if !sim.open.is_empty() {
+                sim.answer(0, &[451], true, 0.5);
+            } else if !sim.closing.is_empty() {
+                sim.close(0);
+            } else {
                 break;
             }
-            sim.answer(0, &[451], true, 0.5);
+            sim.check_accounted();
         }
         sim.check_accounted();
         prop_assert!(sim.core.is_empty(), "still queued after expiry: {:?}", sim.core.list(None, 10).1);
