@@ -1,7 +1,8 @@
 """Shared pieces of the herald-relay benchmarks in tests/bench/.
 
-Used by accept_rate.py (accept into a durable queue) and e2e_rate.py
-(smtp-source -> relay -> smtp-sink).  Python 3.11, standard library only,
+Used by accept_rate.py (accept into a durable queue), e2e_rate.py
+(smtp-source -> relay -> smtp-sink) and memory_ceiling.py (large messages to
+a slow sink).  Python 3.11, standard library only,
 Linux only (/proc).  Nothing in here measures anything by itself; see
 tests/bench/README.md for what the scripts do with it.
 """
@@ -51,14 +52,20 @@ def env_float(name: str, default: float) -> float:
     return float(v) if v not in (None, "") else default
 
 
-def add_common_args(ap) -> None:
-    """The options both benchmarks take (load shape, targets, binaries, work dir, sampling)."""
-    ap.add_argument("-m", "--messages", type=int, default=env_int("BENCH_MESSAGES", 20000),
-                    help="messages per run (env BENCH_MESSAGES, default 20000)")
-    ap.add_argument("-s", "--sessions", type=int, default=env_int("BENCH_SESSIONS", 20),
-                    help="parallel SMTP sessions (env BENCH_SESSIONS, default 20)")
-    ap.add_argument("-l", "--size", type=int, default=env_int("BENCH_MSG_SIZE", 2048),
-                    help="message size in bytes (env BENCH_MSG_SIZE, default 2048)")
+def add_common_args(ap, *, messages: int = 20000, sessions: int = 20,
+                    size: int | None = 2048) -> None:
+    """The options every benchmark takes (load shape, targets, binaries, work
+    dir, sampling), with the script's defaults for the load shape; size None:
+    the script has its own way to give it, -l overrides that when set."""
+    ap.add_argument("-m", "--messages", type=int, default=env_int("BENCH_MESSAGES", messages),
+                    help=f"messages per run (env BENCH_MESSAGES, default {messages})")
+    ap.add_argument("-s", "--sessions", type=int, default=env_int("BENCH_SESSIONS", sessions),
+                    help=f"parallel SMTP sessions (env BENCH_SESSIONS, default {sessions})")
+    ap.add_argument("-l", "--size", type=int,
+                    default=env_int("BENCH_MSG_SIZE", size) if size is not None
+                    else (env_int("BENCH_MSG_SIZE", 0) or None),
+                    help="message size in bytes (env BENCH_MSG_SIZE, "
+                         + (f"default {size})" if size is not None else "default: see below)"))
     ap.add_argument("-r", "--rounds", type=int, default=env_int("BENCH_ROUNDS", 1),
                     help="runs per target, alternating (env BENCH_ROUNDS, default 1)")
     ap.add_argument("--targets", default=os.environ.get("BENCH_TARGETS", "herald,postfix"),
