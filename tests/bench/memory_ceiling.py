@@ -416,16 +416,12 @@ class Sender:
             self.work.put(i)
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
-        self.t0 = 0.0
-        self.t_end: float | None = None
 
-    def start(self) -> float:
-        self.t0 = time.monotonic()
+    def start(self) -> None:
         self.threads = [threading.Thread(target=self._client, daemon=True)
                         for _ in range(self.clients)]
         for t in self.threads:
             t.start()
-        return self.t0
 
     def done(self) -> bool:
         return all(not t.is_alive() for t in self.threads)
@@ -467,8 +463,6 @@ class Sender:
                     smtp.quit()
                 except (smtplib.SMTPException, OSError):
                     smtp.close()
-            with self.lock:
-                self.t_end = time.monotonic()
 
     def _send(self, i: int, smtp: smtplib.SMTP | None) -> smtplib.SMTP | None:
         marker = marker_of(self.token, i)
