@@ -1,7 +1,8 @@
 """Shared pieces of the herald-relay benchmarks in tests/bench/.
 
-Used by accept_rate.py (accept into a durable queue) and e2e_rate.py
-(smtp-source -> relay -> smtp-sink).  Python 3.11, standard library only,
+Used by accept_rate.py (accept into a durable queue), e2e_rate.py
+(smtp-source -> relay -> smtp-sink) and memory_ceiling.py (large messages to
+a slow sink).  Python 3.11, standard library only,
 Linux only (/proc).  Nothing in here measures anything by itself; see
 tests/bench/README.md for what the scripts do with it.
 """
@@ -51,14 +52,20 @@ def env_float(name: str, default: float) -> float:
     return float(v) if v not in (None, "") else default
 
 
-def add_common_args(ap) -> None:
-    """The options both benchmarks take (load shape, targets, binaries, work dir, sampling)."""
-    ap.add_argument("-m", "--messages", type=int, default=env_int("BENCH_MESSAGES", 20000),
-                    help="messages per run (env BENCH_MESSAGES, default 20000)")
-    ap.add_argument("-s", "--sessions", type=int, default=env_int("BENCH_SESSIONS", 20),
-                    help="parallel SMTP sessions (env BENCH_SESSIONS, default 20)")
-    ap.add_argument("-l", "--size", type=int, default=env_int("BENCH_MSG_SIZE", 2048),
-                    help="message size in bytes (env BENCH_MSG_SIZE, default 2048)")
+def add_common_args(ap, *, messages: int = 20000, sessions: int = 20,
+                    size: int | None = 2048) -> None:
+    """The options every benchmark takes (load shape, targets, binaries, work
+    dir, sampling), with the script's defaults for the load shape; size None:
+    the script has its own way to give it, -l overrides that when set."""
+    ap.add_argument("-m", "--messages", type=int, default=env_int("BENCH_MESSAGES", messages),
+                    help=f"messages per run (env BENCH_MESSAGES, default {messages})")
+    ap.add_argument("-s", "--sessions", type=int, default=env_int("BENCH_SESSIONS", sessions),
+                    help=f"parallel SMTP sessions (env BENCH_SESSIONS, default {sessions})")
+    ap.add_argument("-l", "--size", type=int,
+                    default=env_int("BENCH_MSG_SIZE", size) if size is not None
+                    else (env_int("BENCH_MSG_SIZE", 0) or None),
+                    help="message size in bytes (env BENCH_MSG_SIZE, "
+                         + (f"default {size})" if size is not None else "default: see below)"))
     ap.add_argument("-r", "--rounds", type=int, default=env_int("BENCH_ROUNDS", 1),
                     help="runs per target, alternating (env BENCH_ROUNDS, default 1)")
     ap.add_argument("--targets", default=os.environ.get("BENCH_TARGETS", "herald,postfix"),
@@ -451,12 +458,15 @@ class Herald(Target):
 
 
 def herald_delivery_yaml(smarthost_port: int, *, connections: int | None = None,
-                         msgs_per_conn: int | None = None, retry_first: str | None = None) -> str:
+                         msgs_per_conn: int | None = None, retry_first: str | None = None,
+                         total_connections: int | None = None) -> str:
     """A `delivery:` section that sends everything to 127.0.0.1:smarthost_port
     in plain text.  With a port where nothing listens and a long retry_first,
     every message is deferred on its first attempt and stays queued: that is
     how the benchmarks keep herald from delivering (or looking up dest.test,
-    which does not exist and would bounce and suppress the recipient)."""
+    which does not exist and would bounce and suppress the recipient).
+    `connections` is per domain, `total_connections` (delivery.max_connections)
+    for all destinations together."""
     y = (
         "delivery:\n"
         f"  smarthost: {{ host: 127.0.0.1, port: {smarthost_port}, tls: none }}\n"
@@ -465,6 +475,8 @@ def herald_delivery_yaml(smarthost_port: int, *, connections: int | None = None,
     if connections is not None:
         y += (f"  per_domain: {{ max_connections: {connections}, "
               f"messages_per_connection: {msgs_per_conn} }}\n")
+    if total_connections is not None:
+        y += f"  max_connections: {total_connections}\n"
     if retry_first:
         y += f"  retry: {{ first: {retry_first}, max: 4h, factor: 2.0 }}\n"
     return y
@@ -661,6 +673,57 @@ maillog_file_prefixes = {d}
 
     def diagnostics(self) -> str:
         return f"\nPostfix maillog ({self.maillog}):\n{tail(self.maillog)}"
+
+
+class DeliveringPostfix(Postfix):
+    """Private Postfix that relays everything to `relayhost` (a sink on
+    loopback).  `generator` names the script in main.cf's first line;
+    `extra_main_cf` is appended to main.cf (e.g. concurrency or size limits)."""
+
+    def __init__(self, workdir: Path, ready_timeout: float, postfix_cmd: str, sink_port: int,
+                 generator: str, extra_main_cf: str = ""):
+        super().__init__(workdir, ready_timeout, postfix_cmd)
+        self.sink_port = sink_port
+        self.generator = generator
+        self.extra_main_cf = extra_main_cf
+
+    def main_cf(self) -> str:
+        # Delivery settings (concurrency, connection cache, in_flow_delay)
+        # stay at their defaults unless extra_main_cf says otherwise; the
+        # scripts print their effective values with the results.
+        return self.common_main_cf(self.generator) + f"""\
+# everything goes to the sink; numeric next hop, so no DNS and no MX lookup
+relayhost = [127.0.0.1]:{self.sink_port}
+""" + self.extra_main_cf
+
+    def master_cf(self) -> str:
+        # The services of Debian's master.cf that relaying needs, unchrooted:
+        # smtpd, cleanup, qmgr, trivial-rewrite, the bounce family, the smtp
+        # client (+ scache for its connection cache), proxymap, anvil and
+        # postlogd.  No pickup (nothing uses sendmail), no local delivery, no
+        # tlsmgr (no TLS anywhere).
+        return f"""\
+# service  type  private unpriv chroot wakeup maxproc command
+127.0.0.1:{self.port} inet n - n - - smtpd
+cleanup    unix  n       -      n      -      0       cleanup
+qmgr       unix  n       -      n      300    1       qmgr
+rewrite    unix  -       -      n      -      -       trivial-rewrite
+bounce     unix  -       -      n      -      0       bounce
+defer      unix  -       -      n      -      0       bounce
+trace      unix  -       -      n      -      0       bounce
+verify     unix  -       -      n      -      1       verify
+flush      unix  n       -      n      1000?  0       flush
+proxymap   unix  -       -      n      -      -       proxymap
+proxywrite unix  -       -      n      -      1       proxymap
+smtp       unix  -       -      n      -      -       smtp
+relay      unix  -       -      n      -      -       smtp
+error      unix  -       -      n      -      -       error
+retry      unix  -       -      n      -      -       error
+discard    unix  -       -      n      -      -       discard
+anvil      unix  -       -      n      -      1       anvil
+scache     unix  -       -      n      -      1       scache
+postlog    unix-dgram n  -      n      -      1       postlogd
+"""
 
 
 # --------------------------------------------------------------------------

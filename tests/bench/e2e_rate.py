@@ -66,6 +66,7 @@ from benchlib import (  # noqa: E402
     EXIT_OK,
     EXIT_SETUP,
     OWNED_PIDS,
+    DeliveringPostfix,
     Herald,
     Postfix,
     Sampler,
@@ -442,51 +443,6 @@ def preflight(args, base: Path, herald_bin: Path, d: SendingDomain) -> str:
     if not args.keep:
         shutil.rmtree(pdir, ignore_errors=True)
     return "; ".join(notes)
-
-
-class DeliveringPostfix(Postfix):
-    """Private Postfix that relays everything to `relayhost` (the sink)."""
-
-    def __init__(self, workdir: Path, ready_timeout: float, postfix_cmd: str, sink_port: int):
-        super().__init__(workdir, ready_timeout, postfix_cmd)
-        self.sink_port = sink_port
-
-    def main_cf(self) -> str:
-        # Delivery settings (concurrency, connection cache, in_flow_delay)
-        # stay at their defaults; they are printed with the results.
-        return self.common_main_cf("tests/bench/e2e_rate.py") + f"""\
-# everything goes to the sink; numeric next hop, so no DNS and no MX lookup
-relayhost = [127.0.0.1]:{self.sink_port}
-"""
-
-    def master_cf(self) -> str:
-        # The services of Debian's master.cf that relaying needs, unchrooted:
-        # smtpd, cleanup, qmgr, trivial-rewrite, the bounce family, the smtp
-        # client (+ scache for its connection cache), proxymap, anvil and
-        # postlogd.  No pickup (nothing uses sendmail), no local delivery, no
-        # tlsmgr (no TLS anywhere).
-        return f"""\
-# service  type  private unpriv chroot wakeup maxproc command
-127.0.0.1:{self.port} inet n - n - - smtpd
-cleanup    unix  n       -      n      -      0       cleanup
-qmgr       unix  n       -      n      300    1       qmgr
-rewrite    unix  -       -      n      -      -       trivial-rewrite
-bounce     unix  -       -      n      -      0       bounce
-defer      unix  -       -      n      -      0       bounce
-trace      unix  -       -      n      -      0       bounce
-verify     unix  -       -      n      -      1       verify
-flush      unix  n       -      n      1000?  0       flush
-proxymap   unix  -       -      n      -      -       proxymap
-proxywrite unix  -       -      n      -      1       proxymap
-smtp       unix  -       -      n      -      -       smtp
-relay      unix  -       -      n      -      -       smtp
-error      unix  -       -      n      -      -       error
-retry      unix  -       -      n      -      -       error
-discard    unix  -       -      n      -      -       discard
-anvil      unix  -       -      n      -      1       anvil
-scache     unix  -       -      n      -      1       scache
-postlog    unix-dgram n  -      n      -      1       postlogd
-"""
 
 
 # --------------------------------------------------------------------------
@@ -890,7 +846,7 @@ def run_compare(args, base: Path, targets: list[str], herald_bin: Path | None,
                                          log_format="json", senders=[sender_domain(args)])
                     else:
                         current = DeliveringPostfix(rundir, args.ready_timeout, postfix_cmd,
-                                                    sink.port)
+                                                    sink.port, "tests/bench/e2e_rate.py")
                     current.start()
                     if isinstance(current, Postfix) and not pf_params:
                         pf_params = current.postconf(*POSTFIX_DELIVERY_PARAMS)
