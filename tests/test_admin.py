@@ -7,6 +7,8 @@ Every relay the harness starts runs as a pod does: `metrics` and `admin` on sepa
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from typing import Any
 import smtplib
 import urllib.error
@@ -16,7 +18,7 @@ import pytest
 import yaml
 
 from harness.outbound import wait_until
-from harness.relay import run_cli
+from harness.relay import relay_bin, run_cli
 
 
 def request(url: str, method: str = "GET", token: str | None = None) -> tuple[int, Any, dict]:
@@ -167,3 +169,12 @@ def test_an_endpoint_cannot_share_an_smtp_port(relays, tmp_path, what):
     path.write_text(yaml.safe_dump(cfg))
     out = run_cli("check-config", "--config", str(path))
     assert out.returncode != 0 and f"{what}.address:" in out.stderr, out.stderr
+
+
+def test_the_admin_command_finds_the_config_through_herald_config(relays):
+    """In a pod the operator sets HERALD_CONFIG, so `kubectl exec <pod> -- herald-relay admin ...` needs no
+    --config."""
+    r = relays.start("admin-env")
+    out = subprocess.run([str(relay_bin()), "admin", "queue", "list"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "HERALD_CONFIG": str(r.config_path)}, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0 and json.loads(out.stdout)["total"] == 0, out.stderr
