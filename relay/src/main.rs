@@ -47,6 +47,7 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
+    return_large_buffers_to_the_system();
     // rustls chooses a process-wide crypto provider by itself only when exactly one is compiled in, and
     // aws-lc-rs is linked too (for RSA DKIM signatures): name ring, which every TLS connection here uses.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -62,6 +63,22 @@ fn main() -> ExitCode {
         None => run(cli.config, cli.log_format),
     }
 }
+
+/// Message bodies are megabytes each and short-lived. glibc serves such blocks from mmap, but after the
+/// first one is freed it raises its mmap threshold past that size and serves the next ones from its heaps,
+/// which it rarely gives back: the process then keeps the memory of its largest burst for good (measured:
+/// 360 MB resident after 200 ten-megabyte messages, against 150 MB after 50). A fixed threshold keeps
+/// large blocks in mmap, so freeing one returns it to the system at once.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn return_large_buffers_to_the_system() {
+    // SAFETY: mallopt only changes an allocator parameter; it runs before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn return_large_buffers_to_the_system() {}
 
 fn load(path: Option<&PathBuf>) -> Result<Config, String> {
     match path {

@@ -26,7 +26,7 @@ pub mod record;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -620,7 +620,6 @@ impl Writer {
 
     fn run(mut self, mut rx: mpsc::UnboundedReceiver<WriteRequest>, shared: WriterShared) {
         let mut batch: Vec<WriteRequest> = Vec::new();
-        let mut buf: Vec<u8> = Vec::new();
         while let Some(first) = rx.blocking_recv() {
             let mut size = first.record.len();
             batch.push(first);
@@ -635,7 +634,8 @@ impl Writer {
                 }
             }
             let start = self.len;
-            let result = self.commit(&batch, &mut buf);
+            let written: usize = batch.iter().map(|r| r.record.len()).sum();
+            let result = self.commit(&batch);
             if let Err(e) = &result
                 && batch
                     .iter()
@@ -644,7 +644,7 @@ impl Writer {
                 self.unacked_lost = Some(e.clone());
             }
             if result.is_ok() {
-                shared.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                shared.bytes.fetch_add(written as u64, Ordering::Relaxed);
                 shared
                     .sizes
                     .lock()
@@ -669,7 +669,6 @@ impl Writer {
                 }
                 offset += len;
             }
-            buf.clear();
             if self.len >= SEGMENT_BYTES {
                 self.rotate(&shared);
             }
@@ -704,24 +703,27 @@ impl Writer {
 
     /// Writes and syncs one batch. On failure the segment is cut back to where it was, so that a partial
     /// write cannot sit in front of later records.
-    fn commit(&mut self, batch: &[WriteRequest], buf: &mut Vec<u8>) -> Result<(), Arc<SpoolError>> {
+    ///
+    /// The records go out with vectored writes straight from the requests: copying them into one buffer
+    /// first would hold every message of the batch twice, and keep a buffer as large as the largest batch
+    /// ever for the life of the process.
+    fn commit(&mut self, batch: &[WriteRequest]) -> Result<(), Arc<SpoolError>> {
         if let Some(e) = &self.broken {
             return Err(e.clone());
         }
-        for r in batch {
-            buf.extend_from_slice(&r.record);
-        }
-        if buf.is_empty() {
+        let mut slices: Vec<IoSlice<'_>> = batch
+            .iter()
+            .filter(|r| !r.record.is_empty())
+            .map(|r| IoSlice::new(&r.record))
+            .collect();
+        if slices.is_empty() {
             return Ok(());
         }
+        let total: usize = slices.iter().map(|s| s.len()).sum();
         let path = segment_path(&self.dir, self.number);
-        match self
-            .file
-            .write_all(buf)
-            .and_then(|()| self.file.sync_data())
-        {
+        match write_all_vectored(&mut self.file, &mut slices).and_then(|()| self.file.sync_data()) {
             Ok(()) => {
-                self.len += buf.len() as u64;
+                self.len += total as u64;
                 Ok(())
             }
             Err(source) => {
@@ -730,11 +732,24 @@ impl Writer {
                     tracing::error!(error = %e, "cannot cut a failed spool write back; refusing further writes until a restart");
                     self.broken = Some(err.clone());
                 }
-                buf.clear();
                 Err(err)
             }
         }
     }
+}
+
+/// `Write::write_all` for several buffers (std's `write_all_vectored` is not stable): a short write
+/// resumes where it stopped; more buffers than the kernel takes at once (IOV_MAX) go in several calls.
+fn write_all_vectored(file: &mut File, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !slices.is_empty() {
+        match file.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -918,6 +933,17 @@ mod tests {
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].meta.id, id);
         assert_eq!(loaded[0].states[1], state);
+    }
+
+    #[test]
+    fn vectored_writes_take_more_buffers_than_one_call_can() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v");
+        let mut file = File::create(&path).unwrap();
+        let records: Vec<Vec<u8>> = (0..3000u32).map(|i| i.to_le_bytes().to_vec()).collect();
+        let mut slices: Vec<IoSlice<'_>> = records.iter().map(|r| IoSlice::new(r)).collect();
+        write_all_vectored(&mut file, &mut slices).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), records.concat());
     }
 
     #[test]
