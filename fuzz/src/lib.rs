@@ -1,5 +1,5 @@
 //! What the fuzz targets share: the check that the SMTP server's output is well-formed reply lines, a
-//! scripted envelope policy, and the session limits the fuzzer may vary.
+//! scripted envelope policy for the session, and the return paths of the report and verp targets.
 //!
 //! The targets themselves are in `fuzz_targets/`, one file each; `fuzz/run` builds and runs them, and
 //! `fuzz/README.md` says why the build is shaped as it is.
