@@ -512,4 +512,16 @@ Sorry, no mailbox here by that name. (#5.1.1)\r\n";
         let dated = "From: jo@example.net\r\nSubject: Abwesend\r\n\r\nIch bin bis 5.3.24 nicht im Haus.\r\n";
         assert_eq!(parse(dated.as_bytes()), None);
     }
+
+    /// Found by the `report` fuzz target (fuzz/): MIME nesting that breaks an internal invariant of
+    /// mail-parser, which checks it with `debug_assert!` and recovers when the check is off, as in a release
+    /// build. The root Cargo.toml builds mail-parser without debug assertions in debug builds too, so the
+    /// tests and the end-to-end suites read such a report as production does instead of panicking (a debug
+    /// build of the relay refused it with 451, so the sender would have retried it for days).
+    #[test]
+    fn mime_nesting_that_trips_a_mail_parser_debug_assertion_is_read_as_in_production() {
+        let raw = b"Content-Type:multipart/\n\tboundary=b\n\n--bContent-Type:message/rfc822\n\n\
+                    Content-Type:message/rfc822\n\n\n--b--\n";
+        assert_eq!(parse(raw), None);
+    }
 }

@@ -499,77 +499,149 @@ fn load_segment(path: &Path, number: u64, replay: &mut Replay) -> Result<u64, Sp
         source,
     };
     let buf = fs::read(path).map_err(read_err)?;
+    let (end, torn) = replay_segment(&buf, path, number, replay);
+    if let Some(e) = torn {
+        tracing::warn!(
+            segment = %path.display(),
+            offset = end,
+            error = %e,
+            "spool segment ends in an incomplete record (left by a crash before it was acknowledged); truncating"
+        );
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(read_err)?;
+        f.set_len(end as u64).map_err(read_err)?;
+        f.sync_all().map_err(read_err)?;
+    }
+    Ok(end as u64)
+}
+
+/// Replays the bytes of segment `number` (read from `path`, named in logs) into `replay`. Returns where its
+/// whole records end and, when a torn tail follows, why it did not decode; cutting it off is the caller's.
+fn replay_segment(
+    buf: &[u8],
+    path: &Path,
+    number: u64,
+    replay: &mut Replay,
+) -> (usize, Option<record::RecordError>) {
+    // Replay what the next start will read, once the torn tail is cut off: where replay goes on after a
+    // damaged record can depend on what follows it (a record counts as found when the end of the segment
+    // follows it), so a tail still there now could make this start find a message that the next one does
+    // not, or the other way round. The tail is cut until none is left; without a damaged record the
+    // first cut is the last.
+    let mut len = buf.len();
+    let mut torn = None;
+    loop {
+        let mut damaged = 0;
+        let (end, error) = walk(&buf[..len], |_, _| {}, |_, _, _| damaged += 1);
+        torn = torn.or(error);
+        let done = end == len || damaged == 0;
+        len = end;
+        if done {
+            break;
+        }
+    }
+    walk(
+        &buf[..len],
+        |pos, frame| apply(&mut replay.messages, number, pos, &frame, path),
+        |pos, next, e| {
+            tracing::error!(
+                segment = %path.display(),
+                offset = pos,
+                skipped = next - pos,
+                error = %e,
+                "damaged spool record skipped; replay goes on with the next record that verifies"
+            );
+            replay.damaged += 1;
+        },
+    );
+    (len, torn)
+}
+
+/// Walks the records of `buf` from its start: `found` gets each record that verifies with its offset,
+/// `damaged` each record that does not (its offset, where replay goes on, and why). Returns where the whole
+/// records end and, when something follows them (a torn tail), why it does not decode.
+fn walk<'a>(
+    buf: &'a [u8],
+    mut found: impl FnMut(usize, record::Frame<'a>),
+    mut damaged: impl FnMut(usize, usize, record::RecordError),
+) -> (usize, Option<record::RecordError>) {
     let mut pos = 0;
     while pos < buf.len() {
-        let frame = match record::decode_frame(&buf[pos..]) {
-            Ok(f) => f,
-            Err(e) => {
-                if let Some(next) = resync(&buf, pos) {
-                    tracing::error!(
-                        segment = %path.display(),
-                        offset = pos,
-                        skipped = next - pos,
-                        error = %e,
-                        "damaged spool record skipped; replay goes on with the next record that verifies"
-                    );
-                    replay.damaged += 1;
-                    pos = next;
-                    continue;
-                }
-                tracing::warn!(
-                    segment = %path.display(),
-                    offset = pos,
-                    error = %e,
-                    "spool segment ends in an incomplete record (left by a crash before it was acknowledged); truncating"
-                );
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .map_err(read_err)?;
-                f.set_len(pos as u64).map_err(read_err)?;
-                f.sync_all().map_err(read_err)?;
-                break;
+        match record::decode_frame(&buf[pos..]) {
+            Ok(frame) => {
+                let len = frame.len;
+                found(pos, frame);
+                pos += len;
             }
-        };
-        let applied = match frame.kind {
-            record::KIND_MESSAGE => record::decode_message(frame.payload).map(|d| {
-                let location = Location {
-                    segment: number,
-                    offset: (pos + record::FRAME_LEN + d.data_offset) as u64,
-                    len: d.data_len,
-                };
-                let mut states = d.states;
-                states.resize(d.meta.recipients.len(), RcptState::QUEUED);
-                replay.messages.insert(
-                    d.meta.id,
-                    Loaded {
-                        meta: d.meta,
-                        states,
-                        location,
-                    },
-                );
-            }),
-            record::KIND_RESULTS => record::decode_results(frame.payload).map(|(id, updates)| {
-                // Results for a message whose record was compacted away belong to a finished message.
-                if let Some(m) = replay.messages.get_mut(&id) {
-                    for u in updates {
-                        if let Some(s) = m.states.get_mut(u.index as usize) {
-                            *s = u.state;
-                        }
+            Err(e) => match resync(buf, pos) {
+                Some(next) => {
+                    damaged(pos, next, e);
+                    pos = next;
+                }
+                None => return (pos, Some(e)),
+            },
+        }
+    }
+    (pos, None)
+}
+
+/// Applies one record at offset `pos` of segment `number` to the messages replayed so far.
+fn apply(
+    messages: &mut HashMap<QueueId, Loaded>,
+    number: u64,
+    pos: usize,
+    frame: &record::Frame<'_>,
+    path: &Path,
+) {
+    let applied = match frame.kind {
+        record::KIND_MESSAGE => record::decode_message(frame.payload).map(|d| {
+            let location = Location {
+                segment: number,
+                offset: (pos + record::FRAME_LEN + d.data_offset) as u64,
+                len: d.data_len,
+            };
+            let mut states = d.states;
+            states.resize(d.meta.recipients.len(), RcptState::QUEUED);
+            messages.insert(
+                d.meta.id,
+                Loaded {
+                    meta: d.meta,
+                    states,
+                    location,
+                },
+            );
+        }),
+        record::KIND_RESULTS => record::decode_results(frame.payload).map(|(id, updates)| {
+            // Results for a message whose record was compacted away belong to a finished message.
+            if let Some(m) = messages.get_mut(&id) {
+                for u in updates {
+                    if let Some(s) = m.states.get_mut(u.index as usize) {
+                        *s = u.state;
                     }
                 }
-            }),
-            record::KIND_DELETE => record::decode_delete(frame.payload).map(|id| {
-                replay.messages.remove(&id);
-            }),
-            _ => Ok(()),
-        };
-        if let Err(e) = applied {
-            tracing::error!(segment = %path.display(), offset = pos, error = %e, "skipping a malformed spool record");
-        }
-        pos += frame.len;
+            }
+        }),
+        record::KIND_DELETE => record::decode_delete(frame.payload).map(|id| {
+            messages.remove(&id);
+        }),
+        _ => Ok(()),
+    };
+    if let Err(e) = applied {
+        tracing::error!(segment = %path.display(), offset = pos, error = %e, "skipping a malformed spool record");
     }
-    Ok(pos as u64)
+}
+
+/// What replaying one segment's bytes gives: the messages still queued, how many damaged records were
+/// skipped, and where the whole records end (a torn tail after that is truncated on disk). Loading does
+/// this to each segment file; it is public for the fuzz targets (`fuzz/`), which feed it arbitrary bytes.
+#[doc(hidden)]
+pub fn replay_bytes(buf: &[u8]) -> (Vec<Loaded>, usize, usize) {
+    let mut replay = Replay::default();
+    let (end, _) = replay_segment(buf, Path::new("(fuzz)"), 1, &mut replay);
+    let damaged = replay.damaged;
+    (replay.finish(), damaged, end)
 }
 
 /// What the writer thread shares with the handles.
@@ -1001,6 +1073,41 @@ mod tests {
             buf[at + 2] ^= 0xFF;
         });
         assert_eq!((ids, damaged), (vec![QueueId(1), QueueId(3)], 1));
+    }
+
+    /// Found by the `spool_record` fuzz target (fuzz/): garbage whose length field points past a good
+    /// message record to a record that a torn tail follows. With the tail there, skipping by length was
+    /// refused (the record it reached was followed by neither a record nor the end) and scanning found the
+    /// message; once the tail was cut off, the next start skipped by length, over the message, and lost it.
+    #[test]
+    fn the_start_after_a_torn_tail_is_cut_off_replays_the_same_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("1.seg");
+        let mut message = Vec::new();
+        record::encode_message(&mut message, &meta(QueueId(7)), &[], &[b""]);
+        let mut results = Vec::new();
+        record::encode_results(&mut results, QueueId(0x1234), &[]);
+        // The crashing input's shape: 34 bytes of garbage that do not start with the magic byte, with a
+        // length that ends where the results record starts.
+        let mut garbage = vec![0x05, record::MAGIC];
+        let len = (34 + message.len() - record::FRAME_LEN) as u32;
+        garbage.extend_from_slice(&len.to_le_bytes());
+        garbage.resize(34, 0xFF);
+        let segment = [&garbage[..], &message, &results, &[record::MAGIC]].concat();
+        fs::write(&path, &segment).unwrap();
+
+        let mut first = Replay::default();
+        let size = load_segment(&path, 1, &mut first).unwrap();
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            size,
+            "the tail is cut off"
+        );
+        let mut second = Replay::default();
+        assert_eq!(load_segment(&path, 1, &mut second).unwrap(), size);
+        let ids = |r: Replay| r.finish().iter().map(|l| l.meta.id).collect::<Vec<_>>();
+        assert_eq!(ids(first), ids(second));
+        assert_eq!(replay_bytes(&segment).2, size as usize);
     }
 
     #[test]
