@@ -9,7 +9,8 @@
 //!
 //! Input: a 16-byte header, then what the client sends (so a seed is a header and a transcript):
 //! - 0: flags: 1 STARTTLS offered, 2 AUTH required, 4 implicit TLS, 8 the relay stops (else a timeout)
-//!   when the input runs out;
+//!   when the input runs out, 16 the relay's memory budget for bodies is spent (every body with content
+//!   gets 452 4.3.1);
 //! - 1-2: the message size limit, `u16` LE modulo 1000; 3: recipients per message, modulo 5;
 //!   4: bad commands before 421, 1 + modulo 20; 5: line length limit, 8 + the byte;
 //! - 6-7: action outcomes, `u16` LE, two bits per action in turn (authentication: 0 good, 1 bad,
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herald_fuzz::{ScriptedPolicy, assert_reply_lines};
+use herald_smtp::budget::Budget;
 use herald_smtp::{Action, Limits, Refusal, RejectReason, Reply, Session, SessionConfig};
 use libfuzzer_sys::fuzz_target;
 
@@ -33,6 +35,7 @@ fuzz_target!(|data: &[u8]| {
 
 fn run(h: &[u8; 16], client: &[u8]) {
     let flags = h[0];
+    let budget = Budget::new(if flags & 16 != 0 { 0 } else { 1 << 20 });
     let config = Arc::new(SessionConfig {
         hostname: "mx.fuzz.test".into(),
         starttls: flags & 1 != 0,
@@ -45,6 +48,7 @@ fn run(h: &[u8; 16], client: &[u8]) {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
         },
+        budget: Some(budget.clone()),
     });
     let outcomes = u16::from_le_bytes([h[6], h[7]]);
     let mut next_outcome = (0..).map(|i: u32| (outcomes >> ((2 * i) % 16)) & 3);
