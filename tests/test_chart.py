@@ -584,3 +584,9 @@ def test_the_dashboard_and_the_alerts_use_only_metrics_herald_exports(relays, dn
                     "herald_smtp_sessions"):
         assert any(family_ in e for k, e in exprs.items() if k.startswith("panel")), family_
     assert sum("histogram_quantile" in e and "herald_delivery_latency_seconds_bucket" in e for e in exprs.values()) >= 3
+
+
+def test_a_smarthost_ca_secret_reaches_the_smtp_relay():
+    smarthost = {"host": "smtp.provider.test", "port": 587, "tls": "starttls", "caSecretRef": {"name": "provider-ca"}}
+    docs = render("--set", "relay.enabled=true", "--set-json", f"relay.delivery.smarthost={json.dumps(smarthost)}")
+    assert find(docs, "SmtpRelay")["spec"]["delivery"]["smarthost"]["caSecretRef"] == {"name": "provider-ca"}

@@ -527,3 +527,35 @@ def test_liveness_fails_while_watches_are_stalled_and_recovers(tmp_path, dns, ns
         wait_for(lambda: health() == 200, "/healthz to recover", attempts=150)
     finally:
         op.stop()
+
+
+SMARTHOST_RELAY = """
+apiVersion: herald.dev/v1alpha1
+kind: SmtpRelay
+metadata: { name: relay }
+spec:
+  listeners:
+    - { name: trusted, port: 2525, allowNetworks: [10.0.0.0/8] }
+  delivery:
+    smarthost: { host: smtp.provider.test, port: 587, tls: starttls, caSecretRef: { name: provider-ca } }
+"""
+
+
+def test_a_smarthost_ca_secret_is_mounted_and_named_in_the_relay_config(ns, operator, tmp_path):
+    """The relay verifies the smarthost's certificate before it sends credentials: a smarthost with a private
+    CA gets it through caSecretRef, its ca.crt mounted (and nothing else of the Secret) as ca_file."""
+    assert ns.apply(SMARTHOST_RELAY).returncode == 0
+    secret = wait_for(lambda: get_json("secret", "relay-config", ns.name), f"relay-config\n{operator.log_text()[-3000:]}")
+    cfg = secret_data(secret, "relay.yaml")
+    assert yaml.safe_load(cfg)["delivery"]["smarthost"]["ca_file"] == "/etc/herald/smarthost-ca/ca.crt", cfg
+    path = tmp_path / "relay.yaml"
+    path.write_text(cfg)
+    r = subprocess.run([str(relay_bin()), "check-config", "--config", str(path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    sts = wait_for(lambda: get_json("statefulset", "relay", ns.name), "statefulset/relay")
+    pod = sts["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "smarthost-ca")
+    assert volume["secret"]["secretName"] == "provider-ca"
+    assert [i["key"] for i in volume["secret"]["items"]] == ["ca.crt"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "smarthost-ca")
+    assert mount["mountPath"] == "/etc/herald/smarthost-ca" and mount["readOnly"] is True

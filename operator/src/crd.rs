@@ -405,6 +405,11 @@ pub struct SmarthostSpec {
     /// A Secret with `username` and `password` keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<LocalRef>,
+    /// A Secret whose `ca.crt` is the CA that signed the smarthost's certificate (cert-manager's certificate
+    /// Secrets carry one), trusted besides the image's system CAs. The relay verifies the smarthost's
+    /// certificate before it sends credentials, so a smarthost with a private CA needs this; needs `tls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<LocalRef>,
     /// The provider's SPF record to include (`include:` in the domains' SPF), e.g. `_spf.provider.example`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DOMAIN_PATTERN), length(max = 253))]

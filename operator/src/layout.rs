@@ -21,6 +21,9 @@ pub const DKIM_DIR: &str = "/etc/herald/dkim";
 /// Where the smarthost credentials Secret is mounted, and the password file in it.
 pub const SMARTHOST_DIR: &str = "/etc/herald/smarthost";
 pub const SMARTHOST_PASSWORD: &str = "/etc/herald/smarthost/password";
+/// Where the `ca.crt` of `spec.delivery.smarthost.caSecretRef` is mounted.
+pub const SMARTHOST_CA_DIR: &str = "/etc/herald/smarthost-ca";
+pub const SMARTHOST_CA: &str = "/etc/herald/smarthost-ca/ca.crt";
 /// The spool volume of each replica.
 pub const SPOOL_DIR: &str = "/var/lib/herald/spool";
 /// The relay's metrics listener (`/metrics`, `/healthz`, `/readyz`), and its container port's name: what
@@ -143,6 +146,7 @@ mod tests {
             "objects mounts the Secret's `password` key at SMARTHOST_DIR"
         );
         assert_eq!(ADMIN_TOKEN_FILE, format!("{ADMIN_DIR}/{ADMIN_TOKEN_KEY}"));
+        assert_eq!(SMARTHOST_CA, format!("{SMARTHOST_CA_DIR}/ca.crt"));
     }
 
     #[test]

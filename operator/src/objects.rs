@@ -24,7 +24,7 @@ use kube::{Resource, ResourceExt};
 use crate::crd::{SendingDomain, SmtpRelay};
 use crate::layout::{
     ADMIN_DIR, ADMIN_PORT, ADMIN_PORT_NAME, ADMIN_TOKEN_KEY, BOUNCE_KEYS, CONFIG_DIR, CONFIG_FILE,
-    DKIM_DIR, METRICS_PORT, METRICS_PORT_NAME, SMARTHOST_DIR, SPOOL_DIR, TLS_DIR,
+    DKIM_DIR, METRICS_PORT, METRICS_PORT_NAME, SMARTHOST_CA_DIR, SMARTHOST_DIR, SPOOL_DIR, TLS_DIR,
     admin_token_secret_name, config_secret_name, signing_key,
 };
 
@@ -272,6 +272,34 @@ pub fn statefulset(
             ..Volume::default()
         });
     }
+    if let Some(ca) = spec
+        .delivery
+        .smarthost
+        .as_ref()
+        .and_then(|s| s.ca_secret_ref.as_ref())
+    {
+        // Only the CA certificate: the Secret may be a whole cert-manager certificate with its private key.
+        mounts.push(VolumeMount {
+            name: "smarthost-ca".into(),
+            mount_path: SMARTHOST_CA_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: "smarthost-ca".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(ca.name.clone()),
+                items: Some(vec![KeyToPath {
+                    key: "ca.crt".into(),
+                    path: "ca.crt".into(),
+                    mode: Some(0o444),
+                    ..KeyToPath::default()
+                }]),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
     let low_port = spec.listeners.iter().any(|l| l.port < 1024);
     let container = Container {
         name: "relay".into(),
@@ -490,6 +518,52 @@ mod tests {
     use crate::crd::*;
 
     use crate::fixtures::{domain_spec, relay};
+
+    #[test]
+    fn a_smarthost_ca_mounts_only_the_ca_certificate() {
+        let mut r = relay();
+        r.spec.delivery.smarthost = Some(SmarthostSpec {
+            host: "smtp.provider.test".into(),
+            port: 587,
+            tls: ListenerTls::Starttls,
+            credentials_secret_ref: None,
+            ca_secret_ref: Some(LocalRef {
+                name: "provider-tls".into(),
+            }),
+            spf_include: None,
+        });
+        let drain = herald_config::Shutdown::default();
+        let pod = statefulset(&r, &[], "hash", &drain)
+            .spec
+            .template
+            .spec
+            .unwrap();
+        let volume = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "smarthost-ca")
+            .unwrap();
+        let secret = volume.secret.as_ref().unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("provider-tls"));
+        let items = secret.items.as_ref().unwrap();
+        assert_eq!(
+            items.iter().map(|i| i.key.as_str()).collect::<Vec<_>>(),
+            ["ca.crt"]
+        );
+        let mount = pod.containers[0]
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "smarthost-ca")
+            .unwrap();
+        assert_eq!(
+            format!("{}/{}", mount.mount_path, items[0].path),
+            crate::layout::SMARTHOST_CA
+        );
+    }
 
     #[test]
     fn a_relay_without_resources_gets_a_memory_limit() {

@@ -16,8 +16,8 @@ use kube::ResourceExt;
 
 use crate::crd::{DkimAlgorithm, IpPool, ListenerAuth, ListenerTls, SendingDomain, SmtpRelay};
 use crate::layout::{
-    ADMIN_PORT, ADMIN_TOKEN_FILE, BOUNCE_KEYS, CONFIG_DIR, METRICS_PORT, SMARTHOST_PASSWORD,
-    SPOOL_DIR, TLS_DIR, signing_key,
+    ADMIN_PORT, ADMIN_TOKEN_FILE, BOUNCE_KEYS, CONFIG_DIR, METRICS_PORT, SMARTHOST_CA,
+    SMARTHOST_PASSWORD, SPOOL_DIR, TLS_DIR, signing_key,
 };
 use crate::records::return_path_domain;
 
@@ -193,6 +193,13 @@ pub fn relay_config(
         };
     }
     if let Some(s) = &spec.delivery.smarthost {
+        if s.ca_secret_ref.is_some() && s.tls == crate::crd::ListenerTls::None {
+            return Err(err(
+                &res,
+                "spec.delivery.smarthost.caSecretRef",
+                "a CA is for verifying the smarthost's certificate; set tls to starttls or implicit",
+            ));
+        }
         let port = u16::try_from(s.port)
             .map_err(|_| err(&res, "spec.delivery.smarthost.port", "out of range"))?;
         delivery.smarthost = Some(Smarthost {
@@ -201,7 +208,7 @@ pub fn relay_config(
             tls: tls_mode(s.tls),
             username: smarthost_username.map(str::to_owned),
             password_file: smarthost_username.map(|_| SMARTHOST_PASSWORD.into()),
-            ca_file: None,
+            ca_file: s.ca_secret_ref.as_ref().map(|_| SMARTHOST_CA.into()),
         });
     }
     let config = Config {
@@ -412,5 +419,31 @@ mod tests {
         r.spec.listeners[0].trusted_senders = Some(vec!["example.test".into()]);
         let e = relay_config(&r, &[domain()], &[pool()], &users(), None).unwrap_err();
         assert!(e.message.contains("listeners[0].trusted_senders"), "{e}");
+    }
+
+    #[test]
+    fn a_smarthost_ca_is_the_mounted_ca_file_and_needs_tls() {
+        let smarthost = |tls| crate::crd::SmarthostSpec {
+            host: "smtp.provider.test".into(),
+            port: 587,
+            tls,
+            credentials_secret_ref: None,
+            ca_secret_ref: Some(crate::crd::LocalRef {
+                name: "provider-ca".into(),
+            }),
+            spf_include: None,
+        };
+        let mut r = relay();
+        r.spec.delivery.smarthost = Some(smarthost(crate::crd::ListenerTls::Starttls));
+        let c = relay_config(&r, &[domain()], &[pool()], &users(), None).unwrap();
+        let sh = c.delivery.smarthost.as_ref().unwrap();
+        assert_eq!(
+            sh.ca_file.as_deref(),
+            Some(std::path::Path::new(SMARTHOST_CA))
+        );
+        assert_eq!(Config::parse(&config_yaml(&c).unwrap()).unwrap(), c);
+        r.spec.delivery.smarthost = Some(smarthost(crate::crd::ListenerTls::None));
+        let e = relay_config(&r, &[domain()], &[pool()], &users(), None).unwrap_err();
+        assert_eq!(e.field, "spec.delivery.smarthost.caSecretRef");
     }
 }

@@ -824,6 +824,7 @@ mod tests {
             port: 587,
             tls: crate::crd::ListenerTls::Starttls,
             credentials_secret_ref: None,
+            ca_secret_ref: None,
             spf_include: Some("_spf.provider.test".into()),
         });
         let pool = crate::fixtures::pool();
