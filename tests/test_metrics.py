@@ -53,7 +53,7 @@ CONTRACT_LABELS = {
     "herald_config_reload_total": {"result"},
 }
 CATEGORIES = {
-    "invalid-recipient", "mailbox-full", "message-too-large", "rate-limited", "greylisted", "reputation-block",
+    "invalid-recipient", "invalid-domain", "mailbox-full", "message-too-large", "rate-limited", "greylisted", "reputation-block",
     "authentication-failure", "policy-block", "spam-content", "transient-network", "transient-other", "permanent-other",
 }
 REJECTION_REASONS = {

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "kebab-case")]
 pub enum Category {
     InvalidRecipient,
+    /// The recipient's domain cannot receive mail: it does not exist, or publishes a null MX (RFC 7505).
+    /// Not the recipient's fault and not the address's: it is never suppressed.
+    InvalidDomain,
     MailboxFull,
     MessageTooLarge,
     RateLimited,
@@ -26,8 +29,9 @@ pub enum Category {
 
 impl Category {
     /// Every category, so counters labelled by category can start at 0 for each.
-    pub const ALL: [Category; 12] = [
+    pub const ALL: [Category; 13] = [
         Category::InvalidRecipient,
+        Category::InvalidDomain,
         Category::MailboxFull,
         Category::MessageTooLarge,
         Category::RateLimited,
@@ -45,6 +49,7 @@ impl Category {
     pub fn as_str(self) -> &'static str {
         match self {
             Category::InvalidRecipient => "invalid-recipient",
+            Category::InvalidDomain => "invalid-domain",
             Category::MailboxFull => "mailbox-full",
             Category::MessageTooLarge => "message-too-large",
             Category::RateLimited => "rate-limited",

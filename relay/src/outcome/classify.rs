@@ -113,10 +113,11 @@ const BUILTIN: &[(Option<&str>, &[&str], Category)] = &[
     // Recipient problems, by code first.
     (Some("x.1.1"), &[], Category::InvalidRecipient),
     (Some("x.1.0"), &[], Category::InvalidRecipient),
-    (Some("x.1.2"), &[], Category::InvalidRecipient),
+    // The domain, not the mailbox: bad destination system (RFC 3463) and null MX (RFC 7505).
+    (Some("x.1.2"), &[], Category::InvalidDomain),
     (Some("x.1.3"), &[], Category::InvalidRecipient),
     (Some("x.1.6"), &[], Category::InvalidRecipient),
-    (Some("x.1.10"), &[], Category::InvalidRecipient),
+    (Some("x.1.10"), &[], Category::InvalidDomain),
     (Some("x.2.1"), &[], Category::InvalidRecipient),
     (Some("x.2.2"), &[], Category::MailboxFull),
     (Some("x.3.4"), &[], Category::MessageTooLarge),
@@ -423,6 +424,25 @@ mod tests {
         assert!(!Category::ReputationBlock.suppresses());
         assert!(!Category::PolicyBlock.suppresses());
         assert!(Category::InvalidRecipient.suppresses());
+    }
+
+    #[test]
+    fn a_domain_that_cannot_receive_mail_is_not_the_recipients_fault() {
+        // The relay's own verdicts (deliver/dns.rs) and the same codes from a peer.
+        for (status, text) in [
+            ("5.1.2", "domain nowhere.test does not exist"),
+            (
+                "5.1.10",
+                "domain nowhere.test does not accept mail (null MX)",
+            ),
+        ] {
+            assert_eq!(
+                classify(550, Some(status), text),
+                (Class::Hard, Category::InvalidDomain),
+                "{status}"
+            );
+        }
+        assert!(!Category::InvalidDomain.suppresses());
     }
 
     #[test]
