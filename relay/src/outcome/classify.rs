@@ -113,11 +113,14 @@ const BUILTIN: &[(Option<&str>, &[&str], Category)] = &[
     // Recipient problems, by code first.
     (Some("x.1.1"), &[], Category::InvalidRecipient),
     (Some("x.1.0"), &[], Category::InvalidRecipient),
-    // The domain, not the mailbox: bad destination system (RFC 3463) and null MX (RFC 7505).
+    // The domain, not the mailbox: bad destination system (RFC 3463) and null MX (RFC 7505). Microsoft
+    // says x.1.10 for a recipient it does not know (RESOLVER.ADR.RecipientNotFound), so there the text
+    // decides: only a null MX is the domain's.
     (Some("x.1.2"), &[], Category::InvalidDomain),
+    (Some("x.1.10"), &["null mx"], Category::InvalidDomain),
     (Some("x.1.3"), &[], Category::InvalidRecipient),
     (Some("x.1.6"), &[], Category::InvalidRecipient),
-    (Some("x.1.10"), &[], Category::InvalidDomain),
+    (Some("x.1.10"), &[], Category::InvalidRecipient),
     (Some("x.2.1"), &[], Category::InvalidRecipient),
     (Some("x.2.2"), &[], Category::MailboxFull),
     (Some("x.3.4"), &[], Category::MessageTooLarge),
@@ -443,6 +446,14 @@ mod tests {
             );
         }
         assert!(!Category::InvalidDomain.suppresses());
+        assert_eq!(
+            classify(
+                550,
+                Some("5.1.10"),
+                "RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup"
+            ),
+            (Class::Hard, Category::InvalidRecipient)
+        );
     }
 
     #[test]
