@@ -3,7 +3,7 @@
 //! The policy isolates the relay's pods for ingress and lets in, rule by rule:
 //! - each SMTP listener, from the peers its spec names ([`listener_rule`]): its `allowNetworks` as
 //!   `ipBlock`s, or the namespaces of its `allowNamespaces`, or anyone when it names neither (public
-//!   submission, MX);
+//!   submission, MX, and the inbound listener `spec.inboundService` adds: bounces come from the internet);
 //! - the metrics port, from the namespaces of `spec.metrics.namespaceSelector` ([`metrics_rule`]);
 //! - the admin port, from the operator's own pods only ([`admin_rule`]); with no operator namespace known
 //!   (the operator runs outside the cluster) there is no such rule and the port is closed, which
@@ -23,6 +23,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
 use crate::crd::{ListenerSpec, SmtpRelay};
+use crate::inbound;
 use crate::layout::{ADMIN_PORT, METRICS_PORT};
 use crate::objects::{meta, selector};
 
@@ -39,8 +40,11 @@ pub struct OperatorPods {
 
 /// The relay's NetworkPolicy, named after the relay and owned by it.
 pub fn network_policy(relay: &SmtpRelay, operator: Option<&OperatorPods>) -> NetworkPolicy {
-    let mut ingress: Vec<NetworkPolicyIngressRule> =
-        relay.spec.listeners.iter().map(listener_rule).collect();
+    // The inbound listener (port 25, with `spec.inboundService`) has no peers: bounces come from anywhere.
+    let mut ingress: Vec<NetworkPolicyIngressRule> = inbound::listeners(relay)
+        .iter()
+        .map(listener_rule)
+        .collect();
     ingress.push(metrics_rule(relay));
     ingress.extend(operator.map(admin_rule));
     NetworkPolicy {

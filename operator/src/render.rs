@@ -15,6 +15,7 @@ use herald_config::{
 use kube::ResourceExt;
 
 use crate::crd::{DkimAlgorithm, IpPool, ListenerAuth, ListenerTls, SendingDomain, SmtpRelay};
+use crate::inbound;
 use crate::layout::{
     ADMIN_PORT, ADMIN_TOKEN_FILE, BOUNCE_KEYS, CONFIG_DIR, METRICS_PORT, SMARTHOST_CA,
     SMARTHOST_PASSWORD, SPOOL_DIR, TLS_DIR, signing_key,
@@ -99,8 +100,13 @@ pub fn relay_config(
 ) -> Result<Config, RenderError> {
     let res = format!("SmtpRelay {}", relay.name_any());
     let spec = &relay.spec;
+    if let Some((field, message)) = inbound::conflict(relay) {
+        return Err(err(&res, field, message));
+    }
     let mut listeners = Vec::new();
-    for (i, l) in spec.listeners.iter().enumerate() {
+    // The spec's listeners first, so `spec.listeners[i]` in an error is the i-th; the inbound listener the
+    // operator adds comes last and is well-formed.
+    for (i, l) in inbound::listeners(relay).iter().enumerate() {
         let mut nets = Vec::new();
         for (j, n) in l.allow_networks.iter().enumerate() {
             nets.push(n.parse::<ipnet::IpNet>().map_err(|_| {
