@@ -210,6 +210,36 @@ mod tests {
     }
 
     #[test]
+    fn the_inbound_listener_of_an_inbound_service_is_open_to_anyone_on_port_25() {
+        let mut r = crate::fixtures::relay();
+        let ports_of = |r: &SmtpRelay| -> Vec<Vec<IntOrString>> {
+            network_policy(r, None)
+                .spec
+                .unwrap()
+                .ingress
+                .unwrap()
+                .iter()
+                .map(ports)
+                .collect()
+        };
+        let int = |p: i32| vec![IntOrString::Int(p)];
+        assert_eq!(
+            ports_of(&r),
+            [int(587), int(9090)],
+            "no port 25 unless asked"
+        );
+        r.spec.inbound_service = Some(crate::crd::InboundServiceSpec {
+            type_: crate::crd::InboundServiceType::LoadBalancer,
+            annotations: Default::default(),
+            load_balancer_class: None,
+            external_traffic_policy: None,
+        });
+        assert_eq!(ports_of(&r), [int(587), int(25), int(9090)]);
+        let rules = network_policy(&r, None).spec.unwrap().ingress.unwrap();
+        assert_eq!(rules[1].from, None, "bounces come from the internet");
+    }
+
+    #[test]
     fn a_listener_open_to_all_has_a_rule_with_only_its_port() {
         let rule = listener_rule(&listener("mx", 25, &[]));
         assert_eq!(rule.from, None, "no peers: from anywhere");

@@ -358,6 +358,32 @@ mod tests {
     }
 
     #[test]
+    fn an_inbound_service_renders_the_inbound_listener_and_the_public_hostname() {
+        let mut r = relay();
+        r.spec.hostname = Some("mx.example.test".into());
+        r.spec.inbound_service = Some(InboundServiceSpec {
+            type_: InboundServiceType::LoadBalancer,
+            annotations: Default::default(),
+            load_balancer_class: None,
+            external_traffic_policy: None,
+        });
+        let c = relay_config(&r, &[domain()], &[pool()], &users(), None).unwrap();
+        assert_eq!(c.hostname, "mx.example.test");
+        let inbound = c.listeners.iter().find(|l| l.name == "inbound").unwrap();
+        assert_eq!(inbound.address.to_string(), "0.0.0.0:25");
+        assert_eq!(
+            (inbound.tls, inbound.auth),
+            (TlsMode::Starttls, AuthMode::None)
+        );
+        assert!(inbound.allow_networks.is_empty() && inbound.trusted_senders.is_none());
+        assert_eq!(Config::parse(&config_yaml(&c).unwrap()).unwrap(), c);
+        // A listener of the spec on port 25 that is not an inbound one cannot be the bounce port.
+        r.spec.listeners[1].port = 25;
+        let e = relay_config(&r, &[domain()], &[pool()], &users(), None).unwrap_err();
+        assert_eq!(e.field, "spec.listeners[1]");
+    }
+
+    #[test]
     fn a_missing_pool_or_bad_network_names_the_field() {
         let e = relay_config(&relay(), &[domain()], &[], &users(), None).unwrap_err();
         assert_eq!(e.field, "SendingDomain.spec.ipPoolRef");
