@@ -381,6 +381,9 @@ def test_the_operator_with_the_chart_service_account_reconciles_the_chart_relay_
                            f"example-com's records\n{op.log_text()[-3000:]}")
         printed = bash(notes_command(notes, r"jsonpath='\{range \.status\.records\[\*\]\}\{\.name\}"))
         assert sorted(printed.splitlines()) == sorted(f"{r['name']}\t{r['type']}\t{r['value']}" for r in records)
+        # The chart's relay has no public name: the condition printed says which field to set.
+        routable = bash(notes_command(notes, r'type=="ReturnPathRoutable"'))
+        assert "set spec.hostname of SmtpRelay relay" in routable, routable
         states = bash(notes_command(notes, r"jsonpath='\{range \.status\.records\[\*\]\}\{\.state\}"))
         assert sorted(l.split("\t")[0] for l in states.splitlines()) == ["Missing"] * len(records), states
         # The DNS alert's metric: 0 while records are missing, 1 once they are all published.
