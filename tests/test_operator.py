@@ -638,6 +638,18 @@ def test_a_relay_with_a_public_name_and_a_load_balancer_receives_bounces_at_its_
     after = get_json("sendingdomain", "example", ns.name)
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"], "status churned"
 
+    # A cloud that names its load balancer instead: the relay's name becomes an alias of that name.
+    kubectl("patch", "service", "relay-inbound", "-n", ns.name, "--subresource=status", "--type=merge",
+            "-p", json.dumps({"status": {"loadBalancer": {"ingress": [{"hostname": "abc.elb.example.net"}]}}}))
+    alias = lambda: [r for r in _records(ns) if r["purpose"] == "return-path-host"]
+    wait_for(lambda: [(r["type"], r["value"]) for r in alias()] == [("CNAME", "abc.elb.example.net.")],
+             f"the CNAME record\n{operator.log_text()[-2000:]}")
+    assert alias()[0]["state"] != "Published", "the A record served is no CNAME"
+    dns.remove("mx.example.test")
+    publish_record(dns, alias()[0])
+    wait_for(lambda: alias()[0]["state"] == "Published", "the CNAME verified", attempts=300)
+    assert (_condition(ns, "ReturnPathRoutable") or {}).get("status") == "True"
+
     # Without inboundService: no Service, no listener on 25, and the domain says what to set.
     assert ns.apply(PUBLIC_RELAY.format(replicas=1).split("  inboundService:")[0]).returncode == 0
     wait_for(lambda: get_json("service", "relay-inbound", ns.name) is None, "the inbound Service to go")

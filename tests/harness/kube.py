@@ -89,6 +89,8 @@ def publish_record(dns, rec: dict) -> None:
         dns.a(rec["name"], rec["value"])
     elif rec["type"] == "AAAA":
         dns.aaaa(rec["name"], rec["value"])
+    elif rec["type"] == "CNAME":
+        dns.cname(rec["name"], rec["value"].rstrip("."))
     else:
         raise AssertionError(f"no way to publish a {rec['type']} record: {rec}")
 
