@@ -350,6 +350,15 @@ pub enum TrafficPolicy {
     Local,
 }
 
+impl TrafficPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrafficPolicy::Cluster => "Cluster",
+            TrafficPolicy::Local => "Local",
+        }
+    }
+}
+
 fn default_replicas() -> i32 {
     2
 }

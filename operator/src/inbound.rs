@@ -117,7 +117,7 @@ pub fn service(relay: &SmtpRelay) -> Option<Service> {
                 ..ServicePort::default()
             }]),
             load_balancer_class: spec.load_balancer_class.clone(),
-            external_traffic_policy: spec.external_traffic_policy.map(|p| format!("{p:?}")),
+            external_traffic_policy: spec.external_traffic_policy.map(|p| p.as_str().to_owned()),
             ..ServiceSpec::default()
         }),
         ..Service::default()
