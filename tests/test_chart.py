@@ -148,6 +148,21 @@ def test_the_chart_relay_is_the_smtp_relay_the_values_describe():
     assert find(render("--set", "relay.enabled=true"), "SmtpRelay")["spec"]["metrics"] == {"serviceMonitor": True}
 
 
+def test_the_chart_relay_receives_bounces_only_when_the_values_ask():
+    """relay.hostname and relay.inboundService reach the SmtpRelay as they are (the operator makes the inbound
+    listener and Service from them); without inboundService the SmtpRelay has none, and the operator's
+    ClusterRole may watch the Services (the load balancer's address) and delete the inbound one."""
+    spec = find(render("--set", "relay.enabled=true"), "SmtpRelay")["spec"]
+    assert "inboundService" not in spec and "hostname" not in spec
+    inbound = {"type": "LoadBalancer", "annotations": {"lb.example.com/scheme": "internet"}, "externalTrafficPolicy": "Local"}
+    spec = find(render("--set", "relay.enabled=true", "--set", "relay.hostname=mx.example.com",
+                       "--set-json", f"relay.inboundService={json.dumps(inbound)}"), "SmtpRelay")["spec"]
+    assert spec["hostname"] == "mx.example.com" and spec["inboundService"] == inbound
+    rules = find(render(), "ClusterRole")["rules"]
+    services = next(r for r in rules if r["resources"] == ["services"])
+    assert {"get", "list", "watch", "create", "patch", "delete"} <= set(services["verbs"]), services
+
+
 def test_the_relay_monitors_scrape_the_metrics_port_never_the_admin_port():
     """The relay's admin port serves the queue API (it can delete mail): Prometheus scrapes port `metrics`,
     which the operator's headless Service carries and the admin port is on no Service at all."""
@@ -233,6 +248,8 @@ def test_a_trusted_listener_the_user_adds_reaches_the_smtp_relay_with_its_truste
         ("relay.replica=3", "/relay"),
         ("relay.shutdown.sessions=half a minute", "/relay/shutdown/sessions"),
         ("relay.metricsNamespaceSelector.matchLabel.a=b", "/relay/metricsNamespaceSelector"),
+        ("relay.inboundService.type=External", "/relay/inboundService/type"),
+        ("relay.inboundService.ports=25", "/relay/inboundService"),
         ("watchNamespaces={Not_A_Namespace}", "/watchNamespaces/0"),
     ],
 )
@@ -364,6 +381,9 @@ def test_the_operator_with_the_chart_service_account_reconciles_the_chart_relay_
                            f"example-com's records\n{op.log_text()[-3000:]}")
         printed = bash(notes_command(notes, r"jsonpath='\{range \.status\.records\[\*\]\}\{\.name\}"))
         assert sorted(printed.splitlines()) == sorted(f"{r['name']}\t{r['type']}\t{r['value']}" for r in records)
+        # The chart's relay has no public name: the condition printed says which field to set.
+        routable = bash(notes_command(notes, r'type=="ReturnPathRoutable"'))
+        assert "set spec.hostname of SmtpRelay relay" in routable, routable
         states = bash(notes_command(notes, r"jsonpath='\{range \.status\.records\[\*\]\}\{\.state\}"))
         assert sorted(l.split("\t")[0] for l in states.splitlines()) == ["Missing"] * len(records), states
         # The DNS alert's metric: 0 while records are missing, 1 once they are all published.
@@ -407,7 +427,8 @@ spec:
 def test_the_chart_rbac_covers_every_call_the_operator_makes(installed, tmp_path, dns):
     """What the first reconcile does not reach: the ServiceMonitor of a relay that asks for one (its CRD is
     installed here), an external-dns DNSEndpoint, a DKIM key rotation (the next key is created, merged into
-    the active Secret, deleted), and the events; all as the chart's ServiceAccount."""
+    the active Secret, deleted), the events, and the inbound Service (applied, watched, deleted); all as the
+    chart's ServiceAccount."""
     ns, release, _ = installed
     install_crds(TESTDATA / "dnsendpoint-crd.yaml")
     kc = service_account_kubeconfig(ns.name, f"{release}-operator", tmp_path / "kubeconfig")
@@ -432,6 +453,17 @@ def test_the_chart_rbac_covers_every_call_the_operator_makes(installed, tmp_path
         events = json.loads(kubectl("get", "events.events.k8s.io", "-n", ns.name, "-o", "json").stdout)["items"]
         reasons = {e["reason"] for e in events if e.get("reportingController") == "herald-operator"}
         assert {"DnsVerified", "DkimKeyRotated"} <= reasons, reasons
+        # The inbound Service: applied, its load-balancer address read back (the Services' watch), and
+        # deleted when the spec drops it.
+        inbound = SMTP_RELAY.replace("  replicas: 1\n", "  replicas: 1\n  hostname: mx.rotating.test\n  inboundService: {}\n")
+        assert ns.apply(inbound).returncode == 0
+        wait_for(lambda: get_json("service", "other-inbound", ns.name), f"the inbound Service\n{op.log_text()[-3000:]}")
+        kubectl("patch", "service", "other-inbound", "-n", ns.name, "--subresource=status", "--type=merge",
+                "-p", json.dumps({"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.26"}]}}}))
+        wait_for(lambda: ((get_json("smtprelay", "other", ns.name).get("status") or {}).get("inbound") or {}).get("addresses") == ["192.0.2.26"],
+                 f"the load balancer's address in the relay's status\n{op.log_text()[-3000:]}")
+        assert ns.apply(SMTP_RELAY).returncode == 0
+        wait_for(lambda: get_json("service", "other-inbound", ns.name) is None, f"the inbound Service deleted\n{op.log_text()[-3000:]}")
         log = op.log_text()
         assert "forbidden" not in log.lower() and "cannot publish an event" not in log, log[-3000:]
     finally:

@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from harness.relay import RelayPool, addr, free_port
 from harness.smtp import SmtpConn, dot_stuff, make_message
 
 LOCAL = "bounces.example.test"  # the return_path domain of example.test
@@ -163,3 +164,38 @@ def test_trusted_listener_relays_anywhere(relay):
         r = c.transaction("attacker@foreign.test", ["user@foreign.test"], make_message(unique("trusted")))
         assert r.queue_id, r
     assert r.queue_id in relay.new_messages(before)
+
+
+def test_the_inbound_listener_as_the_operator_renders_it_offers_starttls_never_auth_and_relays_nothing(
+        tmp_path_factory, relay_binary, certs, users, tls_ctx):
+    """What spec.inboundService makes (operator/src/inbound.rs): a listener on port 25's shape, STARTTLS
+    because the relay has a certificate, no auth, no networks. Bounces come from anyone: before and inside
+    TLS it advertises and takes no AUTH, takes postmaster, abuse and fbl at the return-path domain (read as
+    reports, never queued) and refuses every other domain as relaying with 554 5.7.1."""
+    pool = RelayPool(tmp_path_factory.mktemp("inbound"), certs, users)
+    try:
+        cfg = pool.config("inbound")
+        cfg["listeners"] = [{"name": "inbound", "address": addr("127.0.0.1", free_port()), "tls": "starttls"}]
+        relay = pool.start("inbound", config=cfg)
+        before = set(relay.queue_by_id())
+        host, port = relay.listener("inbound")
+        with SmtpConn(host, port) as c:
+            c.greeting()
+            offered = [l.split()[0].upper() for l in c.ehlo().lines]
+            assert "STARTTLS" in offered and "AUTH" not in offered, offered
+            assert c.cmd("AUTH PLAIN AGFwcABzM2NyZXQ=").code >= 500
+            c.starttls(tls_ctx)
+            offered = [l.split()[0].upper() for l in c.ehlo().lines]
+            assert "AUTH" not in offered, offered
+            assert c.cmd("AUTH PLAIN AGFwcABzM2NyZXQ=").code >= 500
+            c.expect("MAIL FROM:<mailer-daemon@foreign.test>", "250 2.1.0")
+            c.expect("RCPT TO:<victim@foreign.test>", "554 5.7.1")
+            c.expect(f"RCPT TO:<user%foreign.test@{LOCAL}>", "554 5.7.1")
+            c.expect(f"RCPT TO:<nobody@{LOCAL}>", "550 5.1.1")
+            for mailbox in ("postmaster", "Abuse", "fbl"):
+                c.expect(f"RCPT TO:<{mailbox}@{LOCAL}>", "250 2.1.5")
+            r = c.data(make_message(unique("bounce"), sender="mailer-daemon@foreign.test", to=f"postmaster@{LOCAL}"))
+            assert r.starts("250 2.0.0") and "report" in r.last, r
+        assert relay.new_messages(before) == {}
+    finally:
+        pool.stop_all()

@@ -109,6 +109,15 @@ def test_crds_are_established_and_list_in_kubectl_get(ns):
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: a, port: 25, allowNetworks: [10.0.0.0/8], trustedSenders: ['Not A Domain']}]}", "spec.listeners[0].trustedSenders[0]"),
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: a, port: 25, allowNetworks: [10.0.0.0/8], trustedSenders: []}]}", "spec.listeners[0].trustedSenders"),
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: a, port: 25, trustedSenders: [a.test]}]}", "trustedSenders is for a listener with allowNetworks and no auth"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {inboundService: {}, listeners: [{name: a, port: 25, allowNetworks: [10.0.0.0/8]}]}",
+         "port 25 is the inbound listener"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {inboundService: {}, listeners: [{name: inbound, port: 2525}]}",
+         "the listener name inbound is the inbound listener on port 25"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {inboundService: {type: ClusterIP, loadBalancerClass: x.test/lb}, listeners: [{name: a, port: 587}]}",
+         "loadBalancerClass is for type LoadBalancer"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {inboundService: {type: External}, listeners: [{name: a, port: 587}]}",
+         "spec.inboundService.type"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {hostname: 'Not A Name', listeners: [{name: a, port: 587}]}", "spec.hostname"),
     ],
 )
 def test_bad_objects_are_refused_by_the_schema_naming_the_field(ns, manifest, field):
@@ -439,6 +448,8 @@ def test_the_examples_apply_unchanged_and_come_up(ns, operator):
 def test_records_are_published_as_an_external_dns_endpoint_when_asked(ns, operator):
     assert ns.apply(PASSWORD).returncode == 0
     assert ns.apply(RELAY.format(replicas=1)).returncode == 0
+    # A public name: without one the MX and the SPF name a placeholder, which is never published.
+    assert ns.apply(RELAY.format(replicas=1).replace("spec:\n", "spec:\n  hostname: mx.example.test\n")).returncode == 0
     assert ns.apply(DOMAIN.replace("dkim:", "publishWithExternalDns: true\n  dkim:")).returncode == 0
     have_crd = kubectl("get", "crd", "dnsendpoints.externaldns.k8s.io", check=False).returncode == 0
     if not have_crd:
@@ -559,3 +570,113 @@ def test_a_smarthost_ca_secret_is_mounted_and_named_in_the_relay_config(ns, oper
     assert [i["key"] for i in volume["secret"]["items"]] == ["ca.crt"]
     mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "smarthost-ca")
     assert mount["mountPath"] == "/etc/herald/smarthost-ca" and mount["readOnly"] is True
+
+
+PUBLIC_RELAY = RELAY + """  hostname: mx.example.test
+  inboundService:
+    type: LoadBalancer
+    annotations: {{ lb.example.test/scheme: internet }}
+    externalTrafficPolicy: Local
+"""
+
+
+def test_a_relay_with_a_public_name_and_a_load_balancer_receives_bounces_at_its_mx(ns, operator, dns, tmp_path):
+    """spec.hostname and spec.inboundService: a LoadBalancer Service on port 25 to an inbound listener the
+    NetworkPolicy opens to anyone; once the load balancer has an address (patched into the Service's status,
+    as a cloud controller would), the domain's records name the MX host and its A record, both verify in
+    DNS, and ReturnPathRoutable turns true. Dropping inboundService removes the Service."""
+    assert ns.apply(PASSWORD).returncode == 0
+    assert ns.apply(PUBLIC_RELAY.format(replicas=1)).returncode == 0
+    assert ns.apply(DOMAIN).returncode == 0
+    svc = wait_for(lambda: get_json("service", "relay-inbound", ns.name), f"the inbound Service\n{operator.log_text()[-3000:]}")
+    assert svc["metadata"]["ownerReferences"][0]["kind"] == "SmtpRelay"
+    assert svc["metadata"]["annotations"]["lb.example.test/scheme"] == "internet"
+    assert svc["spec"]["type"] == "LoadBalancer" and svc["spec"]["externalTrafficPolicy"] == "Local"
+    assert [(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [("inbound", 25, "inbound")]
+    sts = wait_for(lambda: get_json("statefulset", "relay", ns.name), "the StatefulSet")
+    ports = {p["name"]: p["containerPort"] for p in sts["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert ports["inbound"] == 25, ports
+    rule = next(r for r in get_json("networkpolicy", "relay", ns.name)["spec"]["ingress"] if r["ports"][0]["port"] == 25)
+    assert "from" not in rule, rule
+    cfg = yaml.safe_load(secret_data(get_json("secret", "relay-config", ns.name), "relay.yaml"))
+    assert cfg["hostname"] == "mx.example.test"
+    inbound = next(l for l in cfg["listeners"] if l["name"] == "inbound")
+    assert inbound["address"] == "0.0.0.0:25" and inbound.get("tls") == "starttls", inbound
+    assert "auth" not in inbound or inbound["auth"] == "none", inbound
+    assert not inbound.get("allow_networks"), inbound
+    path = tmp_path / "relay.yaml"
+    path.write_text(secret_data(get_json("secret", "relay-config", ns.name), "relay.yaml"))
+    r = subprocess.run([str(relay_bin()), "check-config", "--config", str(path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+
+    pending = wait_for(lambda: (c := _condition(ns, "ReturnPathRoutable")) and c["reason"] == "LoadBalancerPending" and c,
+                       f"ReturnPathRoutable pending\n{operator.log_text()[-2000:]}")
+    assert pending["status"] == "False" and "relay-inbound" in pending["message"], pending
+    mx = next(r for r in _records(ns) if r["purpose"] == "return-path-mx")
+    assert (mx["name"], mx["value"]) == ("bounces.example.test", "10 mx.example.test."), mx
+
+    kubectl("patch", "service", "relay-inbound", "-n", ns.name, "--subresource=status", "--type=merge",
+            "-p", json.dumps({"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.25"}]}}}))
+    routable = wait_for(lambda: (c := _condition(ns, "ReturnPathRoutable")) and c["status"] == "True" and c,
+                        f"ReturnPathRoutable=True\n{operator.log_text()[-2000:]}")
+    assert routable["reason"] == "LoadBalancerReady" and "192.0.2.25" in routable["message"], routable
+    assert get_json("smtprelay", "relay", ns.name)["status"]["inbound"] == {"service": "relay-inbound", "addresses": ["192.0.2.25"]}
+    records = _records(ns)
+    host = [r for r in records if r["purpose"] == "return-path-host"]
+    assert [(r["name"], r["type"], r["value"]) for r in host] == [("mx.example.test", "A", "192.0.2.25")], records
+    assert all("cluster.local" not in r["name"] + r["value"] for r in records), records
+    # Every record, the MX host's A included, verifies against the nameserver.
+    for rec in records:
+        publish_record(dns, rec)
+    wait_for(lambda: (_condition(ns, "DnsVerified") or {}).get("status") == "True", "DnsVerified=True", attempts=300)
+    assert next(r for r in _records(ns) if r["purpose"] == "return-path-host")["state"] == "Published"
+    # Rechecks that find nothing new write nothing: the status (and the condition's time) stay as they are.
+    before = get_json("sendingdomain", "example", ns.name)
+    reconciles = lambda: operator.metric("herald_operator_reconcile_duration_seconds_count", 'kind="SendingDomain"')
+    n = reconciles()
+    wait_for(lambda: reconciles() >= n + 2, "two more rechecks")
+    after = get_json("sendingdomain", "example", ns.name)
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"], "status churned"
+
+    # A cloud that names its load balancer instead: the relay's name becomes an alias of that name.
+    kubectl("patch", "service", "relay-inbound", "-n", ns.name, "--subresource=status", "--type=merge",
+            "-p", json.dumps({"status": {"loadBalancer": {"ingress": [{"hostname": "abc.elb.example.net"}]}}}))
+    alias = lambda: [r for r in _records(ns) if r["purpose"] == "return-path-host"]
+    wait_for(lambda: [(r["type"], r["value"]) for r in alias()] == [("CNAME", "abc.elb.example.net.")],
+             f"the CNAME record\n{operator.log_text()[-2000:]}")
+    assert alias()[0]["state"] != "Published", "the A record served is no CNAME"
+    dns.remove("mx.example.test")
+    publish_record(dns, alias()[0])
+    wait_for(lambda: alias()[0]["state"] == "Published", "the CNAME verified", attempts=300)
+    assert (_condition(ns, "ReturnPathRoutable") or {}).get("status") == "True"
+
+    # Without inboundService: no Service, no listener on 25, and the domain says what to set.
+    assert ns.apply(PUBLIC_RELAY.format(replicas=1).split("  inboundService:")[0]).returncode == 0
+    wait_for(lambda: get_json("service", "relay-inbound", ns.name) is None, "the inbound Service to go")
+    gone = wait_for(lambda: (c := _condition(ns, "ReturnPathRoutable")) and c["reason"] == "NoInboundService" and c,
+                    "ReturnPathRoutable=False NoInboundService")
+    assert gone["status"] == "False" and "spec.inboundService" in gone["message"], gone
+    assert not [r for r in _records(ns) if r["purpose"] == "return-path-host"]
+
+
+def test_without_a_public_name_no_record_names_the_cluster_and_return_path_routable_says_what_to_set(ns, operator):
+    assert ns.apply(PASSWORD).returncode == 0
+    assert ns.apply(RELAY.format(replicas=1)).returncode == 0
+    assert ns.apply(DOMAIN).returncode == 0
+    c = wait_for(lambda: _condition(ns, "ReturnPathRoutable"), f"ReturnPathRoutable\n{operator.log_text()[-2000:]}")
+    assert (c["status"], c["reason"]) == ("False", "NoPublicHostname"), c
+    assert "spec.hostname" in c["message"] and "SmtpRelay relay" in c["message"], c
+    records = wait_for(lambda: len(_records(ns)) == 4 and _records(ns), "four records")
+    assert all("cluster.local" not in r["name"] + r["value"] and ".svc" not in r["value"] for r in records), records
+    mx = next(r for r in records if r["purpose"] == "return-path-mx")
+    assert mx["value"] == "10 set-smtprelay-spec-hostname.invalid.", mx
+    # No Service exposes port 25 and the relay has no such listener unless inboundService asks.
+    cfg = yaml.safe_load(secret_data(wait_for(lambda: get_json("secret", "relay-config", ns.name), "the config"), "relay.yaml"))
+    assert get_json("service", "relay-inbound", ns.name) is None
+    assert all(not l["address"].endswith(":25") for l in cfg["listeners"]), cfg["listeners"]
+    # A name in the cluster's domain is no better than none.
+    assert ns.apply(RELAY.format(replicas=1).replace("spec:\n", "spec:\n  hostname: relay.mail.svc.cluster.local\n")).returncode == 0
+    c = wait_for(lambda: (c := _condition(ns, "ReturnPathRoutable")) and "relay.mail.svc.cluster.local" in c["message"] and c,
+                 "the message to name the in-cluster hostname")
+    assert (c["status"], c["reason"]) == ("False", "NoPublicHostname"), c
+    assert all("cluster.local" not in r["name"] + r["value"] for r in _records(ns)), _records(ns)

@@ -215,6 +215,8 @@ pub enum RecordPurpose {
     Spf,
     Dmarc,
     ReturnPathMx,
+    /// The A, AAAA or CNAME record of the relay's `spec.hostname`, the return-path MX target.
+    ReturnPathHost,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -245,7 +247,9 @@ pub enum RecordState {
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.spec.listeners.all(l, self.spec.listeners.exists_one(m, m.name == l.name))").message("listener names must be unique"),
     validation = Rule::new("self.spec.listeners.all(l, self.spec.listeners.exists_one(m, m.port == l.port))").message("listener ports must be unique"),
-    validation = Rule::new("!self.spec.listeners.exists(l, l.tls != 'none') || has(self.spec.tlsSecretRef)").message("listeners with tls need spec.tlsSecretRef")
+    validation = Rule::new("!self.spec.listeners.exists(l, l.tls != 'none') || has(self.spec.tlsSecretRef)").message("listeners with tls need spec.tlsSecretRef"),
+    validation = Rule::new("!has(self.spec.inboundService) || self.spec.listeners.all(l, l.port != 25 || ((!has(l.auth) || l.auth == 'none') && (!has(l.allowNetworks) || size(l.allowNetworks) == 0) && !has(l.allowNamespaces)))").message("with spec.inboundService, port 25 is the inbound listener that receives bounces from anyone: a listener there takes no auth, allowNetworks or allowNamespaces"),
+    validation = Rule::new("!has(self.spec.inboundService) || self.spec.listeners.all(l, l.name != 'inbound' || l.port == 25)").message("with spec.inboundService, the listener name inbound is the inbound listener on port 25")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SmtpRelaySpec {
@@ -256,9 +260,13 @@ pub struct SmtpRelaySpec {
     #[serde(default = "default_image")]
     #[schemars(regex(pattern = IMAGE_PATTERN), length(min = 1, max = 255))]
     pub image: String,
-    /// Name in the banner, EHLO and Received: headers; defaults to `<name>.<namespace>.svc`.
+    /// The relay's public name: in the banner, EHLO and Received: headers, and the MX target its
+    /// SendingDomains' return-path domains publish, so that bounces and complaints reach the relay. Publish
+    /// its A/AAAA record (the SendingDomains list it) at the address of the inbound Service. Absent: the
+    /// in-cluster name `<name>.<namespace>.svc.cluster.local`, which nobody outside the cluster can
+    /// resolve: the SendingDomains say `ReturnPathRoutable=False` and their MX record is a placeholder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DOMAIN_PATTERN))]
+    #[schemars(regex(pattern = DOMAIN_PATTERN), length(max = 253))]
     pub hostname: Option<String>,
     #[schemars(length(min = 1, max = 8))]
     pub listeners: Vec<ListenerSpec>,
@@ -280,6 +288,75 @@ pub struct SmtpRelaySpec {
     pub metrics: MetricsSpec,
     #[serde(default)]
     pub shutdown: ShutdownSpec,
+    /// Receive bounces and complaints: an inbound listener on port 25 (no AUTH; it accepts mail only for
+    /// the return-path domains and their postmaster, abuse and fbl mailboxes, and relays nothing) and a
+    /// Service `<name>-inbound` of this type exposing it. A listener of `listeners` on port 25 is that
+    /// listener (it must be one without auth, allowNetworks and allowNamespaces); otherwise one named
+    /// `inbound` is added, with STARTTLS when `tlsSecretRef` is set. Absent: no inbound listener, and the
+    /// SendingDomains say `ReturnPathRoutable=False`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound_service: Option<InboundServiceSpec>,
+}
+
+/// The Service that exposes a relay's inbound listener (port 25) to the senders of bounces: anyone on the
+/// internet.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.loadBalancerClass) || self.type == 'LoadBalancer'").message("loadBalancerClass is for type LoadBalancer"),
+    validation = Rule::new("!has(self.externalTrafficPolicy) || self.type != 'ClusterIP'").message("externalTrafficPolicy is for type LoadBalancer or NodePort")
+)]
+pub struct InboundServiceSpec {
+    /// `LoadBalancer` (the default): the operator reads the address the load balancer gets and lists the
+    /// A/AAAA (or CNAME) record for `spec.hostname`. `NodePort` or `ClusterIP`: you route port 25 of
+    /// `spec.hostname` to the Service yourself (an external load balancer, a TCP proxy); the operator
+    /// cannot see that address and takes `spec.hostname` as reachable.
+    #[serde(rename = "type", default)]
+    pub type_: InboundServiceType,
+    /// Annotations of the Service, e.g. the cloud's load-balancer settings or external-dns's hostname.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// The Service's `loadBalancerClass`: which load-balancer implementation serves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub load_balancer_class: Option<String>,
+    /// The Service's `externalTrafficPolicy`. `Local` keeps the sender's address (the relay logs it) at the
+    /// price of reaching only nodes that run a replica; Kubernetes's default is `Cluster`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_traffic_policy: Option<TrafficPolicy>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum InboundServiceType {
+    ClusterIP,
+    NodePort,
+    #[default]
+    LoadBalancer,
+}
+
+impl InboundServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InboundServiceType::ClusterIP => "ClusterIP",
+            InboundServiceType::NodePort => "NodePort",
+            InboundServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum TrafficPolicy {
+    Cluster,
+    Local,
+}
+
+impl TrafficPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrafficPolicy::Cluster => "Cluster",
+            TrafficPolicy::Local => "Local",
+        }
+    }
 }
 
 fn default_replicas() -> i32 {
@@ -541,6 +618,23 @@ pub struct SmtpRelayStatus {
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// With `spec.inboundService`: its name and the addresses its load balancer reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<InboundStatus>,
+}
+
+/// Where the inbound Service can be reached from outside, as its `status.loadBalancer` says.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InboundStatus {
+    /// The Service, `<name>-inbound`.
+    pub service: String,
+    /// The load balancer's IP addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// The load balancer's host names (some clouds give a name, not an address).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
 }
 
 // ---------------------------------------------------------------------------------------------------

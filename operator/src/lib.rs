@@ -6,6 +6,7 @@
 //! - `crd`: the custom resource types (the CRD schema is generated from them).
 //! - `crds`: the generated CRD documents, as `kubectl apply` takes them.
 //! - `dkim`: DKIM key generation and the DKIM record value.
+//! - `inbound`: the relay's inbound listener and Service, and whether bounces can reach them.
 //! - `layout`: the names and paths the relay's objects and its config agree on (mounts, Secret keys).
 //! - `objects`: the Secrets, StatefulSet, Services, PDB and ServiceMonitor of an SmtpRelay.
 //! - `network`: the NetworkPolicy of an SmtpRelay, one ingress rule per port from the peers it names.
@@ -23,6 +24,7 @@ pub mod crds;
 pub mod dkim;
 #[cfg(test)]
 mod fixtures;
+pub mod inbound;
 pub mod layout;
 pub mod metrics;
 pub mod network;

@@ -3,7 +3,7 @@
 //! The policy isolates the relay's pods for ingress and lets in, rule by rule:
 //! - each SMTP listener, from the peers its spec names ([`listener_rule`]): its `allowNetworks` as
 //!   `ipBlock`s, or the namespaces of its `allowNamespaces`, or anyone when it names neither (public
-//!   submission, MX);
+//!   submission, MX, and the inbound listener `spec.inboundService` adds: bounces come from the internet);
 //! - the metrics port, from the namespaces of `spec.metrics.namespaceSelector` ([`metrics_rule`]);
 //! - the admin port, from the operator's own pods only ([`admin_rule`]); with no operator namespace known
 //!   (the operator runs outside the cluster) there is no such rule and the port is closed, which
@@ -23,6 +23,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
 use crate::crd::{ListenerSpec, SmtpRelay};
+use crate::inbound;
 use crate::layout::{ADMIN_PORT, METRICS_PORT};
 use crate::objects::{meta, selector};
 
@@ -39,8 +40,11 @@ pub struct OperatorPods {
 
 /// The relay's NetworkPolicy, named after the relay and owned by it.
 pub fn network_policy(relay: &SmtpRelay, operator: Option<&OperatorPods>) -> NetworkPolicy {
-    let mut ingress: Vec<NetworkPolicyIngressRule> =
-        relay.spec.listeners.iter().map(listener_rule).collect();
+    // The inbound listener (port 25, with `spec.inboundService`) has no peers: bounces come from anywhere.
+    let mut ingress: Vec<NetworkPolicyIngressRule> = inbound::listeners(relay)
+        .iter()
+        .map(listener_rule)
+        .collect();
     ingress.push(metrics_rule(relay));
     ingress.extend(operator.map(admin_rule));
     NetworkPolicy {
@@ -203,6 +207,36 @@ mod tests {
             .unwrap();
         let sel = spec.pod_selector.unwrap().match_labels.unwrap();
         assert!(sel.iter().all(|(k, v)| pods.get(k) == Some(v)), "{sel:?}");
+    }
+
+    #[test]
+    fn the_inbound_listener_of_an_inbound_service_is_open_to_anyone_on_port_25() {
+        let mut r = crate::fixtures::relay();
+        let ports_of = |r: &SmtpRelay| -> Vec<Vec<IntOrString>> {
+            network_policy(r, None)
+                .spec
+                .unwrap()
+                .ingress
+                .unwrap()
+                .iter()
+                .map(ports)
+                .collect()
+        };
+        let int = |p: i32| vec![IntOrString::Int(p)];
+        assert_eq!(
+            ports_of(&r),
+            [int(587), int(9090)],
+            "no port 25 unless asked"
+        );
+        r.spec.inbound_service = Some(crate::crd::InboundServiceSpec {
+            type_: crate::crd::InboundServiceType::LoadBalancer,
+            annotations: Default::default(),
+            load_balancer_class: None,
+            external_traffic_policy: None,
+        });
+        assert_eq!(ports_of(&r), [int(587), int(25), int(9090)]);
+        let rules = network_policy(&r, None).spec.unwrap().ingress.unwrap();
+        assert_eq!(rules[1].from, None, "bounces come from the internet");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The Kubernetes objects an SmtpRelay becomes: the config Secret, the admin token Secret, the StatefulSet,
-//! the Services, the PodDisruptionBudget and the ServiceMonitor (the NetworkPolicy is `network`'s). Pure functions from the resource (and what was rendered or
+//! the Services, the PodDisruptionBudget and the ServiceMonitor (the NetworkPolicy is `network`'s, the
+//! inbound Service `inbound`'s). Pure functions from the resource (and what was rendered or
 //! read for it) to the desired objects; the reconciler applies them with server-side apply.
 //!
 //! The relay config goes in a Secret, not a ConfigMap, because it carries the users' password hashes.
@@ -22,6 +23,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 use crate::crd::{SendingDomain, SmtpRelay};
+use crate::inbound;
 use crate::layout::{
     ADMIN_DIR, ADMIN_PORT, ADMIN_PORT_NAME, ADMIN_TOKEN_KEY, BOUNCE_KEYS, CONFIG_DIR, CONFIG_FILE,
     DKIM_DIR, METRICS_PORT, METRICS_PORT_NAME, SMARTHOST_CA_DIR, SMARTHOST_DIR, SPOOL_DIR, TLS_DIR,
@@ -142,11 +144,8 @@ pub fn statefulset(
     drain: &herald_config::Shutdown,
 ) -> StatefulSet {
     let spec = &relay.spec;
-    let mut ports: Vec<ContainerPort> = spec
-        .listeners
-        .iter()
-        .map(|l| port(&l.name, l.port))
-        .collect();
+    let listeners = inbound::listeners(relay);
+    let mut ports: Vec<ContainerPort> = listeners.iter().map(|l| port(&l.name, l.port)).collect();
     ports.push(port(METRICS_PORT_NAME, i32::from(METRICS_PORT)));
     ports.push(port(ADMIN_PORT_NAME, i32::from(ADMIN_PORT)));
     let mut mounts = vec![
@@ -300,7 +299,7 @@ pub fn statefulset(
             ..Volume::default()
         });
     }
-    let low_port = spec.listeners.iter().any(|l| l.port < 1024);
+    let low_port = listeners.iter().any(|l| l.port < 1024);
     let container = Container {
         name: "relay".into(),
         image: Some(spec.image.clone()),
@@ -421,9 +420,7 @@ fn default_relay_resources() -> ResourceRequirements {
 }
 
 fn service_ports(relay: &SmtpRelay, with_metrics: bool) -> Vec<ServicePort> {
-    let mut ports: Vec<ServicePort> = relay
-        .spec
-        .listeners
+    let mut ports: Vec<ServicePort> = inbound::listeners(relay)
         .iter()
         .map(|l| ServicePort {
             name: Some(l.name.clone()),

@@ -1,8 +1,10 @@
 //! The DNS records a SendingDomain needs, computed from its spec: DKIM, SPF and MX on the return-path
-//! domain, DMARC. Pure functions; verification against DNS happens in the reconciler.
+//! domain, the A/AAAA (or CNAME) of the MX target when the relay's load balancer has an address, DMARC.
+//! Pure functions; verification against DNS happens in the reconciler.
 
 use crate::crd::{DmarcPolicy, DnsRecord, RecordPurpose, RecordState, SendingDomainSpec};
 use crate::dkim;
+use crate::inbound::HostRecord;
 
 /// What the records depend on besides the spec.
 #[derive(Debug, Clone)]
@@ -16,8 +18,11 @@ pub struct Inputs<'a> {
     pub spf_include: Option<&'a str>,
     /// Source addresses of the domain's IP pool (empty without one).
     pub pool_addresses: &'a [String],
-    /// The host name the relay receives bounces on (the return-path MX target).
+    /// The host name the relay receives bounces on (the return-path MX target): `inbound::Route::mx_host`,
+    /// a public name or the placeholder, never an in-cluster one.
     pub inbound_host: &'a str,
+    /// The records of that host name, from the inbound Service's load balancer (empty while unknown).
+    pub host_records: &'a [HostRecord],
 }
 
 /// Splits a TXT value into strings of at most 255 bytes (RFC 1035 section 3.3.14) in zone-file form.
@@ -47,7 +52,7 @@ pub fn return_path_domain(spec: &SendingDomainSpec) -> String {
     format!("{}.{}", spec.return_path, spec.domain)
 }
 
-/// Every record to publish, in a stable order (DKIM, SPF, return-path MX, DMARC).
+/// Every record to publish, in a stable order (DKIM, SPF, return-path MX, its host's records, DMARC).
 pub fn desired(spec: &SendingDomainSpec, inputs: &Inputs<'_>) -> Vec<DnsRecord> {
     let rp = return_path_domain(spec);
     let mut out = vec![record(
@@ -90,6 +95,14 @@ pub fn desired(spec: &SendingDomainSpec, inputs: &Inputs<'_>) -> Vec<DnsRecord> 
         format!("10 {}.", inputs.inbound_host.trim_end_matches('.')),
         RecordPurpose::ReturnPathMx,
     ));
+    for h in inputs.host_records {
+        out.push(record(
+            inputs.inbound_host.trim_end_matches('.').to_owned(),
+            h.record_type,
+            h.value.clone(),
+            RecordPurpose::ReturnPathHost,
+        ));
+    }
     if let Some(d) = &spec.dmarc {
         let p = match d.policy {
             DmarcPolicy::None => "none",
@@ -152,6 +165,7 @@ mod tests {
                 spf_include: None,
                 pool_addresses: &pool,
                 inbound_host: "relay.mail.svc.example.test",
+                host_records: &[],
             },
         );
         assert_eq!(r.len(), 4);
@@ -174,6 +188,67 @@ mod tests {
     }
 
     #[test]
+    fn the_mx_target_gets_the_load_balancers_records_before_dmarc() {
+        let hosts = [
+            HostRecord {
+                record_type: "A",
+                value: "192.0.2.25".into(),
+            },
+            HostRecord {
+                record_type: "AAAA",
+                value: "2001:db8::25".into(),
+            },
+        ];
+        let r = desired(
+            &spec(),
+            &Inputs {
+                selector: "herald1",
+                dkim_public_b64: "x",
+                next: None,
+                spf_include: None,
+                pool_addresses: &[],
+                inbound_host: "mx.example.test",
+                host_records: &hosts,
+            },
+        );
+        let got: Vec<(&str, &str, &str, RecordPurpose)> = r
+            .iter()
+            .map(|x| {
+                (
+                    x.name.as_str(),
+                    x.record_type.as_str(),
+                    x.value.as_str(),
+                    x.purpose,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got[2..5],
+            [
+                (
+                    "bounces.example.test",
+                    "MX",
+                    "10 mx.example.test.",
+                    RecordPurpose::ReturnPathMx
+                ),
+                (
+                    "mx.example.test",
+                    "A",
+                    "192.0.2.25",
+                    RecordPurpose::ReturnPathHost
+                ),
+                (
+                    "mx.example.test",
+                    "AAAA",
+                    "2001:db8::25",
+                    RecordPurpose::ReturnPathHost
+                ),
+            ]
+        );
+        assert_eq!(r[5].purpose, RecordPurpose::Dmarc);
+    }
+
+    #[test]
     fn spf_through_a_smarthost_includes_the_provider() {
         let r = desired(
             &spec(),
@@ -184,6 +259,7 @@ mod tests {
                 spf_include: Some("_spf.provider.test"),
                 pool_addresses: &[],
                 inbound_host: "mx.example.test",
+                host_records: &[],
             },
         );
         assert_eq!(
@@ -203,6 +279,7 @@ mod tests {
                 spf_include: None,
                 pool_addresses: &[],
                 inbound_host: "mx.example.test",
+                host_records: &[],
             },
         );
         assert_eq!(unquoted(&r[1].value), "v=DKIM1; k=rsa; p=y");

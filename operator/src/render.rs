@@ -15,6 +15,7 @@ use herald_config::{
 use kube::ResourceExt;
 
 use crate::crd::{DkimAlgorithm, IpPool, ListenerAuth, ListenerTls, SendingDomain, SmtpRelay};
+use crate::inbound;
 use crate::layout::{
     ADMIN_PORT, ADMIN_TOKEN_FILE, BOUNCE_KEYS, CONFIG_DIR, METRICS_PORT, SMARTHOST_CA,
     SMARTHOST_PASSWORD, SPOOL_DIR, TLS_DIR, signing_key,
@@ -99,8 +100,13 @@ pub fn relay_config(
 ) -> Result<Config, RenderError> {
     let res = format!("SmtpRelay {}", relay.name_any());
     let spec = &relay.spec;
+    if let Some((field, message)) = inbound::conflict(relay) {
+        return Err(err(&res, field, message));
+    }
     let mut listeners = Vec::new();
-    for (i, l) in spec.listeners.iter().enumerate() {
+    // The spec's listeners first, so `spec.listeners[i]` in an error is the i-th; the inbound listener the
+    // operator adds comes last and is well-formed.
+    for (i, l) in inbound::listeners(relay).iter().enumerate() {
         let mut nets = Vec::new();
         for (j, n) in l.allow_networks.iter().enumerate() {
             nets.push(n.parse::<ipnet::IpNet>().map_err(|_| {
@@ -349,6 +355,32 @@ mod tests {
         // What herald-relay check-config does with the file.
         let text = config_yaml(&c).unwrap();
         assert_eq!(Config::parse(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn an_inbound_service_renders_the_inbound_listener_and_the_public_hostname() {
+        let mut r = relay();
+        r.spec.hostname = Some("mx.example.test".into());
+        r.spec.inbound_service = Some(InboundServiceSpec {
+            type_: InboundServiceType::LoadBalancer,
+            annotations: Default::default(),
+            load_balancer_class: None,
+            external_traffic_policy: None,
+        });
+        let c = relay_config(&r, &[domain()], &[pool()], &users(), None).unwrap();
+        assert_eq!(c.hostname, "mx.example.test");
+        let inbound = c.listeners.iter().find(|l| l.name == "inbound").unwrap();
+        assert_eq!(inbound.address.to_string(), "0.0.0.0:25");
+        assert_eq!(
+            (inbound.tls, inbound.auth),
+            (TlsMode::Starttls, AuthMode::None)
+        );
+        assert!(inbound.allow_networks.is_empty() && inbound.trusted_senders.is_none());
+        assert_eq!(Config::parse(&config_yaml(&c).unwrap()).unwrap(), c);
+        // A listener of the spec on port 25 that is not an inbound one cannot be the bounce port.
+        r.spec.listeners[1].port = 25;
+        let e = relay_config(&r, &[domain()], &[pool()], &users(), None).unwrap_err();
+        assert_eq!(e.field, "spec.listeners[1]");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfi
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
-use hickory_resolver::proto::rr::RData;
+use hickory_resolver::proto::rr::{RData, RecordType};
 
 use crate::crd::{DnsRecord, RecordState};
 use crate::records::unquoted;
@@ -84,6 +84,9 @@ impl Verifier {
             let (state, observed) = match record.record_type.as_str() {
                 "TXT" => check_txt(resolver, &record.name, &unquoted(&record.value)).await,
                 "MX" => check_mx(resolver, &record.name, &record.value).await,
+                "A" | "AAAA" | "CNAME" => {
+                    check_host(resolver, &record.name, &record.record_type, &record.value).await
+                }
                 other => (
                     RecordState::Mismatch,
                     Some(format!("record type {other} cannot be checked")),
@@ -186,6 +189,49 @@ async fn check_mx(r: &TokioResolver, name: &str, want: &str) -> (RecordState, Op
             .is_some_and(|h| h.trim_end_matches('.').eq_ignore_ascii_case(&want_host))
     });
     if matches {
+        (RecordState::Published, None)
+    } else if served.is_empty() {
+        (RecordState::Missing, None)
+    } else {
+        (RecordState::Mismatch, Some(served.join(", ")))
+    }
+}
+
+/// An address (A, AAAA) or alias (CNAME) record of a host: published when the wanted value is among those
+/// served (a host may have more addresses than its load balancer's).
+async fn check_host(
+    r: &TokioResolver,
+    name: &str,
+    record_type: &str,
+    want: &str,
+) -> (RecordState, Option<String>) {
+    let rtype = match record_type {
+        "A" => RecordType::A,
+        "AAAA" => RecordType::AAAA,
+        _ => RecordType::CNAME,
+    };
+    let lookup = match r.lookup(fqdn(name).as_str(), rtype).await {
+        Ok(l) => l,
+        Err(e) => return failure(&e),
+    };
+    let served: Vec<String> = lookup
+        .answers()
+        .iter()
+        .filter_map(|rec| match &rec.data {
+            RData::A(a) if rtype == RecordType::A => Some(a.0.to_string()),
+            RData::AAAA(a) if rtype == RecordType::AAAA => Some(a.0.to_string()),
+            RData::CNAME(c) if rtype == RecordType::CNAME => Some(c.0.to_ascii()),
+            _ => None,
+        })
+        .collect();
+    let same = |s: &String| match rtype {
+        RecordType::CNAME => s
+            .trim_end_matches('.')
+            .eq_ignore_ascii_case(want.trim_end_matches('.')),
+        // Compared as addresses: `2001:db8::25` and `2001:db8:0::25` are one.
+        _ => s.parse::<std::net::IpAddr>().ok() == want.parse().ok(),
+    };
+    if served.iter().any(same) {
         (RecordState::Published, None)
     } else if served.is_empty() {
         (RecordState::Missing, None)

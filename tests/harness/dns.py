@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from dnslib import AAAA, MX, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord
+from dnslib import AAAA, CNAME, MX, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord
 
 from .relay import free_port
 
@@ -160,6 +160,11 @@ class DnsServer:
     def aaaa(self, name: str, *addresses: str) -> "DnsServer":
         for a in addresses:
             self._add(name, RR(_norm(name), QTYPE.AAAA, rdata=AAAA(a), ttl=self.ttl))
+        return self
+
+    def cname(self, name: str, target: str) -> "DnsServer":
+        """An alias; answered to CNAME queries only (nothing here chases it)."""
+        self._add(name, RR(_norm(name), QTYPE.CNAME, rdata=CNAME(_norm(target) + "."), ttl=self.ttl))
         return self
 
     def txt(self, name: str, *strings: str) -> "DnsServer":

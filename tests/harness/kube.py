@@ -85,6 +85,12 @@ def publish_record(dns, rec: dict) -> None:
     elif rec["type"] == "MX":
         pref, host = rec["value"].split()
         dns.mx(rec["name"], (int(pref), host.rstrip(".")))
+    elif rec["type"] == "A":
+        dns.a(rec["name"], rec["value"])
+    elif rec["type"] == "AAAA":
+        dns.aaaa(rec["name"], rec["value"])
+    elif rec["type"] == "CNAME":
+        dns.cname(rec["name"], rec["value"].rstrip("."))
     else:
         raise AssertionError(f"no way to publish a {rec['type']} record: {rec}")
 

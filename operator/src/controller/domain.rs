@@ -35,7 +35,7 @@ use crate::crd::{
 };
 use crate::layout::{DKIM_KEY, DKIM_PUBLIC, dkim_private_key, dkim_public_key, dkim_secret_name};
 use crate::records::{self, Inputs};
-use crate::{dkim, render};
+use crate::{dkim, inbound};
 
 /// Annotations on a generated DKIM Secret: its selector and when it started signing.
 const SELECTOR_ANNOTATION: &str = "herald.dev/dkim-selector";
@@ -67,13 +67,14 @@ async fn reconcile_domain(sd: &SendingDomain, ctx: &Context) -> Result<Action, E
         .ip_pool_ref
         .as_ref()
         .and_then(|r| ctx.stores.pool(&ns, &r.name));
+    let route = inbound::route(&sd.spec.relay_ref.name, relay.as_deref());
     let wanted = wanted_records(
         sd,
-        &ns,
         &key,
         next.as_ref(),
         relay.as_deref(),
         pool.as_deref(),
+        &route,
     );
     let mut records = Vec::with_capacity(wanted.len());
     for r in &wanted {
@@ -94,6 +95,7 @@ async fn reconcile_domain(sd: &SendingDomain, ctx: &Context) -> Result<Action, E
         next,
         records,
         external_dns,
+        route,
     };
     let decision = decide(sd, observed, ctx.recheck, now);
 
@@ -132,6 +134,8 @@ pub struct Observed {
     pub records: Vec<DnsRecord>,
     /// When the spec asks for a DNSEndpoint: whether it was written, or why not.
     pub external_dns: Option<Result<(), String>>,
+    /// Whether bounces can reach the relay (`ReturnPathRoutable`), and the MX target the records name.
+    pub route: inbound::Route,
 }
 
 /// An event to publish on the SendingDomain.
@@ -164,14 +168,15 @@ pub struct Decision {
     pub requeue: Duration,
 }
 
-/// The records to publish for a domain whose key is `key`; none while there is no key.
+/// The records to publish for a domain whose key is `key`; none while there is no key. The return-path MX
+/// names `route`'s host: the relay's public name, or the placeholder that says to set one.
 pub fn wanted_records(
     sd: &SendingDomain,
-    namespace: &str,
     key: &Result<DkimKey, String>,
     next: Option<&DkimKey>,
     relay: Option<&SmtpRelay>,
     pool: Option<&IpPool>,
+    route: &inbound::Route,
 ) -> Vec<DnsRecord> {
     let Ok(key) = key else {
         return Vec::new();
@@ -179,10 +184,6 @@ pub fn wanted_records(
     let pool_addresses: Vec<String> = pool
         .map(|p| p.spec.addresses.iter().map(|a| a.address.clone()).collect())
         .unwrap_or_default();
-    let inbound_host = match relay {
-        Some(r) => render::hostname(r),
-        None => format!("{}.{namespace}.svc.cluster.local", sd.spec.relay_ref.name),
-    };
     let spf_include = relay
         .and_then(|r| r.spec.delivery.smarthost.as_ref())
         .and_then(|s| s.spf_include.as_deref());
@@ -194,7 +195,8 @@ pub fn wanted_records(
             next: next.map(|n| (n.selector.as_str(), n.public.as_str())),
             spf_include,
             pool_addresses: &pool_addresses,
-            inbound_host: &inbound_host,
+            inbound_host: &route.mx_host,
+            host_records: &route.host_records,
         },
     )
 }
@@ -289,13 +291,22 @@ pub fn decide(
                 format!(
                     "DNSEndpoint {} holds {} records",
                     dns_endpoint_name(sd),
-                    records.len()
+                    records.iter().filter(|r| !is_placeholder(r)).count()
                 ),
             ),
             Err(m) => (false, "NotPublished", m),
         };
         conditions.push(cond("ExternalDnsPublished", ok, reason, message));
     }
+    let route = observed.route;
+    conditions.push(cond(
+        "ReturnPathRoutable",
+        route.routable,
+        route.reason,
+        route.message,
+    ));
+    // Ready stays "the domain can send": mail leaves whether or not its late bounces can come back, which
+    // ReturnPathRoutable says on its own.
     let ready = verified;
     conditions.push(cond(
         "Ready",
@@ -352,6 +363,12 @@ pub fn decide(
     }
 }
 
+/// A record that names the placeholder MX target (the MX, and an SPF `a:` of it): shown in status, never
+/// written to a zone.
+fn is_placeholder(r: &DnsRecord) -> bool {
+    r.value.contains(inbound::PLACEHOLDER_HOST)
+}
+
 fn dns_endpoint_name(sd: &SendingDomain) -> String {
     format!("{}-records", sd.name_any())
 }
@@ -368,8 +385,14 @@ pub fn dns_endpoint(
     }
     let endpoints: Vec<serde_json::Value> = records
         .iter()
+        // A placeholder is an instruction to a person, not a record for a zone.
+        .filter(|r| !is_placeholder(r))
         .map(|r| {
-            let target = if r.record_type == "TXT" { records::unquoted(&r.value) } else { r.value.clone() };
+            let target = match r.record_type.as_str() {
+                "TXT" => records::unquoted(&r.value),
+                "CNAME" => r.value.trim_end_matches('.').to_owned(),
+                _ => r.value.clone(),
+            };
             json!({ "dnsName": r.name, "recordType": r.record_type, "targets": [target], "recordTTL": 300 })
         })
         .collect();
@@ -736,7 +759,10 @@ pub fn public_from_private(algorithm: DkimAlgorithm, pem: &[u8]) -> Result<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{DmarcSpec, SmarthostSpec};
+    use crate::crd::{
+        DmarcSpec, InboundServiceSpec, InboundServiceType, InboundStatus, SmarthostSpec,
+        SmtpRelayStatus,
+    };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     const RECHECK: Recheck = Recheck {
@@ -788,15 +814,40 @@ mod tests {
             .collect()
     }
 
-    fn observe(sd: &SendingDomain, next: Option<DkimKey>, unserved: &[&str]) -> Observed {
+    /// The relay with a public name, behind a Service whose outside address the user routes (so no
+    /// host records: DKIM, SPF, MX, DMARC).
+    fn routed_relay() -> SmtpRelay {
+        let mut r = crate::fixtures::relay();
+        r.spec.hostname = Some("mx.example.test".into());
+        r.spec.inbound_service = Some(InboundServiceSpec {
+            type_: InboundServiceType::NodePort,
+            annotations: Default::default(),
+            load_balancer_class: None,
+            external_traffic_policy: None,
+        });
+        r
+    }
+
+    fn observe_with(
+        sd: &SendingDomain,
+        relay: Option<&SmtpRelay>,
+        next: Option<DkimKey>,
+        unserved: &[&str],
+    ) -> Observed {
         let k = Ok(key("herald1"));
-        let wanted = wanted_records(sd, "mail", &k, next.as_ref(), None, None);
+        let route = inbound::route("relay", relay);
+        let wanted = wanted_records(sd, &k, next.as_ref(), relay, None, &route);
         Observed {
             key: k,
             next,
             records: served(wanted, unserved),
             external_dns: None,
+            route,
         }
+    }
+
+    fn observe(sd: &SendingDomain, next: Option<DkimKey>, unserved: &[&str]) -> Observed {
+        observe_with(sd, Some(&routed_relay()), next, unserved)
     }
 
     fn cond<'a>(
@@ -814,9 +865,10 @@ mod tests {
     fn records_name_the_relay_and_its_smarthost_and_pool() {
         let sd = domain();
         let k = Ok(key("herald1"));
-        let none = wanted_records(&sd, "mail", &k, None, None, None);
+        let route = |r: Option<&SmtpRelay>| inbound::route("relay", r);
+        let none = wanted_records(&sd, &k, None, None, None, &route(None));
         assert_eq!(none.len(), 4);
-        assert_eq!(none[2].value, "10 relay.mail.svc.cluster.local.");
+        assert_eq!(none[2].value, "10 set-smtprelay-spec-hostname.invalid.");
         let mut relay = crate::fixtures::relay();
         relay.spec.hostname = Some("mx.example.test".into());
         relay.spec.delivery.smarthost = Some(SmarthostSpec {
@@ -828,13 +880,22 @@ mod tests {
             spf_include: Some("_spf.provider.test".into()),
         });
         let pool = crate::fixtures::pool();
-        let r = wanted_records(&sd, "mail", &k, None, Some(&relay), Some(&pool));
+        let r = wanted_records(
+            &sd,
+            &k,
+            None,
+            Some(&relay),
+            Some(&pool),
+            &route(Some(&relay)),
+        );
         assert_eq!(r[2].value, "10 mx.example.test.");
         assert_eq!(
             records::unquoted(&r[1].value),
             "v=spf1 include:_spf.provider.test ip4:192.0.2.10 -all"
         );
-        assert!(wanted_records(&sd, "mail", &Err("no key".into()), None, None, None).is_empty());
+        assert!(
+            wanted_records(&sd, &Err("no key".into()), None, None, None, &route(None)).is_empty()
+        );
     }
 
     #[test]
@@ -927,6 +988,7 @@ mod tests {
             next: None,
             records: vec![],
             external_dns: Some(Err("no records yet (waiting for the DKIM key)".into())),
+            route: inbound::route("relay", None),
         };
         let d = decide(&sd, o, RECHECK, at(100));
         let k = cond(&d, "DkimKeyReady");
@@ -983,7 +1045,7 @@ mod tests {
         let e = &endpoint["spec"]["endpoints"];
         assert_eq!(e.as_array().unwrap().len(), 4);
         assert_eq!(e[3]["targets"][0], "v=DMARC1; p=reject; adkim=r; aspf=r");
-        assert_eq!(e[2]["targets"][0], "10 relay.mail.svc.cluster.local.");
+        assert_eq!(e[2]["targets"][0], "10 mx.example.test.");
         let d = decide(
             &sd,
             Observed {
@@ -996,6 +1058,119 @@ mod tests {
         let c = cond(&d, "ExternalDnsPublished");
         assert_eq!(c.status, "True");
         assert_eq!(c.message, "DNSEndpoint example-records holds 4 records");
+    }
+
+    /// Every record of a decision, as `type name value`.
+    fn all_records(d: &Decision) -> Vec<String> {
+        d.status
+            .records
+            .iter()
+            .map(|r| format!("{} {} {}", r.record_type, r.name, r.value))
+            .collect()
+    }
+
+    #[test]
+    fn without_a_public_name_the_mx_is_a_placeholder_and_return_path_routable_is_false() {
+        let mut sd = domain();
+        sd.spec.publish_with_external_dns = true;
+        let internal = crate::fixtures::relay();
+        for relay in [None, Some(&internal)] {
+            let o = observe_with(&sd, relay, None, &[]);
+            let endpoint = dns_endpoint(&sd, "mail", &o.records).unwrap();
+            let d = decide(&sd, o, RECHECK, at(100));
+            let c = cond(&d, "ReturnPathRoutable");
+            assert_eq!(c.status, "False");
+            let records = all_records(&d);
+            assert!(
+                records.iter().all(|r| !r.contains("cluster.local")),
+                "{records:?}"
+            );
+            assert!(
+                records.contains(
+                    &"MX bounces.example.test 10 set-smtprelay-spec-hostname.invalid.".to_owned()
+                ),
+                "{records:?}"
+            );
+            // The placeholder is an instruction, never written to a zone: DKIM and DMARC only.
+            let names: Vec<&str> = endpoint["spec"]["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["recordType"].as_str().unwrap())
+                .collect();
+            assert_eq!(names, ["TXT", "TXT"], "{endpoint}");
+        }
+        let d = decide(
+            &sd,
+            observe_with(&sd, Some(&internal), None, &[]),
+            RECHECK,
+            at(100),
+        );
+        let c = cond(&d, "ReturnPathRoutable");
+        assert_eq!(c.reason, "NoPublicHostname");
+        assert!(
+            c.message.contains("set spec.hostname of SmtpRelay relay"),
+            "{}",
+            c.message
+        );
+    }
+
+    #[test]
+    fn a_load_balancer_address_becomes_the_mx_hosts_record_and_the_route_turns_true_once() {
+        let mut sd = domain();
+        let mut relay = routed_relay();
+        relay.spec.inbound_service.as_mut().unwrap().type_ = InboundServiceType::LoadBalancer;
+        let pending = decide(
+            &sd,
+            observe_with(&sd, Some(&relay), None, &[]),
+            RECHECK,
+            at(100),
+        );
+        let c = cond(&pending, "ReturnPathRoutable");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "LoadBalancerPending")
+        );
+        assert!(
+            all_records(&pending)
+                .contains(&"MX bounces.example.test 10 mx.example.test.".to_owned())
+        );
+        sd.status = Some(pending.status);
+        relay.status = Some(SmtpRelayStatus {
+            inbound: Some(InboundStatus {
+                service: "relay-inbound".into(),
+                addresses: vec!["192.0.2.25".into()],
+                hostnames: vec![],
+            }),
+            ..SmtpRelayStatus::default()
+        });
+        let d = decide(
+            &sd,
+            observe_with(&sd, Some(&relay), None, &[]),
+            RECHECK,
+            at(200),
+        );
+        let c = cond(&d, "ReturnPathRoutable");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "LoadBalancerReady")
+        );
+        assert_eq!(c.last_transition_time, Time(at(200)));
+        assert!(
+            all_records(&d).contains(&"A mx.example.test 192.0.2.25".to_owned()),
+            "{:?}",
+            all_records(&d)
+        );
+        assert!(d.verified, "the A record is checked like the others");
+        // The same again: no transition, the same status (no write).
+        sd.status = Some(d.status.clone());
+        let again = decide(
+            &sd,
+            observe_with(&sd, Some(&relay), None, &[]),
+            RECHECK,
+            at(300),
+        );
+        assert_eq!(Some(&again.status), sd.status.as_ref());
     }
 
     #[test]

@@ -4,12 +4,14 @@
 //! - **Fetch**: the relay's domains and the namespace's pools from the shared caches; the config Secret as it
 //!   is (to keep the return-path keys, and the password hashes that still match) and whether the admin
 //!   token Secret exists ([`kept_secrets`]); each user's password, hashed; the smarthost username; the
-//!   StatefulSet's ready replicas.
+//!   StatefulSet's ready replicas; the inbound Service's load-balancer addresses (into the status, where
+//!   the SendingDomains read them for their MX host's records).
 //! - **Decide**: [`decide`] renders the config and builds the config Secret, the admin token Secret when
 //!   there is none, StatefulSet, Services, PDB, NetworkPolicy and ServiceMonitor, and the status, without
 //!   I/O.
 //! - **Apply**: the admin token Secret is created (never applied: it is made once and kept); every other
-//!   object is server-side applied; then the status when it changed.
+//!   object is server-side applied; the inbound Service is deleted when the spec no longer asks for it;
+//!   then the status when it changed.
 //!
 //! A relay renders once per batch of changes, not once per domain event: SendingDomain events reach it
 //! through `triggers::DomainEvents` only when something the config reads changed, and a debounce folds a
@@ -30,7 +32,8 @@ use kube::{Api, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use super::{Conditions, Context, Error, MANAGER, apply, patch_status};
-use crate::crd::{IpPool, SendingDomain, SmtpRelay, SmtpRelayStatus};
+use crate::crd::{InboundStatus, IpPool, SendingDomain, SmtpRelay, SmtpRelayStatus};
+use crate::inbound;
 use crate::layout::{
     ADMIN_TOKEN_KEY, BOUNCE_KEYS, CONFIG_FILE, admin_token_secret_name, config_secret_name,
 };
@@ -84,6 +87,8 @@ async fn reconcile_relay(relay: &SmtpRelay, ctx: &Context) -> Result<Action, Err
         }
         None => None,
     };
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let inbound_service = services.get_opt(&inbound::service_name(relay)).await?;
     let ready_replicas = Api::<StatefulSet>::namespaced(client.clone(), &ns)
         .get_opt(&name)
         .await?
@@ -100,6 +105,11 @@ async fn reconcile_relay(relay: &SmtpRelay, ctx: &Context) -> Result<Action, Err
         new_admin_token: kept.new_admin_token,
         operator_pods: ctx.operator_pods.clone(),
         ready_replicas,
+        inbound: relay
+            .spec
+            .inbound_service
+            .as_ref()
+            .map(|_| inbound::status(relay, inbound_service.as_ref())),
     };
 
     // Decide.
@@ -116,9 +126,11 @@ async fn reconcile_relay(relay: &SmtpRelay, ctx: &Context) -> Result<Action, Err
             &o.statefulset,
         )
         .await?;
-        let services: Api<Service> = Api::namespaced(client.clone(), &ns);
         apply(&services, &o.smtp_service).await?;
         apply(&services, &o.headless_service).await?;
+        if let Some(s) = &o.inbound_service {
+            apply(&services, s).await?;
+        }
         apply(
             &Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns),
             &o.pdb,
@@ -131,6 +143,20 @@ async fn reconcile_relay(relay: &SmtpRelay, ctx: &Context) -> Result<Action, Err
         .await?;
         if let Some(monitor) = &o.service_monitor {
             apply_service_monitor(ctx, &ns, &name, monitor).await;
+        }
+    }
+    // The spec dropped inboundService: its Service goes (only ours: owned by this relay).
+    if relay.spec.inbound_service.is_none()
+        && let Some(s) = &inbound_service
+        && inbound::owned_by(s, relay)
+    {
+        match services
+            .delete(&inbound::service_name(relay), &Default::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
         }
     }
     if relay.status.as_ref() != Some(&decision.status) {
@@ -162,6 +188,8 @@ pub struct Inputs {
     /// The operator's pods, which the NetworkPolicy admits to the admin port.
     pub operator_pods: Option<OperatorPods>,
     pub ready_replicas: i32,
+    /// With `spec.inboundService`: its Service's load-balancer addresses.
+    pub inbound: Option<InboundStatus>,
 }
 
 /// The objects that run a relay, as they should be.
@@ -173,6 +201,8 @@ pub struct Objects {
     pub statefulset: StatefulSet,
     pub smtp_service: Service,
     pub headless_service: Service,
+    /// With `spec.inboundService`: the Service of the inbound listener (port 25).
+    pub inbound_service: Option<Service>,
     pub pdb: PodDisruptionBudget,
     pub network_policy: NetworkPolicy,
     /// Applied when the Prometheus Operator's CRD is installed.
@@ -231,6 +261,7 @@ pub fn decide(relay: &SmtpRelay, inputs: &Inputs, now: Timestamp) -> Result<Deci
                 statefulset: objects::statefulset(relay, &inputs.domains, &hash, &config.shutdown),
                 smtp_service: objects::smtp_service(relay),
                 headless_service: objects::headless_service(relay),
+                inbound_service: inbound::service(relay),
                 pdb: objects::pdb(relay),
                 network_policy: network::network_policy(relay, inputs.operator_pods.as_ref()),
                 service_monitor: relay
@@ -273,6 +304,7 @@ pub fn decide(relay: &SmtpRelay, inputs: &Inputs, now: Timestamp) -> Result<Deci
             config_hash,
             conditions,
             observed_generation: generation,
+            inbound: inputs.inbound.clone(),
         },
     })
 }
@@ -511,6 +543,7 @@ mod tests {
             new_admin_token: None,
             operator_pods: None,
             ready_replicas: 0,
+            inbound: None,
         }
     }
 

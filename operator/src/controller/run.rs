@@ -6,8 +6,9 @@
 //!   triggers the domain controller through a generation predicate, so the controller's own status writes
 //!   do not run it again (DNS is rechecked on a timer anyway).
 //! - IpPool: likewise; a spec change also renders the relays whose domains use the pool.
-//! - SmtpRelay: runs on its own spec changes, its StatefulSet's, and what `triggers` names, with a
-//!   debounce that folds a burst of domain changes into one render.
+//! - SmtpRelay: runs on its own spec changes, its StatefulSet's and Services', and what `triggers` names,
+//!   with a debounce that folds a burst of domain changes into one render. A change of its public name or
+//!   of its inbound Service's addresses runs its domains' controller (`triggers::route_view`).
 
 use std::fmt::Debug;
 use std::net::SocketAddr;
@@ -19,8 +20,9 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Service;
 use kube::runtime::controller::{self, Controller, Error as ControllerError};
-use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::reflector::{self, ObjectRef, store::Writer};
 use kube::runtime::watcher::{self, watcher};
 use kube::runtime::{WatchStreamExt, predicates};
 use kube::{Api, Client, Resource};
@@ -163,6 +165,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     );
 
     let (relay_tx, relay_rx) = futures::channel::mpsc::unbounded();
+    let (domain_tx, domain_rx) = futures::channel::mpsc::unbounded();
     let mut domain_changes = Changes::new(triggers::domain_view);
     let (events_ctx, to_relays) = (ctx.clone(), relay_tx.clone());
     let domain_stream = watch::<SendingDomain>(&scope, &client, domain_writer, domains_listed)
@@ -181,6 +184,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         .touched_objects()
         .predicate_filter(predicates::generation, Default::default());
     let domains = Controller::for_stream(domain_stream, ctx.stores.domains.clone())
+        .reconcile_on(domain_rx)
         .with_config(controller::Config::default().concurrency(DOMAIN_CONCURRENCY))
         .shutdown_on_signal()
         .run(domain::reconcile, error_policy, ctx.clone())
@@ -198,7 +202,19 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             }
             futures::future::ready(())
         });
+    let mut relay_changes = Changes::new(triggers::route_view);
+    let stores = ctx.stores.clone();
     let relay_stream = watch::<SmtpRelay>(&scope, &client, relay_writer, relays_listed)
+        .inspect_ok(move |event| {
+            // A new public name or load-balancer address changes the domains' MX records and
+            // ReturnPathRoutable now, not at their next DNS recheck.
+            for c in relay_changes.observe(event) {
+                let ns = c.object.namespace.as_deref().unwrap_or_default();
+                for d in stores.domains_of(ns, &c.object.name) {
+                    let _ = domain_tx.unbounded_send(ObjectRef::from_obj(d.as_ref()));
+                }
+            }
+        })
         .touched_objects()
         .predicate_filter(predicates::generation, Default::default());
     let relays = Controller::for_stream(relay_stream, ctx.stores.relays.clone())
@@ -206,6 +222,16 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         .owns_stream(
             scope
                 .watch::<StatefulSet>(
+                    &client,
+                    watcher::Config::default()
+                        .labels("app.kubernetes.io/managed-by=herald-operator"),
+                )
+                .touched_objects(),
+        )
+        // And its Services: the inbound one's load-balancer addresses go into the status too.
+        .owns_stream(
+            scope
+                .watch::<Service>(
                     &client,
                     watcher::Config::default()
                         .labels("app.kubernetes.io/managed-by=herald-operator"),

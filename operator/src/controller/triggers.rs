@@ -1,5 +1,5 @@
 //! What SendingDomain and IpPool watch events mean for the relays: which SmtpRelay has to render its config
-//! again, and which domains are gone.
+//! again, and which domains are gone; and what SmtpRelay events mean for the domains ([`route_view`]).
 //!
 //! A relay's config and StatefulSet depend on a little of each of its domains (the spec, and the selector
 //! that signs now) and on the spec of the pools they use, not on the records and conditions that the other
@@ -144,6 +144,21 @@ pub fn domain_view(sd: &SendingDomain) -> DomainView {
             .map(|ns| ObjectRef::new(&sd.spec.relay_ref.name).within(ns)),
         hash: h.finish(),
     }
+}
+
+/// What a SendingDomain reads of its relay for the return-path MX and `ReturnPathRoutable`: the public
+/// name, the inbound Service asked for and the addresses its load balancer got. A relay's status changes
+/// (ready replicas, the config hash) are no change to it, so its domains are not re-checked for those.
+pub fn route_view(relay: &SmtpRelay) -> u64 {
+    let mut h = DefaultHasher::new();
+    serde_json::to_vec(&(
+        &relay.spec.hostname,
+        &relay.spec.inbound_service,
+        relay.status.as_ref().map(|s| &s.inbound),
+    ))
+    .unwrap_or_default()
+    .hash(&mut h);
+    h.finish()
 }
 
 /// The view of an IpPool: a hash of its spec (its addresses and EHLO names go into the config).
