@@ -14,6 +14,7 @@
 pub mod core;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
@@ -21,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::events::Event;
 use crate::outcome::Rules;
 use crate::outcome::dsn;
-use crate::outcome::suppression::Suppressions;
+use crate::outcome::suppression::{Evidence, Observation, Suppressions, suppressed};
 use crate::spool::{Location, MessageMeta, QueueId, RcptState, RcptStatus, Spool};
 use crate::telemetry::Telemetry;
 use herald_config::Config;
@@ -33,6 +34,8 @@ pub use self::core::{Attempt, DestKey, Job, MessageView, NewEntry, RecipientView
 const COMPACT_EVERY: Duration = Duration::from_secs(10);
 /// How often the queue gauges are refreshed.
 const GAUGES_EVERY: Duration = Duration::from_secs(2);
+/// How often expired suppressions are dropped (they stop suppressing at once; this frees their memory).
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// The most of an original message a DSN reads to find its header section.
 const DSN_HEADERS_MAX: usize = 1024 * 1024;
 
@@ -250,6 +253,7 @@ struct Shell {
     telemetry: Telemetry,
     stopping: Option<oneshot::Sender<()>>,
     compacting: bool,
+    sweeping: Arc<AtomicBool>,
 }
 
 /// Starts the queue task, configured by `initial`, with the messages loaded from the spool.
@@ -276,6 +280,7 @@ pub fn start(
         telemetry,
         stopping: None,
         compacting: false,
+        sweeping: Arc::new(AtomicBool::new(false)),
     };
     let now = now_ms();
     for l in loaded {
@@ -329,6 +334,8 @@ impl Shell {
         compact.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut gauges = tokio::time::interval(GAUGES_EVERY);
         gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next_timer = self.core.next_due();
             let sleep = async {
@@ -351,6 +358,7 @@ impl Shell {
                 }
                 _ = compact.tick() => self.compact(),
                 _ = gauges.tick() => self.gauges(),
+                _ = sweep.tick() => self.sweep(),
             }
             if let Some(reply) = self.stopping.take() {
                 if self.core.idle() {
@@ -480,6 +488,7 @@ impl Shell {
                 Action::Record { id, updates } => self.spool.record_results(id, &updates),
                 Action::Outcome(o) => {
                     self.outcome(&o, attempt);
+                    self.observe(&o);
                     let result = o.status.as_str();
                     let delay = o.age_ms as f64 / 1000.0;
                     match logged.iter_mut().find(|l| l.0 == result) {
@@ -498,12 +507,6 @@ impl Shell {
                         }
                     }
                 }
-                Action::Suppress {
-                    id,
-                    sender,
-                    recipient,
-                    reason,
-                } => self.suppress(id, sender, recipient, reason),
                 Action::Dsn {
                     meta,
                     location,
@@ -579,22 +582,66 @@ impl Shell {
         });
     }
 
-    /// Adds a recipient to the suppression list (off the queue task: the list is fsynced).
-    fn suppress(&self, id: QueueId, sender: String, recipient: String, reason: String) {
+    /// Tells the suppression list what became of a recipient: a delivery ends a mailbox-full streak, a
+    /// final failure may suppress or extend one (the policy decides, in `outcome::suppression`). Deferrals
+    /// are retries, not news. Off the queue task when there is anything to write (the list is fsynced).
+    fn observe(&self, o: &Outcome) {
+        let observed = match (o.status, o.verdict) {
+            (RcptStatus::Delivered, _) => Observation::Delivered,
+            (RcptStatus::Bounced | RcptStatus::Expired, Some((class, category))) => {
+                Observation::Failed {
+                    class,
+                    category,
+                    reply: Evidence {
+                        source: "smtp".to_owned(),
+                        code: Some(o.reply.code),
+                        enhanced: o.reply.enhanced.clone(),
+                        text: o.reply.text.clone(),
+                    },
+                }
+            }
+            _ => return,
+        };
+        let recipient = o.recipient().to_owned();
+        if !self.suppressions.concerns(&recipient, &observed) {
+            return;
+        }
         let list = self.suppressions.clone();
         let telemetry = self.telemetry.clone();
-        let logged = self.redact(reason.clone());
-        tokio::task::spawn_blocking(move || match list.add(&recipient, &reason) {
-            Ok(()) => {
-                tracing::info!(reason = %logged, "recipient added to the suppression list");
-                telemetry.emit(|| {
-                    let mut ev = Event::new("suppressed", id.to_string(), sender);
-                    ev.recipient = Some(recipient);
-                    ev.reply = Some(reason);
-                    ev
-                });
+        let id = o.id();
+        let sender = o.meta.sender.clone();
+        let log_recipients = self.log_recipients;
+        tokio::task::spawn_blocking(move || match list.observe(&recipient, &observed) {
+            Ok(Some(entry)) => suppressed(
+                &telemetry,
+                &entry,
+                id.to_string(),
+                sender,
+                None,
+                log_recipients,
+            ),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record an outcome in the suppression list")
             }
-            Err(e) => tracing::error!(error = %e, "cannot record a suppression"),
+        });
+    }
+
+    /// Drops expired suppressions and forgotten streaks (off the queue task), one sweep at a time.
+    fn sweep(&mut self) {
+        if self.sweeping.load(Ordering::Relaxed) {
+            return;
+        }
+        self.sweeping.store(true, Ordering::Relaxed);
+        let list = self.suppressions.clone();
+        let sweeping = self.sweeping.clone();
+        tokio::task::spawn_blocking(move || {
+            match list.sweep() {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(dropped = n, "expired suppressions and streaks dropped"),
+                Err(e) => tracing::error!(error = %e, "cannot sweep the suppression list"),
+            }
+            sweeping.store(false, Ordering::Relaxed);
         });
     }
 
@@ -911,7 +958,9 @@ mod tests {
         ))
         .unwrap();
         let (spool, _) = Spool::open(dir.path()).unwrap();
-        let suppressions = Arc::new(Suppressions::open(dir.path()).unwrap());
+        let suppressions = Arc::new(
+            Suppressions::open(dir.path(), herald_config::Suppression::default()).unwrap(),
+        );
         let rules = Arc::new(Rules::new(
             Arc::new(crate::outcome::verp::ReturnPaths::default()),
             Arc::new(crate::outcome::Classifier::builtin()),
