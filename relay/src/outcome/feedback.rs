@@ -157,7 +157,8 @@ fn judge(report: &Report, token: &Token, recipient: String, classifier: &Classif
                     source: report.kind.as_str().to_owned(),
                     code: None,
                     enhanced: None,
-                    text: format!("{ft} complaint"),
+                    // The feedback type: `reason` reads "complaint (abuse, arf report)".
+                    text: (*ft).to_owned(),
                 },
             });
         }

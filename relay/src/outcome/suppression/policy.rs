@@ -71,6 +71,15 @@ pub fn expiry(policy: &Suppression, cause: Cause, now: DateTime<Utc>) -> Option<
     now.checked_add_signed(d)
 }
 
+/// A reply as the list's `reason` says it: the reply itself, or which report gave the diagnostic.
+fn reason(reply: &Evidence) -> String {
+    if reply.source == "smtp" {
+        reply.to_string()
+    } else {
+        format!("bounce ({} report): {}", reply.source, reply.text)
+    }
+}
+
 /// The decision for `address` given its current streak (if any) and what happened.
 pub fn decide(
     policy: &Suppression,
@@ -91,7 +100,7 @@ pub fn decide(
         Observation::Delivered => reset(),
         Observation::Complaint { reply } => Decision::Suppress {
             cause: Cause::Complaint,
-            reason: format!("complaint: {}", reply.text),
+            reason: format!("complaint ({}, {} report)", reply.text, reply.source),
             reply: reply.clone(),
             expires_at: expiry(policy, Cause::Complaint, now),
         },
@@ -103,7 +112,7 @@ pub fn decide(
             reply,
         } if category.suppresses() => Decision::Suppress {
             cause: Cause::InvalidRecipient,
-            reason: reply.to_string(),
+            reason: reason(reply),
             reply: reply.clone(),
             expires_at: expiry(policy, Cause::InvalidRecipient, now),
         },
@@ -137,10 +146,11 @@ pub fn decide(
                 Decision::Suppress {
                     cause: Cause::MailboxFull,
                     reason: format!(
-                        "mailbox full {} times since {}: {reply}",
+                        "mailbox full {} times since {}: {}",
                         next.replies,
                         next.first_at
-                            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        reason(reply)
                     ),
                     reply: reply.clone(),
                     expires_at: expiry(policy, Cause::MailboxFull, now),
