@@ -287,6 +287,12 @@ def test_a_manual_suppression_never_expires_unless_given_a_ttl_and_a_bad_ttl_is_
     assert e["category"] == "manual" and e["expires_at"] is None and e["reply"]["source"] == "admin", e
     status, body = r.http("PUT", f"/suppressions/{addr}", {"ttl": "soon"})
     assert status == 400 and b"ttl" in body, (status, body)
+    # An export restored keeps its expiry.
+    status, body = r.http("PUT", f"/suppressions/{addr}", {"reason": "restored", "expires_at": "2999-01-02T03:04:05Z"})
+    assert status == 200, (status, body)
+    assert entry(r, addr)["expires_at"].startswith("2999-01-02T03:04:05"), entry(r, addr)
+    status, body = r.http("PUT", f"/suppressions/{addr}", {"ttl": "1d", "expires_at": "2999-01-02T03:04:05Z"})
+    assert status == 400 and b"not both" in body, (status, body)
 
 
 def test_streaks_and_old_format_entries_survive_a_restart(relays, dns, peers, foreign):

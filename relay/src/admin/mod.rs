@@ -87,6 +87,9 @@ struct SuppressBody {
     reason: Option<String>,
     /// How long the suppression lasts (`30d`, `12h`), or `never` (the default).
     ttl: Option<herald_config::Ttl>,
+    /// When it ends (RFC 3339), as `GET /suppressions` shows it: a list restored from an export keeps
+    /// its expiry. Not with `ttl`.
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 fn router(state: Arc<AdminState>) -> Router {
@@ -290,10 +293,20 @@ async fn suppress(
     let reason = body
         .reason
         .unwrap_or_else(|| "added through the admin API".to_owned());
-    let ttl = body.ttl.and_then(herald_config::Ttl::duration);
+    let until = match (body.ttl, body.expires_at) {
+        (Some(_), Some(_)) => {
+            return error(StatusCode::BAD_REQUEST, "give ttl or expires_at, not both");
+        }
+        (_, Some(t)) => Some(t),
+        (Some(ttl), None) => ttl
+            .duration()
+            .and_then(|d| chrono::Duration::from_std(d).ok())
+            .and_then(|d| chrono::Utc::now().checked_add_signed(d)),
+        (None, None) => None,
+    };
     let list = s.suppressions.clone();
     let addr = address.clone();
-    match tokio::task::spawn_blocking(move || list.add_manual(&addr, &reason, ttl)).await {
+    match tokio::task::spawn_blocking(move || list.add_manual(&addr, &reason, until)).await {
         Ok(Ok(entry)) => Json(json!({ "suppressed": address, "entry": entry })).into_response(),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),

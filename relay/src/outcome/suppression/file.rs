@@ -223,7 +223,7 @@ impl Store for FileStore {
         Ok(true)
     }
 
-    fn len(&self) -> usize {
+    fn entry_count(&self) -> usize {
         self.read().entries.len()
     }
 

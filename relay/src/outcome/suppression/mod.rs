@@ -129,7 +129,7 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn put_streak(&self, streak: Streak) -> Result<(), SuppressionError>;
     fn clear_streak(&self, address: &str) -> Result<bool, SuppressionError>;
     /// Entries stored, expired ones not yet swept included.
-    fn len(&self) -> usize;
+    fn entry_count(&self) -> usize;
     fn streak_count(&self) -> usize;
     /// Drops entries expired at `now` and streaks `forgotten` says are over; how many went.
     fn sweep(
@@ -221,7 +221,7 @@ impl Suppressions {
 
     /// Entries stored (expired ones are swept within a minute).
     pub fn len(&self) -> usize {
-        self.store.len()
+        self.store.entry_count()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -302,12 +302,12 @@ impl Suppressions {
         }
     }
 
-    /// Suppresses an address by hand, until removed or for `ttl`. Blocking.
+    /// Suppresses an address by hand, until removed or `until`. Blocking.
     pub fn add_manual(
         &self,
         address: &str,
         reason: &str,
-        ttl: Option<std::time::Duration>,
+        until: Option<DateTime<Utc>>,
     ) -> Result<Entry, SuppressionError> {
         let now = Utc::now();
         let entry = Entry {
@@ -321,9 +321,7 @@ impl Suppressions {
                 enhanced: None,
                 text: reason.to_owned(),
             }),
-            expires_at: ttl
-                .and_then(|d| chrono::Duration::from_std(d).ok())
-                .and_then(|d| now.checked_add_signed(d)),
+            expires_at: until,
         };
         self.store.put(entry.clone())?;
         Ok(entry)

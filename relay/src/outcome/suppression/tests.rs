@@ -119,8 +119,12 @@ fn the_old_file_format_still_reads_and_never_expires() {
 fn an_expired_entry_stops_suppressing_and_is_swept_from_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    s.add_manual("brief@x.test", "r", Some(Duration::from_millis(1)))
-        .unwrap();
+    s.add_manual(
+        "brief@x.test",
+        "r",
+        Some(Utc::now() + chrono::Duration::milliseconds(1)),
+    )
+    .unwrap();
     s.add_manual("kept@x.test", "r", None).unwrap();
     std::thread::sleep(Duration::from_millis(5));
     assert!(!s.contains("brief@x.test"));
