@@ -242,8 +242,11 @@ impl EnvelopePolicy for SessionPolicy {
                     550,
                     "5.1.1",
                     format!(
-                        "<{to}>: recipient is suppressed ({} at {}: {})",
-                        entry.category.map_or("suppressed", |c| c.as_str()),
+                        "<{to}>: recipient is suppressed ({}at {}: {})",
+                        // Entries from before categories say only when.
+                        entry
+                            .category
+                            .map_or(String::new(), |c| format!("{} ", c.as_str())),
                         entry
                             .added_at
                             .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),

@@ -656,6 +656,8 @@ impl Shell {
         m.queue_oldest_age.set(oldest as i64);
         m.spool_bytes.set(self.spool.bytes() as i64);
         m.suppressions.set(self.suppressions.len() as i64);
+        m.suppression_streaks
+            .set(self.suppressions.streak_count() as i64);
         m.delivery_connections.set(self.core.connections() as i64);
     }
 

@@ -202,7 +202,9 @@ impl Store for FileStore {
     }
 
     fn has_streak(&self, address: &str) -> bool {
-        self.read().streaks.contains_key(&key(address))
+        // Asked for nearly every delivered recipient: no lowercased copy while there are no streaks.
+        let maps = self.read();
+        !maps.streaks.is_empty() && maps.streaks.contains_key(&key(address))
     }
 
     fn streaks(&self, after: Option<&str>, limit: usize) -> Vec<Streak> {
