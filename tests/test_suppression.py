@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import time
 
 import pytest
@@ -324,3 +325,24 @@ def test_streaks_and_old_format_entries_survive_a_restart(relays, dns, peers, fo
     e = entry(r, old)
     assert e and e["reason"] == "550 5.1.1 no such user" and e["expires_at"] is None, e
     assert_suppressed_reply(rcpt_reply(r, old), old)
+
+
+def test_a_reloaded_suppression_policy_applies_to_the_next_failure(relays, dns, peers, foreign):
+    """With `mailbox_full.replies: 0` a full mailbox never suppresses (and starts no streak); after SIGHUP with
+    `replies: 2, over: 0s`, two more full replies do."""
+    addr = f"{unique('reload')}@foreign.test"
+    foreign.on_rcpt(addr, "552 5.2.2 Mailbox full")  # every time
+    r = start_outbound(relays, dns, peers, config=with_suppression({"mailbox_full": {"replies": 0}}))
+    for i in range(2):
+        bounce_one(r, addr, f"off{i}")
+    assert lookup(r, addr) == {"address": addr, "suppression": None, "streak": None}
+    before = r.log_text().count("config reloaded")
+    r.config["suppression"] = {"mailbox_full": {"replies": 2, "over": "0s"}}
+    r.write_config()
+    r.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: r.log_text().count("config reloaded") > before, 15), r.log_tail(30)
+    bounce_one(r, addr, "on0")
+    assert wait_until(lambda: lookup(r, addr)["streak"], 10), lookup(r, addr)
+    bounce_one(r, addr, "on1")
+    e = wait_until(lambda: entry(r, addr), 10)
+    assert e and e["category"] == "mailbox-full", lookup(r, addr)

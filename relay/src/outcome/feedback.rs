@@ -385,6 +385,28 @@ Diagnostic-Code: smtp; {diagnostic}\r\n\
     }
 
     #[test]
+    fn a_full_mailbox_dsn_is_a_streak_observation_not_a_suppression() {
+        let rp = paths();
+        let token = local_part(
+            &rp.envelope_sender(QueueId(7), "news@example.test", "u@d.test")
+                .unwrap(),
+        );
+        let raw = dsn("u@d.test", "5.2.2", "552 5.2.2 mailbox full");
+        let [o] = evaluate(raw.as_bytes(), &[token], &rp, &Classifier::builtin())
+            .try_into()
+            .unwrap();
+        assert_eq!(o.category, Some(Category::MailboxFull));
+        assert!(!suppresses(&o));
+        let Some(Observation::Failed { reply, .. }) = &o.observed else {
+            panic!("{o:?}")
+        };
+        assert_eq!(
+            (reply.source.as_str(), reply.enhanced.as_deref()),
+            ("dsn", Some("5.2.2"))
+        );
+    }
+
+    #[test]
     fn a_report_without_a_token_is_unverified() {
         let raw = dsn("u@d.test", "5.1.1", "550 5.1.1 user unknown");
         let [o] = evaluate(
