@@ -254,6 +254,54 @@ struct Shell {
     stopping: Option<oneshot::Sender<()>>,
     compacting: bool,
     sweeping: Arc<AtomicBool>,
+    /// Outcomes for the suppression list, see [`start_observer`].
+    observer: mpsc::UnboundedSender<Observed>,
+}
+
+/// One recipient's outcome on its way to the suppression list.
+struct Observed {
+    recipient: String,
+    observed: Observation,
+    id: QueueId,
+    sender: String,
+    log_recipients: bool,
+}
+
+/// Writes outcomes to the suppression list one at a time, in the order the queue decided them, off the
+/// runtime (each write is fsynced): a delivery and a full-mailbox bounce to one address must not swap
+/// places, or the streak would be reset before the failure instead of after it.
+fn start_observer(
+    list: Arc<Suppressions>,
+    telemetry: Telemetry,
+) -> mpsc::UnboundedSender<Observed> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Observed>();
+    tokio::spawn(async move {
+        while let Some(o) = rx.recv().await {
+            let list = list.clone();
+            let telemetry = telemetry.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                match list.observe(&o.recipient, &o.observed) {
+                    Ok(Some(entry)) => suppressed(
+                        &telemetry,
+                        &entry,
+                        o.id.to_string(),
+                        o.sender,
+                        None,
+                        o.log_recipients,
+                    ),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot record an outcome in the suppression list")
+                    }
+                }
+            })
+            .await;
+            if let Err(e) = done {
+                tracing::error!(error = %e, "suppression list task failed");
+            }
+        }
+    });
+    tx
 }
 
 /// Starts the queue task, configured by `initial`, with the messages loaded from the spool.
@@ -268,6 +316,7 @@ pub fn start(
 ) -> QueueHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let handle = QueueHandle { tx };
+    let observer = start_observer(suppressions.clone(), telemetry.clone());
     let mut shell = Shell {
         core: Core::new(initial.settings),
         spool,
@@ -281,6 +330,7 @@ pub fn start(
         stopping: None,
         compacting: false,
         sweeping: Arc::new(AtomicBool::new(false)),
+        observer,
     };
     let now = now_ms();
     for l in loaded {
@@ -606,24 +656,12 @@ impl Shell {
         if !self.suppressions.concerns(&recipient, &observed) {
             return;
         }
-        let list = self.suppressions.clone();
-        let telemetry = self.telemetry.clone();
-        let id = o.id();
-        let sender = o.meta.sender.clone();
-        let log_recipients = self.log_recipients;
-        tokio::task::spawn_blocking(move || match list.observe(&recipient, &observed) {
-            Ok(Some(entry)) => suppressed(
-                &telemetry,
-                &entry,
-                id.to_string(),
-                sender,
-                None,
-                log_recipients,
-            ),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "cannot record an outcome in the suppression list")
-            }
+        let _ = self.observer.send(Observed {
+            recipient,
+            observed,
+            id: o.id(),
+            sender: o.meta.sender.clone(),
+            log_recipients: self.log_recipients,
         });
     }
 

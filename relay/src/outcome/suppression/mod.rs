@@ -29,8 +29,6 @@ pub use policy::{Decision, Observation};
 pub enum SuppressionError {
     #[error("suppression list {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("the suppression task failed: {0}")]
-    Task(String),
 }
 
 /// What put an address on the list.
