@@ -63,7 +63,8 @@ def test_the_queue_api_needs_the_token(relays):
     for wrong in ("", token[:-1], token + "x", "Basic " + token):
         assert request(url, token=wrong)[0] == 401, wrong
     for method, path in (("DELETE", "/queue/0000000000000001"), ("POST", "/queue/flush"),
-                         ("PUT", "/suppressions/x@y.test"), ("GET", "/suppressions")):
+                         ("PUT", "/suppressions/x@y.test"), ("GET", "/suppressions"),
+                         ("GET", "/suppressions/x@y.test"), ("GET", "/suppressions/streaks")):
         assert request(r.admin_base + path, method)[0] == 401, (method, path)
     status, _, doc = request(url, token=token)
     assert status == 200 and doc["messages"] == [], doc
@@ -147,8 +148,18 @@ def test_the_admin_command_reads_address_and_token_from_the_config(relays):
     assert added.returncode == 0, added.stderr
     listed = json.loads(cli(r, "suppressions", "list").stdout)["suppressions"]
     assert [(e["address"], e["reason"]) for e in listed] == [(odd, "asked to stop")], listed
+    assert listed[0]["category"] == "manual" and listed[0]["expires_at"] is None, listed
     assert cli(r, "suppressions", "remove", odd).returncode == 0
     assert json.loads(cli(r, "suppressions", "list").stdout)["suppressions"] == []
+
+    # --ttl gives an expiry; show and streaks read one address and the mailbox-full streaks.
+    assert cli(r, "suppressions", "add", "brief@x.test", "--ttl", "30d").returncode == 0
+    shown = json.loads(cli(r, "suppressions", "show", "brief@x.test").stdout)
+    assert shown["suppression"]["expires_at"] > shown["suppression"]["added_at"], shown
+    assert shown["streak"] is None, shown
+    assert json.loads(cli(r, "suppressions", "streaks", "--limit", "5").stdout) == {"streaks": []}
+    bad = cli(r, "suppressions", "add", "brief@x.test", "--ttl", "soon")
+    assert bad.returncode != 0 and "400" in bad.stderr and "ttl" in bad.stderr, bad.stderr
 
 
 def test_the_admin_command_with_a_wrong_token_is_refused(relays, tmp_path):

@@ -120,6 +120,14 @@ BAD_CONFIGS = {
     "trusted-senders-neither-any-nor-list": (
         _bad(lambda c: c["listeners"][0].update(trusted_senders="anyone")), "listeners[0].trusted_senders", ["any"],
     ),
+    "suppression-on-one-full-reply": (
+        _bad(lambda c: c.update(suppression={"mailbox_full": {"replies": 1}})),
+        "suppression.mailbox_full.replies", ["single full-mailbox reply"],
+    ),
+    "suppression-ttl-neither-duration-nor-never": (
+        _bad(lambda c: c.update(suppression={"ttl": {"complaint": "forever"}})),
+        "suppression.ttl.complaint", ["never"],
+    ),
     "trusted-senders-on-submission": (
         _bad(lambda c: c["listeners"][2].update(trusted_senders="any")), "listeners[2].trusted_senders",
         ["allowed_domains"],

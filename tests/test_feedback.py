@@ -247,10 +247,15 @@ def test_a_provider_report_is_classified_counted_and_suppresses_only_what_it_sho
 
     # The decision that matters most first: whether the recipient may be mailed again.
     if case.suppressed and case.feedback_type:
-        loop.assert_suppressed(rcpt, f"complaint ({case.feedback_type}, arf report)")
+        entry = loop.assert_suppressed(rcpt, f"complaint ({case.feedback_type}, arf report)")
+        # Complaints never expire by default; the entry names the report it came in.
+        assert entry["category"] == "complaint" and entry["expires_at"] is None, entry
+        assert entry["reply"] == {"source": "arf", "text": case.feedback_type}, entry
     elif case.suppressed:
         entry = loop.assert_suppressed(rcpt, f"bounce ({case.kind} report): ")
         assert case.reason_has in entry["reason"], entry
+        assert entry["category"] == "invalid-recipient" and entry["expires_at"], entry
+        assert entry["reply"]["source"] == case.kind and case.reason_has in entry["reply"]["text"], entry
     else:
         loop.assert_not_suppressed(rcpt)
 

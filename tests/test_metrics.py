@@ -34,6 +34,7 @@ CONTRACT_TYPES = {
     "herald_smtp_rejections_total": "counter",
     "herald_spool_bytes": "gauge",
     "herald_suppressions": "gauge",
+    "herald_suppression_streaks": "gauge",
     "herald_events_dropped_total": "counter",
     "herald_webhook_failures_total": "counter",
     "herald_feedback_reports_total": "counter",

@@ -64,7 +64,9 @@ impl Category {
         }
     }
 
-    /// Only a recipient's own fault puts it on the suppression list.
+    /// Whether one permanent (5xx) failure of this category puts the address on the suppression list: only
+    /// a recipient that does not exist or whose account is closed. A full mailbox suppresses only across a
+    /// streak (`suppression.mailbox_full`); the relay's `outcome::suppression::policy` applies both.
     pub fn suppresses(self) -> bool {
         self == Category::InvalidRecipient
     }

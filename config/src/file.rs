@@ -89,6 +89,9 @@ pub struct Config {
     pub log: Log,
     #[serde(default)]
     pub bounces: Bounces,
+    /// When a failing address goes on the suppression list, and for how long.
+    #[serde(default)]
+    pub suppression: crate::Suppression,
     /// How long each step of the drain after SIGTERM may take. In Kubernetes the pod's
     /// `terminationGracePeriodSeconds` must cover their sum; the operator derives it from these.
     #[serde(default)]

@@ -7,6 +7,7 @@
 //! - `file`: the types, their defaults, parsing with field-naming errors.
 //! - `validate`: what serde cannot express (references, uniqueness, ranges).
 //! - `bounce`: bounce categories and enhanced-status patterns, the vocabulary of `bounces.rules`.
+//! - `suppression`: the `suppression` section, when an address is suppressed and for how long.
 //! - `password`: argon2id hashes for `users[].password_hash`.
 //! - `schema`: the JSON schema of the file, from which `docs/config.md` is generated.
 
@@ -17,8 +18,10 @@ pub mod bounce;
 mod file;
 pub mod password;
 pub mod schema;
+mod suppression;
 mod validate;
 
 pub use bounce::{Category, StatusPattern};
 pub use file::*;
+pub use suppression::{MailboxFull, Suppression, SuppressionTtl, Ttl};
 pub use validate::is_domain_name;

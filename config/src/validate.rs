@@ -275,6 +275,7 @@ impl Config {
             }
         }
         self.validate_bounces()?;
+        self.suppression.validate()?;
         let lim = &self.limits;
         if lim.max_line_length < 512 {
             return Err(invalid(

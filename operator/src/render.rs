@@ -254,6 +254,7 @@ pub fn relay_config(
             secret_file: Some(format!("{CONFIG_DIR}/{BOUNCE_KEYS}").into()),
             ..relay::Bounces::default()
         },
+        suppression: relay::Suppression::default(),
         shutdown: relay::Shutdown {
             sessions: duration(&res, "spec.shutdown.sessions", &spec.shutdown.sessions)?,
             deliveries: duration(&res, "spec.shutdown.deliveries", &spec.shutdown.deliveries)?,

@@ -84,8 +84,10 @@ impl Relay {
         let (spool, loaded) =
             tokio::task::spawn_blocking(move || Spool::open(&spool_dir)).await??;
         let spool_dir = config.spool_dir.clone();
-        let suppressions =
-            Arc::new(tokio::task::spawn_blocking(move || Suppressions::open(&spool_dir)).await??);
+        let policy = config.suppression.clone();
+        let suppressions = Arc::new(
+            tokio::task::spawn_blocking(move || Suppressions::open(&spool_dir, policy)).await??,
+        );
         tracing::info!(
             spool = %config.spool_dir.display(),
             messages = loaded.len(),
@@ -382,6 +384,10 @@ impl Reloader {
             }
         }
         relay.shared.rules.set(return_paths.clone(), classifier);
+        relay
+            .shared
+            .suppressions
+            .set_policy(new.suppression.clone());
         let mut fixed =
             server::reconfigure(&new, relay.contexts, relay.shared, &signers, &return_paths);
         // The queue first: it routes by the new keys before connections see the new delivery settings.

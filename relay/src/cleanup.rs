@@ -152,7 +152,11 @@ mod tests {
             .unwrap(),
         );
         // The list's file lives on in the open handle after the directory is cleaned up.
-        let suppressions = Suppressions::open(tempfile::tempdir().unwrap().path()).unwrap();
+        let suppressions = Suppressions::open(
+            tempfile::tempdir().unwrap().path(),
+            herald_config::Suppression::default(),
+        )
+        .unwrap();
         SessionPolicy::new(
             Arc::new(policy),
             Arc::new(suppressions),

@@ -57,6 +57,7 @@ pub struct Metrics {
     pub delivery_connections: IntGauge,
     pub spool_bytes: IntGauge,
     pub suppressions: IntGauge,
+    pub suppression_streaks: IntGauge,
     pub events_dropped: IntCounter,
     pub webhook_failures: IntCounter,
     pub tls_expiry: IntGauge,
@@ -223,6 +224,11 @@ impl Metrics {
                 &r,
                 "herald_suppressions",
                 "Addresses on the suppression list.",
+            ),
+            suppression_streaks: gauge(
+                &r,
+                "herald_suppression_streaks",
+                "Addresses with a mailbox-full streak under way (not yet suppressed).",
             ),
             events_dropped: counter(
                 &r,

@@ -242,8 +242,15 @@ impl EnvelopePolicy for SessionPolicy {
                     550,
                     "5.1.1",
                     format!(
-                        "<{to}>: recipient is suppressed (hard bounce at {}: {})",
-                        entry.added_at, entry.reason
+                        "<{to}>: recipient is suppressed ({}at {}: {})",
+                        // Entries from before categories say only when.
+                        entry
+                            .category
+                            .map_or(String::new(), |c| format!("{} ", c.as_str())),
+                        entry
+                            .added_at
+                            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        entry.reason
                     ),
                 ),
                 RejectReason::Suppressed,
@@ -302,7 +309,11 @@ bounces: {{ secret_file: /nonexistent }}
 
     fn session_policy_with(relaying: Option<Senders>) -> SessionPolicy {
         // The list's file lives on in the open handle after the directory is cleaned up.
-        let suppressions = Suppressions::open(tempfile::tempdir().unwrap().path()).unwrap();
+        let suppressions = Suppressions::open(
+            tempfile::tempdir().unwrap().path(),
+            herald_config::Suppression::default(),
+        )
+        .unwrap();
         SessionPolicy::new(
             Arc::new(policy()),
             Arc::new(suppressions),
@@ -375,11 +386,11 @@ bounces: {{ secret_file: /nonexistent }}
     fn suppressed_recipients_are_refused_at_rcpt() {
         let p = session_policy(true);
         p.suppressions
-            .add("Gone@Y.test", "550 5.1.1 no such user")
+            .add_manual("Gone@Y.test", "550 5.1.1 no such user", None)
             .unwrap();
         let (line, reason, as_error) = rcpt(&p, "<gone@y.test>", None);
         assert!(
-            line.starts_with("550 5.1.1 <gone@y.test>: recipient is suppressed (hard bounce at "),
+            line.starts_with("550 5.1.1 <gone@y.test>: recipient is suppressed (manual at "),
             "{line}"
         );
         assert!(line.ends_with(": 550 5.1.1 no such user)"), "{line}");

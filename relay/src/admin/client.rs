@@ -63,18 +63,30 @@ pub enum QueueCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum SuppressionCommand {
-    /// One page of suppressed addresses, in address order.
+    /// One page of suppressed addresses, in address order, with category, reply, added_at and expires_at.
     List {
         #[arg(long)]
         limit: Option<usize>,
         #[arg(long)]
         after: Option<String>,
     },
-    /// Suppresses an address: RCPT to it is refused from then on.
+    /// One address: its suppression and its mailbox-full streak, if any.
+    Show { address: String },
+    /// One page of mailbox-full streaks (addresses on their way to suppression), in address order.
+    Streaks {
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// Suppresses an address: RCPT to it is refused from then on (until --ttl has passed, if given).
     Add {
         address: String,
         #[arg(long)]
         reason: Option<String>,
+        /// How long it lasts, e.g. 30d or 12h; without it, until removed.
+        #[arg(long)]
+        ttl: Option<String>,
     },
     /// Lifts a suppression.
     Remove { address: String },
@@ -191,10 +203,29 @@ fn call(command: &AdminCommand) -> Call {
         AdminCommand::Suppressions(SuppressionCommand::List { limit, after }) => {
             Call::new(Method::GET, &["suppressions"]).page(limit, after)
         }
-        AdminCommand::Suppressions(SuppressionCommand::Add { address, reason }) => Call {
-            body: reason.as_ref().map(|r| serde_json::json!({ "reason": r })),
-            ..Call::new(Method::PUT, &["suppressions", address])
-        },
+        AdminCommand::Suppressions(SuppressionCommand::Show { address }) => {
+            Call::new(Method::GET, &["suppressions", address])
+        }
+        AdminCommand::Suppressions(SuppressionCommand::Streaks { limit, after }) => {
+            Call::new(Method::GET, &["suppressions", "streaks"]).page(limit, after)
+        }
+        AdminCommand::Suppressions(SuppressionCommand::Add {
+            address,
+            reason,
+            ttl,
+        }) => {
+            let mut body = serde_json::Map::new();
+            if let Some(r) = reason {
+                body.insert("reason".into(), r.as_str().into());
+            }
+            if let Some(t) = ttl {
+                body.insert("ttl".into(), t.as_str().into());
+            }
+            Call {
+                body: (!body.is_empty()).then_some(serde_json::Value::Object(body)),
+                ..Call::new(Method::PUT, &["suppressions", address])
+            }
+        }
         AdminCommand::Suppressions(SuppressionCommand::Remove { address }) => {
             Call::new(Method::DELETE, &["suppressions", address])
         }
@@ -276,9 +307,11 @@ mod tests {
         let c = call(&AdminCommand::Suppressions(SuppressionCommand::Add {
             address: "a+b/c d@x.test".into(),
             reason: Some("asked".into()),
+            ttl: Some("30d".into()),
         }));
         assert_eq!(c.method, Method::PUT);
         assert_eq!(c.body.as_ref().unwrap()["reason"], "asked");
+        assert_eq!(c.body.as_ref().unwrap()["ttl"], "30d");
         let url = c.url("http://127.0.0.1:9091").unwrap();
         assert_eq!(url.path(), "/suppressions/a+b%2Fc%20d@x.test");
         let c = call(&AdminCommand::Queue(QueueCommand::List {
@@ -289,6 +322,15 @@ mod tests {
         assert_eq!(
             url.as_str(),
             "http://127.0.0.1:9091/queue?limit=5&after=00000000000000AB"
+        );
+        let c = call(&AdminCommand::Suppressions(SuppressionCommand::Streaks {
+            limit: Some(2),
+            after: None,
+        }));
+        let url = c.url("http://127.0.0.1:9091").unwrap();
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:9091/suppressions/streaks?limit=2"
         );
     }
 }

@@ -1,7 +1,8 @@
 //! The admin API: the queue and the suppression list, for operators and `herald-relay admin`.
 //!
 //! Queue: `GET /queue?limit=&after=`, `GET|DELETE /queue/{id}`, `POST /queue/{id}/flush`,
-//! `POST /queue/flush`. Suppressions: `GET /suppressions?limit=&after=`, `PUT|DELETE /suppressions/{address}`.
+//! `POST /queue/flush`. Suppressions: `GET /suppressions?limit=&after=`, `GET /suppressions/streaks?limit=&after=`
+//! (mailbox-full streaks), `GET|PUT|DELETE /suppressions/{address}`.
 //! Lists come a page at a time (at most [`MAX_PAGE`] entries) with a `next` cursor, so a million queued
 //! recipients cost one page of memory, not a copy of the queue.
 //!
@@ -28,7 +29,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
-use crate::outcome::suppression::{Entry, Suppressions};
+use crate::outcome::suppression::Suppressions;
 use crate::queue::{MessageView, QueueHandle};
 use crate::spool::QueueId;
 
@@ -79,9 +80,16 @@ struct QueuePage {
     next: Option<String>,
 }
 
+/// The body of `PUT /suppressions/{address}`, all optional.
 #[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct SuppressBody {
     reason: Option<String>,
+    /// How long the suppression lasts (`30d`, `12h`), or `never` (the default).
+    ttl: Option<herald_config::Ttl>,
+    /// When it ends (RFC 3339), as `GET /suppressions` shows it: a list restored from an export keeps
+    /// its expiry. Not with `ttl`.
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 fn router(state: Arc<AdminState>) -> Router {
@@ -91,9 +99,10 @@ fn router(state: Arc<AdminState>) -> Router {
         .route("/queue/{id}", get(queue_get).delete(queue_delete))
         .route("/queue/{id}/flush", post(flush_one))
         .route("/suppressions", get(suppressions))
+        .route("/suppressions/streaks", get(streaks))
         .route(
             "/suppressions/{address}",
-            axum::routing::put(suppress).delete(unsuppress),
+            get(lookup).put(suppress).delete(unsuppress),
         )
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
@@ -219,10 +228,7 @@ async fn suppressions(State(s): State<Arc<AdminState>>, Query(p): Query<ListPara
         Ok(n) => n,
         Err(m) => return error(StatusCode::BAD_REQUEST, m),
     };
-    let page: Vec<Entry> = s.suppressions.page(p.after.as_deref(), limit);
-    let next = (page.len() == limit)
-        .then(|| page.last().map(|e| e.address.clone()))
-        .flatten();
+    let (page, next) = s.suppressions.page(p.after.as_deref(), limit);
     let mut body = json!({ "suppressions": page });
     if let Some(n) = next {
         body["next"] = json!(n);
@@ -230,10 +236,34 @@ async fn suppressions(State(s): State<Arc<AdminState>>, Query(p): Query<ListPara
     Json(body).into_response()
 }
 
+/// The current mailbox-full streaks, a page at a time in address order.
+async fn streaks(State(s): State<Arc<AdminState>>, Query(p): Query<ListParams>) -> Response {
+    let limit = match p.limit() {
+        Ok(n) => n,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    let (page, next) = s.suppressions.streaks(p.after.as_deref(), limit);
+    let mut body = json!({ "streaks": page });
+    if let Some(n) = next {
+        body["next"] = json!(n);
+    }
+    Json(body).into_response()
+}
+
+/// One address: its suppression in force and its mailbox-full streak, each `null` when there is none.
+async fn lookup(State(s): State<Arc<AdminState>>, Path(address): Path<String>) -> Response {
+    Json(json!({
+        "address": address,
+        "suppression": s.suppressions.get(&address),
+        "streak": s.suppressions.streak(&address),
+    }))
+    .into_response()
+}
+
 async fn suppress(
     State(s): State<Arc<AdminState>>,
     Path(address): Path<String>,
-    body: Option<Json<SuppressBody>>,
+    body: axum::body::Bytes,
 ) -> Response {
     if !address.contains('@') {
         return error(
@@ -241,13 +271,43 @@ async fn suppress(
             format!("{address:?} is not an email address"),
         );
     }
+    // Read whatever the content type says: `curl -d '{...}'` sends JSON labelled as a form.
+    let body: SuppressBody = if body.iter().all(u8::is_ascii_whitespace) {
+        SuppressBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "body: {e} (expected {{\"reason\": \"...\", \"ttl\": \"30d\" or \"never\"}})"
+                    ),
+                );
+            }
+        }
+    };
+    if body.ttl == Some(herald_config::Ttl::After(std::time::Duration::ZERO)) {
+        return error(StatusCode::BAD_REQUEST, "ttl: must be greater than 0");
+    }
     let reason = body
-        .and_then(|Json(b)| b.reason)
+        .reason
         .unwrap_or_else(|| "added through the admin API".to_owned());
+    let until = match (body.ttl, body.expires_at) {
+        (Some(_), Some(_)) => {
+            return error(StatusCode::BAD_REQUEST, "give ttl or expires_at, not both");
+        }
+        (_, Some(t)) => Some(t),
+        (Some(ttl), None) => ttl
+            .duration()
+            .and_then(|d| chrono::Duration::from_std(d).ok())
+            .and_then(|d| chrono::Utc::now().checked_add_signed(d)),
+        (None, None) => None,
+    };
     let list = s.suppressions.clone();
     let addr = address.clone();
-    match tokio::task::spawn_blocking(move || list.add(&addr, &reason)).await {
-        Ok(Ok(())) => Json(json!({ "suppressed": address })).into_response(),
+    match tokio::task::spawn_blocking(move || list.add_manual(&addr, &reason, until)).await {
+        Ok(Ok(entry)) => Json(json!({ "suppressed": address, "entry": entry })).into_response(),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }

@@ -1,6 +1,7 @@
-//! What a report received at a return-path address means, and recording it: metrics, events, and the
-//! suppression list (hard bounces of invalid recipients, and complaints; never policy or reputation
-//! blocks, which are the sender's problem, not the recipient's).
+//! What a report received at a return-path address means, and recording it: metrics, events, and what the
+//! suppression list makes of it (`outcome::suppression::policy` decides: permanent invalid-recipient
+//! bounces and complaints suppress, full mailboxes count towards a streak, policy and reputation blocks
+//! never suppress: they are the sender's problem, not the recipient's).
 //!
 //! Nothing in a report is believed without a token that verifies: the token comes from the envelope
 //! recipient the report was sent to, or, for feedback loops that write to a fixed address, from the
@@ -9,7 +10,7 @@
 
 use crate::events::Event;
 use crate::outcome::report::{self, Action, Kind, Report};
-use crate::outcome::suppression::Suppressions;
+use crate::outcome::suppression::{Evidence, Observation, Suppressions, suppressed};
 use crate::outcome::verp::{self, ReturnPaths, Token};
 use crate::outcome::{Category, Class, Classifier, Rules};
 use crate::telemetry::Telemetry;
@@ -35,7 +36,8 @@ pub struct Outcome {
     pub diagnostic: Option<String>,
     /// A complaint's feedback type, one of [`COMPLAINT_TYPES`].
     pub feedback_type: Option<&'static str>,
-    pub suppress: bool,
+    /// What the report tells the suppression list, if anything.
+    pub observed: Option<Observation>,
 }
 
 /// Reads and records a report sent to `locals` (the local parts it was addressed to at return-path
@@ -127,7 +129,7 @@ fn bare(kind: &'static str, result: &'static str) -> Outcome {
         category: None,
         diagnostic: None,
         feedback_type: None,
-        suppress: false,
+        observed: None,
     }
 }
 
@@ -150,7 +152,15 @@ fn judge(report: &Report, token: &Token, recipient: String, classifier: &Classif
         if let Some(ft) = COMPLAINT_TYPES.iter().find(|t| **t == given) {
             o.result = "complaint";
             o.feedback_type = Some(ft);
-            o.suppress = true;
+            o.observed = Some(Observation::Complaint {
+                reply: Evidence {
+                    source: report.kind.as_str().to_owned(),
+                    code: None,
+                    enhanced: None,
+                    // The feedback type: `reason` reads "complaint (abuse, arf report)".
+                    text: (*ft).to_owned(),
+                },
+            });
         }
         o.recipient = Some(recipient);
         return o;
@@ -187,10 +197,20 @@ fn judge(report: &Report, token: &Token, recipient: String, classifier: &Classif
             o.class = Some(class);
             o.category = Some(category);
             o.diagnostic = Some(status.diagnostic.clone());
-            o.suppress = class == Class::Hard && category.suppresses();
+            o.observed = Some(Observation::Failed {
+                class,
+                category,
+                reply: Evidence {
+                    source: report.kind.as_str().to_owned(),
+                    code: status.code,
+                    enhanced: enhanced.map(str::to_owned),
+                    text: status.diagnostic.clone(),
+                },
+            });
         }
         Action::Delayed => o.result = "delay",
-        Action::Delivered | Action::Relayed | Action::Expanded => {}
+        Action::Delivered => o.observed = Some(Observation::Delivered),
+        Action::Relayed | Action::Expanded => {}
     }
     o
 }
@@ -213,7 +233,6 @@ fn record(o: &Outcome, suppressions: &Suppressions, telemetry: &Telemetry) {
         result = o.result,
         category = o.category.map_or("", Category::as_str),
         %domain,
-        suppress = o.suppress,
         "report processed"
     );
     let event = |kind: &'static str| {
@@ -245,23 +264,26 @@ fn record(o: &Outcome, suppressions: &Suppressions, telemetry: &Telemetry) {
             ev
         });
     }
-    if !o.suppress {
+    let Some(observed) = &o.observed else {
+        return;
+    };
+    if !suppressions.concerns(recipient, observed) {
         return;
     }
-    let reason = match (o.feedback_type, o.diagnostic.as_deref()) {
-        (Some(ft), _) => format!("complaint ({ft}, {} report)", o.kind),
-        (None, d) => format!("bounce ({} report): {}", o.kind, d.unwrap_or("")),
-    };
-    match suppressions.add(recipient, &reason) {
-        Ok(()) => {
+    match suppressions.observe(recipient, observed) {
+        Ok(Some(entry)) => {
             m.suppressions.set(suppressions.len() as i64);
-            telemetry.emit(|| {
-                let mut ev = event("suppressed");
-                ev.reply = Some(reason);
-                ev
-            });
+            suppressed(
+                telemetry,
+                &entry,
+                id.clone(),
+                String::new(),
+                Some(o.kind),
+                false,
+            );
         }
-        Err(e) => tracing::error!(error = %e, "cannot record a suppression"),
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "cannot record a report in the suppression list"),
     }
 }
 
@@ -292,6 +314,23 @@ Diagnostic-Code: smtp; {diagnostic}\r\n\
         )
     }
 
+    /// Whether the policy suppresses on this outcome alone (no streak).
+    fn suppresses(o: &Outcome) -> bool {
+        use crate::outcome::suppression::policy::{Decision, decide};
+        o.observed.as_ref().is_some_and(|obs| {
+            matches!(
+                decide(
+                    &herald_config::Suppression::default(),
+                    "a@x.test",
+                    None,
+                    obs,
+                    chrono::Utc::now()
+                ),
+                Decision::Suppress { .. }
+            )
+        })
+    }
+
     fn local_part(sender: &str) -> String {
         sender.split('@').next().unwrap().to_owned()
     }
@@ -316,13 +355,13 @@ Diagnostic-Code: smtp; {diagnostic}\r\n\
         assert_eq!(o.result, "bounce");
         assert_eq!(o.recipient.as_deref(), Some(rcpt));
         assert_eq!(o.category, Some(Category::InvalidRecipient));
-        assert!(o.suppress);
+        assert!(suppresses(&o));
 
         let forged = dsn("victim@example.net", "5.1.1", "550 5.1.1 user unknown");
         let [o] = evaluate(forged.as_bytes(), &[token], &rp, &Classifier::builtin())
             .try_into()
             .unwrap();
-        assert_eq!((o.result, o.suppress), ("forged", false));
+        assert_eq!((o.result, suppresses(&o)), ("forged", false));
     }
 
     #[test]
@@ -342,7 +381,29 @@ Diagnostic-Code: smtp; {diagnostic}\r\n\
             .unwrap();
         assert_eq!(o.result, "bounce");
         assert_eq!(o.category, Some(Category::ReputationBlock));
-        assert!(!o.suppress);
+        assert!(!suppresses(&o));
+    }
+
+    #[test]
+    fn a_full_mailbox_dsn_is_a_streak_observation_not_a_suppression() {
+        let rp = paths();
+        let token = local_part(
+            &rp.envelope_sender(QueueId(7), "news@example.test", "u@d.test")
+                .unwrap(),
+        );
+        let raw = dsn("u@d.test", "5.2.2", "552 5.2.2 mailbox full");
+        let [o] = evaluate(raw.as_bytes(), &[token], &rp, &Classifier::builtin())
+            .try_into()
+            .unwrap();
+        assert_eq!(o.category, Some(Category::MailboxFull));
+        assert!(!suppresses(&o));
+        let Some(Observation::Failed { reply, .. }) = &o.observed else {
+            panic!("{o:?}")
+        };
+        assert_eq!(
+            (reply.source.as_str(), reply.enhanced.as_deref()),
+            ("dsn", Some("5.2.2"))
+        );
     }
 
     #[test]

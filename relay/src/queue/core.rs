@@ -1,6 +1,6 @@
 //! The queue's decisions, with no I/O, no clock and no randomness: the shell (`queue::mod`) passes `now`
 //! and the retry jitter in, and carries out the [`Action`]s that come back (open a connection, write the
-//! spool, count, emit, suppress, send a DSN). Everything the queue promises is decided here and tested
+//! spool, count, emit, report outcomes to the suppression list, send a DSN). Everything the queue promises is decided here and tested
 //! here, property tests included.
 //!
 //! A destination is a recipient domain (or, in smarthost mode, the smarthost) together with the source pool
@@ -183,13 +183,6 @@ pub enum Action {
     },
     /// What became of one recipient in an attempt: counted, emitted and logged by the shell.
     Outcome(Outcome),
-    /// Put this recipient on the suppression list.
-    Suppress {
-        id: QueueId,
-        sender: String,
-        recipient: String,
-        reason: String,
-    },
     /// Tell the sender about these failed recipients.
     Dsn {
         meta: Arc<MessageMeta>,
@@ -487,17 +480,6 @@ impl Core {
                 } else {
                     RcptStatus::Bounced
                 };
-                if let Some((class, category)) = verdict
-                    && class == Class::Hard
-                    && category.suppresses()
-                {
-                    out.push(Action::Suppress {
-                        id,
-                        sender: e.meta.sender.clone(),
-                        recipient: rcpt.clone(),
-                        reason: reply.to_string(),
-                    });
-                }
                 failures.push(dsn::Failure {
                     recipient: rcpt.clone(),
                     status: if expired {

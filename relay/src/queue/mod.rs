@@ -14,6 +14,7 @@
 pub mod core;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
@@ -21,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::events::Event;
 use crate::outcome::Rules;
 use crate::outcome::dsn;
-use crate::outcome::suppression::Suppressions;
+use crate::outcome::suppression::{Evidence, Observation, Suppressions, suppressed};
 use crate::spool::{Location, MessageMeta, QueueId, RcptState, RcptStatus, Spool};
 use crate::telemetry::Telemetry;
 use herald_config::Config;
@@ -33,6 +34,8 @@ pub use self::core::{Attempt, DestKey, Job, MessageView, NewEntry, RecipientView
 const COMPACT_EVERY: Duration = Duration::from_secs(10);
 /// How often the queue gauges are refreshed.
 const GAUGES_EVERY: Duration = Duration::from_secs(2);
+/// How often expired suppressions are dropped (they stop suppressing at once; this frees their memory).
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// The most of an original message a DSN reads to find its header section.
 const DSN_HEADERS_MAX: usize = 1024 * 1024;
 
@@ -250,6 +253,55 @@ struct Shell {
     telemetry: Telemetry,
     stopping: Option<oneshot::Sender<()>>,
     compacting: bool,
+    sweeping: Arc<AtomicBool>,
+    /// Outcomes for the suppression list, see [`start_observer`].
+    observer: mpsc::UnboundedSender<Observed>,
+}
+
+/// One recipient's outcome on its way to the suppression list.
+struct Observed {
+    recipient: String,
+    observed: Observation,
+    id: QueueId,
+    sender: String,
+    log_recipients: bool,
+}
+
+/// Writes outcomes to the suppression list one at a time, in the order the queue decided them, off the
+/// runtime (each write is fsynced): a delivery and a full-mailbox bounce to one address must not swap
+/// places, or the streak would be reset before the failure instead of after it.
+fn start_observer(
+    list: Arc<Suppressions>,
+    telemetry: Telemetry,
+) -> mpsc::UnboundedSender<Observed> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Observed>();
+    tokio::spawn(async move {
+        while let Some(o) = rx.recv().await {
+            let list = list.clone();
+            let telemetry = telemetry.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                match list.observe(&o.recipient, &o.observed) {
+                    Ok(Some(entry)) => suppressed(
+                        &telemetry,
+                        &entry,
+                        o.id.to_string(),
+                        o.sender,
+                        None,
+                        o.log_recipients,
+                    ),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot record an outcome in the suppression list")
+                    }
+                }
+            })
+            .await;
+            if let Err(e) = done {
+                tracing::error!(error = %e, "suppression list task failed");
+            }
+        }
+    });
+    tx
 }
 
 /// Starts the queue task, configured by `initial`, with the messages loaded from the spool.
@@ -264,6 +316,7 @@ pub fn start(
 ) -> QueueHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let handle = QueueHandle { tx };
+    let observer = start_observer(suppressions.clone(), telemetry.clone());
     let mut shell = Shell {
         core: Core::new(initial.settings),
         spool,
@@ -276,6 +329,8 @@ pub fn start(
         telemetry,
         stopping: None,
         compacting: false,
+        sweeping: Arc::new(AtomicBool::new(false)),
+        observer,
     };
     let now = now_ms();
     for l in loaded {
@@ -329,6 +384,8 @@ impl Shell {
         compact.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut gauges = tokio::time::interval(GAUGES_EVERY);
         gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next_timer = self.core.next_due();
             let sleep = async {
@@ -351,6 +408,7 @@ impl Shell {
                 }
                 _ = compact.tick() => self.compact(),
                 _ = gauges.tick() => self.gauges(),
+                _ = sweep.tick() => self.sweep(),
             }
             if let Some(reply) = self.stopping.take() {
                 if self.core.idle() {
@@ -480,6 +538,7 @@ impl Shell {
                 Action::Record { id, updates } => self.spool.record_results(id, &updates),
                 Action::Outcome(o) => {
                     self.outcome(&o, attempt);
+                    self.observe(&o);
                     let result = o.status.as_str();
                     let delay = o.age_ms as f64 / 1000.0;
                     match logged.iter_mut().find(|l| l.0 == result) {
@@ -498,12 +557,6 @@ impl Shell {
                         }
                     }
                 }
-                Action::Suppress {
-                    id,
-                    sender,
-                    recipient,
-                    reason,
-                } => self.suppress(id, sender, recipient, reason),
                 Action::Dsn {
                     meta,
                     location,
@@ -579,22 +632,54 @@ impl Shell {
         });
     }
 
-    /// Adds a recipient to the suppression list (off the queue task: the list is fsynced).
-    fn suppress(&self, id: QueueId, sender: String, recipient: String, reason: String) {
-        let list = self.suppressions.clone();
-        let telemetry = self.telemetry.clone();
-        let logged = self.redact(reason.clone());
-        tokio::task::spawn_blocking(move || match list.add(&recipient, &reason) {
-            Ok(()) => {
-                tracing::info!(reason = %logged, "recipient added to the suppression list");
-                telemetry.emit(|| {
-                    let mut ev = Event::new("suppressed", id.to_string(), sender);
-                    ev.recipient = Some(recipient);
-                    ev.reply = Some(reason);
-                    ev
-                });
+    /// Tells the suppression list what became of a recipient: a delivery ends a mailbox-full streak, a
+    /// final failure may suppress or extend one (the policy decides, in `outcome::suppression`). Deferrals
+    /// are retries, not news. Off the queue task when there is anything to write (the list is fsynced).
+    fn observe(&self, o: &Outcome) {
+        let observed = match (o.status, o.verdict) {
+            (RcptStatus::Delivered, _) => Observation::Delivered,
+            (RcptStatus::Bounced | RcptStatus::Expired, Some((class, category))) => {
+                Observation::Failed {
+                    class,
+                    category,
+                    reply: Evidence {
+                        source: "smtp".to_owned(),
+                        code: Some(o.reply.code),
+                        enhanced: o.reply.enhanced.clone(),
+                        text: o.reply.text.clone(),
+                    },
+                }
             }
-            Err(e) => tracing::error!(error = %e, "cannot record a suppression"),
+            _ => return,
+        };
+        let recipient = o.recipient().to_owned();
+        if !self.suppressions.concerns(&recipient, &observed) {
+            return;
+        }
+        let _ = self.observer.send(Observed {
+            recipient,
+            observed,
+            id: o.id(),
+            sender: o.meta.sender.clone(),
+            log_recipients: self.log_recipients,
+        });
+    }
+
+    /// Drops expired suppressions and forgotten streaks (off the queue task), one sweep at a time.
+    fn sweep(&mut self) {
+        if self.sweeping.load(Ordering::Relaxed) {
+            return;
+        }
+        self.sweeping.store(true, Ordering::Relaxed);
+        let list = self.suppressions.clone();
+        let sweeping = self.sweeping.clone();
+        tokio::task::spawn_blocking(move || {
+            match list.sweep() {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(dropped = n, "expired suppressions and streaks dropped"),
+                Err(e) => tracing::error!(error = %e, "cannot sweep the suppression list"),
+            }
+            sweeping.store(false, Ordering::Relaxed);
         });
     }
 
@@ -609,6 +694,8 @@ impl Shell {
         m.queue_oldest_age.set(oldest as i64);
         m.spool_bytes.set(self.spool.bytes() as i64);
         m.suppressions.set(self.suppressions.len() as i64);
+        m.suppression_streaks
+            .set(self.suppressions.streak_count() as i64);
         m.delivery_connections.set(self.core.connections() as i64);
     }
 
@@ -911,7 +998,9 @@ mod tests {
         ))
         .unwrap();
         let (spool, _) = Spool::open(dir.path()).unwrap();
-        let suppressions = Arc::new(Suppressions::open(dir.path()).unwrap());
+        let suppressions = Arc::new(
+            Suppressions::open(dir.path(), herald_config::Suppression::default()).unwrap(),
+        );
         let rules = Arc::new(Rules::new(
             Arc::new(crate::outcome::verp::ReturnPaths::default()),
             Arc::new(crate::outcome::Classifier::builtin()),

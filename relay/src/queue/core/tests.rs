@@ -136,32 +136,22 @@ fn a_deferral_waits_the_nominal_delay_times_the_jitter() {
 }
 
 #[test]
-fn a_hard_invalid_recipient_bounce_suppresses_and_reports_to_the_sender() {
+fn a_hard_invalid_recipient_bounce_is_an_outcome_with_its_verdict_and_reports_to_the_sender() {
+    // The outcome carries the verdict; whether it suppresses is the suppression policy's to decide.
     let mut core = Core::new(settings());
     let job = starts(&core.insert(message(1, "a@example.test", &["x@one.test"]), T0)).remove(0);
     let a = attempt(&job, 550);
     let actions = core.record(a.clone(), &verdicts(&a), T0 + 5, 0.0);
-    assert!(
-        actions
-            .iter()
-            .any(|a| matches!(a, Action::Suppress { recipient, .. } if recipient == "x@one.test"))
-    );
+    assert!(actions.iter().any(|a| matches!(a, Action::Outcome(o)
+        if o.recipient() == "x@one.test"
+            && o.status == RcptStatus::Bounced
+            && o.verdict == Some((Class::Hard, Category::InvalidRecipient)))));
     assert!(
         actions
             .iter()
             .any(|a| matches!(a, Action::Dsn { failures, .. } if failures.len() == 1))
     );
     assert!(core.is_empty());
-}
-
-#[test]
-fn a_policy_block_bounces_without_suppressing() {
-    let mut core = Core::new(settings());
-    let job = starts(&core.insert(message(1, "a@example.test", &["x@one.test"]), T0)).remove(0);
-    let a = attempt(&job, 554);
-    let actions = core.record(a.clone(), &verdicts(&a), T0, 0.0);
-    assert!(!actions.iter().any(|a| matches!(a, Action::Suppress { .. })));
-    assert!(actions.iter().any(|a| matches!(a, Action::Dsn { .. })));
 }
 
 #[test]
@@ -479,7 +469,7 @@ impl Sim {
                     );
                     *self.unreported.entry(id).or_default() += failed;
                 }
-                Action::Record { .. } | Action::Suppress { .. } => {}
+                Action::Record { .. } => {}
             }
         }
     }
@@ -726,10 +716,11 @@ fn a_recipient_reported_twice_keeps_its_first_final_outcome() {
         ..a
     };
     let actions = core.record(again.clone(), &verdicts(&again), T0, 0.0);
-    assert!(!actions.iter().any(|a| matches!(
-        a,
-        Action::Outcome(_) | Action::Dsn { .. } | Action::Suppress { .. }
-    )));
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::Outcome(_) | Action::Dsn { .. }))
+    );
     assert_eq!(
         core.state(QueueId(1), 0).unwrap().status,
         RcptStatus::Delivered
