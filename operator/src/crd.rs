@@ -288,6 +288,8 @@ pub struct SmtpRelaySpec {
     pub metrics: MetricsSpec,
     #[serde(default)]
     pub shutdown: ShutdownSpec,
+    #[serde(default)]
+    pub suppression: SuppressionSpec,
     /// Receive bounces and complaints: an inbound listener on port 25 (no AUTH; it accepts mail only for
     /// the return-path domains and their postmaster, abuse and fbl mailboxes, and relays nothing) and a
     /// Service `<name>-inbound` of this type exposing it. A listener of `listeners` on port 25 is that
@@ -543,6 +545,105 @@ fn default_drain_deliveries() -> String {
 
 fn default_drain_events() -> String {
     "10s".to_owned()
+}
+
+/// When a failing address goes on the suppression list and how long it stays (the relay config's
+/// `suppression`). Only a dead address is suppressed: a permanent unknown-user reply, a complaint, or a
+/// mailbox full across several messages and days.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SuppressionSpec {
+    #[serde(default)]
+    pub mailbox_full: MailboxFullSpec,
+    #[serde(default)]
+    pub ttl: SuppressionTtlSpec,
+}
+
+/// A full mailbox suppresses only after `replies` final full-mailbox failures spread over at least `over`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.replies != 1").message("mailboxFull.replies: 1 would suppress on a single full-mailbox reply; use 2 or more, or 0 to never suppress a full mailbox"))]
+pub struct MailboxFullSpec {
+    /// Consecutive full-mailbox failures that suppress the address; 0 never suppresses a full mailbox.
+    #[serde(default = "default_full_replies")]
+    #[schemars(range(max = 1000))]
+    pub replies: u32,
+    /// The least time between the first and the last failure of the streak, e.g. `72h`.
+    #[serde(default = "default_full_over")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 10))]
+    pub over: String,
+    /// A streak with no new full-mailbox failure for this long is forgotten, e.g. `30d`.
+    #[serde(default = "default_full_forget")]
+    #[schemars(regex(pattern = NONZERO_DURATION_PATTERN), length(max = 10))]
+    pub forget_after: String,
+}
+
+impl Default for MailboxFullSpec {
+    fn default() -> Self {
+        MailboxFullSpec {
+            replies: default_full_replies(),
+            over: default_full_over(),
+            forget_after: default_full_forget(),
+        }
+    }
+}
+
+/// How long a suppression lasts, by its cause: a duration such as `365d`, or `never`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SuppressionTtlSpec {
+    /// A permanent invalid-recipient reply (user unknown, account disabled).
+    #[serde(default = "default_ttl_invalid_recipient")]
+    #[schemars(regex(pattern = TTL_PATTERN), length(max = 10))]
+    pub invalid_recipient: String,
+    /// A mailbox full across a streak.
+    #[serde(default = "default_ttl_mailbox_full")]
+    #[schemars(regex(pattern = TTL_PATTERN), length(max = 10))]
+    pub mailbox_full: String,
+    /// A recipient's complaint.
+    #[serde(default = "default_ttl_complaint")]
+    #[schemars(regex(pattern = TTL_PATTERN), length(max = 10))]
+    pub complaint: String,
+}
+
+impl Default for SuppressionTtlSpec {
+    fn default() -> Self {
+        SuppressionTtlSpec {
+            invalid_recipient: default_ttl_invalid_recipient(),
+            mailbox_full: default_ttl_mailbox_full(),
+            complaint: default_ttl_complaint(),
+        }
+    }
+}
+
+/// A duration greater than zero.
+const NONZERO_DURATION_PATTERN: &str = r"^0*[1-9][0-9]*(s|m|h|d)$";
+/// A lifetime: a duration greater than zero, or `never`.
+const TTL_PATTERN: &str = r"^(never|0*[1-9][0-9]*(s|m|h|d))$";
+
+// The relay's own defaults (`herald_config::Suppression::default`); a test keeps them equal.
+fn default_full_replies() -> u32 {
+    3
+}
+
+fn default_full_over() -> String {
+    "72h".to_owned()
+}
+
+fn default_full_forget() -> String {
+    "30d".to_owned()
+}
+
+fn default_ttl_invalid_recipient() -> String {
+    "365d".to_owned()
+}
+
+fn default_ttl_mailbox_full() -> String {
+    "30d".to_owned()
+}
+
+fn default_ttl_complaint() -> String {
+    "never".to_owned()
 }
 
 /// The spool volume of each replica.

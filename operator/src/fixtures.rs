@@ -45,6 +45,7 @@ pub fn relay() -> SmtpRelay {
             resources: None,
             metrics: MetricsSpec::default(),
             shutdown: ShutdownSpec::default(),
+            suppression: Default::default(),
             inbound_service: None,
         },
     );

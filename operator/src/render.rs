@@ -71,6 +71,51 @@ fn duration(resource: &str, field: &str, v: &str) -> Result<std::time::Duration,
         .map_err(|e| err(resource, field, format!("{v:?} is not a duration: {e}")))
 }
 
+/// A lifetime: `never` or a duration.
+fn ttl(resource: &str, field: &str, v: &str) -> Result<relay::Ttl, RenderError> {
+    if v == "never" {
+        return Ok(relay::Ttl::Never);
+    }
+    duration(resource, field, v).map(relay::Ttl::After)
+}
+
+/// `spec.suppression` as the relay config's `suppression`.
+fn suppression(
+    resource: &str,
+    spec: &crate::crd::SuppressionSpec,
+) -> Result<relay::Suppression, RenderError> {
+    let full = &spec.mailbox_full;
+    if full.replies == 1 {
+        // The CRD refuses it too; this catches a spec that skipped the API server's validation.
+        return Err(err(
+            resource,
+            "spec.suppression.mailboxFull.replies",
+            "1 would suppress on a single full-mailbox reply; use 2 or more, or 0",
+        ));
+    }
+    let field = |f: &str| format!("spec.suppression.{f}");
+    Ok(relay::Suppression {
+        mailbox_full: relay::MailboxFull {
+            replies: full.replies,
+            over: duration(resource, &field("mailboxFull.over"), &full.over)?,
+            forget_after: duration(
+                resource,
+                &field("mailboxFull.forgetAfter"),
+                &full.forget_after,
+            )?,
+        },
+        ttl: relay::SuppressionTtl {
+            invalid_recipient: ttl(
+                resource,
+                &field("ttl.invalidRecipient"),
+                &spec.ttl.invalid_recipient,
+            )?,
+            mailbox_full: ttl(resource, &field("ttl.mailboxFull"), &spec.ttl.mailbox_full)?,
+            complaint: ttl(resource, &field("ttl.complaint"), &spec.ttl.complaint)?,
+        },
+    })
+}
+
 /// `trustedSenders` as the relay config writes it: `[any]` is `any` (a CRD field has one type, so the word
 /// comes as the list's only item).
 fn trusted_senders(
@@ -254,7 +299,7 @@ pub fn relay_config(
             secret_file: Some(format!("{CONFIG_DIR}/{BOUNCE_KEYS}").into()),
             ..relay::Bounces::default()
         },
-        suppression: relay::Suppression::default(),
+        suppression: suppression(&res, &spec.suppression)?,
         shutdown: relay::Shutdown {
             sessions: duration(&res, "spec.shutdown.sessions", &spec.shutdown.sessions)?,
             deliveries: duration(&res, "spec.shutdown.deliveries", &spec.shutdown.deliveries)?,
@@ -409,6 +454,38 @@ mod tests {
         r.spec.shutdown.deliveries = "99999999999999999999d".into();
         let e = relay_config(&r, &[], &[], &users(), None).unwrap_err();
         assert_eq!(e.field, "spec.shutdown.deliveries");
+    }
+
+    #[test]
+    fn the_suppression_policy_is_the_specs_and_its_defaults_are_the_relays() {
+        let c = relay_config(&relay(), &[], &[], &users(), None).unwrap();
+        assert_eq!(c.suppression, herald_config::Suppression::default());
+        let mut r = relay();
+        r.spec.suppression.mailbox_full.replies = 5;
+        r.spec.suppression.mailbox_full.over = "7d".into();
+        r.spec.suppression.ttl.invalid_recipient = "never".into();
+        r.spec.suppression.ttl.complaint = "90d".into();
+        let c = relay_config(&r, &[], &[], &users(), None).unwrap();
+        assert_eq!(c.suppression.mailbox_full.replies, 5);
+        assert_eq!(
+            c.suppression.mailbox_full.over,
+            std::time::Duration::from_secs(7 * 86400)
+        );
+        assert_eq!(
+            c.suppression.ttl.invalid_recipient,
+            herald_config::Ttl::Never
+        );
+        assert_eq!(
+            c.suppression.ttl.complaint,
+            herald_config::Ttl::After(std::time::Duration::from_secs(90 * 86400))
+        );
+        r.spec.suppression.ttl.mailbox_full = "soon".into();
+        let e = relay_config(&r, &[], &[], &users(), None).unwrap_err();
+        assert_eq!(e.field, "spec.suppression.ttl.mailboxFull");
+        r.spec.suppression.ttl.mailbox_full = "30d".into();
+        r.spec.suppression.mailbox_full.replies = 1;
+        let e = relay_config(&r, &[], &[], &users(), None).unwrap_err();
+        assert_eq!(e.field, "spec.suppression.mailboxFull.replies");
     }
 
     #[test]
