@@ -118,6 +118,12 @@ def test_crds_are_established_and_list_in_kubectl_get(ns):
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {inboundService: {type: External}, listeners: [{name: a, port: 587}]}",
          "spec.inboundService.type"),
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {hostname: 'Not A Name', listeners: [{name: a, port: 587}]}", "spec.hostname"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {suppression: {mailboxFull: {replies: 1}}, listeners: [{name: a, port: 587}]}",
+         "1 would suppress on a single full-mailbox reply"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {suppression: {ttl: {complaint: forever}}, listeners: [{name: a, port: 587}]}",
+         "spec.suppression.ttl.complaint"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {suppression: {ttl: {invalidRecipient: 0d}}, listeners: [{name: a, port: 587}]}",
+         "spec.suppression.ttl.invalidRecipient"),
     ],
 )
 def test_bad_objects_are_refused_by_the_schema_naming_the_field(ns, manifest, field):
