@@ -730,6 +730,8 @@ impl Shell {
                 peer: "local".to_owned(),
                 sender: String::new(),
                 recipients: vec![meta.sender.clone()],
+                dsn: Default::default(),
+                rcpt_dsn: vec![Default::default()],
             };
             match spool.store(&dsn_meta, &[], &[&body]).await {
                 Ok(location) => {
@@ -814,6 +816,8 @@ mod tests {
             peer: "127.0.0.1:1".into(),
             sender: "app@example.test".into(),
             recipients: vec!["x@dest.test".into()],
+            dsn: Default::default(),
+            rcpt_dsn: vec![Default::default()],
         };
         let piece = crate::spool::READ_CHUNK;
         // Headers that end just across the first piece boundary, then a large body.
@@ -883,7 +887,7 @@ mod tests {
             while let Ok(f) = record::decode_frame(&buf[pos..]) {
                 match f.kind {
                     record::KIND_MESSAGE => {
-                        let m = record::decode_message(f.payload).unwrap();
+                        let m = record::decode_message(f.kind, f.payload).unwrap();
                         out.push((base + pos, f.kind, m.meta.id, m.meta.sender, false));
                     }
                     record::KIND_RESULTS => {
@@ -939,6 +943,8 @@ mod tests {
             peer: "127.0.0.1:1".into(),
             sender: "app@example.test".into(),
             recipients: vec!["gone@dest.test".into()],
+            dsn: Default::default(),
+            rcpt_dsn: vec![Default::default()],
         };
         let id = meta.id;
         let location = spool

@@ -45,6 +45,8 @@ fn message(id: u64, sender: &str, recipients: &[&str]) -> NewEntry {
             peer: "127.0.0.1:1".to_owned(),
             sender: sender.to_owned(),
             recipients: recipients.iter().map(|r| (*r).to_owned()).collect(),
+            dsn: Default::default(),
+            rcpt_dsn: vec![],
         },
         states: Vec::new(),
         location: Location {
