@@ -75,6 +75,9 @@ pub struct Attempt {
     pub domain: Arc<str>,
     /// The TLS version of the connection, if encrypted.
     pub tls: Option<String>,
+    /// The server advertised DSN and so got the sender's DSN parameters: a success is its to report, not
+    /// this relay's (RFC 3461 section 5.3.1).
+    pub next_hop_dsn: bool,
 }
 
 /// One recipient as the admin API shows it.
@@ -913,6 +916,7 @@ impl Core {
             remote_mta: None,
             domain: Arc::from(domain.as_str()),
             tls: None,
+            next_hop_dsn: false,
         };
         let verdicts = vec![Some((Class::Hard, Category::PermanentOther)); rcpts.len()];
         self.record(attempt, &verdicts, now, 0.0)

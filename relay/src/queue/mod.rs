@@ -863,6 +863,7 @@ mod tests {
                     remote_mta: Some("mx.test".into()),
                     domain: job.domain.clone(),
                     tls: None,
+                    next_hop_dsn: false,
                 };
                 slot.finished(attempt, false).await;
             });

@@ -73,6 +73,7 @@ fn attempt(job: &Job, code: u16) -> Attempt {
         remote_mta: Some("mx.test".to_owned()),
         domain: job.domain.clone(),
         tls: None,
+        next_hop_dsn: false,
     }
 }
 
@@ -531,6 +532,7 @@ impl Sim {
             remote_mta: None,
             domain: job.domain.clone(),
             tls: None,
+            next_hop_dsn: false,
         };
         let v = verdicts(&a);
         let actions = self.core.record(a, &v, self.now, jitter);
@@ -720,6 +722,7 @@ fn a_recipient_reported_twice_keeps_its_first_final_outcome() {
         remote_mta: None,
         domain: job.domain.clone(),
         tls: None,
+        next_hop_dsn: false,
     };
     core.record(a.clone(), &verdicts(&a), T0, 0.0);
     // A confused connection reports recipient 0 again, as bounced.
