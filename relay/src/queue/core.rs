@@ -193,11 +193,11 @@ pub enum Action {
         recipient: String,
         reason: String,
     },
-    /// Tell the sender about these failed recipients.
+    /// Tell the sender about these recipients (failed, or relayed when the sender asked to hear).
     Dsn {
         meta: Arc<MessageMeta>,
         location: Location,
-        failures: Vec<dsn::Failure>,
+        notices: Vec<dsn::Notice>,
         /// The final states of those recipients, to write to the spool once the DSN is durable: a crash in
         /// between then retries them (at worst a second DSN) instead of losing the DSN.
         then_record: Vec<RcptUpdate>,
@@ -455,6 +455,7 @@ impl Core {
         let expires_at = e.meta.received_at_ms.saturating_add(max_age);
         let mut updates = Vec::with_capacity(attempt.results.len());
         let mut failures = Vec::new();
+        let mut unwanted = 0;
         let mut any_deferred = false;
         let n = e.states.len();
         for (k, (idx, reply)) in attempt.results.into_iter().enumerate() {
@@ -474,8 +475,21 @@ impl Core {
             } else {
                 None
             };
+            let wants = e.meta.rcpt_dsn(i);
             if reply.code < 400 {
                 st.status = RcptStatus::Delivered;
+                // A next hop that took the DSN parameters reports the delivery itself.
+                if wants.wants_success() && !attempt.next_hop_dsn {
+                    failures.push(dsn::Notice {
+                        recipient: rcpt.clone(),
+                        action: dsn::Action::Relayed,
+                        original_recipient: wants.orcpt.clone(),
+                        status: reply.enhanced.clone().unwrap_or_else(|| "2.0.0".to_owned()),
+                        diagnostic: reply.to_string(),
+                        remote_mta: attempt.remote_mta.clone(),
+                        remote: reply.remote,
+                    });
+                }
             } else if reply.code < 500 && now < expires_at {
                 st.status = RcptStatus::Deferred;
                 let nominal = self.settings.nominal_delay(st.attempts).as_secs_f64();
@@ -501,24 +515,30 @@ impl Core {
                         reason: reply.to_string(),
                     });
                 }
-                failures.push(dsn::Failure {
-                    recipient: rcpt.clone(),
-                    status: if expired {
-                        "4.4.7".to_owned()
-                    } else {
-                        reply
-                            .enhanced
-                            .clone()
-                            .unwrap_or_else(|| format!("{}.0.0", reply.code / 100))
-                    },
-                    diagnostic: if expired {
-                        format!("delivery time expired; last error: {reply}")
-                    } else {
-                        reply.to_string()
-                    },
-                    remote_mta: attempt.remote_mta.clone(),
-                    remote: reply.remote,
-                });
+                if !wants.wants_failure() {
+                    unwanted += 1;
+                } else {
+                    failures.push(dsn::Notice {
+                        recipient: rcpt.clone(),
+                        action: dsn::Action::Failed,
+                        original_recipient: wants.orcpt.clone(),
+                        status: if expired {
+                            "4.4.7".to_owned()
+                        } else {
+                            reply
+                                .enhanced
+                                .clone()
+                                .unwrap_or_else(|| format!("{}.0.0", reply.code / 100))
+                        },
+                        diagnostic: if expired {
+                            format!("delivery time expired; last error: {reply}")
+                        } else {
+                            reply.to_string()
+                        },
+                        remote_mta: attempt.remote_mta.clone(),
+                        remote: reply.remote,
+                    });
+                }
             }
             if reply.code >= 400 {
                 if e.replies.is_empty() {
@@ -549,17 +569,30 @@ impl Core {
             .filter(|d| !pending_after.contains(d))
             .collect();
         self.adjust_depth(&gone, -1);
+        if unwanted > 0 {
+            out.push(Action::NoDsn {
+                id,
+                failed: unwanted,
+                why: "failure of a recipient whose sender asked for no failure notice (NOTIFY): no DSN",
+            });
+        }
         if !failures.is_empty() {
-            if meta.sender.is_empty() {
+            let failed = failures
+                .iter()
+                .filter(|f| f.action == dsn::Action::Failed)
+                .count();
+            if failed == 0 && (meta.sender.is_empty() || self.is_local(domain_of(&meta.sender))) {
+                // Only successes, which such senders are not told of either.
+            } else if meta.sender.is_empty() {
                 out.push(Action::NoDsn {
                     id,
-                    failed: failures.len(),
+                    failed,
                     why: "bounce of a message from the null sender: no DSN",
                 });
             } else if self.is_local(domain_of(&meta.sender)) {
                 out.push(Action::NoDsn {
                     id,
-                    failed: failures.len(),
+                    failed,
                     why: "bounce of a message from a return-path address: no DSN",
                 });
             } else {
@@ -570,7 +603,7 @@ impl Core {
                 out.push(Action::Dsn {
                     meta,
                     location,
-                    failures,
+                    notices: failures,
                     then_record: failed,
                 });
             }

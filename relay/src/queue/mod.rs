@@ -33,7 +33,8 @@ pub use self::core::{Attempt, DestKey, Job, MessageView, NewEntry, RecipientView
 const COMPACT_EVERY: Duration = Duration::from_secs(10);
 /// How often the queue gauges are refreshed.
 const GAUGES_EVERY: Duration = Duration::from_secs(2);
-/// The most of an original message a DSN reads to find its header section.
+/// The most of an original message a DSN reads to find its header section; also the largest message a DSN
+/// returns whole (RET=FULL); a larger one comes back as its headers.
 const DSN_HEADERS_MAX: usize = 1024 * 1024;
 
 /// Unix milliseconds now.
@@ -507,9 +508,9 @@ impl Shell {
                 Action::Dsn {
                     meta,
                     location,
-                    failures,
+                    notices,
                     then_record,
-                } => self.send_dsn(meta, location, failures, then_record),
+                } => self.send_dsn(meta, location, notices, then_record),
                 Action::NoDsn { id, failed, why } => {
                     tracing::info!(queue_id = %id, failed, "{why}");
                 }
@@ -686,20 +687,28 @@ impl Shell {
         });
     }
 
-    /// Builds and queues a DSN for `failures`, then records `updates` (the states of the failures it
+    /// Builds and queues a DSN for `notices`, then records `updates` (the states of the failures it
     /// reports) once the DSN is durable (off the queue task: it reads the spool).
     fn send_dsn(
         &self,
         meta: Arc<MessageMeta>,
         location: Location,
-        failures: Vec<dsn::Failure>,
+        notices: Vec<dsn::Notice>,
         updates: Vec<crate::spool::RcptUpdate>,
     ) {
         let spool = self.spool.clone();
         let handle = self.handle.clone();
         let hostname = self.hostname.clone();
         tokio::spawn(async move {
-            let original = match message_head(&spool, location, DSN_HEADERS_MAX).await {
+            // RET=FULL returns the message whole when it fits the cap a DSN holds of it, else its headers.
+            let full = dsn::Report::returns_full(meta.dsn.ret, &notices)
+                && location.len <= DSN_HEADERS_MAX as u64;
+            let original = if full {
+                spool.read(location).await
+            } else {
+                message_head(&spool, location, DSN_HEADERS_MAX).await
+            };
+            let original = match original {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::warn!(queue_id = %meta.id, error = %e, "cannot read the message for its DSN; sending it without headers");
@@ -716,8 +725,10 @@ impl Shell {
                 queue_id: &queue_id,
                 original_sender: &meta.sender,
                 arrival,
-                failures: &failures,
+                notices: &notices,
+                envid: meta.dsn.envid.as_deref(),
                 original: &original,
+                ret: (full && !original.is_empty()).then_some(herald_smtp::dsn::Ret::Full),
             };
             let body = dsn::build(&report, now, &format!("{id}@{hostname}"));
             let dsn_meta = MessageMeta {

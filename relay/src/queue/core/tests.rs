@@ -152,7 +152,7 @@ fn a_hard_invalid_recipient_bounce_suppresses_and_reports_to_the_sender() {
     assert!(
         actions
             .iter()
-            .any(|a| matches!(a, Action::Dsn { failures, .. } if failures.len() == 1))
+            .any(|a| matches!(a, Action::Dsn { notices, .. } if notices.len() == 1))
     );
     assert!(core.is_empty());
 }
@@ -187,6 +187,95 @@ fn null_and_return_path_senders_get_no_dsn() {
     }
 }
 
+/// A message to one recipient whose sender gave `NOTIFY=notify`.
+fn message_notifying(notify: &str) -> NewEntry {
+    use herald_smtp::dsn::{Notify, RcptDsn};
+    let mut m = message(1, "a@example.test", &["x@one.test"]);
+    m.meta.rcpt_dsn = vec![RcptDsn {
+        notify: Some(Notify::parse(notify).unwrap()),
+        orcpt: None,
+    }];
+    m
+}
+
+fn notices(actions: &[Action]) -> Vec<(String, dsn::Action)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Dsn { notices, .. } => Some(notices),
+            _ => None,
+        })
+        .flatten()
+        .map(|n| (n.recipient.clone(), n.action))
+        .collect()
+}
+
+#[test]
+fn notify_without_failure_gets_no_failure_dsn() {
+    for notify in ["NEVER", "SUCCESS", "DELAY", "SUCCESS,DELAY"] {
+        for code in [550, 451] {
+            let mut core = Core::new(settings());
+            let job = starts(&core.insert(message_notifying(notify), T0)).remove(0);
+            let a = attempt(&job, code);
+            // 451 a day on: expired.
+            let actions = core.record(a.clone(), &verdicts(&a), T0 + DAY, 0.0);
+            assert_eq!(notices(&actions), [], "{notify} {code}");
+            assert!(
+                actions
+                    .iter()
+                    .any(|a| matches!(a, Action::NoDsn { failed: 1, .. })),
+                "{notify} {code}"
+            );
+            // The final state is recorded at once: no DSN will.
+            assert!(actions.iter().any(|a| matches!(a, Action::Record { .. })));
+            assert!(core.is_empty());
+        }
+    }
+    let mut core = Core::new(settings());
+    let job = starts(&core.insert(message_notifying("FAILURE,DELAY"), T0)).remove(0);
+    let a = attempt(&job, 550);
+    let actions = core.record(a.clone(), &verdicts(&a), T0, 0.0);
+    assert_eq!(
+        notices(&actions),
+        [("x@one.test".to_owned(), dsn::Action::Failed)]
+    );
+}
+
+#[test]
+fn notify_success_is_answered_by_a_relayed_dsn_unless_the_next_hop_took_the_request() {
+    for (notify, next_hop_dsn, expected) in [
+        ("SUCCESS", false, true),
+        ("SUCCESS,FAILURE", false, true),
+        ("SUCCESS", true, false),
+        ("FAILURE", false, false),
+        ("NEVER", false, false),
+    ] {
+        let mut core = Core::new(settings());
+        let job = starts(&core.insert(message_notifying(notify), T0)).remove(0);
+        let a = Attempt {
+            next_hop_dsn,
+            ..attempt(&job, 250)
+        };
+        let actions = core.record(a.clone(), &verdicts(&a), T0, 0.0);
+        let want: Vec<(String, dsn::Action)> = if expected {
+            vec![("x@one.test".to_owned(), dsn::Action::Relayed)]
+        } else {
+            vec![]
+        };
+        assert_eq!(notices(&actions), want, "{notify} {next_hop_dsn}");
+        // The delivery is recorded at once, not after the DSN: a crash may lose the notice, never
+        // deliver twice.
+        assert!(actions.iter().any(|a| matches!(a, Action::Record { .. })));
+    }
+    // Nor does the null sender hear of a success.
+    let mut core = Core::new(settings());
+    let mut m = message_notifying("SUCCESS");
+    m.meta.sender = String::new();
+    let job = starts(&core.insert(m, T0)).remove(0);
+    let a = attempt(&job, 250);
+    assert_eq!(notices(&core.record(a.clone(), &verdicts(&a), T0, 0.0)), []);
+}
+
 #[test]
 fn a_temporary_failure_past_expiry_expires_with_status_4_4_7() {
     let mut core = Core::new(settings());
@@ -194,7 +283,7 @@ fn a_temporary_failure_past_expiry_expires_with_status_4_4_7() {
     let a = attempt(&job, 451);
     let actions = core.record(a.clone(), &verdicts(&a), T0 + DAY, 0.0);
     let failures = actions.iter().find_map(|a| match a {
-        Action::Dsn { failures, .. } => Some(failures),
+        Action::Dsn { notices, .. } => Some(notices),
         _ => None,
     });
     assert_eq!(failures.map(|f| f[0].status.as_str()), Some("4.4.7"));
@@ -464,13 +553,13 @@ impl Sim {
                     self.open.push(job);
                 }
                 Action::Outcome(o) => self.outcome(&o),
-                Action::Dsn { meta, failures, .. } => {
+                Action::Dsn { meta, notices, .. } => {
                     let sender = &self.senders[&meta.id];
                     assert!(
                         !sender.is_empty() && !sender.ends_with("@bounces.test"),
                         "DSN to {sender:?}"
                     );
-                    for f in failures {
+                    for f in notices {
                         *self.reported.entry((meta.id, f.recipient)).or_default() += 1;
                     }
                 }
