@@ -10,7 +10,7 @@ import email.utils
 import time
 
 from harness.outbound import (
-    MAILBOX, SENDER, delivery_events, dsn_about, dsns, flush, parse_dsn, send, start_outbound, status_field, unique,
+    MAILBOX, SENDER, delivery_events, dsn_about, dsns, flush, get_message, parse_dsn, send, start_outbound, status_field, unique,
     wait_dsn, wait_event, wait_gone, wait_state, wait_until,
 )
 from harness.relay import HOSTNAME
@@ -250,3 +250,26 @@ def test_dsn_parameters_survive_a_restart_before_delivery(relays, dns, peers):
     rcpts = [p for verb, p in peer.dsn_params if verb == "RCPT"]
     assert mails[-1] == ["ENVID=kept+2B1"], peer.dsn_params
     assert rcpts[-1] == ["NOTIFY=FAILURE", "ORCPT=rfc822;kept@dsnpeer.test"], peer.dsn_params
+
+
+def test_notify_delay_gets_one_delayed_dsn_past_delay_warning(relays, dns, peers, foreign, mailbox):
+    foreign.on_rcpt("slow@foreign.test", "451 4.3.0 try again later")  # every time
+    foreign.on_rcpt("quiet@foreign.test", "451 4.3.0 try again later")
+    r = start_outbound(relays, dns, peers, delivery={
+        "delay_warning": "2s", "retry": {"first": "1s", "max": "1s", "factor": 2.0}})
+    qid, marker, _ = send(r, ["slow@foreign.test", "quiet@foreign.test"], "delay", rcpt_params={
+        "slow@foreign.test": "NOTIFY=DELAY,FAILURE ORCPT=rfc822;slow@foreign.test",
+        "quiet@foreign.test": "NOTIFY=FAILURE"})
+    [t] = wait_dsn(mailbox, marker)
+    assert t.message["Subject"] == "Delayed Mail (still being retried)", t.message["Subject"]
+    d = parse_dsn(t.data)
+    assert d.final_recipients == ["slow@foreign.test"], "only the recipient that asked hears of a delay"
+    rb = d.recipient("slow@foreign.test")
+    assert (rb["Action"] or "").strip().lower() == "delayed", str(rb)
+    assert status_field(rb) == "4.3.0", str(rb)
+    assert rb["Will-Retry-Until"], str(rb)
+    # Tried on, and the notice is not repeated: a few more attempts go by without another.
+    attempts = len(foreign.rcpt_replies("slow@foreign.test"))
+    assert wait_until(lambda: len(foreign.rcpt_replies("slow@foreign.test")) >= attempts + 2, 20, 0.1)
+    assert len(dsn_about(mailbox, marker)) == 1, [t.message["Subject"] for t in dsn_about(mailbox, marker)]
+    assert get_message(r, qid) is not None

@@ -19,6 +19,8 @@ pub enum Action {
     Failed,
     /// Handed to a next hop that does not support DSN, so it will not report the delivery.
     Relayed,
+    /// Deferred for longer than `delivery.delay_warning`; tried until `until_ms` (Unix milliseconds).
+    Delayed { until_ms: u64 },
 }
 
 impl Action {
@@ -26,6 +28,7 @@ impl Action {
         match self {
             Action::Failed => "failed",
             Action::Relayed => "relayed",
+            Action::Delayed { .. } => "delayed",
         }
     }
 }
@@ -84,10 +87,19 @@ pub fn build(report: &Report<'_>, now: DateTime<Utc>, message_id: &str) -> Vec<u
     let boundary = format!("{}/{}", report.queue_id, report.hostname);
     let date = now.to_rfc2822();
     let failed = report.notices.iter().any(|n| n.action == Action::Failed);
+    let delayed = report
+        .notices
+        .iter()
+        .any(|n| matches!(n.action, Action::Delayed { .. }));
     let (subject, summary) = if failed {
         (
             "Undelivered Mail Returned to Sender",
             "Your message could not be delivered to one or more recipients.",
+        )
+    } else if delayed {
+        (
+            "Delayed Mail (still being retried)",
+            "Your message has not been delivered to one or more recipients yet; delivery is still being tried.",
         )
     } else {
         (
@@ -175,6 +187,11 @@ pub fn build(report: &Report<'_>, now: DateTime<Utc>, message_id: &str) -> Vec<u
             "Diagnostic-Code: {kind}; {}\r\nLast-Attempt-Date: {date}\r\n",
             one_line(&f.diagnostic)
         );
+        if let Action::Delayed { until_ms } = f.action
+            && let Some(until) = DateTime::from_timestamp_millis(until_ms as i64)
+        {
+            let _ = write!(m, "Will-Retry-Until: {}\r\n", until.to_rfc2822());
+        }
     }
     let full = Report::returns_full(report.ret, report.notices);
     let _ = write!(
@@ -292,6 +309,21 @@ mod tests {
         // A success returns headers only, whatever RET says.
         assert!(dsn.contains("Content-Type: text/rfc822-headers\r\n"));
         assert!(!dsn.contains("the body"));
+    }
+
+    #[test]
+    fn a_delay_notice_says_until_when_it_is_tried() {
+        let n = Notice {
+            action: Action::Delayed {
+                until_ms: 1_700_000_000_000,
+            },
+            ..notice(Action::Failed)
+        };
+        let dsn = report(&[n], Some(Ret::Full));
+        assert!(dsn.contains("Subject: Delayed Mail (still being retried)\r\n"));
+        assert!(dsn.contains("Action: delayed\r\n"));
+        assert!(dsn.contains("Will-Retry-Until: Tue, 14 Nov 2023 22:13:20 +0000\r\n"));
+        assert!(dsn.contains("Content-Type: text/rfc822-headers\r\n"));
     }
 
     #[test]

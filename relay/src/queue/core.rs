@@ -130,6 +130,8 @@ pub struct Routing {
 pub struct Settings {
     pub retry: Retry,
     pub max_age: Duration,
+    /// A recipient deferred this long gets its sender one delayed DSN, if the sender asked (NOTIFY=DELAY).
+    pub delay_warning: Duration,
     /// Connections to one destination (`delivery.per_domain.max_connections`).
     pub per_destination: usize,
     /// Connections to all destinations together (`delivery.max_connections`, or its default).
@@ -144,6 +146,7 @@ impl Settings {
         Settings {
             retry: config.delivery.retry.clone(),
             max_age: config.delivery.max_age,
+            delay_warning: config.delivery.delay_warning,
             per_destination: config.delivery.per_domain.max_connections as usize,
             total_connections: crate::resources::delivery_connections(config, memory_limit),
             routing: Routing {
@@ -247,6 +250,10 @@ struct Entry {
     /// that is not this one is stale and skipped.
     armed: Option<u64>,
     replies: Vec<Option<Box<str>>>,
+    /// Per recipient: its delay notice went out, or will not. In memory only: a message loaded past its
+    /// `delivery.delay_warning` point counts as told, since whether it was is not on disk and a second
+    /// notice is the worse mistake.
+    delay_noticed: Vec<bool>,
 }
 
 #[derive(Default)]
@@ -419,6 +426,10 @@ impl Core {
         states.resize(n, RcptState::QUEUED);
         let pending = pending_domains(&new.meta.recipients, &states);
         self.adjust_depth(&pending, 1);
+        let warn_at = new
+            .meta
+            .received_at_ms
+            .saturating_add(self.settings.delay_warning.as_millis() as u64);
         self.messages.insert(
             id,
             Entry {
@@ -428,6 +439,7 @@ impl Core {
                 in_flight: vec![false; n],
                 armed: None,
                 replies: Vec::new(),
+                delay_noticed: vec![now >= warn_at; n],
             },
         );
         let mut out = Vec::new();
@@ -447,12 +459,14 @@ impl Core {
     ) -> Vec<Action> {
         let id = attempt.id;
         let max_age = self.settings.max_age.as_millis() as u64;
+        let delay_warning = self.settings.delay_warning.as_millis() as u64;
         let mut out = Vec::new();
         let Some(e) = self.messages.get_mut(&id) else {
             return out;
         };
         let pending_before = pending_domains(&e.meta.recipients, &e.states);
         let expires_at = e.meta.received_at_ms.saturating_add(max_age);
+        let warn_at = e.meta.received_at_ms.saturating_add(delay_warning);
         let mut updates = Vec::with_capacity(attempt.results.len());
         let mut failures = Vec::new();
         let mut unwanted = 0;
@@ -497,6 +511,26 @@ impl Core {
                 let backoff = (nominal * factor * 1000.0) as u64;
                 st.next_attempt_ms = now.saturating_add(backoff).min(expires_at);
                 any_deferred = true;
+                if now >= warn_at
+                    && let Some(noticed) = e.delay_noticed.get_mut(i)
+                    && !std::mem::replace(noticed, true)
+                    && wants.wants_delay()
+                {
+                    failures.push(dsn::Notice {
+                        recipient: rcpt.clone(),
+                        action: dsn::Action::Delayed {
+                            until_ms: expires_at,
+                        },
+                        original_recipient: wants.orcpt.clone(),
+                        status: reply
+                            .enhanced
+                            .clone()
+                            .unwrap_or_else(|| format!("{}.0.0", reply.code / 100)),
+                        diagnostic: reply.to_string(),
+                        remote_mta: attempt.remote_mta.clone(),
+                        remote: reply.remote,
+                    });
+                }
             } else {
                 let expired = reply.code < 500;
                 st.status = if expired {

@@ -23,6 +23,7 @@ fn settings() -> Settings {
             factor: 2.0,
         },
         max_age: Duration::from_millis(DAY),
+        delay_warning: Duration::from_secs(4 * 3600),
         per_destination: 2,
         total_connections: 100,
         routing: Routing {
@@ -274,6 +275,56 @@ fn notify_success_is_answered_by_a_relayed_dsn_unless_the_next_hop_took_the_requ
     let job = starts(&core.insert(m, T0)).remove(0);
     let a = attempt(&job, 250);
     assert_eq!(notices(&core.record(a.clone(), &verdicts(&a), T0, 0.0)), []);
+}
+
+#[test]
+fn a_delay_notice_goes_once_past_delay_warning_and_only_when_asked_for() {
+    const HOUR: u64 = 3_600_000;
+    for (notify, expected) in [
+        (Some("DELAY"), 1),
+        (Some("FAILURE,DELAY"), 1),
+        (Some("FAILURE"), 0),
+        (Some("NEVER"), 0),
+        (None, 0),
+    ] {
+        let mut core = Core::new(settings());
+        let m = match notify {
+            Some(n) => message_notifying(n),
+            None => message(1, "a@example.test", &["x@one.test"]),
+        };
+        let mut job = starts(&core.insert(m, T0)).remove(0);
+        let mut delayed = Vec::new();
+        // Attempts at 0 h (before delay_warning, 4 h), 5 h (the first past it), 6 h and 7 h.
+        for t in [T0, T0 + 5 * HOUR, T0 + 6 * HOUR, T0 + 7 * HOUR] {
+            let a = attempt(&job, 451);
+            let actions = core.record(a.clone(), &verdicts(&a), t, 0.0);
+            delayed.extend(
+                notices(&actions)
+                    .into_iter()
+                    .filter(|(_, a)| matches!(a, dsn::Action::Delayed { .. }))
+                    .map(|_| t),
+            );
+            let mut next = core.connection_closed(&job.dest, t + HOUR - 1);
+            next.extend(core.due(t + HOUR - 1));
+            job = match starts(&next).pop() {
+                Some(j) => j,
+                None => core.next_job(&job.dest, t + HOUR).expect("due again"),
+            };
+        }
+        let want: Vec<u64> = if expected == 1 {
+            vec![T0 + 5 * HOUR]
+        } else {
+            vec![]
+        };
+        assert_eq!(delayed, want, "{notify:?}");
+    }
+    // A message loaded (after a restart) past the point counts as told: the spool does not say whether it
+    // was, and a second notice is the worse mistake.
+    let mut core = Core::new(settings());
+    let job = starts(&core.insert(message_notifying("DELAY"), T0 + 5 * HOUR)).remove(0);
+    let a = attempt(&job, 451);
+    let actions = core.record(a.clone(), &verdicts(&a), T0 + 5 * HOUR, 0.0);
+    assert_eq!(notices(&actions), []);
 }
 
 #[test]
