@@ -196,7 +196,7 @@ pub enum Action {
         recipient: String,
         reason: String,
     },
-    /// Tell the sender about these recipients (failed, or relayed when the sender asked to hear).
+    /// Tell the sender about these recipients: failed, or relayed or delayed when the sender asked to hear.
     Dsn {
         meta: Arc<MessageMeta>,
         location: Location,
@@ -468,7 +468,8 @@ impl Core {
         let expires_at = e.meta.received_at_ms.saturating_add(max_age);
         let warn_at = e.meta.received_at_ms.saturating_add(delay_warning);
         let mut updates = Vec::with_capacity(attempt.results.len());
-        let mut failures = Vec::new();
+        // What the sender is to hear of: failures, and the successes and delays it asked for.
+        let mut notices = Vec::new();
         let mut unwanted = 0;
         let mut any_deferred = false;
         let n = e.states.len();
@@ -494,7 +495,7 @@ impl Core {
                 st.status = RcptStatus::Delivered;
                 // A next hop that took the DSN parameters reports the delivery itself.
                 if wants.wants_success() && !attempt.next_hop_dsn {
-                    failures.push(dsn::Notice {
+                    notices.push(dsn::Notice {
                         recipient: rcpt.clone(),
                         action: dsn::Action::Relayed,
                         original_recipient: wants.orcpt.clone(),
@@ -516,7 +517,7 @@ impl Core {
                     && !std::mem::replace(noticed, true)
                     && wants.wants_delay()
                 {
-                    failures.push(dsn::Notice {
+                    notices.push(dsn::Notice {
                         recipient: rcpt.clone(),
                         action: dsn::Action::Delayed {
                             until_ms: expires_at,
@@ -552,7 +553,7 @@ impl Core {
                 if !wants.wants_failure() {
                     unwanted += 1;
                 } else {
-                    failures.push(dsn::Notice {
+                    notices.push(dsn::Notice {
                         recipient: rcpt.clone(),
                         action: dsn::Action::Failed,
                         original_recipient: wants.orcpt.clone(),
@@ -610,34 +611,34 @@ impl Core {
                 why: "failure of a recipient whose sender asked for no failure notice (NOTIFY): no DSN",
             });
         }
-        if !failures.is_empty() {
-            let failed = failures
+        if !notices.is_empty() {
+            let failed = notices
                 .iter()
                 .filter(|f| f.action == dsn::Action::Failed)
                 .count();
-            if failed == 0 && (meta.sender.is_empty() || self.is_local(domain_of(&meta.sender))) {
-                // Only successes, which such senders are not told of either.
-            } else if meta.sender.is_empty() {
-                out.push(Action::NoDsn {
-                    id,
-                    failed,
-                    why: "bounce of a message from the null sender: no DSN",
-                });
+            // Such senders hear of nothing; only their failures are worth a log line.
+            let unheard = if meta.sender.is_empty() {
+                Some("bounce of a message from the null sender: no DSN")
             } else if self.is_local(domain_of(&meta.sender)) {
-                out.push(Action::NoDsn {
-                    id,
-                    failed,
-                    why: "bounce of a message from a return-path address: no DSN",
-                });
+                Some("bounce of a message from a return-path address: no DSN")
             } else {
+                None
+            };
+            if let Some(why) = unheard {
+                if failed > 0 {
+                    out.push(Action::NoDsn { id, failed, why });
+                }
+            } else {
+                // The failures the DSN reports; one the sender asked not to hear of is recorded at once.
                 let (failed, rest) = updates.into_iter().partition(|u: &RcptUpdate| {
                     matches!(u.state.status, RcptStatus::Bounced | RcptStatus::Expired)
+                        && meta.rcpt_dsn(u.index as usize).wants_failure()
                 });
                 updates = rest;
                 out.push(Action::Dsn {
                     meta,
                     location,
-                    notices: failures,
+                    notices,
                     then_record: failed,
                 });
             }
