@@ -735,7 +735,8 @@ impl Shell {
                 id,
                 received_at_ms: now_ms(),
                 smtputf8: meta.smtputf8,
-                eight_bit: false,
+                // The message returned whole keeps its 8-bit content, and needs BODY=8BITMIME as it did.
+                eight_bit: full && meta.eight_bit,
                 listener: "dsn".to_owned(),
                 auth_user: None,
                 peer: "local".to_owned(),
