@@ -10,10 +10,11 @@ import email.utils
 import time
 
 from harness.outbound import (
-    MAILBOX, SENDER, delivery_events, dsn_about, dsns, parse_dsn, send, start_outbound, status_field, unique,
-    wait_dsn, wait_event, wait_gone, wait_until,
+    MAILBOX, SENDER, delivery_events, dsn_about, dsns, flush, get_message, parse_dsn, send, start_outbound, status_field, unique,
+    wait_dsn, wait_event, wait_gone, wait_state, wait_until,
 )
 from harness.relay import HOSTNAME
+from harness.smtp import SmtpConn
 
 
 def field_value(block, name: str) -> str:
@@ -128,3 +129,147 @@ def test_a_message_from_a_return_path_address_bounces_without_a_dsn(relays, dns,
     assert wait_until(lambda: "from a return-path address: no DSN" in r.log_text(), 10), r.log_tail(30)
     assert not [m for m in r.queue() if m["sender"] == ""], r.queue()
     assert not dsns(mailbox), "a DSN to a return_path address was sent by MX"
+
+# ---------------------------------------------------------------------------------------------------------
+# The DSN extension (RFC 3461): the sender's RET, ENVID, NOTIFY and ORCPT.
+
+DSN_PEER = "127.0.0.4"  # dsnpeer.test's MX: an aiosmtpd peer that advertises DSN
+
+
+def dsn_peer(dns, peers):
+    dns.route("dsnpeer.test", DSN_PEER)
+    return peers.aio(DSN_PEER, "dsnpeer", dsn=True)
+
+
+def sentinel_dsn(r, foreign, mailbox) -> None:
+    """Bounce a fresh message with a real sender and wait for its DSN: a DSN the relay made before would be in
+    by then too (DSNs queue in order, to the one mailbox)."""
+    foreign.on_rcpt("sentinel@foreign.test", "550 5.1.1 user unknown")
+    _, marker, _ = send(r, ["sentinel@foreign.test"], "sentinel")
+    wait_dsn(mailbox, marker)
+
+
+def test_ehlo_advertises_dsn_and_a_bad_parameter_is_refused_naming_it(relays, dns, peers):
+    r = start_outbound(relays, dns, peers)
+    host, port = r.listener("trusted")
+    with SmtpConn(host, port) as c:
+        c.greeting()
+        ehlo = c.ehlo()
+        assert "DSN" in [line.split()[0].upper() for line in ehlo.lines[1:]], ehlo.lines
+        for params, names in [("RET=BODY", "RET"), ("ENVID=a=b", "ENVID"), ("RET=FULL RET=HDRS", "RET")]:
+            reply = c.expect(f"MAIL FROM:<{SENDER}> {params}", "501 5.5.4")
+            assert names in str(reply), reply
+        c.expect(f"MAIL FROM:<{SENDER}> RET=HDRS ENVID=QQ+2B1", "250 ")
+        for params, names in [("NOTIFY=NEVER,SUCCESS", "NOTIFY"), ("NOTIFY=SUCCESS,SUCCESS", "NOTIFY"),
+                              ("ORCPT=x@foreign.test", "ORCPT"), ("NOTIFY=DELAY NOTIFY=DELAY", "NOTIFY")]:
+            reply = c.expect(f"RCPT TO:<x@foreign.test> {params}", "501 5.5.4")
+            assert names in str(reply), reply
+        c.expect("RCPT TO:<x@foreign.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x@foreign.test", "250 ")
+        c.cmd("QUIT")
+
+
+def test_notify_never_gets_no_dsn_for_a_bounce(relays, dns, peers, foreign, mailbox):
+    foreign.on_rcpt("gone@foreign.test", "550 5.1.1 user unknown")
+    r = start_outbound(relays, dns, peers)
+    qid, marker, _ = send(r, ["gone@foreign.test"], "never", rcpt_params={"gone@foreign.test": "NOTIFY=NEVER"})
+    wait_event(r, qid, "bounced")
+    wait_gone(r, qid)
+    assert wait_until(lambda: "asked for no failure notice" in r.log_text(), 10), r.log_tail(30)
+    sentinel_dsn(r, foreign, mailbox)
+    assert not dsn_about(mailbox, marker), "a DSN for a recipient with NOTIFY=NEVER"
+
+
+def test_notify_success_to_a_peer_without_dsn_gets_a_relayed_dsn(relays, dns, peers, foreign, mailbox):
+    r = start_outbound(relays, dns, peers)
+    envid = unique("env")
+    qid, marker, _ = send(r, ["ok@foreign.test"], "relayed", mail_params=f"ENVID={envid} RET=FULL",
+                          body="secret body\r\n",
+                          rcpt_params={"ok@foreign.test": "NOTIFY=SUCCESS ORCPT=rfc822;Orig+2Bok@foreign.test"})
+    wait_gone(r, qid)
+    [t] = wait_dsn(mailbox, marker)
+    assert t.mail_from == "" and t.rcpt_tos == [SENDER]
+    assert t.message["Subject"] == "Successful Mail Delivery Report", t.message["Subject"]
+    d = parse_dsn(t.data)
+    assert field_value(d.per_message, "Original-Envelope-Id") == envid, str(d.per_message)
+    rb = d.recipient("ok@foreign.test")
+    assert (rb["Action"] or "").strip().lower() == "relayed", str(rb)
+    assert status_field(rb).startswith("2."), str(rb)
+    assert field_value(rb, "Original-Recipient") == "rfc822;Orig+ok@foreign.test", str(rb)
+    # A success returns the headers only, RET=FULL or not.
+    assert d.returned_type == "text/rfc822-headers" and "secret body" not in d.headers
+    # The peer does not advertise DSN: the parameters were not passed on.
+    [delivered] = foreign.with_marker(marker)
+    assert not [o for o in delivered.mail_options if o.split("=")[0] in ("RET", "ENVID")], delivered.mail_options
+
+
+def test_a_peer_that_advertises_dsn_gets_the_parameters_and_the_relay_sends_none(relays, dns, peers, foreign,
+                                                                                  mailbox):
+    peer = dsn_peer(dns, peers)
+    r = start_outbound(relays, dns, peers)
+    qid, marker, _ = send(r, ["ok@dsnpeer.test"], "passed", mail_params="RET=HDRS ENVID=Batch+2B7",
+                          rcpt_params={"ok@dsnpeer.test": "NOTIFY=SUCCESS,DELAY ORCPT=rfc822;Orig@dsnpeer.test"})
+    wait_gone(r, qid)
+    assert peer.with_marker(marker)
+    assert peer.dsn_params == [
+        ("MAIL", ["RET=HDRS", "ENVID=Batch+2B7"]),
+        ("RCPT", ["NOTIFY=SUCCESS,DELAY", "ORCPT=rfc822;Orig@dsnpeer.test"]),
+    ], peer.dsn_params
+    sentinel_dsn(r, foreign, mailbox)
+    assert not dsn_about(mailbox, marker), "the relay reported a success the next hop was asked to report"
+
+
+def test_ret_hdrs_returns_headers_and_ret_full_the_message(relays, dns, peers, foreign, mailbox):
+    r = start_outbound(relays, dns, peers)
+    for ret, returned in [("HDRS", "text/rfc822-headers"), ("FULL", "message/rfc822")]:
+        # One recipient each: the first bounce suppresses its address.
+        rcpt = f"gone-{ret.lower()}@foreign.test"
+        foreign.on_rcpt(rcpt, "550 5.1.1 user unknown")
+        body_marker = unique("bodyonly")
+        qid, marker, _ = send(r, [rcpt], f"ret{ret}", mail_params=f"RET={ret}", body=f"{body_marker}\r\n")
+        wait_gone(r, qid)
+        [t] = wait_dsn(mailbox, marker)
+        d = parse_dsn(t.data)
+        assert d.returned_type == returned, (ret, d.returned_type)
+        assert marker in d.headers
+        assert (body_marker in d.headers) == (ret == "FULL"), (ret, d.headers)
+
+
+def test_dsn_parameters_survive_a_restart_before_delivery(relays, dns, peers):
+    peer = dsn_peer(dns, peers)
+    peer.on_rcpt("later@dsnpeer.test", "451 4.3.0 try again later", times=1)
+    r = start_outbound(relays, dns, peers)
+    qid, marker, _ = send(r, ["later@dsnpeer.test"], "restart", mail_params="ENVID=kept+2B1",
+                          rcpt_params={"later@dsnpeer.test": "NOTIFY=FAILURE ORCPT=rfc822;kept@dsnpeer.test"})
+    wait_state(r, qid, {"later@dsnpeer.test": "deferred"})
+    assert r.stop() == 0
+    r.start()
+    flush(r, qid)
+    wait_gone(r, qid)
+    assert peer.with_marker(marker)
+    mails = [p for verb, p in peer.dsn_params if verb == "MAIL"]
+    rcpts = [p for verb, p in peer.dsn_params if verb == "RCPT"]
+    assert mails[-1] == ["ENVID=kept+2B1"], peer.dsn_params
+    assert rcpts[-1] == ["NOTIFY=FAILURE", "ORCPT=rfc822;kept@dsnpeer.test"], peer.dsn_params
+
+
+def test_notify_delay_gets_one_delayed_dsn_past_delay_warning(relays, dns, peers, foreign, mailbox):
+    foreign.on_rcpt("slow@foreign.test", "451 4.3.0 try again later")  # every time
+    foreign.on_rcpt("quiet@foreign.test", "451 4.3.0 try again later")
+    r = start_outbound(relays, dns, peers, delivery={
+        "delay_warning": "2s", "retry": {"first": "1s", "max": "1s", "factor": 2.0}})
+    qid, marker, _ = send(r, ["slow@foreign.test", "quiet@foreign.test"], "delay", rcpt_params={
+        "slow@foreign.test": "NOTIFY=DELAY,FAILURE ORCPT=rfc822;slow@foreign.test",
+        "quiet@foreign.test": "NOTIFY=FAILURE"})
+    [t] = wait_dsn(mailbox, marker)
+    assert t.message["Subject"] == "Delayed Mail (still being retried)", t.message["Subject"]
+    d = parse_dsn(t.data)
+    assert d.final_recipients == ["slow@foreign.test"], "only the recipient that asked hears of a delay"
+    rb = d.recipient("slow@foreign.test")
+    assert (rb["Action"] or "").strip().lower() == "delayed", str(rb)
+    assert status_field(rb) == "4.3.0", str(rb)
+    assert rb["Will-Retry-Until"], str(rb)
+    # Tried on, and the notice is not repeated: a few more attempts go by without another.
+    attempts = len(foreign.rcpt_replies("slow@foreign.test"))
+    assert wait_until(lambda: len(foreign.rcpt_replies("slow@foreign.test")) >= attempts + 2, 20, 0.1)
+    assert len(dsn_about(mailbox, marker)) == 1, [t.message["Subject"] for t in dsn_about(mailbox, marker)]
+    assert get_message(r, qid) is not None

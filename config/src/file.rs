@@ -486,6 +486,12 @@ pub struct Delivery {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::schema::HumanDuration")]
     pub max_age: Duration,
+    /// How long a recipient may stay deferred before its sender gets one "delayed" DSN, if the sender asked
+    /// for delay notices (RCPT with NOTIFY=DELAY; without NOTIFY, or with a NOTIFY that leaves DELAY out,
+    /// none is sent, as RFC 3461 section 4.1 asks). `max_age` or more: none at all.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
+    pub delay_warning: Duration,
     /// Limits per destination domain.
     pub per_domain: PerDomain,
     /// Delivery connections open at once, all destinations together; ready work beyond waits for a free
@@ -547,6 +553,7 @@ impl Default for Delivery {
             tls: OutboundTls::default(),
             retry: Retry::default(),
             max_age: Duration::from_secs(5 * 86400),
+            delay_warning: Duration::from_secs(4 * 3600),
             per_domain: PerDomain::default(),
             max_connections: None,
             timeouts: Timeouts::default(),

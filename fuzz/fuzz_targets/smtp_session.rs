@@ -4,8 +4,8 @@
 //! bad or refused, the message stored or not).
 //!
 //! Checked: the session never panics, never loops without consuming, every byte it writes is a well-formed
-//! reply line ([`herald_fuzz::assert_reply_lines`]), and every message it hands over has recipients, fits
-//! the size limit and has only CRLF line endings.
+//! reply line ([`herald_fuzz::assert_reply_lines`]), and every message it hands over has recipients (each
+//! with its DSN parameters), fits the size limit and has only CRLF line endings.
 //!
 //! Input: a 16-byte header, then what the client sends (so a seed is a header and a transcript):
 //! - 0: flags: 1 STARTTLS offered, 2 AUTH required, 4 implicit TLS, 8 the relay stops (else a timeout)
@@ -102,6 +102,11 @@ fn run(h: &[u8; 16], client: &[u8]) {
                 assert!(
                     !envelope.recipients.is_empty(),
                     "a message with no recipient"
+                );
+                assert_eq!(
+                    envelope.rcpt_dsn.len(),
+                    envelope.recipients.len(),
+                    "DSN parameters not one per recipient"
                 );
                 assert!(
                     envelope.body.len() <= config.limits.max_message_size,

@@ -3,7 +3,7 @@
 //!
 //! Checked, on arbitrary bytes: decoding a frame and its payload never panics or over-allocates, and a
 //! payload that decodes encodes back to a frame that decodes to the same record. On a record the fuzzer
-//! builds: decode(encode(x)) == x, for message, results and delete records. Replaying the bytes as a
+//! builds: decode(encode(x)) == x, for message (with and without DSN parameters), results and delete records. Replaying the bytes as a
 //! segment (skipping damaged records, stopping at a torn tail) never panics, places every message's data
 //! inside the records it keeps, and gives the same messages again once the torn tail is cut off (as the
 //! next start after a crash sees the segment).
@@ -12,6 +12,7 @@
 
 use herald_relay::spool::record::{self, MessageMeta, QueueId, RcptState, RcptStatus, RcptUpdate};
 use herald_relay::spool::{self, Loaded};
+use herald_smtp::dsn::{MailDsn, Notify, Orcpt, RcptDsn, Ret};
 use libfuzzer_sys::arbitrary::{Arbitrary, Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 
@@ -27,8 +28,8 @@ fn decode_arbitrary(data: &[u8]) {
     };
     assert!(frame.len <= data.len() && frame.len == record::FRAME_LEN + frame.payload.len());
     match frame.kind {
-        record::KIND_MESSAGE => {
-            let Ok(d) = record::decode_message(frame.payload) else {
+        record::KIND_MESSAGE | record::KIND_MESSAGE_DSN => {
+            let Ok(d) = record::decode_message(frame.kind, frame.payload) else {
                 return;
             };
             let end = d.data_offset + usize::try_from(d.data_len).expect("data within the payload");
@@ -41,7 +42,8 @@ fn decode_arbitrary(data: &[u8]) {
                 &[&frame.payload[d.data_offset..end]],
             );
             let again = record::decode_frame(&out).expect("an encoded frame decodes");
-            let d2 = record::decode_message(again.payload).expect("an encoded message decodes");
+            let d2 = record::decode_message(again.kind, again.payload)
+                .expect("an encoded message decodes");
             assert_eq!(
                 (&d2.meta, &d2.states, d2.data_len),
                 (&d.meta, &d.states, d.data_len)
@@ -97,6 +99,12 @@ fn round_trip(u: &mut Unstructured<'_>) -> Result<()> {
         peer: u.arbitrary()?,
         sender: u.arbitrary()?,
         recipients: (0..n).map(|_| u.arbitrary()).collect::<Result<_>>()?,
+        // The record stores "" for none, as for the user.
+        dsn: MailDsn {
+            ret: *u.choose(&[None, Some(Ret::Full), Some(Ret::Headers)])?,
+            envid: Option::<String>::arbitrary(u)?.filter(|s| !s.is_empty()),
+        },
+        rcpt_dsn: (0..n).map(|_| rcpt_dsn(u)).collect::<Result<_>>()?,
     };
     let states: Vec<RcptState> = (0..n).map(|_| state(u)).collect::<Result<_>>()?;
     let data: &[u8] = u.arbitrary()?;
@@ -116,8 +124,14 @@ fn round_trip(u: &mut Unstructured<'_>) -> Result<()> {
     record::encode_delete(&mut out, id);
 
     let frame = record::decode_frame(&out).expect("message frame");
-    assert_eq!(frame.kind, record::KIND_MESSAGE);
-    let d = record::decode_message(frame.payload).expect("message payload");
+    let with_dsn = !meta.dsn.is_empty() || meta.rcpt_dsn.iter().any(|d| !d.is_empty());
+    let kind = if with_dsn {
+        record::KIND_MESSAGE_DSN
+    } else {
+        record::KIND_MESSAGE
+    };
+    assert_eq!(frame.kind, kind);
+    let d = record::decode_message(frame.kind, frame.payload).expect("message payload");
     assert_eq!((&d.meta, &d.states), (&meta, &states));
     let (off, len) = (d.data_offset, usize::try_from(d.data_len).expect("small"));
     assert_eq!(&frame.payload[off..off + len], data);
@@ -130,6 +144,22 @@ fn round_trip(u: &mut Unstructured<'_>) -> Result<()> {
     assert_eq!((frame.kind, frame.len), (record::KIND_DELETE, rest.len()));
     assert_eq!(record::decode_delete(frame.payload), Ok(id));
     Ok(())
+}
+
+fn rcpt_dsn(u: &mut Unstructured<'_>) -> Result<RcptDsn> {
+    let notify = if u.arbitrary()? {
+        Some(Notify {
+            success: u.arbitrary()?,
+            failure: u.arbitrary()?,
+            delay: u.arbitrary()?,
+        })
+    } else {
+        None
+    };
+    let orcpt = Option::<(String, String)>::arbitrary(u)?
+        .filter(|(_, address)| !address.is_empty())
+        .map(|(addr_type, address)| Orcpt { addr_type, address });
+    Ok(RcptDsn { notify, orcpt })
 }
 
 fn state(u: &mut Unstructured<'_>) -> Result<RcptState> {

@@ -444,6 +444,11 @@ pub struct DeliverySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub max_age: Option<String>,
+    /// How long a recipient may stay deferred before a sender that asked (NOTIFY=DELAY) gets one delayed
+    /// DSN (the relay's `delivery.delay_warning`, default 4h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub delay_warning: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_domain: Option<PerDomainSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

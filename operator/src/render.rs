@@ -237,6 +237,9 @@ pub fn relay_config(
     if let Some(m) = &spec.delivery.max_age {
         delivery.max_age = duration(&res, "spec.delivery.maxAge", m)?;
     }
+    if let Some(d) = &spec.delivery.delay_warning {
+        delivery.delay_warning = duration(&res, "spec.delivery.delayWarning", d)?;
+    }
     if let Some(p) = &spec.delivery.per_domain {
         delivery.per_domain = PerDomain {
             max_connections: p.max_connections,
@@ -345,6 +348,7 @@ mod tests {
                 factor: 2.0,
             }),
             max_age: Some("3d".into()),
+            delay_warning: Some("2h".into()),
             per_domain: None,
             smarthost: None,
         };
@@ -387,6 +391,10 @@ mod tests {
         assert_eq!(
             c.delivery.max_age,
             std::time::Duration::from_secs(3 * 86400)
+        );
+        assert_eq!(
+            c.delivery.delay_warning,
+            std::time::Duration::from_secs(2 * 3600)
         );
         assert_eq!(
             c.metrics.as_ref().map(|m| m.address.to_string()).as_deref(),

@@ -128,6 +128,8 @@ mod tests {
         Envelope {
             sender: ReversePath::Null,
             recipients: vec![],
+            dsn: Default::default(),
+            rcpt_dsn: vec![],
             body: body.as_bytes().to_vec(),
             smtputf8: false,
             eight_bit: false,

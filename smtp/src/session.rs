@@ -18,6 +18,7 @@ use crate::address::{Mailbox, ReversePath};
 use crate::body::{Body, BodyError};
 use crate::budget::{Budget, Reservation};
 use crate::command::{self, Command, CommandError};
+use crate::dsn::{self, MailDsn, Notify, Orcpt, RcptDsn, Ret};
 use crate::reply::{self, Reply};
 use crate::verdict::{EnvelopePolicy, Refusal, RejectReason, Verdict};
 
@@ -73,6 +74,10 @@ pub enum Action {
 pub struct Envelope {
     pub sender: ReversePath,
     pub recipients: Vec<Mailbox>,
+    /// MAIL's DSN parameters (RFC 3461).
+    pub dsn: MailDsn,
+    /// Each recipient's DSN parameters, in the order of `recipients` and as many.
+    pub rcpt_dsn: Vec<RcptDsn>,
     /// The message as received, unstuffed, CRLF line endings.
     pub body: Vec<u8>,
     pub smtputf8: bool,
@@ -111,6 +116,8 @@ enum State {
 struct Transaction {
     sender: ReversePath,
     recipients: Vec<Mailbox>,
+    dsn: MailDsn,
+    rcpt_dsn: Vec<RcptDsn>,
     smtputf8: bool,
     eight_bit: bool,
     /// The body so far, when the client is sending BDAT chunks.
@@ -461,6 +468,7 @@ impl<P: EnvelopePolicy> Session<P> {
             "SMTPUTF8".to_owned(),
             "ENHANCEDSTATUSCODES".to_owned(),
             "CHUNKING".to_owned(),
+            "DSN".to_owned(),
         ];
         if self.config.starttls && self.tls.is_none() {
             lines.push("STARTTLS".to_owned());
@@ -497,9 +505,13 @@ impl<P: EnvelopePolicy> Session<P> {
         }
         let mut smtputf8 = false;
         let mut eight_bit = false;
-        for p in params {
+        let mut dsn = MailDsn::default();
+        for (i, p) in params.iter().enumerate() {
             if !self.esmtp {
                 self.error(&Reply::new(555, "5.5.4", "Parameters need EHLO"));
+                return;
+            }
+            if self.duplicate(params, i) {
                 return;
             }
             match (p.key.as_str(), p.value) {
@@ -533,6 +545,16 @@ impl<P: EnvelopePolicy> Session<P> {
                 ("SMTPUTF8", None) => smtputf8 = true,
                 // RFC 4954 section 5: accepted; the submitter's identity comes from AUTH itself.
                 ("AUTH", Some(_)) => {}
+                ("RET", Some(v)) => match Ret::parse(v) {
+                    Ok(r) => dsn.ret = Some(r),
+                    Err(e) => return self.bad_dsn(&e),
+                },
+                ("ENVID", Some(v)) => match MailDsn::parse_envid(v) {
+                    Ok(id) => dsn.envid = Some(id),
+                    Err(e) => return self.bad_dsn(&e),
+                },
+                ("RET", None) => return self.bad_dsn(&dsn::DsnError::Ret),
+                ("ENVID", None) => return self.bad_dsn(&dsn::DsnError::Envid("missing")),
                 (key, _) => {
                     self.error(&Reply::with_text(
                         555,
@@ -560,6 +582,8 @@ impl<P: EnvelopePolicy> Session<P> {
         self.tx = Some(Transaction {
             sender: from,
             recipients: Vec::new(),
+            dsn,
+            rcpt_dsn: Vec::new(),
             smtputf8,
             eight_bit,
             chunks: None,
@@ -576,16 +600,39 @@ impl<P: EnvelopePolicy> Session<P> {
             self.error(&Reply::new(503, "5.5.1", "RCPT not allowed during BDAT"));
             return;
         }
-        if let Some(p) = params.first() {
-            let text = format!("Unsupported parameter {}", p.key);
-            self.error(&Reply::with_text(555, "5.5.4", text));
-            return;
+        let (count, smtputf8) = (tx.recipients.len(), tx.smtputf8);
+        let mut rcpt_dsn = RcptDsn::default();
+        for (i, p) in params.iter().enumerate() {
+            if !self.esmtp {
+                self.error(&Reply::new(555, "5.5.4", "Parameters need EHLO"));
+                return;
+            }
+            if self.duplicate(params, i) {
+                return;
+            }
+            match (p.key.as_str(), p.value) {
+                ("NOTIFY", Some(v)) => match Notify::parse(v) {
+                    Ok(n) => rcpt_dsn.notify = Some(n),
+                    Err(e) => return self.bad_dsn(&e),
+                },
+                ("ORCPT", Some(v)) => match Orcpt::parse(v) {
+                    Ok(o) => rcpt_dsn.orcpt = Some(o),
+                    Err(e) => return self.bad_dsn(&e),
+                },
+                ("NOTIFY", None) => return self.bad_dsn(&dsn::DsnError::Notify),
+                ("ORCPT", None) => return self.bad_dsn(&dsn::DsnError::Orcpt("missing")),
+                (key, _) => {
+                    let text = format!("Unsupported parameter {key}");
+                    self.error(&Reply::with_text(555, "5.5.4", text));
+                    return;
+                }
+            }
         }
-        if tx.recipients.len() >= self.config.limits.max_recipients {
+        if count >= self.config.limits.max_recipients {
             self.reply(&Reply::new(452, "4.5.3", "Too many recipients"));
             return;
         }
-        if to.is_utf8() && !tx.smtputf8 {
+        if to.is_utf8() && !smtputf8 {
             self.reply(&Reply::new(
                 553,
                 "5.6.7",
@@ -598,8 +645,26 @@ impl<P: EnvelopePolicy> Session<P> {
         }
         if let Some(tx) = &mut self.tx {
             tx.recipients.push(to);
+            tx.rcpt_dsn.push(rcpt_dsn);
         }
         self.reply(&Reply::new(250, "2.1.5", "Recipient ok"));
+    }
+
+    /// Refuses parameter `i` if an earlier one has the same keyword (RFC 5321 section 4.1.2 gives each
+    /// keyword once); true when it did.
+    fn duplicate(&mut self, params: &[command::Param<'_>], i: usize) -> bool {
+        let key = &params[i].key;
+        if params[..i].iter().any(|p| &p.key == key) {
+            let text = format!("Duplicate parameter {key}");
+            self.error(&Reply::with_text(501, "5.5.4", text));
+            return true;
+        }
+        false
+    }
+
+    /// A DSN parameter with a bad value: 501 5.5.4, naming the parameter.
+    fn bad_dsn(&mut self, e: &dsn::DsnError) {
+        self.error(&Reply::with_text(501, "5.5.4", e.to_string()));
     }
 
     fn data(&mut self) {
@@ -706,6 +771,8 @@ impl<P: EnvelopePolicy> Session<P> {
         Some(Action::Accept(Box::new(Envelope {
             sender: tx.sender,
             recipients: tx.recipients,
+            dsn: tx.dsn,
+            rcpt_dsn: tx.rcpt_dsn,
             body,
             held,
             smtputf8: tx.smtputf8,

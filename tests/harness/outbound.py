@@ -84,15 +84,17 @@ def start_outbound(relays: RelayPool, dns, peers, name: str = "out", delivery: d
 
 
 def submit(relay: Relay, rcpts: list[str], message: bytes, sender: str = SENDER, listener: str = "trusted",
-           mail_params: str = "") -> str:
-    """One transaction on a listener (each step must succeed); returns the queue id."""
+           mail_params: str = "", rcpt_params: dict[str, str] | None = None) -> str:
+    """One transaction on a listener (each step must succeed); returns the queue id. `rcpt_params`: the
+    parameters to give on a recipient's RCPT, by recipient."""
     host, port = relay.listener(listener)
     with SmtpConn(host, port) as c:
         c.greeting()
         c.ehlo()
         c.expect(f"MAIL FROM:<{sender}>{' ' + mail_params if mail_params else ''}", "250 ")
         for r in rcpts:
-            c.expect(f"RCPT TO:<{r}>", "250 ")
+            params = (rcpt_params or {}).get(r)
+            c.expect(f"RCPT TO:<{r}>{' ' + params if params else ''}", "250 ")
         end = c.data(message)
         assert end.queue_id, f"message not queued: {end}\n{c.dump()}"
         c.cmd("QUIT")
@@ -100,11 +102,13 @@ def submit(relay: Relay, rcpts: list[str], message: bytes, sender: str = SENDER,
 
 
 def send(relay: Relay, rcpts: list[str], tag: str = "msg", sender: str = SENDER, body: str | bytes = "hello\r\n",
-         extra_headers: list[str] | None = None, mail_params: str = "") -> tuple[str, str, bytes]:
+         extra_headers: list[str] | None = None, mail_params: str = "",
+         rcpt_params: dict[str, str] | None = None) -> tuple[str, str, bytes]:
     """Submit a fresh message whose Subject and Message-ID hold a unique marker: (queue id, marker, bytes)."""
     marker = unique(tag)
     msg = make_message(marker, body=body, sender=sender, to=rcpts[0], extra_headers=extra_headers)
-    return submit(relay, rcpts, msg, sender=sender, mail_params=mail_params), marker, msg
+    qid = submit(relay, rcpts, msg, sender=sender, mail_params=mail_params, rcpt_params=rcpt_params)
+    return qid, marker, msg
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,7 +210,8 @@ class Dsn:
     explanation: str  # the text/plain part
     per_message: email.message.Message  # first block of message/delivery-status
     per_recipient: list[email.message.Message]
-    headers: str  # the text/rfc822-headers part
+    headers: str  # the returned message: the text/rfc822-headers part, or the message/rfc822 one (RET=FULL)
+    returned_type: str  # text/rfc822-headers or message/rfc822
 
     def recipient(self, addr: str) -> email.message.Message:
         for r in self.per_recipient:
@@ -226,17 +231,23 @@ def parse_dsn(data: bytes) -> Dsn:
     assert (msg.get_param("report-type") or "").lower() == "delivery-status", msg["Content-Type"]
     parts = msg.get_payload()
     types = [p.get_content_type() for p in parts]
-    assert types == ["text/plain", "message/delivery-status", "text/rfc822-headers"], f"DSN parts: {types}"
+    assert types[:2] == ["text/plain", "message/delivery-status"] and len(types) == 3 and types[2] in (
+        "text/rfc822-headers", "message/rfc822"), f"DSN parts: {types}"
     status = parts[1].get_payload()
     # Python parses message/delivery-status into a list of header blocks: per-message, then per-recipient.
     assert isinstance(status, list) and len(status) >= 2, f"delivery-status blocks: {status!r}"
-    headers_part = parts[2].get_payload(decode=True) or b""
+    if types[2] == "message/rfc822":
+        # Python parses it into a list of one Message.
+        headers_part = parts[2].get_payload()[0].as_bytes()
+    else:
+        headers_part = parts[2].get_payload(decode=True) or b""
     return Dsn(
         msg=msg,
         explanation=(parts[0].get_payload(decode=True) or b"").decode("utf-8", "replace"),
         per_message=status[0],
         per_recipient=list(status[1:]),
         headers=headers_part.decode("utf-8", "replace"),
+        returned_type=types[2],
     )
 
 

@@ -2,7 +2,7 @@
 
 - `AioPeer`: an aiosmtpd server in a thread of its own, scripted per recipient (250 / 451 / 452 / 550 5.1.1 /
   552 / 421-and-close, optionally only for the first N attempts), with optional STARTTLS or implicit TLS (the
-  test certificates), AUTH, a SIZE limit, a DATA delay, and 8BITMIME / SMTPUTF8 / PIPELINING advertised or not.
+  test certificates), AUTH, a SIZE limit, a DATA delay, and 8BITMIME / SMTPUTF8 / PIPELINING / DSN advertised or not.
   It records every connection, command and transaction (envelope, data bytes, TLS version, login, time).
 - `SmtpSink`: Postfix's `smtp-sink` (a separate process, stopped by PID), dumping each transaction to a file.
 - `GreetingPeer`: a raw TCP listener that answers every connection with a fixed greeting (e.g. 421) and closes.
@@ -184,6 +184,14 @@ class _PeerSMTP(SMTP):
                 return
         super().data_received(data)
 
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg):
+        await super().smtp_MAIL(self._peer._take_dsn("MAIL", arg, ("RET", "ENVID")))
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg):
+        await super().smtp_RCPT(self._peer._take_dsn("RCPT", arg, ("NOTIFY", "ORCPT")))
+
     @syntax("DATA")
     async def smtp_DATA(self, arg):
         # Every byte read after the DATA command line is the message (the client waits for 354 to send it).
@@ -220,6 +228,7 @@ class AioPeer:
         pipelining: bool = True,
         data_delay: float = 0.0,  # seconds to wait before answering the end of data
         ehlo_reply: str | None = None,  # e.g. "502 5.5.1 no EHLO here" (then HELO works)
+        dsn: bool = False,  # advertise DSN (RFC 3461) and take its parameters: see `dsn_params`
     ):
         self.host, self.port, self.name = host, port, name
         self.certs = certs
@@ -230,6 +239,11 @@ class AioPeer:
         self.eightbitmime, self.smtputf8, self.pipelining = eightbitmime, smtputf8, pipelining
         self.data_delay = data_delay
         self.ehlo_reply = ehlo_reply
+        self.dsn = dsn
+        # With dsn: (verb, the parameters it carried, as sent) for every MAIL and RCPT, in order. aiosmtpd
+        # knows no DSN parameters (it refuses them, and upper-cases the xtext), so they are taken off the
+        # command here before aiosmtpd sees it.
+        self.dsn_params: list[tuple[str, list[str]]] = []
 
         self._lock = threading.Lock()
         self._rcpt_rules: dict[str, list[_Rule]] = {}
@@ -296,6 +310,15 @@ class AioPeer:
             self._fault_budget[kind] -= 1
             self.faults[kind] += 1
             return True
+
+    def _take_dsn(self, verb: str, arg: str | None, keys: tuple[str, ...]) -> str | None:
+        if not self.dsn or arg is None:
+            return arg
+        words = arg.split(" ")
+        taken = [w for w in words if w.split("=", 1)[0].upper() in keys]
+        with self._lock:
+            self.dsn_params.append((verb, taken))
+        return " ".join(w for w in words if w not in taken)
 
     def clear_rules(self) -> None:
         with self._lock:
@@ -402,6 +425,8 @@ class AioPeer:
         if self.pipelining:
             out.append("250-PIPELINING")
         out.append("250-ENHANCEDSTATUSCODES")
+        if self.dsn:
+            out.append("250-DSN")
         out.append(responses[-1])
         self._record(server, "EHLO", hostname, " | ".join(out))
         return out

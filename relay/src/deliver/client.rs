@@ -3,7 +3,8 @@
 //! Written here rather than taken from mail-send because an MTA needs what a submission client does not:
 //! a reply per recipient (mail-send's `send` stops at the first refused RCPT), PIPELINING of MAIL, RCPT and
 //! DATA in one write, a bound source address, opportunistic STARTTLS that falls back, and the server's
-//! extensions (SIZE, 8BITMIME, SMTPUTF8) to decide before sending.
+//! extensions (SIZE, 8BITMIME, SMTPUTF8) to decide before sending, and the sender's DSN parameters passed on
+//! to a server that takes them (RFC 3461 section 5.3.1: RET and ENVID on MAIL, NOTIFY and ORCPT on RCPT).
 //!
 //! The message is never held whole: a [`Body`] (the spool's reader) hands it over a piece at a time after the
 //! 354, and a [`DotStuffer`] stuffs each piece as it goes out, carrying "at the start of a line" from one
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use herald_smtp::dsn::{MailDsn, RcptDsn, xtext_encode};
 use memchr::memchr;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -82,6 +84,9 @@ pub struct Extensions {
     pub eight_bit: bool,
     pub smtputf8: bool,
     pub chunking: bool,
+    /// DSN (RFC 3461): the server takes the sender's DSN parameters, and reporting on the message is then
+    /// its job.
+    pub dsn: bool,
     /// The SIZE limit, when one was given (0 means none).
     pub size: Option<u64>,
     pub auth_plain: bool,
@@ -103,6 +108,7 @@ impl Extensions {
                 "8BITMIME" => e.eight_bit = true,
                 "SMTPUTF8" => e.smtputf8 = true,
                 "CHUNKING" => e.chunking = true,
+                "DSN" => e.dsn = true,
                 "SIZE" => e.size = words.next().and_then(|s| s.parse().ok()),
                 "AUTH" => {
                     for m in words {
@@ -202,6 +208,8 @@ impl std::fmt::Debug for Client {
 #[derive(Debug)]
 pub struct Rcpt<'a> {
     pub address: &'a str,
+    /// Sent as NOTIFY and ORCPT when the server supports DSN.
+    pub dsn: Option<&'a RcptDsn>,
 }
 
 /// A message to send. Its content comes separately, as a [`Body`].
@@ -213,6 +221,8 @@ pub struct Transaction<'a> {
     pub size: u64,
     pub eight_bit: bool,
     pub smtputf8: bool,
+    /// Sent as RET and ENVID when the server supports DSN.
+    pub dsn: &'a MailDsn,
 }
 
 /// A message's content, handed to [`Client::send`] a piece at a time as it goes out, so that the client
@@ -476,6 +486,16 @@ impl Client {
         if tx.smtputf8 {
             mail.push_str(" SMTPUTF8");
         }
+        if self.extensions.dsn {
+            if let Some(ret) = tx.dsn.ret {
+                mail.push_str(" RET=");
+                mail.push_str(ret.as_str());
+            }
+            if let Some(id) = &tx.dsn.envid {
+                mail.push_str(" ENVID=");
+                mail.push_str(&xtext_encode(id));
+            }
+        }
         let n = tx.recipients.len();
         let mut rcpt_replies = Vec::with_capacity(n);
         let mail_reply;
@@ -489,7 +509,8 @@ impl Client {
             batch.push_str(&mail);
             batch.push_str("\r\n");
             for r in &tx.recipients {
-                batch.push_str(&format!("RCPT TO:<{}>\r\n", r.address));
+                batch.push_str(&self.rcpt_line(r));
+                batch.push_str("\r\n");
             }
             batch.push_str("DATA\r\n");
             self.write(batch.as_bytes(), self.limits.command, "sending MAIL")
@@ -528,10 +549,7 @@ impl Client {
                 });
             }
             for r in &tx.recipients {
-                rcpt_replies.push(
-                    self.command(&format!("RCPT TO:<{}>", r.address), "a RCPT reply")
-                        .await?,
-                );
+                rcpt_replies.push(self.command(&self.rcpt_line(r), "a RCPT reply").await?);
             }
             if !rcpt_replies.iter().any(Response::is_positive) {
                 return Ok(TransactionResult {
@@ -588,6 +606,20 @@ impl Client {
     /// 5321 section 4.5.3.2 times each send, not the whole message). A piece is written once the next one is
     /// read, so the end of data goes out with the last piece. When the body fails, the end of data is never
     /// sent: the caller must drop the connection, and the server discards what it got.
+    /// `RCPT TO:<address>`, with the recipient's DSN parameters if the server takes them.
+    fn rcpt_line(&self, r: &Rcpt<'_>) -> String {
+        let mut line = format!("RCPT TO:<{}>", r.address);
+        if let Some(d) = r.dsn.filter(|_| self.extensions.dsn) {
+            if let Some(n) = d.notify {
+                line.push_str(&format!(" NOTIFY={n}"));
+            }
+            if let Some(o) = &d.orcpt {
+                line.push_str(&format!(" ORCPT={o}"));
+            }
+        }
+        line
+    }
+
     async fn send_body<B: Body>(&mut self, body: &mut B) -> Result<(), ClientError> {
         let mut stuffer = DotStuffer::new();
         let mut out = Vec::new();
@@ -864,10 +896,12 @@ mod tests {
             sender: "a@b.test",
             recipients: vec![Rcpt {
                 address: "c@d.test",
+                dsn: None,
             }],
             size,
             eight_bit: false,
             smtputf8: false,
+            dsn: &MailDsn::default(),
         };
         let mut body = Pieces {
             pieces,

@@ -283,6 +283,7 @@ impl Deliverer {
             remote_mta,
             domain: job.domain.clone(),
             tls: tls.map(str::to_owned),
+            next_hop_dsn: false,
         }
     }
 
@@ -630,11 +631,13 @@ impl Deliverer {
                     .iter()
                     .map(|&i| Rcpt {
                         address: &job.meta.recipients[i as usize],
+                        dsn: job.meta.rcpt_dsn.get(i as usize),
                     })
                     .collect(),
                 size: body.len(),
                 eight_bit: job.meta.eight_bit,
                 smtputf8: job.meta.smtputf8,
+                dsn: &job.meta.dsn,
             };
             body.rewind();
             match s.client.send(&tx, &mut body).await {
@@ -672,6 +675,7 @@ impl Deliverer {
                 remote_mta: mta,
                 domain: job.domain.clone(),
                 tls: s.client.tls.clone(),
+                next_hop_dsn: s.client.extensions.dsn,
             },
             usable,
         )
@@ -808,6 +812,7 @@ mod tests {
             remote_mta: Some("mx1.example.test".into()),
             domain: Arc::from("example.test"),
             tls: None,
+            next_hop_dsn: false,
         }
     }
 

@@ -75,6 +75,9 @@ pub struct Attempt {
     pub domain: Arc<str>,
     /// The TLS version of the connection, if encrypted.
     pub tls: Option<String>,
+    /// The server advertised DSN and so got the sender's DSN parameters: a success is its to report, not
+    /// this relay's (RFC 3461 section 5.3.1).
+    pub next_hop_dsn: bool,
 }
 
 /// One recipient as the admin API shows it.
@@ -127,6 +130,8 @@ pub struct Routing {
 pub struct Settings {
     pub retry: Retry,
     pub max_age: Duration,
+    /// A recipient deferred this long gets its sender one delayed DSN, if the sender asked (NOTIFY=DELAY).
+    pub delay_warning: Duration,
     /// Connections to one destination (`delivery.per_domain.max_connections`).
     pub per_destination: usize,
     /// Connections to all destinations together (`delivery.max_connections`, or its default).
@@ -141,6 +146,7 @@ impl Settings {
         Settings {
             retry: config.delivery.retry.clone(),
             max_age: config.delivery.max_age,
+            delay_warning: config.delivery.delay_warning,
             per_destination: config.delivery.per_domain.max_connections as usize,
             total_connections: crate::resources::delivery_connections(config, memory_limit),
             routing: Routing {
@@ -183,11 +189,11 @@ pub enum Action {
     },
     /// What became of one recipient in an attempt: counted, emitted and logged by the shell.
     Outcome(Outcome),
-    /// Tell the sender about these failed recipients.
+    /// Tell the sender about these recipients: failed, or relayed or delayed when the sender asked to hear.
     Dsn {
         meta: Arc<MessageMeta>,
         location: Location,
-        failures: Vec<dsn::Failure>,
+        notices: Vec<dsn::Notice>,
         /// The final states of those recipients, to write to the spool once the DSN is durable: a crash in
         /// between then retries them (at worst a second DSN) instead of losing the DSN.
         then_record: Vec<RcptUpdate>,
@@ -237,6 +243,10 @@ struct Entry {
     /// that is not this one is stale and skipped.
     armed: Option<u64>,
     replies: Vec<Option<Box<str>>>,
+    /// Per recipient: its delay notice went out, or will not. In memory only: a message loaded past its
+    /// `delivery.delay_warning` point counts as told, since whether it was is not on disk and a second
+    /// notice is the worse mistake.
+    delay_noticed: Vec<bool>,
 }
 
 #[derive(Default)]
@@ -409,6 +419,10 @@ impl Core {
         states.resize(n, RcptState::QUEUED);
         let pending = pending_domains(&new.meta.recipients, &states);
         self.adjust_depth(&pending, 1);
+        let warn_at = new
+            .meta
+            .received_at_ms
+            .saturating_add(self.settings.delay_warning.as_millis() as u64);
         self.messages.insert(
             id,
             Entry {
@@ -418,6 +432,7 @@ impl Core {
                 in_flight: vec![false; n],
                 armed: None,
                 replies: Vec::new(),
+                delay_noticed: vec![now >= warn_at; n],
             },
         );
         let mut out = Vec::new();
@@ -437,14 +452,18 @@ impl Core {
     ) -> Vec<Action> {
         let id = attempt.id;
         let max_age = self.settings.max_age.as_millis() as u64;
+        let delay_warning = self.settings.delay_warning.as_millis() as u64;
         let mut out = Vec::new();
         let Some(e) = self.messages.get_mut(&id) else {
             return out;
         };
         let pending_before = pending_domains(&e.meta.recipients, &e.states);
         let expires_at = e.meta.received_at_ms.saturating_add(max_age);
+        let warn_at = e.meta.received_at_ms.saturating_add(delay_warning);
         let mut updates = Vec::with_capacity(attempt.results.len());
-        let mut failures = Vec::new();
+        // What the sender is to hear of: failures, and the successes and delays it asked for.
+        let mut notices = Vec::new();
+        let mut unwanted = 0;
         let mut any_deferred = false;
         let n = e.states.len();
         for (k, (idx, reply)) in attempt.results.into_iter().enumerate() {
@@ -464,8 +483,21 @@ impl Core {
             } else {
                 None
             };
+            let wants = e.meta.rcpt_dsn(i);
             if reply.code < 400 {
                 st.status = RcptStatus::Delivered;
+                // A next hop that took the DSN parameters reports the delivery itself.
+                if wants.wants_success() && !attempt.next_hop_dsn {
+                    notices.push(dsn::Notice {
+                        recipient: rcpt.clone(),
+                        action: dsn::Action::Relayed,
+                        original_recipient: wants.orcpt.clone(),
+                        status: reply.enhanced.clone().unwrap_or_else(|| "2.0.0".to_owned()),
+                        diagnostic: reply.to_string(),
+                        remote_mta: attempt.remote_mta.clone(),
+                        remote: reply.remote,
+                    });
+                }
             } else if reply.code < 500 && now < expires_at {
                 st.status = RcptStatus::Deferred;
                 let nominal = self.settings.nominal_delay(st.attempts).as_secs_f64();
@@ -473,6 +505,26 @@ impl Core {
                 let backoff = (nominal * factor * 1000.0) as u64;
                 st.next_attempt_ms = now.saturating_add(backoff).min(expires_at);
                 any_deferred = true;
+                if now >= warn_at
+                    && let Some(noticed) = e.delay_noticed.get_mut(i)
+                    && !std::mem::replace(noticed, true)
+                    && wants.wants_delay()
+                {
+                    notices.push(dsn::Notice {
+                        recipient: rcpt.clone(),
+                        action: dsn::Action::Delayed {
+                            until_ms: expires_at,
+                        },
+                        original_recipient: wants.orcpt.clone(),
+                        status: reply
+                            .enhanced
+                            .clone()
+                            .unwrap_or_else(|| format!("{}.0.0", reply.code / 100)),
+                        diagnostic: reply.to_string(),
+                        remote_mta: attempt.remote_mta.clone(),
+                        remote: reply.remote,
+                    });
+                }
             } else {
                 let expired = reply.code < 500;
                 st.status = if expired {
@@ -480,24 +532,30 @@ impl Core {
                 } else {
                     RcptStatus::Bounced
                 };
-                failures.push(dsn::Failure {
-                    recipient: rcpt.clone(),
-                    status: if expired {
-                        "4.4.7".to_owned()
-                    } else {
-                        reply
-                            .enhanced
-                            .clone()
-                            .unwrap_or_else(|| format!("{}.0.0", reply.code / 100))
-                    },
-                    diagnostic: if expired {
-                        format!("delivery time expired; last error: {reply}")
-                    } else {
-                        reply.to_string()
-                    },
-                    remote_mta: attempt.remote_mta.clone(),
-                    remote: reply.remote,
-                });
+                if !wants.wants_failure() {
+                    unwanted += 1;
+                } else {
+                    notices.push(dsn::Notice {
+                        recipient: rcpt.clone(),
+                        action: dsn::Action::Failed,
+                        original_recipient: wants.orcpt.clone(),
+                        status: if expired {
+                            "4.4.7".to_owned()
+                        } else {
+                            reply
+                                .enhanced
+                                .clone()
+                                .unwrap_or_else(|| format!("{}.0.0", reply.code / 100))
+                        },
+                        diagnostic: if expired {
+                            format!("delivery time expired; last error: {reply}")
+                        } else {
+                            reply.to_string()
+                        },
+                        remote_mta: attempt.remote_mta.clone(),
+                        remote: reply.remote,
+                    });
+                }
             }
             if reply.code >= 400 {
                 if e.replies.is_empty() {
@@ -528,28 +586,41 @@ impl Core {
             .filter(|d| !pending_after.contains(d))
             .collect();
         self.adjust_depth(&gone, -1);
-        if !failures.is_empty() {
-            if meta.sender.is_empty() {
-                out.push(Action::NoDsn {
-                    id,
-                    failed: failures.len(),
-                    why: "bounce of a message from the null sender: no DSN",
-                });
+        if unwanted > 0 {
+            out.push(Action::NoDsn {
+                id,
+                failed: unwanted,
+                why: "failure of a recipient whose sender asked for no failure notice (NOTIFY): no DSN",
+            });
+        }
+        if !notices.is_empty() {
+            let failed = notices
+                .iter()
+                .filter(|f| f.action == dsn::Action::Failed)
+                .count();
+            // Such senders hear of nothing; only their failures are worth a log line.
+            let unheard = if meta.sender.is_empty() {
+                Some("bounce of a message from the null sender: no DSN")
             } else if self.is_local(domain_of(&meta.sender)) {
-                out.push(Action::NoDsn {
-                    id,
-                    failed: failures.len(),
-                    why: "bounce of a message from a return-path address: no DSN",
-                });
+                Some("bounce of a message from a return-path address: no DSN")
             } else {
+                None
+            };
+            if let Some(why) = unheard {
+                if failed > 0 {
+                    out.push(Action::NoDsn { id, failed, why });
+                }
+            } else {
+                // The failures the DSN reports; one the sender asked not to hear of is recorded at once.
                 let (failed, rest) = updates.into_iter().partition(|u: &RcptUpdate| {
                     matches!(u.state.status, RcptStatus::Bounced | RcptStatus::Expired)
+                        && meta.rcpt_dsn(u.index as usize).wants_failure()
                 });
                 updates = rest;
                 out.push(Action::Dsn {
                     meta,
                     location,
-                    failures,
+                    notices,
                     then_record: failed,
                 });
             }
@@ -895,6 +966,7 @@ impl Core {
             remote_mta: None,
             domain: Arc::from(domain.as_str()),
             tls: None,
+            next_hop_dsn: false,
         };
         let verdicts = vec![Some((Class::Hard, Category::PermanentOther)); rcpts.len()];
         self.record(attempt, &verdicts, now, 0.0)

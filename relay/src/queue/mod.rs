@@ -36,7 +36,8 @@ const COMPACT_EVERY: Duration = Duration::from_secs(10);
 const GAUGES_EVERY: Duration = Duration::from_secs(2);
 /// How often expired suppressions are dropped (they stop suppressing at once; this frees their memory).
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
-/// The most of an original message a DSN reads to find its header section.
+/// The most of an original message a DSN reads to find its header section; also the largest message a DSN
+/// returns whole (RET=FULL); a larger one comes back as its headers.
 const DSN_HEADERS_MAX: usize = 1024 * 1024;
 
 /// Unix milliseconds now.
@@ -560,9 +561,9 @@ impl Shell {
                 Action::Dsn {
                     meta,
                     location,
-                    failures,
+                    notices,
                     then_record,
-                } => self.send_dsn(meta, location, failures, then_record),
+                } => self.send_dsn(meta, location, notices, then_record),
                 Action::NoDsn { id, failed, why } => {
                     tracing::info!(queue_id = %id, failed, "{why}");
                 }
@@ -773,20 +774,28 @@ impl Shell {
         });
     }
 
-    /// Builds and queues a DSN for `failures`, then records `updates` (the states of the failures it
+    /// Builds and queues a DSN for `notices`, then records `updates` (the states of the failures it
     /// reports) once the DSN is durable (off the queue task: it reads the spool).
     fn send_dsn(
         &self,
         meta: Arc<MessageMeta>,
         location: Location,
-        failures: Vec<dsn::Failure>,
+        notices: Vec<dsn::Notice>,
         updates: Vec<crate::spool::RcptUpdate>,
     ) {
         let spool = self.spool.clone();
         let handle = self.handle.clone();
         let hostname = self.hostname.clone();
         tokio::spawn(async move {
-            let original = match message_head(&spool, location, DSN_HEADERS_MAX).await {
+            // RET=FULL returns the message whole when it fits the cap a DSN holds of it, else its headers.
+            let full = dsn::Report::returns_full(meta.dsn.ret, &notices)
+                && location.len <= DSN_HEADERS_MAX as u64;
+            let original = if full {
+                spool.read(location).await
+            } else {
+                message_head(&spool, location, DSN_HEADERS_MAX).await
+            };
+            let original = match original {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::warn!(queue_id = %meta.id, error = %e, "cannot read the message for its DSN; sending it without headers");
@@ -803,20 +812,25 @@ impl Shell {
                 queue_id: &queue_id,
                 original_sender: &meta.sender,
                 arrival,
-                failures: &failures,
+                notices: &notices,
+                envid: meta.dsn.envid.as_deref(),
                 original: &original,
+                ret: (full && !original.is_empty()).then_some(herald_smtp::dsn::Ret::Full),
             };
             let body = dsn::build(&report, now, &format!("{id}@{hostname}"));
             let dsn_meta = MessageMeta {
                 id,
                 received_at_ms: now_ms(),
                 smtputf8: meta.smtputf8,
-                eight_bit: false,
+                // The message returned whole keeps its 8-bit content, and needs BODY=8BITMIME as it did.
+                eight_bit: full && meta.eight_bit,
                 listener: "dsn".to_owned(),
                 auth_user: None,
                 peer: "local".to_owned(),
                 sender: String::new(),
                 recipients: vec![meta.sender.clone()],
+                dsn: Default::default(),
+                rcpt_dsn: vec![Default::default()],
             };
             match spool.store(&dsn_meta, &[], &[&body]).await {
                 Ok(location) => {
@@ -901,6 +915,8 @@ mod tests {
             peer: "127.0.0.1:1".into(),
             sender: "app@example.test".into(),
             recipients: vec!["x@dest.test".into()],
+            dsn: Default::default(),
+            rcpt_dsn: vec![Default::default()],
         };
         let piece = crate::spool::READ_CHUNK;
         // Headers that end just across the first piece boundary, then a large body.
@@ -946,6 +962,7 @@ mod tests {
                     remote_mta: Some("mx.test".into()),
                     domain: job.domain.clone(),
                     tls: None,
+                    next_hop_dsn: false,
                 };
                 slot.finished(attempt, false).await;
             });
@@ -970,7 +987,7 @@ mod tests {
             while let Ok(f) = record::decode_frame(&buf[pos..]) {
                 match f.kind {
                     record::KIND_MESSAGE => {
-                        let m = record::decode_message(f.payload).unwrap();
+                        let m = record::decode_message(f.kind, f.payload).unwrap();
                         out.push((base + pos, f.kind, m.meta.id, m.meta.sender, false));
                     }
                     record::KIND_RESULTS => {
@@ -1028,6 +1045,8 @@ mod tests {
             peer: "127.0.0.1:1".into(),
             sender: "app@example.test".into(),
             recipients: vec!["gone@dest.test".into()],
+            dsn: Default::default(),
+            rcpt_dsn: vec![Default::default()],
         };
         let id = meta.id;
         let location = spool

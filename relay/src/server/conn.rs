@@ -202,12 +202,14 @@ async fn accept(
     mut env: Envelope,
 ) -> Result<Reply, Refusal> {
     let listener = &ctx.name;
+    let mut rcpt_dsn = std::mem::take(&mut env.rcpt_dsn).into_iter();
     let (reports, others): (Vec<_>, Vec<_>) = std::mem::take(&mut env.recipients)
         .into_iter()
-        .partition(|r| !r.is_address_literal() && cfg.policy.is_local(&r.domain));
-    env.recipients = others;
+        .map(|r| (r, rcpt_dsn.next().unwrap_or_default()))
+        .partition(|(r, _)| !r.is_address_literal() && cfg.policy.is_local(&r.domain));
+    (env.recipients, env.rcpt_dsn) = others.into_iter().unzip();
     if !reports.is_empty() {
-        let locals: Vec<String> = reports.into_iter().map(|r| r.local).collect();
+        let locals: Vec<String> = reports.into_iter().map(|(r, _)| r.local).collect();
         let rules = ctx.rules.clone();
         let list = ctx.suppressions.clone();
         let telemetry = ctx.telemetry.clone();
@@ -280,6 +282,8 @@ async fn accept(
         peer: env.peer.to_string(),
         sender: env.sender.to_string(),
         recipients: env.recipients.iter().map(|r| r.to_string()).collect(),
+        dsn: std::mem::take(&mut env.dsn),
+        rcpt_dsn: std::mem::take(&mut env.rcpt_dsn),
     };
     match ctx
         .spool

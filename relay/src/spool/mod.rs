@@ -596,23 +596,25 @@ fn apply(
     path: &Path,
 ) {
     let applied = match frame.kind {
-        record::KIND_MESSAGE => record::decode_message(frame.payload).map(|d| {
-            let location = Location {
-                segment: number,
-                offset: (pos + record::FRAME_LEN + d.data_offset) as u64,
-                len: d.data_len,
-            };
-            let mut states = d.states;
-            states.resize(d.meta.recipients.len(), RcptState::QUEUED);
-            messages.insert(
-                d.meta.id,
-                Loaded {
-                    meta: d.meta,
-                    states,
-                    location,
-                },
-            );
-        }),
+        record::KIND_MESSAGE | record::KIND_MESSAGE_DSN => {
+            record::decode_message(frame.kind, frame.payload).map(|d| {
+                let location = Location {
+                    segment: number,
+                    offset: (pos + record::FRAME_LEN + d.data_offset) as u64,
+                    len: d.data_len,
+                };
+                let mut states = d.states;
+                states.resize(d.meta.recipients.len(), RcptState::QUEUED);
+                messages.insert(
+                    d.meta.id,
+                    Loaded {
+                        meta: d.meta,
+                        states,
+                        location,
+                    },
+                );
+            })
+        }
         record::KIND_RESULTS => record::decode_results(frame.payload).map(|(id, updates)| {
             // Results for a message whose record was compacted away belong to a finished message.
             if let Some(m) = messages.get_mut(&id) {
@@ -839,6 +841,27 @@ mod tests {
             peer: "127.0.0.1:1".into(),
             sender: "a@b.test".into(),
             recipients: vec!["c@d.test".into(), "e@d.test".into()],
+            dsn: Default::default(),
+            rcpt_dsn: vec![Default::default(); 2],
+        }
+    }
+
+    /// A message whose sender gave DSN parameters, stored in their own record kind.
+    fn dsn_meta(id: QueueId) -> MessageMeta {
+        use herald_smtp::dsn::{MailDsn, Notify, Orcpt, RcptDsn, Ret};
+        MessageMeta {
+            dsn: MailDsn {
+                ret: Some(Ret::Full),
+                envid: Some("E1".into()),
+            },
+            rcpt_dsn: vec![
+                RcptDsn::default(),
+                RcptDsn {
+                    notify: Some(Notify::NEVER),
+                    orcpt: Some(Orcpt::parse("rfc822;e@d.test").unwrap()),
+                },
+            ],
+            ..meta(id)
         }
     }
 
@@ -985,7 +1008,7 @@ mod tests {
         let (id, first_segment) = {
             let (spool, _) = Spool::open(dir.path()).unwrap();
             let id = spool.next_id();
-            let loc = spool.store(&meta(id), &[], &[b"x\r\n"]).await.unwrap();
+            let loc = spool.store(&dsn_meta(id), &[], &[b"x\r\n"]).await.unwrap();
             (id, loc.segment)
         };
         let (spool, loaded) = reopen(dir.path());
@@ -1003,7 +1026,8 @@ mod tests {
         drop(spool);
         let (_spool, loaded) = reopen(dir.path());
         assert_eq!(loaded.len(), 1);
-        assert_eq!(loaded[0].meta.id, id);
+        // The copy keeps the envelope whole, DSN parameters included.
+        assert_eq!(loaded[0].meta, dsn_meta(id));
         assert_eq!(loaded[0].states[1], state);
     }
 

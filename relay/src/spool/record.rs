@@ -9,6 +9,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use herald_smtp::dsn::{MailDsn, Notify, Orcpt, RcptDsn, Ret};
+
 pub const MAGIC: u8 = 0xE7;
 pub const FRAME_LEN: usize = 10;
 
@@ -21,6 +23,12 @@ pub const KIND_MESSAGE: u8 = 1;
 pub const KIND_RESULTS: u8 = 2;
 /// A message removed by an operator.
 pub const KIND_DELETE: u8 = 3;
+/// A message whose sender gave DSN parameters (RFC 3461): the layout of [`KIND_MESSAGE`] with the
+/// parameters between the recipients and the data. Only such messages are written this way, so a spool
+/// without them reads the same in a relay from before the extension. That older relay skips this kind, as
+/// any it does not know: it neither delivers nor bounces those messages, and they are gone once the segment
+/// holding them is reclaimed. Roll back only with them delivered (`/queue` lists what is queued).
+pub const KIND_MESSAGE_DSN: u8 = 4;
 
 /// Where one recipient stands. `Delivered`, `Bounced` and `Expired` are final.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +125,22 @@ pub struct MessageMeta {
     /// Empty for the null sender.
     pub sender: String,
     pub recipients: Vec<String>,
+    /// MAIL's DSN parameters.
+    pub dsn: MailDsn,
+    /// Each recipient's DSN parameters, as many as `recipients` (a record from before the extension reads
+    /// back as all defaults).
+    pub rcpt_dsn: Vec<RcptDsn>,
+}
+
+impl MessageMeta {
+    /// Recipient `i`'s DSN parameters; the defaults (no NOTIFY, no ORCPT) if there are none.
+    pub fn rcpt_dsn(&self, i: usize) -> RcptDsn {
+        self.rcpt_dsn.get(i).cloned().unwrap_or_default()
+    }
+
+    fn has_dsn(&self) -> bool {
+        !self.dsn.is_empty() || self.rcpt_dsn.iter().any(|d| !d.is_empty())
+    }
 }
 
 /// Why a frame could not be decoded.
@@ -147,7 +171,12 @@ pub fn encode_message(
     parts: &[&[u8]],
 ) -> usize {
     let start = out.len();
-    out.extend_from_slice(&[MAGIC, KIND_MESSAGE, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let kind = if meta.has_dsn() {
+        KIND_MESSAGE_DSN
+    } else {
+        KIND_MESSAGE
+    };
+    out.extend_from_slice(&[MAGIC, kind, 0, 0, 0, 0, 0, 0, 0, 0]);
     out.extend_from_slice(&meta.id.0.to_le_bytes());
     out.extend_from_slice(&meta.received_at_ms.to_le_bytes());
     out.push(u8::from(meta.smtputf8) | (u8::from(meta.eight_bit) << 1));
@@ -160,6 +189,9 @@ pub fn encode_message(
         put_str(out, r);
         put_state(out, states.get(i).copied().unwrap_or(RcptState::QUEUED));
     }
+    if kind == KIND_MESSAGE_DSN {
+        put_dsn(out, meta);
+    }
     let data_len: usize = parts.iter().map(|p| p.len()).sum();
     out.extend_from_slice(&(data_len as u64).to_le_bytes());
     let data_offset = out.len() - start;
@@ -168,6 +200,30 @@ pub fn encode_message(
     }
     finish_frame(out, start);
     data_offset
+}
+
+/// `ret (1: 0 none, 1 FULL, 2 HDRS) | envid (str, "" for none)`, then per recipient
+/// `notify (1: bit 0 given, 1 SUCCESS, 2 FAILURE, 3 DELAY) | orcpt type (str) | orcpt address (str, "" for
+/// none)`.
+fn put_dsn(out: &mut Vec<u8>, meta: &MessageMeta) {
+    out.push(match meta.dsn.ret {
+        None => 0,
+        Some(Ret::Full) => 1,
+        Some(Ret::Headers) => 2,
+    });
+    put_str(out, meta.dsn.envid.as_deref().unwrap_or(""));
+    for i in 0..meta.recipients.len() {
+        let d = meta.rcpt_dsn(i);
+        out.push(d.notify.map_or(0, |n| {
+            1 | u8::from(n.success) << 1 | u8::from(n.failure) << 2 | u8::from(n.delay) << 3
+        }));
+        let (t, a) = d
+            .orcpt
+            .as_ref()
+            .map_or(("", ""), |o| (o.addr_type.as_str(), o.address.as_str()));
+        put_str(out, t);
+        put_str(out, a);
+    }
 }
 
 fn put_state(out: &mut Vec<u8>, st: RcptState) {
@@ -279,6 +335,33 @@ impl<'a> Reader<'a> {
             next_attempt_ms: self.u64()?,
         })
     }
+    /// The DSN block [`put_dsn`] writes, for `n` recipients.
+    fn dsn(&mut self, n: usize) -> Result<(MailDsn, Vec<RcptDsn>), RecordError> {
+        let ret = match self.u8()? {
+            0 => None,
+            1 => Some(Ret::Full),
+            2 => Some(Ret::Headers),
+            _ => return Err(RecordError::Malformed),
+        };
+        let envid = Some(self.string()?).filter(|s| !s.is_empty());
+        let mut rcpts = Vec::with_capacity(n);
+        for _ in 0..n {
+            let bits = self.u8()?;
+            if bits & !0b1111 != 0 {
+                return Err(RecordError::Malformed);
+            }
+            let notify = (bits & 1 != 0).then_some(Notify {
+                success: bits & 2 != 0,
+                failure: bits & 4 != 0,
+                delay: bits & 8 != 0,
+            });
+            let addr_type = self.string()?;
+            let address = self.string()?;
+            let orcpt = (!address.is_empty()).then_some(Orcpt { addr_type, address });
+            rcpts.push(RcptDsn { notify, orcpt });
+        }
+        Ok((MailDsn { ret, envid }, rcpts))
+    }
     fn string(&mut self) -> Result<String, RecordError> {
         let n = self.u16()? as usize;
         let b = self.take(n)?;
@@ -296,8 +379,8 @@ pub struct DecodedMessage {
     pub data_len: u64,
 }
 
-/// Decodes a message payload.
-pub fn decode_message(payload: &[u8]) -> Result<DecodedMessage, RecordError> {
+/// Decodes the payload of a message record of `kind` ([`KIND_MESSAGE`] or [`KIND_MESSAGE_DSN`]).
+pub fn decode_message(kind: u8, payload: &[u8]) -> Result<DecodedMessage, RecordError> {
     let mut r = Reader {
         buf: payload,
         pos: 0,
@@ -320,6 +403,11 @@ pub fn decode_message(payload: &[u8]) -> Result<DecodedMessage, RecordError> {
         recipients.push(r.string()?);
         states.push(r.state()?);
     }
+    let (dsn, rcpt_dsn) = match kind {
+        KIND_MESSAGE => (MailDsn::default(), vec![RcptDsn::default(); n]),
+        KIND_MESSAGE_DSN => r.dsn(n)?,
+        _ => return Err(RecordError::Malformed),
+    };
     let data_len = r.u64()?;
     if r.pos as u64 + data_len != payload.len() as u64 {
         return Err(RecordError::Malformed);
@@ -334,6 +422,8 @@ pub fn decode_message(payload: &[u8]) -> Result<DecodedMessage, RecordError> {
         peer,
         sender,
         recipients,
+        dsn,
+        rcpt_dsn,
     };
     Ok(DecodedMessage {
         meta,
@@ -389,6 +479,28 @@ mod tests {
             peer: "127.0.0.1:4000".into(),
             sender: "a@b.test".into(),
             recipients: vec!["x@y.test".into(), "z@y.test".into()],
+            dsn: MailDsn::default(),
+            rcpt_dsn: vec![RcptDsn::default(); 2],
+        }
+    }
+
+    fn dsn_meta() -> MessageMeta {
+        MessageMeta {
+            dsn: MailDsn {
+                ret: Some(Ret::Headers),
+                envid: Some("env 1".into()),
+            },
+            rcpt_dsn: vec![
+                RcptDsn {
+                    notify: Some(Notify::parse("SUCCESS,DELAY").unwrap()),
+                    orcpt: Some(Orcpt::parse("rfc822;x+2Bo@y.test").unwrap()),
+                },
+                RcptDsn {
+                    notify: Some(Notify::NEVER),
+                    orcpt: None,
+                },
+            ],
+            ..meta()
         }
     }
 
@@ -407,7 +519,8 @@ mod tests {
         let data_off = encode_message(&mut buf, &meta(), &states, &parts);
         let frame = decode_frame(&buf[1..]).unwrap();
         assert_eq!(frame.len, buf.len() - 1);
-        let d = decode_message(frame.payload).unwrap();
+        assert_eq!(frame.kind, KIND_MESSAGE);
+        let d = decode_message(frame.kind, frame.payload).unwrap();
         assert_eq!(d.meta, meta());
         assert_eq!(d.states, states);
         assert_eq!(d.data_offset + FRAME_LEN, data_off);
@@ -433,9 +546,67 @@ mod tests {
     }
 
     #[test]
+    fn dsn_parameters_round_trip_in_their_own_kind() {
+        for m in [
+            dsn_meta(),
+            MessageMeta {
+                dsn: MailDsn::default(),
+                ..dsn_meta()
+            },
+            MessageMeta {
+                rcpt_dsn: vec![RcptDsn::default(); 2],
+                ..dsn_meta()
+            },
+        ] {
+            let mut buf = Vec::new();
+            let states = [RcptState::QUEUED; 2];
+            encode_message(&mut buf, &m, &states, &[b"data\r\n"]);
+            let frame = decode_frame(&buf).unwrap();
+            assert_eq!(frame.kind, KIND_MESSAGE_DSN);
+            let d = decode_message(frame.kind, frame.payload).unwrap();
+            assert_eq!(d.meta, m);
+            assert_eq!(d.states, states);
+            let (off, len) = (d.data_offset, d.data_len as usize);
+            assert_eq!(&frame.payload[off..off + len], b"data\r\n");
+            // A relay that does not know the kind cannot take it for the older layout either.
+            assert!(decode_message(KIND_MESSAGE, frame.payload).is_err());
+        }
+    }
+
+    /// A message record as the relay wrote it before DSN parameters were stored, byte for byte: it must
+    /// keep reading back, with default DSN parameters.
+    #[test]
+    fn a_record_from_before_dsn_parameters_reads_back() {
+        let mut old = vec![MAGIC, KIND_MESSAGE, 0, 0, 0, 0, 0, 0, 0, 0];
+        old.extend_from_slice(&0x1234u64.to_le_bytes());
+        old.extend_from_slice(&99u64.to_le_bytes());
+        old.push(1);
+        for s in ["trusted", "", "127.0.0.1:4000", "a@b.test"] {
+            old.extend_from_slice(&(s.len() as u16).to_le_bytes());
+            old.extend_from_slice(s.as_bytes());
+        }
+        old.extend_from_slice(&2u32.to_le_bytes());
+        for r in ["x@y.test", "z@y.test"] {
+            old.extend_from_slice(&(r.len() as u16).to_le_bytes());
+            old.extend_from_slice(r.as_bytes());
+            old.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        }
+        old.extend_from_slice(&6u64.to_le_bytes());
+        old.extend_from_slice(b"body\r\n");
+        finish_frame(&mut old, 0);
+        let frame = decode_frame(&old).unwrap();
+        let d = decode_message(frame.kind, frame.payload).unwrap();
+        assert_eq!(d.meta, meta());
+        // And a message without DSN parameters is still written exactly so.
+        let mut now = Vec::new();
+        encode_message(&mut now, &meta(), &[], &[b"body\r\n"]);
+        assert_eq!(now, old);
+    }
+
+    #[test]
     fn every_truncation_and_bit_flip_is_detected() {
         let mut buf = Vec::new();
-        encode_message(&mut buf, &meta(), &[], &[b"body\r\n"]);
+        encode_message(&mut buf, &dsn_meta(), &[], &[b"body\r\n"]);
         for cut in 0..buf.len() {
             assert!(decode_frame(&buf[..cut]).is_err(), "cut at {cut}");
         }

@@ -401,3 +401,144 @@ fn overlong_command_line_is_refused_and_skipped() {
     let (codes, _) = feed(&mut s, "yyy\r\nNOOP\r\n");
     assert_eq!(codes, ["250 2.0.0"]);
 }
+
+/// Feeds `input` and returns the full text written.
+fn feed_text<P: EnvelopePolicy>(s: &mut Session<P>, input: &str) -> String {
+    s.process(input.as_bytes());
+    String::from_utf8(std::mem::take(s.output())).unwrap()
+}
+
+#[test]
+fn ehlo_advertises_dsn_and_helo_takes_no_dsn_parameters() {
+    let mut s = session();
+    let text = feed_text(&mut s, "EHLO c.test\r\n");
+    assert!(text.contains("250-DSN\r\n"), "{text}");
+    let mut s = session();
+    feed(&mut s, "HELO c.test\r\n");
+    assert_eq!(
+        feed(&mut s, "MAIL FROM:<a@x.test> RET=HDRS\r\n").0,
+        ["555 5.5.4"]
+    );
+    feed(&mut s, "MAIL FROM:<a@x.test>\r\n");
+    assert_eq!(
+        feed(&mut s, "RCPT TO:<b@y.test> NOTIFY=NEVER\r\n").0,
+        ["555 5.5.4"]
+    );
+    assert_eq!(feed(&mut s, "RCPT TO:<b@y.test>\r\n").0, ["250 2.1.5"]);
+}
+
+#[test]
+fn dsn_parameters_reach_the_envelope_decoded() {
+    let mut s = session();
+    feed(&mut s, "EHLO c.test\r\n");
+    let (codes, action) = feed(
+        &mut s,
+        "MAIL FROM:<a@x.test> ret=hdrs ENVID=QQ+2B314\r\n\
+         RCPT TO:<b@y.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;B+2Bx@y.test\r\n\
+         RCPT TO:<c@y.test>\r\n\
+         RCPT TO:<d@y.test> notify=never\r\n\
+         DATA\r\nhi\r\n.\r\n",
+    );
+    assert_eq!(
+        codes,
+        [
+            "250 2.1.0",
+            "250 2.1.5",
+            "250 2.1.5",
+            "250 2.1.5",
+            "354 End"
+        ]
+    );
+    let Action::Accept(env) = action else {
+        panic!("no accept")
+    };
+    assert_eq!(env.dsn.ret, Some(Ret::Headers));
+    assert_eq!(env.dsn.envid.as_deref(), Some("QQ+314"));
+    assert_eq!(env.rcpt_dsn.len(), env.recipients.len());
+    let b = &env.rcpt_dsn[0];
+    assert_eq!(
+        b.notify.map(|n| n.to_string()).as_deref(),
+        Some("SUCCESS,DELAY")
+    );
+    let orcpt = b.orcpt.as_ref().unwrap();
+    assert_eq!(
+        (orcpt.addr_type.as_str(), orcpt.address.as_str()),
+        ("rfc822", "B+x@y.test")
+    );
+    assert_eq!(env.rcpt_dsn[1], RcptDsn::default());
+    assert_eq!(env.rcpt_dsn[2].notify, Some(Notify::NEVER));
+}
+
+#[test]
+fn a_bad_or_repeated_dsn_parameter_is_refused_naming_it() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("MAIL FROM:<a@x.test> RET=BODY", "501 5.5.4", "RET"),
+        ("MAIL FROM:<a@x.test> RET", "501 5.5.4", "RET"),
+        (
+            "MAIL FROM:<a@x.test> RET=FULL RET=HDRS",
+            "501 5.5.4",
+            "Duplicate parameter RET",
+        ),
+        ("MAIL FROM:<a@x.test> ENVID=a=b", "501 5.5.4", "ENVID"),
+        ("MAIL FROM:<a@x.test> ENVID=+4", "501 5.5.4", "ENVID"),
+        ("MAIL FROM:<a@x.test> ENVID=", "501 5.5.4", "ENVID"),
+        (
+            "MAIL FROM:<a@x.test> ENVID=1 ENVID=2",
+            "501 5.5.4",
+            "Duplicate parameter ENVID",
+        ),
+        (
+            "MAIL FROM:<a@x.test> SIZE=1 size=2",
+            "501 5.5.4",
+            "Duplicate parameter SIZE",
+        ),
+        ("MAIL FROM:<a@x.test> NOTIFY=NEVER", "555 5.5.4", "NOTIFY"),
+    ];
+    for (line, code, names) in cases {
+        let mut s = session();
+        feed(&mut s, "EHLO c.test\r\n");
+        let text = feed_text(&mut s, &format!("{line}\r\n"));
+        assert!(
+            text.starts_with(code) && text.contains(names),
+            "{line}: {text}"
+        );
+        // The transaction did not start.
+        assert_eq!(
+            feed(&mut s, "RCPT TO:<b@y.test>\r\n").0,
+            ["503 5.5.1"],
+            "{line}"
+        );
+    }
+    let rcpt_cases: &[(&str, &str, &str)] = &[
+        ("NOTIFY=NEVER,SUCCESS", "501 5.5.4", "NOTIFY"),
+        ("NOTIFY=SUCCESS,SUCCESS", "501 5.5.4", "NOTIFY"),
+        ("NOTIFY=", "501 5.5.4", "NOTIFY"),
+        ("NOTIFY", "501 5.5.4", "NOTIFY"),
+        ("NOTIFY=sometimes", "501 5.5.4", "NOTIFY"),
+        (
+            "NOTIFY=NEVER NOTIFY=NEVER",
+            "501 5.5.4",
+            "Duplicate parameter NOTIFY",
+        ),
+        ("ORCPT=b@y.test", "501 5.5.4", "ORCPT"),
+        ("ORCPT=rfc822;", "501 5.5.4", "ORCPT"),
+        ("ORCPT=rfc822;a+zzb", "501 5.5.4", "ORCPT"),
+        (
+            "ORCPT=rfc822;a@b ORCPT=rfc822;a@b",
+            "501 5.5.4",
+            "Duplicate parameter ORCPT",
+        ),
+        ("RET=FULL", "555 5.5.4", "RET"),
+    ];
+    for (params, code, names) in rcpt_cases {
+        let mut s = session();
+        feed(&mut s, "EHLO c.test\r\nMAIL FROM:<a@x.test>\r\n");
+        let text = feed_text(&mut s, &format!("RCPT TO:<b@y.test> {params}\r\n"));
+        assert!(
+            text.starts_with(code) && text.contains(names),
+            "{params}: {text}"
+        );
+        // The recipient was not added.
+        assert_eq!(feed(&mut s, "DATA\r\n").0, ["503 5.5.1"], "{params}");
+    }
+}

@@ -23,6 +23,7 @@ fn settings() -> Settings {
             factor: 2.0,
         },
         max_age: Duration::from_millis(DAY),
+        delay_warning: Duration::from_secs(4 * 3600),
         per_destination: 2,
         total_connections: 100,
         routing: Routing {
@@ -45,6 +46,8 @@ fn message(id: u64, sender: &str, recipients: &[&str]) -> NewEntry {
             peer: "127.0.0.1:1".to_owned(),
             sender: sender.to_owned(),
             recipients: recipients.iter().map(|r| (*r).to_owned()).collect(),
+            dsn: Default::default(),
+            rcpt_dsn: vec![],
         },
         states: Vec::new(),
         location: Location {
@@ -71,6 +74,7 @@ fn attempt(job: &Job, code: u16) -> Attempt {
         remote_mta: Some("mx.test".to_owned()),
         domain: job.domain.clone(),
         tls: None,
+        next_hop_dsn: false,
     }
 }
 
@@ -149,7 +153,7 @@ fn a_hard_invalid_recipient_bounce_is_an_outcome_with_its_verdict_and_reports_to
     assert!(
         actions
             .iter()
-            .any(|a| matches!(a, Action::Dsn { failures, .. } if failures.len() == 1))
+            .any(|a| matches!(a, Action::Dsn { notices, .. } if notices.len() == 1))
     );
     assert!(core.is_empty());
 }
@@ -174,6 +178,145 @@ fn null_and_return_path_senders_get_no_dsn() {
     }
 }
 
+/// A message to one recipient whose sender gave `NOTIFY=notify`.
+fn message_notifying(notify: &str) -> NewEntry {
+    use herald_smtp::dsn::{Notify, RcptDsn};
+    let mut m = message(1, "a@example.test", &["x@one.test"]);
+    m.meta.rcpt_dsn = vec![RcptDsn {
+        notify: Some(Notify::parse(notify).unwrap()),
+        orcpt: None,
+    }];
+    m
+}
+
+fn notices(actions: &[Action]) -> Vec<(String, dsn::Action)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Dsn { notices, .. } => Some(notices),
+            _ => None,
+        })
+        .flatten()
+        .map(|n| (n.recipient.clone(), n.action))
+        .collect()
+}
+
+#[test]
+fn notify_without_failure_gets_no_failure_dsn() {
+    for notify in ["NEVER", "SUCCESS", "DELAY", "SUCCESS,DELAY"] {
+        for code in [550, 451] {
+            let mut core = Core::new(settings());
+            let job = starts(&core.insert(message_notifying(notify), T0)).remove(0);
+            let a = attempt(&job, code);
+            // 451 a day on: expired.
+            let actions = core.record(a.clone(), &verdicts(&a), T0 + DAY, 0.0);
+            assert_eq!(notices(&actions), [], "{notify} {code}");
+            assert!(
+                actions
+                    .iter()
+                    .any(|a| matches!(a, Action::NoDsn { failed: 1, .. })),
+                "{notify} {code}"
+            );
+            // The final state is recorded at once: no DSN will.
+            assert!(actions.iter().any(|a| matches!(a, Action::Record { .. })));
+            assert!(core.is_empty());
+        }
+    }
+    let mut core = Core::new(settings());
+    let job = starts(&core.insert(message_notifying("FAILURE,DELAY"), T0)).remove(0);
+    let a = attempt(&job, 550);
+    let actions = core.record(a.clone(), &verdicts(&a), T0, 0.0);
+    assert_eq!(
+        notices(&actions),
+        [("x@one.test".to_owned(), dsn::Action::Failed)]
+    );
+}
+
+#[test]
+fn notify_success_is_answered_by_a_relayed_dsn_unless_the_next_hop_took_the_request() {
+    for (notify, next_hop_dsn, expected) in [
+        ("SUCCESS", false, true),
+        ("SUCCESS,FAILURE", false, true),
+        ("SUCCESS", true, false),
+        ("FAILURE", false, false),
+        ("NEVER", false, false),
+    ] {
+        let mut core = Core::new(settings());
+        let job = starts(&core.insert(message_notifying(notify), T0)).remove(0);
+        let a = Attempt {
+            next_hop_dsn,
+            ..attempt(&job, 250)
+        };
+        let actions = core.record(a.clone(), &verdicts(&a), T0, 0.0);
+        let want: Vec<(String, dsn::Action)> = if expected {
+            vec![("x@one.test".to_owned(), dsn::Action::Relayed)]
+        } else {
+            vec![]
+        };
+        assert_eq!(notices(&actions), want, "{notify} {next_hop_dsn}");
+        // The delivery is recorded at once, not after the DSN: a crash may lose the notice, never
+        // deliver twice.
+        assert!(actions.iter().any(|a| matches!(a, Action::Record { .. })));
+    }
+    // Nor does the null sender hear of a success.
+    let mut core = Core::new(settings());
+    let mut m = message_notifying("SUCCESS");
+    m.meta.sender = String::new();
+    let job = starts(&core.insert(m, T0)).remove(0);
+    let a = attempt(&job, 250);
+    assert_eq!(notices(&core.record(a.clone(), &verdicts(&a), T0, 0.0)), []);
+}
+
+#[test]
+fn a_delay_notice_goes_once_past_delay_warning_and_only_when_asked_for() {
+    const HOUR: u64 = 3_600_000;
+    for (notify, expected) in [
+        (Some("DELAY"), 1),
+        (Some("FAILURE,DELAY"), 1),
+        (Some("FAILURE"), 0),
+        (Some("NEVER"), 0),
+        (None, 0),
+    ] {
+        let mut core = Core::new(settings());
+        let m = match notify {
+            Some(n) => message_notifying(n),
+            None => message(1, "a@example.test", &["x@one.test"]),
+        };
+        let mut job = starts(&core.insert(m, T0)).remove(0);
+        let mut delayed = Vec::new();
+        // Attempts at 0 h (before delay_warning, 4 h), 5 h (the first past it), 6 h and 7 h.
+        for t in [T0, T0 + 5 * HOUR, T0 + 6 * HOUR, T0 + 7 * HOUR] {
+            let a = attempt(&job, 451);
+            let actions = core.record(a.clone(), &verdicts(&a), t, 0.0);
+            delayed.extend(
+                notices(&actions)
+                    .into_iter()
+                    .filter(|(_, a)| matches!(a, dsn::Action::Delayed { .. }))
+                    .map(|_| t),
+            );
+            let mut next = core.connection_closed(&job.dest, t + HOUR - 1);
+            next.extend(core.due(t + HOUR - 1));
+            job = match starts(&next).pop() {
+                Some(j) => j,
+                None => core.next_job(&job.dest, t + HOUR).expect("due again"),
+            };
+        }
+        let want: Vec<u64> = if expected == 1 {
+            vec![T0 + 5 * HOUR]
+        } else {
+            vec![]
+        };
+        assert_eq!(delayed, want, "{notify:?}");
+    }
+    // A message loaded (after a restart) past the point counts as told: the spool does not say whether it
+    // was, and a second notice is the worse mistake.
+    let mut core = Core::new(settings());
+    let job = starts(&core.insert(message_notifying("DELAY"), T0 + 5 * HOUR)).remove(0);
+    let a = attempt(&job, 451);
+    let actions = core.record(a.clone(), &verdicts(&a), T0 + 5 * HOUR, 0.0);
+    assert_eq!(notices(&actions), []);
+}
+
 #[test]
 fn a_temporary_failure_past_expiry_expires_with_status_4_4_7() {
     let mut core = Core::new(settings());
@@ -181,7 +324,7 @@ fn a_temporary_failure_past_expiry_expires_with_status_4_4_7() {
     let a = attempt(&job, 451);
     let actions = core.record(a.clone(), &verdicts(&a), T0 + DAY, 0.0);
     let failures = actions.iter().find_map(|a| match a {
-        Action::Dsn { failures, .. } => Some(failures),
+        Action::Dsn { notices, .. } => Some(notices),
         _ => None,
     });
     assert_eq!(failures.map(|f| f[0].status.as_str()), Some("4.4.7"));
@@ -451,13 +594,13 @@ impl Sim {
                     self.open.push(job);
                 }
                 Action::Outcome(o) => self.outcome(&o),
-                Action::Dsn { meta, failures, .. } => {
+                Action::Dsn { meta, notices, .. } => {
                     let sender = &self.senders[&meta.id];
                     assert!(
                         !sender.is_empty() && !sender.ends_with("@bounces.test"),
                         "DSN to {sender:?}"
                     );
-                    for f in failures {
+                    for f in notices {
                         *self.reported.entry((meta.id, f.recipient)).or_default() += 1;
                     }
                 }
@@ -519,6 +662,7 @@ impl Sim {
             remote_mta: None,
             domain: job.domain.clone(),
             tls: None,
+            next_hop_dsn: false,
         };
         let v = verdicts(&a);
         let actions = self.core.record(a, &v, self.now, jitter);
@@ -708,6 +852,7 @@ fn a_recipient_reported_twice_keeps_its_first_final_outcome() {
         remote_mta: None,
         domain: job.domain.clone(),
         tls: None,
+        next_hop_dsn: false,
     };
     core.record(a.clone(), &verdicts(&a), T0, 0.0);
     // A confused connection reports recipient 0 again, as bounced.
