@@ -249,6 +249,8 @@ def test_the_relay_reads_the_documented_replies_as_the_corpus_labels_them(relays
     missing = [f"{e.label} {address[e]}" for e in entries if address[e] not in got]
     assert not missing, (f"{len(missing)} entries got no deferred/bounced event: {missing[:20]}\n"
                          f"{relay.log_tail(60)}")
+    unasked = [e.label for e in entries if not mx.rcpt_replies(address[e])]
+    assert not unasked, f"the relay gave a verdict without asking the MX for: {unasked[:20]}"
     verdict = {e: got[address[e]].get("category") for e in entries}
     odd = [f"{e.label}: {verdict[e]!r}" for e in entries if verdict[e] not in CATEGORIES]
     assert not odd, f"events without one of the 13 categories: {odd[:20]}"
