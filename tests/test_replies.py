@@ -17,7 +17,6 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import yaml
 
 from harness.outbound import FOREIGN, send, start_outbound, wait_until
