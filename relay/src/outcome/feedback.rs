@@ -11,7 +11,7 @@ use crate::events::Event;
 use crate::outcome::report::{self, Action, Kind, Report};
 use crate::outcome::suppression::Suppressions;
 use crate::outcome::verp::{self, ReturnPaths, Token};
-use crate::outcome::{Category, Class, Classifier, Rules};
+use crate::outcome::{Category, Class, Classifier, Reply, Rules};
 use crate::telemetry::Telemetry;
 
 /// Return-path tokens looked at per report: a report is about one message, rarely a few.
@@ -182,7 +182,9 @@ fn judge(report: &Report, token: &Token, recipient: String, classifier: &Classif
                 } else {
                     550
                 });
-            let (class, category) = classifier.classify(code, enhanced, &status.diagnostic);
+            let reply = Reply::new(code, enhanced, &status.diagnostic)
+                .from_mx(status.remote_mta.as_deref());
+            let (class, category) = classifier.classify(&reply);
             o.result = "bounce";
             o.class = Some(class);
             o.category = Some(category);
