@@ -712,4 +712,114 @@ bounces:
             Category::ReputationBlock
         );
     }
+
+    #[test]
+    fn replies_read_from_provider_pages_beyond_the_corpus() {
+        let ms = "contoso-com.mail.protection.outlook.com";
+        for (mx, code, enh, text, want) in [
+            (
+                Some("gmail-smtp-in.l.google.com"),
+                523,
+                Some("5.7.10"),
+                "SMTP protocol violation, no commands allowed to pipeline after STARTTLS.",
+                Category::PermanentOther,
+            ),
+            (
+                Some("gmail-smtp-in.l.google.com"),
+                550,
+                Some("5.4.5"),
+                "Daily SMTP relay limit exceeded for user.",
+                Category::RateLimited,
+            ),
+            (
+                Some(ms),
+                550,
+                Some("5.1.90"),
+                "Your message can't be sent because you've reached your daily limit for message recipients",
+                Category::RateLimited,
+            ),
+            (
+                Some(ms),
+                554,
+                Some("5.2.2"),
+                "Submission quota exceeded",
+                Category::RateLimited,
+            ),
+            (
+                Some(ms),
+                451,
+                Some("4.7.650"),
+                "The mail server [192.0.2.1] has been temporarily rate limited due to IP reputation. For e-mail delivery information, see https://aka.ms/postmaster (S775)",
+                Category::RateLimited,
+            ),
+            (
+                Some(ms),
+                550,
+                Some("5.7.504"),
+                "Recipient address rejected: Access denied",
+                Category::InvalidRecipient,
+            ),
+            (
+                Some(ms),
+                550,
+                Some("5.4.310"),
+                "DNS domain example.test does not exist",
+                Category::InvalidDomain,
+            ),
+            (
+                Some("mta5.am0.yahoodns.net"),
+                554,
+                None,
+                "Message not allowed - Headers are not RFC compliant[291]",
+                Category::PolicyBlock,
+            ),
+            (
+                Some("mx.yandex.ru"),
+                552,
+                Some("5.2.2"),
+                "Mailbox size limit exceeded",
+                Category::MailboxFull,
+            ),
+            (
+                None,
+                421,
+                None,
+                "Too many concurrent SMTP connections; please try again later.",
+                Category::RateLimited,
+            ),
+            (
+                None,
+                550,
+                Some("5.1.2"),
+                "Host unknown (Name server: example.test: host not found)",
+                Category::InvalidDomain,
+            ),
+            (
+                Some("mx.zoho.com"),
+                550,
+                Some("5.7.1"),
+                "Relaying disallowed",
+                Category::PolicyBlock,
+            ),
+            (
+                Some("smtp-in.orange.fr"),
+                501,
+                Some("5.1.0"),
+                "Emetteur invalide. Invalid Sender. LPN007_510",
+                Category::PolicyBlock,
+            ),
+            (
+                None,
+                553,
+                Some("5.7.1"),
+                "Blocked by SpamAssassin",
+                Category::SpamContent,
+            ),
+        ] {
+            let got = Classifier::builtin()
+                .classify(&Reply::new(code, enh, text).from_mx(mx))
+                .1;
+            assert_eq!(got, want, "{code} {enh:?} {text}");
+        }
+    }
 }
