@@ -140,9 +140,37 @@ struct Patterns(Vec<String>);
 
 impl Patterns {
     fn add(&mut self, pattern: String) -> usize {
-        self.0.push(pattern);
+        self.0.push(ascii_word_boundaries(&pattern));
         self.0.len() - 1
     }
+}
+
+/// `pattern` with its word boundaries (`\b`, `\B`) made ASCII ones. A Unicode word boundary cannot be run
+/// by the regex crate's DFA on text that is not ASCII, and the fallback scans the whole set hundreds of
+/// times slower (0.5 ms a reply instead of 1 µs); a word boundary in a reply is between ASCII words anyway.
+fn ascii_word_boundaries(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len());
+    let mut chars = pattern.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            // `\b{start}` and the like are Unicode-only forms: left as they are.
+            Some(b @ ('b' | 'B')) if chars.peek() != Some(&'{') => {
+                out.push_str("(?-u:\\");
+                out.push(b);
+                out.push(')');
+            }
+            Some(other) => {
+                out.push('\\');
+                out.push(other);
+            }
+            None => out.push('\\'),
+        }
+    }
+    out
 }
 
 /// The rules in force, in order, and their patterns compiled into one set.
@@ -546,6 +574,22 @@ bounces:
         assert_eq!(
             c.classify(&Reply::new(550, Some("5.1.1"), "x")).1,
             Category::PermanentOther
+        );
+    }
+
+    #[test]
+    fn word_boundaries_are_made_ascii_and_escapes_are_kept() {
+        assert_eq!(ascii_word_boundaries(r"\bspf\b"), r"(?-u:\b)spf(?-u:\b)");
+        assert_eq!(ascii_word_boundaries(r"a\\b\Bc\d"), r"a\\b(?-u:\B)c\d");
+        assert_eq!(ascii_word_boundaries(r"\b{start}x\"), r"\b{start}x\");
+        // The same verdict for ASCII and non-ASCII text around a boundary.
+        assert_eq!(
+            cat(
+                550,
+                None,
+                "Adresse IP source bloquée. Client host blocked for spamming issues. OFR006_102"
+            ),
+            Category::ReputationBlock
         );
     }
 
