@@ -360,4 +360,36 @@ Diagnostic-Code: smtp; {diagnostic}\r\n\
         .unwrap();
         assert_eq!((o.kind, o.result), ("dsn", "unverified"));
     }
+
+    #[test]
+    fn the_remote_mta_of_a_dsn_tells_whose_reply_it_quotes() {
+        let rp = paths();
+        let token = local_part(
+            &rp.envelope_sender(QueueId(7), "news@example.test", "u@contoso.test")
+                .unwrap(),
+        );
+        let diagnostic = "550 5.4.1 Recipient address rejected: Access denied.";
+        let raw = dsn("u@contoso.test", "5.4.1", diagnostic);
+        // Exchange Online's directory-based edge blocking: the address does not exist.
+        let from_microsoft = raw.replace(
+            "Action: failed\r\n",
+            "Action: failed\r\nRemote-MTA: dns; contoso-test.mail.protection.outlook.com\r\n",
+        );
+        let [o] = evaluate(
+            from_microsoft.as_bytes(),
+            std::slice::from_ref(&token),
+            &rp,
+            &Classifier::builtin(),
+        )
+        .try_into()
+        .unwrap();
+        assert_eq!(o.category, Some(Category::InvalidRecipient));
+        assert!(o.suppress);
+        // From a host nobody knows, the same words are an access table's policy refusal.
+        let [o] = evaluate(raw.as_bytes(), &[token], &rp, &Classifier::builtin())
+            .try_into()
+            .unwrap();
+        assert_eq!(o.category, Some(Category::PolicyBlock));
+        assert!(!o.suppress);
+    }
 }
