@@ -662,6 +662,27 @@ bounces:
         ] {
             assert_eq!(cat(code, Some(enh), text), want, "{code} {enh} {text}");
         }
+        // Only words about the recipient's own mailbox or account suppress; a block of the sender does not.
+        for text in [
+            "Your IP address has been blocked",
+            "This service is no longer available",
+            "Message size limit exceeded",
+            "The sender's domain does not exist",
+        ] {
+            assert_ne!(
+                cat(550, Some("5.7.1"), text),
+                Category::InvalidRecipient,
+                "{text}"
+            );
+        }
+        assert_eq!(
+            cat(552, Some("5.3.4"), "Message size limit exceeded"),
+            Category::MessageTooLarge
+        );
+        assert_eq!(
+            cat(550, Some("5.1.1"), "This address is no longer valid"),
+            Category::InvalidRecipient
+        );
         // Without specific words, the generic code still says what it can.
         assert_eq!(cat(550, Some("5.7.1"), "Rejected"), Category::PolicyBlock);
         assert_eq!(
