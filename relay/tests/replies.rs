@@ -125,7 +125,7 @@ fn the_classifier_reads_documented_replies_as_the_corpus_labels_them() {
             "{file}: source {:?}",
             e.source
         );
-        let reply = Reply::new(e.code, e.enhanced.as_deref(), &e.text).from_mx(e.mx.as_deref());
+        let reply = Reply::new(e.code, e.enhanced.as_deref(), &e.text).with_mx(e.mx.as_deref());
         let (_, got) = classifier.classify(&reply);
         if e.synthetic {
             synthetic.add(&file, &e, got);

@@ -87,7 +87,8 @@ impl<'a> Reply<'a> {
         }
     }
 
-    pub fn from_mx(self, mx: Option<&'a str>) -> Reply<'a> {
+    /// The same reply, as sent by `mx`.
+    pub fn with_mx(self, mx: Option<&'a str>) -> Reply<'a> {
         Reply { mx, ..self }
     }
 }
@@ -331,7 +332,7 @@ mod tests {
     /// The category of a reply from the MX host `mx`.
     fn from(mx: &str, code: u16, enh: Option<&str>, text: &str) -> Category {
         Classifier::builtin()
-            .classify(&Reply::new(code, enh, text).from_mx(Some(mx)))
+            .classify(&Reply::new(code, enh, text).with_mx(Some(mx)))
             .1
     }
 
@@ -882,7 +883,7 @@ bounces:
             ),
         ] {
             let got = Classifier::builtin()
-                .classify(&Reply::new(code, enh, text).from_mx(mx))
+                .classify(&Reply::new(code, enh, text).with_mx(mx))
                 .1;
             assert_eq!(got, want, "{code} {enh:?} {text}");
         }

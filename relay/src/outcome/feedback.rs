@@ -183,7 +183,7 @@ fn judge(report: &Report, token: &Token, recipient: String, classifier: &Classif
                     550
                 });
             let reply = Reply::new(code, enhanced, &status.diagnostic)
-                .from_mx(status.remote_mta.as_deref());
+                .with_mx(status.remote_mta.as_deref());
             let (class, category) = classifier.classify(&reply);
             o.result = "bounce";
             o.class = Some(class);

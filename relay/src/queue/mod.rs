@@ -449,7 +449,7 @@ impl Shell {
             .map(|(_, r)| {
                 (r.code >= 400).then(|| {
                     classifier.classify(
-                        &classify::Reply::new(r.code, r.enhanced.as_deref(), &r.text).from_mx(mx),
+                        &classify::Reply::new(r.code, r.enhanced.as_deref(), &r.text).with_mx(mx),
                     )
                 })
             })
