@@ -767,6 +767,23 @@ bounces:
         assert!(p.sent(&none, Some("google.com")));
         assert!(!p.sent(&none, Some("mx.notgoogle.com")));
         assert!(!p.sent(&none, None));
+        // Microsoft named only in the text, as a forwarded NDR quotes it.
+        assert_eq!(
+            cat(
+                550,
+                Some("5.7.705"),
+                "Access denied, tenant has exceeded threshold. For more information please go to http://go.microsoft.com/fwlink/?LinkId=524931 AS831"
+            ),
+            Category::ReputationBlock
+        );
+        assert_eq!(
+            cat(
+                550,
+                Some("5.4.1"),
+                "[jo@example.gov]: Recipient address rejected: Access denied [CY1GCC01FT007.eop-gcc01.prod.protection.outlook.com]"
+            ),
+            Category::InvalidRecipient
+        );
         // Comcast's codes.
         assert_eq!(
             from(
