@@ -12,7 +12,7 @@ use crate::events::Event;
 use crate::outcome::report::{self, Action, Kind, Report};
 use crate::outcome::suppression::{Evidence, Observation, Suppressions, suppressed};
 use crate::outcome::verp::{self, ReturnPaths, Token};
-use crate::outcome::{Category, Class, Classifier, Rules};
+use crate::outcome::{Category, Class, Classifier, Reply, Rules};
 use crate::telemetry::Telemetry;
 
 /// Return-path tokens looked at per report: a report is about one message, rarely a few.
@@ -192,7 +192,9 @@ fn judge(report: &Report, token: &Token, recipient: String, classifier: &Classif
                 } else {
                     550
                 });
-            let (class, category) = classifier.classify(code, enhanced, &status.diagnostic);
+            let reply = Reply::new(code, enhanced, &status.diagnostic)
+                .with_mx(status.remote_mta.as_deref());
+            let (class, category) = classifier.classify(&reply);
             o.result = "bounce";
             o.class = Some(class);
             o.category = Some(category);
@@ -418,5 +420,37 @@ Diagnostic-Code: smtp; {diagnostic}\r\n\
         .try_into()
         .unwrap();
         assert_eq!((o.kind, o.result), ("dsn", "unverified"));
+    }
+
+    #[test]
+    fn the_remote_mta_of_a_dsn_tells_whose_reply_it_quotes() {
+        let rp = paths();
+        let token = local_part(
+            &rp.envelope_sender(QueueId(7), "news@example.test", "u@contoso.test")
+                .unwrap(),
+        );
+        let diagnostic = "550 5.4.1 Recipient address rejected: Access denied.";
+        let raw = dsn("u@contoso.test", "5.4.1", diagnostic);
+        // Exchange Online's directory-based edge blocking: the address does not exist.
+        let from_microsoft = raw.replace(
+            "Action: failed\r\n",
+            "Action: failed\r\nRemote-MTA: dns; contoso-test.mail.protection.outlook.com\r\n",
+        );
+        let [o] = evaluate(
+            from_microsoft.as_bytes(),
+            std::slice::from_ref(&token),
+            &rp,
+            &Classifier::builtin(),
+        )
+        .try_into()
+        .unwrap();
+        assert_eq!(o.category, Some(Category::InvalidRecipient));
+        assert!(suppresses(&o));
+        // From a host nobody knows, the same words are an access table's policy refusal.
+        let [o] = evaluate(raw.as_bytes(), &[token], &rp, &Classifier::builtin())
+            .try_into()
+            .unwrap();
+        assert_eq!(o.category, Some(Category::PolicyBlock));
+        assert!(!suppresses(&o));
     }
 }

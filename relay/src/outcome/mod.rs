@@ -1,6 +1,7 @@
 //! What happened to a recipient, and what follows from it.
 //!
 //! - `classify`: a remote reply (or local failure) to hard/soft and a category such as invalid-recipient.
+//! - `rules`: the built-in classification rules, one table per mailbox provider and the generic tiers.
 //! - `dsn`: delivery status notifications (RFC 3464) for bounced and expired recipients.
 //! - `report`: reading DSNs, ARF complaints and prose bounces sent back to return-path addresses.
 //! - `feedback`: what such a report means for a recipient, and recording it.
@@ -11,10 +12,11 @@ pub mod classify;
 pub mod dsn;
 pub mod feedback;
 pub mod report;
+pub mod rules;
 pub mod suppression;
 pub mod verp;
 
-pub use classify::{Class, Classifier};
+pub use classify::{Class, Classifier, Reply};
 pub use herald_config::{Category, StatusPattern};
 
 use std::sync::Arc;

@@ -68,6 +68,8 @@ pub struct RecipientStatus {
     pub code: Option<u16>,
     /// The diagnostic text (the SMTP reply, without its `smtp;` type).
     pub diagnostic: String,
+    /// The host that gave the diagnostic (`Remote-MTA: dns; mx.example.com`), when the report names one.
+    pub remote_mta: Option<String>,
 }
 
 /// A parsed report.
@@ -201,12 +203,20 @@ fn delivery_status(body: &[u8]) -> Vec<RecipientStatus> {
             .next()
             .and_then(|c| c.parse::<u16>().ok())
             .filter(|c| (200..600).contains(c));
+        // Only a host name tells whose reply it was; other MTA-name types are of no use here.
+        let remote_mta = get("Remote-MTA").and_then(|v| {
+            let (kind, host) = v.split_once(';')?;
+            let host = host.trim().trim_end_matches('.');
+            (kind.trim().eq_ignore_ascii_case("dns") && !host.is_empty() && !host.contains(' '))
+                .then(|| host.to_ascii_lowercase())
+        });
         out.push(RecipientStatus {
             addresses,
             action,
             status,
             code,
             diagnostic,
+            remote_mta,
         });
     }
     out
@@ -276,6 +286,7 @@ fn prose_status(text: &str) -> Option<RecipientStatus> {
         status: Some(status),
         code,
         diagnostic: text[line_start..line_end].trim().to_owned(),
+        remote_mta: None,
     })
 }
 
@@ -396,6 +407,7 @@ Original-Recipient: rfc822;Jo@Example.NET\r\n\
 Final-Recipient: rfc822; jo@example.net\r\n\
 Action: failed\r\n\
 Status: 5.1.1\r\n\
+Remote-MTA: dns; MX1.Example.NET.\r\n\
 Diagnostic-Code: smtp; 550 5.1.1 <jo@example.net>: Recipient address\r\n\
 \x20rejected: User unknown in local recipient table\r\n\
 \r\n\
@@ -423,6 +435,8 @@ Subject: hello\r\n\
         assert_eq!(jo.action, Action::Failed);
         assert_eq!(jo.status.as_deref(), Some("5.1.1"));
         assert_eq!(jo.code, Some(550));
+        assert_eq!(jo.remote_mta.as_deref(), Some("mx1.example.net"));
+        assert_eq!(r.recipients[1].remote_mta, None);
         assert_eq!(
             jo.diagnostic,
             "550 5.1.1 <jo@example.net>: Recipient address rejected: User unknown in local recipient table"

@@ -20,9 +20,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::events::Event;
-use crate::outcome::Rules;
 use crate::outcome::dsn;
 use crate::outcome::suppression::{Evidence, Observation, Suppressions, suppressed};
+use crate::outcome::{Rules, classify};
 use crate::spool::{Location, MessageMeta, QueueId, RcptState, RcptStatus, Spool};
 use crate::telemetry::Telemetry;
 use herald_config::Config;
@@ -500,11 +500,17 @@ impl Shell {
     /// out what follows.
     fn finished(&mut self, attempt: Attempt, now: u64) {
         let classifier = self.rules.classifier();
+        // The host that answered tells whose rules read the reply (Gmail's 4.2.1 is a rate limit).
+        let mx = attempt.remote_mta.as_deref();
         let verdicts: Vec<_> = attempt
             .results
             .iter()
             .map(|(_, r)| {
-                (r.code >= 400).then(|| classifier.classify(r.code, r.enhanced.as_deref(), &r.text))
+                (r.code >= 400).then(|| {
+                    classifier.classify(
+                        &classify::Reply::new(r.code, r.enhanced.as_deref(), &r.text).with_mx(mx),
+                    )
+                })
             })
             .collect();
         let (domain, remote_mta, tls) = (
