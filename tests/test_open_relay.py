@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from harness.relay import RelayPool, addr, free_port
+from harness.relay import HOSTNAME, RelayPool, addr, free_port
 from harness.smtp import SmtpConn, dot_stuff, make_message
 
 LOCAL = "bounces.example.test"  # the return_path domain of example.test
@@ -164,6 +164,22 @@ def test_trusted_listener_relays_anywhere(relay):
         r = c.transaction("attacker@foreign.test", ["user@foreign.test"], make_message(unique("trusted")))
         assert r.queue_id, r
     assert r.queue_id in relay.new_messages(before)
+
+
+def test_the_inbound_listener_takes_mail_for_a_bare_postmaster_and_its_own_postmaster_and_nobody_else(relay):
+    """RFC 5321 section 4.5.1: every SMTP server takes `RCPT TO:<Postmaster>` without a domain. It is the
+    relay's own postmaster (postmaster@<hostname>), read like the return-path domains' postmaster: as a
+    report, never queued. Other bare names are not addresses, and the relay's name has no other mailbox."""
+    before = set(relay.queue_by_id())
+    with session(relay, "inbound") as c:
+        c.expect("MAIL FROM:<mailer-daemon@foreign.test>", "250 2.1.0")
+        c.expect("RCPT TO:<abuse>", "501 5.1.3")
+        c.expect(f"RCPT TO:<abuse@{HOSTNAME}>", "554 5.7.1")
+        c.expect("RCPT TO:<Postmaster>", "250 2.1.5")
+        c.expect(f"RCPT TO:<POSTMASTER@{HOSTNAME.upper()}>", "250 2.1.5")
+        r = c.data(make_message(unique("bare"), sender="mailer-daemon@foreign.test", to="postmaster"))
+        assert r.starts("250 2.0.0") and "report" in r.last, r
+    assert relay.new_messages(before) == {}
 
 
 def test_the_inbound_listener_as_the_operator_renders_it_offers_starttls_never_auth_and_relays_nothing(

@@ -6,7 +6,7 @@
 
 #![no_main]
 
-use herald_smtp::address;
+use herald_smtp::address::{self, RcptPath};
 use herald_smtp::command::{self, Command, Param};
 use libfuzzer_sys::fuzz_target;
 
@@ -28,8 +28,18 @@ fuzz_target!(|line: &[u8]| {
         }
         Command::Rcpt { to, params } => {
             check_params(&params);
-            let printed = format!("<{to}>");
-            assert_eq!(address::parse_forward_path(&printed), Ok(to), "{printed}");
+            match to {
+                RcptPath::Postmaster => {
+                    assert_eq!(
+                        address::parse_rcpt_path("<postmaster>"),
+                        Ok(RcptPath::Postmaster)
+                    )
+                }
+                RcptPath::Mailbox(to) => {
+                    let printed = format!("<{to}>");
+                    assert_eq!(address::parse_forward_path(&printed), Ok(to), "{printed}");
+                }
+            }
         }
         Command::Auth { mechanism, initial } => {
             // Words as `split_ascii_whitespace` cuts them (a vertical tab is not ASCII white space).

@@ -36,6 +36,8 @@ struct Principal {
 pub struct Policy {
     users: HashMap<String, Principal>,
     return_paths: Arc<ReturnPaths>,
+    /// The relay's own name, whose postmaster it receives mail for.
+    hostname: String,
 }
 
 impl Policy {
@@ -65,6 +67,7 @@ impl Policy {
         Policy {
             users,
             return_paths,
+            hostname: config.hostname.to_ascii_lowercase(),
         }
     }
 
@@ -84,6 +87,18 @@ impl Policy {
         self.users
             .get(username)
             .is_some_and(|p| p.allowed_domains.contains(&domain))
+    }
+
+    /// Does this relay receive mail for `to` itself rather than relay it: an address at a return-path
+    /// domain, or its own postmaster (what a bare `RCPT TO:<Postmaster>` becomes; RFC 5321 section 4.5.1).
+    pub fn receives(&self, to: &Mailbox) -> bool {
+        !to.is_address_literal() && (self.is_local(&to.domain) || self.is_own_postmaster(to))
+    }
+
+    /// `postmaster@<hostname>`, in any case.
+    pub fn is_own_postmaster(&self, to: &Mailbox) -> bool {
+        to.domain.eq_ignore_ascii_case(&self.hostname)
+            && to.local.eq_ignore_ascii_case("postmaster")
     }
 
     /// Is `domain` one this relay receives mail for (a return-path domain)?
@@ -209,7 +224,7 @@ impl EnvelopePolicy for SessionPolicy {
     }
 
     fn rcpt_to(&self, to: &Mailbox, user: Option<&str>) -> Verdict {
-        let local = !to.is_address_literal() && self.policy.is_local(&to.domain);
+        let local = self.policy.receives(to);
         if local && to.has_routing_syntax() {
             // %-hacks and bang paths were how open relays were abused; refuse them as relaying.
             return Verdict::RefuseAsError(Refusal::new(
@@ -221,7 +236,7 @@ impl EnvelopePolicy for SessionPolicy {
                 RejectReason::RelayDenied,
             ));
         }
-        if local && !self.policy.accepts_local(&to.local) {
+        if local && !self.policy.accepts_local(&to.local) && !self.policy.is_own_postmaster(to) {
             // Only tokens and the feedback mailboxes exist here; anything else is a guess or a forgery.
             // Counted apart from suppressed recipients, which share the reply code.
             return Verdict::RefuseAsError(Refusal::new(
@@ -377,6 +392,15 @@ bounces: {{ secret_file: /nonexistent }}
             .0,
             "accept"
         );
+        // Its own postmaster (a bare RCPT TO:<Postmaster> becomes postmaster@<hostname>), and nobody else
+        // at its name.
+        assert_eq!(rcpt(&p, "<POSTMASTER@Relay.Test>", None).0, "accept");
+        assert_eq!(
+            rcpt(&p, "<abuse@relay.test>", None),
+            denied("<abuse@relay.test>")
+        );
+        let to = herald_smtp::address::parse_forward_path("<postmaster@relay.test>").unwrap();
+        assert!(p.policy.receives(&to));
         // Trusted networks and authenticated users relay.
         assert_eq!(rcpt(&session_policy(true), "<b@y.test>", None).0, "accept");
         assert_eq!(rcpt(&p, "<b@y.test>", Some("app")).0, "accept");

@@ -115,6 +115,22 @@ pub fn parse_reverse_path(path: &str) -> Result<ReversePath, AddressError> {
     parse_forward_path(path).map(ReversePath::Mailbox)
 }
 
+/// The argument of RCPT TO: a mailbox, or `<Postmaster>` with no domain, which every SMTP server must accept
+/// and deliver to its own postmaster (RFC 5321 sections 4.1.1.3 and 4.5.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptPath {
+    Postmaster,
+    Mailbox(Mailbox),
+}
+
+/// Parses RCPT TO's path: `<Postmaster>` (any case) or a forward-path.
+pub fn parse_rcpt_path(path: &str) -> Result<RcptPath, AddressError> {
+    if path.len() == "<postmaster>".len() && path.eq_ignore_ascii_case("<postmaster>") {
+        return Ok(RcptPath::Postmaster);
+    }
+    parse_forward_path(path).map(RcptPath::Mailbox)
+}
+
 /// Parses a forward-path `<[@route,@route:]local@domain>`.
 pub fn parse_forward_path(path: &str) -> Result<Mailbox, AddressError> {
     let inner = path
@@ -241,6 +257,23 @@ mod tests {
         assert_eq!(fwd("<user@[127.0.0.1]>").unwrap().domain, "[127.0.0.1]");
         assert!(fwd("<user@[IPv6:::1]>").unwrap().is_address_literal());
         assert_eq!(parse_reverse_path("<>").unwrap(), ReversePath::Null);
+    }
+
+    #[test]
+    fn a_bare_postmaster_is_the_only_path_without_a_domain() {
+        for p in ["<postmaster>", "<Postmaster>", "<POSTMASTER>"] {
+            assert_eq!(parse_rcpt_path(p), Ok(RcptPath::Postmaster), "{p}");
+        }
+        assert_eq!(parse_rcpt_path("<abuse>"), Err(AddressError::NoDomain));
+        assert_eq!(
+            parse_rcpt_path("<postmasterx>"),
+            Err(AddressError::NoDomain)
+        );
+        assert_eq!(parse_rcpt_path("postmaster"), Err(AddressError::NoBrackets));
+        assert!(matches!(
+            parse_rcpt_path("<postmaster@example.test>"),
+            Ok(RcptPath::Mailbox(m)) if m.domain == "example.test"
+        ));
     }
 
     #[test]

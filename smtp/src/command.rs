@@ -4,7 +4,7 @@
 //! parameters. Which parameters are acceptable depends on what the session advertised, so that check is the
 //! session's; this module only parses.
 
-use crate::address::{self, AddressError, Mailbox, ReversePath};
+use crate::address::{self, AddressError, RcptPath, ReversePath};
 
 /// A parsed command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,7 +16,7 @@ pub enum Command<'a> {
         params: Vec<Param<'a>>,
     },
     Rcpt {
-        to: Mailbox,
+        to: RcptPath,
         params: Vec<Param<'a>>,
     },
     Data,
@@ -101,7 +101,7 @@ pub fn parse(line: &[u8]) -> Result<Command<'_>, CommandError> {
             let rest =
                 strip_keyword(arg, "TO:").ok_or(CommandError::Syntax("use RCPT TO:<address>"))?;
             let (path, params) = address::split_path(rest).map_err(CommandError::BadRecipient)?;
-            let to = address::parse_forward_path(path).map_err(CommandError::BadRecipient)?;
+            let to = address::parse_rcpt_path(path).map_err(CommandError::BadRecipient)?;
             Ok(Command::Rcpt {
                 to,
                 params: parse_params(params)?,

@@ -14,7 +14,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use memchr::memchr;
 
-use crate::address::{Mailbox, ReversePath};
+use crate::address::{Mailbox, RcptPath, ReversePath};
 use crate::body::{Body, BodyError};
 use crate::budget::{Budget, Reservation};
 use crate::command::{self, Command, CommandError};
@@ -421,7 +421,17 @@ impl<P: EnvelopePolicy> Session<P> {
             Command::Ehlo(name) => self.hello(name, true),
             Command::Helo(name) => self.hello(name, false),
             Command::Mail { from, params } => self.mail(from, &params),
-            Command::Rcpt { to, params } => self.rcpt(to, &params),
+            Command::Rcpt { to, params } => {
+                let to = match to {
+                    // The server's own postmaster: the policy decides about it like any address of this host.
+                    RcptPath::Postmaster => Mailbox {
+                        local: "postmaster".to_owned(),
+                        domain: self.config.hostname.clone(),
+                    },
+                    RcptPath::Mailbox(m) => m,
+                };
+                self.rcpt(to, &params)
+            }
             Command::Data => self.data(),
             Command::Bdat { size, last } => self.bdat(size, last),
             Command::Rset => {

@@ -206,7 +206,7 @@ async fn accept(
     let (reports, others): (Vec<_>, Vec<_>) = std::mem::take(&mut env.recipients)
         .into_iter()
         .map(|r| (r, rcpt_dsn.next().unwrap_or_default()))
-        .partition(|(r, _)| !r.is_address_literal() && cfg.policy.is_local(&r.domain));
+        .partition(|(r, _)| cfg.policy.receives(r));
     (env.recipients, env.rcpt_dsn) = others.into_iter().unzip();
     if !reports.is_empty() {
         let locals: Vec<String> = reports.into_iter().map(|(r, _)| r.local).collect();

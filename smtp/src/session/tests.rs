@@ -121,6 +121,20 @@ fn refused_recipient_is_left_out_and_counted_under_the_policy_reason() {
 }
 
 #[test]
+fn a_bare_postmaster_is_asked_about_as_the_servers_own() {
+    let mut s = session();
+    let (codes, _) = feed(
+        &mut s,
+        "EHLO c.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<Postmaster>\r\nRCPT TO:<abuse>\r\n",
+    );
+    assert_eq!(codes[2..], ["250 2.1.0", "250 2.1.5", "501 5.1.3"]);
+    assert_eq!(
+        s.policy.asked.borrow().last().map(String::as_str),
+        Some("RCPT postmaster@mx.test -")
+    );
+}
+
+#[test]
 fn policy_refusals_as_errors_count_towards_the_error_limit() {
     let relay_denied =
         Verdict::RefuseAsError(refuse(554, "5.7.1", "denied", RejectReason::RelayDenied));
