@@ -729,6 +729,7 @@ class Result:
     peak_procs: int
     vm_hwm_kb: int | None
     probe: list[float] = field(default_factory=list)  # accept latencies, seconds, sorted
+    source_messages: int | None = None  # smtp-source's share of `messages` (the rest: the probe)
     cpu_seconds: float | None = None  # the relay's user+system CPU during the run (Postfix: + OpenDKIM)
     problems: list[str] = field(default_factory=list)
 
@@ -738,7 +739,8 @@ class Result:
 
     @property
     def accept_rate(self) -> float:
-        return self.messages / self.accept_seconds if self.accept_seconds else 0.0
+        sent = self.source_messages if self.source_messages is not None else self.messages
+        return sent / self.accept_seconds if self.accept_seconds else 0.0
 
     @property
     def cpu_us_per_msg(self) -> float | None:
@@ -1003,7 +1005,7 @@ def run_e2e(t: Target, sink: Sink, args, rnd: int, rundir: Path,
         deliver_seconds=deliver_seconds, sink_count=sink_count, queue_left=left,
         source_rc=src.returncode, delays=delays, peak_rss_kb=sampler.peak_rss_kb,
         peak_pss_kb=sampler.peak_pss_kb, peak_procs=sampler.peak_procs,
-        vm_hwm_kb=t.vm_hwm_kb(), probe=probe.latencies if probe else [], cpu_seconds=cpu1 - cpu0 if cpu1 is not None else None,
+        vm_hwm_kb=t.vm_hwm_kb(), probe=probe.latencies if probe else [], source_messages=n_src, cpu_seconds=cpu1 - cpu0 if cpu1 is not None else None,
         problems=problems,
     )
 
@@ -1075,9 +1077,11 @@ def print_report(results: list[Result], args, pf_params: dict[str, str]) -> None
               f"{fmt_ms1(percentile(r.probe, 50)):>5} {fmt_ms1(percentile(r.probe, 99)):>5}  "
               + ("ok" if r.ok else "FAIL: " + "; ".join(r.problems)))
     print()
-    print("accept s / acc/s: smtp-source wall time (all N accepted);  deliv s / dlv/s: from the "
-          "start of smtp-source")
-    print("        until smtp-sink had received all N, and N divided by it (the headline rate).")
+    print("accept s / acc/s: smtp-source wall time, and its messages (N less the probe's) divided "
+          "by it;")
+    print("        deliv s / dlv/s: from the start of smtp-source until smtp-sink had received all N, "
+          "and N divided by it")
+    print("        (the headline rate).")
     print("p50/p99/max: accept-to-delivery delay of each message from the relay's log (herald: "
           "'delay' of the")
     print("        delivery line; Postfix: 'delay=' of the status=sent line, logged with 2 "
