@@ -284,17 +284,17 @@ impl Slot {
     }
 }
 
-/// Failure replies are mostly the same few texts (a refused connection, a greylisting line), so a
-/// message's last reply shares one copy with the others. Bounded: when full it starts over, which only
-/// costs sharing, never correctness.
+/// Texts that many queued messages have in common: listener names, senders, and failure replies (a
+/// refused connection, a greylisting line). Each message shares one copy with the others. Bounded: when
+/// full it starts over, which only costs sharing, never correctness.
 #[derive(Default)]
-struct Replies(HashSet<Arc<str>>);
+struct Strings(HashSet<Arc<str>>);
 
-impl Replies {
+impl Strings {
     const MAX: usize = 4096;
 
-    fn intern(&mut self, text: String) -> Arc<str> {
-        if let Some(t) = self.0.get(text.as_str()) {
+    fn intern(&mut self, text: &str) -> Arc<str> {
+        if let Some(t) = self.0.get(text) {
             return t.clone();
         }
         if self.0.len() >= Self::MAX {
@@ -348,7 +348,7 @@ pub struct Core {
     segments: BTreeMap<u64, (usize, u64)>,
     /// Messages with recipients still pending, per destination domain (for `herald_queue_depth`).
     depth: HashMap<String, i64>,
-    replies: Replies,
+    strings: Strings,
     stopping: bool,
 }
 
@@ -395,7 +395,7 @@ impl Core {
             timers: BinaryHeap::new(),
             segments: BTreeMap::new(),
             depth: HashMap::new(),
-            replies: Replies::default(),
+            strings: Strings::default(),
             stopping: false,
         }
     }
@@ -496,7 +496,7 @@ impl Core {
         self.messages.insert(
             id,
             Entry {
-                meta: Arc::new(compact(new.meta)),
+                meta: Arc::new(compact(new.meta, &mut self.strings)),
                 location: new.location,
                 states,
                 armed: None,
@@ -625,7 +625,7 @@ impl Core {
                 }
             }
             if reply.code >= 400 {
-                let text = self.replies.intern(reply.to_string());
+                let text = self.strings.intern(&reply.to_string());
                 if let Some(r) = e
                     .replies
                     .get_or_insert_with(|| vec![None; n].into_boxed_slice())
@@ -1305,10 +1305,13 @@ fn dest_of(
     Some((Arc::from(key), Arc::from(domain), pool))
 }
 
-/// The envelope as the queue keeps it for as long as the message waits: without spare capacity, and
+/// The envelope as the queue keeps it for as long as the message waits: listener and sender shared with
+/// the other messages, without spare capacity, and
 /// without per-recipient DSN parameters when none was given (`MessageMeta::rcpt_dsn` and the client read
 /// a missing entry as the defaults), which would otherwise cost some fifty bytes per recipient.
-fn compact(mut meta: MessageMeta) -> MessageMeta {
+fn compact(mut meta: MessageMeta, strings: &mut Strings) -> MessageMeta {
+    meta.listener = strings.intern(&meta.listener);
+    meta.sender = strings.intern(&meta.sender);
     if meta.rcpt_dsn.iter().all(|d| d.is_empty()) {
         meta.rcpt_dsn = Vec::new();
     } else {
@@ -1318,9 +1321,7 @@ fn compact(mut meta: MessageMeta) -> MessageMeta {
     for r in &mut meta.recipients {
         r.shrink_to_fit();
     }
-    meta.sender.shrink_to_fit();
     meta.peer.shrink_to_fit();
-    meta.listener.shrink_to_fit();
     meta
 }
 
@@ -1332,11 +1333,11 @@ fn view(id: QueueId, e: &Entry) -> MessageView {
     };
     MessageView {
         id: id.to_string(),
-        sender: e.meta.sender.clone(),
+        sender: e.meta.sender.to_string(),
         recipients: e.meta.recipients.clone(),
         size: e.location.len,
         received_at: ts(e.meta.received_at_ms),
-        listener: e.meta.listener.clone(),
+        listener: e.meta.listener.to_string(),
         status: e
             .meta
             .recipients
