@@ -614,7 +614,7 @@ impl Deliverer {
             .collect::<Option<Vec<_>>>()
         {
             Some(per_recipient) => per_recipient,
-            None => vec![(job.meta.sender.clone(), job.rcpts.clone())],
+            None => vec![(job.meta.sender.to_string(), job.rcpts.clone())],
         };
         let mut results: Vec<(u32, Reply)> = Vec::with_capacity(job.rcpts.len());
         let mut usable = true;

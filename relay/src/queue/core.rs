@@ -234,19 +234,79 @@ impl Outcome {
     }
 }
 
+/// One queued message. A million of them must fit in a few hundred megabytes, so what is per message is
+/// kept to a few allocations without slack: one slice of recipient slots, and the last replies only once
+/// a recipient failed, their texts shared with every other message that got the same one.
 struct Entry {
     meta: Arc<MessageMeta>,
     location: Location,
-    states: Vec<RcptState>,
-    in_flight: Vec<bool>,
+    /// Per recipient, in the order of `meta.recipients`.
+    states: Box<[Slot]>,
     /// The earliest timer in the heap for this message: a later one is not pushed again, and a heap entry
     /// that is not this one is stale and skipped.
     armed: Option<u64>,
-    replies: Vec<Option<Box<str>>>,
-    /// Per recipient: its delay notice went out, or will not. In memory only: a message loaded past its
+    /// Per recipient, its last failure reply; none until one fails.
+    replies: Option<Box<[Option<Arc<str>>]>>,
+}
+
+/// A recipient's persisted state with the two flags that live in memory only, laid out flat so that the
+/// flags sit in what would be padding (16 bytes in all).
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    next_attempt_ms: u64,
+    attempts: u16,
+    status: RcptStatus,
+    /// In a job handed to a connection that has not reported back.
+    in_flight: bool,
+    /// Its delay notice went out, or will not. In memory only: a message loaded past its
     /// `delivery.delay_warning` point counts as told, since whether it was is not on disk and a second
     /// notice is the worse mistake.
-    delay_noticed: Vec<bool>,
+    delay_noticed: bool,
+}
+
+// A million queued recipients cost 16 MB here; a field that breaks the packing should be a decision.
+const _: () = assert!(std::mem::size_of::<Slot>() == 16);
+
+impl Slot {
+    fn new(s: RcptState, delay_noticed: bool) -> Slot {
+        Slot {
+            next_attempt_ms: s.next_attempt_ms,
+            attempts: s.attempts,
+            status: s.status,
+            in_flight: false,
+            delay_noticed,
+        }
+    }
+
+    fn state(&self) -> RcptState {
+        RcptState {
+            status: self.status,
+            attempts: self.attempts,
+            next_attempt_ms: self.next_attempt_ms,
+        }
+    }
+}
+
+/// Texts that many queued messages have in common: listener names, senders, and failure replies (a
+/// refused connection, a greylisting line). Each message shares one copy with the others. Bounded: when
+/// full it starts over, which only costs sharing, never correctness.
+#[derive(Default)]
+struct Strings(HashSet<Arc<str>>);
+
+impl Strings {
+    const MAX: usize = 4096;
+
+    fn intern(&mut self, text: &str) -> Arc<str> {
+        if let Some(t) = self.0.get(text) {
+            return t.clone();
+        }
+        if self.0.len() >= Self::MAX {
+            self.0.clear();
+        }
+        let t: Arc<str> = Arc::from(text);
+        self.0.insert(t.clone());
+        t
+    }
 }
 
 #[derive(Default)]
@@ -291,6 +351,7 @@ pub struct Core {
     segments: BTreeMap<u64, (usize, u64)>,
     /// Messages with recipients still pending, per destination domain (for `herald_queue_depth`).
     depth: HashMap<String, i64>,
+    strings: Strings,
     stopping: bool,
 }
 
@@ -309,9 +370,13 @@ pub fn domain_of(address: &str) -> &str {
 
 /// The distinct domains (lower case) of a message's recipients that have no final outcome yet.
 pub fn pending_domains(recipients: &[String], states: &[RcptState]) -> Vec<String> {
+    pending(recipients, states.iter().map(|s| s.status))
+}
+
+fn pending(recipients: &[String], states: impl Iterator<Item = RcptStatus>) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for (r, s) in recipients.iter().zip(states) {
-        if s.status.is_final() {
+        if s.is_final() {
             continue;
         }
         let d = domain_of(r).to_ascii_lowercase();
@@ -333,6 +398,7 @@ impl Core {
             timers: BinaryHeap::new(),
             segments: BTreeMap::new(),
             depth: HashMap::new(),
+            strings: Strings::default(),
             stopping: false,
         }
     }
@@ -415,24 +481,29 @@ impl Core {
         let seg = self.segments.entry(new.location.segment).or_default();
         seg.0 += 1;
         seg.1 += new.location.len;
-        let mut states = new.states;
-        states.resize(n, RcptState::QUEUED);
-        let pending = pending_domains(&new.meta.recipients, &states);
-        self.adjust_depth(&pending, 1);
         let warn_at = new
             .meta
             .received_at_ms
             .saturating_add(self.settings.delay_warning.as_millis() as u64);
+        let told = now >= warn_at;
+        let states: Box<[Slot]> = (0..n)
+            .map(|i| {
+                Slot::new(
+                    new.states.get(i).copied().unwrap_or(RcptState::QUEUED),
+                    told,
+                )
+            })
+            .collect();
+        let pending = pending(&new.meta.recipients, states.iter().map(|s| s.status));
+        self.adjust_depth(&pending, 1);
         self.messages.insert(
             id,
             Entry {
-                meta: Arc::new(new.meta),
+                meta: Arc::new(compact(new.meta, &mut self.strings)),
                 location: new.location,
                 states,
-                in_flight: vec![false; n],
                 armed: None,
-                replies: Vec::new(),
-                delay_noticed: vec![now >= warn_at; n],
+                replies: None,
             },
         );
         let mut out = Vec::new();
@@ -457,7 +528,7 @@ impl Core {
         let Some(e) = self.messages.get_mut(&id) else {
             return out;
         };
-        let pending_before = pending_domains(&e.meta.recipients, &e.states);
+        let pending_before = pending(&e.meta.recipients, e.states.iter().map(|s| s.status));
         let expires_at = e.meta.received_at_ms.saturating_add(max_age);
         let warn_at = e.meta.received_at_ms.saturating_add(delay_warning);
         let mut updates = Vec::with_capacity(attempt.results.len());
@@ -468,14 +539,14 @@ impl Core {
         let n = e.states.len();
         for (k, (idx, reply)) in attempt.results.into_iter().enumerate() {
             let i = idx as usize;
-            let (Some(st), Some(flag)) = (e.states.get_mut(i), e.in_flight.get_mut(i)) else {
+            let Some(st) = e.states.get_mut(i) else {
                 continue;
             };
             if st.status.is_final() {
                 // A recipient has one final outcome; a second report about it changes nothing.
                 continue;
             }
-            *flag = false;
+            st.in_flight = false;
             st.attempts = st.attempts.saturating_add(1);
             let rcpt = &e.meta.recipients[i];
             let verdict = if reply.code >= 400 {
@@ -506,8 +577,7 @@ impl Core {
                 st.next_attempt_ms = now.saturating_add(backoff).min(expires_at);
                 any_deferred = true;
                 if now >= warn_at
-                    && let Some(noticed) = e.delay_noticed.get_mut(i)
-                    && !std::mem::replace(noticed, true)
+                    && !std::mem::replace(&mut st.delay_noticed, true)
                     && wants.wants_delay()
                 {
                     notices.push(dsn::Notice {
@@ -558,14 +628,18 @@ impl Core {
                 }
             }
             if reply.code >= 400 {
-                if e.replies.is_empty() {
-                    e.replies = vec![None; n];
+                let text = self.strings.intern(&reply.to_string());
+                if let Some(r) = e
+                    .replies
+                    .get_or_insert_with(|| vec![None; n].into_boxed_slice())
+                    .get_mut(i)
+                {
+                    *r = Some(text);
                 }
-                e.replies[i] = Some(reply.to_string().into_boxed_str());
             }
             updates.push(RcptUpdate {
                 index: idx,
-                state: *st,
+                state: st.state(),
             });
             out.push(Action::Outcome(Outcome {
                 meta: e.meta.clone(),
@@ -577,7 +651,7 @@ impl Core {
                 age_ms: now.saturating_sub(e.meta.received_at_ms),
             }));
         }
-        let pending_after = pending_domains(&e.meta.recipients, &e.states);
+        let pending_after = pending(&e.meta.recipients, e.states.iter().map(|s| s.status));
         let meta = e.meta.clone();
         let location = e.location;
         let done = e.states.iter().all(|s| s.status.is_final());
@@ -651,7 +725,7 @@ impl Core {
             let mut target = None;
             for (i, s) in e.states.iter().enumerate() {
                 if s.status.is_final()
-                    || e.in_flight[i]
+                    || s.in_flight
                     || (s.status == RcptStatus::Deferred && s.next_attempt_ms > now)
                 {
                     continue;
@@ -680,7 +754,9 @@ impl Core {
             };
             if let Some(e) = self.messages.get_mut(&id) {
                 for &i in &job.rcpts {
-                    e.in_flight[i as usize] = true;
+                    if let Some(s) = e.states.get_mut(i as usize) {
+                        s.in_flight = true;
+                    }
                 }
             }
             return Some(job);
@@ -707,8 +783,8 @@ impl Core {
     pub fn give_back(&mut self, job: &Job, now: u64) -> Vec<Action> {
         if let Some(e) = self.messages.get_mut(&job.id) {
             for &i in &job.rcpts {
-                if let Some(f) = e.in_flight.get_mut(i as usize) {
-                    *f = false;
+                if let Some(s) = e.states.get_mut(i as usize) {
+                    s.in_flight = false;
                 }
             }
         }
@@ -750,7 +826,7 @@ impl Core {
         let mut out = Vec::new();
         for id in ids {
             if let Some(e) = self.messages.get_mut(&id) {
-                for s in &mut e.states {
+                for s in e.states.iter_mut() {
                     if s.status == RcptStatus::Deferred {
                         s.next_attempt_ms = now;
                     }
@@ -766,7 +842,7 @@ impl Core {
         let Some(e) = self.messages.remove(&id) else {
             return false;
         };
-        let pending = pending_domains(&e.meta.recipients, &e.states);
+        let pending = pending(&e.meta.recipients, e.states.iter().map(|s| s.status));
         self.adjust_depth(&pending, -1);
         if let Some(seg) = self.segments.get_mut(&e.location.segment) {
             seg.0 = seg.0.saturating_sub(1);
@@ -794,7 +870,7 @@ impl Core {
 
     /// The state of recipient `index` of message `id`, if it is queued.
     pub fn state(&self, id: QueueId, index: usize) -> Option<RcptState> {
-        self.messages.get(&id)?.states.get(index).copied()
+        self.messages.get(&id)?.states.get(index).map(Slot::state)
     }
 
     /// What to do about the oldest closed spool segment, if anything: delete it when nothing in it is
@@ -814,8 +890,9 @@ impl Core {
                 return None;
             }
             for (id, e) in &self.messages {
-                if e.location.segment == oldest && !e.in_flight.iter().any(|f| *f) {
-                    copies.push((*id, e.meta.clone(), e.states.clone(), e.location));
+                if e.location.segment == oldest && !e.states.iter().any(|s| s.in_flight) {
+                    let states = e.states.iter().map(Slot::state).collect();
+                    copies.push((*id, e.meta.clone(), states, e.location));
                 }
                 if copies.len() == live {
                     break;
@@ -858,7 +935,7 @@ impl Core {
                 .enumerate()
                 .map(|(i, s)| RcptUpdate {
                     index: i as u32,
-                    state: *s,
+                    state: s.state(),
                 })
                 .collect();
             rewrite.push((id, updates));
@@ -902,7 +979,7 @@ impl Core {
         let mut earliest: Option<u64> = None;
         let mut nowhere: Vec<u32> = Vec::new();
         for (i, s) in e.states.iter().enumerate() {
-            if s.status.is_final() || e.in_flight[i] {
+            if s.status.is_final() || s.in_flight {
                 continue;
             }
             if s.status == RcptStatus::Deferred && s.next_attempt_ms > now {
@@ -1122,7 +1199,7 @@ impl Core {
         for e in self.messages.values() {
             for (i, s) in e.states.iter().enumerate() {
                 if s.status.is_final()
-                    || e.in_flight[i]
+                    || s.in_flight
                     || (s.status == RcptStatus::Deferred && s.next_attempt_ms > now)
                 {
                     continue;
@@ -1168,10 +1245,10 @@ impl Core {
                 let in_job = open
                     .iter()
                     .any(|j| j.id == *id && j.rcpts.contains(&(i as u32)));
-                if e.in_flight[i] != in_job {
+                if s.in_flight != in_job {
                     return Err(format!(
                         "{id} #{i}: in_flight {} but in an open job: {in_job}",
-                        e.in_flight[i]
+                        s.in_flight
                     ));
                 }
                 if s.status.is_final() || in_job {
@@ -1231,6 +1308,26 @@ fn dest_of(
     Some((Arc::from(key), Arc::from(domain), pool))
 }
 
+/// The envelope as the queue keeps it for as long as the message waits: listener and sender shared with
+/// the other messages, without spare capacity, and
+/// without per-recipient DSN parameters when none was given (`MessageMeta::rcpt_dsn` and the client read
+/// a missing entry as the defaults), which would otherwise cost some fifty bytes per recipient.
+fn compact(mut meta: MessageMeta, strings: &mut Strings) -> MessageMeta {
+    meta.listener = strings.intern(&meta.listener);
+    meta.sender = strings.intern(&meta.sender);
+    if meta.rcpt_dsn.iter().all(|d| d.is_empty()) {
+        meta.rcpt_dsn = Vec::new();
+    } else {
+        meta.rcpt_dsn.shrink_to_fit();
+    }
+    meta.recipients.shrink_to_fit();
+    for r in &mut meta.recipients {
+        r.shrink_to_fit();
+    }
+    meta.peer.shrink_to_fit();
+    meta
+}
+
 fn view(id: QueueId, e: &Entry) -> MessageView {
     let ts = |ms: u64| {
         chrono::DateTime::from_timestamp_millis(ms as i64)
@@ -1239,16 +1336,16 @@ fn view(id: QueueId, e: &Entry) -> MessageView {
     };
     MessageView {
         id: id.to_string(),
-        sender: e.meta.sender.clone(),
+        sender: e.meta.sender.to_string(),
         recipients: e.meta.recipients.clone(),
         size: e.location.len,
         received_at: ts(e.meta.received_at_ms),
-        listener: e.meta.listener.clone(),
+        listener: e.meta.listener.to_string(),
         status: e
             .meta
             .recipients
             .iter()
-            .zip(&e.states)
+            .zip(e.states.iter())
             .enumerate()
             .map(|(i, (r, s))| RecipientView {
                 recipient: r.clone(),
@@ -1257,7 +1354,8 @@ fn view(id: QueueId, e: &Entry) -> MessageView {
                 next_attempt: (s.status == RcptStatus::Deferred).then(|| ts(s.next_attempt_ms)),
                 last_reply: e
                     .replies
-                    .get(i)
+                    .as_deref()
+                    .and_then(|r| r.get(i))
                     .and_then(|r| r.as_deref().map(str::to_owned)),
             })
             .collect(),

@@ -624,7 +624,11 @@ impl Shell {
             m.latency.observe(o.age_ms as f64 / 1000.0);
         }
         self.telemetry.emit(|| {
-            let mut ev = Event::new(o.status.as_str(), o.id().to_string(), o.meta.sender.clone());
+            let mut ev = Event::new(
+                o.status.as_str(),
+                o.id().to_string(),
+                o.meta.sender.to_string(),
+            );
             ev.recipient = Some(o.recipient().to_owned());
             ev.domain = Some(domain_of(o.recipient()).to_ascii_lowercase());
             ev.mx = attempt.and_then(|a| a.remote_mta.map(str::to_owned));
@@ -667,7 +671,7 @@ impl Shell {
             recipient,
             observed,
             id: o.id(),
-            sender: o.meta.sender.clone(),
+            sender: o.meta.sender.to_string(),
             log_recipients: self.log_recipients,
         });
     }
@@ -830,11 +834,11 @@ impl Shell {
                 smtputf8: meta.smtputf8,
                 // The message returned whole keeps its 8-bit content, and needs BODY=8BITMIME as it did.
                 eight_bit: full && meta.eight_bit,
-                listener: "dsn".to_owned(),
+                listener: Arc::from("dsn"),
                 auth_user: None,
                 peer: "local".to_owned(),
-                sender: String::new(),
-                recipients: vec![meta.sender.clone()],
+                sender: Arc::from(""),
+                recipients: vec![meta.sender.to_string()],
                 dsn: Default::default(),
                 rcpt_dsn: vec![Default::default()],
             };
@@ -994,7 +998,13 @@ mod tests {
                 match f.kind {
                     record::KIND_MESSAGE => {
                         let m = record::decode_message(f.kind, f.payload).unwrap();
-                        out.push((base + pos, f.kind, m.meta.id, m.meta.sender, false));
+                        out.push((
+                            base + pos,
+                            f.kind,
+                            m.meta.id,
+                            m.meta.sender.to_string(),
+                            false,
+                        ));
                     }
                     record::KIND_RESULTS => {
                         let (id, updates) = record::decode_results(f.payload).unwrap();

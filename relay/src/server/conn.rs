@@ -277,10 +277,10 @@ async fn accept(
             .map_or(0, |d| d.as_millis() as u64),
         smtputf8: env.smtputf8,
         eight_bit: env.eight_bit,
-        listener: listener.clone(),
+        listener: std::sync::Arc::from(listener.as_str()),
         auth_user: env.auth_user.clone(),
         peer: env.peer.to_string(),
-        sender: env.sender.to_string(),
+        sender: std::sync::Arc::from(env.sender.to_string()),
         recipients: env.recipients.iter().map(|r| r.to_string()).collect(),
         dsn: std::mem::take(&mut env.dsn),
         rcpt_dsn: std::mem::take(&mut env.rcpt_dsn),
@@ -302,7 +302,7 @@ async fn accept(
             let states = vec![crate::spool::RcptState::QUEUED; meta.recipients.len()];
             ctx.telemetry.emit(|| {
                 let mut ev =
-                    crate::events::Event::new("accepted", id.to_string(), meta.sender.clone());
+                    crate::events::Event::new("accepted", id.to_string(), meta.sender.to_string());
                 ev.recipients = Some(meta.recipients.len());
                 ev.listener = Some(listener.clone());
                 ev.size = Some(location.len);

@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use herald_smtp::dsn::{MailDsn, Notify, Orcpt, RcptDsn, Ret};
 
@@ -119,11 +120,13 @@ pub struct MessageMeta {
     pub received_at_ms: u64,
     pub smtputf8: bool,
     pub eight_bit: bool,
-    pub listener: String,
+    /// Shared: a queue of a million messages holds a handful of listener names and senders, and the queue
+    /// keeps one copy of each (see `queue::core`).
+    pub listener: Arc<str>,
     pub auth_user: Option<String>,
     pub peer: String,
     /// Empty for the null sender.
-    pub sender: String,
+    pub sender: Arc<str>,
     pub recipients: Vec<String>,
     /// MAIL's DSN parameters.
     pub dsn: MailDsn,
@@ -388,10 +391,10 @@ pub fn decode_message(kind: u8, payload: &[u8]) -> Result<DecodedMessage, Record
     let id = QueueId(r.u64()?);
     let received_at_ms = r.u64()?;
     let flags = r.u8()?;
-    let listener = r.string()?;
+    let listener = Arc::from(r.string()?);
     let auth_user = Some(r.string()?).filter(|s| !s.is_empty());
     let peer = r.string()?;
-    let sender = r.string()?;
+    let sender = Arc::from(r.string()?);
     let n = r.u32()? as usize;
     // Each recipient takes at least 13 bytes: a count beyond that is corruption, not a reason to allocate.
     if n > payload.len() / 13 {

@@ -41,10 +41,10 @@ fn message(id: u64, sender: &str, recipients: &[&str]) -> NewEntry {
             received_at_ms: T0,
             smtputf8: false,
             eight_bit: false,
-            listener: "test".to_owned(),
+            listener: "test".into(),
             auth_user: None,
             peer: "127.0.0.1:1".to_owned(),
-            sender: sender.to_owned(),
+            sender: sender.into(),
             recipients: recipients.iter().map(|r| (*r).to_owned()).collect(),
             dsn: Default::default(),
             rcpt_dsn: vec![],
@@ -261,7 +261,7 @@ fn notify_success_is_answered_by_a_relayed_dsn_unless_the_next_hop_took_the_requ
     // Nor does the null sender hear of a success.
     let mut core = Core::new(settings());
     let mut m = message_notifying("SUCCESS");
-    m.meta.sender = String::new();
+    m.meta.sender = "".into();
     let job = starts(&core.insert(m, T0)).remove(0);
     let a = attempt(&job, 250);
     assert_eq!(notices(&core.record(a.clone(), &verdicts(&a), T0, 0.0)), []);
