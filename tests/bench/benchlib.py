@@ -109,6 +109,18 @@ def pid_alive(pid: int) -> bool:
     return data[data.rfind(b")") + 2 : data.rfind(b")") + 3] != b"Z"
 
 
+def terminate(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM to a process this benchmark started, SIGKILL if it is still there after `timeout` s; returns
+    once it has exited."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+
+
 def wait_until(pred, timeout: float, interval: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     while True:

@@ -63,6 +63,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
+    terminate,
     EXIT_MISMATCH,
     EXIT_OK,
     EXIT_SETUP,
@@ -218,13 +219,7 @@ class Sink:
     def stop(self) -> None:
         if not self.proc:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        terminate(self.proc)
         if self._reader:
             self._reader.join(timeout=5)
         OWNED_PIDS.discard(self.proc.pid)
@@ -398,13 +393,7 @@ RequireSafeKeys false
     def stop(self) -> None:
         if not self.proc:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        terminate(self.proc)
         OWNED_PIDS.discard(self.proc.pid)
         self.proc = None
 

@@ -62,6 +62,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
+    terminate,
     EXIT_MISMATCH,
     EXIT_OK,
     EXIT_SETUP,
@@ -368,13 +369,7 @@ class SlowSink:
     def stop(self) -> None:
         if not self.proc:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        terminate(self.proc)
         if self._reader:
             self._reader.join(timeout=5)
         OWNED_PIDS.discard(self.proc.pid)

@@ -378,3 +378,32 @@ pub fn suppressed(
 
 #[cfg(test)]
 mod tests;
+
+/// What the tests of the list and of the policy observe.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{Evidence, Observation};
+    use crate::outcome::{Category, Class};
+
+    pub fn reply(code: u16, enhanced: &str, text: &str) -> Evidence {
+        Evidence {
+            source: "smtp".into(),
+            code: Some(code),
+            enhanced: Some(enhanced.into()),
+            text: text.into(),
+        }
+    }
+
+    /// A final failure with `code`'s class.
+    pub fn failed(code: u16, category: Category, reply: Evidence) -> Observation {
+        Observation::Failed {
+            class: if code >= 500 {
+                Class::Hard
+            } else {
+                Class::Soft
+            },
+            category,
+            reply,
+        }
+    }
+}

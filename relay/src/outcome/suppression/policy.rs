@@ -176,25 +176,11 @@ mod tests {
         DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
     }
 
-    fn reply(code: u16, enhanced: &str, text: &str) -> Evidence {
-        Evidence {
-            source: "smtp".into(),
-            code: Some(code),
-            enhanced: Some(enhanced.into()),
-            text: text.into(),
-        }
-    }
+    use crate::outcome::suppression::testing::reply;
 
     fn failed(code: u16, category: Category) -> Observation {
-        Observation::Failed {
-            class: if code >= 500 {
-                Class::Hard
-            } else {
-                Class::Soft
-            },
-            category,
-            reply: reply(code, &format!("{}.0.0", code / 100), "test"),
-        }
+        let reply = reply(code, &format!("{}.0.0", code / 100), "test");
+        crate::outcome::suppression::testing::failed(code, category, reply)
     }
 
     fn policy() -> Suppression {

@@ -15,25 +15,10 @@ fn open(dir: &Path) -> Suppressions {
     Suppressions::open(dir, p).unwrap()
 }
 
-fn reply(code: u16, enhanced: &str, text: &str) -> Evidence {
-    Evidence {
-        source: "smtp".into(),
-        code: Some(code),
-        enhanced: Some(enhanced.into()),
-        text: text.into(),
-    }
-}
+use super::testing::reply;
 
 fn failed(code: u16, category: Category) -> Observation {
-    Observation::Failed {
-        class: if code >= 500 {
-            Class::Hard
-        } else {
-            Class::Soft
-        },
-        category,
-        reply: reply(code, "5.2.2", "mailbox full"),
-    }
+    super::testing::failed(code, category, reply(code, "5.2.2", "mailbox full"))
 }
 
 fn unknown() -> Observation {
