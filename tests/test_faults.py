@@ -304,7 +304,8 @@ def test_an_mx_that_never_greets_times_out_then_the_next_mx_or_a_later_retry_del
     assert wait_until(lambda: all(k in received(good) for k in backed), 30, 0.1), (
         f"backup.test not delivered through mx2: {received(good)}\n{r.log_tail(30)}")
     for qid in backed.values():
-        ev = [e for e in delivery_events(r, qid) if e.get("result") == "delivered"]
+        # The peer has the message before the relay has logged the 250 it answered: wait for the line.
+        ev = wait_until(lambda: [e for e in delivery_events(r, qid) if e.get("result") == "delivered"], 10, 0.05)
         assert ev and "mx2.backup.test" in str(ev[0].get("mx")), delivery_events(r, qid)
 
     # silent.test: deferred (4.4.2, the greeting timed out), retried later, never bounced.
