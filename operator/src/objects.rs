@@ -137,6 +137,36 @@ pub fn grace_period(drain: &herald_config::Shutdown) -> i64 {
 
 /// The relay StatefulSet: one spool volume per replica, probes on the metrics port, the admin token mounted
 /// for the relay (and `kubectl exec ... herald-relay admin`), non-root with a read-only root filesystem.
+/// A volume mounted read-only at `dir`.
+fn read_only_mount(name: &str, dir: &str) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: dir.into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }
+}
+
+/// A Secret as a volume: every key, or only `(key, mode)` as a file of that name.
+fn secret_volume(name: &str, secret: String, only: Option<(&str, i32)>) -> Volume {
+    Volume {
+        name: name.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret),
+            items: only.map(|(key, mode)| {
+                vec![KeyToPath {
+                    key: key.into(),
+                    path: key.into(),
+                    mode: Some(mode),
+                    ..KeyToPath::default()
+                }]
+            }),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
 pub fn statefulset(
     relay: &SmtpRelay,
     domains: &[Arc<SendingDomain>],
@@ -149,18 +179,8 @@ pub fn statefulset(
     ports.push(port(METRICS_PORT_NAME, i32::from(METRICS_PORT)));
     ports.push(port(ADMIN_PORT_NAME, i32::from(ADMIN_PORT)));
     let mut mounts = vec![
-        VolumeMount {
-            name: "config".into(),
-            mount_path: CONFIG_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        },
-        VolumeMount {
-            name: "admin-token".into(),
-            mount_path: ADMIN_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        },
+        read_only_mount("config", CONFIG_DIR),
+        read_only_mount("admin-token", ADMIN_DIR),
         VolumeMount {
             name: "spool".into(),
             mount_path: SPOOL_DIR.into(),
@@ -168,44 +188,16 @@ pub fn statefulset(
         },
     ];
     let mut volumes = vec![
-        Volume {
-            name: "config".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(config_secret_name(relay)),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        },
-        Volume {
-            name: "admin-token".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(admin_token_secret_name(relay)),
-                items: Some(vec![KeyToPath {
-                    key: ADMIN_TOKEN_KEY.into(),
-                    path: ADMIN_TOKEN_KEY.into(),
-                    mode: Some(0o400),
-                    ..KeyToPath::default()
-                }]),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        },
+        secret_volume("config", config_secret_name(relay), None),
+        secret_volume(
+            "admin-token",
+            admin_token_secret_name(relay),
+            Some((ADMIN_TOKEN_KEY, 0o400)),
+        ),
     ];
     if let Some(tls) = &spec.tls_secret_ref {
-        mounts.push(VolumeMount {
-            name: "tls".into(),
-            mount_path: TLS_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
-        volumes.push(Volume {
-            name: "tls".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(tls.name.clone()),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
+        mounts.push(read_only_mount("tls", TLS_DIR));
+        volumes.push(secret_volume("tls", tls.name.clone(), None));
     }
     if !domains.is_empty() {
         // One projected volume gathers every domain's key under its own file name. The Secret key and
@@ -229,12 +221,7 @@ pub fn statefulset(
                 }
             })
             .collect();
-        mounts.push(VolumeMount {
-            name: "dkim".into(),
-            mount_path: DKIM_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
+        mounts.push(read_only_mount("dkim", DKIM_DIR));
         volumes.push(Volume {
             name: "dkim".into(),
             projected: Some(ProjectedVolumeSource {
@@ -244,60 +231,23 @@ pub fn statefulset(
             ..Volume::default()
         });
     }
-    if let Some(creds) = spec
-        .delivery
-        .smarthost
-        .as_ref()
-        .and_then(|s| s.credentials_secret_ref.as_ref())
-    {
-        mounts.push(VolumeMount {
-            name: "smarthost".into(),
-            mount_path: SMARTHOST_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
-        volumes.push(Volume {
-            name: "smarthost".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(creds.name.clone()),
-                items: Some(vec![KeyToPath {
-                    key: "password".into(),
-                    path: "password".into(),
-                    mode: Some(0o400),
-                    ..KeyToPath::default()
-                }]),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
+    let smarthost = spec.delivery.smarthost.as_ref();
+    if let Some(creds) = smarthost.and_then(|s| s.credentials_secret_ref.as_ref()) {
+        mounts.push(read_only_mount("smarthost", SMARTHOST_DIR));
+        volumes.push(secret_volume(
+            "smarthost",
+            creds.name.clone(),
+            Some(("password", 0o400)),
+        ));
     }
-    if let Some(ca) = spec
-        .delivery
-        .smarthost
-        .as_ref()
-        .and_then(|s| s.ca_secret_ref.as_ref())
-    {
+    if let Some(ca) = smarthost.and_then(|s| s.ca_secret_ref.as_ref()) {
         // Only the CA certificate: the Secret may be a whole cert-manager certificate with its private key.
-        mounts.push(VolumeMount {
-            name: "smarthost-ca".into(),
-            mount_path: SMARTHOST_CA_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
-        volumes.push(Volume {
-            name: "smarthost-ca".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(ca.name.clone()),
-                items: Some(vec![KeyToPath {
-                    key: "ca.crt".into(),
-                    path: "ca.crt".into(),
-                    mode: Some(0o444),
-                    ..KeyToPath::default()
-                }]),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
+        mounts.push(read_only_mount("smarthost-ca", SMARTHOST_CA_DIR));
+        volumes.push(secret_volume(
+            "smarthost-ca",
+            ca.name.clone(),
+            Some(("ca.crt", 0o444)),
+        ));
     }
     let low_port = listeners.iter().any(|l| l.port < 1024);
     let container = Container {
