@@ -229,11 +229,7 @@ async fn suppressions(State(s): State<Arc<AdminState>>, Query(p): Query<ListPara
         Err(m) => return error(StatusCode::BAD_REQUEST, m),
     };
     let (page, next) = s.suppressions.page(p.after.as_deref(), limit);
-    let mut body = json!({ "suppressions": page });
-    if let Some(n) = next {
-        body["next"] = json!(n);
-    }
-    Json(body).into_response()
+    page_response("suppressions", json!(page), next)
 }
 
 /// The current mailbox-full streaks, a page at a time in address order.
@@ -243,7 +239,12 @@ async fn streaks(State(s): State<Arc<AdminState>>, Query(p): Query<ListParams>) 
         Err(m) => return error(StatusCode::BAD_REQUEST, m),
     };
     let (page, next) = s.suppressions.streaks(p.after.as_deref(), limit);
-    let mut body = json!({ "streaks": page });
+    page_response("streaks", json!(page), next)
+}
+
+/// `{"<field>": [...], "next": "<cursor>"}`, `next` only when there is more.
+fn page_response(field: &str, page: serde_json::Value, next: Option<String>) -> Response {
+    let mut body = json!({ field: page });
     if let Some(n) = next {
         body["next"] = json!(n);
     }
