@@ -3,6 +3,9 @@
 
 use crate::file::{AuthMode, Config, ConfigError, Listener, TlsMode, TrustedSenders, invalid};
 
+/// The largest `limits.max_message_size`.
+pub const MAX_MESSAGE_SIZE: usize = 1 << 30;
+
 impl Config {
     /// Metrics and admin are separate sockets (one is scraped from the monitoring namespace, the other
     /// deletes mail), and neither may take an SMTP listener's address.
@@ -296,6 +299,13 @@ impl Config {
                 return Err(invalid(name, "must be greater than 0"));
             }
         }
+        // A spool record frames its length in 32 bits; headroom is left for the envelope and added headers.
+        if lim.max_message_size > MAX_MESSAGE_SIZE {
+            return Err(invalid(
+                "limits.max_message_size",
+                format!("must be at most {MAX_MESSAGE_SIZE} (1 GiB)"),
+            ));
+        }
         if lim.auth_failures_per_client == 0 {
             return Err(invalid(
                 "limits.auth_failures_per_client",
@@ -453,6 +463,23 @@ mod tests {
     }
 
     const TRUSTED: &str = "allow_networks: [10.0.0.0/8]";
+
+    #[test]
+    fn a_message_size_limit_beyond_what_the_spool_frames_is_refused() {
+        let parse = |size: usize| {
+            Config::parse(&format!(
+                "hostname: a\nspool_dir: s\nlisteners: [{{name: a, address: \"127.0.0.1:1\"}}]\n\
+                 limits: {{max_message_size: {size}}}\n"
+            ))
+            .map_err(|e| e.to_string())
+        };
+        assert!(parse(super::MAX_MESSAGE_SIZE).is_ok());
+        let e = parse(super::MAX_MESSAGE_SIZE + 1).unwrap_err();
+        assert!(
+            e.contains("limits.max_message_size") && e.contains("at most 1073741824"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn trusted_senders_is_any_or_a_list_of_domains() {

@@ -23,10 +23,11 @@
 //! was deleted before it, except for messages that are finished anyway.
 
 pub mod record;
+mod spill;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, IoSlice, Write};
+use std::io::{self, IoSlice, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +37,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
 pub use record::{MessageMeta, QueueId, RcptState, RcptStatus, RcptUpdate};
+pub use spill::{Spill, SpillError};
 
 /// A segment is closed and a new one started past this size.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -80,8 +82,17 @@ type Ack = oneshot::Sender<Result<(u64, u64), Arc<SpoolError>>>;
 
 struct WriteRequest {
     record: Vec<u8>,
+    /// The end of the record's data, still in a spill file: copied in right after `record`.
+    tail: Option<spill::Finished>,
     /// Answered once the record is durable; `None` for records nobody waits on (state changes).
     done: Option<Ack>,
+}
+
+impl WriteRequest {
+    /// Bytes this request adds to the segment.
+    fn len(&self) -> usize {
+        self.record.len() + self.tail.as_ref().map_or(0, |t| t.len as usize)
+    }
 }
 
 /// Handle to the spool; cheap to clone.
@@ -107,7 +118,7 @@ struct Inner {
 impl std::fmt::Debug for WriteRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WriteRequest")
-            .field("len", &self.record.len())
+            .field("len", &self.len())
             .finish()
     }
 }
@@ -212,14 +223,51 @@ impl Spool {
         states: &[RcptState],
         parts: &[&[u8]],
     ) -> Result<Location, Arc<SpoolError>> {
-        let size: usize = parts.iter().map(|p| p.len()).sum();
-        let mut record = Vec::with_capacity(size + 256);
-        let data_offset = record::encode_message(&mut record, meta, states, parts);
+        self.store_with(meta, states, parts, None).await
+    }
+
+    /// A place for a message's bytes while it arrives, when it is too large to hold in memory; hand it to
+    /// [`Spool::store_with`] at its end.
+    pub async fn spill(&self) -> Result<Spill, SpillError> {
+        Spill::create(self.inner.dir.clone()).await
+    }
+
+    /// [`Spool::store`] for a message whose data is `parts` followed by what was written to `spill`.
+    pub async fn store_with(
+        &self,
+        meta: &MessageMeta,
+        states: &[RcptState],
+        parts: &[&[u8]],
+        spill: Option<Spill>,
+    ) -> Result<Location, Arc<SpoolError>> {
+        let tail = match spill {
+            Some(s) => Some(s.finish().await.map_err(|e| {
+                Arc::new(SpoolError::Write {
+                    path: self.inner.dir.clone(),
+                    source: io::Error::other(e),
+                })
+            })?),
+            None => None,
+        };
+        let in_record: usize = parts.iter().map(|p| p.len()).sum();
+        let size = in_record as u64 + tail.as_ref().map_or(0, |t| t.len);
+        let mut record = Vec::with_capacity(in_record + 256);
+        let data_offset = record::encode_message_head(
+            &mut record,
+            meta,
+            states,
+            parts,
+            tail.as_ref().map(|t| record::Tail {
+                len: t.len,
+                crc: &t.crc,
+            }),
+        );
         let (done, wait) = oneshot::channel();
         self.inner
             .tx
             .send(WriteRequest {
                 record,
+                tail,
                 done: Some(done),
             })
             .map_err(|_| Arc::new(SpoolError::Stopped))?;
@@ -227,7 +275,7 @@ impl Spool {
         Ok(Location {
             segment,
             offset: offset + data_offset as u64,
-            len: size as u64,
+            len: size,
         })
     }
 
@@ -250,7 +298,11 @@ impl Spool {
         if self
             .inner
             .tx
-            .send(WriteRequest { record, done: None })
+            .send(WriteRequest {
+                record,
+                tail: None,
+                done: None,
+            })
             .is_err()
         {
             tracing::error!("spool writer has stopped; a recipient state change was not recorded");
@@ -264,6 +316,7 @@ impl Spool {
             .tx
             .send(WriteRequest {
                 record: Vec::new(),
+                tail: None,
                 done: Some(done),
             })
             .map_err(|_| Arc::new(SpoolError::Stopped))?;
@@ -674,9 +727,12 @@ impl Writer {
             path: path.clone(),
             source,
         };
+        // Not O_APPEND: copy_file_range (spilled message data, see `write_batch`) refuses such a target. The
+        // writer is the file's only writer and keeps its position at the end (a failed write is cut back
+        // and the position with it).
         let file = OpenOptions::new()
             .create_new(true)
-            .append(true)
+            .write(true)
             .open(&path)
             .map_err(err)?;
         // A new file's name is durable only once its directory is synced.
@@ -695,20 +751,20 @@ impl Writer {
     fn run(mut self, mut rx: mpsc::UnboundedReceiver<WriteRequest>, shared: WriterShared) {
         let mut batch: Vec<WriteRequest> = Vec::new();
         while let Some(first) = rx.blocking_recv() {
-            let mut size = first.record.len();
+            let mut size = first.len();
             batch.push(first);
             // Everything that queued up during the previous sync joins this one.
             while size < MAX_BATCH_BYTES {
                 match rx.try_recv() {
                     Ok(r) => {
-                        size += r.record.len();
+                        size += r.len();
                         batch.push(r);
                     }
                     Err(_) => break,
                 }
             }
             let start = self.len;
-            let written: usize = batch.iter().map(|r| r.record.len()).sum();
+            let written: usize = batch.iter().map(WriteRequest::len).sum();
             let result = self.commit(&batch);
             if let Err(e) = &result
                 && batch
@@ -727,7 +783,7 @@ impl Writer {
             }
             let mut offset = start;
             for req in batch.drain(..) {
-                let len = req.record.len() as u64;
+                let len = req.len() as u64;
                 if let Some(done) = req.done {
                     let reply = match &result {
                         // A sync: everything sent before it must be durable, not only this batch.
@@ -785,30 +841,61 @@ impl Writer {
         if let Some(e) = &self.broken {
             return Err(e.clone());
         }
-        let mut slices: Vec<IoSlice<'_>> = batch
-            .iter()
-            .filter(|r| !r.record.is_empty())
-            .map(|r| IoSlice::new(&r.record))
-            .collect();
-        if slices.is_empty() {
+        let total: usize = batch.iter().map(WriteRequest::len).sum();
+        if total == 0 {
             return Ok(());
         }
-        let total: usize = slices.iter().map(|s| s.len()).sum();
         let path = segment_path(&self.dir, self.number);
-        match write_all_vectored(&mut self.file, &mut slices).and_then(|()| self.file.sync_data()) {
+        match self.write_batch(batch).and_then(|()| self.file.sync_data()) {
             Ok(()) => {
                 self.len += total as u64;
                 Ok(())
             }
             Err(source) => {
                 let err = Arc::new(SpoolError::Write { path, source });
-                if let Err(e) = self.file.set_len(self.len) {
+                let cut = self
+                    .file
+                    .set_len(self.len)
+                    .and_then(|()| self.file.seek(SeekFrom::Start(self.len)).map(drop));
+                if let Err(e) = cut {
                     tracing::error!(error = %e, "cannot cut a failed spool write back; refusing further writes until a restart");
                     self.broken = Some(err.clone());
                 }
                 Err(err)
             }
         }
+    }
+
+    /// Writes the batch's records in order: runs of in-memory records in one vectored write each, and each
+    /// spill straight from its file behind its record's head.
+    fn write_batch(&mut self, batch: &[WriteRequest]) -> io::Result<()> {
+        let mut from = 0;
+        for (i, req) in batch.iter().enumerate() {
+            let Some(tail) = &req.tail else { continue };
+            self.write_records(&batch[from..=i])?;
+            // std's copy is copy_file_range between two files on Linux: the kernel moves the bytes.
+            let copied = io::copy(&mut &tail.file, &mut self.file)?;
+            if copied != tail.len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "spill file holds {copied} bytes, {} were written to it",
+                        tail.len
+                    ),
+                ));
+            }
+            from = i + 1;
+        }
+        self.write_records(&batch[from..])
+    }
+
+    fn write_records(&mut self, requests: &[WriteRequest]) -> io::Result<()> {
+        let mut slices: Vec<IoSlice<'_>> = requests
+            .iter()
+            .filter(|r| !r.record.is_empty())
+            .map(|r| IoSlice::new(&r.record))
+            .collect();
+        write_all_vectored(&mut self.file, &mut slices)
     }
 }
 
@@ -950,6 +1037,60 @@ mod tests {
         assert!(spool.next_id() > *ids.last().unwrap());
         let data = spool.read(loaded[5].location).await.unwrap();
         assert_eq!(data, b"message 7\r\n");
+    }
+
+    #[tokio::test]
+    async fn spilled_data_lands_in_the_record_between_others_and_replays_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        // Data with every byte value, larger than one read piece, written to the spill in odd pieces.
+        let big: Vec<u8> = (0..READ_CHUNK * 3 + 17)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let (spilled, small_a, small_b) = {
+            let (spool, _) = Spool::open(dir.path()).unwrap();
+            let mut spill = spool.spill().await.unwrap();
+            for piece in big.chunks(65_521) {
+                spill.write(piece).await.unwrap();
+            }
+            assert_eq!(spill.len(), big.len() as u64);
+            let (a, b, c) = (spool.next_id(), spool.next_id(), spool.next_id());
+            // Sent together, so one group commit holds an in-memory record on either side of the spill.
+            let (ma, mb, mc) = (meta(a), dsn_meta(b), meta(c));
+            let (ra, rb, rc) = tokio::join!(
+                spool.store(&ma, &[], &[b"first\r\n"]),
+                spool.store_with(&mb, &[], &[b"Prefix: 1\r\n"], Some(spill)),
+                spool.store(&mc, &[], &[b"last\r\n"]),
+            );
+            let (la, lb, lc) = (ra.unwrap(), rb.unwrap(), rc.unwrap());
+            assert_eq!(lb.len, big.len() as u64 + 11);
+            let mut reader = spool.message(lb).await.unwrap();
+            let mut back = Vec::new();
+            while let Some(p) = reader.next_piece().await.unwrap() {
+                back.extend_from_slice(p);
+            }
+            assert_eq!(&back[..11], b"Prefix: 1\r\n");
+            assert!(
+                back[11..] == big[..],
+                "the spilled bytes read back as written"
+            );
+            assert_eq!(spool.read(la).await.unwrap(), b"first\r\n");
+            assert_eq!(spool.read(lc).await.unwrap(), b"last\r\n");
+            (b, a, c)
+        };
+        let (spool, loaded) = reopen(dir.path());
+        assert_eq!(
+            loaded.len(),
+            3,
+            "every record verifies on replay, checksum included"
+        );
+        let m = loaded.iter().find(|l| l.meta.id == spilled).unwrap();
+        assert_eq!(m.meta, dsn_meta(spilled));
+        let data = spool.read(m.location).await.unwrap();
+        assert!(data[11..] == big[..]);
+        for (id, want) in [(small_a, &b"first\r\n"[..]), (small_b, b"last\r\n")] {
+            let l = loaded.iter().find(|l| l.meta.id == id).unwrap();
+            assert_eq!(spool.read(l.location).await.unwrap(), want);
+        }
     }
 
     #[tokio::test]
@@ -1151,6 +1292,7 @@ mod tests {
         let ask = |record: Vec<u8>| {
             let (done, wait) = oneshot::channel();
             tx.send(WriteRequest {
+                tail: None,
                 record,
                 done: Some(done),
             })
@@ -1160,6 +1302,7 @@ mod tests {
         let mut state = Vec::new();
         record::encode_delete(&mut state, QueueId(7));
         tx.send(WriteRequest {
+            tail: None,
             record: state,
             done: None,
         })
