@@ -5,6 +5,10 @@ use crate::file::{AuthMode, Config, ConfigError, Listener, TlsMode, TrustedSende
 
 /// The largest `limits.max_message_size`.
 pub const MAX_MESSAGE_SIZE: usize = 1 << 30;
+/// The most of one message a session holds in memory while it arrives: the relay moves a larger message to
+/// its spool as it comes (relay `server::inbound`), keeping less than this. `limits.max_inbound_bytes` must
+/// leave room for one such session.
+pub const BODY_MEMORY_MAX: usize = 1 << 20;
 
 impl Config {
     /// Metrics and admin are separate sockets (one is scraped from the monitoring namespace, the other
@@ -312,14 +316,14 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        let one_body = lim.max_message_size.min(BODY_MEMORY_MAX) as u64;
         if let Some(b) = lim.max_inbound_bytes
-            && b < lim.max_message_size as u64
+            && b < one_body
         {
             return Err(invalid(
                 "limits.max_inbound_bytes",
                 format!(
-                    "{b} is less than limits.max_message_size ({}): a message of the largest allowed size could never be received",
-                    lim.max_message_size
+                    "{b} is less than {one_body}, what one session may hold of a message in memory: no message that large could be received"
                 ),
             ));
         }

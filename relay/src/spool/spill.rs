@@ -14,7 +14,7 @@
 use std::io::{self, Seek, SeekFrom};
 use std::path::PathBuf;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 /// Errors writing a spill.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +67,21 @@ impl Spill {
 
     pub fn len(&self) -> u64 {
         self.len
+    }
+
+    /// The first `max` bytes written (fewer if fewer were); writing may go on afterwards.
+    pub async fn head(&mut self, max: usize) -> Result<Vec<u8>, SpillError> {
+        let mut out = Vec::new();
+        let read = async {
+            self.file.seek(SeekFrom::Start(0)).await?;
+            (&mut self.file)
+                .take(max as u64)
+                .read_to_end(&mut out)
+                .await?;
+            self.file.seek(SeekFrom::End(0)).await.map(drop)
+        }
+        .await;
+        read.map(|()| out).map_err(|source| self.error(source))
     }
 
     pub fn is_empty(&self) -> bool {
