@@ -759,10 +759,7 @@ impl Shell {
         tokio::spawn(async move {
             let mut moved = Vec::new();
             for (id, meta, states, location) in copies {
-                let copied = match spool.read(location).await {
-                    Ok(data) => spool.store(&meta, &states, &[&data]).await,
-                    Err(e) => Err(Arc::new(e)),
-                };
+                let copied = copy_forward(&spool, &meta, &states, location).await;
                 match copied {
                     Ok(new) => moved.push((id, new)),
                     Err(e) => {
@@ -862,6 +859,26 @@ impl Shell {
             }
         });
     }
+}
+
+/// Copies a message forward into the current segment (its old segment is being reclaimed). A message of
+/// more than one read piece goes through a spill, a piece at a time, rather than whole through memory.
+async fn copy_forward(
+    spool: &Spool,
+    meta: &MessageMeta,
+    states: &[RcptState],
+    location: Location,
+) -> Result<Location, Arc<crate::spool::SpoolError>> {
+    if location.len <= crate::spool::READ_CHUNK as u64 {
+        let data = spool.read(location).await.map_err(Arc::new)?;
+        return spool.store(meta, states, &[&data]).await;
+    }
+    let mut spill = spool.spill().await.map_err(|e| Arc::new(e.into()))?;
+    let mut reader = spool.message(location).await.map_err(Arc::new)?;
+    while let Some(piece) = reader.next_piece().await.map_err(Arc::new)? {
+        spill.write(piece).await.map_err(|e| Arc::new(e.into()))?;
+    }
+    spool.store_with(meta, states, &[], Some(spill)).await
 }
 
 /// The start of a message through its header section (the first empty line), at most `limit` bytes, cut
@@ -1020,6 +1037,34 @@ mod tests {
             base += buf.len();
         }
         out
+    }
+
+    #[tokio::test]
+    async fn a_large_message_is_copied_forward_a_piece_at_a_time_and_reads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let meta = MessageMeta {
+            id: spool.next_id(),
+            received_at_ms: now_ms(),
+            smtputf8: false,
+            eight_bit: false,
+            listener: "a".into(),
+            auth_user: None,
+            peer: "127.0.0.1:1".into(),
+            sender: "app@example.test".into(),
+            recipients: vec!["a@dest.test".into()],
+            dsn: Default::default(),
+            rcpt_dsn: vec![Default::default()],
+        };
+        for size in [100, crate::spool::READ_CHUNK * 5 + 3] {
+            let data: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+            let old = spool.store(&meta, &[], &[&data]).await.unwrap();
+            let new = copy_forward(&spool, &meta, &[RcptState::QUEUED], old)
+                .await
+                .unwrap();
+            assert!(new.offset > old.offset);
+            assert!(spool.read(new).await.unwrap() == data, "{size} bytes");
+        }
     }
 
     #[tokio::test]

@@ -239,10 +239,13 @@ async fn accept(
         let rules = ctx.rules.clone();
         let list = ctx.suppressions.clone();
         let telemetry = ctx.telemetry.clone();
-        // A report too large to have stayed in memory is read from its first bytes: the report parts come
-        // before any copy of the original message.
+        // A report too large to have stayed in memory is read back as far as a report is ever parsed (one
+        // byte more says it was cut): the report parts come before any copy of the original message.
         let (body, spilled) = match &mut received.spill {
-            Some(spill) => match spill.head(super::inbound::SPILL_AT).await {
+            Some(spill) => match spill
+                .head(crate::outcome::report::MAX_REPORT_BYTES + 1)
+                .await
+            {
                 Ok(head) => (head, true),
                 Err(e) => {
                     tracing::error!(%listener, error = %e, "cannot read a spilled report back; message refused with 452");

@@ -60,6 +60,8 @@ pub enum SpoolError {
     Write { path: PathBuf, source: io::Error },
     #[error("the spool writer has stopped")]
     Stopped,
+    #[error(transparent)]
+    Spill(#[from] SpillError),
 }
 
 /// Where a message's data lies: segment number, byte offset and length.
@@ -241,12 +243,11 @@ impl Spool {
         spill: Option<Spill>,
     ) -> Result<Location, Arc<SpoolError>> {
         let tail = match spill {
-            Some(s) => Some(s.finish().await.map_err(|e| {
-                Arc::new(SpoolError::Write {
-                    path: self.inner.dir.clone(),
-                    source: io::Error::other(e),
-                })
-            })?),
+            Some(s) => Some(
+                s.finish()
+                    .await
+                    .map_err(|e| Arc::new(SpoolError::from(e)))?,
+            ),
             None => None,
         };
         let in_record: usize = parts.iter().map(|p| p.len()).sum();
