@@ -73,11 +73,11 @@ impl Inbound {
         if body.buffered().len() < SPILL_AT || body.failed() {
             return;
         }
-        if self.failed.is_none() {
-            if let Err(e) = self.spill_out(body.buffered(), spool).await {
-                tracing::error!(error = %e, "cannot move a message's bytes out of memory; it will be refused with 452");
-                self.failed = Some(e);
-            }
+        if self.failed.is_none()
+            && let Err(e) = self.spill_out(body.buffered(), spool).await
+        {
+            tracing::error!(error = %e, "cannot move a message's bytes out of memory; it will be refused with 452");
+            self.failed = Some(e);
         }
         // Taken even when the spill failed: the message is refused at its end and must not fill memory.
         body.take_buffered();
