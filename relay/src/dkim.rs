@@ -219,10 +219,10 @@ impl Signers {
         self.by_domain.contains_key(&domain).then_some(domain)
     }
 
-    /// The DKIM-Signature header field(s) of `domain` (RSA first, each ending in CRLF) over the header
-    /// section made of the pieces in `headers` (concatenated, with or without its final blank line) and a
-    /// body hash from a [`BodyHasher`], which serves every key of the domain. A signature that fails is
-    /// logged and left out; None when none was made.
+    /// The DKIM-Signature header field(s) of `domain` (as `signing_domain` gives it; RSA first, each ending
+    /// in CRLF) over the header section made of the pieces in `headers` (concatenated, with or without its
+    /// final blank line) and a body hash from a [`BodyHasher`], which serves every key of the domain. A
+    /// signature that fails is logged and left out; None when none was made.
     pub fn sign_with_body_hash(
         &self,
         domain: &str,

@@ -401,41 +401,30 @@ async fn signatures_over_a_streamed_body_hash_verify_with_mail_auth_and_tamperin
         n += 1;
     }
     let crlfs = b"first\r\n\r\nsecond\r\nthird \r\n".repeat(50);
-    let cases: Vec<(&str, Vec<u8>, Vec<&[u8]>)> = vec![
-        ("long lines", long_lines.clone().into_bytes(), vec![]),
-        (
-            "trailing blank lines",
-            b"text\r\n\r\n\r\n\r\n".to_vec(),
-            vec![],
-        ),
-        ("empty body", Vec::new(), vec![]),
+    // Each body as the pieces the hasher is fed.
+    let cases: Vec<(&str, Vec<&[u8]>)> = vec![
+        ("long lines", vec![long_lines.as_bytes()]),
+        ("trailing blank lines", vec![b"text\r\n\r\n\r\n\r\n"]),
+        ("empty body", vec![]),
         (
             "WSP runs",
-            b"a  \t b\r\n\t indented\t \r\n  x\r\nend\r\n".to_vec(),
-            vec![],
+            vec![b"a  \t b\r\n\t indented\t \r\n  x\r\nend\r\n"],
         ),
-        ("1 MB", megabyte.clone(), vec![]),
+        ("1 MB", vec![&megabyte]),
         (
             "split mid-CRLF",
-            crlfs.clone(),
             crlfs.split_inclusive(|&b| b == b'\r').collect(),
         ),
-        (
-            "1 MB in 8 KB chunks",
-            megabyte.clone(),
-            megabyte.chunks(8192).collect(),
-        ),
+        ("1 MB in 8 KB chunks", megabyte.chunks(8192).collect()),
     ];
     for &(domain, want) in DOMAINS {
         let header = header(domain);
-        for (i, (name, body, chunks)) in cases.iter().enumerate() {
+        for (i, (name, chunks)) in cases.iter().enumerate() {
+            let body = chunks.concat();
+            let body = body.as_slice();
             let mut hasher = BodyHasher::new();
-            if chunks.is_empty() {
-                hasher.update(body);
-            } else {
-                for c in chunks {
-                    hasher.update(c);
-                }
+            for c in chunks {
+                hasher.update(c);
             }
             let bh = hasher.finish();
             // The header block with and without its blank line: the same signature either way.
