@@ -34,18 +34,28 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, oneshot};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
 
 pub use record::{MessageMeta, QueueId, RcptState, RcptStatus, RcptUpdate};
 pub use spill::{Spill, SpillError};
 
 /// A segment is closed and a new one started past this size.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// The longest recipient state changes wait for a sync when nothing else brings one (see [`Writer::run`]).
+const UNSYNCED_MAX: Duration = Duration::from_millis(200);
 /// Upper bound on one group commit, so a burst cannot delay the first writer's answer without bound.
 const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// The largest piece a [`MessageReader`] reads at once: what one delivery holds of its message, whatever the
 /// message's size. Large enough that the hop to a blocking thread per piece costs little.
 pub const READ_CHUNK: usize = 128 * 1024;
+
+/// Messages up to this size are kept in memory for a while after they are stored (see [`Recent`]).
+const RECENT_MESSAGE_MAX: usize = 64 * 1024;
+/// Bytes of recently stored messages kept in memory, all together.
+const RECENT_BYTES: usize = 16 * 1024 * 1024;
 
 /// Errors of the spool.
 #[derive(Debug, thiserror::Error)]
@@ -106,13 +116,15 @@ pub struct Spool {
 #[derive(Debug)]
 struct Inner {
     dir: PathBuf,
-    tx: mpsc::UnboundedSender<WriteRequest>,
+    tx: mpsc::Sender<WriteRequest>,
     last_id: AtomicU64,
     bytes: Arc<AtomicU64>,
     /// The segment the writer appends to; never deleted.
     current: Arc<AtomicU64>,
     /// Open segments for reading message data, by number.
     readers: Mutex<HashMap<u64, Arc<File>>>,
+    /// The data of the small messages stored last.
+    recent: Mutex<Recent>,
     /// Sizes of the segments on disk, by number.
     sizes: Arc<Mutex<BTreeMap<u64, u64>>>,
 }
@@ -170,7 +182,7 @@ impl Spool {
         let next_segment = numbers.last().map_or(1, |n| n + 1);
         let writer = Writer::create(seg_dir.clone(), next_segment, lock)?;
         sizes.insert(next_segment, 0);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel();
         let inner = Arc::new(Inner {
             dir: seg_dir.clone(),
             tx,
@@ -178,6 +190,7 @@ impl Spool {
             bytes: Arc::new(AtomicU64::new(bytes)),
             current: Arc::new(AtomicU64::new(next_segment)),
             readers: Mutex::new(HashMap::new()),
+            recent: Mutex::new(Recent::default()),
             sizes: Arc::new(Mutex::new(sizes)),
         });
         let shared = WriterShared {
@@ -273,11 +286,17 @@ impl Spool {
             })
             .map_err(|_| Arc::new(SpoolError::Stopped))?;
         let (segment, offset) = wait.await.map_err(|_| Arc::new(SpoolError::Stopped))??;
-        Ok(Location {
+        let location = Location {
             segment,
             offset: offset + data_offset as u64,
             len: size,
-        })
+        };
+        if size as usize <= RECENT_MESSAGE_MAX {
+            self.inner
+                .recent()
+                .insert(location, Arc::from(parts.concat()));
+        }
+        Ok(location)
     }
 
     /// Appends recipient state changes. They are written in call order, in the next group commit; the call
@@ -327,6 +346,9 @@ impl Spool {
 
     /// Reads a message's data.
     pub async fn read(&self, location: Location) -> Result<Vec<u8>, SpoolError> {
+        if let Some(data) = self.inner.recent().get(location) {
+            return Ok(data.to_vec());
+        }
         let inner = self.inner.clone();
         let path = segment_path(&inner.dir, location.segment);
         let res = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
@@ -343,6 +365,17 @@ impl Spool {
 
     /// Opens a message's data for reading a piece at a time, so that sending it never needs it whole.
     pub async fn message(&self, location: Location) -> Result<MessageReader, SpoolError> {
+        // A message stored a moment ago is usually still in memory: no read at all.
+        if let Some(data) = self.inner.recent().get(location) {
+            return Ok(MessageReader {
+                inner: self.inner.clone(),
+                source: Source::Memory(data),
+                location,
+                pos: 0,
+                buf: Vec::new(),
+                buf_at: None,
+            });
+        }
         // Nearly always the segment is open already: then no hop to a blocking thread.
         let open = self
             .inner
@@ -367,7 +400,7 @@ impl Spool {
         };
         Ok(MessageReader {
             inner: self.inner.clone(),
-            file,
+            source: Source::File(file),
             location,
             pos: 0,
             buf: Vec::new(),
@@ -427,7 +460,7 @@ impl Spool {
 #[derive(Debug)]
 pub struct MessageReader {
     inner: Arc<Inner>,
-    file: Arc<File>,
+    source: Source,
     location: Location,
     /// Bytes of the message read so far.
     pos: u64,
@@ -461,10 +494,17 @@ impl MessageReader {
             return Ok(None);
         }
         let n = left.min(READ_CHUNK as u64) as usize;
+        let file = match &self.source {
+            Source::Memory(data) => {
+                let at = self.pos as usize;
+                self.pos += n as u64;
+                return Ok(Some(&data[at..at + n]));
+            }
+            Source::File(file) => file.clone(),
+        };
         if self.buf_at != Some(self.pos) || self.buf.len() != n {
             self.buf_at = None;
             let mut buf = std::mem::take(&mut self.buf);
-            let file = self.file.clone();
             let offset = self.location.offset + self.pos;
             let (buf, read) = tokio::task::spawn_blocking(move || {
                 buf.resize(n, 0);
@@ -489,7 +529,59 @@ impl MessageReader {
     }
 }
 
+/// Where a [`MessageReader`] reads from.
+#[derive(Debug)]
+enum Source {
+    /// The message's segment, held open: a segment deleted meanwhile stays readable until the reader goes.
+    File(Arc<File>),
+    /// The message's data, still in memory since it was stored.
+    Memory(Arc<[u8]>),
+}
+
+/// The data of the small messages stored last, up to [`RECENT_BYTES`], oldest dropped first.
+///
+/// Nearly every message is delivered moments after it is stored: kept here, its first delivery reads no
+/// segment and takes no hop to a blocking thread. A message that waits longer is read from its segment
+/// (mostly from the page cache) as before, so what the queue holds per message stays an index entry.
+#[derive(Debug, Default)]
+struct Recent {
+    data: HashMap<(u64, u64), Arc<[u8]>>,
+    order: std::collections::VecDeque<(u64, u64)>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn insert(&mut self, at: Location, data: Arc<[u8]>) {
+        let key = (at.segment, at.offset);
+        self.bytes += data.len();
+        if let Some(old) = self.data.insert(key, data) {
+            self.bytes -= old.len();
+        } else {
+            self.order.push_back(key);
+        }
+        while self.bytes > RECENT_BYTES {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(d) = self.data.remove(&oldest) {
+                self.bytes -= d.len();
+            }
+        }
+    }
+
+    fn get(&self, at: Location) -> Option<Arc<[u8]>> {
+        self.data
+            .get(&(at.segment, at.offset))
+            .filter(|d| d.len() as u64 == at.len)
+            .cloned()
+    }
+}
+
 impl Inner {
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn reader(&self, segment: u64) -> io::Result<Arc<File>> {
         let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = readers.get(&segment) {
@@ -719,6 +811,8 @@ struct Writer {
     broken: Option<Arc<SpoolError>>,
     /// A state change that nobody waited for was not written; the next sync reports it.
     unacked_lost: Option<Arc<SpoolError>>,
+    /// Something was written after the last sync.
+    unsynced: bool,
 }
 
 impl Writer {
@@ -746,12 +840,33 @@ impl Writer {
             lock,
             broken: None,
             unacked_lost: None,
+            unsynced: false,
         })
     }
 
-    fn run(mut self, mut rx: mpsc::UnboundedReceiver<WriteRequest>, shared: WriterShared) {
+    /// Takes requests until every sender is gone. A batch that somebody waits on (a new message, a sync) is
+    /// synced before it is answered. A batch of state changes only is written and left for the next sync,
+    /// at most [`UNSYNCED_MAX`] later: nobody waits on them, a crash of the process loses nothing written,
+    /// and one sync per delivery would cost as much as the deliveries. What only a power cut can lose is
+    /// that moment's "delivered", and such a recipient is delivered again (at least once, never lost).
+    fn run(mut self, rx: mpsc::Receiver<WriteRequest>, shared: WriterShared) {
         let mut batch: Vec<WriteRequest> = Vec::new();
-        while let Some(first) = rx.blocking_recv() {
+        loop {
+            let first = if self.unsynced {
+                match rx.recv_timeout(UNSYNCED_MAX) {
+                    Ok(r) => r,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.sync_unsynced();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(r) => r,
+                    Err(_) => break,
+                }
+            };
             let mut size = first.len();
             batch.push(first);
             // Everything that queued up during the previous sync joins this one.
@@ -766,7 +881,8 @@ impl Writer {
             }
             let start = self.len;
             let written: usize = batch.iter().map(WriteRequest::len).sum();
-            let result = self.commit(&batch);
+            let waited_on = batch.iter().any(|r| r.done.is_some());
+            let result = self.commit(&batch, waited_on);
             if let Err(e) = &result
                 && batch
                     .iter()
@@ -801,8 +917,23 @@ impl Writer {
                 offset += len;
             }
             if self.len >= SEGMENT_BYTES {
+                self.sync_unsynced();
                 self.rotate(&shared);
             }
+        }
+        self.sync_unsynced();
+    }
+
+    /// Syncs what was written without a sync; a failure is reported by the next [`Spool::sync`].
+    fn sync_unsynced(&mut self) {
+        if !self.unsynced {
+            return;
+        }
+        self.unsynced = false;
+        if let Err(source) = self.file.sync_data() {
+            let path = segment_path(&self.dir, self.number);
+            tracing::error!(segment = %path.display(), error = %source, "syncing recipient state changes failed");
+            self.unacked_lost = Some(Arc::new(SpoolError::Write { path, source }));
         }
     }
 
@@ -838,18 +969,33 @@ impl Writer {
     /// The records go out with vectored writes straight from the requests: copying them into one buffer
     /// first would hold every message of the batch twice, and keep a buffer as large as the largest batch
     /// ever for the life of the process.
-    fn commit(&mut self, batch: &[WriteRequest]) -> Result<(), Arc<SpoolError>> {
+    fn commit(&mut self, batch: &[WriteRequest], sync: bool) -> Result<(), Arc<SpoolError>> {
         if let Some(e) = &self.broken {
             return Err(e.clone());
         }
         let total: usize = batch.iter().map(WriteRequest::len).sum();
         if total == 0 {
+            // A sync alone: it makes durable what earlier batches left unsynced.
+            if sync && self.unsynced {
+                self.unsynced = false;
+                self.file.sync_data().map_err(|source| {
+                    Arc::new(SpoolError::Write {
+                        path: segment_path(&self.dir, self.number),
+                        source,
+                    })
+                })?;
+            }
             return Ok(());
         }
         let path = segment_path(&self.dir, self.number);
-        match self.write_batch(batch).and_then(|()| self.file.sync_data()) {
+        let written = self
+            .write_batch(batch)
+            .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
+        match written {
             Ok(()) => {
                 self.len += total as u64;
+                // A sync covers everything written before it.
+                self.unsynced = !sync;
                 Ok(())
             }
             Err(source) => {
@@ -1041,6 +1187,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_small_message_just_stored_reads_from_memory_and_a_large_one_from_its_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let small = b"Subject: s\r\n\r\nsmall\r\n".to_vec();
+        let large = vec![b'x'; RECENT_MESSAGE_MAX + 1];
+        let (a, b) = (spool.next_id(), spool.next_id());
+        let at_small = spool.store(&meta(a), &[], &[&small]).await.unwrap();
+        let at_large = spool.store(&meta(b), &[], &[&large]).await.unwrap();
+        // The segment loses its data behind the spool's back: only what is in memory still reads.
+        let seg = segment_path(&dir.path().join("segments"), at_small.segment);
+        OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        assert_eq!(spool.read(at_small).await.unwrap(), small);
+        let mut reader = spool.message(at_small).await.unwrap();
+        assert_eq!(reader.next_piece().await.unwrap(), Some(&small[..]));
+        assert_eq!(reader.next_piece().await.unwrap(), None);
+        assert!(spool.read(at_large).await.is_err());
+        let mut reader = spool.message(at_large).await.unwrap();
+        assert!(reader.next_piece().await.is_err());
+    }
+
+    #[tokio::test]
     async fn spilled_data_lands_in_the_record_between_others_and_replays_whole() {
         let dir = tempfile::tempdir().unwrap();
         // Data with every byte value, larger than one read piece, written to the spill in odd pieces.
@@ -1116,14 +1288,16 @@ mod tests {
             assert_eq!((pieces, got == body), (4, true));
             reader.rewind();
         }
-        // A message of one piece is read once for every transaction that sends it.
-        let small = spool
-            .store(&meta(spool.next_id()), &[], &[b"small\r\n"])
+        // A message of one piece is read once for every transaction that sends it (one too large to be
+        // kept in memory after it was stored, so that it is read from its segment).
+        let one = vec![b'o'; RECENT_MESSAGE_MAX + 100];
+        let one_piece = spool
+            .store(&meta(spool.next_id()), &[], &[&one])
             .await
             .unwrap();
-        let mut reader = spool.message(small).await.unwrap();
+        let mut reader = spool.message(one_piece).await.unwrap();
         for _ in 0..2 {
-            assert_eq!(reader.next_piece().await.unwrap(), Some(&b"small\r\n"[..]));
+            assert_eq!(reader.next_piece().await.unwrap(), Some(&one[..]));
             assert_eq!(reader.next_piece().await.unwrap(), None);
             reader.rewind();
         }
@@ -1288,7 +1462,7 @@ mod tests {
             current: Arc::new(AtomicU64::new(1)),
             sizes: Arc::new(Mutex::new(BTreeMap::new())),
         };
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel();
         let thread = std::thread::spawn(move || writer.run(rx, shared));
         let ask = |record: Vec<u8>| {
             let (done, wait) = oneshot::channel();
