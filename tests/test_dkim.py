@@ -1,6 +1,8 @@
 """DKIM signing: messages from a configured sending domain arrive signed, and the signatures verify with an
 independent verifier (dkimpy), reading the public keys through a DNS lookup function; a modified body fails.
-RSA-SHA256 (2048-bit) and Ed25519-SHA256 (RFC 8463), each alone and both at once."""
+RSA-SHA256 (2048-bit) and Ed25519-SHA256 (RFC 8463), each alone and both at once; bodies that exercise relaxed
+body canonicalization (long lines, WSP runs, trailing blank and whitespace-only lines, empty, ~2 MB), sent with
+DATA and with BDAT chunks that split the header block, a CRLF and a WSP run."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import subprocess
 import dkim
 import pytest
 
-from harness.outbound import FOREIGN, send, start_outbound, wait_gone, wait_until
+from harness.outbound import FOREIGN, send, start_outbound, unique, wait_gone, wait_until
+from harness.smtp import SmtpConn, make_message
 
 
 def make_key(tmp_path, algorithm: str) -> tuple[str, str]:
@@ -123,3 +126,82 @@ def test_a_key_that_does_not_load_stops_the_relay_with_the_field_named(tmp_path,
     r = relays.start("badkey", config=cfg, wait=False)
     assert r.proc.wait(timeout=20) != 0
     assert "domains[0].dkim.key_file" in r.log_text(), r.log_tail(20)
+
+
+# The sending domains of `signed_relay` and how many signatures each gets.
+SENDERS = [("app@example.test", 1), ("app@other.test", 1), ("app@both.test", 2)]
+
+# Bodies where relaxed canonicalization changes something, or that are large; lines stay under aiosmtpd's
+# 1001-octet line limit (the peer the relay delivers to).
+BODIES = {
+    "long lines": ("x" * 990 + "\r\n") * 3 + "y " * 495 + "\r\n",
+    "trailing blank lines": "text\r\n\r\n\r\n\r\n",
+    # RFC 6376 3.4.4: a whitespace-only line at the end is empty once its WSP has gone, and so ignored
+    "trailing whitespace-only lines": "text\r\n \r\n\t \r\n",
+    "empty": "",
+    "WSP runs": "a  \t b\r\n\t indented\t \r\n\r\n   x   y\r\nend  \r\n",
+    "2 MB": "".join(f"{n:08} {'z' * 60}  \tword \r\n" for n in range(2 * 1024 * 1024 // 80)),
+}
+
+
+def verify_all(data: bytes, dnsfunc, count: int, what: str) -> None:
+    """dkimpy verifies each of the `count` signatures; an added body line breaks each."""
+    assert data.count(b"DKIM-Signature:") == count, f"{what}: {data[:1500]!r}"
+    d = dkim.DKIM(data)
+    for idx in range(count):
+        assert d.verify(idx=idx, dnsfunc=dnsfunc), f"{what}: dkimpy rejected signature {idx}"
+    tampered = dkim.DKIM(data + b"added\r\n")
+    for idx in range(count):
+        with pytest.raises(dkim.ValidationError, match="body hash mismatch"):
+            tampered.verify(idx=idx, dnsfunc=dnsfunc)
+
+
+@pytest.mark.parametrize("sender, count", SENDERS)
+def test_bodies_that_canonicalization_changes_verify_with_dkimpy(signed_relay, sender, count):
+    relay, peer, dnsfunc = signed_relay
+    sent = {name: send(relay, ["rcpt@foreign.test"], "canon", sender=sender, body=body)
+            for name, body in BODIES.items()}
+    for name, (qid, marker, _) in sent.items():
+        wait_gone(relay, qid)
+        got = wait_until(lambda: peer.with_marker(marker))
+        assert len(got) == 1, got
+        verify_all(got[0].data, dnsfunc, count, f"{sender} {name}")
+
+
+@pytest.mark.parametrize("sender, count", SENDERS)
+def test_a_message_sent_in_bdat_chunks_that_split_a_crlf_and_the_header_block_verifies(signed_relay, sender,
+                                                                                        count):
+    relay, peer, dnsfunc = signed_relay
+    marker = unique("bdat")
+    msg = make_message(marker, sender=sender, to="rcpt@foreign.test",
+                       body="first  line\r\n\r\nsecond\t\tline \r\n" * 20 + "last\r\n\r\n")
+    body_at = msg.index(b"\r\n\r\n") + 4
+    cuts = [
+        msg.index(b"Subject:") + 4,  # inside the header block, mid-name
+        msg.index(b"\r\n", msg.index(b"Subject:")) + 1,  # between the CR and LF of a header line
+        body_at - 1,  # between the CR and LF of the blank line
+        msg.index(b"\r\n", body_at + 30) + 1,  # between a body CR and its LF
+        msg.index(b"\t\t", body_at) + 1,  # inside a WSP run
+        msg.index(b"  line", body_at + 100) + 1,  # inside another
+    ]
+    assert len(set(cuts)) == len(cuts), cuts
+    cuts.sort()
+    chunks = [msg[a:b] for a, b in zip([0] + cuts, cuts + [len(msg)])]
+    host, port = relay.listener("trusted")
+    with SmtpConn(host, port) as c:
+        c.greeting()
+        assert "CHUNKING" in c.ehlo().keywords(), c.dump()
+        c.expect(f"MAIL FROM:<{sender}>", "250 ")
+        c.expect("RCPT TO:<rcpt@foreign.test>", "250 ")
+        for ch in chunks[:-1]:
+            c.send(b"BDAT %d\r\n" % len(ch) + ch)
+            c.expect_reply("250 ", "BDAT chunk")
+        c.send(b"BDAT %d LAST\r\n" % len(chunks[-1]) + chunks[-1])
+        end = c.read_reply()
+        assert end.queue_id, f"{end}\n{c.dump()}"
+        c.cmd("QUIT")
+    wait_gone(relay, end.queue_id)
+    got = wait_until(lambda: peer.with_marker(marker))
+    assert len(got) == 1, got
+    assert got[0].data.endswith(msg), got[0].data[-300:]
+    verify_all(got[0].data, dnsfunc, count, f"{sender} BDAT")

@@ -645,7 +645,7 @@ impl Default for PerDomain {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Bytes; advertised in the EHLO SIZE keyword.
+    /// Bytes; advertised in the EHLO SIZE keyword. At most 1 GiB.
     pub max_message_size: usize,
     /// RCPT commands per transaction; 452 4.5.3 beyond.
     pub max_recipients: usize,
@@ -680,8 +680,10 @@ pub struct Limits {
     pub auth_failure_window: Duration,
     /// Bytes of message bodies all sessions together may hold in memory while they are received and
     /// stored; a message that would go beyond is refused with 452 4.3.1 (the client tries again later), so
-    /// a burst of large messages cannot push the relay past its memory limit. When absent: a quarter of the
-    /// container's memory limit, or 256 MiB when no limit is known.
+    /// a burst of messages cannot push the relay past its memory limit. A session holds at most about
+    /// 320 KiB of any message (more moves to the spool as it arrives), so this bounds how many sessions
+    /// receive at once rather than how large a message may be. When absent: a quarter of the container's
+    /// memory limit, or 256 MiB when no limit is known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_inbound_bytes: Option<u64>,
 }

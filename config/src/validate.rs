@@ -3,6 +3,13 @@
 
 use crate::file::{AuthMode, Config, ConfigError, Listener, TlsMode, TrustedSenders, invalid};
 
+/// The largest `limits.max_message_size`.
+pub const MAX_MESSAGE_SIZE: usize = 1 << 30;
+/// The most of one message a session holds in memory while it arrives: the relay moves a larger message to
+/// its spool as it comes (relay `server::inbound`), keeping less than this. `limits.max_inbound_bytes` must
+/// leave room for one such session.
+pub const BODY_MEMORY_MAX: usize = 1 << 20;
+
 impl Config {
     /// Metrics and admin are separate sockets (one is scraped from the monitoring namespace, the other
     /// deletes mail), and neither may take an SMTP listener's address.
@@ -296,20 +303,27 @@ impl Config {
                 return Err(invalid(name, "must be greater than 0"));
             }
         }
+        // A spool record frames its length in 32 bits; headroom is left for the envelope and added headers.
+        if lim.max_message_size > MAX_MESSAGE_SIZE {
+            return Err(invalid(
+                "limits.max_message_size",
+                format!("must be at most {MAX_MESSAGE_SIZE} (1 GiB)"),
+            ));
+        }
         if lim.auth_failures_per_client == 0 {
             return Err(invalid(
                 "limits.auth_failures_per_client",
                 "must be greater than 0",
             ));
         }
+        let one_body = lim.max_message_size.min(BODY_MEMORY_MAX) as u64;
         if let Some(b) = lim.max_inbound_bytes
-            && b < lim.max_message_size as u64
+            && b < one_body
         {
             return Err(invalid(
                 "limits.max_inbound_bytes",
                 format!(
-                    "{b} is less than limits.max_message_size ({}): a message of the largest allowed size could never be received",
-                    lim.max_message_size
+                    "{b} is less than {one_body}, what one session may hold of a message in memory: no message that large could be received"
                 ),
             ));
         }
@@ -453,6 +467,23 @@ mod tests {
     }
 
     const TRUSTED: &str = "allow_networks: [10.0.0.0/8]";
+
+    #[test]
+    fn a_message_size_limit_beyond_what_the_spool_frames_is_refused() {
+        let parse = |size: usize| {
+            Config::parse(&format!(
+                "hostname: a\nspool_dir: s\nlisteners: [{{name: a, address: \"127.0.0.1:1\"}}]\n\
+                 limits: {{max_message_size: {size}}}\n"
+            ))
+            .map_err(|e| e.to_string())
+        };
+        assert!(parse(super::MAX_MESSAGE_SIZE).is_ok());
+        let e = parse(super::MAX_MESSAGE_SIZE + 1).unwrap_err();
+        assert!(
+            e.contains("limits.max_message_size") && e.contains("at most 1073741824"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn trusted_senders_is_any_or_a_list_of_domains() {

@@ -19,14 +19,16 @@ use crate::spool::QueueId;
 use herald_smtp::{Envelope, Refusal, RejectReason, Reply};
 
 /// Builds the header lines to put in front of the message, or the refusal (reply and rejection reason).
+/// `header` is the message's header section (the envelope's body may hold only the message's last bytes).
 pub fn prefix_headers(
     env: &Envelope,
+    header: &[u8],
     id: QueueId,
     hostname: &str,
     policy: &SessionPolicy,
     now: DateTime<Utc>,
 ) -> Result<String, Refusal> {
-    let froms = from_fields(&env.body);
+    let froms = from_fields(header);
     if froms > 1 {
         return Err(Refusal::new(
             Reply::with_text(
@@ -60,7 +62,7 @@ pub fn prefix_headers(
                 RejectReason::MalformedMessage,
             )
         };
-        let Some(parsed) = MessageParser::default().parse_headers(&env.body) else {
+        let Some(parsed) = MessageParser::default().parse_headers(header) else {
             return Err(malformed("Message has no header section"));
         };
         // Without a From: there is nothing to check (nor to sign for): refused where it would be checked.
@@ -124,6 +126,17 @@ mod tests {
     use herald_config::Config;
     use herald_smtp::ReversePath;
 
+    /// The tests' envelopes hold whole messages: the header section is read from the body.
+    fn prefix_headers(
+        env: &Envelope,
+        id: QueueId,
+        hostname: &str,
+        policy: &SessionPolicy,
+        now: DateTime<Utc>,
+    ) -> Result<String, Refusal> {
+        super::prefix_headers(env, &env.body, id, hostname, policy, now)
+    }
+
     fn env(body: &str, submission: bool) -> Envelope {
         Envelope {
             sender: ReversePath::Null,
@@ -140,6 +153,7 @@ mod tests {
             protocol: "ESMTPSA".into(),
             submission,
             held: None,
+            body_number: 1,
         }
     }
 

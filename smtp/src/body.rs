@@ -29,7 +29,10 @@ pub enum BodyError {
 /// A message body being received, with the limits it must meet.
 #[derive(Debug)]
 pub struct Body {
+    /// The bytes received and not yet taken by the driver (see [`Body::take_buffered`]).
     data: Vec<u8>,
+    /// Bytes received in all, taken or not: what the size limit counts.
+    received: usize,
     max_size: usize,
     max_line: usize,
     error: Option<BodyError>,
@@ -49,6 +52,7 @@ impl Body {
     pub fn new(max_size: usize, max_line: usize) -> Body {
         Body {
             data: Vec::new(),
+            received: 0,
             max_size,
             max_line,
             error: None,
@@ -82,17 +86,17 @@ impl Body {
         if self.error.is_some() {
             return;
         }
-        let total = self.data.len() + bytes.len();
-        if total > self.max_size {
+        if self.received + bytes.len() > self.max_size {
             self.fail(BodyError::TooBig);
             return;
         }
         if let Some(r) = &mut self.reservation
-            && !r.grow_to(total)
+            && !r.grow_to(self.data.len() + bytes.len())
         {
             self.fail(BodyError::OverBudget);
             return;
         }
+        self.received += bytes.len();
         self.data.extend_from_slice(bytes);
     }
 
@@ -201,12 +205,29 @@ impl Body {
         Ok((self.data, self.reservation))
     }
 
-    pub fn len(&self) -> usize {
-        self.data.len()
+    /// The bytes received so far and still held here, in order: all of them unless a driver that streams
+    /// bodies out has taken some with [`Body::take_buffered`]. Empty once the body has failed.
+    pub fn buffered(&self) -> &[u8] {
+        &self.data
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
+    /// Forgets the buffered bytes (the driver has stored them elsewhere) and gives back what they held of
+    /// the budget; the buffer's memory is kept for the bytes that follow.
+    pub fn take_buffered(&mut self) {
+        self.data.clear();
+        if let Some(r) = &mut self.reservation {
+            r.shrink_to(0);
+        }
+    }
+
+    /// The body has been refused: it is read to its end only to stay in step with the client.
+    pub fn failed(&self) -> bool {
+        self.error.is_some()
+    }
+
+    /// Bytes received in all, including any taken.
+    pub fn received(&self) -> usize {
+        self.received
     }
 }
 
@@ -238,6 +259,38 @@ mod tests {
         assert!(held.is_some());
         drop(held);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn taken_bytes_still_count_against_the_size_limit_but_not_the_budget() {
+        let budget = Budget::new(128 * 1024);
+        let mut b = Body::new(100_000, 1000).budgeted(Some(&budget));
+        let mut line = vec![b'x'; 998];
+        line.extend_from_slice(b"\r\n");
+        let mut taken = Vec::new();
+        for _ in 0..40 {
+            b.feed_data(&line);
+            if b.buffered().len() > 10_000 {
+                taken.extend_from_slice(b.buffered());
+                b.take_buffered();
+                assert_eq!(budget.used(), 0, "taken bytes give their budget back");
+            }
+        }
+        assert_eq!(b.received(), 40_000);
+        taken.extend_from_slice(b.buffered());
+        assert_eq!(taken, line.repeat(40));
+        for _ in 0..70 {
+            b.feed_data(&line);
+            b.take_buffered();
+        }
+        let (_, done) = b.feed_data(b".\r\n");
+        assert!(done);
+        assert!(b.failed());
+        assert_eq!(
+            b.finish(false),
+            Err(BodyError::TooBig),
+            "the limit counts every byte received"
+        );
     }
 
     fn data(input: &[u8]) -> (Result<Vec<u8>, BodyError>, usize, bool) {

@@ -80,6 +80,15 @@ impl Reservation {
         }
     }
 
+    /// Gives back what is held beyond `total` (in whole steps): the bytes were moved out of memory.
+    pub fn shrink_to(&mut self, total: usize) {
+        let keep = total.div_ceil(STEP).saturating_mul(STEP);
+        if keep < self.held {
+            self.budget.give(self.held - keep);
+            self.held = keep;
+        }
+    }
+
     /// Gives everything back now (the body was refused and freed).
     pub fn release(&mut self) {
         self.budget.give(std::mem::take(&mut self.held));

@@ -93,6 +93,9 @@ pub struct Envelope {
     pub submission: bool,
     /// What `body` holds of the shared budget: keep it as long as the bytes (or a copy) are in memory.
     pub held: Option<Reservation>,
+    /// The number [`Session::body_in_progress`] gave this body while it was arriving. A driver that took
+    /// bytes from it holds them under this number; `body` is then only what came after.
+    pub body_number: u64,
 }
 
 #[derive(Debug)]
@@ -144,6 +147,8 @@ pub struct Session<P> {
     /// Why each refusal since the driver last looked was sent: the `reason` label of the host's rejection
     /// metric, counted by the driver.
     rejections: Vec<RejectReason>,
+    /// Bodies begun in this session: the number of the one in progress, see [`Session::body_in_progress`].
+    bodies: u64,
 }
 
 impl<P: EnvelopePolicy> Session<P> {
@@ -170,6 +175,7 @@ impl<P: EnvelopePolicy> Session<P> {
             skipping_line: false,
             closing: false,
             rejections: Vec::new(),
+            bodies: 0,
         };
         let greeting = format!("220 {} ESMTP Herald\r\n", s.config.hostname);
         s.out.extend_from_slice(greeting.as_bytes());
@@ -267,6 +273,18 @@ impl<P: EnvelopePolicy> Session<P> {
             Ok(r) => self.reply(&r),
             Err(refusal) => self.reply_as(&refusal.reply, refusal.reason),
         }
+    }
+
+    /// The body being received, with its number (new for every body of the session), for a driver that
+    /// moves bytes out of memory as they arrive: read [`Body::buffered`], store it, then
+    /// [`Body::take_buffered`]. The [`Envelope`] of an accepted body then holds only the bytes after the
+    /// last take, and its `body_number` says which stored bytes go before them. None between bodies.
+    pub fn body_in_progress(&mut self) -> Option<(u64, &mut Body)> {
+        let body = match &mut self.state {
+            State::Data(body) => Some(body),
+            _ => self.tx.as_mut().and_then(|t| t.chunks.as_mut()),
+        };
+        body.map(|b| (self.bodies, b))
     }
 
     /// Processes as much of `input` as it can. Returns the bytes consumed and what to do next; on
@@ -690,6 +708,7 @@ impl<P: EnvelopePolicy> Session<P> {
                 self.out
                     .extend_from_slice(b"354 End data with <CR><LF>.<CR><LF>\r\n");
                 let l = &self.config.limits;
+                self.bodies += 1;
                 self.state = State::Data(
                     Body::new(l.max_message_size, l.max_line_length)
                         .budgeted(self.config.budget.as_ref()),
@@ -708,9 +727,11 @@ impl<P: EnvelopePolicy> Session<P> {
             Some(tx) => {
                 let l = &self.config.limits;
                 let budget = self.config.budget.as_ref();
-                tx.chunks.get_or_insert_with(|| {
-                    Body::new(l.max_message_size, l.max_line_length).budgeted(budget)
-                });
+                if tx.chunks.is_none() {
+                    self.bodies += 1;
+                    tx.chunks =
+                        Some(Body::new(l.max_message_size, l.max_line_length).budgeted(budget));
+                }
                 None
             }
         };
@@ -793,6 +814,7 @@ impl<P: EnvelopePolicy> Session<P> {
             tls: self.tls.clone(),
             protocol,
             submission: self.config.auth_required,
+            body_number: self.bodies,
         })))
     }
 

@@ -712,6 +712,11 @@ impl Core {
 
     /// The next job for a destination: the first ready message that still has due recipients there.
     /// None while stopping.
+    /// Some destination waits for a place under the total connection cap.
+    pub fn places_wanted(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
     pub fn next_job(&mut self, key: &DestKey, now: u64) -> Option<Job> {
         if self.stopping {
             return None;

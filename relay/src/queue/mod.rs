@@ -13,6 +13,7 @@
 
 pub mod core;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -31,6 +32,10 @@ use self::core::{Action, Compaction, Core, Outcome, Settings, domain_of};
 pub use self::core::{Attempt, DestKey, Job, MessageView, NewEntry, RecipientView, Reply};
 
 /// How often old spool segments are looked at for reclaiming.
+/// How long a delivery connection with nothing to send waits for its destination's next message before it
+/// says QUIT: under a steady stream each message would otherwise open (and the peer accept) a connection of
+/// its own. Postfix keeps its connection cache for 2 s by default.
+const IDLE_WAIT: Duration = Duration::from_secs(1);
 const COMPACT_EVERY: Duration = Duration::from_secs(10);
 /// How often the queue gauges are refreshed.
 const GAUGES_EVERY: Duration = Duration::from_secs(2);
@@ -199,7 +204,13 @@ impl Slot {
             attempt,
             next: Some(tx),
         });
-        rx.await.ok().flatten()
+        // With nothing for its destination now, the queue keeps the connection a moment for the next
+        // message; past that it closes (a job sent as it gave up goes back to the queue).
+        tokio::time::timeout(IDLE_WAIT, rx)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten()
     }
 
     /// Gives back a job that was never attempted (the relay is stopping); the place is freed with it.
@@ -257,6 +268,9 @@ struct Shell {
     sweeping: Arc<AtomicBool>,
     /// Outcomes for the suppression list, see [`start_observer`].
     observer: mpsc::UnboundedSender<Observed>,
+    /// Connections that finished a job when their destination had no other, waiting [`IDLE_WAIT`] for the
+    /// next one, by destination: a new message goes over one of them rather than a new connection.
+    idle: HashMap<DestKey, Vec<oneshot::Sender<Option<Job>>>>,
 }
 
 /// One recipient's outcome on its way to the suppression list.
@@ -332,6 +346,7 @@ pub fn start(
         compacting: false,
         sweeping: Arc::new(AtomicBool::new(false)),
         observer,
+        idle: HashMap::new(),
     };
     let now = now_ms();
     for l in loaded {
@@ -411,6 +426,7 @@ impl Shell {
                 _ = gauges.tick() => self.gauges(),
                 _ = sweep.tick() => self.sweep(),
             }
+            self.serve_idle(now_ms());
             if let Some(reply) = self.stopping.take() {
                 if self.core.idle() {
                     let _ = reply.send(());
@@ -436,11 +452,16 @@ impl Shell {
                 self.finished(attempt, now);
                 // Without a next job the connection closes; its place is freed when its slot goes.
                 if let Some(tx) = next {
-                    let job = self.core.next_job(&dest, now);
-                    // If the connection went away meanwhile, its job goes back to the queue.
-                    if let Err(Some(job)) = tx.send(job) {
-                        let actions = self.core.give_back(&job, now);
-                        self.act(actions, None);
+                    match self.core.next_job(&dest, now) {
+                        Some(job) => self.hand(tx, job, now),
+                        // Nothing now: it waits a moment for the destination's next message (see
+                        // `serve_idle`), unless other destinations wait for its place.
+                        None if self.stopping.is_none() && !self.core.places_wanted() => {
+                            self.idle.entry(dest).or_default().push(tx);
+                        }
+                        None => {
+                            let _ = tx.send(None);
+                        }
                     }
                 }
             }
@@ -539,6 +560,15 @@ impl Shell {
                     let slot = Slot {
                         queue: self.handle.clone(),
                         dest: job.dest.clone(),
+                    };
+                    // An idle connection to the destination takes the job; the place the core set aside
+                    // for a new one is given back as the unused slot drops.
+                    let job = match self.idle_connection(&job.dest) {
+                        Some(tx) => match tx.send(Some(job)) {
+                            Ok(()) => continue,
+                            Err(job) => job.unwrap_or_else(|| unreachable!("sent Some")),
+                        },
+                        None => job,
                     };
                     self.dispatcher.clone().start(job, slot);
                 }
@@ -742,6 +772,54 @@ impl Shell {
         });
     }
 
+    /// Gives `job` to the connection waiting on `tx`; if that connection went away meanwhile, the job goes
+    /// back to the queue.
+    fn hand(&mut self, tx: oneshot::Sender<Option<Job>>, job: Job, now: u64) {
+        if let Err(Some(job)) = tx.send(Some(job)) {
+            let actions = self.core.give_back(&job, now);
+            self.act(actions, None);
+        }
+    }
+
+    /// An idle connection to `dest` still waiting, if there is one.
+    fn idle_connection(&mut self, dest: &DestKey) -> Option<oneshot::Sender<Option<Job>>> {
+        let waiting = self.idle.get_mut(dest)?;
+        let found = std::iter::from_fn(|| waiting.pop()).find(|tx| !tx.is_closed());
+        if waiting.is_empty() {
+            self.idle.remove(dest);
+        }
+        found
+    }
+
+    /// Hands ready messages to idle connections of their destination, which the core does not start new
+    /// connections for when the destination's connections are all open (idle). Idle connections are let go
+    /// when the relay stops or another destination waits for a place under the total cap.
+    fn serve_idle(&mut self, now: u64) {
+        if self.idle.is_empty() {
+            return;
+        }
+        if self.stopping.is_some() || self.core.places_wanted() {
+            for (_, waiting) in self.idle.drain() {
+                for tx in waiting {
+                    let _ = tx.send(None);
+                }
+            }
+            return;
+        }
+        let dests: Vec<DestKey> = self.idle.keys().cloned().collect();
+        for dest in dests {
+            while let Some(tx) = self.idle_connection(&dest) {
+                match self.core.next_job(&dest, now) {
+                    Some(job) => self.hand(tx, job, now),
+                    None => {
+                        self.idle.entry(dest.clone()).or_default().push(tx);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
     /// Reclaims the oldest spool segment when the core says it can go, copying forward what keeps it alive.
     fn compact(&mut self) {
         if self.compacting {
@@ -759,10 +837,7 @@ impl Shell {
         tokio::spawn(async move {
             let mut moved = Vec::new();
             for (id, meta, states, location) in copies {
-                let copied = match spool.read(location).await {
-                    Ok(data) => spool.store(&meta, &states, &[&data]).await,
-                    Err(e) => Err(Arc::new(e)),
-                };
+                let copied = copy_forward(&spool, &meta, &states, location).await;
                 match copied {
                     Ok(new) => moved.push((id, new)),
                     Err(e) => {
@@ -862,6 +937,26 @@ impl Shell {
             }
         });
     }
+}
+
+/// Copies a message forward into the current segment (its old segment is being reclaimed). A message of
+/// more than one read piece goes through a spill, a piece at a time, rather than whole through memory.
+async fn copy_forward(
+    spool: &Spool,
+    meta: &MessageMeta,
+    states: &[RcptState],
+    location: Location,
+) -> Result<Location, Arc<crate::spool::SpoolError>> {
+    if location.len <= crate::spool::READ_CHUNK as u64 {
+        let data = spool.read(location).await.map_err(Arc::new)?;
+        return spool.store(meta, states, &[&data]).await;
+    }
+    let mut spill = spool.spill().await.map_err(|e| Arc::new(e.into()))?;
+    let mut reader = spool.message(location).await.map_err(Arc::new)?;
+    while let Some(piece) = reader.next_piece().await.map_err(Arc::new)? {
+        spill.write(piece).await.map_err(|e| Arc::new(e.into()))?;
+    }
+    spool.store_with(meta, states, &[], Some(spill)).await
 }
 
 /// The start of a message through its header section (the first empty line), at most `limit` bytes, cut
@@ -1020,6 +1115,34 @@ mod tests {
             base += buf.len();
         }
         out
+    }
+
+    #[tokio::test]
+    async fn a_large_message_is_copied_forward_a_piece_at_a_time_and_reads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let meta = MessageMeta {
+            id: spool.next_id(),
+            received_at_ms: now_ms(),
+            smtputf8: false,
+            eight_bit: false,
+            listener: "a".into(),
+            auth_user: None,
+            peer: "127.0.0.1:1".into(),
+            sender: "app@example.test".into(),
+            recipients: vec!["a@dest.test".into()],
+            dsn: Default::default(),
+            rcpt_dsn: vec![Default::default()],
+        };
+        for size in [100, crate::spool::READ_CHUNK * 5 + 3] {
+            let data: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+            let old = spool.store(&meta, &[], &[&data]).await.unwrap();
+            let new = copy_forward(&spool, &meta, &[RcptState::QUEUED], old)
+                .await
+                .unwrap();
+            assert!(new.offset > old.offset);
+            assert!(spool.read(new).await.unwrap() == data, "{size} bytes");
+        }
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::auth::Checked;
+use super::inbound::Inbound;
 use super::tls::version_name;
 use super::{ListenerContext, ListenerSettings};
 use crate::cleanup;
@@ -89,9 +90,22 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     // Room for a whole line at the limit, plus a good read's worth.
     let mut buf = vec![0u8; cfg.session.limits.max_line_length + 64 * 1024];
     let (mut start, mut end) = (0usize, 0usize);
+    let mut inbound: Option<Inbound> = None;
     loop {
         let (used, action) = session.process(&buf[start..end]);
         start += used;
+        match session.body_in_progress() {
+            Some((number, body)) => {
+                let inb = match &mut inbound {
+                    Some(i) if i.number() == number => i,
+                    _ => inbound.insert(Inbound::new(number)),
+                };
+                inb.progress(body, &cfg.signers, &ctx.spool).await;
+            }
+            // Between bodies; what was seen of a body that ended without being accepted goes.
+            None if !matches!(action, Action::Accept(_)) => inbound = None,
+            None => {}
+        }
         match action {
             Action::NeedInput => {
                 flush(stream, session, ctx).await?;
@@ -157,7 +171,11 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             Action::Accept(envelope) => {
-                let reply = accept(ctx, cfg, session.policy(), *envelope).await;
+                let seen = match inbound.take() {
+                    Some(i) if i.number() == envelope.body_number => i,
+                    _ => Inbound::new(envelope.body_number),
+                };
+                let reply = accept(ctx, cfg, session.policy(), *envelope, seen).await;
                 session.message_result(reply);
             }
             Action::Close => {
@@ -200,8 +218,16 @@ async fn accept(
     cfg: &ListenerSettings,
     policy: &SessionPolicy,
     mut env: Envelope,
+    inbound: Inbound,
 ) -> Result<Reply, Refusal> {
     let listener = &ctx.name;
+    let mut received = match inbound.finish(&mut env.body, &cfg.signers).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(%listener, error = %e, "spill write failed; message refused with 452");
+            return Err(Refusal::new(SPOOL_FAILURE, RejectReason::SpoolError));
+        }
+    };
     let mut rcpt_dsn = std::mem::take(&mut env.rcpt_dsn).into_iter();
     let (reports, others): (Vec<_>, Vec<_>) = std::mem::take(&mut env.recipients)
         .into_iter()
@@ -213,14 +239,32 @@ async fn accept(
         let rules = ctx.rules.clone();
         let list = ctx.suppressions.clone();
         let telemetry = ctx.telemetry.clone();
-        let body = std::mem::take(&mut env.body);
+        // A report too large to have stayed in memory is read back as far as a report is ever parsed (one
+        // byte more says it was cut): the report parts come before any copy of the original message.
+        let (body, spilled) = match &mut received.spill {
+            Some(spill) => match spill
+                .head(crate::outcome::report::MAX_REPORT_BYTES + 1)
+                .await
+            {
+                Ok(head) => (head, true),
+                Err(e) => {
+                    tracing::error!(%listener, error = %e, "cannot read a spilled report back; message refused with 452");
+                    return Err(Refusal::new(SPOOL_FAILURE, RejectReason::SpoolError));
+                }
+            },
+            None => (std::mem::take(&mut env.body), false),
+        };
         let done = tokio::task::spawn_blocking(move || {
             crate::outcome::feedback::process(&body, &locals, &rules, &list, &telemetry);
             body
         })
         .await;
         match done {
-            Ok(body) => env.body = body,
+            Ok(body) => {
+                if !spilled {
+                    env.body = body;
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "report processing task failed; message refused with 451");
                 return Err(local_problem());
@@ -237,7 +281,14 @@ async fn accept(
     }
     let id = ctx.spool.next_id();
     let hostname = &cfg.session.hostname;
-    let prefix = match cleanup::prefix_headers(&env, id, hostname, policy, Utc::now()) {
+    let prefix = match cleanup::prefix_headers(
+        &env,
+        &received.header,
+        id,
+        hostname,
+        policy,
+        Utc::now(),
+    ) {
         Ok(p) => p,
         Err(r) => {
             tracing::info!(%listener, client = %env.peer.ip(), reply = %r.reply, "message refused");
@@ -245,28 +296,26 @@ async fn accept(
         }
     };
     // Signed once, here: the signature is spooled with the message, so no retry or recipient signs again.
-    // An RSA signature costs about a millisecond of CPU: off the async runtime.
-    let prefix = if cfg.signers.is_empty() {
-        prefix
-    } else {
-        let signers = cfg.signers.clone();
-        let body = std::mem::take(&mut env.body);
-        let signed = tokio::task::spawn_blocking(move || {
-            let sig = signers.sign(&[prefix.as_bytes(), &body]);
-            (sig, prefix, body)
-        })
-        .await;
-        match signed {
-            Ok((sig, prefix, body)) => {
-                env.body = body;
-                match sig {
-                    Some(sig) => format!("{sig}{prefix}"),
-                    None => prefix,
+    // The body hash was taken as the body arrived; what is left is the header hash and the key operation
+    // (an RSA signature is a few hundred microseconds of CPU: off the async runtime).
+    let prefix = match received.body_hash {
+        None => prefix,
+        Some((domain, body_hash)) => {
+            let signers = cfg.signers.clone();
+            let header = std::mem::take(&mut received.header);
+            let signed = tokio::task::spawn_blocking(move || {
+                let sig =
+                    signers.sign_with_body_hash(&domain, &[prefix.as_bytes(), &header], &body_hash);
+                (sig, prefix)
+            })
+            .await;
+            match signed {
+                Ok((Some(sig), prefix)) => format!("{sig}{prefix}"),
+                Ok((None, prefix)) => prefix,
+                Err(e) => {
+                    tracing::error!(error = %e, "DKIM signing task failed; message refused with 451");
+                    return Err(local_problem());
                 }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "DKIM signing task failed; message refused with 451");
-                return Err(local_problem());
             }
         }
     };
@@ -287,7 +336,7 @@ async fn accept(
     };
     match ctx
         .spool
-        .store(&meta, &[], &[prefix.as_bytes(), &env.body])
+        .store_with(&meta, &[], &[prefix.as_bytes(), &env.body], received.spill)
         .await
     {
         Ok(location) => {

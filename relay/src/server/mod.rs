@@ -9,6 +9,7 @@
 
 pub mod auth;
 mod conn;
+mod inbound;
 pub mod tls;
 
 use std::collections::HashMap;

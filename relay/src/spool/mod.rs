@@ -23,27 +23,39 @@
 //! was deleted before it, except for messages that are finished anyway.
 
 pub mod record;
+mod spill;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, IoSlice, Write};
+use std::io::{self, IoSlice, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, oneshot};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
 
 pub use record::{MessageMeta, QueueId, RcptState, RcptStatus, RcptUpdate};
+pub use spill::{Spill, SpillError};
 
 /// A segment is closed and a new one started past this size.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// The longest recipient state changes wait for a sync when nothing else brings one (see [`Writer::run`]).
+const UNSYNCED_MAX: Duration = Duration::from_millis(200);
 /// Upper bound on one group commit, so a burst cannot delay the first writer's answer without bound.
 const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// The largest piece a [`MessageReader`] reads at once: what one delivery holds of its message, whatever the
 /// message's size. Large enough that the hop to a blocking thread per piece costs little.
 pub const READ_CHUNK: usize = 128 * 1024;
+
+/// Messages up to this size are kept in memory for a while after they are stored (see [`Recent`]).
+const RECENT_MESSAGE_MAX: usize = 64 * 1024;
+/// Bytes of recently stored messages kept in memory, all together.
+const RECENT_BYTES: usize = 16 * 1024 * 1024;
 
 /// Errors of the spool.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +70,8 @@ pub enum SpoolError {
     Write { path: PathBuf, source: io::Error },
     #[error("the spool writer has stopped")]
     Stopped,
+    #[error(transparent)]
+    Spill(#[from] SpillError),
 }
 
 /// Where a message's data lies: segment number, byte offset and length.
@@ -80,8 +94,17 @@ type Ack = oneshot::Sender<Result<(u64, u64), Arc<SpoolError>>>;
 
 struct WriteRequest {
     record: Vec<u8>,
+    /// The end of the record's data, still in a spill file: copied in right after `record`.
+    tail: Option<spill::Finished>,
     /// Answered once the record is durable; `None` for records nobody waits on (state changes).
     done: Option<Ack>,
+}
+
+impl WriteRequest {
+    /// Bytes this request adds to the segment.
+    fn len(&self) -> usize {
+        self.record.len() + self.tail.as_ref().map_or(0, |t| t.len as usize)
+    }
 }
 
 /// Handle to the spool; cheap to clone.
@@ -93,13 +116,15 @@ pub struct Spool {
 #[derive(Debug)]
 struct Inner {
     dir: PathBuf,
-    tx: mpsc::UnboundedSender<WriteRequest>,
+    tx: mpsc::Sender<WriteRequest>,
     last_id: AtomicU64,
     bytes: Arc<AtomicU64>,
     /// The segment the writer appends to; never deleted.
     current: Arc<AtomicU64>,
     /// Open segments for reading message data, by number.
     readers: Mutex<HashMap<u64, Arc<File>>>,
+    /// The data of the small messages stored last.
+    recent: Mutex<Recent>,
     /// Sizes of the segments on disk, by number.
     sizes: Arc<Mutex<BTreeMap<u64, u64>>>,
 }
@@ -107,7 +132,7 @@ struct Inner {
 impl std::fmt::Debug for WriteRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WriteRequest")
-            .field("len", &self.record.len())
+            .field("len", &self.len())
             .finish()
     }
 }
@@ -157,7 +182,7 @@ impl Spool {
         let next_segment = numbers.last().map_or(1, |n| n + 1);
         let writer = Writer::create(seg_dir.clone(), next_segment, lock)?;
         sizes.insert(next_segment, 0);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel();
         let inner = Arc::new(Inner {
             dir: seg_dir.clone(),
             tx,
@@ -165,6 +190,7 @@ impl Spool {
             bytes: Arc::new(AtomicU64::new(bytes)),
             current: Arc::new(AtomicU64::new(next_segment)),
             readers: Mutex::new(HashMap::new()),
+            recent: Mutex::new(Recent::default()),
             sizes: Arc::new(Mutex::new(sizes)),
         });
         let shared = WriterShared {
@@ -212,23 +238,65 @@ impl Spool {
         states: &[RcptState],
         parts: &[&[u8]],
     ) -> Result<Location, Arc<SpoolError>> {
-        let size: usize = parts.iter().map(|p| p.len()).sum();
-        let mut record = Vec::with_capacity(size + 256);
-        let data_offset = record::encode_message(&mut record, meta, states, parts);
+        self.store_with(meta, states, parts, None).await
+    }
+
+    /// A place for a message's bytes while it arrives, when it is too large to hold in memory; hand it to
+    /// [`Spool::store_with`] at its end.
+    pub async fn spill(&self) -> Result<Spill, SpillError> {
+        Spill::create(self.inner.dir.clone()).await
+    }
+
+    /// [`Spool::store`] for a message whose data is `parts` followed by what was written to `spill`.
+    pub async fn store_with(
+        &self,
+        meta: &MessageMeta,
+        states: &[RcptState],
+        parts: &[&[u8]],
+        spill: Option<Spill>,
+    ) -> Result<Location, Arc<SpoolError>> {
+        let tail = match spill {
+            Some(s) => Some(
+                s.finish()
+                    .await
+                    .map_err(|e| Arc::new(SpoolError::from(e)))?,
+            ),
+            None => None,
+        };
+        let in_record: usize = parts.iter().map(|p| p.len()).sum();
+        let size = in_record as u64 + tail.as_ref().map_or(0, |t| t.len);
+        let mut record = Vec::with_capacity(in_record + 256);
+        let data_offset = record::encode_message_head(
+            &mut record,
+            meta,
+            states,
+            parts,
+            tail.as_ref().map(|t| record::Tail {
+                len: t.len,
+                crc: &t.crc,
+            }),
+        );
         let (done, wait) = oneshot::channel();
         self.inner
             .tx
             .send(WriteRequest {
                 record,
+                tail,
                 done: Some(done),
             })
             .map_err(|_| Arc::new(SpoolError::Stopped))?;
         let (segment, offset) = wait.await.map_err(|_| Arc::new(SpoolError::Stopped))??;
-        Ok(Location {
+        let location = Location {
             segment,
             offset: offset + data_offset as u64,
-            len: size as u64,
-        })
+            len: size,
+        };
+        if size as usize <= RECENT_MESSAGE_MAX {
+            self.inner
+                .recent()
+                .insert(location, Arc::from(parts.concat()));
+        }
+        Ok(location)
     }
 
     /// Appends recipient state changes. They are written in call order, in the next group commit; the call
@@ -250,7 +318,11 @@ impl Spool {
         if self
             .inner
             .tx
-            .send(WriteRequest { record, done: None })
+            .send(WriteRequest {
+                record,
+                tail: None,
+                done: None,
+            })
             .is_err()
         {
             tracing::error!("spool writer has stopped; a recipient state change was not recorded");
@@ -264,6 +336,7 @@ impl Spool {
             .tx
             .send(WriteRequest {
                 record: Vec::new(),
+                tail: None,
                 done: Some(done),
             })
             .map_err(|_| Arc::new(SpoolError::Stopped))?;
@@ -273,6 +346,9 @@ impl Spool {
 
     /// Reads a message's data.
     pub async fn read(&self, location: Location) -> Result<Vec<u8>, SpoolError> {
+        if let Some(data) = self.inner.recent().get(location) {
+            return Ok(data.to_vec());
+        }
         let inner = self.inner.clone();
         let path = segment_path(&inner.dir, location.segment);
         let res = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
@@ -289,6 +365,17 @@ impl Spool {
 
     /// Opens a message's data for reading a piece at a time, so that sending it never needs it whole.
     pub async fn message(&self, location: Location) -> Result<MessageReader, SpoolError> {
+        // A message stored a moment ago is usually still in memory: no read at all.
+        if let Some(data) = self.inner.recent().get(location) {
+            return Ok(MessageReader {
+                inner: self.inner.clone(),
+                source: Source::Memory(data),
+                location,
+                pos: 0,
+                buf: Vec::new(),
+                buf_at: None,
+            });
+        }
         // Nearly always the segment is open already: then no hop to a blocking thread.
         let open = self
             .inner
@@ -313,7 +400,7 @@ impl Spool {
         };
         Ok(MessageReader {
             inner: self.inner.clone(),
-            file,
+            source: Source::File(file),
             location,
             pos: 0,
             buf: Vec::new(),
@@ -373,7 +460,7 @@ impl Spool {
 #[derive(Debug)]
 pub struct MessageReader {
     inner: Arc<Inner>,
-    file: Arc<File>,
+    source: Source,
     location: Location,
     /// Bytes of the message read so far.
     pos: u64,
@@ -407,10 +494,17 @@ impl MessageReader {
             return Ok(None);
         }
         let n = left.min(READ_CHUNK as u64) as usize;
+        let file = match &self.source {
+            Source::Memory(data) => {
+                let at = self.pos as usize;
+                self.pos += n as u64;
+                return Ok(Some(&data[at..at + n]));
+            }
+            Source::File(file) => file.clone(),
+        };
         if self.buf_at != Some(self.pos) || self.buf.len() != n {
             self.buf_at = None;
             let mut buf = std::mem::take(&mut self.buf);
-            let file = self.file.clone();
             let offset = self.location.offset + self.pos;
             let (buf, read) = tokio::task::spawn_blocking(move || {
                 buf.resize(n, 0);
@@ -435,7 +529,59 @@ impl MessageReader {
     }
 }
 
+/// Where a [`MessageReader`] reads from.
+#[derive(Debug)]
+enum Source {
+    /// The message's segment, held open: a segment deleted meanwhile stays readable until the reader goes.
+    File(Arc<File>),
+    /// The message's data, still in memory since it was stored.
+    Memory(Arc<[u8]>),
+}
+
+/// The data of the small messages stored last, up to [`RECENT_BYTES`], oldest dropped first.
+///
+/// Nearly every message is delivered moments after it is stored: kept here, its first delivery reads no
+/// segment and takes no hop to a blocking thread. A message that waits longer is read from its segment
+/// (mostly from the page cache) as before, so what the queue holds per message stays an index entry.
+#[derive(Debug, Default)]
+struct Recent {
+    data: HashMap<(u64, u64), Arc<[u8]>>,
+    order: std::collections::VecDeque<(u64, u64)>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn insert(&mut self, at: Location, data: Arc<[u8]>) {
+        let key = (at.segment, at.offset);
+        self.bytes += data.len();
+        if let Some(old) = self.data.insert(key, data) {
+            self.bytes -= old.len();
+        } else {
+            self.order.push_back(key);
+        }
+        while self.bytes > RECENT_BYTES {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(d) = self.data.remove(&oldest) {
+                self.bytes -= d.len();
+            }
+        }
+    }
+
+    fn get(&self, at: Location) -> Option<Arc<[u8]>> {
+        self.data
+            .get(&(at.segment, at.offset))
+            .filter(|d| d.len() as u64 == at.len)
+            .cloned()
+    }
+}
+
 impl Inner {
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn reader(&self, segment: u64) -> io::Result<Arc<File>> {
         let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = readers.get(&segment) {
@@ -665,6 +811,8 @@ struct Writer {
     broken: Option<Arc<SpoolError>>,
     /// A state change that nobody waited for was not written; the next sync reports it.
     unacked_lost: Option<Arc<SpoolError>>,
+    /// Something was written after the last sync.
+    unsynced: bool,
 }
 
 impl Writer {
@@ -674,9 +822,12 @@ impl Writer {
             path: path.clone(),
             source,
         };
+        // Not O_APPEND: copy_file_range (spilled message data, see `write_batch`) refuses such a target. The
+        // writer is the file's only writer and keeps its position at the end (a failed write is cut back
+        // and the position with it).
         let file = OpenOptions::new()
             .create_new(true)
-            .append(true)
+            .write(true)
             .open(&path)
             .map_err(err)?;
         // A new file's name is durable only once its directory is synced.
@@ -689,27 +840,49 @@ impl Writer {
             lock,
             broken: None,
             unacked_lost: None,
+            unsynced: false,
         })
     }
 
-    fn run(mut self, mut rx: mpsc::UnboundedReceiver<WriteRequest>, shared: WriterShared) {
+    /// Takes requests until every sender is gone. A batch that somebody waits on (a new message, a sync) is
+    /// synced before it is answered. A batch of state changes only is written and left for the next sync,
+    /// at most [`UNSYNCED_MAX`] later: nobody waits on them, a crash of the process loses nothing written,
+    /// and one sync per delivery would cost as much as the deliveries. What only a power cut can lose is
+    /// that moment's "delivered", and such a recipient is delivered again (at least once, never lost).
+    fn run(mut self, rx: mpsc::Receiver<WriteRequest>, shared: WriterShared) {
         let mut batch: Vec<WriteRequest> = Vec::new();
-        while let Some(first) = rx.blocking_recv() {
-            let mut size = first.record.len();
+        loop {
+            let first = if self.unsynced {
+                match rx.recv_timeout(UNSYNCED_MAX) {
+                    Ok(r) => r,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.sync_unsynced();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(r) => r,
+                    Err(_) => break,
+                }
+            };
+            let mut size = first.len();
             batch.push(first);
             // Everything that queued up during the previous sync joins this one.
             while size < MAX_BATCH_BYTES {
                 match rx.try_recv() {
                     Ok(r) => {
-                        size += r.record.len();
+                        size += r.len();
                         batch.push(r);
                     }
                     Err(_) => break,
                 }
             }
             let start = self.len;
-            let written: usize = batch.iter().map(|r| r.record.len()).sum();
-            let result = self.commit(&batch);
+            let written: usize = batch.iter().map(WriteRequest::len).sum();
+            let waited_on = batch.iter().any(|r| r.done.is_some());
+            let result = self.commit(&batch, waited_on);
             if let Err(e) = &result
                 && batch
                     .iter()
@@ -727,7 +900,7 @@ impl Writer {
             }
             let mut offset = start;
             for req in batch.drain(..) {
-                let len = req.record.len() as u64;
+                let len = req.len() as u64;
                 if let Some(done) = req.done {
                     let reply = match &result {
                         // A sync: everything sent before it must be durable, not only this batch.
@@ -744,8 +917,23 @@ impl Writer {
                 offset += len;
             }
             if self.len >= SEGMENT_BYTES {
+                self.sync_unsynced();
                 self.rotate(&shared);
             }
+        }
+        self.sync_unsynced();
+    }
+
+    /// Syncs what was written without a sync; a failure is reported by the next [`Spool::sync`].
+    fn sync_unsynced(&mut self) {
+        if !self.unsynced {
+            return;
+        }
+        self.unsynced = false;
+        if let Err(source) = self.file.sync_data() {
+            let path = segment_path(&self.dir, self.number);
+            tracing::error!(segment = %path.display(), error = %source, "syncing recipient state changes failed");
+            self.unacked_lost = Some(Arc::new(SpoolError::Write { path, source }));
         }
     }
 
@@ -781,34 +969,80 @@ impl Writer {
     /// The records go out with vectored writes straight from the requests: copying them into one buffer
     /// first would hold every message of the batch twice, and keep a buffer as large as the largest batch
     /// ever for the life of the process.
-    fn commit(&mut self, batch: &[WriteRequest]) -> Result<(), Arc<SpoolError>> {
+    fn commit(&mut self, batch: &[WriteRequest], sync: bool) -> Result<(), Arc<SpoolError>> {
         if let Some(e) = &self.broken {
             return Err(e.clone());
         }
-        let mut slices: Vec<IoSlice<'_>> = batch
-            .iter()
-            .filter(|r| !r.record.is_empty())
-            .map(|r| IoSlice::new(&r.record))
-            .collect();
-        if slices.is_empty() {
+        let total: usize = batch.iter().map(WriteRequest::len).sum();
+        if total == 0 {
+            // A sync alone: it makes durable what earlier batches left unsynced.
+            if sync && self.unsynced {
+                self.unsynced = false;
+                self.file.sync_data().map_err(|source| {
+                    Arc::new(SpoolError::Write {
+                        path: segment_path(&self.dir, self.number),
+                        source,
+                    })
+                })?;
+            }
             return Ok(());
         }
-        let total: usize = slices.iter().map(|s| s.len()).sum();
         let path = segment_path(&self.dir, self.number);
-        match write_all_vectored(&mut self.file, &mut slices).and_then(|()| self.file.sync_data()) {
+        let written = self
+            .write_batch(batch)
+            .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
+        match written {
             Ok(()) => {
                 self.len += total as u64;
+                // A sync covers everything written before it.
+                self.unsynced = !sync;
                 Ok(())
             }
             Err(source) => {
                 let err = Arc::new(SpoolError::Write { path, source });
-                if let Err(e) = self.file.set_len(self.len) {
+                let cut = self
+                    .file
+                    .set_len(self.len)
+                    .and_then(|()| self.file.seek(SeekFrom::Start(self.len)).map(drop));
+                if let Err(e) = cut {
                     tracing::error!(error = %e, "cannot cut a failed spool write back; refusing further writes until a restart");
                     self.broken = Some(err.clone());
                 }
                 Err(err)
             }
         }
+    }
+
+    /// Writes the batch's records in order: runs of in-memory records in one vectored write each, and each
+    /// spill straight from its file behind its record's head.
+    fn write_batch(&mut self, batch: &[WriteRequest]) -> io::Result<()> {
+        let mut from = 0;
+        for (i, req) in batch.iter().enumerate() {
+            let Some(tail) = &req.tail else { continue };
+            self.write_records(&batch[from..=i])?;
+            // std's copy is copy_file_range between two files on Linux: the kernel moves the bytes.
+            let copied = io::copy(&mut &tail.file, &mut self.file)?;
+            if copied != tail.len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "spill file holds {copied} bytes, {} were written to it",
+                        tail.len
+                    ),
+                ));
+            }
+            from = i + 1;
+        }
+        self.write_records(&batch[from..])
+    }
+
+    fn write_records(&mut self, requests: &[WriteRequest]) -> io::Result<()> {
+        let mut slices: Vec<IoSlice<'_>> = requests
+            .iter()
+            .filter(|r| !r.record.is_empty())
+            .map(|r| IoSlice::new(&r.record))
+            .collect();
+        write_all_vectored(&mut self.file, &mut slices)
     }
 }
 
@@ -953,6 +1187,86 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_small_message_just_stored_reads_from_memory_and_a_large_one_from_its_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let small = b"Subject: s\r\n\r\nsmall\r\n".to_vec();
+        let large = vec![b'x'; RECENT_MESSAGE_MAX + 1];
+        let (a, b) = (spool.next_id(), spool.next_id());
+        let at_small = spool.store(&meta(a), &[], &[&small]).await.unwrap();
+        let at_large = spool.store(&meta(b), &[], &[&large]).await.unwrap();
+        // The segment loses its data behind the spool's back: only what is in memory still reads.
+        let seg = segment_path(&dir.path().join("segments"), at_small.segment);
+        OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        assert_eq!(spool.read(at_small).await.unwrap(), small);
+        let mut reader = spool.message(at_small).await.unwrap();
+        assert_eq!(reader.next_piece().await.unwrap(), Some(&small[..]));
+        assert_eq!(reader.next_piece().await.unwrap(), None);
+        assert!(spool.read(at_large).await.is_err());
+        let mut reader = spool.message(at_large).await.unwrap();
+        assert!(reader.next_piece().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn spilled_data_lands_in_the_record_between_others_and_replays_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        // Data with every byte value, larger than one read piece, written to the spill in odd pieces.
+        let big: Vec<u8> = (0..READ_CHUNK * 3 + 17)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let (spilled, small_a, small_b) = {
+            let (spool, _) = Spool::open(dir.path()).unwrap();
+            let mut spill = spool.spill().await.unwrap();
+            for piece in big.chunks(65_521) {
+                spill.write(piece).await.unwrap();
+            }
+            assert_eq!(spill.len(), big.len() as u64);
+            let (a, b, c) = (spool.next_id(), spool.next_id(), spool.next_id());
+            // Sent together, so one group commit holds an in-memory record on either side of the spill.
+            let (ma, mb, mc) = (meta(a), dsn_meta(b), meta(c));
+            let (ra, rb, rc) = tokio::join!(
+                spool.store(&ma, &[], &[b"first\r\n"]),
+                spool.store_with(&mb, &[], &[b"Prefix: 1\r\n"], Some(spill)),
+                spool.store(&mc, &[], &[b"last\r\n"]),
+            );
+            let (la, lb, lc) = (ra.unwrap(), rb.unwrap(), rc.unwrap());
+            assert_eq!(lb.len, big.len() as u64 + 11);
+            let mut reader = spool.message(lb).await.unwrap();
+            let mut back = Vec::new();
+            while let Some(p) = reader.next_piece().await.unwrap() {
+                back.extend_from_slice(p);
+            }
+            assert_eq!(&back[..11], b"Prefix: 1\r\n");
+            assert!(
+                back[11..] == big[..],
+                "the spilled bytes read back as written"
+            );
+            assert_eq!(spool.read(la).await.unwrap(), b"first\r\n");
+            assert_eq!(spool.read(lc).await.unwrap(), b"last\r\n");
+            (b, a, c)
+        };
+        let (spool, loaded) = reopen(dir.path());
+        assert_eq!(
+            loaded.len(),
+            3,
+            "every record verifies on replay, checksum included"
+        );
+        let m = loaded.iter().find(|l| l.meta.id == spilled).unwrap();
+        assert_eq!(m.meta, dsn_meta(spilled));
+        let data = spool.read(m.location).await.unwrap();
+        assert!(data[11..] == big[..]);
+        for (id, want) in [(small_a, &b"first\r\n"[..]), (small_b, b"last\r\n")] {
+            let l = loaded.iter().find(|l| l.meta.id == id).unwrap();
+            assert_eq!(spool.read(l.location).await.unwrap(), want);
+        }
+    }
+
+    #[tokio::test]
     async fn a_message_reads_back_in_bounded_pieces_and_again_after_a_rewind() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = Spool::open(dir.path()).unwrap();
@@ -974,14 +1288,16 @@ mod tests {
             assert_eq!((pieces, got == body), (4, true));
             reader.rewind();
         }
-        // A message of one piece is read once for every transaction that sends it.
-        let small = spool
-            .store(&meta(spool.next_id()), &[], &[b"small\r\n"])
+        // A message of one piece is read once for every transaction that sends it (one too large to be
+        // kept in memory after it was stored, so that it is read from its segment).
+        let one = vec![b'o'; RECENT_MESSAGE_MAX + 100];
+        let one_piece = spool
+            .store(&meta(spool.next_id()), &[], &[&one])
             .await
             .unwrap();
-        let mut reader = spool.message(small).await.unwrap();
+        let mut reader = spool.message(one_piece).await.unwrap();
         for _ in 0..2 {
-            assert_eq!(reader.next_piece().await.unwrap(), Some(&b"small\r\n"[..]));
+            assert_eq!(reader.next_piece().await.unwrap(), Some(&one[..]));
             assert_eq!(reader.next_piece().await.unwrap(), None);
             reader.rewind();
         }
@@ -1146,11 +1462,12 @@ mod tests {
             current: Arc::new(AtomicU64::new(1)),
             sizes: Arc::new(Mutex::new(BTreeMap::new())),
         };
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel();
         let thread = std::thread::spawn(move || writer.run(rx, shared));
         let ask = |record: Vec<u8>| {
             let (done, wait) = oneshot::channel();
             tx.send(WriteRequest {
+                tail: None,
                 record,
                 done: Some(done),
             })
@@ -1160,6 +1477,7 @@ mod tests {
         let mut state = Vec::new();
         record::encode_delete(&mut state, QueueId(7));
         tx.send(WriteRequest {
+            tail: None,
             record: state,
             done: None,
         })

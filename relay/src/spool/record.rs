@@ -173,6 +173,26 @@ pub fn encode_message(
     states: &[RcptState],
     parts: &[&[u8]],
 ) -> usize {
+    encode_message_head(out, meta, states, parts, None)
+}
+
+/// The data of a message record that is not in `out` but follows it in the segment: its length and the
+/// CRC-32 of its bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Tail<'a> {
+    pub len: u64,
+    pub crc: &'a crc32fast::Hasher,
+}
+
+/// [`encode_message`] for a record whose data ends with `tail`, written after `out`: the length and checksum
+/// in the frame count it.
+pub fn encode_message_head(
+    out: &mut Vec<u8>,
+    meta: &MessageMeta,
+    states: &[RcptState],
+    parts: &[&[u8]],
+    tail: Option<Tail<'_>>,
+) -> usize {
     let start = out.len();
     let kind = if meta.has_dsn() {
         KIND_MESSAGE_DSN
@@ -195,13 +215,13 @@ pub fn encode_message(
     if kind == KIND_MESSAGE_DSN {
         put_dsn(out, meta);
     }
-    let data_len: usize = parts.iter().map(|p| p.len()).sum();
-    out.extend_from_slice(&(data_len as u64).to_le_bytes());
+    let data_len = parts.iter().map(|p| p.len() as u64).sum::<u64>() + tail.map_or(0, |t| t.len);
+    out.extend_from_slice(&data_len.to_le_bytes());
     let data_offset = out.len() - start;
     for p in parts {
         out.extend_from_slice(p);
     }
-    finish_frame(out, start);
+    finish_frame_with(out, start, tail);
     data_offset
 }
 
@@ -257,10 +277,19 @@ pub fn encode_delete(out: &mut Vec<u8>, id: QueueId) {
 }
 
 fn finish_frame(out: &mut [u8], start: usize) {
-    let payload_len = (out.len() - start - FRAME_LEN) as u32;
+    finish_frame_with(out, start, None)
+}
+
+fn finish_frame_with(out: &mut [u8], start: usize, tail: Option<Tail<'_>>) {
+    let payload_len = (out.len() - start - FRAME_LEN) as u64 + tail.map_or(0, |t| t.len);
+    // Messages are far below 4 GiB (the size limit is checked as they arrive).
+    let payload_len = payload_len as u32;
     let mut crc = crc32fast::Hasher::new();
     crc.update(&out[start + 1..start + 2]);
     crc.update(&out[start + FRAME_LEN..]);
+    if let Some(t) = tail {
+        crc.combine(t.crc);
+    }
     out[start + 2..start + 6].copy_from_slice(&payload_len.to_le_bytes());
     out[start + 6..start + 10].copy_from_slice(&crc.finalize().to_le_bytes());
 }

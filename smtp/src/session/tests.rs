@@ -556,3 +556,39 @@ fn a_bad_or_repeated_dsn_parameter_is_refused_naming_it() {
         assert_eq!(feed(&mut s, "DATA\r\n").0, ["503 5.5.1"], "{params}");
     }
 }
+
+#[test]
+fn a_driver_can_take_body_bytes_as_they_arrive_and_gets_the_rest_with_the_body_number() {
+    let mut s = session();
+    feed(
+        &mut s,
+        "EHLO c.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n",
+    );
+    let (n, body) = s.body_in_progress().expect("a body");
+    assert!(body.buffered().is_empty());
+    feed(&mut s, "one\r\n..two\r\n");
+    let (same, body) = s.body_in_progress().expect("a body");
+    assert_eq!(same, n);
+    assert_eq!(body.buffered(), b"one\r\n.two\r\n");
+    body.take_buffered();
+    let (_, action) = feed(&mut s, "three\r\n.\r\n");
+    let Action::Accept(env) = action else {
+        panic!("no accept")
+    };
+    assert_eq!((env.body_number, &env.body[..]), (n, &b"three\r\n"[..]));
+    assert!(s.body_in_progress().is_none(), "no body between messages");
+    s.message_result(Ok(Reply::new(250, "2.0.0", "Ok")));
+
+    // BDAT: the body lives across chunks, under a new number; a bare CR split from its LF by a take is
+    // still seen.
+    feed(&mut s, "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n");
+    assert!(s.body_in_progress().is_none());
+    feed(&mut s, "BDAT 3\r\nab\r");
+    let (m, body) = s.body_in_progress().expect("a body");
+    assert_ne!(m, n);
+    assert_eq!(body.buffered(), b"ab\r");
+    body.take_buffered();
+    let (codes, _) = feed(&mut s, "BDAT 4 LAST\r\nxy\r\n");
+    assert_eq!(codes, ["554 5.6.0"], "the CR before the take was bare");
+    assert!(s.body_in_progress().is_none());
+}
