@@ -298,6 +298,27 @@ def test_messages_to_one_domain_share_a_connection_up_to_messages_per_connection
     assert peer.max_concurrent == 1, peer.max_concurrent
 
 
+def test_a_message_that_comes_soon_after_the_last_goes_over_the_same_connection(relays, dns, peers):
+    # A connection with nothing to send waits a moment (1 s) for its destination's next message rather
+    # than say QUIT at once; a message accepted within that moment goes over it, not a new connection.
+    peer = peers.aio(FOREIGN)
+    dns.route("foreign.test", FOREIGN)
+    r = start_outbound(relays, dns, peers)
+    shared = []
+    for attempt in range(3):  # bounded: each pair is sent back to back, well inside the moment
+        first, _, _ = send(r, [f"soon{attempt}a@foreign.test"], f"soon{attempt}a")
+        wait_gone(r, first)
+        second, _, _ = send(r, [f"soon{attempt}b@foreign.test"], f"soon{attempt}b")
+        wait_gone(r, second)
+        conns = {t.rcpt_tos[0]: t.conn for t in peer.accepted()}
+        if conns[f"soon{attempt}a@foreign.test"] == conns[f"soon{attempt}b@foreign.test"]:
+            shared.append(attempt)
+            break
+    assert shared, f"every second message opened a connection of its own: {conns}"
+    # The idle connection does say QUIT in the end.
+    assert wait_until(lambda: all(peer.verbs(c)[-1:] == ["QUIT"] for c in set(conns.values())), timeout=30)
+
+
 def test_transactions_on_one_connection_are_separated_by_rset(relays, dns, peers):
     peer = peers.aio(FOREIGN)
     dns.route("foreign.test", FOREIGN)
