@@ -334,7 +334,15 @@ pub fn start(
         observer,
     };
     let now = now_ms();
-    for l in loaded {
+    // The spool's messages are as many as the queue's entries: handing them over one by one while the
+    // whole vector stays allocated would hold both at once, the peak of a start. So the vector is walked
+    // from its end (reversed first, to keep id order) and shrunk as it goes.
+    let mut loaded = loaded;
+    loaded.reverse();
+    while let Some(l) = loaded.pop() {
+        if loaded.len() % 65536 == 0 {
+            loaded.shrink_to_fit();
+        }
         let actions = shell.core.insert(
             NewEntry {
                 meta: l.meta,
@@ -798,7 +806,7 @@ impl Shell {
         let hostname = self.hostname.clone();
         tokio::spawn(async move {
             // RET=FULL returns the message whole when it fits the cap a DSN holds of it, else its headers.
-            let full = dsn::Report::returns_full(meta.dsn.ret, &notices)
+            let full = dsn::Report::returns_full(meta.dsn().ret, &notices)
                 && location.len <= DSN_HEADERS_MAX as u64;
             let original = if full {
                 spool.read(location).await
@@ -823,25 +831,22 @@ impl Shell {
                 original_sender: &meta.sender,
                 arrival,
                 notices: &notices,
-                envid: meta.dsn.envid.as_deref(),
+                envid: meta.dsn().envid.as_deref(),
                 original: &original,
                 ret: (full && !original.is_empty()).then_some(herald_smtp::dsn::Ret::Full),
             };
             let body = dsn::build(&report, now, &format!("{id}@{hostname}"));
-            let dsn_meta = MessageMeta {
+            let mut dsn_meta = MessageMeta::new(
                 id,
-                received_at_ms: now_ms(),
-                smtputf8: meta.smtputf8,
-                // The message returned whole keeps its 8-bit content, and needs BODY=8BITMIME as it did.
-                eight_bit: full && meta.eight_bit,
-                listener: Arc::from("dsn"),
-                auth_user: None,
-                peer: "local".to_owned(),
-                sender: Arc::from(""),
-                recipients: vec![meta.sender.to_string()],
-                dsn: Default::default(),
-                rcpt_dsn: vec![Default::default()],
-            };
+                now_ms(),
+                Arc::from("dsn"),
+                "local",
+                Arc::from(""),
+                [&*meta.sender].into_iter().collect(),
+            );
+            dsn_meta.smtputf8 = meta.smtputf8;
+            // The message returned whole keeps its 8-bit content, and needs BODY=8BITMIME as it did.
+            dsn_meta.eight_bit = full && meta.eight_bit;
             match spool.store(&dsn_meta, &[], &[&body]).await {
                 Ok(location) => {
                     tracing::info!(queue_id = %id, original = %meta.id, "DSN queued");
@@ -915,18 +920,15 @@ mod tests {
     async fn a_dsn_reads_only_the_header_section_of_the_original() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = Spool::open(dir.path()).unwrap();
-        let meta = |id| MessageMeta {
-            id,
-            received_at_ms: 1,
-            smtputf8: false,
-            eight_bit: false,
-            listener: "a".into(),
-            auth_user: None,
-            peer: "127.0.0.1:1".into(),
-            sender: "app@example.test".into(),
-            recipients: vec!["x@dest.test".into()],
-            dsn: Default::default(),
-            rcpt_dsn: vec![Default::default()],
+        let meta = |id| {
+            MessageMeta::new(
+                id,
+                1,
+                "a".into(),
+                "127.0.0.1:1",
+                "app@example.test".into(),
+                ["x@dest.test"].into_iter().collect(),
+            )
         };
         let piece = crate::spool::READ_CHUNK;
         // Headers that end just across the first piece boundary, then a large body.
@@ -1051,19 +1053,14 @@ mod tests {
             rules,
             telemetry,
         );
-        let meta = MessageMeta {
-            id: spool.next_id(),
-            received_at_ms: now_ms(),
-            smtputf8: false,
-            eight_bit: false,
-            listener: "a".into(),
-            auth_user: None,
-            peer: "127.0.0.1:1".into(),
-            sender: "app@example.test".into(),
-            recipients: vec!["gone@dest.test".into()],
-            dsn: Default::default(),
-            rcpt_dsn: vec![Default::default()],
-        };
+        let meta = MessageMeta::new(
+            spool.next_id(),
+            now_ms(),
+            "a".into(),
+            "127.0.0.1:1",
+            "app@example.test".into(),
+            ["gone@dest.test"].into_iter().collect(),
+        );
         let id = meta.id;
         let location = spool
             .store(&meta, &[], &[b"Subject: x\r\n\r\nhi\r\n"])

@@ -24,7 +24,7 @@
 
 pub mod record;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::FileExt;
@@ -452,21 +452,70 @@ fn segment_path(dir: &Path, n: u64) -> PathBuf {
 }
 
 /// Replay state: the latest record of each message, with state changes applied in log order.
+///
+/// A spool can hold millions of messages, and what replay holds of them at its end is the peak of a start,
+/// so it is laid out as tightly as the queue that follows: the messages in one vector, in the order their
+/// first record came (which is nearly the order of their ids), and a small index from id to place, rather
+/// than a map whose slack would be paid on every whole message. A deleted message leaves a hole that
+/// [`Replay::finish`] closes in place. Listener names and senders are shared as they are decoded.
 #[derive(Default)]
 struct Replay {
-    messages: HashMap<QueueId, Loaded>,
+    messages: Vec<Option<Loaded>>,
+    index: HashMap<QueueId, usize>,
+    strings: HashSet<Arc<str>>,
     /// Damaged records skipped.
     damaged: usize,
 }
 
 impl Replay {
+    /// Bound on the shared texts: a spool with more distinct senders only shares less.
+    const MAX_STRINGS: usize = 4096;
+
+    fn intern(&mut self, text: &str) -> Arc<str> {
+        if let Some(t) = self.strings.get(text) {
+            return t.clone();
+        }
+        if self.strings.len() >= Self::MAX_STRINGS {
+            self.strings.clear();
+        }
+        let t: Arc<str> = Arc::from(text);
+        self.strings.insert(t.clone());
+        t
+    }
+
+    fn insert(&mut self, loaded: Loaded) {
+        match self.index.get(&loaded.meta.id) {
+            Some(&at) => self.messages[at] = Some(loaded),
+            None => {
+                self.index.insert(loaded.meta.id, self.messages.len());
+                self.messages.push(Some(loaded));
+            }
+        }
+    }
+
+    fn get_mut(&mut self, id: QueueId) -> Option<&mut Loaded> {
+        let at = *self.index.get(&id)?;
+        self.messages.get_mut(at)?.as_mut()
+    }
+
+    fn remove(&mut self, id: QueueId) {
+        if let Some(at) = self.index.remove(&id)
+            && let Some(slot) = self.messages.get_mut(at)
+        {
+            *slot = None;
+        }
+    }
+
+    /// The messages with a recipient still to deliver, in id order. Built in place: the index goes first,
+    /// and the vector is filtered and sorted where it lies (it is nearly sorted already).
     fn finish(self) -> Vec<Loaded> {
-        let mut out: Vec<Loaded> = self
-            .messages
-            .into_values()
-            .filter(|l| !l.states.iter().all(|s| s.status.is_final()))
+        let Replay { messages, .. } = self;
+        let mut out: Vec<Loaded> = messages
+            .into_iter()
+            .filter_map(|l| l.filter(|l| !l.states.iter().all(|s| s.status.is_final())))
             .collect();
-        out.sort_by_key(|l| l.meta.id);
+        out.shrink_to_fit();
+        out.sort_unstable_by_key(|l| l.meta.id);
         out
     }
 }
@@ -542,9 +591,10 @@ fn replay_segment(
             break;
         }
     }
+    let mut damaged = 0;
     walk(
         &buf[..len],
-        |pos, frame| apply(&mut replay.messages, number, pos, &frame, path),
+        |pos, frame| apply(replay, number, pos, &frame, path),
         |pos, next, e| {
             tracing::error!(
                 segment = %path.display(),
@@ -553,9 +603,10 @@ fn replay_segment(
                 error = %e,
                 "damaged spool record skipped; replay goes on with the next record that verifies"
             );
-            replay.damaged += 1;
+            damaged += 1;
         },
     );
+    replay.damaged += damaged;
     (len, torn)
 }
 
@@ -588,16 +639,12 @@ fn walk<'a>(
 }
 
 /// Applies one record at offset `pos` of segment `number` to the messages replayed so far.
-fn apply(
-    messages: &mut HashMap<QueueId, Loaded>,
-    number: u64,
-    pos: usize,
-    frame: &record::Frame<'_>,
-    path: &Path,
-) {
+fn apply(messages: &mut Replay, number: u64, pos: usize, frame: &record::Frame<'_>, path: &Path) {
     let applied = match frame.kind {
         record::KIND_MESSAGE | record::KIND_MESSAGE_DSN => {
-            record::decode_message(frame.kind, frame.payload).map(|d| {
+            let decoded =
+                record::decode_message_with(frame.kind, frame.payload, &mut |s| messages.intern(s));
+            decoded.map(|d| {
                 let location = Location {
                     segment: number,
                     offset: (pos + record::FRAME_LEN + d.data_offset) as u64,
@@ -605,19 +652,16 @@ fn apply(
                 };
                 let mut states = d.states;
                 states.resize(d.meta.recipients.len(), RcptState::QUEUED);
-                messages.insert(
-                    d.meta.id,
-                    Loaded {
-                        meta: d.meta,
-                        states,
-                        location,
-                    },
-                );
+                messages.insert(Loaded {
+                    meta: d.meta,
+                    states,
+                    location,
+                });
             })
         }
         record::KIND_RESULTS => record::decode_results(frame.payload).map(|(id, updates)| {
             // Results for a message whose record was compacted away belong to a finished message.
-            if let Some(m) = messages.get_mut(&id) {
+            if let Some(m) = messages.get_mut(id) {
                 for u in updates {
                     if let Some(s) = m.states.get_mut(u.index as usize) {
                         *s = u.state;
@@ -626,7 +670,7 @@ fn apply(
             }
         }),
         record::KIND_DELETE => record::decode_delete(frame.payload).map(|id| {
-            messages.remove(&id);
+            messages.remove(id);
         }),
         _ => Ok(()),
     };
@@ -831,38 +875,32 @@ mod tests {
     use super::*;
 
     fn meta(id: QueueId) -> MessageMeta {
-        MessageMeta {
+        MessageMeta::new(
             id,
-            received_at_ms: 1,
-            smtputf8: false,
-            eight_bit: false,
-            listener: "l".into(),
-            auth_user: None,
-            peer: "127.0.0.1:1".into(),
-            sender: "a@b.test".into(),
-            recipients: vec!["c@d.test".into(), "e@d.test".into()],
-            dsn: Default::default(),
-            rcpt_dsn: vec![Default::default(); 2],
-        }
+            1,
+            "l".into(),
+            "127.0.0.1:1",
+            "a@b.test".into(),
+            ["c@d.test", "e@d.test"].into_iter().collect(),
+        )
     }
 
     /// A message whose sender gave DSN parameters, stored in their own record kind.
     fn dsn_meta(id: QueueId) -> MessageMeta {
         use herald_smtp::dsn::{MailDsn, Notify, Orcpt, RcptDsn, Ret};
-        MessageMeta {
-            dsn: MailDsn {
+        meta(id).with_dsn(
+            MailDsn {
                 ret: Some(Ret::Full),
                 envid: Some("E1".into()),
             },
-            rcpt_dsn: vec![
+            vec![
                 RcptDsn::default(),
                 RcptDsn {
                     notify: Some(Notify::NEVER),
                     orcpt: Some(Orcpt::parse("rfc822;e@d.test").unwrap()),
                 },
             ],
-            ..meta(id)
-        }
+        )
     }
 
     fn reopen(dir: &Path) -> (Spool, Vec<Loaded>) {
