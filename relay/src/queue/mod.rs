@@ -23,7 +23,7 @@ use crate::events::Event;
 use crate::outcome::dsn;
 use crate::outcome::suppression::{Evidence, Observation, Suppressions, suppressed};
 use crate::outcome::{Rules, classify};
-use crate::spool::{Location, MessageMeta, QueueId, RcptState, RcptStatus, Spool};
+use crate::spool::{Location, MessageMeta, QueueId, RcptState, RcptStates, RcptStatus, Spool};
 use crate::telemetry::Telemetry;
 use herald_config::Config;
 
@@ -855,7 +855,7 @@ impl Shell {
                     }
                     handle.enqueue(NewEntry {
                         meta: dsn_meta,
-                        states: vec![RcptState::QUEUED],
+                        states: RcptStates::One(RcptState::QUEUED),
                         location,
                     });
                 }
@@ -1068,7 +1068,7 @@ mod tests {
             .unwrap();
         queue.enqueue(NewEntry {
             meta,
-            states: vec![RcptState::QUEUED],
+            states: RcptStates::One(RcptState::QUEUED),
             location,
         });
         // The message bounces, its DSN is queued, and the DSN (from the null sender) bounces in turn.

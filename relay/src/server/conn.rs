@@ -301,7 +301,10 @@ async fn accept(
                 recipients = meta.recipients.len(),
                 "accepted"
             );
-            let states = vec![crate::spool::RcptState::QUEUED; meta.recipients.len()];
+            let states = crate::spool::RcptStates::from(vec![
+                crate::spool::RcptState::QUEUED;
+                meta.recipients.len()
+            ]);
             ctx.telemetry.emit(|| {
                 let mut ev =
                     crate::events::Event::new("accepted", id.to_string(), meta.sender.to_string());

@@ -35,7 +35,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
-pub use record::{MessageMeta, QueueId, RcptState, RcptStatus, RcptUpdate};
+pub use record::{MessageMeta, QueueId, RcptState, RcptStates, RcptStatus, RcptUpdate};
 
 /// A segment is closed and a new one started past this size.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -72,7 +72,7 @@ pub struct Location {
 #[derive(Debug, Clone)]
 pub struct Loaded {
     pub meta: MessageMeta,
-    pub states: Vec<RcptState>,
+    pub states: RcptStates,
     pub location: Location,
 }
 
@@ -654,7 +654,7 @@ fn apply(messages: &mut Replay, number: u64, pos: usize, frame: &record::Frame<'
                 states.resize(d.meta.recipients.len(), RcptState::QUEUED);
                 messages.insert(Loaded {
                     meta: d.meta,
-                    states,
+                    states: states.into(),
                     location,
                 });
             })

@@ -89,6 +89,45 @@ impl RcptState {
     };
 }
 
+/// The states of a message's recipients: a single one inline, since most messages have one and a start
+/// holds this for every message in the spool at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptStates {
+    One(RcptState),
+    Many(Vec<RcptState>),
+}
+
+impl From<Vec<RcptState>> for RcptStates {
+    fn from(mut v: Vec<RcptState>) -> RcptStates {
+        match (v.len(), v.pop()) {
+            (1, Some(s)) => RcptStates::One(s),
+            (_, last) => {
+                v.extend(last);
+                RcptStates::Many(v)
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for RcptStates {
+    type Target = [RcptState];
+    fn deref(&self) -> &[RcptState] {
+        match self {
+            RcptStates::One(s) => std::slice::from_ref(s),
+            RcptStates::Many(v) => v,
+        }
+    }
+}
+
+impl std::ops::DerefMut for RcptStates {
+    fn deref_mut(&mut self) -> &mut [RcptState] {
+        match self {
+            RcptStates::One(s) => std::slice::from_mut(s),
+            RcptStates::Many(v) => v,
+        }
+    }
+}
+
 /// A state change for recipient `index` of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RcptUpdate {
@@ -286,34 +325,39 @@ impl MessageMeta {
     }
 }
 
-/// A message's recipients in one string, without a heap block per address: most messages have one, and
-/// then the string is all there is; more get their end offsets.
+/// A message's recipients in one heap block, without one per address: most messages have one, and then
+/// the block is its text; otherwise the block starts with where each ends (u32 LE, from the end of that
+/// table), followed by their texts.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Recipients {
-    text: Box<str>,
-    /// None: one recipient, `text`. Some: where each ends in `text`.
-    ends: Option<Box<[u32]>>,
+    data: Box<[u8]>,
+    count: u32,
 }
 
 impl Recipients {
     pub fn len(&self) -> usize {
-        self.ends.as_ref().map_or(1, |e| e.len())
+        self.count as usize
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.count == 0
     }
 
     /// Recipient `i`.
     pub fn get(&self, i: usize) -> Option<&str> {
-        match &self.ends {
-            None => (i == 0).then_some(&*self.text),
-            Some(ends) => {
-                let end = *ends.get(i)? as usize;
-                let start = if i == 0 { 0 } else { ends[i - 1] as usize };
-                self.text.get(start..end)
-            }
-        }
+        let bytes = if self.count == 1 {
+            (i == 0).then_some(&self.data[..])?
+        } else {
+            let end_at = |k: usize| -> Option<usize> {
+                let b = self.data.get(4 * k..4 * k + 4)?;
+                Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            };
+            let text = self.data.get(4 * self.len()..)?;
+            let start = if i == 0 { 0 } else { end_at(i - 1)? };
+            text.get(start..end_at(i)?)?
+        };
+        // Built from strings, so valid; checked rather than assumed, at the cost of a few dozen bytes.
+        std::str::from_utf8(bytes).ok()
     }
 
     pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
@@ -337,16 +381,24 @@ impl std::ops::Index<usize> for Recipients {
 
 impl<S: AsRef<str>> FromIterator<S> for Recipients {
     fn from_iter<I: IntoIterator<Item = S>>(iter: I) -> Recipients {
-        let mut text = String::new();
-        let mut ends = Vec::new();
+        let mut text: Vec<u8> = Vec::new();
+        let mut ends: Vec<u8> = Vec::new();
+        let mut count: u32 = 0;
         for r in iter {
-            text.push_str(r.as_ref());
-            // Addresses are bounded by SMTP (256 octets) and recipients by the listener's limit.
-            ends.push(u32::try_from(text.len()).unwrap_or(u32::MAX));
+            text.extend_from_slice(r.as_ref().as_bytes());
+            // Addresses are bounded by SMTP (256 octets) and their number by the listener's limit.
+            ends.extend_from_slice(&u32::try_from(text.len()).unwrap_or(u32::MAX).to_le_bytes());
+            count = count.saturating_add(1);
         }
+        let data = if count == 1 {
+            text
+        } else {
+            ends.extend_from_slice(&text);
+            ends
+        };
         Recipients {
-            text: text.into_boxed_str(),
-            ends: (ends.len() != 1).then(|| ends.into_boxed_slice()),
+            data: data.into_boxed_slice(),
+            count,
         }
     }
 }

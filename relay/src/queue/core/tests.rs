@@ -44,7 +44,7 @@ fn message(id: u64, sender: &str, recipients: &[&str]) -> NewEntry {
             sender.into(),
             recipients.iter().collect(),
         ),
-        states: Vec::new(),
+        states: Vec::new().into(),
         location: Location {
             segment: 1,
             offset: id * 100,
@@ -885,7 +885,8 @@ fn states_loaded_from_the_spool_keep_their_schedule() {
             attempts: 2,
             next_attempt_ms: T0 + 1000,
         },
-    ];
+    ]
+    .into();
     assert!(starts(&core.insert(m, T0)).is_empty());
     assert_eq!(core.next_due(), Some(T0 + 1000));
     let jobs = starts(&core.due(T0 + 1000));
