@@ -35,7 +35,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
-pub use record::{MessageMeta, QueueId, RcptState, RcptStates, RcptStatus, RcptUpdate};
+pub use record::{MessageMeta, QueueId, RcptState, RcptStates, RcptStatus, RcptUpdate, Recipients};
 
 /// A segment is closed and a new one started past this size.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -454,14 +454,17 @@ fn segment_path(dir: &Path, n: u64) -> PathBuf {
 /// Replay state: the latest record of each message, with state changes applied in log order.
 ///
 /// A spool can hold millions of messages, and what replay holds of them at its end is the peak of a start,
-/// so it is laid out as tightly as the queue that follows: the messages in one vector, in the order their
-/// first record came (which is nearly the order of their ids), and a small index from id to place, rather
-/// than a map whose slack would be paid on every whole message. A deleted message leaves a hole that
-/// [`Replay::finish`] closes in place. Listener names and senders are shared as they are decoded.
+/// so it is laid out as tightly as the queue that follows: the messages in one vector sorted by id, found by
+/// binary search, with no map whose slack would be paid on every message. Records come nearly in id order
+/// (ids are handed out at acceptance, records written as sessions finish), so a record goes at the end or a
+/// few places before it; one that belongs far back (a copy that compaction made of an old message) waits
+/// aside in `strays`, which [`Replay::finish`] merges. A deleted message stays in place with its recipients
+/// gone, so that the order holds; `finish` drops it with the finished ones. Listener names and senders
+/// are shared as they are decoded.
 #[derive(Default)]
 struct Replay {
-    messages: Vec<Option<Loaded>>,
-    index: HashMap<QueueId, usize>,
+    messages: Vec<Loaded>,
+    strays: HashMap<QueueId, Loaded>,
     strings: HashSet<Arc<str>>,
     /// Damaged records skipped.
     damaged: usize,
@@ -470,6 +473,8 @@ struct Replay {
 impl Replay {
     /// Bound on the shared texts: a spool with more distinct senders only shares less.
     const MAX_STRINGS: usize = 4096;
+    /// How far from the end a record is put in its place in `messages`, moving those after it.
+    const NEAR_END: usize = 1024;
 
     fn intern(&mut self, text: &str) -> Arc<str> {
         if let Some(t) = self.strings.get(text) {
@@ -484,39 +489,61 @@ impl Replay {
     }
 
     fn insert(&mut self, loaded: Loaded) {
-        match self.index.get(&loaded.meta.id) {
-            Some(&at) => self.messages[at] = Some(loaded),
-            None => {
-                self.index.insert(loaded.meta.id, self.messages.len());
-                self.messages.push(Some(loaded));
+        let id = loaded.meta.id;
+        if let Some(l) = self.strays.get_mut(&id) {
+            *l = loaded;
+            return;
+        }
+        if self.messages.last().is_none_or(|l| l.meta.id < id) {
+            self.messages.push(loaded);
+            return;
+        }
+        match self.messages.binary_search_by_key(&id, |l| l.meta.id) {
+            Ok(at) => self.messages[at] = loaded,
+            Err(at) if self.messages.len() - at <= Self::NEAR_END => {
+                self.messages.insert(at, loaded);
+            }
+            Err(_) => {
+                self.strays.insert(id, loaded);
             }
         }
     }
 
     fn get_mut(&mut self, id: QueueId) -> Option<&mut Loaded> {
-        let at = *self.index.get(&id)?;
-        self.messages.get_mut(at)?.as_mut()
+        if let Some(l) = self.strays.get_mut(&id) {
+            return Some(l);
+        }
+        let at = self
+            .messages
+            .binary_search_by_key(&id, |l| l.meta.id)
+            .ok()?;
+        self.messages.get_mut(at)
     }
 
     fn remove(&mut self, id: QueueId) {
-        if let Some(at) = self.index.remove(&id)
-            && let Some(slot) = self.messages.get_mut(at)
+        if self.strays.remove(&id).is_none()
+            && let Some(l) = self.get_mut(id)
         {
-            *slot = None;
+            l.meta.recipients = Recipients::default();
+            l.states = RcptStates::Many(Vec::new());
         }
     }
 
-    /// The messages with a recipient still to deliver, in id order. Built in place: the index goes first,
-    /// and the vector is filtered and sorted where it lies (it is nearly sorted already).
+    /// The messages with a recipient still to deliver, in id order, built where they lie.
     fn finish(self) -> Vec<Loaded> {
-        let Replay { messages, .. } = self;
-        let mut out: Vec<Loaded> = messages
-            .into_iter()
-            .filter_map(|l| l.filter(|l| !l.states.iter().all(|s| s.status.is_final())))
-            .collect();
-        out.shrink_to_fit();
-        out.sort_unstable_by_key(|l| l.meta.id);
-        out
+        let Replay {
+            mut messages,
+            strays,
+            ..
+        } = self;
+        let live = |l: &Loaded| !l.states.iter().all(|s| s.status.is_final());
+        messages.retain(live);
+        if !strays.is_empty() {
+            messages.extend(strays.into_values().filter(live));
+            messages.sort_unstable_by_key(|l| l.meta.id);
+        }
+        messages.shrink_to_fit();
+        messages
     }
 }
 
@@ -1120,6 +1147,49 @@ mod tests {
         let mut ids: Vec<QueueId> = replay.finish().into_iter().map(|l| l.meta.id).collect();
         ids.sort();
         (ids, damaged, size, whole)
+    }
+
+    /// Records come nearly in id order: out of place by a few (sessions finish in another order than they
+    /// began), or far back (a copy of an old message whose first record was reclaimed). Each kind ends up
+    /// in id order, with its states and a delete applied to the right message.
+    #[test]
+    fn replay_finds_messages_out_of_order_near_and_far() {
+        let mut buf = Vec::new();
+        let deferred = RcptState {
+            status: RcptStatus::Deferred,
+            attempts: 1,
+            next_attempt_ms: 5,
+        };
+        let mut ids: Vec<u64> = (100..2200).collect();
+        // Neighbours swapped, and a far stray after them all.
+        ids.swap(10, 11);
+        ids.swap(2000, 2003);
+        ids.push(7);
+        for &id in &ids {
+            record::encode_message(&mut buf, &meta(QueueId(id)), &[], &[b"x\r\n"]);
+        }
+        let update = |index| RcptUpdate {
+            index,
+            state: deferred,
+        };
+        for id in [7, 110, 2103] {
+            record::encode_results(&mut buf, QueueId(id), &[update(1)]);
+        }
+        for id in [7, 111, 2150, 9999] {
+            record::encode_delete(&mut buf, QueueId(id));
+        }
+        // A copy of a deleted message brings it back, as a later record does.
+        record::encode_message(&mut buf, &meta(QueueId(2150)), &[], &[b"y\r\n"]);
+        let (loaded, damaged, _) = replay_bytes(&buf);
+        assert_eq!(damaged, 0);
+        let got: Vec<u64> = loaded.iter().map(|l| l.meta.id.0).collect();
+        let want: Vec<u64> = (100..2200).filter(|&id| id != 111).collect();
+        assert_eq!(got, want);
+        for l in &loaded {
+            let changed = [110, 2103].contains(&l.meta.id.0);
+            assert_eq!(l.states[1] == deferred, changed, "{:?}", l.meta.id);
+            assert_eq!(l.meta.recipients.len(), 2);
+        }
     }
 
     #[test]

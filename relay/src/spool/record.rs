@@ -369,6 +369,16 @@ impl Recipients {
     }
 }
 
+impl Default for Recipients {
+    /// None.
+    fn default() -> Recipients {
+        Recipients {
+            data: Box::default(),
+            count: 0,
+        }
+    }
+}
+
 impl std::ops::Index<usize> for Recipients {
     type Output = str;
     fn index(&self, i: usize) -> &str {
