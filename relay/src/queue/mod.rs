@@ -340,7 +340,7 @@ pub fn start(
     let mut loaded = loaded;
     loaded.reverse();
     while let Some(l) = loaded.pop() {
-        if loaded.len() % 65536 == 0 {
+        if loaded.len().is_multiple_of(65536) {
             loaded.shrink_to_fit();
         }
         let actions = shell.core.insert(
