@@ -347,6 +347,8 @@ struct Slot {
 
 // A million queued recipients cost 16 MB here; a field that breaks the packing should be a decision.
 const _: () = assert!(std::mem::size_of::<Slot>() == 16);
+// And a state's size, so that a message's slots take over the block its states came in.
+const _: () = assert!(std::mem::size_of::<Slot>() == std::mem::size_of::<RcptState>());
 
 impl Slot {
     fn new(s: RcptState, delay_noticed: bool) -> Slot {
@@ -563,14 +565,16 @@ impl Core {
             .received_at_ms
             .saturating_add(self.settings.delay_warning.as_millis() as u64);
         let told = now >= warn_at;
-        let slots: Vec<Slot> = (0..n)
-            .map(|i| {
-                Slot::new(
-                    new.states.get(i).copied().unwrap_or(RcptState::QUEUED),
-                    told,
-                )
-            })
-            .collect();
+        let slots: Vec<Slot> = match new.states {
+            // In the states' own block (a slot is a state's size): a start hands over every message of the
+            // spool, and a new block for each would leave the old one behind as a hole in the heap.
+            RcptStates::Many(states) if states.len() == n => {
+                states.into_iter().map(|s| Slot::new(s, told)).collect()
+            }
+            states => (0..n)
+                .map(|i| Slot::new(states.get(i).copied().unwrap_or(RcptState::QUEUED), told))
+                .collect(),
+        };
         let pending = pending(&new.meta.recipients, slots.iter().map(|s| s.status));
         self.adjust_depth(&pending, 1);
         self.messages.insert(

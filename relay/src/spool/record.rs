@@ -390,22 +390,25 @@ impl std::ops::Index<usize> for Recipients {
 }
 
 impl<S: AsRef<str>> FromIterator<S> for Recipients {
+    /// One allocation of exactly the size needed: the block lives as long as the message is queued, and
+    /// one grown by doubling would leave the spare space of each step behind it in the heap.
     fn from_iter<I: IntoIterator<Item = S>>(iter: I) -> Recipients {
-        let mut text: Vec<u8> = Vec::new();
-        let mut ends: Vec<u8> = Vec::new();
-        let mut count: u32 = 0;
-        for r in iter {
-            text.extend_from_slice(r.as_ref().as_bytes());
-            // Addresses are bounded by SMTP (256 octets) and their number by the listener's limit.
-            ends.extend_from_slice(&u32::try_from(text.len()).unwrap_or(u32::MAX).to_le_bytes());
-            count = count.saturating_add(1);
+        let list: Vec<S> = iter.into_iter().collect();
+        let text_len: usize = list.iter().map(|r| r.as_ref().len()).sum();
+        let count = u32::try_from(list.len()).unwrap_or(u32::MAX);
+        let table = if count == 1 { 0 } else { 4 * list.len() };
+        let mut data = Vec::with_capacity(table + text_len);
+        if count != 1 {
+            let mut end = 0usize;
+            for r in &list {
+                end += r.as_ref().len();
+                // Addresses are bounded by SMTP (256 octets) and their number by the listener's limit.
+                data.extend_from_slice(&u32::try_from(end).unwrap_or(u32::MAX).to_le_bytes());
+            }
         }
-        let data = if count == 1 {
-            text
-        } else {
-            ends.extend_from_slice(&text);
-            ends
-        };
+        for r in &list {
+            data.extend_from_slice(r.as_ref().as_bytes());
+        }
         Recipients {
             data: data.into_boxed_slice(),
             count,
