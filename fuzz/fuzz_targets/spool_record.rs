@@ -15,6 +15,7 @@ use herald_relay::spool::{self, Loaded};
 use herald_smtp::dsn::{MailDsn, Notify, Orcpt, RcptDsn, Ret};
 use libfuzzer_sys::arbitrary::{Arbitrary, Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
+use std::sync::Arc;
 
 fuzz_target!(|data: &[u8]| {
     decode_arbitrary(data);
@@ -88,24 +89,28 @@ fn replay(data: &[u8]) {
 
 fn round_trip(u: &mut Unstructured<'_>) -> Result<()> {
     let n: usize = u.int_in_range(0..=8)?;
-    let meta = MessageMeta {
-        id: QueueId(u.arbitrary()?),
-        received_at_ms: u.arbitrary()?,
-        smtputf8: u.arbitrary()?,
-        eight_bit: u.arbitrary()?,
-        listener: u.arbitrary()?,
-        // The record stores "" for no user: an empty name cannot be told from none.
-        auth_user: Option::<String>::arbitrary(u)?.filter(|s| !s.is_empty()),
-        peer: u.arbitrary()?,
-        sender: u.arbitrary()?,
-        recipients: (0..n).map(|_| u.arbitrary()).collect::<Result<_>>()?,
-        // The record stores "" for none, as for the user.
-        dsn: MailDsn {
-            ret: *u.choose(&[None, Some(Ret::Full), Some(Ret::Headers)])?,
-            envid: Option::<String>::arbitrary(u)?.filter(|s| !s.is_empty()),
-        },
-        rcpt_dsn: (0..n).map(|_| rcpt_dsn(u)).collect::<Result<_>>()?,
+    let id = QueueId(u.arbitrary()?);
+    let received_at_ms = u.arbitrary()?;
+    let (smtputf8, eight_bit) = (u.arbitrary()?, u.arbitrary()?);
+    let listener: Arc<str> = u.arbitrary()?;
+    // The record stores "" for no user: an empty name cannot be told from none.
+    let auth_user = Option::<String>::arbitrary(u)?.filter(|s| !s.is_empty());
+    let peer: String = u.arbitrary()?;
+    let sender: Arc<str> = u.arbitrary()?;
+    let recipients: Vec<String> = (0..n).map(|_| u.arbitrary()).collect::<Result<_>>()?;
+    // The record stores "" for none, as for the user.
+    let dsn = MailDsn {
+        ret: *u.choose(&[None, Some(Ret::Full), Some(Ret::Headers)])?,
+        envid: Option::<String>::arbitrary(u)?.filter(|s| !s.is_empty()),
     };
+    let rcpt_dsn: Vec<RcptDsn> = (0..n).map(|_| rcpt_dsn(u)).collect::<Result<_>>()?;
+    let with_dsn = !dsn.is_empty() || rcpt_dsn.iter().any(|d| !d.is_empty());
+    let mut meta = MessageMeta::new(id, received_at_ms, listener, &peer, sender, recipients.iter().collect())
+        .with_auth_user(auth_user)
+        .with_dsn(dsn, rcpt_dsn);
+    meta.smtputf8 = smtputf8;
+    meta.eight_bit = eight_bit;
+    assert_eq!(meta.peer(), peer);
     let states: Vec<RcptState> = (0..n).map(|_| state(u)).collect::<Result<_>>()?;
     let data: &[u8] = u.arbitrary()?;
     let mut out = Vec::new();
@@ -124,7 +129,6 @@ fn round_trip(u: &mut Unstructured<'_>) -> Result<()> {
     record::encode_delete(&mut out, id);
 
     let frame = record::decode_frame(&out).expect("message frame");
-    let with_dsn = !meta.dsn.is_empty() || meta.rcpt_dsn.iter().any(|d| !d.is_empty());
     let kind = if with_dsn {
         record::KIND_MESSAGE_DSN
     } else {

@@ -33,19 +33,14 @@ Date: Mon, 7 Dec 2026 03:00:00 +0000\r\nMessage-ID: <1@bench.test>\r\n\r\n"
 }
 
 fn meta(spool: &Spool) -> MessageMeta {
-    MessageMeta {
-        id: spool.next_id(),
-        received_at_ms: 1,
-        smtputf8: false,
-        eight_bit: false,
-        listener: "trusted".into(),
-        auth_user: None,
-        peer: "127.0.0.1:40000".into(),
-        sender: "sender@bench.test".into(),
-        recipients: vec!["rcpt@dest.test".into()],
-        dsn: Default::default(),
-        rcpt_dsn: vec![Default::default()],
-    }
+    MessageMeta::new(
+        spool.next_id(),
+        1,
+        "trusted".into(),
+        "127.0.0.1:40000",
+        "sender@bench.test".into(),
+        ["rcpt@dest.test"].into_iter().collect(),
+    )
 }
 
 fn spool_append(c: &mut Criterion) {

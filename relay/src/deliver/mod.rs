@@ -631,13 +631,13 @@ impl Deliverer {
                     .iter()
                     .map(|&i| Rcpt {
                         address: &job.meta.recipients[i as usize],
-                        dsn: job.meta.rcpt_dsn.get(i as usize),
+                        dsn: job.meta.rcpt_dsn_given(i as usize),
                     })
                     .collect(),
                 size: body.len(),
                 eight_bit: job.meta.eight_bit,
                 smtputf8: job.meta.smtputf8,
-                dsn: &job.meta.dsn,
+                dsn: job.meta.dsn(),
             };
             body.rewind();
             match s.client.send(&tx, &mut body).await {

@@ -17,12 +17,14 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::outcome::dsn;
 use crate::outcome::{Category, Class};
-use crate::spool::{Location, MessageMeta, QueueId, RcptState, RcptStatus, RcptUpdate};
+use crate::spool::record::Recipients;
+use crate::spool::{Location, MessageMeta, QueueId, RcptState, RcptStates, RcptStatus, RcptUpdate};
 use herald_config::{Config, Retry};
 
 use serde::Serialize;
@@ -106,7 +108,7 @@ pub struct MessageView {
 #[derive(Debug)]
 pub struct NewEntry {
     pub meta: MessageMeta,
-    pub states: Vec<RcptState>,
+    pub states: RcptStates,
     pub location: Location,
 }
 
@@ -230,23 +232,102 @@ impl Outcome {
         self.meta
             .recipients
             .get(self.index as usize)
-            .map_or("", String::as_str)
+            .unwrap_or_default()
     }
 }
 
-/// One queued message. A million of them must fit in a few hundred megabytes, so what is per message is
-/// kept to a few allocations without slack: one slice of recipient slots, and the last replies only once
-/// a recipient failed, their texts shared with every other message that got the same one.
+/// One queued message. A million of them must fit in a few hundred megabytes. A message is one heap block
+/// (this, the envelope inline) behind a pointer in the map, plus its recipients' text: a map node holds
+/// eleven entries and ids that only grow leave it about half full, so what sits inline there is paid
+/// nearly twice. One recipient's slot and last reply sit inline too; more get a block of their own. The
+/// shared envelope a delivery or an outcome carries (`Arc<MessageMeta>`) is made when one is needed:
+/// those are few at a time, the queued messages are many.
 struct Entry {
-    meta: Arc<MessageMeta>,
+    meta: MessageMeta,
     location: Location,
-    /// Per recipient, in the order of `meta.recipients`.
-    states: Box<[Slot]>,
     /// The earliest timer in the heap for this message: a later one is not pushed again, and a heap entry
-    /// that is not this one is stale and skipped.
-    armed: Option<u64>,
-    /// Per recipient, its last failure reply; none until one fails.
+    /// that is not this one is stale and skipped. (A timer is always in the future, so never 0.)
+    armed: Option<NonZeroU64>,
+    rcpts: Rcpts,
+}
+
+// 168 bytes, a 176-byte malloc block: a million queued messages cost 176 MB here, and each malloc size
+// class further costs 16 MB more. Past this one, growing it should be a decision.
+const _: () = assert!(std::mem::size_of::<Entry>() <= 184);
+
+/// Each recipient's slot and last failure reply (none until it fails, its text shared with every other
+/// message that got the same one), in the order of `meta.recipients`.
+enum Rcpts {
+    One {
+        slot: Slot,
+        reply: Option<Arc<str>>,
+    },
+    /// None, or more than one.
+    Many(Box<ManyRcpts>),
+}
+
+struct ManyRcpts {
+    slots: Box<[Slot]>,
     replies: Option<Box<[Option<Arc<str>>]>>,
+}
+
+const _: () = assert!(std::mem::size_of::<Rcpts>() == 32);
+
+impl Rcpts {
+    fn new(mut slots: Vec<Slot>) -> Rcpts {
+        match (slots.len(), slots.pop()) {
+            (1, Some(slot)) => Rcpts::One { slot, reply: None },
+            (_, last) => {
+                slots.extend(last);
+                Rcpts::Many(Box::new(ManyRcpts {
+                    slots: slots.into_boxed_slice(),
+                    replies: None,
+                }))
+            }
+        }
+    }
+
+    fn slots(&self) -> &[Slot] {
+        match self {
+            Rcpts::One { slot, .. } => std::slice::from_ref(slot),
+            Rcpts::Many(m) => &m.slots,
+        }
+    }
+
+    fn slots_mut(&mut self) -> &mut [Slot] {
+        match self {
+            Rcpts::One { slot, .. } => std::slice::from_mut(slot),
+            Rcpts::Many(m) => &mut m.slots,
+        }
+    }
+
+    /// Recipient `i`'s last failure reply.
+    fn reply(&self, i: usize) -> Option<&str> {
+        match self {
+            Rcpts::One { reply, .. } => reply.as_deref().filter(|_| i == 0),
+            Rcpts::Many(m) => m.replies.as_deref()?.get(i)?.as_deref(),
+        }
+    }
+
+    fn set_reply(&mut self, i: usize, text: Arc<str>) {
+        match self {
+            Rcpts::One { reply, .. } => {
+                if i == 0 {
+                    *reply = Some(text);
+                }
+            }
+            Rcpts::Many(m) => {
+                let n = m.slots.len();
+                if let Some(r) = m
+                    .replies
+                    .get_or_insert_with(|| vec![None; n].into_boxed_slice())
+                    .get_mut(i)
+                {
+                    *r = Some(text);
+                }
+            }
+        }
+    }
 }
 
 /// A recipient's persisted state with the two flags that live in memory only, laid out flat so that the
@@ -266,6 +347,8 @@ struct Slot {
 
 // A million queued recipients cost 16 MB here; a field that breaks the packing should be a decision.
 const _: () = assert!(std::mem::size_of::<Slot>() == 16);
+// And a state's size, so that a message's slots take over the block its states came in.
+const _: () = assert!(std::mem::size_of::<Slot>() == std::mem::size_of::<RcptState>());
 
 impl Slot {
     fn new(s: RcptState, delay_noticed: bool) -> Slot {
@@ -339,7 +422,7 @@ pub struct Moved {
 /// Every message waiting for delivery and every decision about it.
 pub struct Core {
     settings: Settings,
-    messages: BTreeMap<QueueId, Entry>,
+    messages: BTreeMap<QueueId, Box<Entry>>,
     dests: HashMap<DestKey, Dest>,
     /// Connections open to all destinations: the sum of their `connections`.
     connections: usize,
@@ -369,11 +452,7 @@ pub fn domain_of(address: &str) -> &str {
 }
 
 /// The distinct domains (lower case) of a message's recipients that have no final outcome yet.
-pub fn pending_domains(recipients: &[String], states: &[RcptState]) -> Vec<String> {
-    pending(recipients, states.iter().map(|s| s.status))
-}
-
-fn pending(recipients: &[String], states: impl Iterator<Item = RcptStatus>) -> Vec<String> {
+fn pending(recipients: &Recipients, states: impl Iterator<Item = RcptStatus>) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for (r, s) in recipients.iter().zip(states) {
         if s.is_final() {
@@ -486,25 +565,26 @@ impl Core {
             .received_at_ms
             .saturating_add(self.settings.delay_warning.as_millis() as u64);
         let told = now >= warn_at;
-        let states: Box<[Slot]> = (0..n)
-            .map(|i| {
-                Slot::new(
-                    new.states.get(i).copied().unwrap_or(RcptState::QUEUED),
-                    told,
-                )
-            })
-            .collect();
-        let pending = pending(&new.meta.recipients, states.iter().map(|s| s.status));
+        let slots: Vec<Slot> = match new.states {
+            // In the states' own block (a slot is a state's size): a start hands over every message of the
+            // spool, and a new block for each would leave the old one behind as a hole in the heap.
+            RcptStates::Many(states) if states.len() == n => {
+                states.into_iter().map(|s| Slot::new(s, told)).collect()
+            }
+            states => (0..n)
+                .map(|i| Slot::new(states.get(i).copied().unwrap_or(RcptState::QUEUED), told))
+                .collect(),
+        };
+        let pending = pending(&new.meta.recipients, slots.iter().map(|s| s.status));
         self.adjust_depth(&pending, 1);
         self.messages.insert(
             id,
-            Entry {
-                meta: Arc::new(compact(new.meta, &mut self.strings)),
+            Box::new(Entry {
+                meta: compact(new.meta, &mut self.strings),
                 location: new.location,
-                states,
                 armed: None,
-                replies: None,
-            },
+                rcpts: Rcpts::new(slots),
+            }),
         );
         let mut out = Vec::new();
         self.make_ready(id, now, &mut out);
@@ -528,7 +608,10 @@ impl Core {
         let Some(e) = self.messages.get_mut(&id) else {
             return out;
         };
-        let pending_before = pending(&e.meta.recipients, e.states.iter().map(|s| s.status));
+        let e = &mut **e;
+        // What the outcomes, and a DSN, carry of the envelope.
+        let meta = Arc::new(e.meta.clone());
+        let pending_before = pending(&e.meta.recipients, e.rcpts.slots().iter().map(|s| s.status));
         let expires_at = e.meta.received_at_ms.saturating_add(max_age);
         let warn_at = e.meta.received_at_ms.saturating_add(delay_warning);
         let mut updates = Vec::with_capacity(attempt.results.len());
@@ -536,10 +619,9 @@ impl Core {
         let mut notices = Vec::new();
         let mut unwanted = 0;
         let mut any_deferred = false;
-        let n = e.states.len();
         for (k, (idx, reply)) in attempt.results.into_iter().enumerate() {
             let i = idx as usize;
-            let Some(st) = e.states.get_mut(i) else {
+            let Some(st) = e.rcpts.slots_mut().get_mut(i) else {
                 continue;
             };
             if st.status.is_final() {
@@ -548,19 +630,19 @@ impl Core {
             }
             st.in_flight = false;
             st.attempts = st.attempts.saturating_add(1);
-            let rcpt = &e.meta.recipients[i];
+            let rcpt = &meta.recipients[i];
             let verdict = if reply.code >= 400 {
                 verdicts.get(k).copied().flatten()
             } else {
                 None
             };
-            let wants = e.meta.rcpt_dsn(i);
+            let wants = meta.rcpt_dsn(i);
             if reply.code < 400 {
                 st.status = RcptStatus::Delivered;
                 // A next hop that took the DSN parameters reports the delivery itself.
                 if wants.wants_success() && !attempt.next_hop_dsn {
                     notices.push(dsn::Notice {
-                        recipient: rcpt.clone(),
+                        recipient: rcpt.to_owned(),
                         action: dsn::Action::Relayed,
                         original_recipient: wants.orcpt.clone(),
                         status: reply.enhanced.clone().unwrap_or_else(|| "2.0.0".to_owned()),
@@ -581,7 +663,7 @@ impl Core {
                     && wants.wants_delay()
                 {
                     notices.push(dsn::Notice {
-                        recipient: rcpt.clone(),
+                        recipient: rcpt.to_owned(),
                         action: dsn::Action::Delayed {
                             until_ms: expires_at,
                         },
@@ -606,7 +688,7 @@ impl Core {
                     unwanted += 1;
                 } else {
                     notices.push(dsn::Notice {
-                        recipient: rcpt.clone(),
+                        recipient: rcpt.to_owned(),
                         action: dsn::Action::Failed,
                         original_recipient: wants.orcpt.clone(),
                         status: if expired {
@@ -627,34 +709,25 @@ impl Core {
                     });
                 }
             }
+            let state = st.state();
             if reply.code >= 400 {
-                let text = self.strings.intern(&reply.to_string());
-                if let Some(r) = e
-                    .replies
-                    .get_or_insert_with(|| vec![None; n].into_boxed_slice())
-                    .get_mut(i)
-                {
-                    *r = Some(text);
-                }
+                e.rcpts
+                    .set_reply(i, self.strings.intern(&reply.to_string()));
             }
-            updates.push(RcptUpdate {
-                index: idx,
-                state: st.state(),
-            });
+            updates.push(RcptUpdate { index: idx, state });
             out.push(Action::Outcome(Outcome {
-                meta: e.meta.clone(),
+                meta: meta.clone(),
                 index: idx,
-                status: st.status,
+                status: state.status,
                 reply,
                 verdict,
-                attempts: st.attempts,
-                age_ms: now.saturating_sub(e.meta.received_at_ms),
+                attempts: state.attempts,
+                age_ms: now.saturating_sub(meta.received_at_ms),
             }));
         }
-        let pending_after = pending(&e.meta.recipients, e.states.iter().map(|s| s.status));
-        let meta = e.meta.clone();
+        let pending_after = pending(&e.meta.recipients, e.rcpts.slots().iter().map(|s| s.status));
         let location = e.location;
-        let done = e.states.iter().all(|s| s.status.is_final());
+        let done = e.rcpts.slots().iter().all(|s| s.status.is_final());
         let gone: Vec<String> = pending_before
             .into_iter()
             .filter(|d| !pending_after.contains(d))
@@ -728,7 +801,7 @@ impl Core {
             };
             let mut rcpts = Vec::new();
             let mut target = None;
-            for (i, s) in e.states.iter().enumerate() {
+            for (i, s) in e.rcpts.slots().iter().enumerate() {
                 if s.status.is_final()
                     || s.in_flight
                     || (s.status == RcptStatus::Deferred && s.next_attempt_ms > now)
@@ -753,13 +826,13 @@ impl Core {
                 dest: key.clone(),
                 domain,
                 pool,
-                meta: e.meta.clone(),
+                meta: Arc::new(e.meta.clone()),
                 location: e.location,
                 rcpts,
             };
             if let Some(e) = self.messages.get_mut(&id) {
                 for &i in &job.rcpts {
-                    if let Some(s) = e.states.get_mut(i as usize) {
+                    if let Some(s) = e.rcpts.slots_mut().get_mut(i as usize) {
                         s.in_flight = true;
                     }
                 }
@@ -788,7 +861,7 @@ impl Core {
     pub fn give_back(&mut self, job: &Job, now: u64) -> Vec<Action> {
         if let Some(e) = self.messages.get_mut(&job.id) {
             for &i in &job.rcpts {
-                if let Some(s) = e.states.get_mut(i as usize) {
+                if let Some(s) = e.rcpts.slots_mut().get_mut(i as usize) {
                     s.in_flight = false;
                 }
             }
@@ -807,7 +880,7 @@ impl Core {
             }
             self.timers.pop();
             match self.messages.get_mut(&id) {
-                Some(e) if e.armed == Some(due) => e.armed = None,
+                Some(e) if e.armed.map(NonZeroU64::get) == Some(due) => e.armed = None,
                 // Superseded by an earlier timer, or the message is gone.
                 _ => continue,
             }
@@ -831,7 +904,7 @@ impl Core {
         let mut out = Vec::new();
         for id in ids {
             if let Some(e) = self.messages.get_mut(&id) {
-                for s in e.states.iter_mut() {
+                for s in e.rcpts.slots_mut().iter_mut() {
                     if s.status == RcptStatus::Deferred {
                         s.next_attempt_ms = now;
                     }
@@ -847,7 +920,7 @@ impl Core {
         let Some(e) = self.messages.remove(&id) else {
             return false;
         };
-        let pending = pending(&e.meta.recipients, e.states.iter().map(|s| s.status));
+        let pending = pending(&e.meta.recipients, e.rcpts.slots().iter().map(|s| s.status));
         self.adjust_depth(&pending, -1);
         if let Some(seg) = self.segments.get_mut(&e.location.segment) {
             seg.0 = seg.0.saturating_sub(1);
@@ -875,7 +948,12 @@ impl Core {
 
     /// The state of recipient `index` of message `id`, if it is queued.
     pub fn state(&self, id: QueueId, index: usize) -> Option<RcptState> {
-        self.messages.get(&id)?.states.get(index).map(Slot::state)
+        self.messages
+            .get(&id)?
+            .rcpts
+            .slots()
+            .get(index)
+            .map(Slot::state)
     }
 
     /// What to do about the oldest closed spool segment, if anything: delete it when nothing in it is
@@ -895,9 +973,9 @@ impl Core {
                 return None;
             }
             for (id, e) in &self.messages {
-                if e.location.segment == oldest && !e.states.iter().any(|s| s.in_flight) {
-                    let states = e.states.iter().map(Slot::state).collect();
-                    copies.push((*id, e.meta.clone(), states, e.location));
+                if e.location.segment == oldest && !e.rcpts.slots().iter().any(|s| s.in_flight) {
+                    let states = e.rcpts.slots().iter().map(Slot::state).collect();
+                    copies.push((*id, Arc::new(e.meta.clone()), states, e.location));
                 }
                 if copies.len() == live {
                     break;
@@ -935,7 +1013,8 @@ impl Core {
                 seg.1 += new.len;
             }
             let updates = e
-                .states
+                .rcpts
+                .slots()
                 .iter()
                 .enumerate()
                 .map(|(i, s)| RcptUpdate {
@@ -983,7 +1062,7 @@ impl Core {
         let mut dests: Vec<DestKey> = Vec::new();
         let mut earliest: Option<u64> = None;
         let mut nowhere: Vec<u32> = Vec::new();
-        for (i, s) in e.states.iter().enumerate() {
+        for (i, s) in e.rcpts.slots().iter().enumerate() {
             if s.status.is_final() || s.in_flight {
                 continue;
             }
@@ -1005,12 +1084,12 @@ impl Core {
                 None => nowhere.push(i as u32),
             }
         }
-        let armed = e.armed;
+        let armed = e.armed.map(NonZeroU64::get);
         if let Some(t) = earliest
             && armed.is_none_or(|a| t < a)
             && let Some(e) = self.messages.get_mut(&id)
         {
-            e.armed = Some(t);
+            e.armed = NonZeroU64::new(t);
             self.timers.push(Reverse((t, id)));
         }
         if !nowhere.is_empty() {
@@ -1202,7 +1281,7 @@ impl Core {
         }
         let mut due: HashSet<DestKey> = HashSet::new();
         for e in self.messages.values() {
-            for (i, s) in e.states.iter().enumerate() {
+            for (i, s) in e.rcpts.slots().iter().enumerate() {
                 if s.status.is_final()
                     || s.in_flight
                     || (s.status == RcptStatus::Deferred && s.next_attempt_ms > now)
@@ -1246,7 +1325,7 @@ impl Core {
     fn audit_recipients(&self, open: &[Job], now: u64) -> Result<(), String> {
         let armed: HashSet<(u64, QueueId)> = self.timers.iter().map(|Reverse(t)| *t).collect();
         for (id, e) in &self.messages {
-            for (i, s) in e.states.iter().enumerate() {
+            for (i, s) in e.rcpts.slots().iter().enumerate() {
                 let in_job = open
                     .iter()
                     .any(|j| j.id == *id && j.rcpts.contains(&(i as u32)));
@@ -1260,7 +1339,7 @@ impl Core {
                     continue;
                 }
                 if s.status == RcptStatus::Deferred && s.next_attempt_ms > now {
-                    match e.armed {
+                    match e.armed.map(NonZeroU64::get) {
                         Some(t) if t <= s.next_attempt_ms && armed.contains(&(t, *id)) => continue,
                         other => {
                             return Err(format!(
@@ -1314,22 +1393,10 @@ fn dest_of(
 }
 
 /// The envelope as the queue keeps it for as long as the message waits: listener and sender shared with
-/// the other messages, without spare capacity, and
-/// without per-recipient DSN parameters when none was given (`MessageMeta::rcpt_dsn` and the client read
-/// a missing entry as the defaults), which would otherwise cost some fifty bytes per recipient.
+/// the other messages (the rest of it is already as compact as `MessageMeta` makes it).
 fn compact(mut meta: MessageMeta, strings: &mut Strings) -> MessageMeta {
     meta.listener = strings.intern(&meta.listener);
     meta.sender = strings.intern(&meta.sender);
-    if meta.rcpt_dsn.iter().all(|d| d.is_empty()) {
-        meta.rcpt_dsn = Vec::new();
-    } else {
-        meta.rcpt_dsn.shrink_to_fit();
-    }
-    meta.recipients.shrink_to_fit();
-    for r in &mut meta.recipients {
-        r.shrink_to_fit();
-    }
-    meta.peer.shrink_to_fit();
     meta
 }
 
@@ -1342,7 +1409,7 @@ fn view(id: QueueId, e: &Entry) -> MessageView {
     MessageView {
         id: id.to_string(),
         sender: e.meta.sender.to_string(),
-        recipients: e.meta.recipients.clone(),
+        recipients: e.meta.recipients.to_vec(),
         size: e.location.len,
         received_at: ts(e.meta.received_at_ms),
         listener: e.meta.listener.to_string(),
@@ -1350,18 +1417,14 @@ fn view(id: QueueId, e: &Entry) -> MessageView {
             .meta
             .recipients
             .iter()
-            .zip(e.states.iter())
+            .zip(e.rcpts.slots().iter())
             .enumerate()
             .map(|(i, (r, s))| RecipientView {
-                recipient: r.clone(),
+                recipient: r.to_owned(),
                 state: s.status.as_str(),
                 attempts: s.attempts,
                 next_attempt: (s.status == RcptStatus::Deferred).then(|| ts(s.next_attempt_ms)),
-                last_reply: e
-                    .replies
-                    .as_deref()
-                    .and_then(|r| r.get(i))
-                    .and_then(|r| r.as_deref().map(str::to_owned)),
+                last_reply: e.rcpts.reply(i).map(str::to_owned),
             })
             .collect(),
     }

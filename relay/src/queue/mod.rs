@@ -24,7 +24,7 @@ use crate::events::Event;
 use crate::outcome::dsn;
 use crate::outcome::suppression::{Evidence, Observation, Suppressions, suppressed};
 use crate::outcome::{Rules, classify};
-use crate::spool::{Location, MessageMeta, QueueId, RcptState, RcptStatus, Spool};
+use crate::spool::{Location, MessageMeta, QueueId, RcptState, RcptStates, RcptStatus, Spool};
 use crate::telemetry::Telemetry;
 use herald_config::Config;
 
@@ -349,7 +349,15 @@ pub fn start(
         idle: HashMap::new(),
     };
     let now = now_ms();
-    for l in loaded {
+    // The spool's messages are as many as the queue's entries: handing them over one by one while the
+    // whole vector stays allocated would hold both at once, the peak of a start. So the vector is walked
+    // from its end (reversed first, to keep id order) and shrunk as it goes.
+    let mut loaded = loaded;
+    loaded.reverse();
+    while let Some(l) = loaded.pop() {
+        if loaded.len().is_multiple_of(65536) {
+            loaded.shrink_to_fit();
+        }
         let actions = shell.core.insert(
             NewEntry {
                 meta: l.meta,
@@ -873,7 +881,7 @@ impl Shell {
         let hostname = self.hostname.clone();
         tokio::spawn(async move {
             // RET=FULL returns the message whole when it fits the cap a DSN holds of it, else its headers.
-            let full = dsn::Report::returns_full(meta.dsn.ret, &notices)
+            let full = dsn::Report::returns_full(meta.dsn().ret, &notices)
                 && location.len <= DSN_HEADERS_MAX as u64;
             let original = if full {
                 spool.read(location).await
@@ -898,25 +906,22 @@ impl Shell {
                 original_sender: &meta.sender,
                 arrival,
                 notices: &notices,
-                envid: meta.dsn.envid.as_deref(),
+                envid: meta.dsn().envid.as_deref(),
                 original: &original,
                 ret: (full && !original.is_empty()).then_some(herald_smtp::dsn::Ret::Full),
             };
             let body = dsn::build(&report, now, &format!("{id}@{hostname}"));
-            let dsn_meta = MessageMeta {
+            let mut dsn_meta = MessageMeta::new(
                 id,
-                received_at_ms: now_ms(),
-                smtputf8: meta.smtputf8,
-                // The message returned whole keeps its 8-bit content, and needs BODY=8BITMIME as it did.
-                eight_bit: full && meta.eight_bit,
-                listener: Arc::from("dsn"),
-                auth_user: None,
-                peer: "local".to_owned(),
-                sender: Arc::from(""),
-                recipients: vec![meta.sender.to_string()],
-                dsn: Default::default(),
-                rcpt_dsn: vec![Default::default()],
-            };
+                now_ms(),
+                Arc::from("dsn"),
+                "local",
+                Arc::from(""),
+                [&*meta.sender].into_iter().collect(),
+            );
+            dsn_meta.smtputf8 = meta.smtputf8;
+            // The message returned whole keeps its 8-bit content, and needs BODY=8BITMIME as it did.
+            dsn_meta.eight_bit = full && meta.eight_bit;
             match spool.store(&dsn_meta, &[], &[&body]).await {
                 Ok(location) => {
                     tracing::info!(queue_id = %id, original = %meta.id, "DSN queued");
@@ -925,7 +930,7 @@ impl Shell {
                     }
                     handle.enqueue(NewEntry {
                         meta: dsn_meta,
-                        states: vec![RcptState::QUEUED],
+                        states: RcptStates::One(RcptState::QUEUED),
                         location,
                     });
                 }
@@ -1010,18 +1015,15 @@ mod tests {
     async fn a_dsn_reads_only_the_header_section_of_the_original() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = Spool::open(dir.path()).unwrap();
-        let meta = |id| MessageMeta {
-            id,
-            received_at_ms: 1,
-            smtputf8: false,
-            eight_bit: false,
-            listener: "a".into(),
-            auth_user: None,
-            peer: "127.0.0.1:1".into(),
-            sender: "app@example.test".into(),
-            recipients: vec!["x@dest.test".into()],
-            dsn: Default::default(),
-            rcpt_dsn: vec![Default::default()],
+        let meta = |id| {
+            MessageMeta::new(
+                id,
+                1,
+                "a".into(),
+                "127.0.0.1:1",
+                "app@example.test".into(),
+                ["x@dest.test"].into_iter().collect(),
+            )
         };
         let piece = crate::spool::READ_CHUNK;
         // Headers that end just across the first piece boundary, then a large body.
@@ -1121,19 +1123,14 @@ mod tests {
     async fn a_large_message_is_copied_forward_a_piece_at_a_time_and_reads_back_whole() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = Spool::open(dir.path()).unwrap();
-        let meta = MessageMeta {
-            id: spool.next_id(),
-            received_at_ms: now_ms(),
-            smtputf8: false,
-            eight_bit: false,
-            listener: "a".into(),
-            auth_user: None,
-            peer: "127.0.0.1:1".into(),
-            sender: "app@example.test".into(),
-            recipients: vec!["a@dest.test".into()],
-            dsn: Default::default(),
-            rcpt_dsn: vec![Default::default()],
-        };
+        let meta = MessageMeta::new(
+            spool.next_id(),
+            now_ms(),
+            "a".into(),
+            "127.0.0.1:1",
+            "app@example.test".into(),
+            ["a@dest.test"].into_iter().collect(),
+        );
         for size in [100, crate::spool::READ_CHUNK * 5 + 3] {
             let data: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
             let old = spool.store(&meta, &[], &[&data]).await.unwrap();
@@ -1174,19 +1171,14 @@ mod tests {
             rules,
             telemetry,
         );
-        let meta = MessageMeta {
-            id: spool.next_id(),
-            received_at_ms: now_ms(),
-            smtputf8: false,
-            eight_bit: false,
-            listener: "a".into(),
-            auth_user: None,
-            peer: "127.0.0.1:1".into(),
-            sender: "app@example.test".into(),
-            recipients: vec!["gone@dest.test".into()],
-            dsn: Default::default(),
-            rcpt_dsn: vec![Default::default()],
-        };
+        let meta = MessageMeta::new(
+            spool.next_id(),
+            now_ms(),
+            "a".into(),
+            "127.0.0.1:1",
+            "app@example.test".into(),
+            ["gone@dest.test"].into_iter().collect(),
+        );
         let id = meta.id;
         let location = spool
             .store(&meta, &[], &[b"Subject: x\r\n\r\nhi\r\n"])
@@ -1194,7 +1186,7 @@ mod tests {
             .unwrap();
         queue.enqueue(NewEntry {
             meta,
-            states: vec![RcptState::QUEUED],
+            states: RcptStates::One(RcptState::QUEUED),
             location,
         });
         // The message bounces, its DSN is queued, and the DSN (from the null sender) bounces in turn.

@@ -319,21 +319,23 @@ async fn accept(
             }
         }
     };
-    let meta = MessageMeta {
+    let mut meta = MessageMeta::new(
         id,
-        received_at_ms: SystemTime::now()
+        SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
-        smtputf8: env.smtputf8,
-        eight_bit: env.eight_bit,
-        listener: std::sync::Arc::from(listener.as_str()),
-        auth_user: env.auth_user.clone(),
-        peer: env.peer.to_string(),
-        sender: std::sync::Arc::from(env.sender.to_string()),
-        recipients: env.recipients.iter().map(|r| r.to_string()).collect(),
-        dsn: std::mem::take(&mut env.dsn),
-        rcpt_dsn: std::mem::take(&mut env.rcpt_dsn),
-    };
+        std::sync::Arc::from(listener.as_str()),
+        &env.peer.to_string(),
+        std::sync::Arc::from(env.sender.to_string()),
+        env.recipients.iter().map(|r| r.to_string()).collect(),
+    )
+    .with_auth_user(env.auth_user.clone())
+    .with_dsn(
+        std::mem::take(&mut env.dsn),
+        std::mem::take(&mut env.rcpt_dsn),
+    );
+    meta.smtputf8 = env.smtputf8;
+    meta.eight_bit = env.eight_bit;
     match ctx
         .spool
         .store_with(&meta, &[], &[prefix.as_bytes(), &env.body], received.spill)
@@ -348,7 +350,10 @@ async fn accept(
                 recipients = meta.recipients.len(),
                 "accepted"
             );
-            let states = vec![crate::spool::RcptState::QUEUED; meta.recipients.len()];
+            let states = crate::spool::RcptStates::from(vec![
+                crate::spool::RcptState::QUEUED;
+                meta.recipients.len()
+            ]);
             ctx.telemetry.emit(|| {
                 let mut ev =
                     crate::events::Event::new("accepted", id.to_string(), meta.sender.to_string());

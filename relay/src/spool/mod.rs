@@ -25,7 +25,7 @@
 pub mod record;
 mod spill;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSlice, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-pub use record::{MessageMeta, QueueId, RcptState, RcptStatus, RcptUpdate};
+pub use record::{MessageMeta, QueueId, RcptState, RcptStates, RcptStatus, RcptUpdate, Recipients};
 pub use spill::{Spill, SpillError};
 
 /// A segment is closed and a new one started past this size.
@@ -86,7 +86,7 @@ pub struct Location {
 #[derive(Debug, Clone)]
 pub struct Loaded {
     pub meta: MessageMeta,
-    pub states: Vec<RcptState>,
+    pub states: RcptStates,
     pub location: Location,
 }
 
@@ -598,22 +598,98 @@ fn segment_path(dir: &Path, n: u64) -> PathBuf {
 }
 
 /// Replay state: the latest record of each message, with state changes applied in log order.
+///
+/// A spool can hold millions of messages, and what replay holds of them at its end is the peak of a start,
+/// so it is laid out as tightly as the queue that follows: the messages in one vector sorted by id, found by
+/// binary search, with no map whose slack would be paid on every message. Records come nearly in id order
+/// (ids are handed out at acceptance, records written as sessions finish), so a record goes at the end or a
+/// few places before it; one that belongs far back (a copy that compaction made of an old message) waits
+/// aside in `strays`, which [`Replay::finish`] merges. A deleted message stays in place with its recipients
+/// gone, so that the order holds; `finish` drops it with the finished ones. Listener names and senders
+/// are shared as they are decoded.
 #[derive(Default)]
 struct Replay {
-    messages: HashMap<QueueId, Loaded>,
+    messages: Vec<Loaded>,
+    strays: HashMap<QueueId, Loaded>,
+    strings: HashSet<Arc<str>>,
     /// Damaged records skipped.
     damaged: usize,
 }
 
 impl Replay {
-    fn finish(self) -> Vec<Loaded> {
-        let mut out: Vec<Loaded> = self
+    /// Bound on the shared texts: a spool with more distinct senders only shares less.
+    const MAX_STRINGS: usize = 4096;
+    /// How far from the end a record is put in its place in `messages`, moving those after it.
+    const NEAR_END: usize = 1024;
+
+    fn intern(&mut self, text: &str) -> Arc<str> {
+        if let Some(t) = self.strings.get(text) {
+            return t.clone();
+        }
+        if self.strings.len() >= Self::MAX_STRINGS {
+            self.strings.clear();
+        }
+        let t: Arc<str> = Arc::from(text);
+        self.strings.insert(t.clone());
+        t
+    }
+
+    fn insert(&mut self, loaded: Loaded) {
+        let id = loaded.meta.id;
+        if let Some(l) = self.strays.get_mut(&id) {
+            *l = loaded;
+            return;
+        }
+        if self.messages.last().is_none_or(|l| l.meta.id < id) {
+            self.messages.push(loaded);
+            return;
+        }
+        match self.messages.binary_search_by_key(&id, |l| l.meta.id) {
+            Ok(at) => self.messages[at] = loaded,
+            Err(at) if self.messages.len() - at <= Self::NEAR_END => {
+                self.messages.insert(at, loaded);
+            }
+            Err(_) => {
+                self.strays.insert(id, loaded);
+            }
+        }
+    }
+
+    fn get_mut(&mut self, id: QueueId) -> Option<&mut Loaded> {
+        if let Some(l) = self.strays.get_mut(&id) {
+            return Some(l);
+        }
+        let at = self
             .messages
-            .into_values()
-            .filter(|l| !l.states.iter().all(|s| s.status.is_final()))
-            .collect();
-        out.sort_by_key(|l| l.meta.id);
-        out
+            .binary_search_by_key(&id, |l| l.meta.id)
+            .ok()?;
+        self.messages.get_mut(at)
+    }
+
+    fn remove(&mut self, id: QueueId) {
+        if self.strays.remove(&id).is_none()
+            && let Some(l) = self.get_mut(id)
+        {
+            l.meta.recipients = Recipients::default();
+            l.states = RcptStates::Many(Vec::new());
+        }
+    }
+
+    /// The messages with a recipient still to deliver, in id order, built where they lie.
+    fn finish(self) -> Vec<Loaded> {
+        let Replay {
+            mut messages,
+            strays,
+            ..
+        } = self;
+        let live = |l: &Loaded| !l.states.iter().all(|s| s.status.is_final());
+        messages.retain(live);
+        if !strays.is_empty() {
+            messages.extend(strays.into_values().filter(live));
+            messages.sort_unstable_by_key(|l| l.meta.id);
+        }
+        messages.shrink_to_fit();
+        messages
     }
 }
 
@@ -688,9 +764,10 @@ fn replay_segment(
             break;
         }
     }
+    let mut damaged = 0;
     walk(
         &buf[..len],
-        |pos, frame| apply(&mut replay.messages, number, pos, &frame, path),
+        |pos, frame| apply(replay, number, pos, &frame, path),
         |pos, next, e| {
             tracing::error!(
                 segment = %path.display(),
@@ -699,9 +776,10 @@ fn replay_segment(
                 error = %e,
                 "damaged spool record skipped; replay goes on with the next record that verifies"
             );
-            replay.damaged += 1;
+            damaged += 1;
         },
     );
+    replay.damaged += damaged;
     (len, torn)
 }
 
@@ -734,16 +812,12 @@ fn walk<'a>(
 }
 
 /// Applies one record at offset `pos` of segment `number` to the messages replayed so far.
-fn apply(
-    messages: &mut HashMap<QueueId, Loaded>,
-    number: u64,
-    pos: usize,
-    frame: &record::Frame<'_>,
-    path: &Path,
-) {
+fn apply(messages: &mut Replay, number: u64, pos: usize, frame: &record::Frame<'_>, path: &Path) {
     let applied = match frame.kind {
         record::KIND_MESSAGE | record::KIND_MESSAGE_DSN => {
-            record::decode_message(frame.kind, frame.payload).map(|d| {
+            let decoded =
+                record::decode_message_with(frame.kind, frame.payload, &mut |s| messages.intern(s));
+            decoded.map(|d| {
                 let location = Location {
                     segment: number,
                     offset: (pos + record::FRAME_LEN + d.data_offset) as u64,
@@ -751,19 +825,16 @@ fn apply(
                 };
                 let mut states = d.states;
                 states.resize(d.meta.recipients.len(), RcptState::QUEUED);
-                messages.insert(
-                    d.meta.id,
-                    Loaded {
-                        meta: d.meta,
-                        states,
-                        location,
-                    },
-                );
+                messages.insert(Loaded {
+                    meta: d.meta,
+                    states: states.into(),
+                    location,
+                });
             })
         }
         record::KIND_RESULTS => record::decode_results(frame.payload).map(|(id, updates)| {
             // Results for a message whose record was compacted away belong to a finished message.
-            if let Some(m) = messages.get_mut(&id) {
+            if let Some(m) = messages.get_mut(id) {
                 for u in updates {
                     if let Some(s) = m.states.get_mut(u.index as usize) {
                         *s = u.state;
@@ -772,7 +843,7 @@ fn apply(
             }
         }),
         record::KIND_DELETE => record::decode_delete(frame.payload).map(|id| {
-            messages.remove(&id);
+            messages.remove(id);
         }),
         _ => Ok(()),
     };
@@ -1065,38 +1136,32 @@ mod tests {
     use super::*;
 
     fn meta(id: QueueId) -> MessageMeta {
-        MessageMeta {
+        MessageMeta::new(
             id,
-            received_at_ms: 1,
-            smtputf8: false,
-            eight_bit: false,
-            listener: "l".into(),
-            auth_user: None,
-            peer: "127.0.0.1:1".into(),
-            sender: "a@b.test".into(),
-            recipients: vec!["c@d.test".into(), "e@d.test".into()],
-            dsn: Default::default(),
-            rcpt_dsn: vec![Default::default(); 2],
-        }
+            1,
+            "l".into(),
+            "127.0.0.1:1",
+            "a@b.test".into(),
+            ["c@d.test", "e@d.test"].into_iter().collect(),
+        )
     }
 
     /// A message whose sender gave DSN parameters, stored in their own record kind.
     fn dsn_meta(id: QueueId) -> MessageMeta {
         use herald_smtp::dsn::{MailDsn, Notify, Orcpt, RcptDsn, Ret};
-        MessageMeta {
-            dsn: MailDsn {
+        meta(id).with_dsn(
+            MailDsn {
                 ret: Some(Ret::Full),
                 envid: Some("E1".into()),
             },
-            rcpt_dsn: vec![
+            vec![
                 RcptDsn::default(),
                 RcptDsn {
                     notify: Some(Notify::NEVER),
                     orcpt: Some(Orcpt::parse("rfc822;e@d.test").unwrap()),
                 },
             ],
-            ..meta(id)
-        }
+        )
     }
 
     fn reopen(dir: &Path) -> (Spool, Vec<Loaded>) {
@@ -1398,6 +1463,49 @@ mod tests {
         let mut ids: Vec<QueueId> = replay.finish().into_iter().map(|l| l.meta.id).collect();
         ids.sort();
         (ids, damaged, size, whole)
+    }
+
+    /// Records come nearly in id order: out of place by a few (sessions finish in another order than they
+    /// began), or far back (a copy of an old message whose first record was reclaimed). Each kind ends up
+    /// in id order, with its states and a delete applied to the right message.
+    #[test]
+    fn replay_finds_messages_out_of_order_near_and_far() {
+        let mut buf = Vec::new();
+        let deferred = RcptState {
+            status: RcptStatus::Deferred,
+            attempts: 1,
+            next_attempt_ms: 5,
+        };
+        let mut ids: Vec<u64> = (100..2200).collect();
+        // Neighbours swapped, and a far stray after them all.
+        ids.swap(10, 11);
+        ids.swap(2000, 2003);
+        ids.push(7);
+        for &id in &ids {
+            record::encode_message(&mut buf, &meta(QueueId(id)), &[], &[b"x\r\n"]);
+        }
+        let update = |index| RcptUpdate {
+            index,
+            state: deferred,
+        };
+        for id in [7, 110, 2103] {
+            record::encode_results(&mut buf, QueueId(id), &[update(1)]);
+        }
+        for id in [7, 111, 2150, 9999] {
+            record::encode_delete(&mut buf, QueueId(id));
+        }
+        // A copy of a deleted message brings it back, as a later record does.
+        record::encode_message(&mut buf, &meta(QueueId(2150)), &[], &[b"y\r\n"]);
+        let (loaded, damaged, _) = replay_bytes(&buf);
+        assert_eq!(damaged, 0);
+        let got: Vec<u64> = loaded.iter().map(|l| l.meta.id.0).collect();
+        let want: Vec<u64> = (100..2200).filter(|&id| id != 111).collect();
+        assert_eq!(got, want);
+        for l in &loaded {
+            let changed = [110, 2103].contains(&l.meta.id.0);
+            assert_eq!(l.states[1] == deferred, changed, "{:?}", l.meta.id);
+            assert_eq!(l.meta.recipients.len(), 2);
+        }
     }
 
     #[test]

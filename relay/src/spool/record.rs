@@ -7,6 +7,7 @@
 //! appendable).
 
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -88,6 +89,45 @@ impl RcptState {
     };
 }
 
+/// The states of a message's recipients: a single one inline, since most messages have one and a start
+/// holds this for every message in the spool at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptStates {
+    One(RcptState),
+    Many(Vec<RcptState>),
+}
+
+impl From<Vec<RcptState>> for RcptStates {
+    fn from(mut v: Vec<RcptState>) -> RcptStates {
+        match (v.len(), v.pop()) {
+            (1, Some(s)) => RcptStates::One(s),
+            (_, last) => {
+                v.extend(last);
+                RcptStates::Many(v)
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for RcptStates {
+    type Target = [RcptState];
+    fn deref(&self) -> &[RcptState] {
+        match self {
+            RcptStates::One(s) => std::slice::from_ref(s),
+            RcptStates::Many(v) => v,
+        }
+    }
+}
+
+impl std::ops::DerefMut for RcptStates {
+    fn deref_mut(&mut self) -> &mut [RcptState] {
+        match self {
+            RcptStates::One(s) => std::slice::from_mut(s),
+            RcptStates::Many(v) => v,
+        }
+    }
+}
+
 /// A state change for recipient `index` of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RcptUpdate {
@@ -112,7 +152,10 @@ impl FromStr for QueueId {
     }
 }
 
-/// The envelope stored with a message.
+/// The envelope stored with a message. The queue keeps one per queued message for as long as it waits, a
+/// million of them in a few hundred megabytes, so it is laid out for size: the client address as an IP
+/// address and port rather than text, the recipients packed into one string, and what few messages carry
+/// (an authenticated user, DSN parameters) in one box that most messages do without.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageMeta {
     pub id: QueueId,
@@ -123,26 +166,259 @@ pub struct MessageMeta {
     /// Shared: a queue of a million messages holds a handful of listener names and senders, and the queue
     /// keeps one copy of each (see `queue::core`).
     pub listener: Arc<str>,
-    pub auth_user: Option<String>,
-    pub peer: String,
     /// Empty for the null sender.
     pub sender: Arc<str>,
-    pub recipients: Vec<String>,
-    /// MAIL's DSN parameters.
-    pub dsn: MailDsn,
-    /// Each recipient's DSN parameters, as many as `recipients` (a record from before the extension reads
-    /// back as all defaults).
-    pub rcpt_dsn: Vec<RcptDsn>,
+    pub recipients: Recipients,
+    /// The client's address; None when the record's text is not one (then it is in `rare`).
+    peer: Option<PeerAddr>,
+    rare: Option<Box<Rare>>,
 }
 
+/// The parts of an envelope that most messages do not have.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Rare {
+    auth_user: Option<String>,
+    /// The client as the record gave it, when it does not read back as an address.
+    peer_text: Option<Box<str>>,
+    /// MAIL's DSN parameters.
+    dsn: MailDsn,
+    /// Each recipient's DSN parameters; empty when none was given (a missing entry reads as the defaults).
+    rcpt_dsn: Box<[RcptDsn]>,
+}
+
+/// A client's IP address and port: twenty bytes where the text of it takes a heap block per message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PeerAddr {
+    ip: IpAddr,
+    port: u16,
+}
+
+impl PeerAddr {
+    /// The address `text` spells, if it spells one exactly as it would be printed: anything else (no text
+    /// the relay writes) is kept as text, so that a record copied forward says what it said.
+    fn parse(text: &str) -> Option<PeerAddr> {
+        let a: SocketAddr = text.parse().ok()?;
+        let p = match a {
+            SocketAddr::V4(v4) => PeerAddr {
+                ip: IpAddr::V4(*v4.ip()),
+                port: v4.port(),
+            },
+            SocketAddr::V6(v6) if v6.flowinfo() == 0 && v6.scope_id() == 0 => PeerAddr {
+                ip: IpAddr::V6(*v6.ip()),
+                port: v6.port(),
+            },
+            SocketAddr::V6(_) => return None,
+        };
+        (p.to_string() == text).then_some(p)
+    }
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        SocketAddr::new(self.ip, self.port).fmt(f)
+    }
+}
+
+static NO_MAIL_DSN: MailDsn = MailDsn {
+    ret: None,
+    envid: None,
+};
+
 impl MessageMeta {
+    /// An envelope without an authenticated user or DSN parameters (see [`MessageMeta::with_auth_user`] and
+    /// [`MessageMeta::with_dsn`]). `peer` is the client's address as text (`SocketAddr`'s form).
+    pub fn new(
+        id: QueueId,
+        received_at_ms: u64,
+        listener: Arc<str>,
+        peer: &str,
+        sender: Arc<str>,
+        recipients: Recipients,
+    ) -> MessageMeta {
+        let mut meta = MessageMeta {
+            id,
+            received_at_ms,
+            smtputf8: false,
+            eight_bit: false,
+            listener,
+            sender,
+            recipients,
+            peer: PeerAddr::parse(peer),
+            rare: None,
+        };
+        if meta.peer.is_none() {
+            meta.rare_mut().peer_text = Some(peer.into());
+        }
+        meta
+    }
+
+    /// The user the client authenticated as; None (or "": an empty name is none) for an anonymous client.
+    pub fn with_auth_user(mut self, user: Option<String>) -> MessageMeta {
+        let user = user.filter(|u| !u.is_empty());
+        if user.is_some() || self.rare.is_some() {
+            self.rare_mut().auth_user = user;
+            self.drop_empty_rare();
+        }
+        self
+    }
+
+    /// The sender's DSN parameters: MAIL's, and each recipient's in the order of `recipients`. Defaults
+    /// cost nothing.
+    pub fn with_dsn(mut self, dsn: MailDsn, rcpt_dsn: Vec<RcptDsn>) -> MessageMeta {
+        let rcpt_dsn: Box<[RcptDsn]> = if rcpt_dsn.iter().all(RcptDsn::is_empty) {
+            Box::default()
+        } else {
+            rcpt_dsn.into_boxed_slice()
+        };
+        if !dsn.is_empty() || !rcpt_dsn.is_empty() || self.rare.is_some() {
+            let rare = self.rare_mut();
+            rare.dsn = dsn;
+            rare.rcpt_dsn = rcpt_dsn;
+            self.drop_empty_rare();
+        }
+        self
+    }
+
+    fn rare_mut(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    fn drop_empty_rare(&mut self) {
+        if self.rare.as_deref() == Some(&Rare::default()) {
+            self.rare = None;
+        }
+    }
+
+    /// The user the client authenticated as.
+    pub fn auth_user(&self) -> Option<&str> {
+        self.rare.as_ref()?.auth_user.as_deref()
+    }
+
+    /// The client's address, as `SocketAddr` prints it.
+    pub fn peer(&self) -> String {
+        match (&self.peer, &self.rare) {
+            (Some(p), _) => p.to_string(),
+            (None, Some(r)) => r.peer_text.as_deref().unwrap_or_default().to_owned(),
+            (None, None) => String::new(),
+        }
+    }
+
+    /// MAIL's DSN parameters.
+    pub fn dsn(&self) -> &MailDsn {
+        self.rare.as_ref().map_or(&NO_MAIL_DSN, |r| &r.dsn)
+    }
+
     /// Recipient `i`'s DSN parameters; the defaults (no NOTIFY, no ORCPT) if there are none.
     pub fn rcpt_dsn(&self, i: usize) -> RcptDsn {
-        self.rcpt_dsn.get(i).cloned().unwrap_or_default()
+        self.rcpt_dsn_given(i).cloned().unwrap_or_default()
+    }
+
+    /// Recipient `i`'s DSN parameters if the sender gave any.
+    pub fn rcpt_dsn_given(&self, i: usize) -> Option<&RcptDsn> {
+        self.rare.as_ref()?.rcpt_dsn.get(i)
     }
 
     fn has_dsn(&self) -> bool {
-        !self.dsn.is_empty() || self.rcpt_dsn.iter().any(|d| !d.is_empty())
+        self.rare
+            .as_ref()
+            .is_some_and(|r| !r.dsn.is_empty() || !r.rcpt_dsn.is_empty())
+    }
+}
+
+/// A message's recipients in one heap block, without one per address: most messages have one, and then
+/// the block is its text; otherwise the block starts with where each ends (u32 LE, from the end of that
+/// table), followed by their texts.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Recipients {
+    data: Box<[u8]>,
+    count: u32,
+}
+
+impl Recipients {
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Recipient `i`.
+    pub fn get(&self, i: usize) -> Option<&str> {
+        let bytes = if self.count == 1 {
+            (i == 0).then_some(&self.data[..])?
+        } else {
+            let end_at = |k: usize| -> Option<usize> {
+                let b = self.data.get(4 * k..4 * k + 4)?;
+                Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            };
+            let text = self.data.get(4 * self.len()..)?;
+            let start = if i == 0 { 0 } else { end_at(i - 1)? };
+            text.get(start..end_at(i)?)?
+        };
+        // Built from strings, so valid; checked rather than assumed, at the cost of a few dozen bytes.
+        std::str::from_utf8(bytes).ok()
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        (0..self.len()).map(|i| self.get(i).unwrap_or_default())
+    }
+
+    pub fn to_vec(&self) -> Vec<String> {
+        self.iter().map(str::to_owned).collect()
+    }
+}
+
+impl Default for Recipients {
+    /// None.
+    fn default() -> Recipients {
+        Recipients {
+            data: Box::default(),
+            count: 0,
+        }
+    }
+}
+
+impl std::ops::Index<usize> for Recipients {
+    type Output = str;
+    fn index(&self, i: usize) -> &str {
+        match self.get(i) {
+            Some(r) => r,
+            None => panic!("recipient {i} of {}", self.len()),
+        }
+    }
+}
+
+impl<S: AsRef<str>> FromIterator<S> for Recipients {
+    /// One allocation of exactly the size needed: the block lives as long as the message is queued, and
+    /// one grown by doubling would leave the spare space of each step behind it in the heap.
+    fn from_iter<I: IntoIterator<Item = S>>(iter: I) -> Recipients {
+        let list: Vec<S> = iter.into_iter().collect();
+        let text_len: usize = list.iter().map(|r| r.as_ref().len()).sum();
+        let count = u32::try_from(list.len()).unwrap_or(u32::MAX);
+        let table = if count == 1 { 0 } else { 4 * list.len() };
+        let mut data = Vec::with_capacity(table + text_len);
+        if count != 1 {
+            let mut end = 0usize;
+            for r in &list {
+                end += r.as_ref().len();
+                // Addresses are bounded by SMTP (256 octets) and their number by the listener's limit.
+                data.extend_from_slice(&u32::try_from(end).unwrap_or(u32::MAX).to_le_bytes());
+            }
+        }
+        for r in &list {
+            data.extend_from_slice(r.as_ref().as_bytes());
+        }
+        Recipients {
+            data: data.into_boxed_slice(),
+            count,
+        }
+    }
+}
+
+impl fmt::Debug for Recipients {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
     }
 }
 
@@ -204,8 +480,8 @@ pub fn encode_message_head(
     out.extend_from_slice(&meta.received_at_ms.to_le_bytes());
     out.push(u8::from(meta.smtputf8) | (u8::from(meta.eight_bit) << 1));
     put_str(out, &meta.listener);
-    put_str(out, meta.auth_user.as_deref().unwrap_or(""));
-    put_str(out, &meta.peer);
+    put_str(out, meta.auth_user().unwrap_or(""));
+    put_str(out, &meta.peer());
     put_str(out, &meta.sender);
     out.extend_from_slice(&(meta.recipients.len() as u32).to_le_bytes());
     for (i, r) in meta.recipients.iter().enumerate() {
@@ -229,12 +505,13 @@ pub fn encode_message_head(
 /// `notify (1: bit 0 given, 1 SUCCESS, 2 FAILURE, 3 DELAY) | orcpt type (str) | orcpt address (str, "" for
 /// none)`.
 fn put_dsn(out: &mut Vec<u8>, meta: &MessageMeta) {
-    out.push(match meta.dsn.ret {
+    let dsn = meta.dsn();
+    out.push(match dsn.ret {
         None => 0,
         Some(Ret::Full) => 1,
         Some(Ret::Headers) => 2,
     });
-    put_str(out, meta.dsn.envid.as_deref().unwrap_or(""));
+    put_str(out, dsn.envid.as_deref().unwrap_or(""));
     for i in 0..meta.recipients.len() {
         let d = meta.rcpt_dsn(i);
         out.push(d.notify.map_or(0, |n| {
@@ -395,9 +672,12 @@ impl<'a> Reader<'a> {
         Ok((MailDsn { ret, envid }, rcpts))
     }
     fn string(&mut self) -> Result<String, RecordError> {
+        self.str().map(str::to_owned)
+    }
+    fn str(&mut self) -> Result<&'a str, RecordError> {
         let n = self.u16()? as usize;
         let b = self.take(n)?;
-        String::from_utf8(b.to_vec()).map_err(|_| RecordError::Malformed)
+        std::str::from_utf8(b).map_err(|_| RecordError::Malformed)
     }
 }
 
@@ -413,6 +693,16 @@ pub struct DecodedMessage {
 
 /// Decodes the payload of a message record of `kind` ([`KIND_MESSAGE`] or [`KIND_MESSAGE_DSN`]).
 pub fn decode_message(kind: u8, payload: &[u8]) -> Result<DecodedMessage, RecordError> {
+    decode_message_with(kind, payload, &mut |s| Arc::from(s))
+}
+
+/// [`decode_message`], with the listener name and sender made by `intern`: replaying a spool of a million
+/// messages shares the few distinct ones instead of allocating each a million times.
+pub fn decode_message_with(
+    kind: u8,
+    payload: &[u8],
+    intern: &mut dyn FnMut(&str) -> Arc<str>,
+) -> Result<DecodedMessage, RecordError> {
     let mut r = Reader {
         buf: payload,
         pos: 0,
@@ -420,10 +710,10 @@ pub fn decode_message(kind: u8, payload: &[u8]) -> Result<DecodedMessage, Record
     let id = QueueId(r.u64()?);
     let received_at_ms = r.u64()?;
     let flags = r.u8()?;
-    let listener = Arc::from(r.string()?);
+    let listener = intern(r.str()?);
     let auth_user = Some(r.string()?).filter(|s| !s.is_empty());
-    let peer = r.string()?;
-    let sender = Arc::from(r.string()?);
+    let peer = r.str()?;
+    let sender = intern(r.str()?);
     let n = r.u32()? as usize;
     // Each recipient takes at least 13 bytes: a count beyond that is corruption, not a reason to allocate.
     if n > payload.len() / 13 {
@@ -432,11 +722,11 @@ pub fn decode_message(kind: u8, payload: &[u8]) -> Result<DecodedMessage, Record
     let mut recipients = Vec::with_capacity(n);
     let mut states = Vec::with_capacity(n);
     for _ in 0..n {
-        recipients.push(r.string()?);
+        recipients.push(r.str()?);
         states.push(r.state()?);
     }
     let (dsn, rcpt_dsn) = match kind {
-        KIND_MESSAGE => (MailDsn::default(), vec![RcptDsn::default(); n]),
+        KIND_MESSAGE => (MailDsn::default(), Vec::new()),
         KIND_MESSAGE_DSN => r.dsn(n)?,
         _ => return Err(RecordError::Malformed),
     };
@@ -444,19 +734,18 @@ pub fn decode_message(kind: u8, payload: &[u8]) -> Result<DecodedMessage, Record
     if r.pos as u64 + data_len != payload.len() as u64 {
         return Err(RecordError::Malformed);
     }
-    let meta = MessageMeta {
+    let mut meta = MessageMeta::new(
         id,
         received_at_ms,
-        smtputf8: flags & 1 != 0,
-        eight_bit: flags & 2 != 0,
         listener,
-        auth_user,
         peer,
         sender,
-        recipients,
-        dsn,
-        rcpt_dsn,
-    };
+        recipients.into_iter().collect(),
+    )
+    .with_auth_user(auth_user)
+    .with_dsn(dsn, rcpt_dsn);
+    meta.smtputf8 = flags & 1 != 0;
+    meta.eight_bit = flags & 2 != 0;
     Ok(DecodedMessage {
         meta,
         states,
@@ -501,39 +790,40 @@ mod tests {
     use super::*;
 
     fn meta() -> MessageMeta {
-        MessageMeta {
-            id: QueueId(0x1234),
-            received_at_ms: 99,
-            smtputf8: true,
-            eight_bit: false,
-            listener: "trusted".into(),
-            auth_user: None,
-            peer: "127.0.0.1:4000".into(),
-            sender: "a@b.test".into(),
-            recipients: vec!["x@y.test".into(), "z@y.test".into()],
-            dsn: MailDsn::default(),
-            rcpt_dsn: vec![RcptDsn::default(); 2],
+        let mut m = MessageMeta::new(
+            QueueId(0x1234),
+            99,
+            "trusted".into(),
+            "127.0.0.1:4000",
+            "a@b.test".into(),
+            ["x@y.test", "z@y.test"].into_iter().collect(),
+        );
+        m.smtputf8 = true;
+        m
+    }
+
+    fn mail_dsn() -> MailDsn {
+        MailDsn {
+            ret: Some(Ret::Headers),
+            envid: Some("env 1".into()),
         }
     }
 
-    fn dsn_meta() -> MessageMeta {
-        MessageMeta {
-            dsn: MailDsn {
-                ret: Some(Ret::Headers),
-                envid: Some("env 1".into()),
+    fn rcpt_dsn() -> Vec<RcptDsn> {
+        vec![
+            RcptDsn {
+                notify: Some(Notify::parse("SUCCESS,DELAY").unwrap()),
+                orcpt: Some(Orcpt::parse("rfc822;x+2Bo@y.test").unwrap()),
             },
-            rcpt_dsn: vec![
-                RcptDsn {
-                    notify: Some(Notify::parse("SUCCESS,DELAY").unwrap()),
-                    orcpt: Some(Orcpt::parse("rfc822;x+2Bo@y.test").unwrap()),
-                },
-                RcptDsn {
-                    notify: Some(Notify::NEVER),
-                    orcpt: None,
-                },
-            ],
-            ..meta()
-        }
+            RcptDsn {
+                notify: Some(Notify::NEVER),
+                orcpt: None,
+            },
+        ]
+    }
+
+    fn dsn_meta() -> MessageMeta {
+        meta().with_dsn(mail_dsn(), rcpt_dsn())
     }
 
     #[test]
@@ -581,14 +871,9 @@ mod tests {
     fn dsn_parameters_round_trip_in_their_own_kind() {
         for m in [
             dsn_meta(),
-            MessageMeta {
-                dsn: MailDsn::default(),
-                ..dsn_meta()
-            },
-            MessageMeta {
-                rcpt_dsn: vec![RcptDsn::default(); 2],
-                ..dsn_meta()
-            },
+            meta().with_dsn(MailDsn::default(), rcpt_dsn()),
+            meta().with_dsn(mail_dsn(), vec![RcptDsn::default(); 2]),
+            dsn_meta().with_auth_user(Some("app".into())),
         ] {
             let mut buf = Vec::new();
             let states = [RcptState::QUEUED; 2];
@@ -633,6 +918,67 @@ mod tests {
         let mut now = Vec::new();
         encode_message(&mut now, &meta(), &[], &[b"body\r\n"]);
         assert_eq!(now, old);
+    }
+
+    /// The client's address is kept as an address when it prints back as the same text, and as the text
+    /// otherwise; either way a record copied forward says what the old one said.
+    #[test]
+    fn peers_and_rare_parts_round_trip() {
+        for peer in [
+            "127.0.0.1:4000",
+            "[2001:db8::1]:25",
+            "[::ffff:10.0.0.1]:25",
+            "[2001:0db8::1]:25",
+            "[fe80::1%2]:25",
+            "localhost",
+            "",
+        ] {
+            let mut m = MessageMeta::new(
+                QueueId(1),
+                2,
+                "l".into(),
+                peer,
+                "".into(),
+                ["r@x"].into_iter().collect(),
+            );
+            assert_eq!(m.peer(), peer);
+            m = m.with_auth_user(Some("u".into()));
+            let mut buf = Vec::new();
+            encode_message(&mut buf, &m, &[], &[b"d"]);
+            let frame = decode_frame(&buf).unwrap();
+            let d = decode_message(frame.kind, frame.payload).unwrap();
+            assert_eq!(d.meta, m);
+            assert_eq!(
+                (d.meta.peer().as_str(), d.meta.auth_user()),
+                (peer, Some("u"))
+            );
+            // Taking the user away again leaves what a message without one has.
+            let plain = m.clone().with_auth_user(None);
+            assert_eq!(plain.auth_user(), None);
+            assert_eq!(plain.peer(), peer);
+        }
+        let m = meta().with_auth_user(Some("u".into())).with_auth_user(None);
+        assert_eq!(m, meta());
+        assert_eq!(m.dsn(), &MailDsn::default());
+        assert_eq!(m.rcpt_dsn_given(0), None);
+    }
+
+    #[test]
+    fn recipients_pack_into_one_string() {
+        for list in [
+            vec![],
+            vec!["a@x"],
+            vec!["", "b@y", ""],
+            vec!["a@x", "b@y", "c@z"],
+        ] {
+            let r: Recipients = list.iter().collect();
+            assert_eq!(r.len(), list.len());
+            assert_eq!(r.iter().collect::<Vec<_>>(), list);
+            assert_eq!(r.get(list.len()), None);
+            for (i, a) in list.iter().enumerate() {
+                assert_eq!(&r[i], *a);
+            }
+        }
     }
 
     #[test]

@@ -36,20 +36,15 @@ fn settings() -> Settings {
 
 fn message(id: u64, sender: &str, recipients: &[&str]) -> NewEntry {
     NewEntry {
-        meta: MessageMeta {
-            id: QueueId(id),
-            received_at_ms: T0,
-            smtputf8: false,
-            eight_bit: false,
-            listener: "test".into(),
-            auth_user: None,
-            peer: "127.0.0.1:1".to_owned(),
-            sender: sender.into(),
-            recipients: recipients.iter().map(|r| (*r).to_owned()).collect(),
-            dsn: Default::default(),
-            rcpt_dsn: vec![],
-        },
-        states: Vec::new(),
+        meta: MessageMeta::new(
+            QueueId(id),
+            T0,
+            "test".into(),
+            "127.0.0.1:1",
+            sender.into(),
+            recipients.iter().collect(),
+        ),
+        states: Vec::new().into(),
         location: Location {
             segment: 1,
             offset: id * 100,
@@ -182,10 +177,13 @@ fn null_and_return_path_senders_get_no_dsn() {
 fn message_notifying(notify: &str) -> NewEntry {
     use herald_smtp::dsn::{Notify, RcptDsn};
     let mut m = message(1, "a@example.test", &["x@one.test"]);
-    m.meta.rcpt_dsn = vec![RcptDsn {
-        notify: Some(Notify::parse(notify).unwrap()),
-        orcpt: None,
-    }];
+    m.meta = m.meta.with_dsn(
+        Default::default(),
+        vec![RcptDsn {
+            notify: Some(Notify::parse(notify).unwrap()),
+            orcpt: None,
+        }],
+    );
     m
 }
 
@@ -887,7 +885,8 @@ fn states_loaded_from_the_spool_keep_their_schedule() {
             attempts: 2,
             next_attempt_ms: T0 + 1000,
         },
-    ];
+    ]
+    .into();
     assert!(starts(&core.insert(m, T0)).is_empty());
     assert_eq!(core.next_due(), Some(T0 + 1000));
     let jobs = starts(&core.due(T0 + 1000));
