@@ -166,12 +166,31 @@ impl Spool {
         numbers.sort_unstable();
         let mut replay = Replay::default();
         let mut sizes = BTreeMap::new();
-        let mut buf = Vec::new();
-        for &n in &numbers {
-            let size = load_segment_into(&segment_path(&seg_dir, n), n, &mut replay, &mut buf)?;
-            sizes.insert(n, size);
-        }
-        drop(buf);
+        // Two stages, one thread each: reading a segment and checking its records' checksums, then
+        // decoding and applying them in order. The next segment is read while one is applied.
+        std::thread::scope(|scope| -> Result<(), SpoolError> {
+            // A rendezvous: the reader is at most one segment ahead, so two buffers take turns.
+            let (read_tx, read_rx) = mpsc::sync_channel::<Result<ReadSegment, SpoolError>>(0);
+            let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
+            let seg_dir = &seg_dir;
+            let numbers = &numbers;
+            scope.spawn(move || {
+                for &n in numbers {
+                    let buf = spare_rx.try_recv().unwrap_or_default();
+                    let read = read_segment(&segment_path(seg_dir, n), n, buf);
+                    let failed = read.is_err();
+                    if read_tx.send(read).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+            for read in read_rx {
+                let read = read?;
+                sizes.insert(read.number, apply_segment(&read, &mut replay)?);
+                let _ = spare_tx.send(read.buf);
+            }
+            Ok(())
+        })?;
         if replay.damaged > 0 {
             tracing::error!(
                 records = replay.damaged,
@@ -717,30 +736,57 @@ fn resync(buf: &[u8], pos: usize) -> Option<usize> {
 }
 
 /// Replays one segment into `replay`; truncates a torn tail. Returns the segment's size after that.
+#[cfg(test)]
 fn load_segment(path: &Path, number: u64, replay: &mut Replay) -> Result<u64, SpoolError> {
-    load_segment_into(path, number, replay, &mut Vec::new())
+    let read = read_segment(path, number, Vec::new())?;
+    apply_segment(&read, replay)
 }
 
-/// [`load_segment`] reading into `buf`, which the caller reuses from one segment to the next: a fresh
-/// 64 MiB buffer per segment is that much memory to fault in and zero again for every segment.
-fn load_segment_into(
-    path: &Path,
+/// A segment's bytes, read and checked, ready to be applied.
+struct ReadSegment {
     number: u64,
-    replay: &mut Replay,
-    buf: &mut Vec<u8>,
-) -> Result<u64, SpoolError> {
-    let read_err = |source| SpoolError::Read {
-        path: path.to_owned(),
-        source,
-    };
+    path: PathBuf,
+    buf: Vec<u8>,
+    verified: Option<Verified>,
+}
+
+/// The records of a segment that verify, when none is damaged.
+struct Verified {
+    /// Where each record starts, and its length.
+    frames: Vec<(usize, usize)>,
+    /// Where the whole records end.
+    end: usize,
+    /// Why what follows them (a torn tail) does not decode.
+    torn: Option<record::RecordError>,
+}
+
+/// Reads segment `number` into `buf` (reused from segment to segment: a fresh 64 MiB buffer per segment
+/// is that much memory to fault in again) and checks every record's checksum.
+fn read_segment(path: &Path, number: u64, mut buf: Vec<u8>) -> Result<ReadSegment, SpoolError> {
     buf.clear();
     File::open(path)
         .and_then(|mut f| {
             buf.reserve(f.metadata()?.len() as usize);
-            io::Read::read_to_end(&mut f, buf)
+            io::Read::read_to_end(&mut f, &mut buf)
         })
-        .map_err(read_err)?;
-    let (end, torn) = replay_segment(buf, path, number, replay);
+        .map_err(|source| SpoolError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    let verified = verify(&buf);
+    Ok(ReadSegment {
+        number,
+        path: path.to_owned(),
+        buf,
+        verified,
+    })
+}
+
+/// Replays a segment read by [`read_segment`] into `replay` and truncates a torn tail. Returns the segment's
+/// size after that.
+fn apply_segment(read: &ReadSegment, replay: &mut Replay) -> Result<u64, SpoolError> {
+    let path = &read.path;
+    let (end, torn) = replay_verified(&read.buf, read.verified.as_ref(), path, read.number, replay);
     if let Some(e) = torn {
         tracing::warn!(
             segment = %path.display(),
@@ -748,6 +794,10 @@ fn load_segment_into(
             error = %e,
             "spool segment ends in an incomplete record (left by a crash before it was acknowledged); truncating"
         );
+        let read_err = |source| SpoolError::Read {
+            path: path.to_owned(),
+            source,
+        };
         let f = OpenOptions::new()
             .write(true)
             .open(path)
@@ -758,6 +808,18 @@ fn load_segment_into(
     Ok(end as u64)
 }
 
+/// Every record of `buf` that verifies, or None when a damaged one is among them.
+fn verify(buf: &[u8]) -> Option<Verified> {
+    let mut frames = Vec::new();
+    let mut damaged = false;
+    let (end, torn) = walk(
+        buf,
+        |pos, f| frames.push((pos, f.len)),
+        |_, _, _| damaged = true,
+    );
+    (!damaged).then_some(Verified { frames, end, torn })
+}
+
 /// Replays the bytes of segment `number` (read from `path`, named in logs) into `replay`. Returns where its
 /// whole records end and, when a torn tail follows, why it did not decode; cutting it off is the caller's.
 fn replay_segment(
@@ -766,22 +828,35 @@ fn replay_segment(
     number: u64,
     replay: &mut Replay,
 ) -> (usize, Option<record::RecordError>) {
+    replay_verified(buf, verify(buf).as_ref(), path, number, replay)
+}
+
+/// [`replay_segment`] for bytes already checked by [`verify`].
+fn replay_verified(
+    buf: &[u8],
+    verified: Option<&Verified>,
+    path: &Path,
+    number: u64,
+    replay: &mut Replay,
+) -> (usize, Option<record::RecordError>) {
+    // Nearly always nothing is damaged: every record verified once, and is applied as it stands.
+    if let Some(v) = verified {
+        for &(pos, len) in &v.frames {
+            let bytes = &buf[pos..pos + len];
+            let frame = record::Frame {
+                kind: bytes[1],
+                payload: &bytes[record::FRAME_LEN..],
+                len,
+            };
+            apply(replay, number, pos, &frame, path);
+        }
+        return (v.end, v.torn);
+    }
     // Replay what the next start will read, once the torn tail is cut off: where replay goes on after a
     // damaged record can depend on what follows it (a record counts as found when the end of the segment
     // follows it), so a tail still there now could make this start find a message that the next one does
     // not, or the other way round. The tail is cut until none is left; without a damaged record the
     // first cut is the last.
-    // Nearly always nothing is damaged: then one walk verifies and applies every record.
-    let mut frames = Vec::new();
-    let mut damaged = 0;
-    let (end, error) = walk(buf, |pos, f| frames.push((pos, f)), |_, _, _| damaged += 1);
-    if damaged == 0 {
-        for (pos, frame) in &frames {
-            apply(replay, number, *pos, frame, path);
-        }
-        return (end, error);
-    }
-    drop(frames);
     let mut len = buf.len();
     let mut torn = None;
     loop {
