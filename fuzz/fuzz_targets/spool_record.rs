@@ -105,9 +105,16 @@ fn round_trip(u: &mut Unstructured<'_>) -> Result<()> {
     };
     let rcpt_dsn: Vec<RcptDsn> = (0..n).map(|_| rcpt_dsn(u)).collect::<Result<_>>()?;
     let with_dsn = !dsn.is_empty() || rcpt_dsn.iter().any(|d| !d.is_empty());
-    let mut meta = MessageMeta::new(id, received_at_ms, listener, &peer, sender, recipients.iter().collect())
-        .with_auth_user(auth_user)
-        .with_dsn(dsn, rcpt_dsn);
+    let mut meta = MessageMeta::new(
+        id,
+        received_at_ms,
+        listener,
+        &peer,
+        sender,
+        recipients.iter().collect(),
+    )
+    .with_auth_user(auth_user)
+    .with_dsn(dsn, rcpt_dsn);
     meta.smtputf8 = smtputf8;
     meta.eight_bit = eight_bit;
     assert_eq!(meta.peer(), peer);
