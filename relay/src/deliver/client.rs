@@ -198,6 +198,8 @@ pub struct Client {
     used: bool,
     /// The message is being sent and its end of data has not gone out: a QUIT now would be message text.
     in_data: bool,
+    /// Replies read on this connection so far.
+    replies: u64,
 }
 
 impl std::fmt::Debug for Client {
@@ -269,6 +271,7 @@ impl Client {
             assurance: None,
             used: false,
             in_data: false,
+            replies: 0,
         }
     }
 
@@ -344,12 +347,19 @@ impl Client {
                 texts.push(l.trim().to_owned());
             }
         }
+        self.replies += 1;
         Ok(Response {
             code,
             enhanced,
             text: texts.join(" "),
             lines,
         })
+    }
+
+    /// Replies read on this connection so far: unchanged across a transaction, the server said nothing
+    /// about it (and, having answered no DATA, cannot have taken the message).
+    pub fn replies(&self) -> u64 {
+        self.replies
     }
 
     async fn read_line(
