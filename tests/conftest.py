@@ -18,6 +18,7 @@ import pytest
 from harness.certs import make_certs
 from harness.dns import DnsServer
 from harness.outbound import FOREIGN, MAILBOX
+from harness.store import Store
 from harness.peers import PeerPool
 from harness.relay import ALL_RELAYS, USERS, RelayPool, hash_password, relay_bin, run_cli
 from harness.smtp import client_tls_context
@@ -125,6 +126,14 @@ def peers(tmp_path, certs):
     pool = PeerPool(tmp_path / "peers", certs)
     yield pool
     pool.stop_all()
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A private store (redis-server, wire-compatible with Valkey) on loopback, for the fleet's shared state."""
+    s = Store(tmp_path / "store").start()
+    yield s
+    s.stop()
 
 
 @pytest.fixture

@@ -277,7 +277,7 @@ def test_alert_rules_pass_promtool_check_and_the_unit_tests(tmp_path):
     assert alerts == [
         "HeraldRelayDown", "HeraldRelayUnavailable", "HeraldQueueGrowing", "HeraldQueueOldestMessageTooOld",
         "HeraldHardBounceRateHigh", "HeraldComplaintRateHigh", "HeraldDeliveriesFailing",
-        "HeraldTlsCertificateExpiresSoon",
+        "HeraldTlsCertificateExpiresSoon", "HeraldStoreDown",
         "HeraldSendingDomainNotVerified", "HeraldOperatorDown", "HeraldReconcileErrors",
     ], alerts
     # The unit tests are written against the default thresholds; rules.yaml sits next to a copy of them.

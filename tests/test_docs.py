@@ -1,7 +1,7 @@
 """The project's own documentation (`docs/`, the top README) against what the code does.
 
-- docs/metrics.md against a real relay's `/metrics` after traffic that gives every family a series
-  (test_metrics.relay_with_every_series): every `herald_*` family the relay exports is documented, every
+- docs/metrics.md against a real relay's `/metrics`, sharing its suppressions through a store, after traffic
+  that gives every family a series (test_metrics.relay_with_every_series): every `herald_*` family the relay exports is documented, every
   relay metric the page documents is exported, with the documented type and label names, and every label
   value the relay exports is in the value table the page gives for that label (labels without a table, such
   as `domain`, are open). Families under the page's "Operator metrics" heading are the operator's and are
@@ -129,9 +129,9 @@ def family_of(sample_name: str, types: dict[str, str]) -> str:
     return sample_name
 
 
-def test_every_relay_metric_is_documented_and_every_documented_one_is_exported(relays, dns, peers):
+def test_every_relay_metric_is_documented_and_every_documented_one_is_exported(relays, dns, peers, store):
     doc = documented_metrics()
-    relay, refreshed = relay_with_every_series(relays, dns, peers, "documented")
+    relay, refreshed = relay_with_every_series(relays, dns, peers, "documented", store=store)
     exp = scrape(relay)
     assert refreshed, f"the queue gauges never showed the deferred message:\n{exp.text}"
     exported = {n for n in exp.types if n.startswith("herald_")}

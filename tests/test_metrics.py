@@ -171,12 +171,14 @@ def test_prometheus_scrapes_exactly_the_traffic_the_relay_handled(relays, dns, p
 # The exposition format
 
 
-def relay_with_every_series(relays, dns, peers, name: str):
+def relay_with_every_series(relays, dns, peers, name: str, store=None):
     """A relay after one delivered, one deferred and one bounced message, one refused RCPT and one complaint, so that every
-    family has a series (test_chart.py uses it too). Returns the relay and whether the queue gauges showed
-    the deferred message within 15 s."""
+    family has a series (test_chart.py uses it too); with `store` (harness.store.Store) it shares its
+    suppressions there, so that the store's families have series too. Returns the relay and whether the
+    queue gauges showed the deferred message within 15 s."""
     deferring, bouncing = route_mixed(dns, peers)
-    relay = start_outbound(relays, dns, peers, name=name)
+    config = (lambda cfg: cfg.update(store=store.section())) if store else None
+    relay = start_outbound(relays, dns, peers, name=name, config=config)
     send_mixed_traffic(relay, deferring, bouncing, n_delivered=1, n_deferred=1, n_bounced=1)
     # and one refused RCPT, so that the rejection counter has a series too
     host, port = relay.listener("inbound")

@@ -92,6 +92,10 @@ pub struct Config {
     /// When a failing address goes on the suppression list, and for how long.
     #[serde(default)]
     pub suppression: crate::Suppression,
+    /// The Valkey (or Redis) instance the relays of a fleet share suppressions through; absent, each relay
+    /// keeps its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<crate::Store>,
     /// How long each step of the drain after SIGTERM may take. In Kubernetes the pod's
     /// `terminationGracePeriodSeconds` must cover their sum; the operator derives it from these.
     #[serde(default)]

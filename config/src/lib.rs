@@ -8,6 +8,7 @@
 //! - `validate`: what serde cannot express (references, uniqueness, ranges).
 //! - `bounce`: bounce categories and enhanced-status patterns, the vocabulary of `bounces.rules`.
 //! - `suppression`: the `suppression` section, when an address is suppressed and for how long.
+//! - `store`: the `store` section, the Valkey instance a fleet of relays shares its state through.
 //! - `password`: argon2id hashes for `users[].password_hash`.
 //! - `schema`: the JSON schema of the file, from which `docs/config.md` is generated.
 
@@ -18,10 +19,12 @@ pub mod bounce;
 mod file;
 pub mod password;
 pub mod schema;
+mod store;
 mod suppression;
 mod validate;
 
 pub use bounce::{Category, StatusPattern};
 pub use file::*;
+pub use store::{Store, StoreTls};
 pub use suppression::{MailboxFull, Suppression, SuppressionTtl, Ttl};
 pub use validate::is_domain_name;

@@ -283,6 +283,9 @@ impl Config {
         }
         self.validate_bounces()?;
         self.suppression.validate()?;
+        if let Some(st) = &self.store {
+            st.validate()?;
+        }
         let lim = &self.limits;
         if lim.max_line_length < 512 {
             return Err(invalid(

@@ -303,6 +303,8 @@ pub fn relay_config(
             ..relay::Bounces::default()
         },
         suppression: suppression(&res, &spec.suppression)?,
+        // `spec.store` comes with the fleet's deployment side (issue 17); until then each replica is alone.
+        store: None,
         shutdown: relay::Shutdown {
             sessions: duration(&res, "spec.shutdown.sessions", &spec.shutdown.sessions)?,
             deliveries: duration(&res, "spec.shutdown.deliveries", &spec.shutdown.deliveries)?,

@@ -14,6 +14,7 @@ use crate::deliver::{self, Deliverer, Outbound};
 use crate::dkim::Signers;
 use crate::events;
 use crate::exporter::{self, ExporterState};
+use crate::fleet::{self, SharedSuppressions};
 use crate::metrics::Metrics;
 use crate::outcome::suppression::Suppressions;
 use crate::outcome::verp::{self, ReturnPaths};
@@ -49,6 +50,8 @@ pub enum RunError {
     #[error(transparent)]
     Deliver(#[from] deliver::DeliverError),
     #[error(transparent)]
+    Fleet(#[from] fleet::FleetError),
+    #[error(transparent)]
     Events(#[from] events::EventsError),
     #[error("DKIM: {0}")]
     Dkim(#[from] crate::dkim::DkimError),
@@ -83,11 +86,16 @@ impl Relay {
         let spool_dir = config.spool_dir.clone();
         let (spool, loaded) =
             tokio::task::spawn_blocking(move || Spool::open(&spool_dir)).await??;
-        let spool_dir = config.spool_dir.clone();
-        let policy = config.suppression.clone();
-        let suppressions = Arc::new(
-            tokio::task::spawn_blocking(move || Suppressions::open(&spool_dir, policy)).await??,
-        );
+        let listener_names: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
+        let metrics = Arc::new(Metrics::new(&listener_names));
+        let (suppressions, fleet) = open_suppressions(&config, metrics.clone()).await?;
+        let (stop, stop_rx) = watch::channel(false);
+        // Before anything is delivered or accepted: a relay that must have the store has its list first.
+        if let (Some(fleet), Some(store)) = (fleet, &config.store) {
+            fleet
+                .start(suppressions.clone(), store.required, stop_rx.clone())
+                .await?;
+        }
         tracing::info!(
             spool = %config.spool_dir.display(),
             messages = loaded.len(),
@@ -95,8 +103,6 @@ impl Relay {
             suppressions = suppressions.len(),
             "spool loaded"
         );
-        let listener_names: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
-        let metrics = Arc::new(Metrics::new(&listener_names));
         let (sink, events) = events::start(config.events.as_ref(), metrics.clone()).await?;
         let telemetry = Telemetry::new(metrics.clone(), sink);
         // Before the queue starts: it routes the spooled messages by the return-path domains.
@@ -167,7 +173,6 @@ impl Relay {
             budget: Budget::new(inbound as usize),
             memory_limit,
         };
-        let (stop, stop_rx) = watch::channel(false);
         let state = Arc::new(ExporterState {
             ready: false.into(),
             metrics,
@@ -281,6 +286,28 @@ impl Relay {
         }
         tracing::info!("stopped");
     }
+}
+
+/// The suppression list: the file on the spool volume, or with a store the fleet's shared list (whose
+/// sync is started by the caller).
+async fn open_suppressions(
+    config: &Config,
+    metrics: Arc<Metrics>,
+) -> Result<(Arc<Suppressions>, Option<SharedSuppressions>), RunError> {
+    let spool_dir = config.spool_dir.clone();
+    let policy = config.suppression.clone();
+    let store = config.store.clone();
+    let (list, fleet) = tokio::task::spawn_blocking(move || -> Result<_, RunError> {
+        Ok(match store {
+            None => (Suppressions::open(&spool_dir, policy)?, None),
+            Some(s) => {
+                let (fleet, shared) = SharedSuppressions::open(&s, &spool_dir, metrics)?;
+                (Suppressions::new(Box::new(shared), policy), Some(fleet))
+            }
+        })
+    })
+    .await??;
+    Ok((Arc::new(list), fleet))
 }
 
 /// Runs a relay until SIGTERM or SIGINT, reloading on SIGHUP and when the config file changes; then drains.
@@ -408,6 +435,9 @@ impl Reloader {
         }
         if new.metrics != self.current.metrics {
             fixed.push("metrics address changed".into());
+        }
+        if new.store != self.current.store {
+            fixed.push("store section changed".into());
         }
         if new.events != self.current.events {
             fixed.push("events outputs changed".into());

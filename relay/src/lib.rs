@@ -17,6 +17,7 @@
 //! - `deliver`: MX resolution and the SMTP client.
 //! - `dkim`: DKIM signing at acceptance.
 //! - `outcome`: bounce classification, DSNs, suppression.
+//! - `fleet`: what the replicas of a fleet share through Valkey (the suppression list).
 //! - `metrics`: the Prometheus metrics.
 //! - `events`: delivery events to a file and a signed webhook.
 //! - `telemetry`: one relay's metrics and event sink, handed to every stage.
@@ -35,6 +36,7 @@ pub mod deliver;
 pub mod dkim;
 pub mod events;
 pub mod exporter;
+pub mod fleet;
 pub mod metrics;
 pub mod outcome;
 pub mod policy;

@@ -11,8 +11,8 @@ use std::sync::Mutex;
 
 use herald_smtp::RejectReason;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Destination domains with a label of their own; the rest are `other`.
@@ -66,6 +66,10 @@ pub struct Metrics {
     pub feedback_limited: IntCounter,
     pub auth_attempts: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    pub store_up: IntGauge,
+    pub store_errors: IntCounterVec,
+    pub store_latency: HistogramVec,
+    pub store_pending: IntGauge,
     domains: Mutex<HashSet<String>>,
 }
 
@@ -92,6 +96,14 @@ pub const AUTH_RESULTS: &[&str] = &["accepted", "failed", "throttled", "busy"];
 
 /// The `result` values of `herald_config_reload_total`: the whole new config is in force; all of it but
 /// what cannot change live (named in the log); or none of it (invalid, the running config stays).
+/// The store operations `herald_store_errors_total` and `herald_store_latency_seconds` count.
+pub const STORE_OPS: &[&str] = &["connect", "join", "publish", "feed", "resync"];
+
+/// Store round trips on loopback take tens of microseconds, across a zone a few milliseconds.
+const STORE_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
 pub const RELOAD_RESULTS: &[&str] = &["applied", "partial", "rejected"];
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -170,6 +182,15 @@ impl Metrics {
         .expect("metric definition is valid");
         r.register(Box::new(latency.clone()))
             .expect("metric names are unique");
+        let store_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "herald_store_latency_seconds",
+                "Time of operations on the fleet's store (Valkey/Redis) by operation; a join or resync is one bulk operation, a feed read the wait for changes.",
+            )
+            .buckets(STORE_BUCKETS.to_vec()),
+            &["op"],
+        )
+        .expect("metric definition is valid");
         Metrics {
             received: counter_vec(
                 &r,
@@ -274,8 +295,44 @@ impl Metrics {
                 "Config reloads by result: applied (all of it), partial (all but what cannot change live) or rejected (invalid; the running config stays).",
                 &["result"],
             ),
+            // Registered only with a store (`register_store`): a relay without one has no store to be down.
+            store_up: IntGauge::new(
+                "herald_store_up",
+                "1 while the relay is joined to the fleet's store; 0 while it runs on its local copy (store configured but unreachable).",
+            )
+            .expect("metric definition is valid"),
+            store_errors: IntCounterVec::new(
+                Opts::new(
+                    "herald_store_errors_total",
+                    "Failed operations on the fleet's store by operation (connect, join, publish, feed, resync).",
+                ),
+                &["op"],
+            )
+            .expect("metric definition is valid"),
+            store_latency,
+            store_pending: IntGauge::new(
+                "herald_store_pending_changes",
+                "Suppression changes made by this relay and not yet written to the store (kept on its volume until they are).",
+            )
+            .expect("metric definition is valid"),
             domains: Mutex::new(HashSet::new()),
             registry: r,
+        }
+    }
+
+    /// Adds the store's metrics to the registry: called once, by a relay configured with a store.
+    pub fn register_store(&self) {
+        for op in STORE_OPS {
+            self.store_errors.with_label_values(&[op]);
+        }
+        for c in [
+            Box::new(self.store_up.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(self.store_errors.clone()),
+            Box::new(self.store_latency.clone()),
+            Box::new(self.store_pending.clone()),
+        ] {
+            // Registered once per relay: a second call finds them there, which changes nothing.
+            let _ = self.registry.register(c);
         }
     }
 

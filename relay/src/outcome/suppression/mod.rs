@@ -334,6 +334,11 @@ impl Suppressions {
         Ok(stored && live)
     }
 
+    /// Whether the policy now in force has forgotten `streak`.
+    pub fn forgotten(&self, streak: &Streak, now: DateTime<Utc>) -> bool {
+        policy::is_forgotten(&self.policy.load(), streak, now)
+    }
+
     /// Drops expired entries and forgotten streaks from memory and the store. Blocking.
     pub fn sweep(&self) -> Result<usize, SuppressionError> {
         let now = Utc::now();

@@ -1,0 +1,174 @@
+//! The way to the store: the client built from the config (URL, password file, CA), connections with time
+//! limits, every operation timed and its failures counted, and the fleet's key names.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, TlsCertificates};
+
+use super::FleetError;
+use crate::metrics::Metrics;
+
+/// Opening a connection: beyond this the store counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// One command's reply. Writes of the suppression list are small; a bulk page is a few hundred entries.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The configured store: one client, the key prefix, and the metrics every operation reports to.
+#[derive(Debug)]
+pub struct Link {
+    client: Client,
+    /// The URL without its password, for logs and errors.
+    shown: String,
+    prefix: String,
+    metrics: Arc<Metrics>,
+}
+
+/// `redis://user:secret@host/0` as `redis://user@host/0`.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let host_start = rest.rfind('@').map_or(0, |at| at + 1);
+    let credentials = &rest[..host_start.saturating_sub(1)];
+    let user = credentials.split(':').next().unwrap_or("");
+    if host_start == 0 {
+        url.to_owned()
+    } else if user.is_empty() {
+        format!("{scheme}://{}", &rest[host_start..])
+    } else {
+        format!("{scheme}://{user}@{}", &rest[host_start..])
+    }
+}
+
+fn read_file(field: &'static str, path: &std::path::Path) -> Result<Vec<u8>, FleetError> {
+    std::fs::read(path).map_err(|source| FleetError::File {
+        field,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+impl Link {
+    /// The client for `config` (files read now, nothing connected yet). Blocking: reads the password and
+    /// CA files.
+    pub fn new(config: &herald_config::Store, metrics: Arc<Metrics>) -> Result<Link, FleetError> {
+        let mut info = config
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(FleetError::Url)?;
+        if let Some(f) = &config.password_file {
+            let raw = read_file("password_file", f)?;
+            let password = String::from_utf8_lossy(&raw)
+                .trim_end_matches(['\r', '\n'])
+                .to_owned();
+            let settings = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(settings);
+        }
+        let client = match &config.tls {
+            Some(tls) => Client::build_with_tls(
+                info,
+                TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(read_file("tls.ca_file", &tls.ca_file)?),
+                },
+            ),
+            None => Client::open(info),
+        }
+        .map_err(FleetError::Url)?;
+        metrics.register_store();
+        Ok(Link {
+            client,
+            shown: without_password(&config.url),
+            prefix: config.key_prefix.clone(),
+            metrics,
+        })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The URL as logs show it (no password).
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    /// A fleet key: the configured prefix, then `name`.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// A new connection whose replies may take up to `reply` (more than a blocking read waits).
+    pub async fn connect(
+        &self,
+        reply: Option<Duration>,
+    ) -> Result<MultiplexedConnection, FleetError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(reply.unwrap_or(REPLY_TIMEOUT)));
+        self.timed("connect", async {
+            self.client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+        })
+        .await
+    }
+
+    /// Runs one operation, observing its time under `op` and counting its failure.
+    pub async fn timed<T, F>(&self, op: &'static str, f: F) -> Result<T, FleetError>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
+        let start = Instant::now();
+        let result = f.await;
+        self.metrics
+            .store_latency
+            .with_label_values(&[op])
+            .observe(start.elapsed().as_secs_f64());
+        result.map_err(|source| {
+            self.metrics.store_errors.with_label_values(&[op]).inc();
+            self.error(source)
+        })
+    }
+
+    /// A failure of the store, named by its URL.
+    pub fn error(&self, source: redis::RedisError) -> FleetError {
+        FleetError::Store {
+            url: self.shown.clone(),
+            source,
+        }
+    }
+
+    /// The store answered something this relay did not write there.
+    pub fn protocol(&self, what: impl Into<String>) -> FleetError {
+        FleetError::Protocol {
+            url: self.shown.clone(),
+            what: what.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_password;
+
+    #[test]
+    fn logs_never_show_the_password() {
+        assert_eq!(
+            without_password("redis://:s3cret@valkey:6379/0"),
+            "redis://valkey:6379/0"
+        );
+        assert_eq!(
+            without_password("rediss://herald:p@ss@valkey/1"),
+            "rediss://herald@valkey/1"
+        );
+        assert_eq!(
+            without_password("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+    }
+}

@@ -1,0 +1,103 @@
+//! The fleet's shared state: the Valkey (or Redis) instance the config's `store` names, through which the
+//! replicas of one SmtpRelay share what must be shared. Each replica keeps its spool, its queue and a copy
+//! of everything shared on its own volume: the store going away slows nothing and loses nothing, and a store
+//! that comes back empty is filled again from the replicas.
+//!
+//! - `link`: connections to the store, their timing and failure metrics, and key names.
+//! - `outbox`: this replica's changes not yet in the store, durable on its volume.
+//! - `suppressions`: the suppression list shared by every replica (local copy, change feed, resync).
+//!
+//! The key layout, with scope and lifetime, is in docs/fleet.md.
+
+mod link;
+mod outbox;
+mod suppressions;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::outcome::suppression::{FileStore, Suppressions};
+
+pub use link::Link;
+pub use outbox::Outbox;
+pub use suppressions::SharedStore;
+
+/// Errors of the fleet's shared state.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("store.url: {0}")]
+    Url(redis::RedisError),
+    #[error("store.{field} {path}: {source}")]
+    File {
+        field: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("store {url}: {source}")]
+    Store {
+        url: String,
+        source: redis::RedisError,
+    },
+    #[error("store {url}: {what}")]
+    Protocol { url: String, what: String },
+    #[error("fleet state in {path}: {source}")]
+    Local {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Suppressions(#[from] crate::outcome::suppression::SuppressionError),
+    #[error("fleet task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// The directory of this replica's fleet state on its volume (the remembered epoch and the outbox).
+pub fn state_dir(spool_dir: &Path) -> PathBuf {
+    spool_dir.join("fleet")
+}
+
+/// The shared suppression list of a relay with a store: the local copy and outbox the list reads and
+/// writes, and the task that keeps them and the store in step.
+#[derive(Debug)]
+pub struct SharedSuppressions {
+    sync: suppressions::Sync,
+}
+
+impl SharedSuppressions {
+    /// Opens the local copy and the outbox on the spool volume and the link to the store (no connection
+    /// yet); the store the suppression list is to be built on.
+    pub fn open(
+        config: &herald_config::Store,
+        spool_dir: &Path,
+        metrics: Arc<Metrics>,
+    ) -> Result<(SharedSuppressions, SharedStore), FleetError> {
+        let link = Link::new(config, metrics)?;
+        let local = Arc::new(FileStore::open(spool_dir)?);
+        let dir = state_dir(spool_dir);
+        let outbox = Arc::new(Outbox::open(&dir, link.metrics().clone())?);
+        let store = SharedStore::new(local.clone(), outbox.clone());
+        let sync = suppressions::Sync::new(link, local, outbox, &dir, config.resync_interval);
+        Ok((SharedSuppressions { sync }, store))
+    }
+
+    /// Joins the fleet and follows it until `stop`. With `required`, the first join must succeed (else
+    /// the error, and the relay does not start); otherwise a store that does not answer leaves the relay
+    /// on its local copy, loudly, until it does.
+    pub async fn start(
+        self,
+        list: Arc<Suppressions>,
+        required: bool,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(), FleetError> {
+        let session = if required {
+            Some(self.sync.first_join(&list).await?)
+        } else {
+            None
+        };
+        tokio::spawn(Arc::new(self.sync).run(list, session, stop));
+        Ok(())
+    }
+}

@@ -1,0 +1,174 @@
+"""Relays of one fleet share their suppression list through a store (Debian's redis-server, wire-compatible
+with Valkey): an address suppressed on one relay is refused by the others, through the change feed (the
+periodic resync is set to hours here); the store going away stops no mail and loses no suppression; a store
+that comes back empty is written back from the relays; a relay joining with a list of its own brings it in;
+a store that cannot be reached at start leaves the relay on its own list, loudly, or stops it with
+`required: true`."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from harness.outbound import send, start_outbound, unique, wait_gone, wait_until
+from harness.smtp import SmtpConn
+from harness.store import Store
+
+FEED = 10.0  # the bound for a change to reach another relay through the feed
+REJOIN = 30.0  # the bound for a relay to find the store again after it restarted (retries back off to 10 s)
+
+
+def fleet_relay(relays, dns, peers, store: Store, name: str, **store_over):
+    section = store.section(**{"resync_interval": "6h", **store_over})
+    return start_outbound(relays, dns, peers, name=name, config=lambda cfg: cfg.update(store=section))
+
+
+def rcpt(r, address: str):
+    host, port = r.listener("trusted")
+    with SmtpConn(host, port) as c:
+        c.greeting()
+        c.ehlo()
+        c.expect("MAIL FROM:<a@example.test>", "250 2.1.0")
+        reply = c.cmd(f"RCPT TO:<{address}>")
+        c.cmd("RSET")
+        return reply
+
+
+def refused(r, address: str) -> bool:
+    reply = rcpt(r, address)
+    return reply.starts("550 5.1.1") and "suppressed" in reply.last
+
+
+def metric(r, name: str) -> float | None:
+    status, body = r.http_get("/metrics")
+    assert status == 200
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def stored(store: Store, address: str) -> dict | None:
+    raw = store.cmd("HGET", "herald:{supp}:state", f"e:{address.lower()}")
+    return json.loads(raw) if raw else None
+
+
+def test_a_hard_bounce_on_one_relay_is_refused_at_rcpt_by_the_other(relays, dns, peers, foreign, mailbox, store):
+    a = fleet_relay(relays, dns, peers, store, "a")
+    b = fleet_relay(relays, dns, peers, store, "b")
+    assert wait_until(lambda: metric(a, "herald_store_up") == 1 and metric(b, "herald_store_up") == 1, FEED)
+    addr = f"{unique('gone')}@foreign.test"
+    foreign.on_rcpt(addr, f"550 5.1.1 <{addr}>: Recipient address rejected: User unknown")
+    assert rcpt(b, addr).starts("250 2.1.5")
+    qid, _, _ = send(a, [addr], "fleet-bounce")
+    wait_gone(a, qid)
+    assert wait_until(lambda: refused(a, addr), FEED), "relay a did not suppress its own bounce"
+    assert wait_until(lambda: refused(b, addr), FEED), f"relay b still takes {addr}:\n{b.log_tail(40)}"
+    change = stored(store, addr)
+    assert change and change["op"] == "add" and change["entry"]["category"] == "invalid-recipient", change
+    # b holds the whole entry, the reply behind it included, as a recorded it.
+    status, body = b.http("GET", f"/suppressions/{addr}")
+    assert status == 200 and json.loads(body)["suppression"]["reply"]["enhanced"] == "5.1.1", body
+    assert metric(a, "herald_store_pending_changes") == 0
+
+
+def test_an_admin_edit_on_one_relay_reaches_the_other_both_ways(relays, dns, peers, store):
+    a = fleet_relay(relays, dns, peers, store, "a")
+    b = fleet_relay(relays, dns, peers, store, "b")
+    addr = f"{unique('complainer')}@foreign.test"
+    status, body = b.http("PUT", f"/suppressions/{addr}", {"reason": "asked to be left alone"})
+    assert status == 200, body
+    assert wait_until(lambda: refused(a, addr), FEED), a.log_tail(40)
+    status, body = a.http("DELETE", f"/suppressions/{addr}")
+    assert status == 200, body
+    assert wait_until(lambda: rcpt(b, addr).starts("250 2.1.5"), FEED), "the removal did not reach relay b"
+    assert stored(store, addr)["op"] == "remove"
+
+
+def test_the_store_going_away_stops_no_mail_and_loses_no_suppression(relays, dns, peers, foreign, mailbox, store):
+    a = fleet_relay(relays, dns, peers, store, "a")
+    b = fleet_relay(relays, dns, peers, store, "b")
+    before = f"{unique('before')}@foreign.test"
+    assert a.http("PUT", f"/suppressions/{before}", {"reason": "before the outage"})[0] == 200
+    assert wait_until(lambda: refused(b, before), FEED)
+    store.stop()
+    assert wait_until(lambda: metric(a, "herald_store_up") == 0 and metric(b, "herald_store_up") == 0, FEED)
+    # Mail flows through both relays meanwhile, and the list still refuses what it held.
+    for r in (a, b):
+        ok = f"{unique('ok')}@foreign.test"
+        qid, _, _ = send(r, [ok], "outage")
+        wait_gone(r, qid)
+        assert foreign.delivered_to(ok), f"{r.label} did not deliver while the store was away"
+        assert refused(r, before)
+    during = f"{unique('during')}@foreign.test"
+    assert a.http("PUT", f"/suppressions/{during}", {"reason": "during the outage"})[0] == 200
+    assert refused(a, during)
+    assert metric(a, "herald_store_pending_changes") == 1
+    assert rcpt(b, during).starts("250 2.1.5")  # nothing carries it there while the store is away
+    # The store comes back empty (no persistence): the relays write their lists back into it.
+    store.start()
+    assert wait_until(lambda: refused(b, during), REJOIN), f"the change made during the outage did not reach b:\n{b.log_tail(40)}"
+    assert wait_until(lambda: stored(store, before) is not None, REJOIN), "the store was not written back"
+    assert stored(store, during)["entry"]["reason"] == "during the outage"
+    assert store.cmd("GET", "herald:epoch"), "the epoch was not restored"
+    assert metric(a, "herald_store_pending_changes") == 0
+    assert metric(a, "herald_store_up") == 1 and metric(b, "herald_store_up") == 1
+    assert "lost its suppression list" in a.log_text() + b.log_text()
+
+
+def test_a_relay_joining_with_a_list_of_its_own_brings_it_in(relays, dns, peers, store):
+    solo = start_outbound(relays, dns, peers, name="solo")
+    addr = f"{unique('local')}@foreign.test"
+    assert solo.http("PUT", f"/suppressions/{addr}", {"reason": "from the single-relay days"})[0] == 200
+    solo.stop()
+    solo.config["store"] = store.section(resync_interval="6h")
+    solo.write_config()
+    solo.start()
+    other = fleet_relay(relays, dns, peers, store, "other")
+    assert wait_until(lambda: refused(other, addr), FEED), other.log_tail(40)
+    assert stored(store, addr)["entry"]["reason"] == "from the single-relay days"
+
+
+def test_a_deliberate_reset_empties_every_copy(relays, dns, peers, store):
+    """Deleting the keys and setting a new epoch is how an operator clears the fleet's list on purpose; the
+    relays' next resync follows it rather than writing their copies back."""
+    a = fleet_relay(relays, dns, peers, store, "a", resync_interval="2s")
+    addr = f"{unique('reset')}@foreign.test"
+    assert a.http("PUT", f"/suppressions/{addr}", {"reason": "to be reset"})[0] == 200
+    assert wait_until(lambda: stored(store, addr) is not None, FEED)
+    store.cmd("DEL", "herald:{supp}:state", "herald:{supp}:feed")
+    store.cmd("SET", "herald:epoch", "reset-" + unique("epoch"))
+    assert wait_until(lambda: rcpt(a, addr).starts("250 2.1.5"), FEED), a.log_tail(40)
+    assert stored(store, addr) is None
+    assert "reset on purpose" in a.log_text()
+
+
+def test_a_wrong_password_starts_on_the_local_list_and_says_so(relays, dns, peers, store):
+    section = store.section()
+    (store.workdir / "wrong").write_text("not-the-password\n")
+    section["password_file"] = str(store.workdir / "wrong")
+    r = start_outbound(relays, dns, peers, name="wrongpw", config=lambda cfg: cfg.update(store=section))
+    assert metric(r, "herald_store_up") == 0
+    said = wait_until(lambda: [l for l in r.log_text().splitlines() if "cannot use the fleet's store" in l], FEED)
+    assert said and '"level":"ERROR"' in said[0] and "authentication failed" in said[0].lower(), r.log_tail(40)
+    assert store.password not in r.log_text()
+    addr = f"{unique('local')}@foreign.test"
+    assert r.http("PUT", f"/suppressions/{addr}", {"reason": "kept locally"})[0] == 200
+    assert refused(r, addr)
+
+
+def test_required_refuses_to_start_without_the_store(relays, dns, peers, store):
+    section = store.section(required=True)
+    section["url"] = f"redis://127.0.0.1:{store.port}/0"
+    store.stop()
+    cfg = relays.config("required")
+    cfg["store"] = section
+    r = relays.start("required", config=cfg, wait=False)
+    deadline = time.monotonic() + 30
+    while r.running and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not r.running, "the relay started without its required store"
+    log = r.log_text()
+    assert f"127.0.0.1:{store.port}" in log and "fleet-secret" not in log, log[-2000:]
