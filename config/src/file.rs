@@ -785,6 +785,45 @@ mod tests {
     }
 
     #[test]
+    fn a_store_section_is_checked_field_by_field() {
+        let base = "hostname: h.example.test\nspool_dir: /s\nlisteners: [{name: t, address: \"127.0.0.1:25\", auth: none, trusted_senders: any, allow_networks: [127.0.0.0/8]}]\n";
+        let with = |store: &str| format!("{base}store: {store}\n");
+        let ok = Config::parse(&with("{url: \"redis://valkey:6379/0\"}")).unwrap();
+        let store = ok.store.unwrap();
+        assert_eq!(store.key_prefix, "herald:");
+        assert_eq!(store.fleet_size, 1);
+        assert!(!store.required);
+        for (store, field, says) in [
+            ("{url: \"http://valkey\"}", "store.url", "redis://"),
+            ("{url: \"redis://\"}", "store.url", "no host"),
+            (
+                "{url: \"redis://v\", key_prefix: \"\"}",
+                "store.key_prefix",
+                "non-empty",
+            ),
+            (
+                "{url: \"redis://v\", tls: {ca_file: /ca.pem}}",
+                "store.tls",
+                "rediss://",
+            ),
+            (
+                "{url: \"rediss://v\", fleet_size: 0}",
+                "store.fleet_size",
+                "at least 1",
+            ),
+            (
+                "{url: \"redis://v\", resync_interval: 10ms}",
+                "store.resync_interval",
+                "1s",
+            ),
+        ] {
+            let e = err(&with(store));
+            assert!(e.starts_with(field) && e.contains(says), "{store}: {e}");
+        }
+        assert!(Config::parse(&with("{url: \"rediss://v\", tls: {ca_file: /ca.pem}}")).is_ok());
+    }
+
+    #[test]
     fn embedded_default_is_valid() {
         let c = Config::embedded_default();
         assert_eq!(c.listeners[0].allow_networks.len(), 2);
