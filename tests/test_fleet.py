@@ -74,6 +74,39 @@ def test_a_hard_bounce_on_one_relay_is_refused_at_rcpt_by_the_other(relays, dns,
     assert metric(a, "herald_store_pending_changes") == 0
 
 
+def streak(r, address: str) -> dict | None:
+    status, body = r.http("GET", f"/suppressions/{address}")
+    assert status == 200, (status, body)
+    return json.loads(body)["streak"]
+
+
+def test_a_mailbox_full_streak_counts_across_relays_and_a_delivery_anywhere_ends_it(
+        relays, dns, peers, foreign, mailbox, store):
+    """Two full-mailbox failures on relay a and one on relay b make one streak of three: with
+    `replies: 3` the address is suppressed on both, though neither relay saw three on its own."""
+    policy = {"mailbox_full": {"replies": 3, "over": "1s", "forget_after": "30d"}}
+
+    def relay(name):
+        section = store.section(resync_interval="6h")
+        return start_outbound(relays, dns, peers, name=name,
+                              config=lambda cfg: cfg.update(store=section, suppression=policy))
+
+    a, b = relay("a"), relay("b")
+    addr = f"{unique('full')}@foreign.test"
+    foreign.on_rcpt(addr, f"552 5.2.2 <{addr}>: Mailbox full")
+    for r, n in ((a, 1), (a, 2)):
+        qid, _, _ = send(r, [addr], f"full{n}")
+        wait_gone(r, qid)
+    assert wait_until(lambda: (streak(b, addr) or {}).get("replies") == 2, FEED), streak(b, addr)
+    time.sleep(1.1)  # the streak must span `over`
+    qid, _, _ = send(b, [addr], "full3")
+    wait_gone(b, qid)
+    assert wait_until(lambda: refused(b, addr), FEED), (streak(b, addr), b.log_tail(30))
+    assert wait_until(lambda: refused(a, addr), FEED), "the suppression b made did not reach a"
+    change = stored(store, addr)
+    assert change["entry"]["category"] == "mailbox-full", change
+
+
 def test_an_admin_edit_on_one_relay_reaches_the_other_both_ways(relays, dns, peers, store):
     a = fleet_relay(relays, dns, peers, store, "a")
     b = fleet_relay(relays, dns, peers, store, "b")
