@@ -8,6 +8,7 @@ a store that cannot be reached at start leaves the relay on its own list, loudly
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -72,6 +73,39 @@ def test_a_hard_bounce_on_one_relay_is_refused_at_rcpt_by_the_other(relays, dns,
     status, body = b.http("GET", f"/suppressions/{addr}")
     assert status == 200 and json.loads(body)["suppression"]["reply"]["enhanced"] == "5.1.1", body
     assert metric(a, "herald_store_pending_changes") == 0
+
+
+def streak(r, address: str) -> dict | None:
+    status, body = r.http("GET", f"/suppressions/{address}")
+    assert status == 200, (status, body)
+    return json.loads(body)["streak"]
+
+
+def test_a_mailbox_full_streak_counts_across_relays_and_a_delivery_anywhere_ends_it(
+        relays, dns, peers, foreign, mailbox, store):
+    """Two full-mailbox failures on relay a and one on relay b make one streak of three: with
+    `replies: 3` the address is suppressed on both, though neither relay saw three on its own."""
+    policy = {"mailbox_full": {"replies": 3, "over": "1s", "forget_after": "30d"}}
+
+    def relay(name):
+        section = store.section(resync_interval="6h")
+        return start_outbound(relays, dns, peers, name=name,
+                              config=lambda cfg: cfg.update(store=section, suppression=policy))
+
+    a, b = relay("a"), relay("b")
+    addr = f"{unique('full')}@foreign.test"
+    foreign.on_rcpt(addr, f"552 5.2.2 <{addr}>: Mailbox full")
+    for r, n in ((a, 1), (a, 2)):
+        qid, _, _ = send(r, [addr], f"full{n}")
+        wait_gone(r, qid)
+    assert wait_until(lambda: (streak(b, addr) or {}).get("replies") == 2, FEED), streak(b, addr)
+    time.sleep(1.1)  # the streak must span `over`
+    qid, _, _ = send(b, [addr], "full3")
+    wait_gone(b, qid)
+    assert wait_until(lambda: refused(b, addr), FEED), (streak(b, addr), b.log_tail(30))
+    assert wait_until(lambda: refused(a, addr), FEED), "the suppression b made did not reach a"
+    change = stored(store, addr)
+    assert change["entry"]["category"] == "mailbox-full", change
 
 
 def test_an_admin_edit_on_one_relay_reaches_the_other_both_ways(relays, dns, peers, store):
@@ -143,6 +177,67 @@ def test_a_deliberate_reset_empties_every_copy(relays, dns, peers, store):
     assert wait_until(lambda: rcpt(a, addr).starts("250 2.1.5"), FEED), a.log_tail(40)
     assert stored(store, addr) is None
     assert "reset on purpose" in a.log_text()
+
+
+def limited_relay(relays, dns, peers, store, name: str, fleet_size: int = 2):
+    section = store.section(resync_interval="6h", fleet_size=fleet_size)
+    delivery = {"per_domain": {"max_connections": 3, "messages_per_connection": 2}}
+    return start_outbound(relays, dns, peers, name=name, delivery=delivery,
+                          config=lambda cfg: cfg.update(store=section))
+
+
+def flood(rs, domain: str, per_relay: int, tag: str) -> list[str]:
+    """per_relay messages to `domain` through each relay at once; their queue ids."""
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def feed(r):
+        for n in range(per_relay):
+            qid, _, _ = send(r, [f"r{n}@{domain}"], tag)
+            with lock:
+                ids.append((r, qid))
+
+    threads = [threading.Thread(target=feed, args=(r,)) for r in rs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return ids
+
+
+def test_max_connections_holds_for_the_fleet_and_is_used_in_full(relays, dns, peers, mailbox, store):
+    """`per_domain.max_connections: 3` on two relays: the destination sees at most 3 connections from both
+    together (without the store it would see 6), and under load it sees all 3."""
+    dns.route("limited.test", "127.0.0.4")
+    mx = peers.aio("127.0.0.4", "limited", data_delay=0.3)
+    a = limited_relay(relays, dns, peers, store, "a")
+    b = limited_relay(relays, dns, peers, store, "b")
+    sent = flood((a, b), "limited.test", 15, "lease")
+    for r, qid in sent:
+        wait_gone(r, qid, 120)
+    assert len(mx.accepted()) == 30, len(mx.accepted())
+    assert mx.max_concurrent <= 3, f"{mx.max_concurrent} connections at once from a fleet limited to 3"
+    assert mx.max_concurrent == 3, f"only {mx.max_concurrent} of the 3 connections used under load"
+    # Waiting for a lease is not a delivery attempt.
+    for r in (a, b):
+        status, body = r.http_get("/metrics")
+        line = next(l for l in body.decode().splitlines() if l.startswith('herald_deliveries_total{result="deferred"}'))
+        assert line.endswith(" 0"), line
+
+
+def test_without_the_store_each_relay_keeps_to_its_share_and_mail_flows(relays, dns, peers, mailbox, store):
+    dns.route("shared.test", "127.0.0.5")
+    mx = peers.aio("127.0.0.5", "shared", data_delay=0.3)
+    a = limited_relay(relays, dns, peers, store, "a")
+    b = limited_relay(relays, dns, peers, store, "b")
+    store.stop()
+    sent = flood((a, b), "shared.test", 8, "share")
+    for r, qid in sent:
+        wait_gone(r, qid, 120)
+    assert len(mx.accepted()) == 16
+    # 3 // fleet_size 2 = 1 connection per relay while cut off.
+    assert mx.max_concurrent <= 2, f"{mx.max_concurrent} connections at once with the store away"
+    assert "share" in a.log_text() and "until the store answers" in a.log_text(), a.log_tail(30)
 
 
 def test_a_wrong_password_starts_on_the_local_list_and_says_so(relays, dns, peers, store):

@@ -630,7 +630,8 @@ impl Default for Retry {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct PerDomain {
-    /// Concurrent connections to one destination domain.
+    /// Concurrent connections to one destination domain: per relay, or for the whole fleet when the relays
+    /// share a `store` (each connection then takes a lease there).
     pub max_connections: u32,
     /// Messages sent on one connection before it is closed and a new one opened.
     pub messages_per_connection: u32,

@@ -32,9 +32,9 @@ pub struct Store {
     /// says so in its log and `herald_store_up`, and joins the fleet once the store answers.
     #[serde(default)]
     pub required: bool,
-    /// How many replicas share the store (the operator sets it from the SmtpRelay's replicas). Kept for the
-    /// fleet-wide limits still to come (docs/fleet.md): while the store is unreachable, each relay is to
-    /// keep to this share of them.
+    /// How many replicas share the store (the operator sets it from the SmtpRelay's replicas): while the
+    /// store is unreachable, a relay opens at most `per_domain.max_connections / fleet_size` (at least one)
+    /// connections to a destination, its share of the fleet's limit.
     #[serde(default = "default_fleet_size")]
     pub fleet_size: u32,
     /// How often the relay reads the whole shared suppression list again, besides following the change

@@ -14,7 +14,7 @@ use crate::deliver::{self, Deliverer, Outbound};
 use crate::dkim::Signers;
 use crate::events;
 use crate::exporter::{self, ExporterState};
-use crate::fleet::{self, SharedSuppressions};
+use crate::fleet::{self, Fleet};
 use crate::metrics::Metrics;
 use crate::outcome::suppression::Suppressions;
 use crate::outcome::verp::{self, ReturnPaths};
@@ -90,6 +90,7 @@ impl Relay {
         let metrics = Arc::new(Metrics::new(&listener_names));
         let (suppressions, fleet) = open_suppressions(&config, metrics.clone()).await?;
         let (stop, stop_rx) = watch::channel(false);
+        let leases = fleet.as_ref().map(Fleet::leases);
         // Before anything is delivered or accepted: a relay that must have the store has its list first.
         if let (Some(fleet), Some(store)) = (fleet, &config.store) {
             fleet
@@ -122,15 +123,16 @@ impl Relay {
             delivery_connections = initial.settings.total_connections,
             "resources"
         );
-        let (queue, deliverer) = deliver::start_queue(
+        let deliverer = Deliverer::new(outbound, spool.clone(), rules.clone(), leases)?;
+        let queue = queue::start(
             initial,
-            outbound,
             spool.clone(),
             suppressions.clone(),
             loaded,
+            deliverer.clone(),
             rules.clone(),
             telemetry.clone(),
-        )?;
+        );
 
         let tls = match &config.tls {
             Some(files) => {
@@ -293,7 +295,7 @@ impl Relay {
 async fn open_suppressions(
     config: &Config,
     metrics: Arc<Metrics>,
-) -> Result<(Arc<Suppressions>, Option<SharedSuppressions>), RunError> {
+) -> Result<(Arc<Suppressions>, Option<Fleet>), RunError> {
     let spool_dir = config.spool_dir.clone();
     let policy = config.suppression.clone();
     let store = config.store.clone();
@@ -301,7 +303,7 @@ async fn open_suppressions(
         Ok(match store {
             None => (Suppressions::open(&spool_dir, policy)?, None),
             Some(s) => {
-                let (fleet, shared) = SharedSuppressions::open(&s, &spool_dir, metrics)?;
+                let (fleet, shared) = Fleet::open(&s, &spool_dir, metrics)?;
                 (Suppressions::new(Box::new(shared), policy), Some(fleet))
             }
         })

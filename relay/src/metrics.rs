@@ -97,7 +97,7 @@ pub const AUTH_RESULTS: &[&str] = &["accepted", "failed", "throttled", "busy"];
 /// The `result` values of `herald_config_reload_total`: the whole new config is in force; all of it but
 /// what cannot change live (named in the log); or none of it (invalid, the running config stays).
 /// The store operations `herald_store_errors_total` and `herald_store_latency_seconds` count.
-pub const STORE_OPS: &[&str] = &["connect", "join", "publish", "feed", "resync"];
+pub const STORE_OPS: &[&str] = &["connect", "join", "publish", "feed", "resync", "lease"];
 
 /// Store round trips on loopback take tens of microseconds, across a zone a few milliseconds.
 const STORE_BUCKETS: &[f64] = &[
@@ -304,7 +304,7 @@ impl Metrics {
             store_errors: IntCounterVec::new(
                 Opts::new(
                     "herald_store_errors_total",
-                    "Failed operations on the fleet's store by operation (connect, join, publish, feed, resync).",
+                    "Failed operations on the fleet's store by operation (connect, join, publish, feed, resync, lease).",
                 ),
                 &["op"],
             )

@@ -22,7 +22,8 @@ use std::sync::Arc;
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::queue::{self, Attempt, Dispatcher, Job, QueueHandle, Reply, Slot};
+use crate::fleet::{LEASE_WAIT, Leases};
+use crate::queue::{Attempt, Dispatcher, Job, Reply, Slot};
 use crate::spool::Spool;
 use arc_swap::ArcSwap;
 use client::{Client, ClientError, Rcpt, Stream, Transaction};
@@ -78,6 +79,8 @@ pub struct Deliverer {
     /// Turns true when the relay stops: connections still resolving or connecting give their job back.
     stop: tokio::sync::watch::Sender<bool>,
     rules: Arc<crate::outcome::Rules>,
+    /// With a fleet store: a connection opens only with a lease for its destination.
+    leases: Option<Arc<Leases>>,
 }
 
 impl std::fmt::Debug for Deliverer {
@@ -185,6 +188,7 @@ impl Deliverer {
         outbound: Outbound,
         spool: Spool,
         rules: Arc<crate::outcome::Rules>,
+        leases: Option<Arc<Leases>>,
     ) -> Result<Arc<Deliverer>, DeliverError> {
         Ok(Arc::new(Deliverer {
             outbound: ArcSwap::from_pointee(outbound),
@@ -192,6 +196,7 @@ impl Deliverer {
             spool,
             stop: tokio::sync::watch::channel(false).0,
             rules,
+            leases,
         }))
     }
 
@@ -210,6 +215,23 @@ impl Deliverer {
         let mut sent = 0u32;
         let o = self.outbound.load_full();
         let max = o.delivery.per_domain.messages_per_connection;
+        // In a fleet, one connection more to this destination must fit the fleet's limit; when it does not,
+        // the job goes back (no attempt) and the destination waits a moment. Held for the connection's life.
+        let _lease = match &self.leases {
+            Some(leases) => {
+                match leases
+                    .acquire(&job.dest, o.delivery.per_domain.max_connections)
+                    .await
+                {
+                    Some(lease) => Some(lease),
+                    None => {
+                        slot.hold(job, LEASE_WAIT);
+                        return;
+                    }
+                }
+            }
+            None => None,
+        };
         loop {
             if session.is_none() {
                 let mut stop = self.stop.subscribe();
@@ -805,29 +827,6 @@ async fn connect(addr: SocketAddr, source: Option<&Source>) -> std::io::Result<T
         socket.bind(SocketAddr::new(s.address, 0))?;
     }
     socket.connect(addr).await
-}
-
-/// Wires the delivery engine to a queue configured by `initial`; the deliverer is returned for reloads.
-pub fn start_queue(
-    initial: queue::Reconfigure,
-    outbound: Outbound,
-    spool: Spool,
-    suppressions: Arc<crate::outcome::suppression::Suppressions>,
-    loaded: Vec<crate::spool::Loaded>,
-    rules: Arc<crate::outcome::Rules>,
-    telemetry: crate::telemetry::Telemetry,
-) -> Result<(QueueHandle, Arc<Deliverer>), DeliverError> {
-    let d = Deliverer::new(outbound, spool.clone(), rules.clone())?;
-    let queue = queue::start(
-        initial,
-        spool,
-        suppressions,
-        loaded,
-        d.clone(),
-        rules,
-        telemetry,
-    );
-    Ok((queue, d))
 }
 
 #[cfg(test)]

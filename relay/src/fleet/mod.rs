@@ -6,9 +6,11 @@
 //! - `link`: connections to the store, their timing and failure metrics, and key names.
 //! - `outbox`: this replica's changes not yet in the store, durable on its volume.
 //! - `suppressions`: the suppression list shared by every replica (local copy, change feed, resync).
+//! - `leases`: connection leases, so `delivery.per_domain.max_connections` holds for the whole fleet.
 //!
 //! The key layout, with scope and lifetime, is in docs/fleet.md.
 
+mod leases;
 mod link;
 mod outbox;
 mod suppressions;
@@ -21,6 +23,7 @@ use tokio::sync::watch;
 use crate::metrics::Metrics;
 use crate::outcome::suppression::{FileStore, Suppressions};
 
+pub use leases::{LEASE_WAIT, Lease, Leases};
 pub use link::Link;
 pub use outbox::Outbox;
 pub use suppressions::SharedStore;
@@ -59,28 +62,53 @@ pub fn state_dir(spool_dir: &Path) -> PathBuf {
     spool_dir.join("fleet")
 }
 
-/// The shared suppression list of a relay with a store: the local copy and outbox the list reads and
-/// writes, and the task that keeps them and the store in step.
+/// A relay's part in a fleet: the shared suppression list (its local copy and outbox, and the task that
+/// keeps them and the store in step) and the connection leases.
 #[derive(Debug)]
-pub struct SharedSuppressions {
+pub struct Fleet {
     sync: suppressions::Sync,
+    link: Arc<Link>,
+    fleet_size: u32,
+    /// This process in the store (feed entries, lease members).
+    origin: String,
 }
 
-impl SharedSuppressions {
+impl Fleet {
     /// Opens the local copy and the outbox on the spool volume and the link to the store (no connection
-    /// yet); the store the suppression list is to be built on.
+    /// yet); returns the store the suppression list is to be built on. Blocking.
     pub fn open(
         config: &herald_config::Store,
         spool_dir: &Path,
         metrics: Arc<Metrics>,
-    ) -> Result<(SharedSuppressions, SharedStore), FleetError> {
-        let link = Link::new(config, metrics)?;
+    ) -> Result<(Fleet, SharedStore), FleetError> {
+        let link = Arc::new(Link::new(config, metrics)?);
         let local = Arc::new(FileStore::open(spool_dir)?);
         let dir = state_dir(spool_dir);
         let outbox = Arc::new(Outbox::open(&dir, link.metrics().clone())?);
         let store = SharedStore::new(local.clone(), outbox.clone());
-        let sync = suppressions::Sync::new(link, local, outbox, &dir, config.resync_interval);
-        Ok((SharedSuppressions { sync }, store))
+        let origin = format!("{:016x}", rand::random::<u64>());
+        let sync = suppressions::Sync::new(
+            link.clone(),
+            local,
+            outbox,
+            &dir,
+            config.resync_interval,
+            origin.clone(),
+        );
+        Ok((
+            Fleet {
+                sync,
+                link,
+                fleet_size: config.fleet_size,
+                origin,
+            },
+            store,
+        ))
+    }
+
+    /// The connection leases (their upkeep task starts now).
+    pub fn leases(&self) -> Arc<Leases> {
+        Leases::start(self.link.clone(), self.fleet_size, self.origin.clone())
     }
 
     /// Joins the fleet and follows it until `stop`. With `required`, the first join must succeed (else

@@ -243,7 +243,7 @@ pub(super) struct Session {
 /// Keeps this replica's copy, its outbox and the store in step.
 #[derive(Debug)]
 pub(super) struct Sync {
-    link: Link,
+    link: Arc<Link>,
     local: Arc<FileStore>,
     outbox: Arc<Outbox>,
     epoch_file: PathBuf,
@@ -266,11 +266,12 @@ async fn blocking<T: Send + 'static>(
 
 impl Sync {
     pub(super) fn new(
-        link: Link,
+        link: Arc<Link>,
         local: Arc<FileStore>,
         outbox: Arc<Outbox>,
         dir: &Path,
         resync_every: Duration,
+        origin: String,
     ) -> Sync {
         Sync {
             state_key: link.key("{supp}:state"),
@@ -281,7 +282,7 @@ impl Sync {
             outbox,
             epoch_file: dir.join("epoch"),
             resync_every,
-            origin: format!("{:016x}", rand::random::<u64>()),
+            origin,
             write: redis::Script::new(WRITE),
             forget: redis::Script::new(FORGET),
             flushing: tokio::sync::Mutex::new(()),

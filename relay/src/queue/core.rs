@@ -398,6 +398,8 @@ struct Dest {
     connections: usize,
     /// On the FIFO of destinations waiting for a place under the total cap.
     waiting: bool,
+    /// No new connection before this time (ms): the fleet had no room for one (see [`Core::hold`]).
+    held_until: u64,
 }
 
 /// A copy-forward of the oldest spool segment that the shell carries out.
@@ -430,6 +432,8 @@ pub struct Core {
     /// A destination stays in `dests` while it is here.
     waiting: VecDeque<DestKey>,
     timers: BinaryHeap<Reverse<(u64, QueueId)>>,
+    /// When held destinations may try for a connection again.
+    holds: BinaryHeap<Reverse<(u64, DestKey)>>,
     /// Live messages and bytes per spool segment.
     segments: BTreeMap<u64, (usize, u64)>,
     /// Messages with recipients still pending, per destination domain (for `herald_queue_depth`).
@@ -475,6 +479,7 @@ impl Core {
             connections: 0,
             waiting: VecDeque::new(),
             timers: BinaryHeap::new(),
+            holds: BinaryHeap::new(),
             segments: BTreeMap::new(),
             depth: HashMap::new(),
             strings: Strings::default(),
@@ -504,7 +509,12 @@ impl Core {
 
     /// When the next deferred recipient is due (Unix ms).
     pub fn next_due(&self) -> Option<u64> {
-        self.timers.peek().map(|Reverse((due, _))| *due)
+        let timer = self.timers.peek().map(|Reverse((due, _))| *due);
+        let hold = self.holds.peek().map(|Reverse((until, _))| *until);
+        match (timer, hold) {
+            (Some(t), Some(h)) => Some(t.min(h)),
+            (t, h) => t.or(h),
+        }
     }
 
     /// No connection is open: after [`Core::stop`], the shell may finish.
@@ -857,6 +867,18 @@ impl Core {
         out
     }
 
+    /// A connection for `job` found no room for itself in the fleet (every lease of the destination is
+    /// taken by other relays): the job goes back untried (it is not an attempt: no retry delay, no attempt
+    /// counted) and the destination opens no new connection before `until`; connections it has go on.
+    pub fn hold(&mut self, job: &Job, until: u64, now: u64) -> Vec<Action> {
+        let d = self.dests.entry(job.dest.clone()).or_default();
+        if until > d.held_until {
+            d.held_until = until;
+            self.holds.push(Reverse((until, job.dest.clone())));
+        }
+        self.give_back(job, now)
+    }
+
     /// A job that was never attempted goes back to the ready list.
     pub fn give_back(&mut self, job: &Job, now: u64) -> Vec<Action> {
         if let Some(e) = self.messages.get_mut(&job.id) {
@@ -874,6 +896,15 @@ impl Core {
     /// Makes ready the messages whose deferred recipients are due by `now`.
     pub fn due(&mut self, now: u64) -> Vec<Action> {
         let mut out = Vec::new();
+        while let Some(Reverse((until, _))) = self.holds.peek() {
+            if *until > now {
+                break;
+            }
+            if let Some(Reverse((_, key))) = self.holds.pop() {
+                self.kick(&key, now, &mut out);
+                self.forget_if_idle(&key);
+            }
+        }
         while let Some(Reverse((due, id))) = self.timers.peek().copied() {
             if due > now {
                 break;
@@ -1136,7 +1167,7 @@ impl Core {
     /// Starts connections for a destination while it has ready work and room, and the total is under its
     /// cap; at the cap, the destination waits for a place (see [`Core::serve_waiting`]).
     fn kick(&mut self, key: &DestKey, now: u64, out: &mut Vec<Action>) {
-        while self.wants_connection(key) {
+        while self.wants_connection(key, now) {
             if self.connections >= self.settings.total_connections {
                 self.wait_for_place(key);
                 return;
@@ -1147,11 +1178,13 @@ impl Core {
         }
     }
 
-    /// Whether `key` has ready work and room for another connection of its own.
-    fn wants_connection(&self, key: &DestKey) -> bool {
+    /// Whether `key` has ready work, room for another connection of its own, and is not held.
+    fn wants_connection(&self, key: &DestKey, now: u64) -> bool {
         !self.stopping
             && self.dests.get(key).is_some_and(|d| {
-                d.connections < self.settings.per_destination && !d.ready.is_empty()
+                d.connections < self.settings.per_destination
+                    && !d.ready.is_empty()
+                    && d.held_until <= now
             })
     }
 
@@ -1188,9 +1221,9 @@ impl Core {
             if let Some(d) = self.dests.get_mut(&key) {
                 d.waiting = false;
             }
-            if self.wants_connection(&key)
+            if self.wants_connection(&key, now)
                 && self.start(&key, now, out)
-                && self.wants_connection(&key)
+                && self.wants_connection(&key, now)
             {
                 self.wait_for_place(&key);
             }

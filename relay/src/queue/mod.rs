@@ -91,6 +91,12 @@ enum Command {
     },
     /// An old segment was deleted (or could not be).
     Compacted,
+    /// A connection found no room in the fleet for itself: its job goes back untried and the destination
+    /// waits until `until` (ms).
+    Hold {
+        job: Job,
+        until: u64,
+    },
     /// A connection gives back a job it never attempted.
     Abandon {
         job: Job,
@@ -211,6 +217,13 @@ impl Slot {
             .ok()
             .and_then(Result::ok)
             .flatten()
+    }
+
+    /// Gives back a job that was never attempted because the fleet has no room for another connection to
+    /// its destination; the destination opens none for `wait`. Not a delivery attempt.
+    pub fn hold(self, job: Job, wait: Duration) {
+        let until = now_ms().saturating_add(wait.as_millis() as u64);
+        self.queue.send(Command::Hold { job, until });
     }
 
     /// Gives back a job that was never attempted (the relay is stopping); the place is freed with it.
@@ -511,6 +524,10 @@ impl Shell {
                 self.core.stop();
                 self.stopping = Some(reply);
                 self.dispatcher.stopping();
+            }
+            Command::Hold { job, until } => {
+                let actions = self.core.hold(&job, until, now);
+                self.act(actions, None);
             }
             Command::Abandon { job } => {
                 let actions = self.core.give_back(&job, now);

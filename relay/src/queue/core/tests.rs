@@ -116,6 +116,32 @@ fn a_message_is_handed_out_once_per_destination_within_the_connection_cap() {
 }
 
 #[test]
+fn a_held_destination_opens_nothing_until_its_time_and_the_job_is_no_attempt() {
+    let mut core = Core::new(settings());
+    let jobs = starts(&core.insert(message(1, "a@example.test", &["x@one.test"]), T0));
+    let job = jobs[0].clone();
+    // The fleet had no lease: the job goes back, and neither it nor the freed place starts a connection.
+    assert!(starts(&core.hold(&job, T0 + 1000, T0)).is_empty());
+    assert!(starts(&core.connection_closed(&job.dest, T0)).is_empty());
+    assert!(starts(&core.insert(message(2, "a@example.test", &["y@one.test"]), T0)).is_empty());
+    // Another destination is not held.
+    assert_eq!(
+        starts(&core.insert(message(3, "a@example.test", &["z@two.test"]), T0)).len(),
+        1
+    );
+    assert_eq!(core.next_due(), Some(T0 + 1000));
+    assert!(starts(&core.due(T0 + 999)).is_empty());
+    let again = starts(&core.due(T0 + 1000));
+    assert_eq!(
+        again.len(),
+        2,
+        "both of one.test's messages go, up to its cap: {again:?}"
+    );
+    let state = core.state(job.id, 0).unwrap();
+    assert_eq!(state.attempts, 0, "a hold is not a delivery attempt");
+}
+
+#[test]
 fn a_deferral_waits_the_nominal_delay_times_the_jitter() {
     let mut core = Core::new(settings());
     let job = starts(&core.insert(message(1, "a@example.test", &["x@one.test"]), T0)).remove(0);

@@ -1,0 +1,266 @@
+//! Connection leases: `delivery.per_domain.max_connections` for the whole fleet. A delivery connection
+//! takes a lease for its destination before it opens and gives it back when it closes; a lease expires
+//! by itself unless renewed, so a crashed relay's leases return within `LEASE_TTL`.
+//!
+//! In the store, per destination a sorted set `lease:{<destination>}` (after the key prefix; the braces put
+//! each destination in a slot of its own in a Valkey Cluster): members are this relay's connections
+//! (`<origin>:<n>`), scores their expiry on the store's clock (so relays' clocks do not matter). Taking a
+//! lease drops the expired ones, counts, and adds one if there is room, atomically (a Lua script).
+//!
+//! Without the store (unreachable, or failing), a relay takes leases from its share of the limit, the
+//! limit divided by `store.fleet_size` (at least one), never more: the fleet as a whole stays within the
+//! limit while every relay is cut off, and each relay still sends.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use tokio::sync::mpsc;
+
+use super::Link;
+
+/// How long a lease lasts without renewal.
+const LEASE_TTL: Duration = Duration::from_secs(30);
+/// Renewal of every held lease, well within `LEASE_TTL`.
+const RENEW_EVERY: Duration = Duration::from_secs(10);
+/// After a failure, leases come from the local share for this long before the store is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// How long a destination waits after the fleet had no lease for it (the caller's hold).
+pub const LEASE_WAIT: Duration = Duration::from_secs(1);
+
+/// KEYS: the destination's set. ARGV: member, limit, ttl (ms). 1 when taken.
+const TAKE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))
+return 1
+"#;
+
+/// KEYS: the destination's set. ARGV: member, ttl (ms). Pushes the expiry out if the lease is still held.
+const RENEW: &str = r#"
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[2]))
+return 1
+"#;
+
+#[derive(Debug, Default)]
+struct Held {
+    /// Leases held per destination, from the store or the local share.
+    per_dest: HashMap<Arc<str>, u32>,
+    /// The store's leases this relay holds: member -> key.
+    stored: HashMap<String, String>,
+}
+
+/// This relay's side of the fleet's connection leases.
+#[derive(Debug)]
+pub struct Leases {
+    link: Arc<Link>,
+    con: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    /// While set and in the future, the store is not asked.
+    resting_until: Mutex<Option<Instant>>,
+    fleet_size: u32,
+    origin: String,
+    next: AtomicU64,
+    held: Mutex<Held>,
+    take: redis::Script,
+    renew: redis::Script,
+    release: mpsc::UnboundedSender<(String, String)>,
+}
+
+/// A connection's lease; given back when dropped.
+#[derive(Debug)]
+pub struct Lease {
+    leases: Arc<Leases>,
+    dest: Arc<str>,
+    /// The store's lease (key, member); none for one from the local share.
+    stored: Option<(String, String)>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut held = self.leases.lock();
+        if let Some(n) = held.per_dest.get_mut(&self.dest) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.per_dest.remove(&self.dest);
+            }
+        }
+        if let Some((key, member)) = self.stored.take() {
+            held.stored.remove(&member);
+            // The task behind the channel removes it from the store; if that fails it expires.
+            let _ = self.leases.release.send((key, member));
+        }
+    }
+}
+
+impl Leases {
+    /// Leases through `link`; starts the task that renews and gives back the store's leases.
+    pub fn start(link: Arc<Link>, fleet_size: u32, origin: String) -> Arc<Leases> {
+        let (release, rx) = mpsc::unbounded_channel();
+        let leases = Arc::new(Leases {
+            link,
+            con: tokio::sync::Mutex::new(None),
+            resting_until: Mutex::new(None),
+            fleet_size: fleet_size.max(1),
+            origin,
+            next: AtomicU64::new(0),
+            held: Mutex::new(Held::default()),
+            take: redis::Script::new(TAKE),
+            renew: redis::Script::new(RENEW),
+            release,
+        });
+        tokio::spawn(upkeep(Arc::downgrade(&leases), rx));
+        leases
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A lease for one more connection to `dest`, whose fleet-wide limit is `limit`; none when the
+    /// fleet (or, without the store, this relay's share) has no room.
+    pub async fn acquire(self: &Arc<Self>, dest: &Arc<str>, limit: u32) -> Option<Lease> {
+        let limit = limit.max(1);
+        let key = self.link.key(&format!("lease:{{{dest}}}"));
+        let member = format!(
+            "{}:{}",
+            self.origin,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        );
+        match self.take_in_store(&key, &member, limit).await {
+            Some(true) => {
+                let mut held = self.lock();
+                *held.per_dest.entry(dest.clone()).or_default() += 1;
+                held.stored.insert(member.clone(), key.clone());
+                Some(Lease {
+                    leases: self.clone(),
+                    dest: dest.clone(),
+                    stored: Some((key, member)),
+                })
+            }
+            Some(false) => None,
+            None => {
+                let share = (limit / self.fleet_size).max(1);
+                let mut held = self.lock();
+                let n = held.per_dest.entry(dest.clone()).or_default();
+                if *n >= share {
+                    return None;
+                }
+                *n += 1;
+                Some(Lease {
+                    leases: self.clone(),
+                    dest: dest.clone(),
+                    stored: None,
+                })
+            }
+        }
+    }
+
+    /// Some(taken) from the store; None when it cannot be asked now.
+    async fn take_in_store(&self, key: &str, member: &str, limit: u32) -> Option<bool> {
+        {
+            let resting = self.resting_until.lock().unwrap_or_else(|p| p.into_inner());
+            if resting.is_some_and(|t| Instant::now() < t) {
+                return None;
+            }
+        }
+        let mut guard = self.con.lock().await;
+        if guard.is_none() {
+            match self.connect().await {
+                Ok(c) => *guard = Some(c),
+                Err(e) => {
+                    self.rest(&e);
+                    return None;
+                }
+            }
+        }
+        let mut con = guard.as_ref()?.clone();
+        drop(guard);
+        let mut call = self.take.key(key);
+        call.arg(member)
+            .arg(limit)
+            .arg(LEASE_TTL.as_millis() as u64);
+        match self
+            .link
+            .timed("lease", call.invoke_async::<i64>(&mut con))
+            .await
+        {
+            Ok(n) => Some(n == 1),
+            Err(e) => {
+                *self.con.lock().await = None;
+                self.rest(&e);
+                None
+            }
+        }
+    }
+
+    /// A connection with both scripts loaded (the renewal is pipelined, which does not load them).
+    async fn connect(&self) -> Result<MultiplexedConnection, super::FleetError> {
+        let mut con = self.link.connect(None).await?;
+        for script in [&self.take, &self.renew] {
+            self.link
+                .timed("lease", script.prepare_invoke().load_async(&mut con))
+                .await?;
+        }
+        Ok(con)
+    }
+
+    fn rest(&self, e: &super::FleetError) {
+        let mut resting = self.resting_until.lock().unwrap_or_else(|p| p.into_inner());
+        if resting.is_none_or(|t| Instant::now() >= t) {
+            tracing::warn!(error = %e, share_of = self.fleet_size, "connection leases come from this relay's share until the store answers");
+        }
+        *resting = Some(Instant::now() + RETRY_AFTER);
+    }
+}
+
+/// Renews the store's leases this relay holds and gives back the released ones, until the leases are
+/// gone.
+async fn upkeep(
+    leases: std::sync::Weak<Leases>,
+    mut released: mpsc::UnboundedReceiver<(String, String)>,
+) {
+    let mut tick = tokio::time::interval(RENEW_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            r = released.recv() => {
+                let Some((key, member)) = r else { return };
+                let Some(l) = leases.upgrade() else { return };
+                let con = l.con.lock().await.clone();
+                if let Some(mut con) = con {
+                    let _ = l
+                        .link
+                        .timed("lease", redis::cmd("ZREM").arg(&key).arg(&member).query_async::<i64>(&mut con))
+                        .await;
+                }
+            }
+            _ = tick.tick() => {
+                let Some(l) = leases.upgrade() else { return };
+                let stored: Vec<(String, String)> = l.lock().stored.iter().map(|(m, k)| (k.clone(), m.clone())).collect();
+                if stored.is_empty() {
+                    continue;
+                }
+                let con = l.con.lock().await.clone();
+                let Some(mut con) = con else { continue };
+                let mut pipe = redis::pipe();
+                for (key, member) in &stored {
+                    let mut call = l.renew.key(key);
+                    call.arg(member).arg(LEASE_TTL.as_millis() as u64);
+                    pipe.invoke_script(&call).ignore();
+                }
+                if let Err(e) = l.link.timed("lease", pipe.query_async::<()>(&mut con)).await {
+                    tracing::warn!(error = %e, leases = stored.len(), "cannot renew connection leases; they expire unless renewed in time");
+                }
+            }
+        }
+    }
+}
