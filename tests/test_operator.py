@@ -124,6 +124,16 @@ def test_crds_are_established_and_list_in_kubectl_get(ns):
          "spec.suppression.ttl.complaint"),
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {suppression: {ttl: {invalidRecipient: 0d}}, listeners: [{name: a, port: 587}]}",
          "spec.suppression.ttl.invalidRecipient"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {store: {url: 'redis://valkey:6379', secretRef: {name: cache}}, listeners: [{name: a, port: 587}]}",
+         "store: set exactly one of url"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {store: {required: true}, listeners: [{name: a, port: 587}]}",
+         "store: set exactly one of url"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {store: {url: 'redis://:secret@valkey:6379'}, listeners: [{name: a, port: 587}]}",
+         "spec.store.url"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {store: {url: 'redis://valkey:6379', caSecretRef: {name: ca}}, listeners: [{name: a, port: 587}]}",
+         "store.caSecretRef is for a rediss:// url"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {store: {secretRef: {name: cache}, passwordSecretRef: {name: pw}}, listeners: [{name: a, port: 587}]}",
+         "store.passwordSecretRef goes with store.url"),
     ],
 )
 def test_bad_objects_are_refused_by_the_schema_naming_the_field(ns, manifest, field):
