@@ -43,7 +43,8 @@ ALL_ON = [
     "--set", "monitoring.prometheusRule.enabled=true",
     "--set", "monitoring.grafanaDashboard.enabled=true",
 ]
-VALUES = {"default": [], "all-on": ALL_ON}
+VALKEY = ["--set", "valkey.enabled=true"]
+VALUES = {"default": [], "all-on": ALL_ON, "valkey": [*ALL_ON, *VALKEY]}
 # Prometheus makes `up` itself; every other name an expression uses must come from Herald.
 PROMETHEUS_OWN = {"up"}
 
@@ -116,6 +117,8 @@ def test_lint_strict_and_template(values):
     base = ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"]
     if values:
         base += ["ConfigMap", "PodMonitor", "PodMonitor", "PrometheusRule", "ServiceMonitor", "ServiceMonitor", "SmtpRelay"]
+    if "valkey.enabled=true" in values:
+        base += ["NetworkPolicy", "Secret", "Service", "StatefulSet"]
     assert kinds == sorted(base), kinds
     dep = find(docs, "Deployment")
     pod = dep["spec"]["template"]["spec"]
@@ -127,7 +130,7 @@ def test_lint_strict_and_template(values):
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     port = c["ports"][0]["containerPort"]
     assert f"--health-address=0.0.0.0:{port}" in c["args"]
-    svc = find(docs, "Service")
+    svc = find(docs, "Service", dep["metadata"]["name"])
     assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
     assert svc["spec"]["ports"][0]["targetPort"] == c["ports"][0]["name"]
 
@@ -622,9 +625,6 @@ def test_a_smarthost_ca_secret_reaches_the_smtp_relay():
     smarthost = {"host": "smtp.provider.test", "port": 587, "tls": "starttls", "caSecretRef": {"name": "provider-ca"}}
     docs = render("--set", "relay.enabled=true", "--set-json", f"relay.delivery.smarthost={json.dumps(smarthost)}")
     assert find(docs, "SmtpRelay")["spec"]["delivery"]["smarthost"]["caSecretRef"] == {"name": "provider-ca"}
-
-
-VALKEY = ["--set", "valkey.enabled=true"]
 
 
 def test_the_chart_valkey_is_a_persistent_store_the_chart_relay_shares_its_suppressions_through():
