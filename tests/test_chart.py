@@ -640,6 +640,7 @@ def test_the_chart_valkey_is_a_persistent_store_the_chart_relay_shares_its_suppr
     script = " ".join(c["command"])
     assert "--appendonly yes" in script and "--dir /data" in script, script
     assert "requirepass" in script and "$VALKEY_PASSWORD" in script and "valkey-server" in script
+    assert "PONG" in " ".join(c["readinessProbe"]["exec"]["command"])
     assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
     assert {m["mountPath"] for m in c["volumeMounts"]} == {"/data", "/run/valkey"}
