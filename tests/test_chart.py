@@ -43,7 +43,8 @@ ALL_ON = [
     "--set", "monitoring.prometheusRule.enabled=true",
     "--set", "monitoring.grafanaDashboard.enabled=true",
 ]
-VALUES = {"default": [], "all-on": ALL_ON}
+VALKEY = ["--set", "valkey.enabled=true"]
+VALUES = {"default": [], "all-on": ALL_ON, "valkey": [*ALL_ON, *VALKEY]}
 # Prometheus makes `up` itself; every other name an expression uses must come from Herald.
 PROMETHEUS_OWN = {"up"}
 
@@ -116,6 +117,8 @@ def test_lint_strict_and_template(values):
     base = ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"]
     if values:
         base += ["ConfigMap", "PodMonitor", "PodMonitor", "PrometheusRule", "ServiceMonitor", "ServiceMonitor", "SmtpRelay"]
+    if "valkey.enabled=true" in values:
+        base += ["NetworkPolicy", "Secret", "Service", "StatefulSet"]
     assert kinds == sorted(base), kinds
     dep = find(docs, "Deployment")
     pod = dep["spec"]["template"]["spec"]
@@ -127,7 +130,7 @@ def test_lint_strict_and_template(values):
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     port = c["ports"][0]["containerPort"]
     assert f"--health-address=0.0.0.0:{port}" in c["args"]
-    svc = find(docs, "Service")
+    svc = find(docs, "Service", dep["metadata"]["name"])
     assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
     assert svc["spec"]["ports"][0]["targetPort"] == c["ports"][0]["name"]
 
@@ -622,3 +625,82 @@ def test_a_smarthost_ca_secret_reaches_the_smtp_relay():
     smarthost = {"host": "smtp.provider.test", "port": 587, "tls": "starttls", "caSecretRef": {"name": "provider-ca"}}
     docs = render("--set", "relay.enabled=true", "--set-json", f"relay.delivery.smarthost={json.dumps(smarthost)}")
     assert find(docs, "SmtpRelay")["spec"]["delivery"]["smarthost"]["caSecretRef"] == {"name": "provider-ca"}
+
+
+def test_the_chart_valkey_is_a_persistent_store_the_chart_relay_shares_its_suppressions_through():
+    """valkey.enabled: one Valkey (the official image, append-only), its Service, a generated password Secret
+    and a NetworkPolicy admitting relay pods; the chart's SmtpRelay gets spec.store pointing at it, with the
+    password as a Secret key the operator mounts (never in the SmtpRelay or a ConfigMap)."""
+    helm("lint", "--strict", str(CHART), "--set", "relay.enabled=true", *VALKEY)
+    docs = render("--set", "relay.enabled=true", *VALKEY)
+    sts = find(docs, "StatefulSet", "herald-valkey")
+    pod = sts["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["image"].startswith("valkey/valkey:"), c["image"]
+    script = " ".join(c["command"])
+    assert "--appendonly yes" in script and "--dir /data" in script, script
+    assert "requirepass" in script and "$VALKEY_PASSWORD" in script and "valkey-server" in script
+    assert "PONG" in " ".join(c["readinessProbe"]["exec"]["command"])
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/data", "/run/valkey"}
+    claim = sts["spec"]["volumeClaimTemplates"][0]
+    assert claim["metadata"]["name"] == "data" and claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    secret = find(docs, "Secret", "herald-valkey")
+    assert len(secret["data"]["password"]) > 20
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
+    assert env["VALKEY_PASSWORD"] == {"name": "herald-valkey", "key": "password"}
+    svc = find(docs, "Service", "herald-valkey")
+    assert svc["spec"]["ports"][0]["port"] == 6379
+    assert svc["spec"]["selector"].items() <= pod_labels(sts).items()
+    policy = find(docs, "NetworkPolicy", "herald-valkey")
+    assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "herald-relay"}
+    store = find(docs, "SmtpRelay")["spec"]["store"]
+    assert store == {"url": "redis://herald-valkey:6379/0", "passwordSecretRef": {"name": "herald-valkey", "key": "password"}}
+    # Without the relay the Valkey is there for relays of your own; without valkey.enabled nothing of it is.
+    assert find(render(*VALKEY), "StatefulSet", "herald-valkey")
+    docs = render("--set", "relay.enabled=true")
+    assert not [d for d in docs if "valkey" in d["metadata"]["name"]]
+    assert "store" not in find(docs, "SmtpRelay")["spec"]
+
+
+def pod_labels(workload: dict) -> dict:
+    return workload["spec"]["template"]["metadata"]["labels"]
+
+
+def test_the_chart_valkey_takes_an_existing_password_secret_and_the_relays_key_prefix():
+    docs = render("--set", "relay.enabled=true", *VALKEY, "--set", "valkey.auth.existingSecret=my-valkey",
+                  "--set", "valkey.auth.secretKey=pw", "--set", "relay.store.keyPrefix=mail:",
+                  "--set", "valkey.image.tag=8.1.1")
+    assert not [d for d in docs if d["kind"] == "Secret"], "the user's Secret is used, none generated"
+    c = find(docs, "StatefulSet", "herald-valkey")["spec"]["template"]["spec"]["containers"][0]
+    assert c["image"] == "valkey/valkey:8.1.1"
+    assert c["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "my-valkey", "key": "pw"}
+    store = find(docs, "SmtpRelay")["spec"]["store"]
+    assert store["passwordSecretRef"] == {"name": "my-valkey", "key": "pw"} and store["keyPrefix"] == "mail:"
+
+
+def test_an_external_store_reaches_the_smtp_relay_as_given():
+    external = {"url": "rediss://primary.cache.example.com:6379/0", "passwordSecretRef": {"name": "cache", "key": "password"},
+                "caSecretRef": {"name": "cache-ca"}, "required": True}
+    docs = render("--set", "relay.enabled=true", "--set-json", f"relay.store={json.dumps(external)}")
+    assert find(docs, "SmtpRelay")["spec"]["store"] == external
+    assert not [d for d in docs if "valkey" in d["metadata"]["name"]]
+    by_secret = {"secretRef": {"name": "cache-url", "key": "url"}}
+    docs = render("--set", "relay.enabled=true", "--set-json", f"relay.store={json.dumps(by_secret)}")
+    assert find(docs, "SmtpRelay")["spec"]["store"] == by_secret
+
+
+@pytest.mark.parametrize(
+    "setting, path",
+    [
+        ("relay.store.url=redis://:secret@cache:6379", "/relay/store/url"),
+        ("relay.store.urls=redis://cache", "/relay/store"),
+        ("valkey.enabled=yes", "/valkey/enabled"),
+        ("valkey.persistence.size=lots", "/valkey/persistence/size"),
+    ],
+)
+def test_store_values_of_the_wrong_shape_are_refused(setting, path):
+    r = helm("template", "herald", str(CHART), "--set", setting, check=False)
+    assert r.returncode != 0, f"--set {setting} was accepted"
+    assert "values don't meet the specifications of the schema" in r.stderr and f"'{path}'" in r.stderr, r.stderr

@@ -124,6 +124,16 @@ def test_crds_are_established_and_list_in_kubectl_get(ns):
          "spec.suppression.ttl.complaint"),
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {suppression: {ttl: {invalidRecipient: 0d}}, listeners: [{name: a, port: 587}]}",
          "spec.suppression.ttl.invalidRecipient"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {store: {url: 'redis://valkey:6379', secretRef: {name: cache}}, listeners: [{name: a, port: 587}]}",
+         "store: set exactly one of url"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {store: {required: true}, listeners: [{name: a, port: 587}]}",
+         "store: set exactly one of url"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {store: {url: 'redis://:secret@valkey:6379'}, listeners: [{name: a, port: 587}]}",
+         "spec.store.url"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {store: {url: 'redis://valkey:6379', caSecretRef: {name: ca}}, listeners: [{name: a, port: 587}]}",
+         "store.caSecretRef is for a rediss:// url"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {store: {secretRef: {name: cache}, passwordSecretRef: {name: pw}}, listeners: [{name: a, port: 587}]}",
+         "store.passwordSecretRef goes with store.url"),
     ],
 )
 def test_bad_objects_are_refused_by_the_schema_naming_the_field(ns, manifest, field):
@@ -576,6 +586,62 @@ def test_a_smarthost_ca_secret_is_mounted_and_named_in_the_relay_config(ns, oper
     assert [i["key"] for i in volume["secret"]["items"]] == ["ca.crt"]
     mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "smarthost-ca")
     assert mount["mountPath"] == "/etc/herald/smarthost-ca" and mount["readOnly"] is True
+
+
+STORE_RELAY = """
+apiVersion: herald.dev/v1alpha1
+kind: SmtpRelay
+metadata: {{ name: {name} }}
+spec:
+  replicas: {replicas}
+  listeners:
+    - {{ name: trusted, port: 2525, allowNetworks: [10.0.0.0/8] }}
+{store}"""
+
+STORE_URL_SECRET = """
+apiVersion: v1
+kind: Secret
+metadata: { name: cache-url }
+stringData: { url: "rediss://default:s3cret-pw@primary.cache.example.test:6379/0" }
+"""
+
+
+def _relay_condition(ns, name, type_):
+    st = (get_json("smtprelay", name, ns.name) or {}).get("status") or {}
+    return next((c for c in st.get("conditions", []) if c["type"] == type_), None)
+
+
+def test_a_store_url_from_a_secret_reaches_the_config_secret_only_and_shared_state_follows_the_spec(ns, operator, tmp_path):
+    """spec.store.secretRef: the operator copies the URL, password included, into the relay's config Secret
+    (with fleet_size from replicas and the relay's own key prefix) and nowhere else; SharedState says whether
+    the replicas share their suppressions, and a missing password Secret is named in ConfigRendered."""
+    assert ns.apply(STORE_URL_SECRET).returncode == 0
+    store = "  store: { secretRef: { name: cache-url }, required: true }\n"
+    assert ns.apply(STORE_RELAY.format(name="relay", replicas=3, store=store)).returncode == 0
+    secret = wait_for(lambda: get_json("secret", "relay-config", ns.name), f"relay-config\n{operator.log_text()[-3000:]}")
+    cfg = secret_data(secret, "relay.yaml")
+    rendered = yaml.safe_load(cfg)["store"]
+    assert rendered["url"] == "rediss://default:s3cret-pw@primary.cache.example.test:6379/0", cfg
+    assert rendered["fleet_size"] == 3 and rendered["key_prefix"] == f"herald:{ns.name}/relay:" and rendered["required"] is True
+    path = tmp_path / "relay.yaml"
+    path.write_text(cfg)
+    r = subprocess.run([str(relay_bin()), "check-config", "--config", str(path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    shared = wait_for(lambda: _relay_condition(ns, "relay", "SharedState"), "SharedState")
+    assert (shared["status"], shared["reason"]) == ("True", "StoreConfigured"), shared
+    relay = get_json("smtprelay", "relay", ns.name)
+    assert "s3cret-pw" not in json.dumps(relay) and "s3cret-pw" not in operator.log_text()
+    # The store dropped with two replicas left: each pod is on its own, and the condition says what that costs.
+    assert ns.apply(STORE_RELAY.format(name="relay", replicas=2, store="")).returncode == 0
+    alone = wait_for(lambda: (c := _relay_condition(ns, "relay", "SharedState")) and c["reason"] == "NoStore" and c,
+                     "SharedState=False NoStore")
+    assert alone["status"] == "False" and "suppression list" in alone["message"], alone
+    # A password Secret that is not there: nothing is rendered, and the condition names it.
+    store = "  store: { url: 'redis://valkey:6379/0', passwordSecretRef: { name: valkey } }\n"
+    assert ns.apply(STORE_RELAY.format(name="other", replicas=2, store=store)).returncode == 0
+    rendered = wait_for(lambda: _relay_condition(ns, "other", "ConfigRendered"), "ConfigRendered of other")
+    assert rendered["status"] == "False", rendered
+    assert "spec.store.passwordSecretRef: Secret valkey has no key password" in rendered["message"], rendered
 
 
 PUBLIC_RELAY = RELAY + """  hostname: mx.example.test

@@ -298,6 +298,66 @@ pub struct SmtpRelaySpec {
     /// SendingDomains say `ReturnPathRoutable=False`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inbound_service: Option<InboundServiceSpec>,
+    /// The Valkey (or Redis) instance the replicas share their suppression list and mailbox-full streaks
+    /// through (docs/fleet.md). Absent: each replica keeps its own, which the condition `SharedState` says
+    /// once there is more than one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreSpec>,
+}
+
+/// A `redis://` or `rediss://` URL without a password (a user name alone is allowed): the password comes
+/// from a Secret, never from the spec.
+const STORE_URL_PATTERN: &str = r"^rediss?://([^:@/\s]+@)?[^@/\s]+(/[0-9]+)?$";
+
+/// Where the relays' shared state lives: a URL with the password in a Secret, or a Secret holding the
+/// whole URL (as a managed service's connection string comes).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.url) != has(self.secretRef)").message("store: set exactly one of url (the password, if any, in passwordSecretRef) and secretRef (a Secret key holding the whole URL, password included)"),
+    validation = Rule::new("!has(self.passwordSecretRef) || has(self.url)").message("store.passwordSecretRef goes with store.url; with secretRef the password is in the URL"),
+    validation = Rule::new("!has(self.caSecretRef) || !has(self.url) || self.url.startsWith('rediss://')").message("store.caSecretRef is for a rediss:// url (redis:// is plain text)")
+)]
+pub struct StoreSpec {
+    /// `redis://host:6379/0`, or `rediss://` for TLS; no password in it (`passwordSecretRef` holds it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = STORE_URL_PATTERN), length(max = 512))]
+    pub url: Option<String>,
+    /// The password for `url`, mounted in the pods as a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeyRef>,
+    /// Instead of `url`: a Secret key (default `url`) whose value is the whole URL with its password, e.g.
+    /// `rediss://default:secret@primary.example.cache.amazonaws.com:6379/0`. The operator copies it into the
+    /// relay's config Secret; a change reaches the relays at the next reconcile (within 5 minutes) and rolls
+    /// them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<UrlSecretRef>,
+    /// Prepended to every key. Default `herald:<namespace>/<name>:`, so that SmtpRelays sharing one
+    /// instance keep their lists apart; give two relays the same prefix to make them one fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^\S+$"), length(min = 1, max = 128))]
+    pub key_prefix: Option<String>,
+    /// The relays refuse to start while the store cannot be reached. Default: they start on their local
+    /// state and join the fleet once the store answers.
+    #[serde(default)]
+    pub required: bool,
+    /// A Secret whose `ca.crt` signed the store's certificate (a `rediss://` URL), trusted besides the
+    /// image's system CAs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<LocalRef>,
+}
+
+/// A key in a Secret in the same namespace that holds a URL.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+pub struct UrlSecretRef {
+    #[schemars(regex(pattern = NAME_PATTERN), length(min = 1, max = 253))]
+    pub name: String,
+    #[serde(default = "default_url_key")]
+    pub key: String,
+}
+
+fn default_url_key() -> String {
+    "url".to_owned()
 }
 
 /// The Service that exposes a relay's inbound listener (port 25) to the senders of bounces: anyone on the

@@ -47,6 +47,7 @@ pub fn relay() -> SmtpRelay {
             shutdown: ShutdownSpec::default(),
             suppression: Default::default(),
             inbound_service: None,
+            store: None,
         },
     );
     r.metadata.namespace = Some("mail".into());

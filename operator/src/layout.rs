@@ -24,6 +24,12 @@ pub const SMARTHOST_PASSWORD: &str = "/etc/herald/smarthost/password";
 /// Where the `ca.crt` of `spec.delivery.smarthost.caSecretRef` is mounted.
 pub const SMARTHOST_CA_DIR: &str = "/etc/herald/smarthost-ca";
 pub const SMARTHOST_CA: &str = "/etc/herald/smarthost-ca/ca.crt";
+/// Where the Secret of `spec.store.passwordSecretRef` is mounted, and the file its key becomes.
+pub const STORE_DIR: &str = "/etc/herald/store";
+pub const STORE_PASSWORD: &str = "/etc/herald/store/password";
+/// Where the `ca.crt` of `spec.store.caSecretRef` is mounted.
+pub const STORE_CA_DIR: &str = "/etc/herald/store-ca";
+pub const STORE_CA: &str = "/etc/herald/store-ca/ca.crt";
 /// The spool volume of each replica.
 pub const SPOOL_DIR: &str = "/var/lib/herald/spool";
 /// The relay's metrics listener (`/metrics`, `/healthz`, `/readyz`), and its container port's name: what
@@ -147,6 +153,8 @@ mod tests {
         );
         assert_eq!(ADMIN_TOKEN_FILE, format!("{ADMIN_DIR}/{ADMIN_TOKEN_KEY}"));
         assert_eq!(SMARTHOST_CA, format!("{SMARTHOST_CA_DIR}/ca.crt"));
+        assert_eq!(STORE_PASSWORD, format!("{STORE_DIR}/password"));
+        assert_eq!(STORE_CA, format!("{STORE_CA_DIR}/ca.crt"));
     }
 
     #[test]

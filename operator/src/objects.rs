@@ -26,8 +26,8 @@ use crate::crd::{SendingDomain, SmtpRelay};
 use crate::inbound;
 use crate::layout::{
     ADMIN_DIR, ADMIN_PORT, ADMIN_PORT_NAME, ADMIN_TOKEN_KEY, BOUNCE_KEYS, CONFIG_DIR, CONFIG_FILE,
-    DKIM_DIR, METRICS_PORT, METRICS_PORT_NAME, SMARTHOST_CA_DIR, SMARTHOST_DIR, SPOOL_DIR, TLS_DIR,
-    admin_token_secret_name, config_secret_name, signing_key,
+    DKIM_DIR, METRICS_PORT, METRICS_PORT_NAME, SMARTHOST_CA_DIR, SMARTHOST_DIR, SPOOL_DIR,
+    STORE_CA_DIR, STORE_DIR, TLS_DIR, admin_token_secret_name, config_secret_name, signing_key,
 };
 
 /// The annotation that carries the rendered config's hash, so a change rolls the pods.
@@ -248,6 +248,25 @@ pub fn statefulset(
             ca.name.clone(),
             Some(("ca.crt", 0o444)),
         ));
+    }
+    if let Some(store) = &spec.store {
+        if let Some(pw) = &store.password_secret_ref {
+            // The user's key, under the one file name the rendered config's `password_file` names.
+            let mut volume = secret_volume("store", pw.name.clone(), Some((&pw.key, 0o400)));
+            if let Some(items) = volume.secret.as_mut().and_then(|s| s.items.as_mut()) {
+                items[0].path = "password".into();
+            }
+            mounts.push(read_only_mount("store", STORE_DIR));
+            volumes.push(volume);
+        }
+        if let Some(ca) = &store.ca_secret_ref {
+            mounts.push(read_only_mount("store-ca", STORE_CA_DIR));
+            volumes.push(secret_volume(
+                "store-ca",
+                ca.name.clone(),
+                Some(("ca.crt", 0o444)),
+            ));
+        }
     }
     let low_port = listeners.iter().any(|l| l.port < 1024);
     let container = Container {
@@ -509,6 +528,66 @@ mod tests {
         assert_eq!(
             format!("{}/{}", mount.mount_path, items[0].path),
             crate::layout::SMARTHOST_CA
+        );
+    }
+
+    #[test]
+    fn the_store_password_and_ca_are_mounted_where_the_config_names_them() {
+        let mut r = relay();
+        r.spec.store = Some(StoreSpec {
+            url: Some("rediss://valkey:6379/0".into()),
+            password_secret_ref: Some(SecretKeyRef {
+                name: "valkey-auth".into(),
+                key: "valkey-password".into(),
+            }),
+            secret_ref: None,
+            key_prefix: None,
+            required: false,
+            ca_secret_ref: Some(LocalRef {
+                name: "valkey-tls".into(),
+            }),
+        });
+        let pod = statefulset(&r, &[], "hash", &herald_config::Shutdown::default())
+            .spec
+            .template
+            .spec
+            .unwrap();
+        let file = |volume: &str| {
+            let v = pod
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == volume)
+                .unwrap();
+            let secret = v.secret.as_ref().unwrap();
+            let item = &secret.items.as_ref().unwrap()[0];
+            let mount = pod.containers[0]
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == volume)
+                .unwrap();
+            (
+                secret.secret_name.clone().unwrap(),
+                item.key.clone(),
+                format!("{}/{}", mount.mount_path, item.path),
+            )
+        };
+        assert_eq!(
+            file("store"),
+            (
+                "valkey-auth".into(),
+                "valkey-password".into(),
+                crate::layout::STORE_PASSWORD.into()
+            )
+        );
+        assert_eq!(
+            file("store-ca"),
+            (
+                "valkey-tls".into(),
+                "ca.crt".into(),
+                crate::layout::STORE_CA.into()
+            )
         );
     }
 

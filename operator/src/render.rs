@@ -18,7 +18,7 @@ use crate::crd::{DkimAlgorithm, IpPool, ListenerAuth, ListenerTls, SendingDomain
 use crate::inbound;
 use crate::layout::{
     ADMIN_PORT, ADMIN_TOKEN_FILE, BOUNCE_KEYS, CONFIG_DIR, METRICS_PORT, SMARTHOST_CA,
-    SMARTHOST_PASSWORD, SPOOL_DIR, TLS_DIR, signing_key,
+    SMARTHOST_PASSWORD, SPOOL_DIR, STORE_CA, STORE_PASSWORD, TLS_DIR, signing_key,
 };
 use crate::records::return_path_domain;
 
@@ -45,6 +45,93 @@ pub struct HashedUser {
     pub name: String,
     pub password_hash: String,
     pub allowed_domains: Vec<String>,
+}
+
+/// What the reconciler read from the Secrets the spec names for the config file itself. A Secret that
+/// is only mounted (a password file, a CA) is not read: its path is rendered.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SecretValues<'a> {
+    /// The `username` of `spec.delivery.smarthost.credentialsSecretRef`.
+    pub smarthost_username: Option<&'a str>,
+    /// The URL, password included, that `spec.store.secretRef` holds.
+    pub store_url: Option<&'a str>,
+}
+
+/// The relay's `store.resync_interval` default (`herald_config::Store`); a test keeps them equal. The
+/// SmtpRelay has no field for it: the default suits every fleet so far.
+const STORE_RESYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The key prefix of a relay without `spec.store.keyPrefix`: its namespace and name, so that two
+/// SmtpRelays pointed at one instance keep their lists apart.
+pub fn default_key_prefix(relay: &SmtpRelay) -> String {
+    format!(
+        "herald:{}/{}:",
+        relay.namespace().unwrap_or_else(|| "default".into()),
+        relay.name_any()
+    )
+}
+
+/// `spec.store` as the relay config's `store`. Error messages never quote the URL of `secretRef`: it
+/// holds the password.
+fn store(
+    resource: &str,
+    relay: &SmtpRelay,
+    spec: &crate::crd::StoreSpec,
+    secret_url: Option<&str>,
+) -> Result<relay::Store, RenderError> {
+    let url = match (&spec.url, &spec.secret_ref) {
+        (Some(url), None) => url.clone(),
+        (None, Some(r)) => secret_url
+            .ok_or_else(|| {
+                err(
+                    resource,
+                    "spec.store.secretRef",
+                    format!("the URL in Secret {} key {} was not read", r.name, r.key),
+                )
+            })?
+            .to_owned(),
+        // The CRD refuses both and neither; this catches a spec that skipped the API server's validation.
+        _ => {
+            return Err(err(
+                resource,
+                "spec.store",
+                "set exactly one of url and secretRef",
+            ));
+        }
+    };
+    if spec.password_secret_ref.is_some() && spec.url.is_none() {
+        return Err(err(
+            resource,
+            "spec.store.passwordSecretRef",
+            "goes with url; with secretRef the password is in the URL",
+        ));
+    }
+    if spec.ca_secret_ref.is_some() && !url.starts_with("rediss://") {
+        return Err(err(
+            resource,
+            "spec.store.caSecretRef",
+            "a CA is for a rediss:// URL; redis:// is plain text",
+        ));
+    }
+    let fleet_size = u32::try_from(relay.spec.replicas)
+        .map_err(|_| err(resource, "spec.replicas", "must be at least 1"))?;
+    Ok(relay::Store {
+        url,
+        key_prefix: spec
+            .key_prefix
+            .clone()
+            .unwrap_or_else(|| default_key_prefix(relay)),
+        password_file: spec
+            .password_secret_ref
+            .as_ref()
+            .map(|_| STORE_PASSWORD.into()),
+        tls: spec.ca_secret_ref.as_ref().map(|_| relay::StoreTls {
+            ca_file: STORE_CA.into(),
+        }),
+        required: spec.required,
+        fleet_size,
+        resync_interval: STORE_RESYNC_INTERVAL,
+    })
 }
 
 /// The relay's own host name: the spec's, or the in-cluster Service name.
@@ -141,8 +228,9 @@ pub fn relay_config(
     domains: &[Arc<SendingDomain>],
     pools: &[Arc<IpPool>],
     users: &[HashedUser],
-    smarthost_username: Option<&str>,
+    secrets: SecretValues<'_>,
 ) -> Result<Config, RenderError> {
+    let smarthost_username = secrets.smarthost_username;
     let res = format!("SmtpRelay {}", relay.name_any());
     let spec = &relay.spec;
     if let Some((field, message)) = inbound::conflict(relay) {
@@ -303,8 +391,11 @@ pub fn relay_config(
             ..relay::Bounces::default()
         },
         suppression: suppression(&res, &spec.suppression)?,
-        // `spec.store` comes with the fleet's deployment side (issue 17); until then each replica is alone.
-        store: None,
+        store: spec
+            .store
+            .as_ref()
+            .map(|s| store(&res, relay, s, secrets.store_url))
+            .transpose()?,
         shutdown: relay::Shutdown {
             sessions: duration(&res, "spec.shutdown.sessions", &spec.shutdown.sessions)?,
             deliveries: duration(&res, "spec.shutdown.deliveries", &spec.shutdown.deliveries)?,
@@ -383,7 +474,14 @@ mod tests {
 
     #[test]
     fn rendered_config_is_one_the_relay_accepts() {
-        let c = relay_config(&relay(), &[domain()], &[pool()], &users(), None).unwrap();
+        let c = relay_config(
+            &relay(),
+            &[domain()],
+            &[pool()],
+            &users(),
+            SecretValues::default(),
+        )
+        .unwrap();
         assert_eq!(c.hostname, "relay.mail.svc.cluster.local");
         assert_eq!(
             c.domains[0].return_path.as_deref(),
@@ -423,7 +521,14 @@ mod tests {
             load_balancer_class: None,
             external_traffic_policy: None,
         });
-        let c = relay_config(&r, &[domain()], &[pool()], &users(), None).unwrap();
+        let c = relay_config(
+            &r,
+            &[domain()],
+            &[pool()],
+            &users(),
+            SecretValues::default(),
+        )
+        .unwrap();
         assert_eq!(c.hostname, "mx.example.test");
         let inbound = c.listeners.iter().find(|l| l.name == "inbound").unwrap();
         assert_eq!(inbound.address.to_string(), "0.0.0.0:25");
@@ -435,23 +540,37 @@ mod tests {
         assert_eq!(Config::parse(&config_yaml(&c).unwrap()).unwrap(), c);
         // A listener of the spec on port 25 that is not an inbound one cannot be the bounce port.
         r.spec.listeners[1].port = 25;
-        let e = relay_config(&r, &[domain()], &[pool()], &users(), None).unwrap_err();
+        let e = relay_config(
+            &r,
+            &[domain()],
+            &[pool()],
+            &users(),
+            SecretValues::default(),
+        )
+        .unwrap_err();
         assert_eq!(e.field, "spec.listeners[1]");
     }
 
     #[test]
     fn a_missing_pool_or_bad_network_names_the_field() {
-        let e = relay_config(&relay(), &[domain()], &[], &users(), None).unwrap_err();
+        let e = relay_config(
+            &relay(),
+            &[domain()],
+            &[],
+            &users(),
+            SecretValues::default(),
+        )
+        .unwrap_err();
         assert_eq!(e.field, "SendingDomain.spec.ipPoolRef");
         let mut r = relay();
         r.spec.listeners[1].allow_networks = vec!["10.0.0.0/33".into()];
-        let e = relay_config(&r, &[], &[], &users(), None).unwrap_err();
+        let e = relay_config(&r, &[], &[], &users(), SecretValues::default()).unwrap_err();
         assert_eq!(e.field, "spec.listeners[1].allowNetworks[0]");
     }
 
     #[test]
     fn the_drain_is_the_specs_and_its_defaults_are_the_relays() {
-        let c = relay_config(&relay(), &[], &[], &users(), None).unwrap();
+        let c = relay_config(&relay(), &[], &[], &users(), SecretValues::default()).unwrap();
         assert_eq!(c.shutdown, herald_config::Shutdown::default());
         let mut r = relay();
         r.spec.shutdown = ShutdownSpec {
@@ -459,23 +578,23 @@ mod tests {
             deliveries: "2m".into(),
             events: "5s".into(),
         };
-        let c = relay_config(&r, &[], &[], &users(), None).unwrap();
+        let c = relay_config(&r, &[], &[], &users(), SecretValues::default()).unwrap();
         assert_eq!(c.shutdown.total(), std::time::Duration::from_secs(185));
         r.spec.shutdown.deliveries = "99999999999999999999d".into();
-        let e = relay_config(&r, &[], &[], &users(), None).unwrap_err();
+        let e = relay_config(&r, &[], &[], &users(), SecretValues::default()).unwrap_err();
         assert_eq!(e.field, "spec.shutdown.deliveries");
     }
 
     #[test]
     fn the_suppression_policy_is_the_specs_and_its_defaults_are_the_relays() {
-        let c = relay_config(&relay(), &[], &[], &users(), None).unwrap();
+        let c = relay_config(&relay(), &[], &[], &users(), SecretValues::default()).unwrap();
         assert_eq!(c.suppression, herald_config::Suppression::default());
         let mut r = relay();
         r.spec.suppression.mailbox_full.replies = 5;
         r.spec.suppression.mailbox_full.over = "7d".into();
         r.spec.suppression.ttl.invalid_recipient = "never".into();
         r.spec.suppression.ttl.complaint = "90d".into();
-        let c = relay_config(&r, &[], &[], &users(), None).unwrap();
+        let c = relay_config(&r, &[], &[], &users(), SecretValues::default()).unwrap();
         assert_eq!(c.suppression.mailbox_full.replies, 5);
         assert_eq!(
             c.suppression.mailbox_full.over,
@@ -490,17 +609,17 @@ mod tests {
             herald_config::Ttl::After(std::time::Duration::from_secs(90 * 86400))
         );
         r.spec.suppression.ttl.mailbox_full = "soon".into();
-        let e = relay_config(&r, &[], &[], &users(), None).unwrap_err();
+        let e = relay_config(&r, &[], &[], &users(), SecretValues::default()).unwrap_err();
         assert_eq!(e.field, "spec.suppression.ttl.mailboxFull");
         r.spec.suppression.ttl.mailbox_full = "30d".into();
         r.spec.suppression.mailbox_full.replies = 1;
-        let e = relay_config(&r, &[], &[], &users(), None).unwrap_err();
+        let e = relay_config(&r, &[], &[], &users(), SecretValues::default()).unwrap_err();
         assert_eq!(e.field, "spec.suppression.mailboxFull.replies");
     }
 
     #[test]
     fn auth_listeners_without_users_are_refused_by_the_relays_own_validation() {
-        let e = relay_config(&relay(), &[], &[], &[], None).unwrap_err();
+        let e = relay_config(&relay(), &[], &[], &[], SecretValues::default()).unwrap_err();
         assert!(e.message.contains("users"), "{e}");
     }
 
@@ -510,7 +629,13 @@ mod tests {
             let mut r = relay();
             r.spec.listeners[1].trusted_senders =
                 senders.map(|s| s.into_iter().map(String::from).collect());
-            relay_config(&r, &[domain()], &[pool()], &users(), None)
+            relay_config(
+                &r,
+                &[domain()],
+                &[pool()],
+                &users(),
+                SecretValues::default(),
+            )
         };
         // Absent: the relay's sending domains decide, so nothing is written.
         let c = trusted(None).unwrap();
@@ -537,7 +662,14 @@ mod tests {
     fn trusted_senders_on_a_submission_listener_is_refused_by_the_relays_own_validation() {
         let mut r = relay();
         r.spec.listeners[0].trusted_senders = Some(vec!["example.test".into()]);
-        let e = relay_config(&r, &[domain()], &[pool()], &users(), None).unwrap_err();
+        let e = relay_config(
+            &r,
+            &[domain()],
+            &[pool()],
+            &users(),
+            SecretValues::default(),
+        )
+        .unwrap_err();
         assert!(e.message.contains("listeners[0].trusted_senders"), "{e}");
     }
 
@@ -555,7 +687,14 @@ mod tests {
         };
         let mut r = relay();
         r.spec.delivery.smarthost = Some(smarthost(crate::crd::ListenerTls::Starttls));
-        let c = relay_config(&r, &[domain()], &[pool()], &users(), None).unwrap();
+        let c = relay_config(
+            &r,
+            &[domain()],
+            &[pool()],
+            &users(),
+            SecretValues::default(),
+        )
+        .unwrap();
         let sh = c.delivery.smarthost.as_ref().unwrap();
         assert_eq!(
             sh.ca_file.as_deref(),
@@ -563,7 +702,136 @@ mod tests {
         );
         assert_eq!(Config::parse(&config_yaml(&c).unwrap()).unwrap(), c);
         r.spec.delivery.smarthost = Some(smarthost(crate::crd::ListenerTls::None));
-        let e = relay_config(&r, &[domain()], &[pool()], &users(), None).unwrap_err();
+        let e = relay_config(
+            &r,
+            &[domain()],
+            &[pool()],
+            &users(),
+            SecretValues::default(),
+        )
+        .unwrap_err();
         assert_eq!(e.field, "spec.delivery.smarthost.caSecretRef");
+    }
+
+    fn store_spec() -> StoreSpec {
+        StoreSpec {
+            url: Some("redis://relay-valkey:6379/0".into()),
+            password_secret_ref: Some(SecretKeyRef {
+                name: "valkey".into(),
+                key: "password".into(),
+            }),
+            secret_ref: None,
+            key_prefix: None,
+            required: false,
+            ca_secret_ref: None,
+        }
+    }
+
+    #[test]
+    fn no_store_in_the_spec_is_no_store_in_the_config() {
+        let c = relay_config(&relay(), &[], &[], &users(), SecretValues::default()).unwrap();
+        assert_eq!(c.store, None);
+    }
+
+    #[test]
+    fn the_store_is_rendered_with_the_fleet_size_the_relay_prefix_and_the_mounted_password() {
+        let mut r = relay();
+        r.spec.replicas = 4;
+        r.spec.store = Some(store_spec());
+        let c = relay_config(&r, &[], &[], &users(), SecretValues::default()).unwrap();
+        let store = c.store.clone().expect("a store");
+        assert_eq!(store.url, "redis://relay-valkey:6379/0");
+        assert_eq!(store.fleet_size, 4, "one per replica of the SmtpRelay");
+        assert_eq!(store.key_prefix, "herald:mail/relay:");
+        assert_eq!(
+            store.password_file.as_deref(),
+            Some(std::path::Path::new(STORE_PASSWORD))
+        );
+        assert_eq!((store.tls, store.required), (None, false));
+        // What herald-relay check-config does with the file.
+        assert_eq!(Config::parse(&config_yaml(&c).unwrap()).unwrap(), c);
+        // A prefix of the spec's, e.g. to make two SmtpRelays one fleet.
+        r.spec.store.as_mut().unwrap().key_prefix = Some("shared:".into());
+        r.spec.store.as_mut().unwrap().required = true;
+        let c = relay_config(&r, &[], &[], &users(), SecretValues::default()).unwrap();
+        let store = c.store.unwrap();
+        assert_eq!(
+            (store.key_prefix.as_str(), store.required),
+            ("shared:", true)
+        );
+    }
+
+    #[test]
+    fn the_resync_interval_is_the_relays_default() {
+        let parsed: herald_config::Store =
+            serde_saphyr::from_str("url: redis://valkey:6379").unwrap();
+        assert_eq!(parsed.resync_interval, STORE_RESYNC_INTERVAL);
+    }
+
+    #[test]
+    fn a_store_ca_is_the_mounted_ca_file_and_needs_rediss() {
+        let mut r = relay();
+        let mut spec = store_spec();
+        spec.url = Some("rediss://valkey.example.test:6380".into());
+        spec.ca_secret_ref = Some(LocalRef {
+            name: "valkey-ca".into(),
+        });
+        r.spec.store = Some(spec.clone());
+        let c = relay_config(&r, &[], &[], &users(), SecretValues::default()).unwrap();
+        assert_eq!(
+            c.store.unwrap().tls.map(|t| t.ca_file),
+            Some(STORE_CA.into())
+        );
+        spec.url = Some("redis://valkey:6379".into());
+        r.spec.store = Some(spec);
+        let e = relay_config(&r, &[], &[], &users(), SecretValues::default()).unwrap_err();
+        assert_eq!(e.field, "spec.store.caSecretRef");
+    }
+
+    #[test]
+    fn a_secret_url_is_rendered_as_read_and_never_quoted_in_an_error() {
+        let mut r = relay();
+        r.spec.store = Some(StoreSpec {
+            url: None,
+            password_secret_ref: None,
+            secret_ref: Some(UrlSecretRef {
+                name: "cache".into(),
+                key: "url".into(),
+            }),
+            ..store_spec()
+        });
+        let url = "rediss://default:s3cret@primary.cache.example.test:6379/0";
+        let secrets = SecretValues {
+            store_url: Some(url),
+            ..SecretValues::default()
+        };
+        let c = relay_config(&r, &[], &[], &users(), secrets).unwrap();
+        let store = c.store.unwrap();
+        assert_eq!((store.url.as_str(), store.password_file), (url, None));
+        // Not read (the reconciler reports the missing key itself): nothing is rendered.
+        let e = relay_config(&r, &[], &[], &users(), SecretValues::default()).unwrap_err();
+        assert_eq!(e.field, "spec.store.secretRef");
+        // A URL the relay refuses: the error names the field, not the URL and its password.
+        let bad = SecretValues {
+            store_url: Some("http://user:s3cret@cache"),
+            ..SecretValues::default()
+        };
+        let e = relay_config(&r, &[], &[], &users(), bad).unwrap_err();
+        assert!(e.message.contains("store.url"), "{e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn a_store_spec_the_api_server_would_refuse_is_refused_here_too() {
+        let mut r = relay();
+        r.spec.store = Some(StoreSpec {
+            secret_ref: Some(UrlSecretRef {
+                name: "cache".into(),
+                key: "url".into(),
+            }),
+            ..store_spec()
+        });
+        let e = relay_config(&r, &[], &[], &users(), SecretValues::default()).unwrap_err();
+        assert_eq!(e.field, "spec.store");
     }
 }

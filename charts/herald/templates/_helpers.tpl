@@ -68,3 +68,31 @@ monitors select on the first, which is also the `job` they give the relay's metr
 app.kubernetes.io/name: herald-relay
 app.kubernetes.io/managed-by: herald-operator
 {{- end -}}
+
+{{/* The chart's Valkey (valkey.enabled): <fullname>-valkey, its password Secret and the key in it. */}}
+{{- define "herald.valkey.fullname" -}}
+{{- printf "%s-valkey" (include "herald.fullname" . | trunc 56 | trimSuffix "-") -}}
+{{- end -}}
+
+{{- define "herald.valkey.secretName" -}}
+{{- default (include "herald.valkey.fullname" .) .Values.valkey.auth.existingSecret -}}
+{{- end -}}
+
+{{- define "herald.valkey.secretKey" -}}
+{{- if .Values.valkey.auth.existingSecret -}}
+{{- .Values.valkey.auth.secretKey -}}
+{{- else -}}
+password
+{{- end -}}
+{{- end -}}
+
+{{- define "herald.valkey.selectorLabels" -}}
+app.kubernetes.io/name: herald-valkey
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "herald.valkey.labels" -}}
+{{ include "herald.labels" . }}
+{{ include "herald.valkey.selectorLabels" . }}
+app.kubernetes.io/component: store
+{{- end -}}

@@ -87,6 +87,7 @@ async fn reconcile_relay(relay: &SmtpRelay, ctx: &Context) -> Result<Action, Err
         }
         None => None,
     };
+    let store_url = store_secrets(relay, &secrets, &mut problems).await?;
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     let inbound_service = services.get_opt(&inbound::service_name(relay)).await?;
     let ready_replicas = Api::<StatefulSet>::namespaced(client.clone(), &ns)
@@ -101,6 +102,7 @@ async fn reconcile_relay(relay: &SmtpRelay, ctx: &Context) -> Result<Action, Err
         users,
         problems,
         smarthost_username,
+        store_url,
         bounce_keys: kept.bounce_keys,
         new_admin_token: kept.new_admin_token,
         operator_pods: ctx.operator_pods.clone(),
@@ -181,6 +183,8 @@ pub struct Inputs {
     /// Secrets the spec names that lack a key; the config is not rendered while there are any.
     pub problems: Vec<String>,
     pub smarthost_username: Option<String>,
+    /// The URL `spec.store.secretRef` holds (with its password).
+    pub store_url: Option<Redacted>,
     /// The return-path token keys: those already applied, or new ones for a new relay.
     pub bounce_keys: String,
     /// A new admin API token, when the relay has no token Secret yet.
@@ -190,6 +194,16 @@ pub struct Inputs {
     pub ready_replicas: i32,
     /// With `spec.inboundService`: its Service's load-balancer addresses.
     pub inbound: Option<InboundStatus>,
+}
+
+/// A value read from a Secret that must not reach a log, not even through `{:?}`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Redacted(..)")
+    }
 }
 
 /// The objects that run a relay, as they should be.
@@ -230,7 +244,10 @@ pub fn decide(relay: &SmtpRelay, inputs: &Inputs, now: Timestamp) -> Result<Deci
             &inputs.domains,
             &inputs.pools,
             &inputs.users,
-            inputs.smarthost_username.as_deref(),
+            render::SecretValues {
+                smarthost_username: inputs.smarthost_username.as_deref(),
+                store_url: inputs.store_url.as_ref().map(|u| u.0.as_str()),
+            },
         )
         .map_err(|e| e.to_string())
     } else {
@@ -283,6 +300,8 @@ pub fn decide(relay: &SmtpRelay, inputs: &Inputs, now: Timestamp) -> Result<Deci
             None
         }
     };
+    let (shared, reason, message) = shared_state(relay);
+    conditions.push(cond("SharedState", shared, reason, message));
     let ready = rendered.is_ok() && inputs.ready_replicas >= relay.spec.replicas;
     conditions.push(cond(
         "Ready",
@@ -307,6 +326,82 @@ pub fn decide(relay: &SmtpRelay, inputs: &Inputs, now: Timestamp) -> Result<Deci
             inbound: inputs.inbound.clone(),
         },
     })
+}
+
+/// The condition `SharedState`: whether the replicas hold the state that must be the same everywhere (the
+/// suppression list, the connection limits) in one place, and what stays per pod when they do not.
+fn shared_state(relay: &SmtpRelay) -> (bool, &'static str, String) {
+    let replicas = relay.spec.replicas;
+    match &relay.spec.store {
+        Some(store) => {
+            // The URL of `url` has no password (the CRD's pattern); the one of `secretRef` is not shown.
+            let at = match (&store.url, &store.secret_ref) {
+                (Some(url), _) => url.clone(),
+                (None, Some(r)) => format!("the URL in Secret {}", r.name),
+                (None, None) => "spec.store".to_owned(),
+            };
+            (
+                true,
+                "StoreConfigured",
+                format!(
+                    "the {replicas} replica(s) share the suppression list, mailbox-full streaks and delivery.perDomain connection limits through {at}"
+                ),
+            )
+        }
+        None if replicas > 1 => (
+            false,
+            "NoStore",
+            format!(
+                "no spec.store: each of the {replicas} pods keeps its own suppression list and mailbox-full streaks (an address suppressed on one is still mailed by the others) and applies delivery.perDomain connection limits on its own; set spec.store (docs/fleet.md)"
+            ),
+        ),
+        None => (
+            true,
+            "SingleReplica",
+            "one replica: its suppression list is the whole fleet's; set spec.store before adding replicas"
+                .to_owned(),
+        ),
+    }
+}
+
+/// Reads what `spec.store` names: the URL of `secretRef`, and that the password and CA Secrets have their
+/// keys (a pod whose Secret volume lacks its key never starts, and says so only in its events). A
+/// missing Secret or key is a problem that keeps the config from rendering.
+async fn store_secrets(
+    relay: &SmtpRelay,
+    secrets: &Api<Secret>,
+    problems: &mut Vec<String>,
+) -> Result<Option<Redacted>, Error> {
+    let Some(store) = &relay.spec.store else {
+        return Ok(None);
+    };
+    let mut url = None;
+    if let Some(r) = &store.secret_ref {
+        match secret_value(secrets, &r.name, &r.key).await? {
+            Some(u) if !u.trim().is_empty() => url = Some(Redacted(u.trim().to_owned())),
+            _ => problems.push(format!(
+                "spec.store.secretRef: Secret {} has no key {}",
+                r.name, r.key
+            )),
+        }
+    }
+    if let Some(r) = &store.password_secret_ref
+        && secret_value(secrets, &r.name, &r.key).await?.is_none()
+    {
+        problems.push(format!(
+            "spec.store.passwordSecretRef: Secret {} has no key {}",
+            r.name, r.key
+        ));
+    }
+    if let Some(r) = &store.ca_secret_ref
+        && secret_value(secrets, &r.name, "ca.crt").await?.is_none()
+    {
+        problems.push(format!(
+            "spec.store.caSecretRef: Secret {} has no key ca.crt",
+            r.name
+        ));
+    }
+    Ok(url)
 }
 
 /// Each user with the argon2 hash of the password in its Secret; a missing Secret key is a problem that
@@ -539,6 +634,7 @@ mod tests {
             users: vec![],
             problems: vec![],
             smarthost_username: None,
+            store_url: None,
             bounce_keys: "00\n".into(),
             new_admin_token: None,
             operator_pods: None,
@@ -924,5 +1020,115 @@ mod tests {
         let o = decide(&r, &with_token, at(100)).unwrap().objects.unwrap();
         let token = o.admin_token_secret.expect("a token Secret");
         assert_eq!(token.metadata.name.as_deref(), Some("relay-admin-token"));
+    }
+
+    fn with_store(mut r: SmtpRelay, url: Option<&str>, secret: Option<&str>) -> SmtpRelay {
+        r.spec.store = Some(crate::crd::StoreSpec {
+            url: url.map(str::to_owned),
+            password_secret_ref: None,
+            secret_ref: secret.map(|name| crate::crd::UrlSecretRef {
+                name: name.into(),
+                key: "url".into(),
+            }),
+            key_prefix: None,
+            required: false,
+            ca_secret_ref: None,
+        });
+        r
+    }
+
+    #[test]
+    fn shared_state_says_what_is_per_pod_when_replicas_have_no_store() {
+        let mut r = relay();
+        let d = decide(&r, &inputs(), at(100)).unwrap();
+        let c = cond(&d.status, "SharedState");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "NoStore"));
+        for per_pod in ["suppression list", "mailbox-full streaks", "perDomain"] {
+            assert!(c.message.contains(per_pod), "{}", c.message);
+        }
+        assert!(d.objects.is_some(), "a fleet without a store still runs");
+        r.spec.replicas = 1;
+        let c = cond(
+            &decide(&r, &inputs(), at(100)).unwrap().status,
+            "SharedState",
+        )
+        .clone();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "SingleReplica")
+        );
+        let r = with_store(relay(), Some("redis://relay-valkey:6379/0"), None);
+        let d = decide(&r, &inputs(), at(100)).unwrap();
+        let c = cond(&d.status, "SharedState");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "StoreConfigured")
+        );
+        assert!(
+            c.message.contains("redis://relay-valkey:6379/0") && c.message.contains("perDomain"),
+            "{}",
+            c.message
+        );
+    }
+
+    #[test]
+    fn a_secret_url_reaches_the_config_secret_and_never_the_status() {
+        let r = with_store(relay(), None, Some("cache"));
+        let url = "rediss://default:s3cret@cache.example.test:6379/0";
+        let d = decide(
+            &r,
+            &Inputs {
+                store_url: Some(Redacted(url.into())),
+                ..inputs()
+            },
+            at(100),
+        )
+        .unwrap();
+        let yaml = &d.objects.unwrap().config_secret.string_data.unwrap()[CONFIG_FILE];
+        let config = herald_config::Config::parse(yaml).unwrap();
+        let store = config.store.unwrap();
+        assert_eq!((store.url.as_str(), store.fleet_size), (url, 2));
+        let status = serde_json::to_string(&d.status).unwrap();
+        assert!(!status.contains("s3cret"), "{status}");
+        assert!(!format!("{:?}", Redacted(url.into())).contains("s3cret"));
+    }
+
+    #[tokio::test]
+    async fn a_missing_store_secret_key_is_a_problem_naming_it() {
+        let mut r = with_store(relay(), None, Some("cache"));
+        let s = stub::secrets(|_, path| {
+            if path.ends_with("/cache") {
+                (
+                    200,
+                    secret("cache", &[("url", b"redis://:pw@cache:6379\n")]),
+                )
+            } else {
+                (404, status(404, "NotFound"))
+            }
+        });
+        let mut problems = Vec::new();
+        let url = store_secrets(&r, &s.api, &mut problems).await.unwrap();
+        assert_eq!(url, Some(Redacted("redis://:pw@cache:6379".into())));
+        assert!(problems.is_empty(), "{problems:?}");
+        // The password and CA Secrets the pods mount are missing.
+        let store = r.spec.store.as_mut().unwrap();
+        store.url = Some("rediss://valkey:6379".into());
+        store.secret_ref = None;
+        store.password_secret_ref = Some(crate::crd::SecretKeyRef {
+            name: "valkey".into(),
+            key: "password".into(),
+        });
+        store.ca_secret_ref = Some(LocalRef {
+            name: "valkey-ca".into(),
+        });
+        let url = store_secrets(&r, &s.api, &mut problems).await.unwrap();
+        assert_eq!(url, None);
+        assert_eq!(
+            problems,
+            [
+                "spec.store.passwordSecretRef: Secret valkey has no key password",
+                "spec.store.caSecretRef: Secret valkey-ca has no key ca.crt",
+            ]
+        );
     }
 }
