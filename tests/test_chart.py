@@ -585,8 +585,9 @@ def operator_exposition(tmp_path, dns):
         ns.delete()
 
 
-def test_the_dashboard_and_the_alerts_use_only_metrics_herald_exports(relays, dns, peers, operator_exposition):
-    relay, refreshed = relay_with_every_series(relays, dns, peers, "exported")
+def test_the_dashboard_and_the_alerts_use_only_metrics_herald_exports(relays, dns, peers, operator_exposition,
+                                                                     store):
+    relay, refreshed = relay_with_every_series(relays, dns, peers, "exported", store=store)
     relay_exp = scrape(relay)
     assert refreshed, f"the queue gauges never showed the deferred message:\n{relay_exp.text}"
     types = {**relay_exp.types, **operator_exposition.types}

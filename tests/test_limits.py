@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from harness.outbound import wait_until
 from harness.relay import RelayPool, addr, free_port
 from harness.smtp import ConnectionClosed, SmtpConn, make_message
 
@@ -315,6 +316,15 @@ def test_a_client_that_stops_reading_is_closed_after_the_command_timeout(relays)
 # Memory: the bodies all sessions hold at once are bounded by limits.max_inbound_bytes
 
 
+def gauge(r, name: str) -> float | None:
+    status, body = r.http_get("/metrics")
+    assert status == 200
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
 def test_bodies_beyond_the_memory_budget_get_452_4_3_1_and_fit_once_it_is_free(relays):
     # A session holds at most about 320 KiB of a body in memory (more goes to the spool as it arrives), so
     # the bodies here stay below that: each is held whole until it ends.
@@ -332,8 +342,9 @@ def test_bodies_beyond_the_memory_budget_get_452_4_3_1_and_fit_once_it_is_free(r
             c.expect(f"RCPT TO:<held{i}@foreign.test>", "250 2.1.5")
             c.expect("DATA", "354")
             c.send(make_message(unique("held"), body=half))
-        # Wait until the relay has read them (a NOOP on a third session proves nothing about the others):
-        # a third body refused while they hold the budget is the proof, so try it a bounded number of times.
+        # Wait until the relay has read them and holds them against the budget (a third body sent before
+        # that could take the budget first and make a holder fail instead).
+        assert wait_until(lambda: gauge(r, "herald_inbound_bytes") == budget, 10), gauge(r, "herald_inbound_bytes")
         refused = None
         for _ in range(50):
             with session(r) as c:

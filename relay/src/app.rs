@@ -178,6 +178,7 @@ impl Relay {
         let state = Arc::new(ExporterState {
             ready: false.into(),
             metrics,
+            inbound: shared.budget.clone(),
         });
         if let Some(m) = &config.metrics {
             let listener = exporter::bind(m.address).await?;

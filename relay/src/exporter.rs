@@ -23,6 +23,8 @@ use crate::metrics::Metrics;
 pub struct ExporterState {
     pub ready: AtomicBool,
     pub metrics: Arc<Metrics>,
+    /// The memory budget of message bodies in transit, read at each scrape.
+    pub inbound: Arc<herald_smtp::budget::Budget>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +52,10 @@ async fn metrics_text(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        s.metrics.render(),
+        {
+            s.metrics.inbound_bytes.set(s.inbound.used() as i64);
+            s.metrics.render()
+        },
     )
 }
 

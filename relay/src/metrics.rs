@@ -66,6 +66,7 @@ pub struct Metrics {
     pub feedback_limited: IntCounter,
     pub auth_attempts: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    pub inbound_bytes: IntGauge,
     pub store_up: IntGauge,
     pub store_errors: IntCounterVec,
     pub store_latency: HistogramVec,
@@ -294,6 +295,11 @@ impl Metrics {
                 "herald_config_reload_total",
                 "Config reloads by result: applied (all of it), partial (all but what cannot change live) or rejected (invalid; the running config stays).",
                 &["result"],
+            ),
+            inbound_bytes: gauge(
+                &r,
+                "herald_inbound_bytes",
+                "Bytes of message bodies the SMTP sessions hold in memory now, against limits.max_inbound_bytes (reserved in 64 KiB steps).",
             ),
             // Registered only with a store (`register_store`): a relay without one has no store to be down.
             store_up: IntGauge::new(
