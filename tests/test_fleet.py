@@ -42,15 +42,6 @@ def refused(r, address: str) -> bool:
     return reply.starts("550 5.1.1") and "suppressed" in reply.last
 
 
-def metric(r, name: str) -> float | None:
-    status, body = r.http_get("/metrics")
-    assert status == 200
-    for line in body.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
-
-
 def stored(store: Store, address: str) -> dict | None:
     raw = store.cmd("HGET", "herald:{supp}:state", f"e:{address.lower()}")
     return json.loads(raw) if raw else None
@@ -59,7 +50,7 @@ def stored(store: Store, address: str) -> dict | None:
 def test_a_hard_bounce_on_one_relay_is_refused_at_rcpt_by_the_other(relays, dns, peers, foreign, mailbox, store):
     a = fleet_relay(relays, dns, peers, store, "a")
     b = fleet_relay(relays, dns, peers, store, "b")
-    assert wait_until(lambda: metric(a, "herald_store_up") == 1 and metric(b, "herald_store_up") == 1, FEED)
+    assert wait_until(lambda: a.metric("herald_store_up") == 1 and b.metric("herald_store_up") == 1, FEED)
     addr = f"{unique('gone')}@foreign.test"
     foreign.on_rcpt(addr, f"550 5.1.1 <{addr}>: Recipient address rejected: User unknown")
     assert rcpt(b, addr).starts("250 2.1.5")
@@ -72,7 +63,7 @@ def test_a_hard_bounce_on_one_relay_is_refused_at_rcpt_by_the_other(relays, dns,
     # b holds the whole entry, the reply behind it included, as a recorded it.
     status, body = b.http("GET", f"/suppressions/{addr}")
     assert status == 200 and json.loads(body)["suppression"]["reply"]["enhanced"] == "5.1.1", body
-    assert metric(a, "herald_store_pending_changes") == 0
+    assert a.metric("herald_store_pending_changes") == 0
 
 
 def streak(r, address: str) -> dict | None:
@@ -128,7 +119,7 @@ def test_the_store_going_away_stops_no_mail_and_loses_no_suppression(relays, dns
     assert a.http("PUT", f"/suppressions/{before}", {"reason": "before the outage"})[0] == 200
     assert wait_until(lambda: refused(b, before), FEED)
     store.stop()
-    assert wait_until(lambda: metric(a, "herald_store_up") == 0 and metric(b, "herald_store_up") == 0, FEED)
+    assert wait_until(lambda: a.metric("herald_store_up") == 0 and b.metric("herald_store_up") == 0, FEED)
     # Mail flows through both relays meanwhile, and the list still refuses what it held.
     for r in (a, b):
         ok = f"{unique('ok')}@foreign.test"
@@ -139,7 +130,7 @@ def test_the_store_going_away_stops_no_mail_and_loses_no_suppression(relays, dns
     during = f"{unique('during')}@foreign.test"
     assert a.http("PUT", f"/suppressions/{during}", {"reason": "during the outage"})[0] == 200
     assert refused(a, during)
-    assert metric(a, "herald_store_pending_changes") == 1
+    assert a.metric("herald_store_pending_changes") == 1
     assert rcpt(b, during).starts("250 2.1.5")  # nothing carries it there while the store is away
     # The store comes back empty (no persistence): the relays write their lists back into it.
     store.start()
@@ -147,8 +138,8 @@ def test_the_store_going_away_stops_no_mail_and_loses_no_suppression(relays, dns
     assert wait_until(lambda: stored(store, before) is not None, REJOIN), "the store was not written back"
     assert stored(store, during)["entry"]["reason"] == "during the outage"
     assert store.cmd("GET", "herald:epoch"), "the epoch was not restored"
-    assert metric(a, "herald_store_pending_changes") == 0
-    assert metric(a, "herald_store_up") == 1 and metric(b, "herald_store_up") == 1
+    assert a.metric("herald_store_pending_changes") == 0
+    assert a.metric("herald_store_up") == 1 and b.metric("herald_store_up") == 1
     assert "lost its suppression list" in a.log_text() + b.log_text()
 
 
@@ -245,7 +236,7 @@ def test_a_wrong_password_starts_on_the_local_list_and_says_so(relays, dns, peer
     (store.workdir / "wrong").write_text("not-the-password\n")
     section["password_file"] = str(store.workdir / "wrong")
     r = start_outbound(relays, dns, peers, name="wrongpw", config=lambda cfg: cfg.update(store=section))
-    assert metric(r, "herald_store_up") == 0
+    assert r.metric("herald_store_up") == 0
     said = wait_until(lambda: [l for l in r.log_text().splitlines() if "cannot use the fleet's store" in l], FEED)
     assert said and '"level":"ERROR"' in said[0] and "authentication failed" in said[0].lower(), r.log_tail(40)
     assert store.password not in r.log_text()

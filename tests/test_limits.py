@@ -316,15 +316,6 @@ def test_a_client_that_stops_reading_is_closed_after_the_command_timeout(relays)
 # Memory: the bodies all sessions hold at once are bounded by limits.max_inbound_bytes
 
 
-def gauge(r, name: str) -> float | None:
-    status, body = r.http_get("/metrics")
-    assert status == 200
-    for line in body.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
-
-
 def test_bodies_beyond_the_memory_budget_get_452_4_3_1_and_fit_once_it_is_free(relays):
     # A session holds at most about 320 KiB of a body in memory (more goes to the spool as it arrives), so
     # the bodies here stay below that: each is held whole until it ends.
@@ -344,7 +335,7 @@ def test_bodies_beyond_the_memory_budget_get_452_4_3_1_and_fit_once_it_is_free(r
             c.send(make_message(unique("held"), body=half))
         # Wait until the relay has read them and holds them against the budget (a third body sent before
         # that could take the budget first and make a holder fail instead).
-        assert wait_until(lambda: gauge(r, "herald_inbound_bytes") == budget, 10), gauge(r, "herald_inbound_bytes")
+        assert wait_until(lambda: r.metric("herald_inbound_bytes") == budget, 10), r.metric("herald_inbound_bytes")
         refused = None
         for _ in range(50):
             with session(r) as c:

@@ -44,15 +44,6 @@ def streaks(r) -> list[dict]:
     return json.loads(body)["streaks"]
 
 
-def gauge(r, name: str) -> float | None:
-    status, body = r.http_get("/metrics")
-    assert status == 200
-    for line in body.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
-
-
 def with_suppression(section: dict):
     return lambda cfg: cfg.update(suppression=section)
 
@@ -204,14 +195,14 @@ def test_one_full_mailbox_reply_never_suppresses_and_starts_a_streak(relays, dns
     s = wait_until(lambda: lookup(r, addr)["streak"], 10)
     assert s and s["replies"] == 1 and s["reply"]["code"] == 552, lookup(r, addr)
     assert s["address"].lower() == addr.lower() and s in streaks(r)
-    assert wait_until(lambda: gauge(r, "herald_suppression_streaks") == 1, 10), gauge(r, "herald_suppression_streaks")
+    assert wait_until(lambda: r.metric("herald_suppression_streaks") == 1, 10), r.metric("herald_suppression_streaks")
     assert rcpt_reply(r, addr).starts("250 2.1.5")
     # The next message is delivered: the streak is over.
     bounce_one(r, addr, "delivered")
     assert foreign.delivered_to(addr)
     assert wait_until(lambda: lookup(r, addr)["streak"] is None, 10), lookup(r, addr)
     assert lookup(r, addr)["suppression"] is None
-    assert wait_until(lambda: gauge(r, "herald_suppression_streaks") == 0, 10), gauge(r, "herald_suppression_streaks")
+    assert wait_until(lambda: r.metric("herald_suppression_streaks") == 0, 10), r.metric("herald_suppression_streaks")
 
 
 @pytest.mark.parametrize("reply", [

@@ -381,6 +381,15 @@ class Relay:
         except urllib.error.HTTPError as e:
             return e.code, e.read()
 
+    def metric(self, name: str) -> float | None:
+        """The value of an unlabelled series on /metrics (None when absent)."""
+        status, body = self.http_get("/metrics")
+        assert status == 200, status
+        for line in body.decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return None
+
     def http(self, method: str, path: str, body: Any = None, timeout: float = 15) -> tuple[int, bytes]:
         """Any admin API request; a dict/list body is sent as JSON. Returns (status, body) for every status."""
         data = None
