@@ -166,13 +166,15 @@ impl Leases {
 
     /// Some(taken) from the store; None when it cannot be asked now.
     async fn take_in_store(&self, key: &str, member: &str, limit: u32) -> Option<bool> {
-        {
-            let resting = self.resting_until.lock().unwrap_or_else(|p| p.into_inner());
-            if resting.is_some_and(|t| Instant::now() < t) {
-                return None;
-            }
+        if self.resting() {
+            return None;
         }
         let mut guard = self.con.lock().await;
+        // Asked again under the lock: connections that queued behind a failed connect do not each try
+        // (and wait out) one of their own.
+        if self.resting() {
+            return None;
+        }
         if guard.is_none() {
             match self.connect().await {
                 Ok(c) => *guard = Some(c),
@@ -200,6 +202,13 @@ impl Leases {
                 None
             }
         }
+    }
+
+    fn resting(&self) -> bool {
+        self.resting_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| Instant::now() < t)
     }
 
     /// A connection with both scripts loaded (the renewal is pipelined, which does not load them).
