@@ -4,7 +4,9 @@ against the same two relays in local mode, in one run.
 
 1. Throughput: each relay gets its own smtp-source (`-s` sessions, `-m` messages of `-l` bytes) at the same
    time, and both deliver to one smtp-sink. Reported per relay: delivered msg/s (N / time until the sink has
-   all 2N), once with a `store:` section and once without; the ratio is the cost of being in a fleet. The
+   all 2N), once with a `store:` section and once without; the ratio is the cost of being in a fleet. With
+   the store, `per_domain.max_connections` is the fleet's limit, so that run sets twice `--connections`:
+   the sink sees the same number of connections either way. The
    store's `total_commands_processed` before and after gives its round trips per message.
 2. Propagation: `--propagation K` suppressions added through relay A's admin API, one at a time; for each,
    the time until relay B's admin API shows it (polled every 0.5 ms). Reported p50/p99/max, with the same
@@ -92,7 +94,10 @@ class Store:
 def relays(binary: Path, base: Path, sink_port: int, store: Store | None, args) -> list[Herald]:
     out = []
     for name in ("a", "b"):
-        extra = herald_delivery_yaml(sink_port, connections=args.connections, msgs_per_conn=1000)
+        # With the store, per_domain.max_connections is the fleet's limit: twice the per-relay value gives
+        # the sink the same connections in both runs, so the ratio is the store's cost, not a smaller cap.
+        per_domain = args.connections * (2 if store else 1)
+        extra = herald_delivery_yaml(sink_port, connections=per_domain, msgs_per_conn=1000)
         if store:
             extra += store.yaml()
         h = Herald(binary, base / name, ready_timeout=60, expected=args.messages, extra_yaml=extra)
@@ -171,7 +176,8 @@ def main() -> int:
     ap.add_argument("-m", "--messages", type=int, default=10000, help="messages per relay (default 10000)")
     ap.add_argument("-s", "--sessions", type=int, default=10, help="smtp-source sessions per relay")
     ap.add_argument("-l", "--size", type=int, default=2048, help="message size in bytes")
-    ap.add_argument("--connections", type=int, default=10, help="delivery connections per relay")
+    ap.add_argument("--connections", type=int, default=10,
+                    help="delivery connections per relay (the fleet's limit is twice this in the store run)")
     ap.add_argument("--propagation", type=int, default=200, help="suppressions timed from relay a to b")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--herald-bin", help="herald-relay binary (default target/release/herald-relay, built if missing)")
