@@ -464,6 +464,11 @@ mod tests {
         Arc::new(crate::fixtures::pool())
     }
 
+    /// The config of `r` with the usual domain, pool and users, and no Secret values.
+    fn render(r: &SmtpRelay) -> Result<Config, RenderError> {
+        relay_config(r, &[domain()], &[pool()], &users(), SecretValues::default())
+    }
+
     fn users() -> Vec<HashedUser> {
         vec![HashedUser {
             name: "app".into(),
@@ -474,14 +479,7 @@ mod tests {
 
     #[test]
     fn rendered_config_is_one_the_relay_accepts() {
-        let c = relay_config(
-            &relay(),
-            &[domain()],
-            &[pool()],
-            &users(),
-            SecretValues::default(),
-        )
-        .unwrap();
+        let c = render(&relay()).unwrap();
         assert_eq!(c.hostname, "relay.mail.svc.cluster.local");
         assert_eq!(
             c.domains[0].return_path.as_deref(),
@@ -521,14 +519,7 @@ mod tests {
             load_balancer_class: None,
             external_traffic_policy: None,
         });
-        let c = relay_config(
-            &r,
-            &[domain()],
-            &[pool()],
-            &users(),
-            SecretValues::default(),
-        )
-        .unwrap();
+        let c = render(&r).unwrap();
         assert_eq!(c.hostname, "mx.example.test");
         let inbound = c.listeners.iter().find(|l| l.name == "inbound").unwrap();
         assert_eq!(inbound.address.to_string(), "0.0.0.0:25");
@@ -540,14 +531,7 @@ mod tests {
         assert_eq!(Config::parse(&config_yaml(&c).unwrap()).unwrap(), c);
         // A listener of the spec on port 25 that is not an inbound one cannot be the bounce port.
         r.spec.listeners[1].port = 25;
-        let e = relay_config(
-            &r,
-            &[domain()],
-            &[pool()],
-            &users(),
-            SecretValues::default(),
-        )
-        .unwrap_err();
+        let e = render(&r).unwrap_err();
         assert_eq!(e.field, "spec.listeners[1]");
     }
 
@@ -629,13 +613,7 @@ mod tests {
             let mut r = relay();
             r.spec.listeners[1].trusted_senders =
                 senders.map(|s| s.into_iter().map(String::from).collect());
-            relay_config(
-                &r,
-                &[domain()],
-                &[pool()],
-                &users(),
-                SecretValues::default(),
-            )
+            render(&r)
         };
         // Absent: the relay's sending domains decide, so nothing is written.
         let c = trusted(None).unwrap();
@@ -662,14 +640,7 @@ mod tests {
     fn trusted_senders_on_a_submission_listener_is_refused_by_the_relays_own_validation() {
         let mut r = relay();
         r.spec.listeners[0].trusted_senders = Some(vec!["example.test".into()]);
-        let e = relay_config(
-            &r,
-            &[domain()],
-            &[pool()],
-            &users(),
-            SecretValues::default(),
-        )
-        .unwrap_err();
+        let e = render(&r).unwrap_err();
         assert!(e.message.contains("listeners[0].trusted_senders"), "{e}");
     }
 
@@ -687,14 +658,7 @@ mod tests {
         };
         let mut r = relay();
         r.spec.delivery.smarthost = Some(smarthost(crate::crd::ListenerTls::Starttls));
-        let c = relay_config(
-            &r,
-            &[domain()],
-            &[pool()],
-            &users(),
-            SecretValues::default(),
-        )
-        .unwrap();
+        let c = render(&r).unwrap();
         let sh = c.delivery.smarthost.as_ref().unwrap();
         assert_eq!(
             sh.ca_file.as_deref(),
@@ -702,14 +666,7 @@ mod tests {
         );
         assert_eq!(Config::parse(&config_yaml(&c).unwrap()).unwrap(), c);
         r.spec.delivery.smarthost = Some(smarthost(crate::crd::ListenerTls::None));
-        let e = relay_config(
-            &r,
-            &[domain()],
-            &[pool()],
-            &users(),
-            SecretValues::default(),
-        )
-        .unwrap_err();
+        let e = render(&r).unwrap_err();
         assert_eq!(e.field, "spec.delivery.smarthost.caSecretRef");
     }
 

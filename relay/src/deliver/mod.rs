@@ -263,31 +263,11 @@ impl Deliverer {
             if !fresh && !usable && s.client.replies() == before {
                 // A connection kept from an earlier job that died before the server said a word about this
                 // one (closed while idle, by the server or a middlebox): the job was not tried, and nothing
-                // of it can have been taken. It is tried now on a new connection, as if none had been kept.
+                // of it can have been taken. The loop opens a new one for it, as if none had been kept.
                 tracing::debug!(queue_id = %job.id, host = %s.host, "kept connection was closed; opening a new one");
-                let mut stop = self.stop.subscribe();
-                let opened = tokio::select! {
-                    r = self.open(&o, &job, None) => Some(r),
-                    _ = stop.wait_for(|s| *s) => None,
-                };
-                match opened {
-                    Some(Ok(next)) => {
-                        let s = session.insert(next);
-                        (attempt, usable) = self.transact(s, &job).await;
-                        fresh = true;
-                    }
-                    Some(Err(fail)) => {
-                        attempt = self.fail_all(&job, &fail.reply, fail.remote_mta.clone(), None);
-                        session = None;
-                        usable = false;
-                    }
-                    None => {}
-                }
+                session = None;
+                continue;
             }
-            let Some(s) = session.as_mut() else {
-                slot.finished(attempt, false).await;
-                return;
-            };
             if fresh && lost_in_transaction(&attempt, usable) {
                 // RFC 5321 section 5.1: the MX hosts are tried in order until an attempt succeeds, and one
                 // that drops the connection in the middle of the transaction has not succeeded. A retry

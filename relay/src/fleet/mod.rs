@@ -57,6 +57,21 @@ pub enum FleetError {
     Join(#[from] tokio::task::JoinError),
 }
 
+/// Puts `contents` in place of `path`'s, durably and whole or not at all: a new file synced, renamed over
+/// the old, the directory synced.
+fn replace_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// The directory of this replica's fleet state on its volume (the remembered epoch and the outbox).
 pub fn state_dir(spool_dir: &Path) -> PathBuf {
     spool_dir.join("fleet")

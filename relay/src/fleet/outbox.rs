@@ -59,16 +59,11 @@ fn rewrite<'a>(
     path: &Path,
     items: impl IntoIterator<Item = &'a Change>,
 ) -> io::Result<std::fs::File> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
+    let mut text = Vec::new();
     for c in items {
-        f.write_all(&line(c)?)?;
+        text.extend(line(c)?);
     }
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
+    super::replace_file(path, &text)?;
     std::fs::OpenOptions::new().append(true).open(path)
 }
 

@@ -692,22 +692,10 @@ fn read_epoch(path: &Path) -> Result<Option<String>, FleetError> {
 
 /// Remembers the store's epoch (a new file synced and renamed over the old).
 fn write_epoch(path: &Path, epoch: &str) -> Result<(), FleetError> {
-    let err = |source| FleetError::Local {
+    super::replace_file(path, format!("{epoch}\n").as_bytes()).map_err(|source| FleetError::Local {
         path: path.to_owned(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{epoch}\n")).map_err(err)?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|f| f.sync_all())
-            .map_err(err)?;
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]
