@@ -21,6 +21,7 @@
 //! - `metrics`: the Prometheus metrics.
 //! - `events`: delivery events to a file and a signed webhook.
 //! - `telemetry`: one relay's metrics and event sink, handed to every stage.
+//! - `logging`: the JSON log line format.
 //! - `exporter`: `/metrics` and the Kubernetes probes.
 //! - `admin`: the queue and suppression API (bearer token), and its client, `herald-relay admin`.
 //! - `resources`: the container's memory limit and the budgets sized from it.
@@ -37,6 +38,7 @@ pub mod dkim;
 pub mod events;
 pub mod exporter;
 pub mod fleet;
+pub mod logging;
 pub mod metrics;
 pub mod outcome;
 pub mod policy;

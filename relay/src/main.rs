@@ -157,7 +157,9 @@ fn run(path: Option<PathBuf>, format: LogFormat) -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => builder
+            .event_format(herald_relay::logging::JsonLines)
+            .init(),
     }
     let config = match load(path.as_ref()) {
         Ok(c) => c,

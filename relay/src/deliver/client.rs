@@ -305,10 +305,10 @@ impl Client {
         what: &'static str,
         limit: Duration,
     ) -> Result<Response, ClientError> {
-        let mut lines: Vec<String> = Vec::new();
+        let mut lines: Vec<String> = Vec::with_capacity(1);
         let mut code = 0u16;
         loop {
-            let line = self.read_line(what, limit).await?;
+            let mut line = self.read_line(what, limit).await?;
             let b = line.as_bytes();
             if b.len() < 3 || !b[..3].iter().all(u8::is_ascii_digit) {
                 return Err(ClientError::Protocol(line));
@@ -321,7 +321,12 @@ impl Client {
             }
             code = c;
             let more = b.get(3) == Some(&b'-');
-            lines.push(line.get(4..).unwrap_or("").to_owned());
+            // The text after the code and its separator, in the line's own allocation.
+            match line.get(4..) {
+                Some(_) => drop(line.drain(..4)),
+                None => line.clear(),
+            }
+            lines.push(line);
             if !more {
                 break;
             }
@@ -332,8 +337,11 @@ impl Client {
         // The enhanced code is only on lines of replies whose class it matches (RFC 2034).
         let class = char::from(b'0' + (code / 100) as u8);
         let mut enhanced = None;
-        let mut texts = Vec::with_capacity(lines.len());
-        for l in &lines {
+        let mut text = String::new();
+        for (i, l) in lines.iter().enumerate() {
+            if i > 0 {
+                text.push(' ');
+            }
             let (first, rest) = l.split_once(' ').unwrap_or((l.as_str(), ""));
             let looks_enhanced = first.starts_with(class)
                 && first.split('.').count() == 3
@@ -342,16 +350,16 @@ impl Client {
                     .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
             if looks_enhanced {
                 enhanced.get_or_insert_with(|| first.to_owned());
-                texts.push(rest.trim().to_owned());
+                text.push_str(rest.trim());
             } else {
-                texts.push(l.trim().to_owned());
+                text.push_str(l.trim());
             }
         }
         self.replies += 1;
         Ok(Response {
             code,
             enhanced,
-            text: texts.join(" "),
+            text,
             lines,
         })
     }
@@ -689,7 +697,7 @@ impl Client {
 
 /// The message as it goes after DATA: lines starting with "." doubled, a final CRLF, and ".CRLF".
 pub fn dot_stuff(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + data.len() / 64 + 5);
+    let mut out = Vec::new();
     let mut stuffer = DotStuffer::new();
     stuffer.push(data, &mut out);
     stuffer.finish(&mut out);
@@ -716,6 +724,8 @@ impl DotStuffer {
 
     /// Appends the stuffed form of the next piece of the message to `out`.
     pub fn push(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        // Room for the usual case (a dot now and then) up front, not a reallocation every few lines.
+        out.reserve(data.len() + data.len() / 64 + 5);
         let mut pos = 0;
         while pos < data.len() {
             if self.line_start && data[pos] == b'.' {
