@@ -177,14 +177,15 @@ def limited_relay(relays, dns, peers, store, name: str, fleet_size: int = 2):
                           config=lambda cfg: cfg.update(store=section))
 
 
-def flood(rs, domain: str, per_relay: int, tag: str) -> list[str]:
-    """per_relay messages to `domain` through each relay at once; their queue ids."""
-    ids: list[str] = []
+def flood(rs, domain: str, per_relay: int, tag: str) -> None:
+    """per_relay messages to `domain` through each relay at once (each recipient names its relay); returns
+    once every relay has delivered them."""
+    ids: list[tuple] = []
     lock = threading.Lock()
 
     def feed(r):
         for n in range(per_relay):
-            qid, _, _ = send(r, [f"r{n}@{domain}"], tag)
+            qid, _, _ = send(r, [f"{r.label}-{n}@{domain}"], tag)
             with lock:
                 ids.append((r, qid))
 
@@ -193,7 +194,8 @@ def flood(rs, domain: str, per_relay: int, tag: str) -> list[str]:
         t.start()
     for t in threads:
         t.join(timeout=120)
-    return ids
+    for r, qid in ids:
+        wait_gone(r, qid, 120)
 
 
 def test_max_connections_holds_for_the_fleet_and_is_used_in_full(relays, dns, peers, mailbox, store):
@@ -203,9 +205,7 @@ def test_max_connections_holds_for_the_fleet_and_is_used_in_full(relays, dns, pe
     mx = peers.aio("127.0.0.4", "limited", data_delay=0.3)
     a = limited_relay(relays, dns, peers, store, "a")
     b = limited_relay(relays, dns, peers, store, "b")
-    sent = flood((a, b), "limited.test", 15, "lease")
-    for r, qid in sent:
-        wait_gone(r, qid, 120)
+    flood((a, b), "limited.test", 15, "lease")
     assert len(mx.accepted()) == 30, len(mx.accepted())
     assert mx.max_concurrent <= 3, f"{mx.max_concurrent} connections at once from a fleet limited to 3"
     assert mx.max_concurrent == 3, f"only {mx.max_concurrent} of the 3 connections used under load"
@@ -222,9 +222,7 @@ def test_without_the_store_each_relay_keeps_to_its_share_and_mail_flows(relays, 
     a = limited_relay(relays, dns, peers, store, "a")
     b = limited_relay(relays, dns, peers, store, "b")
     store.stop()
-    sent = flood((a, b), "shared.test", 8, "share")
-    for r, qid in sent:
-        wait_gone(r, qid, 120)
+    flood((a, b), "shared.test", 8, "share")
     assert len(mx.accepted()) == 16
     # 3 // fleet_size 2 = 1 connection per relay while cut off.
     assert mx.max_concurrent <= 2, f"{mx.max_concurrent} connections at once with the store away"
@@ -258,3 +256,82 @@ def test_required_refuses_to_start_without_the_store(relays, dns, peers, store):
     assert not r.running, "the relay started without its required store"
     log = r.log_text()
     assert f"127.0.0.1:{store.port}" in log and "fleet-secret" not in log, log[-2000:]
+
+
+# Rates. A rate of COUNT/PERIOD is a bucket of COUNT turns refilled one every PERIOD/COUNT: any stretch of
+# arrivals at the destination holds at most COUNT plus one per interval it spans. SLACK covers the time
+# between the relay's decision and the peer's timestamp (loopback, a loaded CI machine); without the limit
+# (or with it per relay where it should be per fleet) the stretches below exceed it many times over.
+SLACK = 1.5
+
+
+def excess(times: list[float], interval: float) -> float:
+    """The most arrivals of any stretch beyond one per `interval` it spans."""
+    t = sorted(times)
+    return max((j - i + 1) - (t[j] - t[i]) / interval for i in range(len(t)) for j in range(i, len(t)))
+
+
+def rated_relay(relays, dns, peers, name: str, rate: str, store: Store | None = None, fleet_size: int = 2):
+    delivery = {"per_domain": {"max_connections": 10, "messages_per_connection": 100, "max_message_rate": rate}}
+    config = None
+    if store is not None:
+        section = store.section(resync_interval="6h", fleet_size=fleet_size)
+        config = lambda cfg: cfg.update(store=section)  # noqa: E731
+    return start_outbound(relays, dns, peers, name=name, delivery=delivery, config=config)
+
+
+def deferred(r) -> float | None:
+    return r.metric('herald_deliveries_total{result="deferred"}')
+
+
+def test_a_message_rate_holds_on_a_relay_without_a_store(relays, dns, peers, mailbox):
+    """`max_message_rate: 4/2s`: a burst of 4, then one message every half second; the waits are not
+    delivery attempts."""
+    dns.route("rated.test", "127.0.0.6")
+    mx = peers.aio("127.0.0.6", "rated")
+    r = rated_relay(relays, dns, peers, "solo", "4/2s")
+    flood((r,), "rated.test", 14, "rate")
+    got = mx.accepted()
+    assert len(got) == 14, len(got)
+    over = excess([t.at for t in got], 0.5)
+    assert over <= 4 + SLACK, f"{over:.1f} messages beyond the rate's interval (a burst may be 4)"
+    assert r.metric('herald_delivery_waits_total{reason="rate"}') > 0
+    assert deferred(r) == 0
+
+
+def test_a_message_rate_holds_for_the_fleet_through_the_store(relays, dns, peers, mailbox, store):
+    """`8/4s` on two relays sharing a store: the destination sees the rate of one relay, not of two."""
+    dns.route("fleetrate.test", "127.0.0.7")
+    mx = peers.aio("127.0.0.7", "fleetrate")
+    a = rated_relay(relays, dns, peers, "a", "8/4s", store)
+    b = rated_relay(relays, dns, peers, "b", "8/4s", store)
+    assert wait_until(lambda: a.metric("herald_store_up") == 1 and b.metric("herald_store_up") == 1, FEED)
+    flood((a, b), "fleetrate.test", 10, "rate")
+    got = mx.accepted()
+    assert len(got) == 20, len(got)
+    over = excess([t.at for t in got], 0.5)
+    assert over <= 8 + SLACK, f"{over:.1f} messages beyond the fleet's rate (a burst may be 8)"
+    # Both relays sent, and both asked the store.
+    for r in (a, b):
+        assert any(t.rcpt_tos[0].startswith(f"{r.label}-") for t in got)
+        assert r.metric('herald_store_latency_seconds_count{op="rate"}') > 0
+        assert deferred(r) == 0
+
+
+def test_without_the_store_each_relay_keeps_to_its_share_of_the_rate(relays, dns, peers, mailbox, store):
+    """`8/4s` for a fleet of 2 with the store away: each relay sends 4 per 4 s, so the fleet stays at 8."""
+    dns.route("sharerate.test", "127.0.0.8")
+    mx = peers.aio("127.0.0.8", "sharerate")
+    a = rated_relay(relays, dns, peers, "a", "8/4s", store)
+    b = rated_relay(relays, dns, peers, "b", "8/4s", store)
+    store.stop()
+    flood((a, b), "sharerate.test", 7, "rate")
+    got = mx.accepted()
+    assert len(got) == 14, len(got)
+    for r in (a, b):
+        mine = [t.at for t in got if t.rcpt_tos[0].startswith(f"{r.label}-")]
+        assert len(mine) == 7
+        over = excess(mine, 1.0)
+        assert over <= 4 + SLACK, f"{r.label}: {over:.1f} beyond its share (4 per 4 s)"
+    assert excess([t.at for t in got], 0.5) <= 8 + SLACK
+    assert "message rates are kept by this relay" in a.log_text(), a.log_tail(30)

@@ -8,6 +8,7 @@
 //! - `validate`: what serde cannot express (references, uniqueness, ranges).
 //! - `bounce`: bounce categories and enhanced-status patterns, the vocabulary of `bounces.rules`.
 //! - `suppression`: the `suppression` section, when an address is suppressed and for how long.
+//! - `rate`: message rates (`600/min`) for delivery limits.
 //! - `store`: the `store` section, the Valkey instance a fleet of relays shares its state through.
 //! - `password`: argon2id hashes for `users[].password_hash`.
 //! - `schema`: the JSON schema of the file, from which `docs/config.md` is generated.
@@ -18,6 +19,7 @@
 pub mod bounce;
 mod file;
 pub mod password;
+mod rate;
 pub mod schema;
 mod store;
 mod suppression;
@@ -25,6 +27,7 @@ mod validate;
 
 pub use bounce::{Category, StatusPattern};
 pub use file::*;
+pub use rate::{Rate, RateError};
 pub use store::{Store, StoreTls};
 pub use suppression::{MailboxFull, Suppression, SuppressionTtl, Ttl};
 pub use validate::is_domain_name;

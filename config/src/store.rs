@@ -34,7 +34,8 @@ pub struct Store {
     pub required: bool,
     /// How many replicas share the store (the operator sets it from the SmtpRelay's replicas): while the
     /// store is unreachable, a relay opens at most `per_domain.max_connections / fleet_size` (at least one)
-    /// connections to a destination, its share of the fleet's limit.
+    /// connections to a destination and sends at most `per_domain.max_message_rate / fleet_size`, its
+    /// share of the fleet's limits.
     #[serde(default = "default_fleet_size")]
     pub fleet_size: u32,
     /// How often the relay reads the whole shared suppression list again, besides following the change

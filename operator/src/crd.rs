@@ -25,6 +25,8 @@ const TRUSTED_SENDER_PATTERN: &str =
 const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 /// A Go-style duration as the relay config takes it: `90d`, `12h`, `30m`.
 const DURATION_PATTERN: &str = r"^[0-9]+(s|m|h|d)$";
+/// A message rate: a count per `s`, `min`, `h`, `d` or per a duration (`100/30s`).
+const RATE_PATTERN: &str = r"^[1-9][0-9]{0,9}/(s|min|h|d|[0-9]+(ms|s|m|h|d))$";
 /// A container image reference: `[registry[:port]/]path[:tag][@sha256:digest]` (the OCI distribution
 /// grammar, simplified), so that a typo is refused at `kubectl apply` rather than as a pod that never pulls.
 const IMAGE_PATTERN: &str = r"^(([A-Za-z0-9-]+\.)*[A-Za-z0-9-]+(:[0-9]+)?/)?[a-z0-9]+([._-]+[a-z0-9]+)*(/[a-z0-9]+([._-]+[a-z0-9]+)*)*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$";
@@ -533,6 +535,11 @@ pub struct PerDomainSpec {
     pub max_connections: u32,
     #[schemars(range(min = 1, max = 100000))]
     pub messages_per_connection: u32,
+    /// Messages to one destination domain per period (`600/min`, `10/s`, `100/30s`), with bursts of up
+    /// to the count: for the whole SmtpRelay with a `store`, else per replica. Absent: no rate limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = RATE_PATTERN))]
+    pub max_message_rate: Option<String>,
 }
 
 /// Send everything through one upstream (a hosted provider).

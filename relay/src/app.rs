@@ -14,7 +14,7 @@ use crate::deliver::{self, Deliverer, Outbound};
 use crate::dkim::Signers;
 use crate::events;
 use crate::exporter::{self, ExporterState};
-use crate::fleet::{self, Fleet};
+use crate::fleet::{self, Fleet, Rates};
 use crate::metrics::Metrics;
 use crate::outcome::suppression::Suppressions;
 use crate::outcome::verp::{self, ReturnPaths};
@@ -91,6 +91,7 @@ impl Relay {
         let (suppressions, fleet) = open_suppressions(&config, metrics.clone()).await?;
         let (stop, stop_rx) = watch::channel(false);
         let leases = fleet.as_ref().map(Fleet::leases);
+        let rates = fleet.as_ref().map_or_else(Rates::local, Fleet::rates);
         // Before anything is delivered or accepted: a relay that must have the store has its list first.
         if let (Some(fleet), Some(store)) = (fleet, &config.store) {
             fleet
@@ -123,7 +124,7 @@ impl Relay {
             delivery_connections = initial.settings.total_connections,
             "resources"
         );
-        let deliverer = Deliverer::new(outbound, spool.clone(), rules.clone(), leases)?;
+        let deliverer = Deliverer::new(outbound, spool.clone(), rules.clone(), leases, rates)?;
         let queue = queue::start(
             initial,
             spool.clone(),

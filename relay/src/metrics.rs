@@ -69,6 +69,7 @@ pub struct Metrics {
     pub inbound_bytes: IntGauge,
     pub store_up: IntGauge,
     pub store_errors: IntCounterVec,
+    pub delivery_waits: IntCounterVec,
     pub store_latency: HistogramVec,
     pub store_pending: IntGauge,
     domains: Mutex<HashSet<String>>,
@@ -98,7 +99,9 @@ pub const AUTH_RESULTS: &[&str] = &["accepted", "failed", "throttled", "busy"];
 /// The `result` values of `herald_config_reload_total`: the whole new config is in force; all of it but
 /// what cannot change live (named in the log); or none of it (invalid, the running config stays).
 /// The store operations `herald_store_errors_total` and `herald_store_latency_seconds` count.
-pub const STORE_OPS: &[&str] = &["connect", "join", "publish", "feed", "resync", "lease"];
+pub const STORE_OPS: &[&str] = &[
+    "connect", "join", "publish", "feed", "resync", "lease", "rate",
+];
 
 /// Store round trips on loopback take tens of microseconds, across a zone a few milliseconds.
 const STORE_BUCKETS: &[f64] = &[
@@ -296,6 +299,18 @@ impl Metrics {
                 "Config reloads by result: applied (all of it), partial (all but what cannot change live) or rejected (invalid; the running config stays).",
                 &["result"],
             ),
+            delivery_waits: {
+                let c = counter_vec(
+                    &r,
+                    "herald_delivery_waits_total",
+                    "Messages given back to the queue untried because their destination had no room: no connection lease left in the fleet (lease) or over delivery.per_domain.max_message_rate (rate). Not delivery attempts.",
+                    &["reason"],
+                );
+                for reason in crate::queue::Wait::LABELS {
+                    c.with_label_values(&[reason]);
+                }
+                c
+            },
             inbound_bytes: gauge(
                 &r,
                 "herald_inbound_bytes",
@@ -310,7 +325,7 @@ impl Metrics {
             store_errors: IntCounterVec::new(
                 Opts::new(
                     "herald_store_errors_total",
-                    "Failed operations on the fleet's store by operation (connect, join, publish, feed, resync, lease).",
+                    "Failed operations on the fleet's store by operation (connect, join, publish, feed, resync, lease, rate).",
                 ),
                 &["op"],
             )

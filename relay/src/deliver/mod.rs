@@ -22,8 +22,8 @@ use std::sync::Arc;
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::fleet::{LEASE_WAIT, Leases};
-use crate::queue::{Attempt, Dispatcher, Job, Reply, Slot};
+use crate::fleet::{LEASE_WAIT, Leases, Rates, Turn};
+use crate::queue::{Attempt, Dispatcher, Job, Reply, Slot, Wait};
 use crate::spool::Spool;
 use arc_swap::ArcSwap;
 use client::{Client, ClientError, Rcpt, Stream, Transaction};
@@ -81,6 +81,8 @@ pub struct Deliverer {
     rules: Arc<crate::outcome::Rules>,
     /// With a fleet store: a connection opens only with a lease for its destination.
     leases: Option<Arc<Leases>>,
+    /// `per_domain.max_message_rate`: this relay's, or the fleet's through the store.
+    rates: Arc<Rates>,
 }
 
 impl std::fmt::Debug for Deliverer {
@@ -189,6 +191,7 @@ impl Deliverer {
         spool: Spool,
         rules: Arc<crate::outcome::Rules>,
         leases: Option<Arc<Leases>>,
+        rates: Arc<Rates>,
     ) -> Result<Arc<Deliverer>, DeliverError> {
         Ok(Arc::new(Deliverer {
             outbound: ArcSwap::from_pointee(outbound),
@@ -197,6 +200,7 @@ impl Deliverer {
             stop: tokio::sync::watch::channel(false).0,
             rules,
             leases,
+            rates,
         }))
     }
 
@@ -215,6 +219,14 @@ impl Deliverer {
         let mut sent = 0u32;
         let o = self.outbound.load_full();
         let max = o.delivery.per_domain.messages_per_connection;
+        let rate = o.delivery.per_domain.max_message_rate;
+        // A message over its destination's rate goes back untried, before a connection is leased for it.
+        if let Some(wait) = self.over_rate(rate, &job).await {
+            slot.hold(job, wait, Wait::Rate);
+            return;
+        }
+        // The job in hand has its turn under the rate.
+        let mut has_turn = true;
         // In a fleet, one connection more to this destination must fit the fleet's limit; when it does not,
         // the job goes back (no attempt) and the destination waits a moment. Held for the connection's life.
         let _lease = match &self.leases {
@@ -225,7 +237,7 @@ impl Deliverer {
                 {
                     Some(lease) => Some(lease),
                     None => {
-                        slot.hold(job, LEASE_WAIT);
+                        slot.hold(job, LEASE_WAIT, Wait::Lease);
                         return;
                     }
                 }
@@ -233,6 +245,15 @@ impl Deliverer {
             None => None,
         };
         loop {
+            if !has_turn && let Some(wait) = self.over_rate(rate, &job).await {
+                // The connection is not kept waiting with it: the queue brings the job back in time.
+                if let Some(s) = session.take() {
+                    s.client.quit().await;
+                }
+                slot.hold(job, wait, Wait::Rate);
+                return;
+            }
+            has_turn = true;
             if session.is_none() {
                 let mut stop = self.stop.subscribe();
                 let opened = tokio::select! {
@@ -292,12 +313,31 @@ impl Deliverer {
             sent += 1;
             let want_next = usable && sent < max;
             match slot.finished(attempt, want_next).await {
-                Some(next) => job = next,
+                Some(next) => {
+                    job = next;
+                    has_turn = false;
+                }
                 None => break,
             }
         }
         if let Some(s) = session {
             s.client.quit().await;
+        }
+    }
+
+    /// How long `job` must wait when its destination is over `rate`; none when it may go now.
+    async fn over_rate(
+        &self,
+        rate: Option<herald_config::Rate>,
+        job: &Job,
+    ) -> Option<std::time::Duration> {
+        match self.rates.take(&job.dest, rate?).await {
+            Turn::Go => None,
+            Turn::Wait(wait) => {
+                tracing::debug!(queue_id = %job.id, destination = %job.dest, rate = %rate?, wait = ?wait,
+                    "over the destination's message rate; the message waits its turn");
+                Some(wait)
+            }
         }
     }
 

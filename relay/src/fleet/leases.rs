@@ -14,19 +14,16 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use tokio::sync::mpsc;
 
-use super::Link;
+use super::{Link, ScriptConnection};
 
 /// How long a lease lasts without renewal.
 const LEASE_TTL: Duration = Duration::from_secs(30);
 /// Renewal of every held lease, well within `LEASE_TTL`.
 const RENEW_EVERY: Duration = Duration::from_secs(10);
-/// After a failure, leases come from the local share for this long before the store is tried again.
-const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// How long a destination waits after the fleet had no lease for it (the caller's hold).
 pub const LEASE_WAIT: Duration = Duration::from_secs(1);
 
@@ -62,10 +59,7 @@ struct Held {
 /// This relay's side of the fleet's connection leases.
 #[derive(Debug)]
 pub struct Leases {
-    link: Arc<Link>,
-    con: tokio::sync::Mutex<Option<MultiplexedConnection>>,
-    /// While set and in the future, the store is not asked.
-    resting_until: Mutex<Option<Instant>>,
+    con: ScriptConnection,
     fleet_size: u32,
     origin: String,
     next: AtomicU64,
@@ -105,16 +99,21 @@ impl Leases {
     /// Leases through `link`; starts the task that renews and gives back the store's leases.
     pub fn start(link: Arc<Link>, fleet_size: u32, origin: String) -> Arc<Leases> {
         let (release, rx) = mpsc::unbounded_channel();
+        let take = redis::Script::new(TAKE);
+        let renew = redis::Script::new(RENEW);
         let leases = Arc::new(Leases {
-            link,
-            con: tokio::sync::Mutex::new(None),
-            resting_until: Mutex::new(None),
+            con: ScriptConnection::new(
+                link,
+                "lease",
+                "connection leases come from this relay's share until the store answers",
+                vec![take.clone(), renew.clone()],
+            ),
             fleet_size: fleet_size.max(1),
             origin,
             next: AtomicU64::new(0),
             held: Mutex::new(Held::default()),
-            take: redis::Script::new(TAKE),
-            renew: redis::Script::new(RENEW),
+            take,
+            renew,
             release,
         });
         tokio::spawn(upkeep(Arc::downgrade(&leases), rx));
@@ -129,7 +128,7 @@ impl Leases {
     /// fleet (or, without the store, this relay's share) has no room.
     pub async fn acquire(self: &Arc<Self>, dest: &Arc<str>, limit: u32) -> Option<Lease> {
         let limit = limit.max(1);
-        let key = self.link.key(&format!("lease:{{{dest}}}"));
+        let key = self.con.link().key(&format!("lease:{{{dest}}}"));
         let member = format!(
             "{}:{}",
             self.origin,
@@ -166,68 +165,18 @@ impl Leases {
 
     /// Some(taken) from the store; None when it cannot be asked now.
     async fn take_in_store(&self, key: &str, member: &str, limit: u32) -> Option<bool> {
-        if self.resting() {
-            return None;
-        }
-        let mut guard = self.con.lock().await;
-        // Asked again under the lock: connections that queued behind a failed connect do not each try
-        // (and wait out) one of their own.
-        if self.resting() {
-            return None;
-        }
-        if guard.is_none() {
-            match self.connect().await {
-                Ok(c) => *guard = Some(c),
-                Err(e) => {
-                    self.rest(&e);
-                    return None;
-                }
-            }
-        }
-        let mut con = guard.as_ref()?.clone();
-        drop(guard);
+        let mut con = self.con.get().await?;
         let mut call = self.take.key(key);
         call.arg(member)
             .arg(limit)
             .arg(LEASE_TTL.as_millis() as u64);
-        match self
-            .link
-            .timed("lease", call.invoke_async::<i64>(&mut con))
-            .await
-        {
+        match self.con.timed(call.invoke_async::<i64>(&mut con)).await {
             Ok(n) => Some(n == 1),
             Err(e) => {
-                *self.con.lock().await = None;
-                self.rest(&e);
+                self.con.failed(&e).await;
                 None
             }
         }
-    }
-
-    fn resting(&self) -> bool {
-        self.resting_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|t| Instant::now() < t)
-    }
-
-    /// A connection with both scripts loaded (the renewal is pipelined, which does not load them).
-    async fn connect(&self) -> Result<MultiplexedConnection, super::FleetError> {
-        let mut con = self.link.connect(None).await?;
-        for script in [&self.take, &self.renew] {
-            self.link
-                .timed("lease", script.prepare_invoke().load_async(&mut con))
-                .await?;
-        }
-        Ok(con)
-    }
-
-    fn rest(&self, e: &super::FleetError) {
-        let mut resting = self.resting_until.lock().unwrap_or_else(|p| p.into_inner());
-        if resting.is_none_or(|t| Instant::now() >= t) {
-            tracing::warn!(error = %e, share_of = self.fleet_size, "connection leases come from this relay's share until the store answers");
-        }
-        *resting = Some(Instant::now() + RETRY_AFTER);
     }
 }
 
@@ -244,11 +193,10 @@ async fn upkeep(
             r = released.recv() => {
                 let Some((key, member)) = r else { return };
                 let Some(l) = leases.upgrade() else { return };
-                let con = l.con.lock().await.clone();
-                if let Some(mut con) = con {
+                if let Some(mut con) = l.con.current().await {
                     let _ = l
-                        .link
-                        .timed("lease", redis::cmd("ZREM").arg(&key).arg(&member).query_async::<i64>(&mut con))
+                        .con
+                        .timed(redis::cmd("ZREM").arg(&key).arg(&member).query_async::<i64>(&mut con))
                         .await;
                 }
             }
@@ -258,15 +206,14 @@ async fn upkeep(
                 if stored.is_empty() {
                     continue;
                 }
-                let con = l.con.lock().await.clone();
-                let Some(mut con) = con else { continue };
+                let Some(mut con) = l.con.current().await else { continue };
                 let mut pipe = redis::pipe();
                 for (key, member) in &stored {
                     let mut call = l.renew.key(key);
                     call.arg(member).arg(LEASE_TTL.as_millis() as u64);
                     pipe.invoke_script(&call).ignore();
                 }
-                if let Err(e) = l.link.timed("lease", pipe.query_async::<()>(&mut con)).await {
+                if let Err(e) = l.con.timed(pipe.query_async::<()>(&mut con)).await {
                     tracing::warn!(error = %e, leases = stored.len(), "cannot renew connection leases; they expire unless renewed in time");
                 }
             }

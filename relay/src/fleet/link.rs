@@ -2,7 +2,7 @@
 //! limits, every operation timed and its failures counted, and the fleet's key names.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
@@ -149,6 +149,113 @@ impl Link {
             url: self.shown.clone(),
             what: what.into(),
         }
+    }
+}
+
+/// After a failure, the store is left alone for this long (callers use their fallback meanwhile).
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// A connection for Lua scripts, opened on first use with its scripts loaded (so pipelined calls, which
+/// do not load them, find them). After a failure the store is left alone for `RETRY_AFTER`: callers then
+/// use their fallback at once instead of each waiting out a connect of its own.
+#[derive(Debug)]
+pub struct ScriptConnection {
+    link: Arc<Link>,
+    op: &'static str,
+    /// Logged when the store stops answering: what the relay does meanwhile.
+    fallback: &'static str,
+    scripts: Vec<redis::Script>,
+    con: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    resting_until: Mutex<Option<Instant>>,
+}
+
+impl ScriptConnection {
+    /// Operations through it are timed and counted under `op`.
+    pub fn new(
+        link: Arc<Link>,
+        op: &'static str,
+        fallback: &'static str,
+        scripts: Vec<redis::Script>,
+    ) -> ScriptConnection {
+        ScriptConnection {
+            link,
+            op,
+            fallback,
+            scripts,
+            con: tokio::sync::Mutex::new(None),
+            resting_until: Mutex::new(None),
+        }
+    }
+
+    pub fn link(&self) -> &Arc<Link> {
+        &self.link
+    }
+
+    /// The connection, opened now if need be; none while the store is being left alone.
+    pub async fn get(&self) -> Option<MultiplexedConnection> {
+        if self.resting() {
+            return None;
+        }
+        let mut guard = self.con.lock().await;
+        // Asked again under the lock: callers that queued behind a failed connect do not each try (and
+        // wait out) one of their own.
+        if self.resting() {
+            return None;
+        }
+        if guard.is_none() {
+            match self.connect().await {
+                Ok(c) => *guard = Some(c),
+                Err(e) => {
+                    self.rest(&e);
+                    return None;
+                }
+            }
+        }
+        guard.clone()
+    }
+
+    /// The connection if one is open; never connects.
+    pub async fn current(&self) -> Option<MultiplexedConnection> {
+        self.con.lock().await.clone()
+    }
+
+    /// Runs `f` under this connection's operation name.
+    pub async fn timed<T, F>(&self, f: F) -> Result<T, FleetError>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
+        self.link.timed(self.op, f).await
+    }
+
+    /// An operation on the connection failed: it is dropped, and the store left alone for a while.
+    pub async fn failed(&self, e: &FleetError) {
+        *self.con.lock().await = None;
+        self.rest(e);
+    }
+
+    fn resting(&self) -> bool {
+        self.resting_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| Instant::now() < t)
+    }
+
+    async fn connect(&self) -> Result<MultiplexedConnection, FleetError> {
+        let mut con = self.link.connect(None).await?;
+        for script in &self.scripts {
+            self.link
+                .timed(self.op, script.prepare_invoke().load_async(&mut con))
+                .await?;
+        }
+        Ok(con)
+    }
+
+    fn rest(&self, e: &FleetError) {
+        let mut resting = self.resting_until.lock().unwrap_or_else(|p| p.into_inner());
+        if resting.is_none_or(|t| Instant::now() >= t) {
+            tracing::warn!(error = %e, "{}", self.fallback);
+        }
+        *resting = Some(Instant::now() + RETRY_AFTER);
     }
 }
 

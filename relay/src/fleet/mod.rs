@@ -7,12 +7,14 @@
 //! - `outbox`: this replica's changes not yet in the store, durable on its volume.
 //! - `suppressions`: the suppression list shared by every replica (local copy, change feed, resync).
 //! - `leases`: connection leases, so `delivery.per_domain.max_connections` holds for the whole fleet.
+//! - `rates`: message rates (GCRA), so `delivery.per_domain.max_message_rate` does too.
 //!
 //! The key layout, with scope and lifetime, is in docs/fleet.md.
 
 mod leases;
 mod link;
 mod outbox;
+mod rates;
 mod suppressions;
 
 use std::path::{Path, PathBuf};
@@ -24,8 +26,9 @@ use crate::metrics::Metrics;
 use crate::outcome::suppression::{FileStore, Suppressions};
 
 pub use leases::{LEASE_WAIT, Lease, Leases};
-pub use link::Link;
+pub use link::{Link, ScriptConnection};
 pub use outbox::Outbox;
+pub use rates::{Rates, Turn};
 pub use suppressions::SharedStore;
 
 /// Errors of the fleet's shared state.
@@ -124,6 +127,11 @@ impl Fleet {
     /// The connection leases (their upkeep task starts now).
     pub fn leases(&self) -> Arc<Leases> {
         Leases::start(self.link.clone(), self.fleet_size, self.origin.clone())
+    }
+
+    /// The message rates, shared through the store.
+    pub fn rates(&self) -> Arc<Rates> {
+        Rates::shared(self.link.clone(), self.fleet_size)
     }
 
     /// Joins the fleet and follows it until `stop`. With `required`, the first join must succeed (else

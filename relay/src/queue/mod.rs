@@ -96,6 +96,7 @@ enum Command {
     Hold {
         job: Job,
         until: u64,
+        reason: Wait,
     },
     /// A connection gives back a job it never attempted.
     Abandon {
@@ -221,9 +222,9 @@ impl Slot {
 
     /// Gives back a job that was never attempted because the fleet has no room for another connection to
     /// its destination; the destination opens none for `wait`. Not a delivery attempt.
-    pub fn hold(self, job: Job, wait: Duration) {
+    pub fn hold(self, job: Job, wait: Duration, reason: Wait) {
         let until = now_ms().saturating_add(wait.as_millis() as u64);
-        self.queue.send(Command::Hold { job, until });
+        self.queue.send(Command::Hold { job, until, reason });
     }
 
     /// Gives back a job that was never attempted (the relay is stopping); the place is freed with it.
@@ -237,6 +238,26 @@ impl Drop for Slot {
         self.queue.send(Command::Closed {
             dest: self.dest.clone(),
         });
+    }
+}
+
+/// Why a job went back to the queue untried (`herald_delivery_waits_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// The fleet had no connection lease for its destination.
+    Lease,
+    /// Its destination was over `delivery.per_domain.max_message_rate`.
+    Rate,
+}
+
+impl Wait {
+    pub const LABELS: [&'static str; 2] = ["lease", "rate"];
+
+    fn label(self) -> &'static str {
+        match self {
+            Wait::Lease => "lease",
+            Wait::Rate => "rate",
+        }
     }
 }
 
@@ -525,7 +546,12 @@ impl Shell {
                 self.stopping = Some(reply);
                 self.dispatcher.stopping();
             }
-            Command::Hold { job, until } => {
+            Command::Hold { job, until, reason } => {
+                self.telemetry
+                    .metrics
+                    .delivery_waits
+                    .with_label_values(&[reason.label()])
+                    .inc();
                 let actions = self.core.hold(&job, until, now);
                 self.act(actions, None);
             }
