@@ -631,6 +631,11 @@ def test_a_store_url_from_a_secret_reaches_the_config_secret_only_and_shared_sta
     assert (shared["status"], shared["reason"]) == ("True", "StoreConfigured"), shared
     relay = get_json("smtprelay", "relay", ns.name)
     assert "s3cret-pw" not in json.dumps(relay) and "s3cret-pw" not in operator.log_text()
+    # A new URL in the Secret renders the relay again at once (its periodic resync is 5 minutes away).
+    assert ns.apply(STORE_URL_SECRET.replace("s3cret-pw@primary", "r0tated-pw@replica")).returncode == 0
+    moved = wait_for(lambda: "r0tated-pw@replica" in secret_data(get_json("secret", "relay-config", ns.name), "relay.yaml"),
+                     f"the new store URL in relay-config\n{operator.log_text()[-3000:]}")
+    assert moved and "r0tated-pw" not in operator.log_text()
     # The store dropped with two replicas left: each pod is on its own, and the condition says what that costs.
     assert ns.apply(STORE_RELAY.format(name="relay", replicas=2, store="")).returncode == 0
     alone = wait_for(lambda: (c := _relay_condition(ns, "relay", "SharedState")) and c["reason"] == "NoStore" and c,
@@ -642,6 +647,11 @@ def test_a_store_url_from_a_secret_reaches_the_config_secret_only_and_shared_sta
     rendered = wait_for(lambda: _relay_condition(ns, "other", "ConfigRendered"), "ConfigRendered of other")
     assert rendered["status"] == "False", rendered
     assert "spec.store.passwordSecretRef: Secret valkey has no key password" in rendered["message"], rendered
+    # Creating the Secret is enough: the relay renders without any edit of its own.
+    kubectl("create", "secret", "generic", "valkey", "-n", ns.name, "--from-literal=password=pw")
+    fixed = wait_for(lambda: (c := _relay_condition(ns, "other", "ConfigRendered")) and c["status"] == "True" and c,
+                     f"ConfigRendered of other after its Secret appeared\n{operator.log_text()[-3000:]}")
+    assert get_json("secret", "other-config", ns.name), fixed
 
 
 PUBLIC_RELAY = RELAY + """  hostname: mx.example.test

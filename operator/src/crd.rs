@@ -330,8 +330,7 @@ pub struct StoreSpec {
     pub password_secret_ref: Option<SecretKeyRef>,
     /// Instead of `url`: a Secret key (default `url`) whose value is the whole URL with its password, e.g.
     /// `rediss://default:secret@primary.example.cache.amazonaws.com:6379/0`. The operator copies it into the
-    /// relay's config Secret; a change reaches the relays at the next reconcile (within 5 minutes) and rolls
-    /// them.
+    /// relay's config Secret; a change renders the relay again at once and rolls its pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<UrlSecretRef>,
     /// Prepended to every key. Default `herald:<namespace>/<name>:`, so that SmtpRelays sharing one

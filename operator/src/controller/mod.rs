@@ -151,6 +151,19 @@ impl Stores {
         out
     }
 
+    /// The relays in `namespace` made from Secret `name` (see [`triggers::secret_names`]).
+    pub fn relays_using_secret(&self, namespace: &str, name: &str) -> Vec<ObjectRef<SmtpRelay>> {
+        self.relays
+            .state()
+            .into_iter()
+            .filter(|r| {
+                r.metadata.namespace.as_deref() == Some(namespace)
+                    && triggers::secret_names(r).contains(&name)
+            })
+            .map(|r| ObjectRef::from_obj(r.as_ref()))
+            .collect()
+    }
+
     /// The relays in `namespace` with a domain that sends from pool `name`.
     pub fn relays_using_pool(&self, namespace: &str, name: &str) -> Vec<ObjectRef<SmtpRelay>> {
         let mut out: Vec<ObjectRef<SmtpRelay>> = Vec::new();

@@ -20,7 +20,8 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Controller, Error as ControllerError};
 use kube::runtime::reflector::{self, ObjectRef, store::Writer};
 use kube::runtime::watcher::{self, watcher};
@@ -217,6 +218,29 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         })
         .touched_objects()
         .predicate_filter(predicates::generation, Default::default());
+    // The Secrets relays are made from, by metadata only (their contents are read when a relay renders):
+    // a changed one renders the relays that name it now, not at their resync. The operator's own Secrets
+    // (configs, tokens, DKIM keys) are not among them.
+    let stores = ctx.stores.clone();
+    let to_relays = relay_tx.clone();
+    let secret_changes = scope
+        .watch::<PartialObjectMeta<Secret>>(
+            &client,
+            watcher::Config::default().labels("app.kubernetes.io/managed-by!=herald-operator"),
+        )
+        .touched_objects()
+        // Errors are the watch's own (it backs off and goes on, and says so at warn).
+        .for_each(move |touched| {
+            if let Ok(secret) = touched {
+                let ns = secret.metadata.namespace.as_deref().unwrap_or_default();
+                let name = secret.metadata.name.as_deref().unwrap_or_default();
+                for r in stores.relays_using_secret(ns, name) {
+                    // Err only when the relay controller has stopped: the operator is shutting down.
+                    let _ = to_relays.unbounded_send(r);
+                }
+            }
+            futures::future::ready(())
+        });
     let relays = Controller::for_stream(relay_stream, ctx.stores.relays.clone())
         // Only the operator's StatefulSets: their ready replicas go into the relay's status.
         .owns_stream(
@@ -271,7 +295,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             futures::future::ready(())
         });
     let controllers = async {
-        tokio::join!(domains, relays, pools);
+        tokio::join!(domains, relays, pools, secret_changes);
     };
     tokio::select! {
         _ = controllers => {}

@@ -195,6 +195,31 @@ pub fn gone(changes: &[Change<SendingDomain, DomainView>]) -> Vec<ObjectRef<Send
         .collect()
 }
 
+/// The Secrets in its own namespace a relay's config and objects are made from: a change to any of them
+/// (a rotated password, a new store URL, a Secret created after the relay that named it) renders the relay
+/// again at once, not at its periodic resync.
+pub fn secret_names(relay: &SmtpRelay) -> Vec<&str> {
+    let spec = &relay.spec;
+    let mut names: Vec<&str> = spec
+        .users
+        .iter()
+        .map(|u| u.password_secret_ref.name.as_str())
+        .collect();
+    names.extend(spec.tls_secret_ref.as_ref().map(|r| r.name.as_str()));
+    if let Some(s) = &spec.delivery.smarthost {
+        names.extend(s.credentials_secret_ref.as_ref().map(|r| r.name.as_str()));
+        names.extend(s.ca_secret_ref.as_ref().map(|r| r.name.as_str()));
+    }
+    if let Some(s) = &spec.store {
+        names.extend(s.password_secret_ref.as_ref().map(|r| r.name.as_str()));
+        names.extend(s.secret_ref.as_ref().map(|r| r.name.as_str()));
+        names.extend(s.ca_secret_ref.as_ref().map(|r| r.name.as_str()));
+    }
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,5 +370,40 @@ mod tests {
         assert_eq!(c[0].object, ObjectRef::new("pool").within("mail"));
         let c = e.observe(&Event::Delete(status));
         assert_eq!(c[0].after, None);
+    }
+
+    #[test]
+    fn a_relay_is_made_from_the_secrets_its_spec_names_and_no_others() {
+        let mut r = crate::fixtures::relay();
+        assert_eq!(secret_names(&r), ["relay-tls"]);
+        r.spec.users = serde_json::from_value(serde_json::json!([
+            {"name": "a", "passwordSecretRef": {"name": "app-password"}},
+            {"name": "b", "passwordSecretRef": {"name": "app-password", "key": "other"}},
+        ]))
+        .unwrap();
+        r.spec.store = Some(
+            serde_json::from_value(serde_json::json!({
+                "secretRef": {"name": "cache-url"}, "caSecretRef": {"name": "cache-ca"}
+            }))
+            .unwrap(),
+        );
+        r.spec.delivery.smarthost = Some(
+            serde_json::from_value(serde_json::json!({
+                "host": "smtp.example.test", "tls": "starttls",
+                "credentialsSecretRef": {"name": "upstream"}, "caSecretRef": {"name": "upstream-ca"}
+            }))
+            .unwrap(),
+        );
+        assert_eq!(
+            secret_names(&r),
+            [
+                "app-password",
+                "cache-ca",
+                "cache-url",
+                "relay-tls",
+                "upstream",
+                "upstream-ca"
+            ]
+        );
     }
 }
