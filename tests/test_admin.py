@@ -64,7 +64,7 @@ def test_the_queue_api_needs_the_token(relays):
         assert request(url, token=wrong)[0] == 401, wrong
     for method, path in (("DELETE", "/queue/0000000000000001"), ("POST", "/queue/flush"),
                          ("PUT", "/suppressions/x@y.test"), ("GET", "/suppressions"),
-                         ("GET", "/suppressions/x@y.test"), ("GET", "/suppressions/streaks")):
+                         ("GET", "/suppressions/x@y.test"), ("GET", "/suppressions/streaks"), ("GET", "/counters")):
         assert request(r.admin_base + path, method)[0] == 401, (method, path)
     status, _, doc = request(url, token=token)
     assert status == 200 and doc["messages"] == [], doc
@@ -160,6 +160,12 @@ def test_the_admin_command_reads_address_and_token_from_the_config(relays):
     assert json.loads(cli(r, "suppressions", "streaks", "--limit", "5").stdout) == {"streaks": []}
     bad = cli(r, "suppressions", "add", "brief@x.test", "--ttl", "soon")
     assert bad.returncode != 0 and "400" in bad.stderr and "ttl" in bad.stderr, bad.stderr
+
+    # Counters: nothing was delivered, so today has none; another day is asked for with --day.
+    today = json.loads(cli(r, "counters").stdout)
+    assert today["sources"] == {} and today["domains"] == {} and today["day"] > 20000, today
+    assert json.loads(cli(r, "counters", "--day", "3").stdout) == {"day": 3, "sources": {}, "domains": {}}
+    assert request(r.admin_base + "/counters?day=soon", token=r.admin_token())[0] == 400
 
 
 def test_the_admin_command_with_a_wrong_token_is_refused(relays, tmp_path):

@@ -264,6 +264,13 @@ def test_a_provider_report_is_classified_counted_and_suppresses_only_what_it_sho
     assert got.bounces == want_bounces, got.bounces
     want_complaints = {series(feedback_type=case.feedback_type, domain=domain): 1} if case.feedback_type else {}
     assert got.complaints == want_complaints, got.complaints
+    # The sending domain's counters for the day: the report came to example.test's return path.
+    status, body = loop.relay.http("GET", "/counters")
+    assert status == 200, body
+    counted = json.loads(body)["domains"].get("example.test", {})
+    assert counted.get("delivered", 0) >= 1, counted
+    assert counted.get("bounced", 0) == (1 if case.category else 0), counted
+    assert counted.get("complained", 0) == (1 if case.feedback_type else 0), counted
 
     evs = loop.report_events()
     outcomes = [e for e in evs if e["type"] != "suppressed"]

@@ -335,3 +335,57 @@ def test_without_the_store_each_relay_keeps_to_its_share_of_the_rate(relays, dns
         assert over <= 4 + SLACK, f"{r.label}: {over:.1f} beyond its share (4 per 4 s)"
     assert excess([t.at for t in got], 0.5) <= 8 + SLACK
     assert "message rates are kept by this relay" in a.log_text(), a.log_tail(30)
+
+
+# Counters per day: messages per source address, recipients per sending domain; summed in the store.
+
+
+def counters(r) -> dict:
+    status, body = r.http("GET", "/counters")
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_counters_add_up_for_the_fleet_in_the_store(relays, dns, peers, foreign, mailbox, store):
+    """Messages through two relays: the store holds the fleet's counts for the day, per source address
+    (messages with a recipient accepted) and per sending domain (recipients delivered and bounced), and
+    each relay's admin API shows the fleet's."""
+    a = fleet_relay(relays, dns, peers, store, "a")
+    b = fleet_relay(relays, dns, peers, store, "b")
+    gone = f"{unique('gone')}@foreign.test"
+    foreign.on_rcpt(gone, f"550 5.1.1 <{gone}>: Recipient address rejected: User unknown")
+    for r, n in ((a, 3), (b, 2)):
+        for i in range(n):
+            qid, _, _ = send(r, [f"{unique('c')}@foreign.test"], "count")
+            wait_gone(r, qid)
+    qid, _, _ = send(a, [gone], "count")
+    wait_gone(a, qid)
+    day = counters(a)["day"]
+
+    def in_store():
+        src = store.cmd("HGET", f"herald:count:{{src}}:{day}", "127.0.0.1")
+        delivered = store.cmd("HGET", f"herald:count:{{dom}}:{day}", "example.test/delivered")
+        bounced = store.cmd("HGET", f"herald:count:{{dom}}:{day}", "example.test/bounced")
+        # Six messages left the source address: five delivered, and the bounce's DSN to the sender (the
+        # null sender's recipients count for no sending domain).
+        return (src, delivered, bounced) == ("6", "5", "1")
+
+    assert wait_until(in_store, FEED), (counters(a), counters(b))
+    ttl = int(store.cmd("TTL", f"herald:count:{{src}}:{day}"))
+    assert 7 * 86400 < ttl <= 8 * 86400, ttl
+    for r in (a, b):
+        c = counters(r)
+        assert c["sources"] == {"127.0.0.1": 6}, c
+        assert c["domains"]["example.test"] == {"delivered": 5, "bounced": 1}, c
+
+
+def test_a_relay_without_a_store_counts_for_itself(relays, dns, peers, foreign, mailbox):
+    r = start_outbound(relays, dns, peers, name="solo")
+    for _ in range(2):
+        qid, _, _ = send(r, [f"{unique('c')}@foreign.test"], "count")
+        wait_gone(r, qid)
+    c = counters(r)
+    assert c["sources"] == {"127.0.0.1": 2} and c["domains"]["example.test"] == {"delivered": 2}, c
+    assert counters(r) == c
+    status, body = r.http("GET", f"/counters?day={c['day'] - 1}")
+    assert status == 200 and json.loads(body) == {"day": c["day"] - 1, "sources": {}, "domains": {}}, body

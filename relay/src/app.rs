@@ -14,7 +14,7 @@ use crate::deliver::{self, Deliverer, Outbound};
 use crate::dkim::Signers;
 use crate::events;
 use crate::exporter::{self, ExporterState};
-use crate::fleet::{self, Fleet, Rates};
+use crate::fleet::{self, Counters, Fleet, Rates};
 use crate::metrics::Metrics;
 use crate::outcome::suppression::Suppressions;
 use crate::outcome::verp::{self, ReturnPaths};
@@ -92,6 +92,10 @@ impl Relay {
         let (stop, stop_rx) = watch::channel(false);
         let leases = fleet.as_ref().map(Fleet::leases);
         let rates = fleet.as_ref().map_or_else(Rates::local, Fleet::rates);
+        let counters = match &fleet {
+            Some(f) => f.counters(stop_rx.clone()),
+            None => Counters::local(),
+        };
         // Before anything is delivered or accepted: a relay that must have the store has its list first.
         if let (Some(fleet), Some(store)) = (fleet, &config.store) {
             fleet
@@ -106,7 +110,7 @@ impl Relay {
             "spool loaded"
         );
         let (sink, events) = events::start(config.events.as_ref(), metrics.clone()).await?;
-        let telemetry = Telemetry::new(metrics.clone(), sink);
+        let telemetry = Telemetry::new(metrics.clone(), sink, counters.clone());
         // Before the queue starts: it routes the spooled messages by the return-path domains.
         let (return_paths, classifier) = {
             let c = config.clone();
@@ -124,7 +128,14 @@ impl Relay {
             delivery_connections = initial.settings.total_connections,
             "resources"
         );
-        let deliverer = Deliverer::new(outbound, spool.clone(), rules.clone(), leases, rates)?;
+        let deliverer = Deliverer::new(
+            outbound,
+            spool.clone(),
+            rules.clone(),
+            leases,
+            rates,
+            counters.clone(),
+        )?;
         let queue = queue::start(
             initial,
             spool.clone(),
@@ -194,6 +205,7 @@ impl Relay {
             let api = Arc::new(AdminState {
                 queue: queue.clone(),
                 suppressions,
+                counters,
                 token_file: a.token_file.clone(),
             });
             tokio::spawn(admin::serve(listener, api));

@@ -100,7 +100,7 @@ pub const AUTH_RESULTS: &[&str] = &["accepted", "failed", "throttled", "busy"];
 /// what cannot change live (named in the log); or none of it (invalid, the running config stays).
 /// The store operations `herald_store_errors_total` and `herald_store_latency_seconds` count.
 pub const STORE_OPS: &[&str] = &[
-    "connect", "join", "publish", "feed", "resync", "lease", "rate",
+    "connect", "join", "publish", "feed", "resync", "lease", "rate", "count",
 ];
 
 /// Store round trips on loopback take tens of microseconds, across a zone a few milliseconds.
@@ -325,7 +325,7 @@ impl Metrics {
             store_errors: IntCounterVec::new(
                 Opts::new(
                     "herald_store_errors_total",
-                    "Failed operations on the fleet's store by operation (connect, join, publish, feed, resync, lease, rate).",
+                    "Failed operations on the fleet's store by operation (connect, join, publish, feed, resync, lease, rate, count).",
                 ),
                 &["op"],
             )

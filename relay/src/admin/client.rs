@@ -42,6 +42,13 @@ pub enum AdminCommand {
     /// The suppression list.
     #[command(subcommand)]
     Suppressions(SuppressionCommand),
+    /// One day's counters: messages per source address, recipients per sending domain (the fleet's
+    /// with a store).
+    Counters {
+        /// Days since 1970-01-01 UTC; default today.
+        #[arg(long)]
+        day: Option<u64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -187,6 +194,13 @@ impl Call {
 
 fn call(command: &AdminCommand) -> Call {
     match command {
+        AdminCommand::Counters { day } => {
+            let mut c = Call::new(Method::GET, &["counters"]);
+            if let Some(d) = day {
+                c.query.push(("day", d.to_string()));
+            }
+            c
+        }
         AdminCommand::Queue(QueueCommand::List { limit, after }) => {
             Call::new(Method::GET, &["queue"]).page(limit, after)
         }

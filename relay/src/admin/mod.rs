@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
+use crate::fleet::Counters;
 use crate::outcome::suppression::Suppressions;
 use crate::queue::{MessageView, QueueHandle};
 use crate::spool::QueueId;
@@ -43,6 +44,7 @@ pub const DEFAULT_PAGE: usize = 100;
 pub struct AdminState {
     pub queue: QueueHandle,
     pub suppressions: Arc<Suppressions>,
+    pub counters: Arc<Counters>,
     pub token_file: Option<PathBuf>,
 }
 
@@ -100,6 +102,7 @@ fn router(state: Arc<AdminState>) -> Router {
         .route("/queue/{id}/flush", post(flush_one))
         .route("/suppressions", get(suppressions))
         .route("/suppressions/streaks", get(streaks))
+        .route("/counters", get(counters))
         .route(
             "/suppressions/{address}",
             get(lookup).put(suppress).delete(unsuppress),
@@ -240,6 +243,19 @@ async fn streaks(State(s): State<Arc<AdminState>>, Query(p): Query<ListParams>) 
     };
     let (page, next) = s.suppressions.streaks(p.after.as_deref(), limit);
     page_response("streaks", json!(page), next)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DayParams {
+    day: Option<u64>,
+}
+
+/// One day's counters (default today, in days since 1970-01-01 UTC): with a store the fleet's, and this
+/// relay's increments of the last second not yet sent; without one (or while it is away) this relay's.
+async fn counters(State(s): State<Arc<AdminState>>, Query(p): Query<DayParams>) -> Response {
+    let day = p.day.unwrap_or_else(crate::fleet::today);
+    Json(s.counters.read(day).await).into_response()
 }
 
 /// `{"<field>": [...], "next": "<cursor>"}`, `next` only when there is more.

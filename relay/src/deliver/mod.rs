@@ -22,7 +22,7 @@ use std::sync::Arc;
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::fleet::{LEASE_WAIT, Leases, Rates, Turn};
+use crate::fleet::{Count, Counters, LEASE_WAIT, Leases, Rates, Turn};
 use crate::queue::{Attempt, Dispatcher, Job, Reply, Slot, Wait};
 use crate::spool::Spool;
 use arc_swap::ArcSwap;
@@ -83,6 +83,8 @@ pub struct Deliverer {
     leases: Option<Arc<Leases>>,
     /// `per_domain.max_message_rate`: this relay's, or the fleet's through the store.
     rates: Arc<Rates>,
+    /// Messages sent per source address.
+    counters: Arc<Counters>,
 }
 
 impl std::fmt::Debug for Deliverer {
@@ -108,6 +110,8 @@ impl Dispatcher for Deliverer {
 struct Session {
     client: Client,
     host: String,
+    /// The local address the connection went out from (the source the receiver sees).
+    source: Option<IpAddr>,
 }
 
 /// Why no session could be opened: the replies to report for the job's recipients.
@@ -192,6 +196,7 @@ impl Deliverer {
         rules: Arc<crate::outcome::Rules>,
         leases: Option<Arc<Leases>>,
         rates: Arc<Rates>,
+        counters: Arc<Counters>,
     ) -> Result<Arc<Deliverer>, DeliverError> {
         Ok(Arc::new(Deliverer {
             outbound: ArcSwap::from_pointee(outbound),
@@ -201,6 +206,7 @@ impl Deliverer {
             rules,
             leases,
             rates,
+            counters,
         }))
     }
 
@@ -308,6 +314,11 @@ impl Deliverer {
                     let s = session.insert(next);
                     (attempt, usable) = self.transact(s, &job).await;
                 }
+            }
+            if let Some(ip) = session.as_ref().and_then(|s| s.source)
+                && attempt.results.iter().any(|(_, r)| r.code / 100 == 2)
+            {
+                self.counters.add(Count::Sent(ip), 1);
             }
             fresh = false;
             sent += 1;
@@ -496,6 +507,7 @@ impl Deliverer {
                 ))));
             }
         };
+        let local = tcp.local_addr().ok().map(|a| a.ip());
         let _ = tcp.set_nodelay(true);
         let limits = client::Limits {
             command: t.command,
@@ -612,6 +624,7 @@ impl Deliverer {
         Ok(Session {
             client: c,
             host: host.to_owned(),
+            source: local,
         })
     }
 

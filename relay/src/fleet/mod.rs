@@ -8,9 +8,11 @@
 //! - `suppressions`: the suppression list shared by every replica (local copy, change feed, resync).
 //! - `leases`: connection leases, so `delivery.per_domain.max_connections` holds for the whole fleet.
 //! - `rates`: message rates (GCRA), so `delivery.per_domain.max_message_rate` does too.
+//! - `counters`: per-day counts per source address and per sending domain, for warm-up and engagement.
 //!
 //! The key layout, with scope and lifetime, is in docs/fleet.md.
 
+mod counters;
 mod leases;
 mod link;
 mod outbox;
@@ -25,6 +27,7 @@ use tokio::sync::watch;
 use crate::metrics::Metrics;
 use crate::outcome::suppression::{FileStore, Suppressions};
 
+pub use counters::{Count, Counters, Day, today};
 pub use leases::{LEASE_WAIT, Lease, Leases};
 pub use link::{Link, ScriptConnection};
 pub use outbox::Outbox;
@@ -127,6 +130,11 @@ impl Fleet {
     /// The connection leases (their upkeep task starts now).
     pub fn leases(&self) -> Arc<Leases> {
         Leases::start(self.link.clone(), self.fleet_size, self.origin.clone())
+    }
+
+    /// The counters, summed in the store; their flushing task runs until `stop`.
+    pub fn counters(&self, stop: watch::Receiver<bool>) -> Arc<Counters> {
+        Counters::shared(self.link.clone(), stop)
     }
 
     /// The message rates, shared through the store.

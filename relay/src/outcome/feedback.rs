@@ -9,6 +9,7 @@
 //! one that does not is checked against each address the report gives until one verifies.
 
 use crate::events::Event;
+use crate::fleet::Count;
 use crate::outcome::report::{self, Action, Kind, Report};
 use crate::outcome::suppression::{Evidence, Observation, Suppressions, suppressed};
 use crate::outcome::verp::{self, ReturnPaths, Token};
@@ -41,10 +42,12 @@ pub struct Outcome {
 }
 
 /// Reads and records a report sent to `locals` (the local parts it was addressed to at return-path
-/// domains). Blocking (the suppression list is fsynced): call it off the async runtime.
+/// domains), about mail of `sending` (the sending domain of that return path, when one is known).
+/// Blocking (the suppression list is fsynced): call it off the async runtime.
 pub fn process(
     raw: &[u8],
     locals: &[String],
+    sending: Option<&str>,
     rules: &Rules,
     suppressions: &Suppressions,
     telemetry: &Telemetry,
@@ -56,7 +59,7 @@ pub fn process(
         tracing::info!("report cut short by a processing limit; the rest was not looked at");
     }
     for o in &outcomes {
-        record(o, suppressions, telemetry);
+        record(o, sending, suppressions, telemetry);
     }
     outcomes
 }
@@ -218,7 +221,7 @@ fn judge(report: &Report, token: &Token, recipient: String, classifier: &Classif
 }
 
 /// Metrics, events, the log line and the suppression for one outcome.
-fn record(o: &Outcome, suppressions: &Suppressions, telemetry: &Telemetry) {
+fn record(o: &Outcome, sending: Option<&str>, suppressions: &Suppressions, telemetry: &Telemetry) {
     let m = &telemetry.metrics;
     m.feedback.with_label_values(&[o.kind, o.result]).inc();
     let (Some(id), Some(recipient)) = (&o.queue_id, &o.recipient) else {
@@ -248,6 +251,9 @@ fn record(o: &Outcome, suppressions: &Suppressions, telemetry: &Telemetry) {
         m.bounces
             .with_label_values(&[class.as_str(), category.as_str(), &m.domain_label(&domain)])
             .inc();
+        if let Some(s) = sending {
+            telemetry.counters.add(Count::Bounced(s), 1);
+        }
         telemetry.emit(|| {
             let mut ev = event("bounced");
             ev.reply = o.diagnostic.clone();
@@ -260,6 +266,9 @@ fn record(o: &Outcome, suppressions: &Suppressions, telemetry: &Telemetry) {
         m.complaints
             .with_label_values(&[ft, &m.domain_label(&domain)])
             .inc();
+        if let Some(s) = sending {
+            telemetry.counters.add(Count::Complained(s), 1);
+        }
         telemetry.emit(|| {
             let mut ev = event("complained");
             ev.feedback_type = Some(ft.to_owned());

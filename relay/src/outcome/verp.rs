@@ -103,6 +103,18 @@ impl ReturnPaths {
         self.local.iter()
     }
 
+    /// The sending domain whose return path `domain` is, when exactly one sending domain has it.
+    pub fn sending_domain(&self, domain: &str) -> Option<&str> {
+        let domain = domain.to_ascii_lowercase();
+        let mut senders = self
+            .by_sender
+            .iter()
+            .filter(|(_, rp)| **rp == domain)
+            .map(|(sender, _)| sender.as_str());
+        let first = senders.next()?;
+        senders.next().is_none().then_some(first)
+    }
+
     /// Is `domain` a return-path domain (the relay is its MX)?
     pub fn is_local(&self, domain: &str) -> bool {
         self.local.contains(&domain.to_ascii_lowercase())

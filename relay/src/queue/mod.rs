@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::events::Event;
+use crate::fleet::Count;
 use crate::outcome::dsn;
 use crate::outcome::suppression::{Evidence, Observation, Suppressions, suppressed};
 use crate::outcome::{Rules, classify};
@@ -701,6 +702,16 @@ impl Shell {
             _ => "bounced",
         };
         m.deliveries.with_label_values(&[result_label]).inc();
+        // Per sending domain (the envelope sender's, as accepted): delivered, and bounced by a receiver.
+        // Expiry is not the receiver's answer; the null sender (a DSN) has no domain.
+        if let Some((_, sending)) = o.meta.sender.rsplit_once('@') {
+            let counters = &self.telemetry.counters;
+            match o.status {
+                RcptStatus::Delivered => counters.add(Count::Delivered(sending), 1),
+                RcptStatus::Bounced => counters.add(Count::Bounced(sending), 1),
+                _ => {}
+            }
+        }
         if o.status.is_final() {
             m.latency.observe(o.age_ms as f64 / 1000.0);
         }
@@ -1204,6 +1215,7 @@ mod tests {
         let telemetry = Telemetry::new(
             Arc::new(crate::metrics::Metrics::new(&[])),
             crate::events::EventSink::default(),
+            crate::fleet::Counters::local(),
         );
         let queue = start(
             Reconfigure::new(&config, &rules, None),

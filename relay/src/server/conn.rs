@@ -250,6 +250,12 @@ async fn accept(
         .partition(|(r, _)| cfg.policy.receives(r));
     (env.recipients, env.rcpt_dsn) = others.into_iter().unzip();
     if !reports.is_empty() {
+        // The sending domain the report is about: the one whose return path it was sent to.
+        let return_paths = ctx.rules.return_paths();
+        let sending = reports
+            .iter()
+            .find_map(|(r, _)| return_paths.sending_domain(&r.domain))
+            .map(str::to_owned);
         let locals: Vec<String> = reports.into_iter().map(|(r, _)| r.local).collect();
         let rules = ctx.rules.clone();
         let list = ctx.suppressions.clone();
@@ -270,7 +276,14 @@ async fn accept(
             None => (std::mem::take(&mut env.body), false),
         };
         let done = tokio::task::spawn_blocking(move || {
-            crate::outcome::feedback::process(&body, &locals, &rules, &list, &telemetry);
+            crate::outcome::feedback::process(
+                &body,
+                &locals,
+                sending.as_deref(),
+                &rules,
+                &list,
+                &telemetry,
+            );
             body
         })
         .await;

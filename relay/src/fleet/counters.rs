@@ -1,0 +1,336 @@
+//! Counters per day that later features decide from: messages sent from each source address (IP warm-up
+//! caps), and recipients delivered, bounced and complained about per sending domain (engagement rates).
+//!
+//! Counting is a map increment on the hot path; once a second the increments go to the store in one
+//! pipeline (`HINCRBY` per counter, `EXPIRE` per key), whose replies are the fleet's totals. In the store,
+//! per day (days since 1970-01-01 UTC):
+//! - `count:{src}:<day>`, a hash: field the source address, value the messages handed over from it (at
+//!   least one recipient accepted); kept `SOURCE_DAYS` days;
+//! - `count:{dom}:<day>`, a hash: fields `<sending domain>/delivered`, `/bounced`, `/complained`,
+//!   recipients; kept `DOMAIN_DAYS` days.
+//!
+//! While the store is away the increments wait in memory and go when it answers; without a store the
+//! relay's own totals are the counts. Either way they live in the process: a restart without a store
+//! starts them again at zero.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::{FleetError, Link, ScriptConnection};
+
+/// Days a source address's counts are kept.
+pub const SOURCE_DAYS: u64 = 8;
+/// Days a sending domain's counts are kept.
+pub const DOMAIN_DAYS: u64 = 31;
+/// How often increments go to the store.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+const DAY_SECS: u64 = 86_400;
+
+/// What a counter counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Scope {
+    Source,
+    Domain,
+}
+
+impl Scope {
+    fn tag(self) -> &'static str {
+        match self {
+            Scope::Source => "src",
+            Scope::Domain => "dom",
+        }
+    }
+
+    fn days(self) -> u64 {
+        match self {
+            Scope::Source => SOURCE_DAYS,
+            Scope::Domain => DOMAIN_DAYS,
+        }
+    }
+}
+
+/// One event to count.
+#[derive(Debug, Clone, Copy)]
+pub enum Count<'a> {
+    /// A message handed over from this source address.
+    Sent(IpAddr),
+    /// A recipient of this sending domain delivered.
+    Delivered(&'a str),
+    /// A recipient of this sending domain bounced (a final failure, or a bounce report).
+    Bounced(&'a str),
+    /// A complaint (feedback-loop report) about a recipient of this sending domain.
+    Complained(&'a str),
+}
+
+impl Count<'_> {
+    fn key(&self) -> (Scope, String) {
+        match self {
+            Count::Sent(ip) => (Scope::Source, ip.to_canonical().to_string()),
+            Count::Delivered(d) => (
+                Scope::Domain,
+                format!("{}/delivered", d.to_ascii_lowercase()),
+            ),
+            Count::Bounced(d) => (Scope::Domain, format!("{}/bounced", d.to_ascii_lowercase())),
+            Count::Complained(d) => (
+                Scope::Domain,
+                format!("{}/complained", d.to_ascii_lowercase()),
+            ),
+        }
+    }
+}
+
+type Key = (u64, Scope, String);
+
+#[derive(Debug, Default)]
+struct State {
+    /// The latest totals known: the fleet's (from the store's replies), or this relay's without a store.
+    totals: BTreeMap<Key, u64>,
+    /// Increments not yet in the store.
+    pending: BTreeMap<Key, u64>,
+}
+
+/// One day's counts, as the admin API shows them.
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Day {
+    pub day: u64,
+    /// Source address to messages sent.
+    pub sources: BTreeMap<String, u64>,
+    /// Sending domain to `delivered`, `bounced`, `complained`.
+    pub domains: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+/// This relay's counters; shared through the store when there is one.
+#[derive(Debug)]
+pub struct Counters {
+    store: Option<ScriptConnection>,
+    state: Mutex<State>,
+}
+
+/// Today, in days since 1970-01-01 UTC.
+pub fn today() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / DAY_SECS)
+}
+
+impl Counters {
+    /// Counters of this relay alone.
+    pub fn local() -> Arc<Counters> {
+        Arc::new(Counters {
+            store: None,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    /// Counters of the fleet through `link`; the task that sends the increments runs until `stop`.
+    pub fn shared(link: Arc<Link>, stop: watch::Receiver<bool>) -> Arc<Counters> {
+        let counters = Arc::new(Counters {
+            store: Some(ScriptConnection::new(
+                link,
+                "count",
+                "counters wait on this relay until the store answers",
+                Vec::new(),
+            )),
+            state: Mutex::new(State::default()),
+        });
+        tokio::spawn(flushing(Arc::downgrade(&counters), stop));
+        counters
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts `n` of `count` today.
+    pub fn add(&self, count: Count<'_>, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let (scope, field) = count.key();
+        let key = (today(), scope, field);
+        let mut state = self.lock();
+        if self.store.is_some() {
+            *state.pending.entry(key).or_default() += n;
+        } else {
+            *state.totals.entry(key).or_default() += n;
+        }
+    }
+
+    /// The counts of `day` as far as this relay knows them: the fleet's last totals and its own
+    /// increments since.
+    pub fn day(&self, day: u64) -> Day {
+        let state = self.lock();
+        let mut out = Day {
+            day,
+            ..Day::default()
+        };
+        let mut add = |(d, scope, field): &Key, n: u64| {
+            if *d != day {
+                return;
+            }
+            match scope {
+                Scope::Source => *out.sources.entry(field.clone()).or_default() += n,
+                Scope::Domain => {
+                    let (domain, what) = field.rsplit_once('/').unwrap_or((field, ""));
+                    *out.domains
+                        .entry(domain.to_owned())
+                        .or_default()
+                        .entry(what.to_owned())
+                        .or_default() += n;
+                }
+            }
+        };
+        for (k, n) in &state.totals {
+            add(k, *n);
+        }
+        for (k, n) in &state.pending {
+            add(k, *n);
+        }
+        out
+    }
+
+    /// The counts of `day`: with a store the fleet's, read now, and this relay's increments not yet sent;
+    /// while the store does not answer (and without one), [`Counters::day`].
+    pub async fn read(&self, day: u64) -> Day {
+        let Some(store) = &self.store else {
+            return self.day(day);
+        };
+        let Some(mut con) = store.get().await else {
+            return self.day(day);
+        };
+        let key = |scope: Scope| {
+            store
+                .link()
+                .key(&format!("count:{{{}}}:{day}", scope.tag()))
+        };
+        let mut pipe = redis::pipe();
+        pipe.hgetall(key(Scope::Source)).hgetall(key(Scope::Domain));
+        let read = store
+            .timed(pipe.query_async::<(BTreeMap<String, u64>, BTreeMap<String, u64>)>(&mut con))
+            .await;
+        match read {
+            Ok((sources, domains)) => {
+                let mut state = self.lock();
+                for (field, n) in sources {
+                    state.totals.insert((day, Scope::Source, field), n);
+                }
+                for (field, n) in domains {
+                    state.totals.insert((day, Scope::Domain, field), n);
+                }
+                drop(state);
+                self.day(day)
+            }
+            Err(e) => {
+                store.failed(&e).await;
+                self.day(day)
+            }
+        }
+    }
+
+    /// Sends the increments made since the last flush; on failure they wait for the next.
+    async fn flush(&self) -> Result<(), FleetError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let pending = std::mem::take(&mut self.lock().pending);
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let result = match store.get().await {
+            None => None,
+            Some(mut con) => {
+                let mut pipe = redis::pipe();
+                for ((day, scope, field), n) in &pending {
+                    let key = store
+                        .link()
+                        .key(&format!("count:{{{}}}:{day}", scope.tag()));
+                    pipe.hincr(&key, field, *n);
+                    pipe.expire(&key, (scope.days() * DAY_SECS) as i64).ignore();
+                }
+                Some(store.timed(pipe.query_async::<Vec<u64>>(&mut con)).await)
+            }
+        };
+        let failed = {
+            let mut state = self.lock();
+            match result {
+                Some(Ok(totals)) => {
+                    for (key, total) in pending.into_keys().zip(totals) {
+                        state.totals.insert(key, total);
+                    }
+                    let now = today();
+                    state
+                        .totals
+                        .retain(|(day, scope, _), _| *day + scope.days() > now);
+                    None
+                }
+                other => {
+                    for (key, n) in pending {
+                        *state.pending.entry(key).or_default() += n;
+                    }
+                    other.and_then(Result::err)
+                }
+            }
+        };
+        match failed {
+            Some(e) => {
+                store.failed(&e).await;
+                Err(e)
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+/// Sends the increments every `FLUSH_EVERY`, and once more at `stop`.
+async fn flushing(counters: Weak<Counters>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        let Some(c) = counters.upgrade() else { return };
+        if let Err(e) = c.flush().await {
+            tracing::debug!(error = %e, "counters not sent; they go with the next flush");
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relay_without_a_store_counts_by_itself_per_day() {
+        let c = Counters::local();
+        let ip: IpAddr = "192.0.2.10".parse().unwrap();
+        c.add(Count::Sent(ip), 2);
+        c.add(Count::Sent(ip), 1);
+        c.add(Count::Sent("::ffff:192.0.2.10".parse().unwrap()), 1);
+        c.add(Count::Delivered("Example.COM"), 5);
+        c.add(Count::Bounced("example.com"), 1);
+        c.add(Count::Complained("example.com"), 0);
+        let day = c.day(today());
+        assert_eq!(day.sources["192.0.2.10"], 4);
+        assert_eq!(
+            day.domains["example.com"],
+            BTreeMap::from([("bounced".to_owned(), 1), ("delivered".to_owned(), 5)])
+        );
+        assert_eq!(
+            c.day(today() - 1),
+            Day {
+                day: today() - 1,
+                ..Day::default()
+            }
+        );
+    }
+}
