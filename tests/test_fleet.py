@@ -389,3 +389,7 @@ def test_a_relay_without_a_store_counts_for_itself(relays, dns, peers, foreign, 
     assert counters(r) == c
     status, body = r.http("GET", f"/counters?day={c['day'] - 1}")
     assert status == 200 and json.loads(body) == {"day": c["day"] - 1, "sources": {}, "domains": {}}, body
+    # A restart keeps them: they are saved on the relay's volume at shutdown.
+    r.stop()
+    r.start()
+    assert counters(r) == c, r.log_tail(20)

@@ -77,6 +77,7 @@ pub struct Relay {
     stop: watch::Sender<bool>,
     events: Option<events::EventsHandle>,
     reloader: Reloader,
+    counters: Arc<Counters>,
 }
 
 impl Relay {
@@ -92,10 +93,12 @@ impl Relay {
         let (stop, stop_rx) = watch::channel(false);
         let leases = fleet.as_ref().map(Fleet::leases);
         let rates = fleet.as_ref().map_or_else(Rates::local, Fleet::rates);
-        let counters = match &fleet {
-            Some(f) => f.counters(stop_rx.clone()),
-            None => Counters::local(),
+        let counters = {
+            let dir = fleet::state_dir(&config.spool_dir);
+            let link = fleet.as_ref().map(Fleet::link);
+            Arc::new(tokio::task::spawn_blocking(move || Counters::open(&dir, link)).await??)
         };
+        counters.start(stop_rx.clone());
         // Before anything is delivered or accepted: a relay that must have the store has its list first.
         if let (Some(fleet), Some(store)) = (fleet, &config.store) {
             fleet
@@ -205,7 +208,7 @@ impl Relay {
             let api = Arc::new(AdminState {
                 queue: queue.clone(),
                 suppressions,
-                counters,
+                counters: counters.clone(),
                 token_file: a.token_file.clone(),
             });
             tokio::spawn(admin::serve(listener, api));
@@ -239,6 +242,7 @@ impl Relay {
             stop,
             events,
             reloader,
+            counters,
         })
     }
 
@@ -297,6 +301,7 @@ impl Relay {
         if let Err(e) = self.spool.sync().await {
             tracing::error!(error = %e, "final spool sync failed");
         }
+        self.counters.close().await;
         if let Some(ev) = self.events {
             ev.shutdown(drain.events).await;
         }

@@ -9,16 +9,19 @@
 //! - `count:{dom}:<day>`, a hash: fields `<sending domain>/delivered`, `/bounced`, `/complained`,
 //!   recipients; kept `DOMAIN_DAYS` days.
 //!
-//! While the store is away the increments wait in memory and go when it answers; without a store the
-//! relay's own totals are the counts. Either way they live in the process: a restart without a store
-//! starts them again at zero.
+//! While the store is away the increments wait and go when it answers; without a store the relay's own
+//! totals are the counts. What only this relay holds (its increments not yet in the store, or without a
+//! store its totals) is saved in `counters.json` in the fleet state directory every `SAVE_EVERY` and at
+//! shutdown, and read back at start: a restart loses at most the last few seconds.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{FleetError, Link, ScriptConnection};
@@ -29,10 +32,15 @@ pub const SOURCE_DAYS: u64 = 8;
 pub const DOMAIN_DAYS: u64 = 31;
 /// How often increments go to the store.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// How often what only this relay holds is saved (when it changed).
+const SAVE_EVERY: Duration = Duration::from_secs(10);
+/// The file, in the fleet state directory.
+const FILE: &str = "counters.json";
 const DAY_SECS: u64 = 86_400;
 
 /// What a counter counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 enum Scope {
     Source,
     Domain,
@@ -109,6 +117,28 @@ pub struct Day {
 pub struct Counters {
     store: Option<ScriptConnection>,
     state: Mutex<State>,
+    file: PathBuf,
+    /// Changed since the last save.
+    dirty: AtomicBool,
+}
+
+/// `counters.json`: each entry `[day, scope, field, count]`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Saved {
+    #[serde(default)]
+    totals: Vec<(u64, Scope, String, u64)>,
+    #[serde(default)]
+    pending: Vec<(u64, Scope, String, u64)>,
+}
+
+fn entries(map: &BTreeMap<Key, u64>) -> Vec<(u64, Scope, String, u64)> {
+    map.iter()
+        .map(|((day, scope, field), n)| (*day, *scope, field.clone(), *n))
+        .collect()
+}
+
+fn keep(day: u64, scope: Scope, now: u64) -> bool {
+    day + scope.days() > now
 }
 
 /// Today, in days since 1970-01-01 UTC.
@@ -119,27 +149,67 @@ pub fn today() -> u64 {
 }
 
 impl Counters {
-    /// Counters of this relay alone.
-    pub fn local() -> Arc<Counters> {
-        Arc::new(Counters {
-            store: None,
-            state: Mutex::new(State::default()),
-        })
-    }
-
-    /// Counters of the fleet through `link`; the task that sends the increments runs until `stop`.
-    pub fn shared(link: Arc<Link>, stop: watch::Receiver<bool>) -> Arc<Counters> {
-        let counters = Arc::new(Counters {
-            store: Some(ScriptConnection::new(
+    /// The counters kept in `dir` (the fleet state directory), through `link` when there is a store.
+    /// Blocking: reads the saved file.
+    pub fn open(dir: &Path, link: Option<Arc<Link>>) -> Result<Counters, FleetError> {
+        let local = |source| FleetError::Local {
+            path: dir.join(FILE),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(local)?;
+        let file = dir.join(FILE);
+        let saved: Saved = match std::fs::read(&file) {
+            Ok(raw) => serde_json::from_slice(&raw).unwrap_or_else(|e| {
+                tracing::warn!(file = %file.display(), error = %e, "saved counters unreadable; starting from zero");
+                Saved::default()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Saved::default(),
+            Err(e) => return Err(local(e)),
+        };
+        let now = today();
+        let load = |v: Vec<(u64, Scope, String, u64)>| -> BTreeMap<Key, u64> {
+            v.into_iter()
+                .filter(|(day, scope, _, _)| keep(*day, *scope, now))
+                .map(|(day, scope, field, n)| ((day, scope, field), n))
+                .collect()
+        };
+        let mut state = State {
+            totals: load(saved.totals),
+            pending: load(saved.pending),
+        };
+        let store = link.map(|link| {
+            ScriptConnection::new(
                 link,
                 "count",
                 "counters wait on this relay until the store answers",
                 Vec::new(),
-            )),
-            state: Mutex::new(State::default()),
+            )
         });
-        tokio::spawn(flushing(Arc::downgrade(&counters), stop));
-        counters
+        if store.is_none() {
+            // Increments saved while there was a store, kept now that there is none.
+            for (k, n) in std::mem::take(&mut state.pending) {
+                *state.totals.entry(k).or_default() += n;
+            }
+        }
+        Ok(Counters {
+            store,
+            state: Mutex::new(state),
+            file,
+            dirty: AtomicBool::new(false),
+        })
+    }
+
+    /// Starts the task that sends the increments to the store and saves the file, until `stop`.
+    pub fn start(self: &Arc<Self>, stop: watch::Receiver<bool>) {
+        tokio::spawn(upkeep(Arc::downgrade(self), stop));
+    }
+
+    /// At shutdown, after the last deliveries: the increments to the store, and the file.
+    pub async fn close(&self) {
+        if let Err(e) = self.flush().await {
+            tracing::warn!(error = %e, "counters not sent to the store at shutdown; they are saved on this relay");
+        }
+        self.save().await;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -158,6 +228,36 @@ impl Counters {
             *state.pending.entry(key).or_default() += n;
         } else {
             *state.totals.entry(key).or_default() += n;
+        }
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// Writes what only this relay holds to the file, when it changed since the last save.
+    async fn save(&self) {
+        if !self.dirty.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let saved = {
+            let state = self.lock();
+            Saved {
+                // With a store its totals are the store's; only the increments are this relay's.
+                totals: if self.store.is_some() {
+                    Vec::new()
+                } else {
+                    entries(&state.totals)
+                },
+                pending: entries(&state.pending),
+            }
+        };
+        let file = self.file.clone();
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let raw = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
+            super::replace_file(&file, &raw)
+        })
+        .await;
+        if !matches!(written, Ok(Ok(()))) {
+            self.dirty.store(true, Ordering::Relaxed);
+            tracing::warn!(file = %self.file.display(), "cannot save the counters; trying again");
         }
     }
 
@@ -265,7 +365,8 @@ impl Counters {
                     let now = today();
                     state
                         .totals
-                        .retain(|(day, scope, _), _| *day + scope.days() > now);
+                        .retain(|(day, scope, _), _| keep(*day, *scope, now));
+                    self.dirty.store(true, Ordering::Relaxed);
                     None
                 }
                 other => {
@@ -286,21 +387,25 @@ impl Counters {
     }
 }
 
-/// Sends the increments every `FLUSH_EVERY`, and once more at `stop`.
-async fn flushing(counters: Weak<Counters>, mut stop: watch::Receiver<bool>) {
+/// Sends the increments every `FLUSH_EVERY` and saves the file every `SAVE_EVERY`, until `stop` (then
+/// [`Counters::close`] does both once more, after the last deliveries).
+async fn upkeep(counters: Weak<Counters>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let saves = (SAVE_EVERY.as_millis() / FLUSH_EVERY.as_millis()).max(1) as u64;
+    let mut n = 0u64;
     loop {
-        let stopping = tokio::select! {
-            _ = tick.tick() => false,
-            _ = stop.wait_for(|s| *s) => true,
-        };
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
         let Some(c) = counters.upgrade() else { return };
         if let Err(e) = c.flush().await {
             tracing::debug!(error = %e, "counters not sent; they go with the next flush");
         }
-        if stopping {
-            return;
+        n += 1;
+        if n.is_multiple_of(saves) {
+            c.save().await;
         }
     }
 }
@@ -311,7 +416,8 @@ mod tests {
 
     #[test]
     fn a_relay_without_a_store_counts_by_itself_per_day() {
-        let c = Counters::local();
+        let dir = tempfile::tempdir().unwrap();
+        let c = Counters::open(dir.path(), None).unwrap();
         let ip: IpAddr = "192.0.2.10".parse().unwrap();
         c.add(Count::Sent(ip), 2);
         c.add(Count::Sent(ip), 1);
@@ -332,5 +438,26 @@ mod tests {
                 ..Day::default()
             }
         );
+    }
+
+    #[tokio::test]
+    async fn what_only_this_relay_holds_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Counters::open(dir.path(), None).unwrap();
+        let ip: IpAddr = "192.0.2.10".parse().unwrap();
+        c.add(Count::Sent(ip), 3);
+        c.add(Count::Complained("example.com"), 1);
+        c.close().await;
+        let again = Counters::open(dir.path(), None).unwrap();
+        assert_eq!(again.day(today()), c.day(today()));
+        // Counts past their keeping are not read back.
+        let old = Saved {
+            totals: vec![(today() - SOURCE_DAYS, Scope::Source, "192.0.2.10".into(), 9)],
+            pending: vec![(today(), Scope::Source, "192.0.2.10".into(), 2)],
+        };
+        std::fs::write(dir.path().join(FILE), serde_json::to_vec(&old).unwrap()).unwrap();
+        let read = Counters::open(dir.path(), None).unwrap();
+        assert_eq!(read.day(today()).sources["192.0.2.10"], 2);
+        assert!(read.day(today() - SOURCE_DAYS).sources.is_empty());
     }
 }

@@ -132,9 +132,9 @@ impl Fleet {
         Leases::start(self.link.clone(), self.fleet_size, self.origin.clone())
     }
 
-    /// The counters, summed in the store; their flushing task runs until `stop`.
-    pub fn counters(&self, stop: watch::Receiver<bool>) -> Arc<Counters> {
-        Counters::shared(self.link.clone(), stop)
+    /// The way to the store (for the counters, opened with the relay's other state).
+    pub fn link(&self) -> Arc<Link> {
+        self.link.clone()
     }
 
     /// The message rates, shared through the store.

@@ -1215,7 +1215,7 @@ mod tests {
         let telemetry = Telemetry::new(
             Arc::new(crate::metrics::Metrics::new(&[])),
             crate::events::EventSink::default(),
-            crate::fleet::Counters::local(),
+            Arc::new(crate::fleet::Counters::open(&dir.path().join("fleet"), None).unwrap()),
         );
         let queue = start(
             Reconfigure::new(&config, &rules, None),
