@@ -635,8 +635,8 @@ pub struct PerDomain {
     pub max_connections: u32,
     /// Messages sent on one connection before it is closed and a new one opened.
     pub messages_per_connection: u32,
-    /// Messages to one destination domain per period (`600/min`, `10/s`), with bursts of up to the count:
-    /// per relay, or for the whole fleet when the relays share a `store`. A message over the rate waits in
+    /// Messages to one destination domain per period (`600/min`, `10/s`) on average, with bursts of up to
+    /// the count after a quiet period: per relay, or for the whole fleet when the relays share a `store`. A message over the rate waits in
     /// the queue for its turn, which is not a delivery attempt. Absent: no rate limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_message_rate: Option<crate::Rate>,

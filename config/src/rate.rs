@@ -9,8 +9,9 @@ use std::time::Duration;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// At most `count` messages per `per`, with bursts of up to `count` (a token bucket that holds `count`
-/// and refills evenly over `per`).
+/// `count` messages per `per` on average, with bursts of up to `count`: a token bucket that holds
+/// `count` and refills evenly over `per`, so a destination idle for a period can take a burst of `count`
+/// and then one every `per / count` (up to twice `count` within one period, never more).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
     pub count: u32,

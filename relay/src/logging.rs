@@ -12,6 +12,7 @@ use std::fmt;
 use chrono::{SecondsFormat, Utc};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
+use tracing_log::NormalizeEvent;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
@@ -35,12 +36,19 @@ where
             static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }
         LINE.with(|cell| {
-            let mut line = cell.borrow_mut();
+            // An event logged while a field of this one is being formatted finds the buffer taken: it
+            // gets one of its own.
+            let mut own = Vec::new();
+            let mut borrowed = cell.try_borrow_mut();
+            let line = match borrowed.as_deref_mut() {
+                Ok(line) => line,
+                Err(_) => &mut own,
+            };
             line.clear();
-            json_line(&mut line, event);
+            json_line(line, event);
             // Everything written is serde_json's output or ASCII, so this cannot fail; a line is
             // dropped rather than half written if it ever did.
-            let text = std::str::from_utf8(&line).map_err(|_| fmt::Error)?;
+            let text = std::str::from_utf8(line).map_err(|_| fmt::Error)?;
             writer.write_str(text)
         })
     }
@@ -48,7 +56,10 @@ where
 
 /// Appends `event` as one JSON object and a newline to `line`.
 fn json_line(line: &mut Vec<u8>, event: &Event<'_>) {
-    let meta = event.metadata();
+    // A record of the `log` crate (rustls, hickory) carries its own target; its `log.*` fields are how
+    // tracing-log passes it, not fields of the record.
+    let normalized = event.normalized_metadata();
+    let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
     line.extend_from_slice(b"{\"timestamp\":\"");
     line.extend_from_slice(
         Utc::now()
@@ -79,25 +90,31 @@ struct Fields<'a> {
 }
 
 impl Fields<'_> {
-    fn key(&mut self, field: &Field) {
+    fn key(&mut self, field: &Field) -> bool {
+        if field.name().starts_with("log.") {
+            return false;
+        }
         if !self.first {
             self.line.push(b',');
         }
         self.first = false;
         string(self.line, field.name());
         self.line.push(b':');
+        true
     }
 
     fn number(&mut self, field: &Field, value: impl serde::Serialize) {
-        self.key(field);
-        let _ = serde_json::to_writer(&mut *self.line, &value);
+        if self.key(field) {
+            let _ = serde_json::to_writer(&mut *self.line, &value);
+        }
     }
 }
 
 impl Visit for Fields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.key(field);
-        string(self.line, value);
+        if self.key(field) {
+            string(self.line, value);
+        }
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
@@ -122,13 +139,16 @@ impl Visit for Fields<'_> {
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.key(field);
-        self.line
-            .extend_from_slice(if value { b"true" } else { b"false" });
+        if self.key(field) {
+            self.line
+                .extend_from_slice(if value { b"true" } else { b"false" });
+        }
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.key(field);
+        if !self.key(field) {
+            return;
+        }
         let mut text = String::new();
         let _ = fmt::write(&mut text, format_args!("{value:?}"));
         string(self.line, &text);

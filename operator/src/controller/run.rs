@@ -228,10 +228,11 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             &client,
             watcher::Config::default().labels("app.kubernetes.io/managed-by!=herald-operator"),
         )
-        .touched_objects()
-        // Errors are the watch's own (it backs off and goes on, and says so at warn).
-        .for_each(move |touched| {
-            if let Ok(secret) = touched {
+        // Errors are the watch's own (it backs off and goes on, and says so at warn). Deletions are left to
+        // the resync: a namespace being torn down deletes every Secret in it, and reconciling its relays
+        // then only meets "namespace is being terminated".
+        .for_each(move |event| {
+            if let Ok(watcher::Event::Apply(secret) | watcher::Event::InitApply(secret)) = event {
                 let ns = secret.metadata.namespace.as_deref().unwrap_or_default();
                 let name = secret.metadata.name.as_deref().unwrap_or_default();
                 for r in stores.relays_using_secret(ns, name) {

@@ -23,6 +23,9 @@ use rustls_pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::fleet::{Count, Counters, LEASE_WAIT, Leases, Rates, Turn};
+
+/// The longest wait for a turn under the rate that a delivery connection sits out open.
+const KEEP_WAITING: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::queue::{Attempt, Dispatcher, Job, Reply, Slot, Wait};
 use crate::spool::Spool;
 use arc_swap::ArcSwap;
@@ -226,15 +229,9 @@ impl Deliverer {
         let o = self.outbound.load_full();
         let max = o.delivery.per_domain.messages_per_connection;
         let rate = o.delivery.per_domain.max_message_rate;
-        // A message over its destination's rate goes back untried, before a connection is leased for it.
-        if let Some(wait) = self.over_rate(rate, &job).await {
-            slot.hold(job, wait, Wait::Rate);
-            return;
-        }
-        // The job in hand has its turn under the rate.
-        let mut has_turn = true;
         // In a fleet, one connection more to this destination must fit the fleet's limit; when it does not,
         // the job goes back (no attempt) and the destination waits a moment. Held for the connection's life.
+        // The lease comes first: a turn under the rate is not spent on a job that then finds no lease.
         let _lease = match &self.leases {
             Some(leases) => {
                 match leases
@@ -250,9 +247,20 @@ impl Deliverer {
             }
             None => None,
         };
+        // The job in hand has no turn under the rate yet.
+        let mut has_turn = false;
         loop {
-            if !has_turn && let Some(wait) = self.over_rate(rate, &job).await {
-                // The connection is not kept waiting with it: the queue brings the job back in time.
+            while !has_turn && let Some(wait) = self.over_rate(rate, &job).await {
+                // A short wait is spent on the open connection: closing it to open another a moment later
+                // is a handshake per message, which receivers hold against a sender. Otherwise the job
+                // goes back and the queue brings it back in time.
+                if session.is_some() && wait <= KEEP_WAITING {
+                    let mut stop = self.stop.subscribe();
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => continue,
+                        _ = stop.wait_for(|s| *s) => {}
+                    }
+                }
                 if let Some(s) = session.take() {
                     s.client.quit().await;
                 }

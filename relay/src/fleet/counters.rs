@@ -11,8 +11,11 @@
 //!
 //! While the store is away the increments wait and go when it answers; without a store the relay's own
 //! totals are the counts. What only this relay holds (its increments not yet in the store, or without a
-//! store its totals) is saved in `counters.json` in the fleet state directory every `SAVE_EVERY` and at
-//! shutdown, and read back at start: a restart loses at most the last few seconds.
+//! store its totals) is saved in `counters.json` in the fleet state directory after each flush that sent
+//! something, every `SAVE_EVERY`, and at shutdown, and read back at start: a restart loses at most the
+//! last few seconds. Sending is at least once: a flush whose reply was lost (a time-out after the store
+//! applied it) is sent again, so a count can come out a little high, never low; a batch the store
+//! refuses outright (a key of another type) is dropped, said in the log, not retried for ever.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -120,6 +123,8 @@ pub struct Counters {
     file: PathBuf,
     /// Changed since the last save.
     dirty: AtomicBool,
+    /// One save at a time, so an older snapshot never lands after a newer one.
+    saving: tokio::sync::Mutex<()>,
 }
 
 /// `counters.json`: each entry `[day, scope, field, count]`.
@@ -139,6 +144,19 @@ fn entries(map: &BTreeMap<Key, u64>) -> Vec<(u64, Scope, String, u64)> {
 
 fn keep(day: u64, scope: Scope, now: u64) -> bool {
     day + scope.days() > now
+}
+
+/// A failure of the way to the store (worth sending again), not the store refusing the commands.
+fn transient(e: &FleetError) -> bool {
+    match e {
+        FleetError::Store { source, .. } => {
+            source.is_io_error()
+                || source.is_timeout()
+                || source.is_connection_dropped()
+                || source.is_connection_refusal()
+        }
+        _ => true,
+    }
 }
 
 /// Today, in days since 1970-01-01 UTC.
@@ -196,6 +214,7 @@ impl Counters {
             state: Mutex::new(state),
             file,
             dirty: AtomicBool::new(false),
+            saving: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -234,11 +253,16 @@ impl Counters {
 
     /// Writes what only this relay holds to the file, when it changed since the last save.
     async fn save(&self) {
+        let _one = self.saving.lock().await;
         if !self.dirty.swap(false, Ordering::Relaxed) {
             return;
         }
         let saved = {
-            let state = self.lock();
+            let mut state = self.lock();
+            let now = today();
+            state
+                .totals
+                .retain(|(day, scope, _), _| keep(*day, *scope, now));
             Saved {
                 // With a store its totals are the store's; only the increments are this relay's.
                 totals: if self.store.is_some() {
@@ -332,14 +356,15 @@ impl Counters {
         }
     }
 
-    /// Sends the increments made since the last flush; on failure they wait for the next.
-    async fn flush(&self) -> Result<(), FleetError> {
+    /// Sends the increments made since the last flush (true when it sent any); on a failure of the way
+    /// to the store they wait for the next.
+    async fn flush(&self) -> Result<bool, FleetError> {
         let Some(store) = &self.store else {
-            return Ok(());
+            return Ok(false);
         };
         let pending = std::mem::take(&mut self.lock().pending);
         if pending.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let result = match store.get().await {
             None => None,
@@ -369,6 +394,11 @@ impl Counters {
                     self.dirty.store(true, Ordering::Relaxed);
                     None
                 }
+                Some(Err(e)) if !transient(&e) => {
+                    tracing::error!(error = %e, counters = pending.len(), "the store refused the counters' increments; they are dropped");
+                    self.dirty.store(true, Ordering::Relaxed);
+                    None
+                }
                 other => {
                     for (key, n) in pending {
                         *state.pending.entry(key).or_default() += n;
@@ -382,7 +412,7 @@ impl Counters {
                 store.failed(&e).await;
                 Err(e)
             }
-            None => Ok(()),
+            None => Ok(true),
         }
     }
 }
@@ -400,11 +430,16 @@ async fn upkeep(counters: Weak<Counters>, mut stop: watch::Receiver<bool>) {
             _ = stop.wait_for(|s| *s) => return,
         }
         let Some(c) = counters.upgrade() else { return };
-        if let Err(e) = c.flush().await {
-            tracing::debug!(error = %e, "counters not sent; they go with the next flush");
-        }
+        let sent = match c.flush().await {
+            Ok(sent) => sent,
+            Err(e) => {
+                tracing::debug!(error = %e, "counters not sent; they go with the next flush");
+                false
+            }
+        };
         n += 1;
-        if n.is_multiple_of(saves) {
+        // After a flush the file must not hold increments the store has: a restart would send them again.
+        if sent || n.is_multiple_of(saves) {
             c.save().await;
         }
     }

@@ -24,6 +24,8 @@ use super::{Link, ScriptConnection};
 const BANK_LIFE: Duration = Duration::from_secs(1);
 /// The most turns one request to the store takes.
 const MAX_BATCH: u32 = 16;
+/// Destinations remembered before the full buckets are dropped.
+const PRUNE_AT: usize = 4096;
 /// The shortest wait a message over the rate is given (the store answers in milliseconds).
 const MIN_WAIT: Duration = Duration::from_millis(10);
 
@@ -109,6 +111,12 @@ impl Rates {
         let now = Instant::now();
         {
             let mut buckets = self.lock();
+            if buckets.len() >= PRUNE_AT {
+                // Full buckets (time caught up, nothing banked) hold nothing a new one would not.
+                buckets.retain(|_, b| {
+                    b.tat > now || (b.banked > 0 && now.duration_since(b.banked_at) < BANK_LIFE)
+                });
+            }
             if let Some(b) = buckets.get_mut(dest)
                 && b.banked > 0
                 && now.duration_since(b.banked_at) < BANK_LIFE
