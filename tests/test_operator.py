@@ -100,6 +100,8 @@ def test_crds_are_established_and_list_in_kubectl_get(ns):
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {image: 'Registry.test/Herald/Relay', listeners: [{name: a, port: 25}]}", "spec.image"),
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {tlsSecretRef: {name: 'Bad_Name'}, listeners: [{name: a, port: 25}]}", "spec.tlsSecretRef.name"),
         ("kind: IpPool\nmetadata: {name: bad}\nspec: {addresses: [{address: nonsense, ehlo: mta.a.test}]}", "address must be an IPv4 or IPv6 address"),
+        ("kind: IpPool\nmetadata: {name: bad}\nspec: {addresses: [{address: 192.0.2.1, ehlo: mta.a.test, weight: 0}]}", "every weight is 0"),
+        ("kind: IpPool\nmetadata: {name: bad}\nspec: {addresses: [{address: 192.0.2.1, ehlo: mta.a.test, weight: 1001}]}", "weight"),
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: a, port: 9091}]}", "port 9091 (name admin)"),
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: metrics, port: 25}]}", "port 9090 (name metrics)"),
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: a, port: 25, allowNetworks: [10.0.0.0/8], allowNamespaces: {matchLabels: {a: b}}}]}",
@@ -134,12 +136,33 @@ def test_crds_are_established_and_list_in_kubectl_get(ns):
          "store.caSecretRef is for a rediss:// url"),
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {store: {secretRef: {name: cache}, passwordSecretRef: {name: pw}}, listeners: [{name: a, port: 587}]}",
          "store.passwordSecretRef goes with store.url"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {store: {url: 'redis://v:6379', cluster: true, sentinelMaster: m}, listeners: [{name: a, port: 587}]}",
+         "a cluster has no Sentinels"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {store: {url: 'redis://v:6379', nodes: ['w:6379']}, listeners: [{name: a, port: 587}]}",
+         "store.nodes are for cluster or sentinelMaster"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {store: {url: 'redis://v:6379/2', cluster: true}, listeners: [{name: a, port: 587}]}",
+         "a cluster has only database 0"),
+        ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {store: {url: 'redis://v:6379', cluster: true, nodes: ['redis://w:6379']}, listeners: [{name: a, port: 587}]}",
+         "spec.store.nodes[0]"),
     ],
 )
 def test_bad_objects_are_refused_by_the_schema_naming_the_field(ns, manifest, field):
     r = ns.apply("apiVersion: herald.dev/v1alpha1\n" + manifest)
     assert r.returncode != 0, f"accepted: {r.stdout}"
     assert field in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    "store",
+    [
+        "{url: 'redis://valkey-0.valkey:6379/0', cluster: true, nodes: ['valkey-1.valkey:6379', '[fd00::1]:6379']}",
+        "{url: 'rediss://sentinel-0.sentinel:26379/1', sentinelMaster: herald, nodes: ['sentinel-1.sentinel:26379']}",
+    ],
+)
+def test_a_cluster_or_sentinel_store_is_accepted(ns, store):
+    r = ns.apply("apiVersion: herald.dev/v1alpha1\nkind: SmtpRelay\nmetadata: {name: fleet}\n"
+                 f"spec: {{store: {store}, listeners: [{{name: a, port: 587}}]}}")
+    assert r.returncode == 0, r.stderr
 
 
 def test_a_domain_and_relay_become_owned_objects_and_a_config_the_relay_accepts(ns, operator, tmp_path):

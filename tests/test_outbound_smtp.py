@@ -16,6 +16,7 @@ from harness.outbound import (
     unique, wait_dsn, wait_event, wait_gone, wait_state, wait_until,
 )
 from harness.relay import HOSTNAME
+from harness.tools import smtp_source
 
 SOURCE = "127.0.0.9"  # the ip_pool source address in the ip_pool test
 
@@ -375,6 +376,48 @@ def test_source_address_and_ehlo_name_come_from_the_sending_domains_ip_pool(rela
     assert tp.client[0] == SOURCE and tp.helo == "out9.example.test", (tp.client, tp.helo)
     [tn] = peer.with_marker(marker_plain)
     assert tn.client[0] != SOURCE and tn.helo == HOSTNAME, (tn.client, tn.helo)
+
+
+def test_weighted_sources_split_a_pools_mail_by_their_weights(relays, dns, peers):
+    """Two sources weighing 3 and 1, and a third weighing 0: 4,000 messages leave 3:1 (within ±5 %) from
+    the first two, none from the third, each with its own source's EHLO name, and no connection carries
+    another source's mail."""
+    peer = peers.aio(FOREIGN)
+    dns.route("foreign.test", FOREIGN)
+    heavy, light, retired = "127.0.0.20", "127.0.0.21", "127.0.0.22"
+    ehlo = {heavy: "out20.example.test", light: "out21.example.test", retired: "out22.example.test"}
+
+    def with_pool(cfg):
+        cfg["ip_pools"] = [{"name": "weighted", "sources": [
+            {"address": heavy, "ehlo": ehlo[heavy], "weight": 3},
+            {"address": light, "ehlo": ehlo[light]},  # weight 1, the default
+            {"address": retired, "ehlo": ehlo[retired], "weight": 0},
+        ]}]
+        for d in cfg["domains"]:
+            if d["name"] == "example.test":
+                d["ip_pool"] = "weighted"
+
+    r = start_outbound(relays, dns, peers, config=with_pool)
+    host, port = r.listener("trusted")
+    log = r.workdir / "smtp-source.log"
+    load = smtp_source(host, port, "-s", "10", "-m", "4000", "-l", "512",
+                       "-f", "load@example.test", "-t", "bob@foreign.test", log=log)
+    try:
+        assert load.wait(timeout=300) == 0, log.read_text()[:500]
+    finally:
+        if load.poll() is None:
+            load.kill()
+    assert wait_until(lambda: len(peer.accepted()) >= 4000, 300), len(peer.accepted())
+    done = peer.accepted()
+    assert len(done) == 4000, len(done)
+    by_source = collections.Counter(t.client[0] for t in done)
+    assert set(by_source) == {heavy, light}, by_source
+    assert 2850 <= by_source[heavy] <= 3150, f"{by_source}: 3 of 4 should leave from {heavy}"
+    assert all(t.helo == ehlo[t.client[0]] for t in done)
+    sources_per_conn = collections.defaultdict(set)
+    for t in done:
+        sources_per_conn[t.conn].add(t.client[0])
+    assert all(len(s) == 1 for s in sources_per_conn.values())
 
 
 def test_mixed_outcomes_do_not_leak_between_recipients_of_different_domains(relays, dns, peers):

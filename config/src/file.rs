@@ -470,7 +470,19 @@ pub struct Source {
     pub address: std::net::IpAddr,
     /// The EHLO name sent from this address; should match its reverse DNS.
     pub ehlo: String,
+    /// This address's share of the pool's mail against the other addresses' weights: 3 and 1 send three
+    /// messages from the first for each from the second. 0 sends nothing from it (a source being retired);
+    /// one address of the pool at least must weigh more.
+    #[serde(default = "default_source_weight")]
+    pub weight: u32,
 }
+
+fn default_source_weight() -> u32 {
+    1
+}
+
+/// The largest weight: sums over a pool stay far from overflowing.
+pub const MAX_SOURCE_WEIGHT: u32 = 1_000_000;
 
 /// Outbound delivery policy.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
@@ -496,7 +508,8 @@ pub struct Delivery {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::schema::HumanDuration")]
     pub delay_warning: Duration,
-    /// Limits per destination domain.
+    /// Limits per destination domain, and per source address for mail of an `ip_pools` entry (receivers
+    /// count connections and rates per sending address).
     pub per_domain: PerDomain,
     /// Delivery connections open at once, all destinations together; ready work beyond waits for a free
     /// one. Each costs little memory (the message is streamed from the spool), but not none. When absent:
@@ -823,11 +836,88 @@ mod tests {
                 "store.resync_interval",
                 "1s",
             ),
+            (
+                "{url: \"redis://v\", nodes: [\"w:6379\"]}",
+                "store.nodes",
+                "cluster or sentinel_master",
+            ),
+            (
+                "{url: \"redis://v\", cluster: true, nodes: [\"w:6379\", \"redis://x:6379\"]}",
+                "store.nodes[1]",
+                "host:port",
+            ),
+            (
+                "{url: \"redis://v\", cluster: true, nodes: [\"w\"]}",
+                "store.nodes[0]",
+                "host:port",
+            ),
+            (
+                "{url: \"redis://v:6379/2\", cluster: true}",
+                "store.url",
+                "database 0",
+            ),
+            (
+                "{url: \"redis://v\", cluster: true, sentinel_master: m}",
+                "store.sentinel_master",
+                "not both",
+            ),
+            (
+                "{url: \"redis://v\", sentinel_master: \"\"}",
+                "store.sentinel_master",
+                "name",
+            ),
         ] {
             let e = err(&with(store));
             assert!(e.starts_with(field) && e.contains(says), "{store}: {e}");
         }
         assert!(Config::parse(&with("{url: \"rediss://v\", tls: {ca_file: /ca.pem}}")).is_ok());
+        let cluster = Config::parse(&with(
+            "{url: \"redis://:pw@v-0:6379/0\", cluster: true, nodes: [\"v-1:6379\", \"[::1]:7000\"]}",
+        ))
+        .unwrap()
+        .store
+        .unwrap();
+        assert!(cluster.cluster);
+        assert_eq!(cluster.nodes, ["v-1:6379", "[::1]:7000"]);
+        let sentinel = Config::parse(&with(
+            "{url: \"redis://s-0:26379/1\", sentinel_master: herald, nodes: [\"s-1:26379\"]}",
+        ))
+        .unwrap()
+        .store
+        .unwrap();
+        assert_eq!(sentinel.sentinel_master.as_deref(), Some("herald"));
+    }
+
+    #[test]
+    fn source_weights_are_checked() {
+        let base = "hostname: h.example.test\nspool_dir: /s\nlisteners: [{name: t, address: \"127.0.0.1:25\", auth: none, trusted_senders: any, allow_networks: [127.0.0.0/8]}]\n";
+        let with = |sources: &str| format!("{base}ip_pools: [{{name: p, sources: {sources}}}]\n");
+        let ok = Config::parse(&with(
+            "[{address: 192.0.2.1, ehlo: a.test, weight: 3}, {address: 192.0.2.2, ehlo: b.test}, {address: 192.0.2.3, ehlo: c.test, weight: 0}]",
+        ))
+        .unwrap();
+        let weights: Vec<u32> = ok.ip_pools[0].sources.iter().map(|s| s.weight).collect();
+        assert_eq!(weights, [3, 1, 0]);
+        for (sources, field, says) in [
+            (
+                "[{address: 192.0.2.1, ehlo: a.test, weight: 0}, {address: 192.0.2.2, ehlo: b.test, weight: 0}]",
+                "ip_pools[0].sources",
+                "every weight is 0",
+            ),
+            (
+                "[{address: 192.0.2.1, ehlo: a.test, weight: 1000001}]",
+                "ip_pools[0].sources[0].weight",
+                "at most",
+            ),
+            (
+                "[{address: 192.0.2.1, ehlo: a.test}, {address: 192.0.2.1, ehlo: b.test}]",
+                "ip_pools[0].sources[1].address",
+                "already",
+            ),
+        ] {
+            let e = err(&with(sources));
+            assert!(e.starts_with(field) && e.contains(says), "{sources}: {e}");
+        }
     }
 
     #[test]

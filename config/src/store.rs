@@ -16,8 +16,22 @@ use crate::file::{ConfigError, invalid};
 #[serde(deny_unknown_fields)]
 pub struct Store {
     /// `redis://[user[:password]@]host:port[/db]`, or `rediss://` for TLS. The password may be here, or in
-    /// `password_file` to keep it out of the config.
+    /// `password_file` to keep it out of the config. With `cluster`, one node of the cluster; with
+    /// `sentinel_master`, one Sentinel (its scheme, credentials and database are the primary's too).
     pub url: String,
+    /// More nodes as `host:port`, reached with the scheme and credentials of `url`: with `cluster`, other
+    /// nodes to discover the cluster from (any one that answers is enough); with `sentinel_master`, the
+    /// other Sentinels. Nothing else takes them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+    /// `url` and `nodes` are nodes of a Valkey (or Redis) Cluster: the relay follows its slots, and each
+    /// destination's keys land on the shard of their hash tag. A cluster has only database 0.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cluster: bool,
+    /// `url` and `nodes` are Sentinels, and this is the name of the primary they watch: the relay asks
+    /// them where the primary is, and asks again when it stops taking writes (a fail-over).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sentinel_master: Option<String>,
     /// Prepended to every key, so that several fleets (or other applications) can share one instance.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
@@ -53,6 +67,28 @@ pub struct StoreTls {
     pub ca_file: PathBuf,
 }
 
+/// The `/N` of a URL's rest (after the scheme), if any.
+fn database(rest: &str) -> Option<&str> {
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    host.split_once('/')
+        .map(|(_, db)| db)
+        .filter(|db| !db.is_empty())
+}
+
+/// `host:port` with a port number, `[v6]:port` too.
+fn host_port(node: &str) -> bool {
+    let Some((host, port)) = node.rsplit_once(':') else {
+        return false;
+    };
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    !host.is_empty()
+        && !host.contains(['/', '@', ' ', '[', ']'])
+        && port.parse::<u16>().is_ok_and(|p| p != 0)
+}
+
 fn default_key_prefix() -> String {
     "herald:".to_owned()
 }
@@ -77,6 +113,42 @@ impl Store {
         };
         if rest.is_empty() || rest.starts_with('/') {
             return Err(invalid("store.url", "names no host"));
+        }
+        if self.cluster && self.sentinel_master.is_some() {
+            return Err(invalid(
+                "store.sentinel_master",
+                "a cluster has no Sentinels: set cluster or sentinel_master, not both",
+            ));
+        }
+        if self
+            .sentinel_master
+            .as_ref()
+            .is_some_and(|m| m.is_empty() || m.contains(char::is_whitespace))
+        {
+            return Err(invalid(
+                "store.sentinel_master",
+                "must be the primary's name as the Sentinels know it (no spaces)",
+            ));
+        }
+        if self.cluster && database(rest).is_some_and(|db| db != "0") {
+            return Err(invalid(
+                "store.url",
+                "a cluster has only database 0 (drop the /N)",
+            ));
+        }
+        if !self.nodes.is_empty() && !self.cluster && self.sentinel_master.is_none() {
+            return Err(invalid(
+                "store.nodes",
+                "are for cluster or sentinel_master; a single instance is url alone",
+            ));
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            if !host_port(node) {
+                return Err(invalid(
+                    format!("store.nodes[{i}]"),
+                    "must be host:port (the scheme and credentials are url's)",
+                ));
+            }
         }
         if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
             return Err(invalid(

@@ -205,6 +205,26 @@ impl Config {
                     "a pool needs at least one source address",
                 ));
             }
+            for (j, s) in p.sources.iter().enumerate() {
+                if s.weight > crate::file::MAX_SOURCE_WEIGHT {
+                    return Err(invalid(
+                        format!("ip_pools[{i}].sources[{j}].weight"),
+                        format!("at most {}", crate::file::MAX_SOURCE_WEIGHT),
+                    ));
+                }
+                if p.sources[..j].iter().any(|o| o.address == s.address) {
+                    return Err(invalid(
+                        format!("ip_pools[{i}].sources[{j}].address"),
+                        format!("{} is already a source of this pool", s.address),
+                    ));
+                }
+            }
+            if p.sources.iter().all(|s| s.weight == 0) {
+                return Err(invalid(
+                    format!("ip_pools[{i}].sources"),
+                    "every weight is 0: at least one source must carry mail",
+                ));
+            }
         }
         let r = &self.delivery.retry;
         if !(r.factor.is_finite() && r.factor >= 1.0) {

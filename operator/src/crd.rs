@@ -318,7 +318,10 @@ const STORE_URL_PATTERN: &str = r"^rediss?://([^:@/\s]+@)?[^@/\s]+(/[0-9]+)?$";
 #[x_kube(
     validation = Rule::new("has(self.url) != has(self.secretRef)").message("store: set exactly one of url (the password, if any, in passwordSecretRef) and secretRef (a Secret key holding the whole URL, password included)"),
     validation = Rule::new("!has(self.passwordSecretRef) || has(self.url)").message("store.passwordSecretRef goes with store.url; with secretRef the password is in the URL"),
-    validation = Rule::new("!has(self.caSecretRef) || !has(self.url) || self.url.startsWith('rediss://')").message("store.caSecretRef is for a rediss:// url (redis:// is plain text)")
+    validation = Rule::new("!has(self.caSecretRef) || !has(self.url) || self.url.startsWith('rediss://')").message("store.caSecretRef is for a rediss:// url (redis:// is plain text)"),
+    validation = Rule::new("!(has(self.cluster) && self.cluster && has(self.sentinelMaster))").message("store: a cluster has no Sentinels; set cluster or sentinelMaster, not both"),
+    validation = Rule::new("!has(self.nodes) || size(self.nodes) == 0 || (has(self.cluster) && self.cluster) || has(self.sentinelMaster)").message("store.nodes are for cluster or sentinelMaster; a single instance is url alone"),
+    validation = Rule::new("!(has(self.cluster) && self.cluster) || !has(self.url) || !self.url.matches('://[^/]+/[0-9]*[1-9][0-9]*$')").message("store.url: a cluster has only database 0")
 )]
 pub struct StoreSpec {
     /// `redis://host:6379/0`, or `rediss://` for TLS; no password in it (`passwordSecretRef` holds it).
@@ -346,7 +349,24 @@ pub struct StoreSpec {
     /// image's system CAs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret_ref: Option<LocalRef>,
+    /// The URL names one node of a Valkey (or Redis) Cluster; the relays find the rest and follow its
+    /// slots. A cluster has only database 0.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cluster: bool,
+    /// The URL names a Sentinel, and this is the name of the primary the Sentinels watch: the relays ask
+    /// them where it is, and again after a fail-over. The URL's credentials are the primary's and the
+    /// Sentinels'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^\S+$"), length(min = 1, max = 128))]
+    pub sentinel_master: Option<String>,
+    /// More cluster nodes or Sentinels as `host:port`, reached with the URL's scheme and credentials.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(regex(pattern = STORE_NODE_PATTERN), length(max = 261)))]
+    pub nodes: Vec<String>,
 }
+
+/// `host:port` or `[v6]:port`: a store node besides the one in the URL.
+const STORE_NODE_PATTERN: &str = r"^([^:@/\s\[\]]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}$";
 
 /// A key in a Secret in the same namespace that holds a URL.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
@@ -843,6 +863,7 @@ pub struct InboundStatus {
 #[serde(rename_all = "camelCase")]
 pub struct IpPoolSpec {
     #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new("self.exists(a, !has(a.weight) || a.weight > 0)").message("addresses: every weight is 0; at least one address must carry mail"))]
     pub addresses: Vec<PoolAddress>,
     /// Daily message caps by day of warm-up (day 1 first); after the last day there is no cap.
     #[serde(default)]
@@ -858,8 +879,10 @@ pub struct PoolAddress {
     /// The EHLO name; its A/AAAA should be this address and the address's PTR this name.
     #[schemars(regex(pattern = DOMAIN_PATTERN))]
     pub ehlo: String,
+    /// This address's share of the pool's mail against the others' weights (3 and 1: three messages from
+    /// the first for each from the second). 0 sends nothing from it, e.g. before the address is removed.
     #[serde(default = "default_weight")]
-    #[schemars(range(min = 1, max = 1000))]
+    #[schemars(range(min = 0, max = 1000))]
     pub weight: u32,
     /// When this address started warming up (RFC 3339 date); warm-up is off without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

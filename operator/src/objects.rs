@@ -546,6 +546,9 @@ mod tests {
             ca_secret_ref: Some(LocalRef {
                 name: "valkey-tls".into(),
             }),
+            cluster: false,
+            sentinel_master: None,
+            nodes: Vec::new(),
         });
         let pod = statefulset(&r, &[], "hash", &herald_config::Shutdown::default())
             .spec

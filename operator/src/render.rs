@@ -131,6 +131,9 @@ fn store(
         required: spec.required,
         fleet_size,
         resync_interval: STORE_RESYNC_INTERVAL,
+        nodes: spec.nodes.clone(),
+        cluster: spec.cluster,
+        sentinel_master: spec.sentinel_master.clone(),
     })
 }
 
@@ -310,6 +313,7 @@ pub fn relay_config(
             sources.push(Source {
                 address,
                 ehlo: a.ehlo.clone(),
+                weight: a.weight,
             });
         }
         ip_pools.push(RelayPool { name, sources });
@@ -486,6 +490,38 @@ mod tests {
             password_hash: herald_config::password::hash("pw").unwrap(),
             allowed_domains: vec!["example.test".into()],
         }]
+    }
+
+    #[test]
+    fn an_ip_pools_weights_are_rendered_and_all_zero_is_refused() {
+        let mut p = (*pool()).clone();
+        let mut second = p.spec.addresses[0].clone();
+        second.address = "192.0.2.11".into();
+        second.ehlo = "mta2.example.test".into();
+        second.weight = 3;
+        p.spec.addresses.push(second);
+        let c = relay_config(
+            &relay(),
+            &[domain()],
+            &[Arc::new(p.clone())],
+            &users(),
+            SecretValues::default(),
+        )
+        .unwrap();
+        let weights: Vec<u32> = c.ip_pools[0].sources.iter().map(|s| s.weight).collect();
+        assert_eq!(weights, [1, 3]);
+        for a in &mut p.spec.addresses {
+            a.weight = 0;
+        }
+        let e = relay_config(
+            &relay(),
+            &[domain()],
+            &[Arc::new(p)],
+            &users(),
+            SecretValues::default(),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("every weight is 0"), "{e}");
     }
 
     #[test]
@@ -713,6 +749,9 @@ mod tests {
             key_prefix: None,
             required: false,
             ca_secret_ref: None,
+            cluster: false,
+            sentinel_master: None,
+            nodes: Vec::new(),
         }
     }
 
@@ -748,6 +787,31 @@ mod tests {
             (store.key_prefix.as_str(), store.required),
             ("shared:", true)
         );
+    }
+
+    #[test]
+    fn a_cluster_or_sentinels_are_rendered_with_their_nodes() {
+        let mut r = relay();
+        let mut spec = store_spec();
+        spec.cluster = true;
+        spec.nodes = vec!["valkey-1.valkey:6379".into(), "valkey-2.valkey:6379".into()];
+        r.spec.store = Some(spec.clone());
+        let c = relay_config(&r, &[], &[], &users(), SecretValues::default()).unwrap();
+        let store = c.store.clone().unwrap();
+        assert!(store.cluster);
+        assert_eq!(store.nodes, spec.nodes);
+        assert_eq!(Config::parse(&config_yaml(&c).unwrap()).unwrap(), c);
+        spec.cluster = false;
+        spec.sentinel_master = Some("herald".into());
+        spec.url = Some("redis://sentinel-0.sentinel:26379/0".into());
+        r.spec.store = Some(spec.clone());
+        let c = relay_config(&r, &[], &[], &users(), SecretValues::default()).unwrap();
+        assert_eq!(c.store.unwrap().sentinel_master.as_deref(), Some("herald"));
+        // What the relay refuses is refused here, naming the field.
+        spec.sentinel_master = None;
+        r.spec.store = Some(spec);
+        let e = relay_config(&r, &[], &[], &users(), SecretValues::default()).unwrap_err();
+        assert!(e.message.contains("store.nodes"), "{e}");
     }
 
     #[test]

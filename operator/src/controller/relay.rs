@@ -1033,6 +1033,9 @@ mod tests {
             key_prefix: None,
             required: false,
             ca_secret_ref: None,
+            cluster: false,
+            sentinel_master: None,
+            nodes: Vec::new(),
         });
         r
     }

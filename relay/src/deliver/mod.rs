@@ -47,11 +47,12 @@ pub enum DeliverError {
     },
 }
 
-/// A source address with its EHLO name.
+/// A source address with its EHLO name and weight.
 #[derive(Debug, Clone)]
 struct Source {
     address: IpAddr,
     ehlo: String,
+    weight: u32,
 }
 
 /// What a config reload may change about delivery. A connection keeps the one it started with; the next
@@ -176,6 +177,7 @@ impl Outbound {
                         .map(|s| Source {
                             address: s.address,
                             ehlo: s.ehlo.clone(),
+                            weight: s.weight,
                         })
                         .collect(),
                 )
@@ -404,11 +406,16 @@ impl Deliverer {
         }
     }
 
+    /// The job's source (the queue picked it by the pool's weights), with its EHLO name. When a reload
+    /// has just taken that address out of the pool, the pool in force picks again.
     fn source(&self, o: &Outbound, job: &Job) -> Option<Source> {
         let pool = o.pools.get(job.pool.as_deref()?)?;
-        // Pick by the message id so retries of one message keep their source; weights come with IP pools.
-        let i = (job.id.0 % pool.len().max(1) as u64) as usize;
-        pool.get(i).cloned()
+        if let Some(s) = pool.iter().find(|s| Some(s.address) == job.source) {
+            return Some(s.clone());
+        }
+        let weights: Vec<(IpAddr, u32)> = pool.iter().map(|s| (s.address, s.weight)).collect();
+        let address = crate::queue::core::source_of(&weights, job.id)?;
+        pool.iter().find(|s| s.address == address).cloned()
     }
 
     /// Connects to the first host that greets, says EHLO, starts TLS and authenticates as configured. With

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -154,6 +155,16 @@ fn transient(e: &FleetError) -> bool {
                 || source.is_timeout()
                 || source.is_connection_dropped()
                 || source.is_connection_refusal()
+                || source.is_cluster_error()
+                // A primary demoted by a fail-over, or one still loading its data.
+                || matches!(
+                    source.kind(),
+                    redis::ErrorKind::Server(
+                        redis::ServerErrorKind::ReadOnly
+                            | redis::ServerErrorKind::MasterDown
+                            | redis::ServerErrorKind::BusyLoading
+                    )
+                )
         }
         _ => true,
     }
@@ -324,7 +335,7 @@ impl Counters {
         let Some(store) = &self.store else {
             return self.day(day);
         };
-        let Some(mut con) = store.get().await else {
+        let Some(con) = store.get().await else {
             return self.day(day);
         };
         let key = |scope: Scope| {
@@ -332,10 +343,16 @@ impl Counters {
                 .link()
                 .key(&format!("count:{{{}}}:{day}", scope.tag()))
         };
-        let mut pipe = redis::pipe();
-        pipe.hgetall(key(Scope::Source)).hgetall(key(Scope::Domain));
+        // Two commands, not one pipeline: in a cluster the two keys live on different shards.
+        let (mut c1, mut c2) = (con.clone(), con);
+        let (k1, k2) = (key(Scope::Source), key(Scope::Domain));
         let read = store
-            .timed(pipe.query_async::<(BTreeMap<String, u64>, BTreeMap<String, u64>)>(&mut con))
+            .timed(async {
+                tokio::try_join!(
+                    c1.hgetall::<_, BTreeMap<String, u64>>(&k1),
+                    c2.hgetall::<_, BTreeMap<String, u64>>(&k2)
+                )
+            })
             .await;
         match read {
             Ok((sources, domains)) => {
@@ -366,48 +383,72 @@ impl Counters {
         if pending.is_empty() {
             return Ok(false);
         }
-        let result = match store.get().await {
-            None => None,
-            Some(mut con) => {
-                let mut pipe = redis::pipe();
-                for ((day, scope, field), n) in &pending {
-                    let key = store
-                        .link()
-                        .key(&format!("count:{{{}}}:{day}", scope.tag()));
-                    pipe.hincr(&key, field, *n);
-                    pipe.expire(&key, (scope.days() * DAY_SECS) as i64).ignore();
+        // One pipeline per scope: its keys share a hash tag, so they sit on one shard of a cluster, where a
+        // pipeline may not span shards.
+        let mut groups: BTreeMap<Scope, Vec<(Key, u64)>> = BTreeMap::new();
+        for (key, n) in pending {
+            groups.entry(key.1).or_default().push((key, n));
+        }
+        let con = store.get().await;
+        let mut results = Vec::with_capacity(groups.len());
+        for (scope, group) in groups {
+            let result = match &con {
+                None => None,
+                Some(con) => {
+                    let mut pipe = redis::pipe();
+                    let mut con = con.clone();
+                    for ((day, _, field), n) in &group {
+                        let key = store
+                            .link()
+                            .key(&format!("count:{{{}}}:{day}", scope.tag()));
+                        pipe.hincr(&key, field, *n);
+                        pipe.expire(&key, (scope.days() * DAY_SECS) as i64).ignore();
+                    }
+                    Some(store.timed(pipe.query_async::<Vec<u64>>(&mut con)).await)
                 }
-                Some(store.timed(pipe.query_async::<Vec<u64>>(&mut con)).await)
-            }
-        };
-        let failed = {
+            };
+            results.push((group, result));
+        }
+        let (sent, failed) = {
+            let mut sent = false;
+            let mut failed = None;
             let mut state = self.lock();
-            match result {
-                Some(Ok(totals)) => {
-                    for (key, total) in pending.into_keys().zip(totals) {
-                        state.totals.insert(key, total);
+            for (group, result) in results {
+                match result {
+                    Some(Ok(totals)) => {
+                        for ((key, _), total) in group.into_iter().zip(totals) {
+                            state.totals.insert(key, total);
+                        }
+                        let now = today();
+                        state
+                            .totals
+                            .retain(|(day, scope, _), _| keep(*day, *scope, now));
+                        self.dirty.store(true, Ordering::Relaxed);
+                        sent = true;
                     }
-                    let now = today();
-                    state
-                        .totals
-                        .retain(|(day, scope, _), _| keep(*day, *scope, now));
-                    self.dirty.store(true, Ordering::Relaxed);
-                    None
-                }
-                Some(Err(e)) if !transient(&e) => {
-                    tracing::error!(error = %e, counters = pending.len(), "the store refused the counters' increments; they are dropped");
-                    self.dirty.store(true, Ordering::Relaxed);
-                    None
-                }
-                other => {
-                    for (key, n) in pending {
-                        *state.pending.entry(key).or_default() += n;
+                    Some(Err(e)) if !transient(&e) => {
+                        tracing::error!(error = %e, counters = group.len(), "the store refused the counters' increments; they are dropped");
+                        self.dirty.store(true, Ordering::Relaxed);
                     }
-                    other.and_then(Result::err)
+                    other => {
+                        for (key, n) in group {
+                            *state.pending.entry(key).or_default() += n;
+                        }
+                        if let Some(Err(e)) = other {
+                            failed.get_or_insert(e);
+                        }
+                    }
                 }
             }
+            (sent, failed)
         };
         match failed {
+            // What went out must be saved as sent even when the other scope's increments wait.
+            Some(e) if sent => {
+                tracing::debug!(error = %e, "some counters not sent; they go with the next flush");
+                store.failed(&e).await;
+                Ok(true)
+            }
             Some(e) => {
                 store.failed(&e).await;
                 Err(e)

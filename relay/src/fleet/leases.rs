@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::{Link, ScriptConnection};
+use super::{Connection, Link, ScriptConnection};
 
 /// How long a lease lasts without renewal.
 const LEASE_TTL: Duration = Duration::from_secs(30);
@@ -202,19 +202,33 @@ async fn upkeep(
             }
             _ = tick.tick() => {
                 let Some(l) = leases.upgrade() else { return };
-                let stored: Vec<(String, String)> = l.lock().stored.iter().map(|(m, k)| (k.clone(), m.clone())).collect();
+                let mut stored: Vec<(String, String)> = l.lock().stored.iter().map(|(m, k)| (k.clone(), m.clone())).collect();
                 if stored.is_empty() {
                     continue;
                 }
                 let Some(mut con) = l.con.current().await else { continue };
-                let mut pipe = redis::pipe();
+                // One pipeline, or one per destination in a cluster, whose pipelines may not span shards.
+                stored.sort();
+                let mut pipes = Vec::new();
+                let mut last: Option<&str> = None;
                 for (key, member) in &stored {
+                    let new_pipe = pipes.is_empty()
+                        || (matches!(con, Connection::Cluster(_)) && last != Some(key.as_str()));
+                    if new_pipe {
+                        pipes.push(redis::pipe());
+                    }
+                    last = Some(key);
                     let mut call = l.renew.key(key);
                     call.arg(member).arg(LEASE_TTL.as_millis() as u64);
-                    pipe.invoke_script(&call).ignore();
+                    if let Some(pipe) = pipes.last_mut() {
+                        pipe.invoke_script(&call).ignore();
+                    }
                 }
-                if let Err(e) = l.con.timed(pipe.query_async::<()>(&mut con)).await {
-                    tracing::warn!(error = %e, leases = stored.len(), "cannot renew connection leases; they expire unless renewed in time");
+                for pipe in pipes {
+                    if let Err(e) = l.con.timed(pipe.query_async::<()>(&mut con)).await {
+                        tracing::warn!(error = %e, leases = stored.len(), "cannot renew connection leases; they expire unless renewed in time");
+                        break;
+                    }
                 }
             }
         }

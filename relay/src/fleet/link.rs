@@ -1,12 +1,19 @@
-//! The way to the store: the client built from the config (URL, password file, CA), connections with time
-//! limits, every operation timed and its failures counted, and the fleet's key names.
+//! The way to the store: the client built from the config (URL, password file, CA; one instance, a
+//! cluster, or a primary found through Sentinels), connections with time limits, every operation timed and
+//! its failures counted, and the fleet's key names.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, TlsCertificates};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::{ClusterClientBuilder, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{
+    AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisFuture,
+    TlsCertificates, TlsMode,
+};
 
 use super::FleetError;
 use crate::metrics::Metrics;
@@ -16,10 +23,75 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// One command's reply. Writes of the suppression list are small; a bulk page is a few hundred entries.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The configured store: one client, the key prefix, and the metrics every operation reports to.
+/// A connection to the store, whatever its topology. Cloning it is cheap and shares the connection: both
+/// kinds multiplex concurrent requests.
+#[derive(Clone)]
+pub enum Connection {
+    /// To one instance: the configured one, or the primary the Sentinels named.
+    Node(MultiplexedConnection),
+    /// To a cluster: each command goes to the shard of its key.
+    Cluster(ClusterConnection),
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Connection::Node(_) => "Connection::Node",
+            Connection::Cluster(_) => "Connection::Cluster",
+        })
+    }
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, redis::Value> {
+        match self {
+            Connection::Node(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Connection::Node(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Node(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// How the store is reached.
+enum Backend {
+    Node(Client),
+    Cluster(redis::cluster::ClusterClient),
+    /// Asked for the primary at every connect, so a connect after a fail-over finds the new one.
+    Sentinel(tokio::sync::Mutex<SentinelClient>),
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Node(_) => "Backend::Node",
+            Backend::Cluster(_) => "Backend::Cluster",
+            Backend::Sentinel(_) => "Backend::Sentinel",
+        })
+    }
+}
+
+/// The configured store: its client, the key prefix, and the metrics every operation reports to.
 #[derive(Debug)]
 pub struct Link {
-    client: Client,
+    backend: Backend,
     /// The URL without its password, for logs and errors.
     shown: String,
     prefix: String,
@@ -40,6 +112,17 @@ fn without_password(url: &str) -> String {
         format!("{scheme}://{}", &rest[host_start..])
     } else {
         format!("{scheme}://{user}@{}", &rest[host_start..])
+    }
+}
+
+/// The store as logs and errors name it: the URL without its password, and its topology.
+fn shown(config: &herald_config::Store) -> String {
+    let url = without_password(&config.url);
+    let more = config.nodes.len();
+    match &config.sentinel_master {
+        Some(m) => format!("{url} (Sentinel, primary {m}, {} Sentinels)", more + 1),
+        None if config.cluster => format!("{url} (cluster, {} seed nodes)", more + 1),
+        None => url,
     }
 }
 
@@ -68,21 +151,45 @@ impl Link {
             let settings = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(settings);
         }
-        let client = match &config.tls {
-            Some(tls) => Client::build_with_tls(
-                info,
-                TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(read_file("tls.ca_file", &tls.ca_file)?),
-                },
-            ),
-            None => Client::open(info),
+        let certificates = match &config.tls {
+            Some(tls) => Some(TlsCertificates {
+                client_tls: None,
+                root_cert: Some(read_file("tls.ca_file", &tls.ca_file)?),
+            }),
+            None => None,
+        };
+        let mut nodes = vec![info.clone()];
+        for node in &config.nodes {
+            nodes.push(info.clone().set_addr(node_addr(info.addr(), node)?));
         }
-        .map_err(FleetError::Url)?;
+        let backend = if config.cluster {
+            let mut builder = ClusterClientBuilder::new(nodes)
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(REPLY_TIMEOUT);
+            if let Some(certs) = certificates {
+                builder = builder.certs(certs);
+            }
+            Backend::Cluster(builder.build().map_err(FleetError::Url)?)
+        } else if let Some(master) = &config.sentinel_master {
+            Backend::Sentinel(tokio::sync::Mutex::new(sentinel(
+                &info,
+                nodes,
+                master,
+                certificates,
+            )?))
+        } else {
+            Backend::Node(
+                match certificates {
+                    Some(certs) => Client::build_with_tls(info, certs),
+                    None => Client::open(info),
+                }
+                .map_err(FleetError::Url)?,
+            )
+        };
         metrics.register_store();
         Ok(Link {
-            client,
-            shown: without_password(&config.url),
+            backend,
+            shown: shown(config),
             prefix: config.key_prefix.clone(),
             metrics,
         })
@@ -103,17 +210,35 @@ impl Link {
     }
 
     /// A new connection whose replies may take up to `reply` (more than a blocking read waits).
-    pub async fn connect(
-        &self,
-        reply: Option<Duration>,
-    ) -> Result<MultiplexedConnection, FleetError> {
+    pub async fn connect(&self, reply: Option<Duration>) -> Result<Connection, FleetError> {
+        let reply = reply.unwrap_or(REPLY_TIMEOUT);
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(reply.unwrap_or(REPLY_TIMEOUT)));
+            .set_response_timeout(Some(reply));
         self.timed("connect", async {
-            self.client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
+            match &self.backend {
+                Backend::Node(client) => client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map(Connection::Node),
+                Backend::Cluster(client) => {
+                    let config = ClusterConfig::new()
+                        .set_connection_timeout(CONNECT_TIMEOUT)
+                        .set_response_timeout(reply);
+                    // Bounded here too: discovering the slots may try node after node.
+                    within(client.get_async_connection_with_config(config))
+                        .await
+                        .map(Connection::Cluster)
+                }
+                Backend::Sentinel(sentinels) => {
+                    let primary =
+                        within(async { sentinels.lock().await.async_get_client().await }).await?;
+                    primary
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await
+                        .map(Connection::Node)
+                }
+            }
         })
         .await
     }
@@ -152,6 +277,81 @@ impl Link {
     }
 }
 
+/// `f`, failing as a timeout after twice the connect limit (the client's own limits are per node).
+async fn within<T>(f: impl Future<Output = redis::RedisResult<T>>) -> redis::RedisResult<T> {
+    tokio::time::timeout(CONNECT_TIMEOUT * 2, f)
+        .await
+        .unwrap_or_else(|_| {
+            Err(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no node of the store answered in time",
+            )))
+        })
+}
+
+/// The address of one of `store.nodes` (`host:port`), with the scheme of the url's.
+fn node_addr(url: &ConnectionAddr, node: &str) -> Result<ConnectionAddr, FleetError> {
+    let bad = || {
+        FleetError::Url(redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "store.nodes: not host:port",
+            node.to_owned(),
+        )))
+    };
+    let (host, port) = node.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+        .to_owned();
+    Ok(match url {
+        ConnectionAddr::TcpTls { insecure, .. } => ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: *insecure,
+            tls_params: None,
+        },
+        _ => ConnectionAddr::Tcp(host, port),
+    })
+}
+
+/// The client that asks `sentinels` for `master`. The url's credentials, database and TLS are the
+/// primary's and, but for the database, the Sentinels' too (the usual setup shares one password).
+fn sentinel(
+    url: &ConnectionInfo,
+    sentinels: Vec<ConnectionInfo>,
+    master: &str,
+    certificates: Option<TlsCertificates>,
+) -> Result<SentinelClient, FleetError> {
+    let tls = matches!(url.addr(), ConnectionAddr::TcpTls { .. });
+    let addrs = sentinels.into_iter().map(|i| i.addr().clone());
+    let mut b = SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)
+        .map_err(FleetError::Url)?
+        .set_client_to_redis_db(url.redis_settings().db());
+    if let Some(user) = url.redis_settings().username() {
+        b = b
+            .set_client_to_redis_username(user)
+            .set_client_to_sentinel_username(user);
+    }
+    if let Some(password) = url.redis_settings().password() {
+        b = b
+            .set_client_to_redis_password(password)
+            .set_client_to_sentinel_password(password);
+    }
+    if tls {
+        b = b
+            .set_client_to_redis_tls_mode(TlsMode::Secure)
+            .set_client_to_sentinel_tls_mode(TlsMode::Secure);
+        if let Some(certs) = certificates {
+            b = b
+                .set_client_to_redis_certificates(certs.clone())
+                .set_client_to_sentinel_certificates(certs);
+        }
+    }
+    b.build().map_err(FleetError::Url)
+}
+
 /// After a failure, the store is left alone for this long (callers use their fallback meanwhile).
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 
@@ -165,7 +365,7 @@ pub struct ScriptConnection {
     /// Logged when the store stops answering: what the relay does meanwhile.
     fallback: &'static str,
     scripts: Vec<redis::Script>,
-    con: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    con: tokio::sync::Mutex<Option<Connection>>,
     resting_until: Mutex<Option<Instant>>,
 }
 
@@ -192,7 +392,7 @@ impl ScriptConnection {
     }
 
     /// The connection, opened now if need be; none while the store is being left alone.
-    pub async fn get(&self) -> Option<MultiplexedConnection> {
+    pub async fn get(&self) -> Option<Connection> {
         if self.resting() {
             return None;
         }
@@ -215,7 +415,7 @@ impl ScriptConnection {
     }
 
     /// The connection if one is open; never connects.
-    pub async fn current(&self) -> Option<MultiplexedConnection> {
+    pub async fn current(&self) -> Option<Connection> {
         self.con.lock().await.clone()
     }
 
@@ -240,7 +440,7 @@ impl ScriptConnection {
             .is_some_and(|t| Instant::now() < t)
     }
 
-    async fn connect(&self) -> Result<MultiplexedConnection, FleetError> {
+    async fn connect(&self) -> Result<Connection, FleetError> {
         let mut con = self.link.connect(None).await?;
         for script in &self.scripts {
             self.link

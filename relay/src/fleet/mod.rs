@@ -29,7 +29,7 @@ use crate::outcome::suppression::{FileStore, Suppressions};
 
 pub use counters::{Count, Counters, Day, today};
 pub use leases::{LEASE_WAIT, Lease, Leases};
-pub use link::{Link, ScriptConnection};
+pub use link::{Connection, Link, ScriptConnection};
 pub use outbox::Outbox;
 pub use rates::{Rates, Turn};
 pub use suppressions::SharedStore;

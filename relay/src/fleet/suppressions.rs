@@ -24,12 +24,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use redis::AsyncCommands;
-use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamId, StreamReadOptions, StreamReadReply};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::{FleetError, Link, Outbox};
+use super::{Connection, FleetError, Link, Outbox};
 use crate::outcome::suppression::{
     Entry, FileStore, Store, Streak, SuppressionError, Suppressions,
 };
@@ -235,8 +234,8 @@ impl Store for SharedStore {
 /// Connections of a replica joined to the store, and how far it has read the feed.
 #[derive(Debug)]
 pub(super) struct Session {
-    con: MultiplexedConnection,
-    feed: MultiplexedConnection,
+    con: Connection,
+    feed: Connection,
     last: String,
 }
 
@@ -365,7 +364,7 @@ impl Sync {
     /// has beyond a store that was reset.
     async fn reconcile(
         &self,
-        con: &mut MultiplexedConnection,
+        con: &mut Connection,
         list: &Suppressions,
         op: &'static str,
     ) -> Result<(), FleetError> {
@@ -411,7 +410,7 @@ impl Sync {
     }
 
     /// The id of the feed's newest change ("0-0" when empty): reading on from it misses nothing later.
-    async fn feed_end(&self, con: &mut MultiplexedConnection) -> Result<String, FleetError> {
+    async fn feed_end(&self, con: &mut Connection) -> Result<String, FleetError> {
         let newest: redis::streams::StreamRangeReply = self
             .link
             .timed("join", con.xrevrange_count(&self.feed_key, "+", "-", 1))
@@ -425,7 +424,7 @@ impl Sync {
 
     /// Writes the outbox to the store, oldest first; each change stands there if it is the address's
     /// latest. Then forgets what was sent.
-    async fn flush(&self, con: &mut MultiplexedConnection) -> Result<(), FleetError> {
+    async fn flush(&self, con: &mut Connection) -> Result<(), FleetError> {
         // One flush at a time: each confirms as many changes as it sent, from the front.
         let _one = self.flushing.lock().await;
         let pending = self.outbox.pending();
@@ -443,7 +442,7 @@ impl Sync {
     /// Writes changes through the `WRITE` script, one pipeline for all of them.
     async fn write_all(
         &self,
-        con: &mut MultiplexedConnection,
+        con: &mut Connection,
         changes: &[Change],
         op: &'static str,
     ) -> Result<(), FleetError> {
@@ -470,7 +469,7 @@ impl Sync {
     /// sheds what is spent on the way.
     async fn resync(
         &self,
-        con: &mut MultiplexedConnection,
+        con: &mut Connection,
         list: &Suppressions,
         push_missing: bool,
         op: &'static str,
@@ -551,7 +550,7 @@ impl Sync {
     /// Every field of the state hash with its change.
     async fn read_state(
         &self,
-        con: &mut MultiplexedConnection,
+        con: &mut Connection,
         op: &'static str,
     ) -> Result<HashMap<String, (String, Change)>, FleetError> {
         let mut out = HashMap::new();
@@ -626,11 +625,7 @@ impl Sync {
     }
 
     /// One read of the feed (waiting up to `FEED_WAIT`); applies other replicas' changes to the copy.
-    async fn read_feed(
-        &self,
-        feed: &mut MultiplexedConnection,
-        last: &mut String,
-    ) -> Result<(), FleetError> {
+    async fn read_feed(&self, feed: &mut Connection, last: &mut String) -> Result<(), FleetError> {
         let options = StreamReadOptions::default()
             .block(FEED_WAIT.as_millis() as usize)
             .count(PAGE);

@@ -17,6 +17,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
 use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +30,7 @@ use herald_config::{Config, Retry};
 
 use serde::Serialize;
 
-/// Where a group of recipients is delivered: `[pool/]domain`, or `[pool/][smarthost]`.
+/// Where a group of recipients is delivered: `[pool/source/]domain`, or `[pool/source/][smarthost]`.
 pub type DestKey = Arc<str>;
 
 /// Work for one delivery connection: the recipients of one message that go to one destination.
@@ -40,6 +41,8 @@ pub struct Job {
     /// The recipient domain (empty in smarthost mode, where the key is not a domain).
     pub domain: Arc<str>,
     pub pool: Option<Arc<str>>,
+    /// The pool's address this job leaves from (part of `dest`: a connection carries one source's jobs).
+    pub source: Option<IpAddr>,
     pub meta: Arc<MessageMeta>,
     pub location: Location,
     /// Indices into `meta.recipients`.
@@ -122,6 +125,8 @@ pub struct Routing {
     pub smarthost: bool,
     /// Sender domain (lower case) to its IP pool.
     pub pools: HashMap<String, Arc<str>>,
+    /// Each pool's source addresses with their weights.
+    pub sources: HashMap<Arc<str>, Arc<[(IpAddr, u32)]>>,
     /// Return-path domains (lower case): mail to them is the relay's own, and a bounce of mail from them
     /// gets no DSN (it would come straight back as a report about itself).
     pub local: HashSet<String>,
@@ -161,6 +166,16 @@ impl Settings {
                             d.name.to_ascii_lowercase(),
                             Arc::from(d.ip_pool.as_deref()?),
                         ))
+                    })
+                    .collect(),
+                sources: config
+                    .ip_pools
+                    .iter()
+                    .map(|p| {
+                        (
+                            Arc::from(p.name.as_str()),
+                            p.sources.iter().map(|s| (s.address, s.weight)).collect(),
+                        )
                     })
                     .collect(),
                 local,
@@ -818,24 +833,26 @@ impl Core {
                 {
                     continue;
                 }
-                if let Some((k, domain, pool)) = dest_of(
+                if let Some(route) = dest_of(
                     &self.settings.routing,
+                    id,
                     &e.meta.sender,
                     &e.meta.recipients[i],
-                ) && k == *key
+                ) && route.key == *key
                 {
                     rcpts.push(i as u32);
-                    target.get_or_insert((domain, pool));
+                    target.get_or_insert(route);
                 }
             }
-            let Some((domain, pool)) = target else {
+            let Some(route) = target else {
                 continue;
             };
             let job = Job {
                 id,
                 dest: key.clone(),
-                domain,
-                pool,
+                domain: route.domain,
+                pool: route.pool,
+                source: route.source,
                 meta: Arc::new(e.meta.clone()),
                 location: e.location,
                 rcpts,
@@ -1104,10 +1121,11 @@ impl Core {
             }
             match dest_of(
                 &self.settings.routing,
+                id,
                 &e.meta.sender,
                 &e.meta.recipients[i],
             ) {
-                Some((key, _, _)) => {
+                Some(Route { key, .. }) => {
                     if !dests.contains(&key) {
                         dests.push(key);
                     }
@@ -1321,8 +1339,9 @@ impl Core {
                 {
                     continue;
                 }
-                if let Some((key, _, _)) = dest_of(
+                if let Some(Route { key, .. }) = dest_of(
                     &self.settings.routing,
+                    e.meta.id,
                     &e.meta.sender,
                     &e.meta.recipients[i],
                 ) {
@@ -1382,8 +1401,9 @@ impl Core {
                         }
                     }
                 }
-                let Some((key, _, _)) = dest_of(
+                let Some(Route { key, .. }) = dest_of(
                     &self.settings.routing,
+                    *id,
                     &e.meta.sender,
                     &e.meta.recipients[i],
                 ) else {
@@ -1398,13 +1418,17 @@ impl Core {
     }
 }
 
-/// The destination of recipient `address` of a message from `sender`; None for return-path domains,
+/// Where one recipient of a message goes.
+struct Route {
+    key: DestKey,
+    domain: Arc<str>,
+    pool: Option<Arc<str>>,
+    source: Option<IpAddr>,
+}
+
+/// The destination of recipient `address` of message `id` from `sender`; None for return-path domains,
 /// whose mail is the relay's own and is not delivered by MX.
-fn dest_of(
-    routing: &Routing,
-    sender: &str,
-    address: &str,
-) -> Option<(DestKey, Arc<str>, Option<Arc<str>>)> {
+fn dest_of(routing: &Routing, id: QueueId, sender: &str, address: &str) -> Option<Route> {
     let domain = domain_of(address).to_ascii_lowercase();
     if routing.local.contains(&domain) {
         return None;
@@ -1413,16 +1437,52 @@ fn dest_of(
         .pools
         .get(&domain_of(sender).to_ascii_lowercase())
         .cloned();
+    let source = pool
+        .as_ref()
+        .and_then(|p| routing.sources.get(p))
+        .and_then(|sources| source_of(sources, id));
     let target = if routing.smarthost {
         "[smarthost]".to_owned()
     } else {
         domain.clone()
     };
-    let key = match &pool {
-        Some(p) => format!("{p}/{target}"),
-        None => target,
+    let key = match (&pool, source) {
+        (Some(p), Some(s)) => format!("{p}/{s}/{target}"),
+        (Some(p), None) => format!("{p}/{target}"),
+        (None, _) => target,
     };
-    Some((Arc::from(key), Arc::from(domain), pool))
+    Some(Route {
+        key: Arc::from(key),
+        domain: Arc::from(domain),
+        pool,
+        source,
+    })
+}
+
+/// Message `id`'s source among `sources`: a pick weighted by their weights and keyed by the id, so that
+/// every attempt of the message (after a restart too) leaves from the same address without the choice
+/// being stored, and the pool's mail splits by the weights.
+pub fn source_of(sources: &[(IpAddr, u32)], id: QueueId) -> Option<IpAddr> {
+    let total: u64 = sources.iter().map(|&(_, w)| u64::from(w)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut at = mix(id.0) % total;
+    for &(address, weight) in sources {
+        if at < u64::from(weight) {
+            return Some(address);
+        }
+        at -= u64::from(weight);
+    }
+    None
+}
+
+/// SplitMix64's finaliser: ids are timestamps in µs, close together and with regular low bits; this
+/// spreads them evenly over the weights.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// The envelope as the queue keeps it for as long as the message waits: listener and sender shared with

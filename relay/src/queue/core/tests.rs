@@ -29,6 +29,7 @@ fn settings() -> Settings {
         routing: Routing {
             smarthost: false,
             pools: HashMap::new(),
+            sources: HashMap::new(),
             local: HashSet::from(["bounces.test".to_owned()]),
         },
     }
@@ -113,6 +114,68 @@ fn a_message_is_handed_out_once_per_destination_within_the_connection_cap() {
     let more = starts(&core.insert(message(2, "a@example.test", &["w@one.test"]), T0));
     assert_eq!(more.len(), 1);
     assert!(starts(&core.insert(message(3, "a@example.test", &["v@one.test"]), T0)).is_empty());
+}
+
+#[test]
+fn weighted_sources_split_a_pools_mail_and_a_message_keeps_its_source() {
+    let a: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+    let b: std::net::IpAddr = "192.0.2.2".parse().unwrap();
+    let retired: std::net::IpAddr = "192.0.2.3".parse().unwrap();
+    let sources = [(a, 3), (b, 1), (retired, 0)];
+    // Queue ids are accept times in µs: close together, as a busy relay makes them.
+    let ids = (0..4000u64).map(|k| QueueId(T0 * 1000 + k * 7));
+    let picks: Vec<_> = ids.clone().map(|id| source_of(&sources, id)).collect();
+    let from_a = picks.iter().filter(|p| **p == Some(a)).count();
+    assert!(
+        (2850..=3150).contains(&from_a),
+        "{from_a} of 4000 from a, weight 3 of 4"
+    );
+    assert!(
+        !picks.contains(&Some(retired)),
+        "a weight of 0 sends nothing"
+    );
+    assert!(picks.iter().all(Option::is_some));
+    // The same message, the same source: nothing is stored, the id decides.
+    for (id, pick) in ids.zip(&picks).take(100) {
+        assert_eq!(source_of(&sources, id), *pick);
+    }
+    assert_eq!(source_of(&[(a, 0)], QueueId(1)), None);
+}
+
+#[test]
+fn a_pooled_message_goes_to_a_destination_of_its_source_and_a_retry_keeps_it() {
+    let mut s = settings();
+    let a: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+    let b: std::net::IpAddr = "192.0.2.2".parse().unwrap();
+    s.routing
+        .pools
+        .insert("example.test".to_owned(), Arc::from("pool1"));
+    s.routing
+        .sources
+        .insert(Arc::from("pool1"), Arc::from([(a, 1), (b, 1)]));
+    let mut core = Core::new(s);
+    let mut seen = HashSet::new();
+    for id in 1..=20u64 {
+        let [job] = &starts(&core.insert(message(id, "x@example.test", &["y@one.test"]), T0))[..]
+        else {
+            panic!("one job per message");
+        };
+        let source = job.source.expect("a source from the pool");
+        assert_eq!(&*job.dest, format!("pool1/{source}/one.test"));
+        seen.insert(source);
+        // Deferred and due again: the same source and destination.
+        let tried = attempt(job, 451);
+        core.record(tried.clone(), &verdicts(&tried), T0, 0.5);
+        core.connection_closed(&job.dest, T0);
+        let later = T0 + DAY / 2;
+        let again = starts(&core.due(later));
+        let retry = again.iter().find(|j| j.id == job.id).expect("retried");
+        assert_eq!((retry.source, &retry.dest), (job.source, &job.dest));
+        let done = attempt(retry, 250);
+        core.record(done.clone(), &verdicts(&done), later, 0.5);
+        core.connection_closed(&retry.dest, later);
+    }
+    assert_eq!(seen.len(), 2, "both sources carry mail: {seen:?}");
 }
 
 #[test]
