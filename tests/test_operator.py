@@ -102,6 +102,8 @@ def test_crds_are_established_and_list_in_kubectl_get(ns):
         ("kind: IpPool\nmetadata: {name: bad}\nspec: {addresses: [{address: nonsense, ehlo: mta.a.test}]}", "address must be an IPv4 or IPv6 address"),
         ("kind: IpPool\nmetadata: {name: bad}\nspec: {addresses: [{address: 192.0.2.1, ehlo: mta.a.test, weight: 0}]}", "every weight is 0"),
         ("kind: IpPool\nmetadata: {name: bad}\nspec: {addresses: [{address: 192.0.2.1, ehlo: mta.a.test, weight: 1001}]}", "weight"),
+        ("kind: IpPool\nmetadata: {name: bad}\nspec: {addresses: [{address: 192.0.2.1, ehlo: mta.a.test}, {address: 192.0.2.1, ehlo: mta.b.test}]}",
+         'spec.addresses: duplicate entries for key [address="192.0.2.1"]'),
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: a, port: 9091}]}", "port 9091 (name admin)"),
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: metrics, port: 25}]}", "port 9090 (name metrics)"),
         ("kind: SmtpRelay\nmetadata: {name: bad}\nspec: {listeners: [{name: a, port: 25, allowNetworks: [10.0.0.0/8], allowNamespaces: {matchLabels: {a: b}}}]}",

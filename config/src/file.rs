@@ -473,12 +473,20 @@ pub struct Source {
     /// This address's share of the pool's mail against the other addresses' weights: 3 and 1 send three
     /// messages from the first for each from the second. 0 sends nothing from it (a source being retired);
     /// one address of the pool at least must weigh more.
-    #[serde(default = "default_source_weight")]
+    #[serde(
+        default = "default_source_weight",
+        skip_serializing_if = "is_default_source_weight"
+    )]
     pub weight: u32,
 }
 
 fn default_source_weight() -> u32 {
     1
+}
+
+// Left out of a rendered config when 1, so that a relay older than weights still takes it.
+fn is_default_source_weight(w: &u32) -> bool {
+    *w == 1
 }
 
 /// The largest weight: sums over a pool stay far from overflowing.
@@ -848,6 +856,11 @@ mod tests {
             ),
             (
                 "{url: \"redis://v\", cluster: true, nodes: [\"w\"]}",
+                "store.nodes[0]",
+                "host:port",
+            ),
+            (
+                "{url: \"redis://v\", cluster: true, nodes: [\"a:b:6379\"]}",
                 "store.nodes[0]",
                 "host:port",
             ),

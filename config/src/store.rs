@@ -80,12 +80,11 @@ fn host_port(node: &str) -> bool {
     let Some((host, port)) = node.rsplit_once(':') else {
         return false;
     };
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    !host.is_empty()
-        && !host.contains(['/', '@', ' ', '[', ']'])
+    let host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok().then_some(v6),
+        None => (!host.contains(':')).then_some(host),
+    };
+    host.is_some_and(|h| !h.is_empty() && !h.contains(['/', '@', ' ', '[', ']']))
         && port.parse::<u16>().is_ok_and(|p| p != 0)
 }
 
@@ -130,7 +129,7 @@ impl Store {
                 "must be the primary's name as the Sentinels know it (no spaces)",
             ));
         }
-        if self.cluster && database(rest).is_some_and(|db| db != "0") {
+        if self.cluster && database(rest).is_some_and(|db| db.parse::<u32>() != Ok(0)) {
             return Err(invalid(
                 "store.url",
                 "a cluster has only database 0 (drop the /N)",

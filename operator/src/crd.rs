@@ -862,7 +862,8 @@ pub struct InboundStatus {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct IpPoolSpec {
-    #[schemars(length(min = 1, max = 256))]
+    /// Each address once (a list keyed by `address`).
+    #[schemars(length(min = 1, max = 256), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["address"]))]
     #[x_kube(validation = Rule::new("self.exists(a, !has(a.weight) || a.weight > 0)").message("addresses: every weight is 0; at least one address must carry mail"))]
     pub addresses: Vec<PoolAddress>,
     /// Daily message caps by day of warm-up (day 1 first); after the last day there is no cap.

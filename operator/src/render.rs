@@ -310,6 +310,14 @@ pub fn relay_config(
                     "not an IP address",
                 )
             })?;
+            // The API server keeps the strings unique; two spellings of one IPv6 address get past it.
+            if sources.iter().any(|s: &Source| s.address == address) {
+                return Err(err(
+                    &format!("IpPool {name}"),
+                    format!("spec.addresses[{i}].address"),
+                    format!("{address} is listed twice"),
+                ));
+            }
             sources.push(Source {
                 address,
                 ehlo: a.ehlo.clone(),

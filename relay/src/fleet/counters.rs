@@ -147,25 +147,21 @@ fn keep(day: u64, scope: Scope, now: u64) -> bool {
     day + scope.days() > now
 }
 
-/// A failure of the way to the store (worth sending again), not the store refusing the commands.
+/// A failure of the way to the store (worth sending again), not the store refusing the commands. Only a
+/// refusal of the commands themselves drops a batch: anything else (a lost connection, a shard without a
+/// connection, a fail-over, a store still loading) keeps it for the next flush.
 fn transient(e: &FleetError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
     match e {
-        FleetError::Store { source, .. } => {
-            source.is_io_error()
-                || source.is_timeout()
-                || source.is_connection_dropped()
-                || source.is_connection_refusal()
-                || source.is_cluster_error()
-                // A primary demoted by a fail-over, or one still loading its data.
-                || matches!(
-                    source.kind(),
-                    redis::ErrorKind::Server(
-                        redis::ServerErrorKind::ReadOnly
-                            | redis::ServerErrorKind::MasterDown
-                            | redis::ServerErrorKind::BusyLoading
-                    )
-                )
-        }
+        FleetError::Store { source, .. } => !matches!(
+            source.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::ResponseError
+                    | ServerErrorKind::CrossSlot
+                    | ServerErrorKind::NoPerm
+                    | ServerErrorKind::ExecAbort
+            ) | ErrorKind::UnexpectedReturnType
+        ),
         _ => true,
     }
 }

@@ -224,11 +224,18 @@ async fn upkeep(
                         pipe.invoke_script(&call).ignore();
                     }
                 }
+                // Each pipeline is tried (in a cluster one shard may answer when another does not); after a
+                // failure the connection is dropped, so the next tick renews through a new one (a fail-over's
+                // new primary, a shard's new node with the scripts loaded).
+                let mut failed = None;
                 for pipe in pipes {
                     if let Err(e) = l.con.timed(pipe.query_async::<()>(&mut con)).await {
-                        tracing::warn!(error = %e, leases = stored.len(), "cannot renew connection leases; they expire unless renewed in time");
-                        break;
+                        failed.get_or_insert(e);
                     }
+                }
+                if let Some(e) = failed {
+                    tracing::warn!(error = %e, leases = stored.len(), "cannot renew connection leases; they expire unless renewed in time");
+                    l.con.failed(&e).await;
                 }
             }
         }

@@ -1459,26 +1459,39 @@ fn dest_of(routing: &Routing, id: QueueId, sender: &str, address: &str) -> Optio
     })
 }
 
-/// Message `id`'s source among `sources`: a pick weighted by their weights and keyed by the id, so that
-/// every attempt of the message (after a restart too) leaves from the same address without the choice
-/// being stored, and the pool's mail splits by the weights.
+/// Message `id`'s source among `sources`: weighted rendezvous hashing, keyed by the id. Every attempt of
+/// the message (after a restart too) leaves from the same address without the choice being stored; the
+/// pool's mail splits by the weights; and a change of one address's weight, or one added or removed, moves
+/// only mail to or from that address (a retry that changes address meets greylisting afresh).
 pub fn source_of(sources: &[(IpAddr, u32)], id: QueueId) -> Option<IpAddr> {
-    let total: u64 = sources.iter().map(|&(_, w)| u64::from(w)).sum();
-    if total == 0 {
-        return None;
-    }
-    let mut at = mix(id.0) % total;
-    for &(address, weight) in sources {
-        if at < u64::from(weight) {
-            return Some(address);
-        }
-        at -= u64::from(weight);
-    }
-    None
+    let id = mix(id.0);
+    sources
+        .iter()
+        .filter(|&&(_, weight)| weight > 0)
+        .map(|&(address, weight)| {
+            // An exponential draw at rate `weight`: the smallest wins with odds weight / total.
+            let u = unit(mix(id ^ address_key(address)));
+            (-u.ln() / f64::from(weight), address)
+        })
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, address)| address)
+}
+
+/// A hash in (0, 1), never 0 (its logarithm is taken).
+fn unit(h: u64) -> f64 {
+    ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+}
+
+fn address_key(a: IpAddr) -> u64 {
+    let bits = match a {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6) ^ (1 << 127),
+    };
+    mix(bits as u64 ^ mix((bits >> 64) as u64))
 }
 
 /// SplitMix64's finaliser: ids are timestamps in µs, close together and with regular low bits; this
-/// spreads them evenly over the weights.
+/// spreads them evenly.
 fn mix(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

@@ -140,6 +140,17 @@ fn weighted_sources_split_a_pools_mail_and_a_message_keeps_its_source() {
         assert_eq!(source_of(&sources, id), *pick);
     }
     assert_eq!(source_of(&[(a, 0)], QueueId(1)), None);
+    // A third address added: only mail that moves to it changes address, none moves between a and b.
+    let c: std::net::IpAddr = "192.0.2.4".parse().unwrap();
+    let grown = [(a, 3), (b, 1), (retired, 0), (c, 1)];
+    let ids = (0..4000u64).map(|k| QueueId(T0 * 1000 + k * 7));
+    for (id, before) in ids.zip(&picks) {
+        let after = source_of(&grown, id);
+        assert!(
+            after == *before || after == Some(c),
+            "{id}: {before:?} -> {after:?}"
+        );
+    }
 }
 
 #[test]
