@@ -17,6 +17,25 @@ from .relay import free_port
 START_TIMEOUT = 10.0
 
 
+def spawn(argv: list[str], log: Path) -> subprocess.Popen:
+    """A server in its own session, its output appended to `log`."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def stop(proc: subprocess.Popen | None) -> None:
+    """Stops a server this harness started, by its PID: TERM, then KILL after 10 s."""
+    if proc is None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 class Store:
     def __init__(self, workdir: Path, password: str = "fleet-secret", extra: tuple[str, ...] = ()):
         self.workdir = workdir
@@ -35,15 +54,10 @@ class Store:
     def start(self) -> "Store":
         """Starts the server on its port (the same one after a stop), empty, and waits for PONG."""
         assert self.proc is None, "already running"
-        log = open(self.workdir / "store.log", "ab")
-        try:
-            self.proc = subprocess.Popen(
-                [self.server, "--port", str(self.port), "--bind", "127.0.0.1", "--requirepass", self.password,
-                 "--save", "", "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no", *self.extra],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        finally:
-            log.close()
+        self.proc = spawn(
+            [self.server, "--port", str(self.port), "--bind", "127.0.0.1", "--requirepass", self.password,
+             "--save", "", "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no", *self.extra],
+            self.workdir / "store.log")
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -57,14 +71,7 @@ class Store:
         raise AssertionError("redis-server did not answer PING")
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        stop(self.proc)
         self.proc = None
 
     def cmd(self, *args: str, cluster: bool = False) -> str:
@@ -180,14 +187,7 @@ class SentinelStore:
             f"sentinel down-after-milliseconds {self.MASTER} 2000\n"
             f"sentinel failover-timeout {self.MASTER} 10000\n"
         )
-        log = open(self.workdir / "sentinel.log", "ab")
-        try:
-            self.sentinel = subprocess.Popen(
-                [self.primary.server, str(conf), "--sentinel"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        finally:
-            log.close()
+        self.sentinel = spawn([self.primary.server, str(conf), "--sentinel"], self.workdir / "sentinel.log")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -224,14 +224,8 @@ class SentinelStore:
         raise AssertionError("the Sentinel did not fail over")
 
     def stop(self) -> None:
-        if self.sentinel is not None:
-            self.sentinel.terminate()
-            try:
-                self.sentinel.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.sentinel.kill()
-                self.sentinel.wait(timeout=10)
-            self.sentinel = None
+        stop(self.sentinel)
+        self.sentinel = None
         self.primary.stop()
         self.replica.stop()
 
