@@ -10,6 +10,8 @@ the delivery counters hold only the test's own recipients.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from harness.outbound import get_message, send, start_outbound, wait_gone, wait_state, wait_until
@@ -177,7 +179,19 @@ def relay_with_every_series(relays, dns, peers, name: str, store=None):
     suppressions there, so that the store's families have series too. Returns the relay and whether the
     queue gauges showed the deferred message within 15 s."""
     deferring, bouncing = route_mixed(dns, peers)
-    config = (lambda cfg: cfg.update(store=store.section())) if store else None
+
+    def config(cfg):
+        if store:
+            cfg["store"] = store.section()
+        # example.test's mail leaves from a pool whose one address is warming up, so that the per-source
+        # gauges have series too (the standard schedule's first day allows 50 messages).
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        cfg["ip_pools"] = [{"name": "every", "warmup": {"preset": "standard"},
+                            "sources": [{"address": "127.0.0.1", "ehlo": "relay.example.test", "warmup_start": today}]}]
+        for d in cfg["domains"]:
+            if d["name"] == "example.test":
+                d["ip_pool"] = "every"
+
     relay = start_outbound(relays, dns, peers, name=name, config=config)
     send_mixed_traffic(relay, deferring, bouncing, n_delivered=1, n_deferred=1, n_bounced=1)
     # and one refused RCPT, so that the rejection counter has a series too
@@ -195,6 +209,8 @@ def relay_with_every_series(relays, dns, peers, name: str, store=None):
     assert reports.send_report(relay, reports.mailbox("fbl"), report)[0] == 250
     # the queue gauges are refreshed every 2 s: wait until they show the deferred message
     refreshed = wait_until(lambda: scrape(relay).get("herald_queue_depth", domain="defer.test") == 1, 15, 0.2)
+    refreshed = refreshed and wait_until(
+        lambda: scrape(relay).get("herald_source_sent_today", source="127.0.0.1") is not None, 15, 0.2)
     return relay, refreshed
 
 

@@ -100,6 +100,9 @@ pub struct Config {
     /// `terminationGracePeriodSeconds` must cover their sum; the operator derives it from these.
     #[serde(default)]
     pub shutdown: Shutdown,
+    /// Left out of a rendered config when it holds the defaults, so that a relay older than it takes it.
+    #[serde(default, skip_serializing_if = "crate::Shaping::is_default")]
+    pub shaping: crate::Shaping,
 }
 
 /// The drain after SIGTERM, step by step: sessions in flight finish, deliveries in flight record their
@@ -461,6 +464,11 @@ pub struct IpPool {
     pub name: String,
     /// The local addresses outbound connections are made from.
     pub sources: Vec<Source>,
+    /// Daily caps for the pool's new addresses (those with a `warmup_start`): a shipped `preset` or a
+    /// written `schedule`. An address over today's cap sends nothing more today: its mail goes from the
+    /// pool's other addresses, or waits for the next day when none has room.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<crate::Warmup>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
@@ -478,6 +486,10 @@ pub struct Source {
         skip_serializing_if = "is_default_source_weight"
     )]
     pub weight: u32,
+    /// The first day of this address's warm-up under the pool's `warmup` schedule; absent, the address is
+    /// warm and has no daily cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_start: Option<crate::WarmupStart>,
 }
 
 fn default_source_weight() -> u32 {
@@ -930,6 +942,81 @@ mod tests {
         ] {
             let e = err(&with(sources));
             assert!(e.starts_with(field) && e.contains(says), "{sources}: {e}");
+        }
+    }
+
+    #[test]
+    fn warm_up_schedules_and_starts_are_checked() {
+        let base = "hostname: h.example.test\nspool_dir: /s\nlisteners: [{name: t, address: \"127.0.0.1:25\", auth: none, trusted_senders: any, allow_networks: [127.0.0.0/8]}]\n";
+        let with = |pool: &str| format!("{base}ip_pools: [{{name: p, {pool}}}]\n");
+        let cold = "sources: [{address: 192.0.2.1, ehlo: a.test, warmup_start: \"2026-12-01\"}, {address: 192.0.2.2, ehlo: b.test}]";
+        let ok = Config::parse(&with(&format!(
+            "warmup: {{schedule: [5, 10, 10, 40]}}, {cold}"
+        )))
+        .unwrap();
+        let pool = &ok.ip_pools[0];
+        assert_eq!(pool.warmup.as_ref().and_then(|w| w.cap(3)), Some(40));
+        assert_eq!(
+            pool.sources[0].warmup_start.as_ref().map(|s| s.unix),
+            Some(1_796_083_200)
+        );
+        assert!(pool.sources[1].warmup_start.is_none());
+        let preset =
+            Config::parse(&with(&format!("warmup: {{preset: standard}}, {cold}"))).unwrap();
+        assert_eq!(
+            preset.ip_pools[0].warmup.as_ref().and_then(|w| w.cap(0)),
+            Some(50)
+        );
+        // Written back as read, so a rendered config says what the user wrote.
+        let text = serde_saphyr::to_string(&ok).unwrap();
+        assert!(text.contains("warmup_start: \"2026-12-01\""), "{text}");
+        assert_eq!(Config::parse(&text).unwrap(), ok);
+        for (pool, field, says) in [
+            (
+                format!("warmup: {{schedule: [50, 100, 60]}}, {cold}"),
+                "ip_pools[0].warmup.schedule[2]",
+                "never decreases",
+            ),
+            (
+                format!("warmup: {{schedule: [0, 100]}}, {cold}"),
+                "ip_pools[0].warmup.schedule[0]",
+                "at least 1",
+            ),
+            (
+                format!("warmup: {{preset: standard, schedule: [5]}}, {cold}"),
+                "ip_pools[0].warmup",
+                "not both",
+            ),
+            (format!("warmup: {{}}, {cold}"), "ip_pools[0].warmup", "preset"),
+            (
+                format!("warmup: {{preset: gentle}}, {cold}"),
+                "ip_pools[0].warmup.preset",
+                "standard",
+            ),
+            (cold.to_owned(), "ip_pools[0].sources[0].warmup_start", "no warmup"),
+            (
+                "warmup: {schedule: [5]}, sources: [{address: 192.0.2.1, ehlo: a.test, warmup_start: \"1 Dec\"}]".to_owned(),
+                "ip_pools[0].sources[0].warmup_start",
+                "RFC 3339",
+            ),
+        ] {
+            let e = err(&with(&pool));
+            assert!(e.starts_with(field) && e.contains(says), "{pool}: {e}");
+        }
+        for (day, ok) in [
+            ("10s", true),
+            ("500ms", false),
+            ("1500ms", false),
+            ("8d", false),
+        ] {
+            let text = format!("{base}shaping: {{day_length: {day}}}\n");
+            match Config::parse(&text) {
+                Ok(c) => assert!(ok, "{day} taken: {:?}", c.shaping),
+                Err(e) => {
+                    assert!(!ok, "{day}: {e}");
+                    assert!(e.to_string().starts_with("shaping.day_length"), "{e}");
+                }
+            }
         }
     }
 

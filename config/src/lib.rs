@@ -9,6 +9,7 @@
 //! - `bounce`: bounce categories and enhanced-status patterns, the vocabulary of `bounces.rules`.
 //! - `suppression`: the `suppression` section, when an address is suppressed and for how long.
 //! - `rate`: message rates (`600/min`) for delivery limits.
+//! - `shaping`: IP warm-up schedules and the length of a shaping day.
 //! - `store`: the `store` section, the Valkey instance a fleet of relays shares its state through.
 //! - `password`: argon2id hashes for `users[].password_hash`.
 //! - `schema`: the JSON schema of the file, from which `docs/config.md` is generated.
@@ -21,6 +22,7 @@ mod file;
 pub mod password;
 mod rate;
 pub mod schema;
+mod shaping;
 mod store;
 mod suppression;
 mod validate;
@@ -28,6 +30,10 @@ mod validate;
 pub use bounce::{Category, StatusPattern};
 pub use file::*;
 pub use rate::{Rate, RateError};
+pub use shaping::{
+    MAX_DAILY_CAP, MAX_DAY_LENGTH, MIN_DAY_LENGTH, STANDARD_WARMUP, Shaping, Warmup, WarmupPreset,
+    WarmupStart, WarmupStartError,
+};
 pub use store::{Store, StoreTls};
 pub use suppression::{MailboxFull, Suppression, SuppressionTtl, Ttl};
 pub use validate::is_domain_name;

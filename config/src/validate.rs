@@ -225,6 +225,14 @@ impl Config {
                     "every weight is 0: at least one source must carry mail",
                 ));
             }
+            validate_warmup(i, p)?;
+        }
+        let day = self.shaping.day_length;
+        if day < crate::MIN_DAY_LENGTH || day > crate::MAX_DAY_LENGTH || day.subsec_nanos() != 0 {
+            return Err(invalid(
+                "shaping.day_length",
+                "a whole number of seconds from 1s to 7d",
+            ));
         }
         let r = &self.delivery.retry;
         if !(r.factor.is_finite() && r.factor >= 1.0) {
@@ -408,6 +416,63 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A pool's warm-up: one schedule, sensible caps, and a schedule for every address given a start.
+fn validate_warmup(i: usize, p: &crate::IpPool) -> Result<(), ConfigError> {
+    if let Some(w) = &p.warmup {
+        let at = format!("ip_pools[{i}].warmup");
+        match (w.preset, w.schedule.is_empty()) {
+            (Some(_), false) => {
+                return Err(invalid(at, "give a preset or a schedule, not both"));
+            }
+            (None, true) => {
+                return Err(invalid(
+                    at,
+                    "give a preset (standard) or a schedule of daily caps",
+                ));
+            }
+            _ => {}
+        }
+        for (k, cap) in w.schedule.iter().enumerate() {
+            if *cap == 0 {
+                return Err(invalid(
+                    format!("{at}.schedule[{k}]"),
+                    "a daily cap is at least 1 (an address that must send nothing has weight 0)",
+                ));
+            }
+            if *cap > crate::MAX_DAILY_CAP {
+                return Err(invalid(
+                    format!("{at}.schedule[{k}]"),
+                    format!(
+                        "at most {} (leave the day out: past the schedule there is no cap)",
+                        crate::MAX_DAILY_CAP
+                    ),
+                ));
+            }
+            if k > 0 && *cap < w.schedule[k - 1] {
+                return Err(invalid(
+                    format!("{at}.schedule[{k}]"),
+                    format!(
+                        "{cap} is less than the day before ({}): a warm-up schedule never decreases",
+                        w.schedule[k - 1]
+                    ),
+                ));
+            }
+        }
+        if w.schedule.len() > 366 {
+            return Err(invalid(format!("{at}.schedule"), "at most 366 days"));
+        }
+    }
+    for (j, s) in p.sources.iter().enumerate() {
+        if s.warmup_start.is_some() && p.warmup.is_none() {
+            return Err(invalid(
+                format!("ip_pools[{i}].sources[{j}].warmup_start"),
+                "the pool has no warmup schedule to follow (add ip_pools[].warmup)",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `trusted_senders` only where it decides something: on a listener whose clients relay without AUTH.

@@ -27,6 +27,8 @@ const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]
 const DURATION_PATTERN: &str = r"^[0-9]+(s|m|h|d)$";
 /// A message rate: a count per `s`, `min`, `h`, `d` or per a duration (`100/30s`).
 const RATE_PATTERN: &str = r"^[1-9][0-9]{0,9}/(s|min|h|d|[0-9]+(ms|s|m|h|d))$";
+/// An RFC 3339 date, or date and time with a zone.
+const WARMUP_START_PATTERN: &str = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2}))?$";
 /// A container image reference: `[registry[:port]/]path[:tag][@sha256:digest]` (the OCI distribution
 /// grammar, simplified), so that a typo is refused at `kubectl apply` rather than as a pod that never pulls.
 const IMAGE_PATTERN: &str = r"^(([A-Za-z0-9-]+\.)*[A-Za-z0-9-]+(:[0-9]+)?/)?[a-z0-9]+([._-]+[a-z0-9]+)*(/[a-z0-9]+([._-]+[a-z0-9]+)*)*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$";
@@ -861,14 +863,30 @@ pub struct InboundStatus {
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.warmupPreset) && has(self.warmup) && size(self.warmup) > 0)").message("warmup and warmupPreset: give one schedule, not both"))]
+#[x_kube(validation = Rule::new("!self.addresses.exists(a, has(a.warmupStart)) || has(self.warmupPreset) || (has(self.warmup) && size(self.warmup) > 0)").message("addresses[].warmupStart: the pool has no warm-up schedule (set warmup or warmupPreset)"))]
 pub struct IpPoolSpec {
     /// Each address once (a list keyed by `address`).
     #[schemars(length(min = 1, max = 256), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["address"]))]
     #[x_kube(validation = Rule::new("self.exists(a, !has(a.weight) || a.weight > 0)").message("addresses: every weight is 0; at least one address must carry mail"))]
     pub addresses: Vec<PoolAddress>,
-    /// Daily message caps by day of warm-up (day 1 first); after the last day there is no cap.
+    /// Daily message caps by day of warm-up (day 1 first), never decreasing; after the last day there is
+    /// no cap. Applies to the addresses with a `warmupStart`.
     #[serde(default)]
+    #[schemars(length(max = 366), inner(range(min = 1)))]
     pub warmup: Vec<u64>,
+    /// A shipped schedule instead of `warmup`: `standard` ramps from 50 messages on day 1 to 750,000 on
+    /// day 30, then no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_preset: Option<WarmupPreset>,
+}
+
+/// The shipped warm-up schedules.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum WarmupPreset {
+    /// Thirty days, from 50 to 750,000 messages a day.
+    Standard,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
@@ -885,8 +903,10 @@ pub struct PoolAddress {
     #[serde(default = "default_weight")]
     #[schemars(range(min = 0, max = 1000))]
     pub weight: u32,
-    /// When this address started warming up (RFC 3339 date); warm-up is off without it.
+    /// The first day of this address's warm-up: an RFC 3339 date (`2026-12-01`, midnight UTC) or date and
+    /// time; warm-up is off without it. Before it the address counts as on its first day.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = WARMUP_START_PATTERN))]
     pub warmup_start: Option<String>,
 }
 

@@ -67,6 +67,7 @@ pub fn pool() -> IpPool {
                 warmup_start: None,
             }],
             warmup: vec![],
+            warmup_preset: None,
         },
     )
 }

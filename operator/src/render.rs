@@ -318,13 +318,60 @@ pub fn relay_config(
                     format!("{address} is listed twice"),
                 ));
             }
+            let warmup_start = match &a.warmup_start {
+                Some(start) => Some(start.parse::<herald_config::WarmupStart>().map_err(|e| {
+                    err(
+                        &format!("IpPool {name}"),
+                        format!("spec.addresses[{i}].warmupStart"),
+                        e.to_string(),
+                    )
+                })?),
+                None => None,
+            };
             sources.push(Source {
                 address,
                 ehlo: a.ehlo.clone(),
                 weight: a.weight,
+                warmup_start,
             });
         }
-        ip_pools.push(RelayPool { name, sources });
+        let warmup = match (p.spec.warmup_preset, p.spec.warmup.is_empty()) {
+            (Some(crate::crd::WarmupPreset::Standard), _) => Some(herald_config::Warmup {
+                preset: Some(herald_config::WarmupPreset::Standard),
+                schedule: Vec::new(),
+            }),
+            (None, false) => {
+                if let Some(k) =
+                    (1..p.spec.warmup.len()).find(|&k| p.spec.warmup[k] < p.spec.warmup[k - 1])
+                {
+                    return Err(err(
+                        &format!("IpPool {name}"),
+                        format!("spec.warmup[{k}]"),
+                        format!(
+                            "{} is less than the day before ({}): a warm-up schedule never decreases",
+                            p.spec.warmup[k],
+                            p.spec.warmup[k - 1]
+                        ),
+                    ));
+                }
+                Some(herald_config::Warmup {
+                    preset: None,
+                    schedule: p.spec.warmup.clone(),
+                })
+            }
+            (None, true) => None,
+        };
+        if warmup.is_none() {
+            // Without a schedule a start means nothing (the API server refuses the pair; an older CRD may not).
+            for s in &mut sources {
+                s.warmup_start = None;
+            }
+        }
+        ip_pools.push(RelayPool {
+            name,
+            sources,
+            warmup,
+        });
     }
     let mut delivery = Delivery::default();
     if let Some(r) = &spec.delivery.retry {
@@ -377,6 +424,7 @@ pub fn relay_config(
         });
     }
     let config = Config {
+        shaping: relay::Shaping::default(),
         hostname: hostname(relay),
         spool_dir: SPOOL_DIR.into(),
         listeners,
@@ -498,6 +546,57 @@ mod tests {
             password_hash: herald_config::password::hash("pw").unwrap(),
             allowed_domains: vec!["example.test".into()],
         }]
+    }
+
+    #[test]
+    fn a_warm_up_is_rendered_from_the_schedule_or_the_preset_and_a_decreasing_one_is_refused() {
+        let mut p = (*pool()).clone();
+        p.spec.addresses[0].warmup_start = Some("2026-12-01T06:00:00Z".into());
+        p.spec.warmup = vec![10, 20, 40];
+        let render = |p: &IpPool| {
+            relay_config(
+                &relay(),
+                &[domain()],
+                &[Arc::new(p.clone())],
+                &users(),
+                SecretValues::default(),
+            )
+        };
+        let c = render(&p).unwrap();
+        let rendered = &c.ip_pools[0];
+        assert_eq!(
+            rendered.warmup.as_ref().map(|w| w.caps().to_vec()),
+            Some(vec![10, 20, 40])
+        );
+        assert_eq!(
+            rendered.sources[0]
+                .warmup_start
+                .as_ref()
+                .map(ToString::to_string)
+                .as_deref(),
+            Some("2026-12-01T06:00:00Z")
+        );
+        // What the relay reads back is what was rendered.
+        let text = serde_saphyr::to_string(&c).unwrap();
+        assert_eq!(Config::parse(&text).unwrap().ip_pools, c.ip_pools);
+        p.spec.warmup.clear();
+        p.spec.warmup_preset = Some(crate::crd::WarmupPreset::Standard);
+        let c = render(&p).unwrap();
+        assert_eq!(
+            c.ip_pools[0].warmup.as_ref().and_then(|w| w.cap(29)),
+            Some(750_000)
+        );
+        p.spec.warmup_preset = None;
+        p.spec.warmup = vec![10, 40, 20];
+        let e = render(&p).unwrap_err();
+        assert!(
+            e.to_string().contains("spec.warmup[2]") && e.message.contains("never decreases"),
+            "{e}"
+        );
+        // Without a schedule a start is dropped, not rendered into a config the relay would refuse.
+        p.spec.warmup.clear();
+        let c = render(&p).unwrap();
+        assert!(c.ip_pools[0].warmup.is_none() && c.ip_pools[0].sources[0].warmup_start.is_none());
     }
 
     #[test]

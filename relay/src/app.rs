@@ -96,7 +96,12 @@ impl Relay {
         let counters = {
             let dir = fleet::state_dir(&config.spool_dir);
             let link = fleet.as_ref().map(Fleet::link);
-            Arc::new(tokio::task::spawn_blocking(move || Counters::open(&dir, link)).await??)
+            let fleet_size = config.store.as_ref().map_or(1, |s| s.fleet_size);
+            let day = config.shaping.day_length;
+            Arc::new(
+                tokio::task::spawn_blocking(move || Counters::open(&dir, link, fleet_size, day))
+                    .await??,
+            )
         };
         counters.start(stop_rx.clone());
         // Before anything is delivered or accepted: a relay that must have the store has its list first.
@@ -139,6 +144,7 @@ impl Relay {
             rates,
             counters.clone(),
         )?;
+        deliverer.start_gauges(metrics.clone(), stop_rx.clone());
         let queue = queue::start(
             initial,
             spool.clone(),
@@ -209,6 +215,7 @@ impl Relay {
                 queue: queue.clone(),
                 suppressions,
                 counters: counters.clone(),
+                deliverer: deliverer.clone(),
                 token_file: a.token_file.clone(),
             });
             tokio::spawn(admin::serve(listener, api));
@@ -460,6 +467,9 @@ impl Reloader {
         if new.store != self.current.store {
             fixed.push("store section changed".into());
         }
+        if new.shaping.day_length != self.current.shaping.day_length {
+            fixed.push("shaping.day_length changed".into());
+        }
         if new.events != self.current.events {
             fixed.push("events outputs changed".into());
         }
@@ -480,6 +490,7 @@ impl Reloader {
         current.admin = self.current.admin.clone();
         current.metrics = self.current.metrics.clone();
         current.events = self.current.events.clone();
+        current.shaping.day_length = self.current.shaping.day_length;
         self.current = current;
     }
 }

@@ -70,9 +70,13 @@ pub struct Metrics {
     pub store_up: IntGauge,
     pub store_errors: IntCounterVec,
     pub delivery_waits: IntCounterVec,
+    source_sent_today: IntGaugeVec,
+    source_daily_cap: IntGaugeVec,
     pub store_latency: HistogramVec,
     pub store_pending: IntGauge,
     domains: Mutex<HashSet<String>>,
+    /// The `source` labels set last by [`Metrics::set_sources`].
+    sources: Mutex<HashSet<String>>,
 }
 
 /// The `kind` and `result` values of `herald_feedback_reports_total`.
@@ -303,7 +307,7 @@ impl Metrics {
                 let c = counter_vec(
                     &r,
                     "herald_delivery_waits_total",
-                    "Messages given back to the queue untried because their destination had no room: no connection lease left in the fleet (lease) or over delivery.per_domain.max_message_rate (rate). Not delivery attempts.",
+                    "Messages given back to the queue untried because their destination had no room: no connection lease left in the fleet (lease), over delivery.per_domain.max_message_rate (rate), or a source address over today's warm-up cap (warmup). Not delivery attempts.",
                     &["reason"],
                 );
                 for reason in crate::queue::Wait::LABELS {
@@ -311,6 +315,18 @@ impl Metrics {
                 }
                 c
             },
+            source_sent_today: gauge_vec(
+                &r,
+                "herald_source_sent_today",
+                "Messages sent today from each source address of the IP pools (accepted by a receiver): the fleet's count when the relays share a store. Days are shaping.day_length long.",
+                &["source"],
+            ),
+            source_daily_cap: gauge_vec(
+                &r,
+                "herald_source_daily_cap",
+                "Today's warm-up cap of each source address that is warming up; absent for an address without a cap.",
+                &["source"],
+            ),
             inbound_bytes: gauge(
                 &r,
                 "herald_inbound_bytes",
@@ -337,6 +353,7 @@ impl Metrics {
             )
             .expect("metric definition is valid"),
             domains: Mutex::new(HashSet::new()),
+            sources: Mutex::new(HashSet::new()),
             registry: r,
         }
     }
@@ -388,6 +405,35 @@ impl Metrics {
         if other > 0 {
             self.queue_depth.with_label_values(&["other"]).set(other);
         }
+    }
+
+    /// Sets the per-source gauges from where each address stands today.
+    pub fn set_sources(&self, sources: &[crate::deliver::SourceView]) {
+        let mut now: HashSet<String> = HashSet::new();
+        for s in sources {
+            let label = s.address.to_string();
+            self.source_sent_today
+                .with_label_values(&[label.as_str()])
+                .set(s.sent_today as i64);
+            match s.daily_cap {
+                Some(cap) => self
+                    .source_daily_cap
+                    .with_label_values(&[label.as_str()])
+                    .set(i64::try_from(cap).unwrap_or(i64::MAX)),
+                None => {
+                    let _ = self.source_daily_cap.remove_label_values(&[label.as_str()]);
+                }
+            }
+            now.insert(label);
+        }
+        // Addresses a reload took out of the pools lose their series; the others are never absent
+        // in between, as a reset would leave them for a scrape.
+        let mut before = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        for gone in before.difference(&now) {
+            let _ = self.source_sent_today.remove_label_values(&[gone.as_str()]);
+            let _ = self.source_daily_cap.remove_label_values(&[gone.as_str()]);
+        }
+        *before = now;
     }
 
     /// Counts a refused command, message or connection.

@@ -11,6 +11,10 @@ against the same two relays in local mode, in one run.
 2. Propagation: `--propagation K` suppressions added through relay A's admin API, one at a time; for each,
    the time until relay B's admin API shows it (polled every 0.5 ms). Reported p50/p99/max, with the same
    for relay A itself (the admin API's own time, a floor under the figure for B).
+3. With `--shaping`: the cost of IP warm-up at a load that reaches no cap. The sender's domain sends from
+   a pool of one address; the same throughput run with that address warming up (a cap far above the run's
+   messages, so every message takes a turn under it) against the address warm, in local mode and with the
+   store (where each message's turn is a round trip to it).
 
 A benchmark, not a test: the exit status is non-zero only when a run is broken, never for the numbers.
 Linux, root (smtp-sink), Python 3.11 standard library.
@@ -91,7 +95,20 @@ class Store:
             self.proc = None
 
 
-def relays(binary: Path, base: Path, sink_port: int, store: Store | None, args) -> list[Herald]:
+def pool_yaml(warming: bool) -> str:
+    """bench.test's mail from pool `bench` (127.0.0.1); `warming`: on day 17 of the standard warm-up, a
+    cap of 30,000 messages, above what a run sends."""
+    start = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 16 * 86400))
+    warm = f", warmup_start: \"{start}\"" if warming else ""
+    return (
+        "domains:\n  - { name: bench.test, ip_pool: bench }\n"
+        "ip_pools:\n  - name: bench\n    warmup: { preset: standard }\n"
+        f"    sources: [ {{ address: 127.0.0.1, ehlo: bench.herald.test{warm} }} ]\n"
+    )
+
+
+def relays(binary: Path, base: Path, sink_port: int, store: Store | None, args,
+           pool: str = "") -> list[Herald]:
     out = []
     for name in ("a", "b"):
         # With the store, per_domain.max_connections is the fleet's limit: twice the per-relay value gives
@@ -100,17 +117,18 @@ def relays(binary: Path, base: Path, sink_port: int, store: Store | None, args) 
         extra = herald_delivery_yaml(sink_port, connections=per_domain, msgs_per_conn=1000)
         if store:
             extra += store.yaml()
+        extra += pool
         h = Herald(binary, base / name, ready_timeout=60, expected=args.messages, extra_yaml=extra)
         h.start()
         out.append(h)
     return out
 
 
-def throughput(binary: Path, base: Path, store: Store | None, args) -> dict:
+def throughput(binary: Path, base: Path, store: Store | None, args, pool: str = "") -> dict:
     base.mkdir(parents=True, exist_ok=True)
     sink = Sink(args.smtp_sink, base, ready_timeout=10)
     sink.start()
-    hs = relays(binary, base, sink.port, store, args)
+    hs = relays(binary, base, sink.port, store, args, pool)
     try:
         before = store.commands() if store else 0
         sink.expect(2 * args.messages)
@@ -179,6 +197,7 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=10,
                     help="delivery connections per relay (the fleet's limit is twice this in the store run)")
     ap.add_argument("--propagation", type=int, default=200, help="suppressions timed from relay a to b")
+    ap.add_argument("--shaping", action="store_true", help="also time IP warm-up at a load under its cap")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--herald-bin", help="herald-relay binary (default target/release/herald-relay, built if missing)")
     ap.add_argument("--build-timeout", type=float, default=1800)
@@ -197,6 +216,12 @@ def main() -> int:
         local = throughput(binary, base / "local", None, args)
         shared = throughput(binary, base / "shared", store, args)
         prop = propagation(binary, base / "propagation", store, args)
+        shaping = {}
+        if args.shaping:
+            for mode, st in (("local", None), ("store", store)):
+                for warming in (False, True):
+                    name = f"{mode}-{'warming' if warming else 'warm'}"
+                    shaping[name] = throughput(binary, base / name, st, args, pool_yaml(warming))
     finally:
         store.stop()
     print(f"two relays, each {args.messages} messages of {args.size} bytes from {args.sessions} sessions, "
@@ -212,6 +237,14 @@ def main() -> int:
     print(f"suppression propagation, {len(b)} additions through relay a's admin API:")
     print(f"  visible on relay b: p50 {ms(percentile(b, 50))}, p99 {ms(percentile(b, 99))}, max {ms(b[-1])}")
     print(f"  the PUT on relay a itself (floor): p50 {ms(percentile(a, 50))}, p99 {ms(percentile(a, 99))}")
+    if shaping:
+        print("IP warm-up at a load under its cap (one pool address, warm vs warming up):")
+        for mode in ("local", "store"):
+            warm, warming = shaping[f"{mode}-warm"], shaping[f"{mode}-warming"]
+            print(f"  {mode:5}: warm {warm['per_relay']:8.0f} msg/s per relay, warming {warming['per_relay']:8.0f}; "
+                  f"ratio {warming['per_relay'] / warm['per_relay']:.2f} (goal: at least 0.95)"
+                  + (f"; store commands per message {warming['store_commands'] / (2 * args.messages):.2f} "
+                     f"vs {warm['store_commands'] / (2 * args.messages):.2f}" if mode == "store" else ""))
     shutil.rmtree(base, ignore_errors=True)
     return 0
 

@@ -475,6 +475,7 @@ mod tests {
                 crate::crd::IpPoolSpec {
                     addresses: vec![],
                     warmup: vec![],
+                    warmup_preset: None,
                 },
             );
             p.metadata.namespace = Some(ns.into());

@@ -12,26 +12,35 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 
-use super::{Context, Error, Recheck, chrono_time, condition, patch_status};
+use super::{Context, Error, Recheck, condition, patch_status};
 use crate::crd::{AddressStatus, IpPool, IpPoolStatus, RecordState};
 use crate::verify::check_reverse;
 
-/// The warm-up day (1-based) and today's cap for an address that started warming up on `start`.
-pub fn warmup(
-    schedule: &[u64],
-    start: Option<&str>,
-    today: chrono::NaiveDate,
-) -> (Option<u32>, Option<u64>) {
-    let Some(start) = start.and_then(|s| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
-    else {
+/// The pool's daily caps, day 1 first: its preset's or its own.
+pub fn schedule(spec: &crate::crd::IpPoolSpec) -> &[u64] {
+    match spec.warmup_preset {
+        Some(crate::crd::WarmupPreset::Standard) => &herald_config::STANDARD_WARMUP,
+        None => &spec.warmup,
+    }
+}
+
+/// The warm-up day (1-based) and today's cap at `now` (Unix seconds) for an address that started
+/// warming up at `start`, as the relay counts them (days of 24 hours from midnight UTC; before its start an
+/// address is on its first day). Past the schedule the day goes on and the cap is gone.
+pub fn warmup(schedule: &[u64], start: Option<&str>, now: u64) -> (Option<u32>, Option<u64>) {
+    let Some(start) = start.and_then(|s| s.parse::<herald_config::WarmupStart>().ok()) else {
         return (None, None);
     };
-    let days = (today - start).num_days();
-    if days < 0 || schedule.is_empty() {
+    if schedule.is_empty() {
         return (None, None);
     }
-    let day = days as u32 + 1;
-    (Some(day), schedule.get(days as usize).copied())
+    let index = start.day_index(now, Duration::from_secs(86_400));
+    (
+        Some(u32::try_from(index + 1).unwrap_or(u32::MAX)),
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| schedule.get(i).copied()),
+    )
 }
 
 pub async fn reconcile(pool: Arc<IpPool>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -85,7 +94,8 @@ pub fn decide(
 ) -> Decision {
     let previous = pool.status.clone().unwrap_or_default();
     let generation = pool.metadata.generation;
-    let today = chrono_time(now).date_naive();
+    let now_unix = u64::try_from(now.as_second()).unwrap_or(0);
+    let caps = schedule(&pool.spec);
     let addresses: Vec<AddressStatus> = pool
         .spec
         .addresses
@@ -102,8 +112,7 @@ pub fn decide(
                 ),
                 None => (RecordState::Mismatch, Some("not an IP address".into())),
             };
-            let (warmup_day, daily_cap) =
-                warmup(&pool.spec.warmup, a.warmup_start.as_deref(), today);
+            let (warmup_day, daily_cap) = warmup(caps, a.warmup_start.as_deref(), now_unix);
             AddressStatus {
                 address: a.address.clone(),
                 reverse_dns,
@@ -129,26 +138,58 @@ pub fn decide(
         })
         .collect();
     let ok = bad.is_empty();
+    let warming: Vec<String> = addresses
+        .iter()
+        .filter_map(|a| {
+            Some(format!(
+                "{} (day {} of {}, {} today)",
+                a.address,
+                a.warmup_day?,
+                caps.len(),
+                a.daily_cap?
+            ))
+        })
+        .collect();
+    let complete = warming.is_empty();
     let status = IpPoolStatus {
         address_count: addresses.len() as i32,
         addresses,
-        conditions: vec![condition(
-            &previous.conditions,
-            "Ready",
-            ok,
-            if ok {
-                "ReverseDnsConfirmed"
-            } else {
-                "ReverseDnsMismatch"
-            },
-            if ok {
-                "every address has forward-confirmed reverse DNS".into()
-            } else {
-                format!("reverse DNS not confirmed for {}", bad.join("; "))
-            },
-            generation,
-            now,
-        )],
+        conditions: vec![
+            condition(
+                &previous.conditions,
+                "Ready",
+                ok,
+                if ok {
+                    "ReverseDnsConfirmed"
+                } else {
+                    "ReverseDnsMismatch"
+                },
+                if ok {
+                    "every address has forward-confirmed reverse DNS".into()
+                } else {
+                    format!("reverse DNS not confirmed for {}", bad.join("; "))
+                },
+                generation,
+                now,
+            ),
+            condition(
+                &previous.conditions,
+                "WarmupComplete",
+                complete,
+                if complete {
+                    "NoAddressWarmingUp"
+                } else {
+                    "WarmingUp"
+                },
+                if complete {
+                    "no address of the pool has a daily cap".into()
+                } else {
+                    format!("warming up: {}", warming.join("; "))
+                },
+                generation,
+                now,
+            ),
+        ],
         observed_generation: generation,
     };
     Decision {
@@ -169,7 +210,15 @@ mod tests {
 
     #[test]
     fn warmup_days_and_caps() {
-        let d = |s: &str| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
+        let d = |s: &str| {
+            u64::try_from(
+                format!("{s}T12:00:00Z")
+                    .parse::<Timestamp>()
+                    .unwrap()
+                    .as_second(),
+            )
+            .unwrap()
+        };
         let schedule = [100, 500, 2000];
         assert_eq!(
             warmup(&schedule, Some("2026-11-20"), d("2026-11-20")),
@@ -183,9 +232,23 @@ mod tests {
             warmup(&schedule, Some("2026-11-20"), d("2026-11-30")),
             (Some(11), None)
         );
+        // Before its start an address is on its first day, as the relay counts it.
         assert_eq!(
             warmup(&schedule, Some("2026-11-21"), d("2026-11-20")),
-            (None, None)
+            (Some(1), Some(100))
+        );
+        // A start with a time of day: the day turns at midnight UTC all the same.
+        assert_eq!(
+            warmup(&schedule, Some("2026-11-20T23:00:00Z"), d("2026-11-21")),
+            (Some(2), Some(500))
+        );
+        assert_eq!(
+            warmup(
+                &herald_config::STANDARD_WARMUP,
+                Some("2026-11-20"),
+                d("2026-11-20")
+            ),
+            (Some(1), Some(50))
         );
         assert_eq!(warmup(&schedule, None, d("2026-11-20")), (None, None));
     }
@@ -210,6 +273,7 @@ mod tests {
                     address("192.0.2.11", "mta2.example.test"),
                 ],
                 warmup: vec![100, 1000],
+                warmup_preset: None,
             },
         );
         p.metadata.generation = Some(2);
@@ -225,6 +289,19 @@ mod tests {
         assert_eq!(d.status.addresses[0].warmup_day, Some(2));
         assert_eq!(d.status.addresses[0].daily_cap, Some(1000));
         assert_eq!(d.status.conditions[0].reason, "ReverseDnsConfirmed");
+        let warm = &d.status.conditions[1];
+        assert_eq!(
+            (
+                warm.type_.as_str(),
+                warm.status.as_str(),
+                warm.message.as_str()
+            ),
+            (
+                "WarmupComplete",
+                "False",
+                "warming up: 192.0.2.10 (day 2 of 2, 1000 today); 192.0.2.11 (day 2 of 2, 1000 today)"
+            )
+        );
         assert_eq!(d.status.observed_generation, Some(2));
         assert_eq!(
             d.requeue,
@@ -259,6 +336,15 @@ mod tests {
             "reverse DNS not confirmed for 192.0.2.11 (Mismatch: mta2.example.test does not resolve: NXDOMAIN (from 127.0.0.1:53))"
         );
         assert_eq!(d.status.addresses[1].daily_cap, None, "warm-up is over");
+        let warm = &d.status.conditions[1];
+        assert_eq!(
+            (
+                warm.type_.as_str(),
+                warm.status.as_str(),
+                warm.reason.as_str()
+            ),
+            ("WarmupComplete", "True", "NoAddressWarmingUp")
+        );
         assert_eq!(d.requeue, RECHECK.pending);
     }
 

@@ -208,6 +208,7 @@ mod tests {
             IpPoolSpec {
                 addresses: vec![],
                 warmup: vec![],
+                warmup_preset: None,
             },
         );
         p.metadata.namespace = Some(ns.into());

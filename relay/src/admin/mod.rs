@@ -45,6 +45,8 @@ pub struct AdminState {
     pub queue: QueueHandle,
     pub suppressions: Arc<Suppressions>,
     pub counters: Arc<Counters>,
+    /// Source addresses and their warm-up, for `GET /shaping`.
+    pub deliverer: Arc<crate::deliver::Deliverer>,
     pub token_file: Option<PathBuf>,
 }
 
@@ -103,6 +105,7 @@ fn router(state: Arc<AdminState>) -> Router {
         .route("/suppressions", get(suppressions))
         .route("/suppressions/streaks", get(streaks))
         .route("/counters", get(counters))
+        .route("/shaping", get(shaping))
         .route(
             "/suppressions/{address}",
             get(lookup).put(suppress).delete(unsuppress),
@@ -251,11 +254,39 @@ struct DayParams {
     day: Option<u64>,
 }
 
-/// One day's counters (default today, in days since 1970-01-01 UTC): with a store the fleet's, and this
+/// One day's counters (default today, in days of `shaping.day_length` since 1970-01-01 UTC): with a store the fleet's, and this
 /// relay's increments of the last second not yet sent; without one (or while it is away) this relay's.
 async fn counters(State(s): State<Arc<AdminState>>, Query(p): Query<DayParams>) -> Response {
-    let day = p.day.unwrap_or_else(crate::fleet::today);
+    let day = p.day.unwrap_or_else(|| s.counters.today());
     Json(s.counters.read(day).await).into_response()
+}
+
+/// Where traffic shaping stands: each source address with its weight, its warm-up day and today's cap,
+/// what it sent today (the fleet's count with a store), and `full_until` when it has used up today's cap.
+async fn shaping(State(s): State<Arc<AdminState>>) -> Response {
+    let today = s.counters.today();
+    // Brings the fleet's counts up to date before they are shown.
+    s.counters.read(today).await;
+    let full: std::collections::HashMap<std::net::IpAddr, u64> =
+        s.queue.full_sources().await.into_iter().collect();
+    let sources: Vec<serde_json::Value> = s
+        .deliverer
+        .sources()
+        .into_iter()
+        .map(|v| {
+            let mut o = json!(v);
+            if let Some(until) = full.get(&v.address) {
+                o["full_until"] = json!(crate::queue::rfc3339_ms(*until));
+            }
+            o
+        })
+        .collect();
+    Json(json!({
+        "day": today,
+        "day_length_seconds": s.counters.day_length().as_secs(),
+        "sources": sources,
+    }))
+    .into_response()
 }
 
 /// `{"<field>": [...], "next": "<cursor>"}`, `next` only when there is more.

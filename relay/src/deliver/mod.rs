@@ -22,16 +22,18 @@ use std::sync::Arc;
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::fleet::{Count, Counters, LEASE_WAIT, Leases, Rates, Turn};
+use crate::fleet::{Allowance, Count, Counters, LEASE_WAIT, Leases, Rates, Turn};
 
 /// The longest wait for a turn under the rate that a delivery connection sits out open.
 const KEEP_WAITING: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often the per-source gauges are brought up to date.
+const GAUGES_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::queue::{Attempt, Dispatcher, Job, Reply, Slot, Wait};
 use crate::spool::Spool;
 use arc_swap::ArcSwap;
 use client::{Client, ClientError, Rcpt, Stream, Transaction};
 use dns::{DnsFailure, Resolver};
-use herald_config::{Config, Delivery, OutboundTls, TlsMode};
+use herald_config::{Config, Delivery, OutboundTls, Source, TlsMode};
 use tls::TlsClient;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,24 +49,47 @@ pub enum DeliverError {
     },
 }
 
-/// A source address with its EHLO name and weight.
-#[derive(Debug, Clone)]
-struct Source {
-    address: IpAddr,
-    ehlo: String,
-    weight: u32,
-}
-
 /// What a config reload may change about delivery. A connection keeps the one it started with; the next
 /// connection uses the new one.
 pub struct Outbound {
     delivery: Delivery,
     hostname: String,
     resolver: Resolver,
-    pools: std::collections::HashMap<String, Vec<Source>>,
+    pools: std::collections::HashMap<String, Pool>,
     smarthost_password: Option<String>,
     /// With a smarthost and `tls: starttls` or `implicit`.
     smarthost_tls: Option<SmarthostTls>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// An IP pool as connections use it.
+struct Pool {
+    sources: Vec<Source>,
+    warmup: Option<herald_config::Warmup>,
+}
+
+/// Where one source address stands in its warm-up today (`GET /shaping`, the source gauges).
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct SourceView {
+    pub pool: String,
+    pub address: IpAddr,
+    pub weight: u32,
+    /// The first day of its warm-up, as configured; none for a warm address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_start: Option<String>,
+    /// Today's day of the warm-up (1 on the start's day); none for a warm address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_day: Option<u64>,
+    /// Today's cap; none when it has none (warm, or past the schedule).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daily_cap: Option<u64>,
+    /// Messages sent from it today: the fleet's count with a store, as far as this relay knows it.
+    pub sent_today: u64,
 }
 
 /// How the smarthost's certificate is checked: the verifying config (system roots and `ca_file`) and the name
@@ -172,14 +197,10 @@ impl Outbound {
             .map(|p| {
                 (
                     p.name.clone(),
-                    p.sources
-                        .iter()
-                        .map(|s| Source {
-                            address: s.address,
-                            ehlo: s.ehlo.clone(),
-                            weight: s.weight,
-                        })
-                        .collect(),
+                    Pool {
+                        sources: p.sources.clone(),
+                        warmup: p.warmup.clone(),
+                    },
                 )
             })
             .collect();
@@ -251,6 +272,9 @@ impl Deliverer {
         };
         // The job in hand has no turn under the rate yet.
         let mut has_turn = false;
+        // Nor one under its source's warm-up cap; once taken, the source it was taken from.
+        let mut warmed = false;
+        let mut turn: Option<(IpAddr, u64)> = None;
         loop {
             while !has_turn && let Some(wait) = self.over_rate(rate, &job).await {
                 // A short wait is spent on the open connection: closing it to open another a moment later
@@ -270,14 +294,35 @@ impl Deliverer {
                 return;
             }
             has_turn = true;
+            if !warmed {
+                warmed = true;
+                if let Some((source, cap)) = self.daily_cap(&o, &job) {
+                    match self.counters.take(source, cap).await {
+                        Allowance::Go { day } => turn = Some((source, day)),
+                        Allowance::Full { until_ms } => {
+                            tracing::debug!(queue_id = %job.id, %source, cap,
+                                "the source has used up today's warm-up cap; the message goes from another");
+                            if let Some(s) = session.take() {
+                                s.client.quit().await;
+                            }
+                            slot.full(job, source, until_ms);
+                            return;
+                        }
+                    }
+                }
+            }
             if session.is_none() {
                 let mut stop = self.stop.subscribe();
                 let opened = tokio::select! {
-                    r = self.open(&o, &job, None) => r,
-                    _ = stop.wait_for(|s| *s) => {
-                        slot.abandon(job);
-                        return;
+                    r = self.open(&o, &job, None) => Some(r),
+                    _ = stop.wait_for(|s| *s) => None,
+                };
+                let Some(opened) = opened else {
+                    slot.abandon(job);
+                    if let Some((source, day)) = turn.take() {
+                        self.counters.give_back(source, day).await;
                     }
+                    return;
                 };
                 match opened {
                     Ok(s) => {
@@ -285,6 +330,9 @@ impl Deliverer {
                         fresh = true;
                     }
                     Err(fail) => {
+                        if let Some((source, day)) = turn.take() {
+                            self.counters.give_back(source, day).await;
+                        }
                         let attempt =
                             self.fail_all(&job, &fail.reply, fail.remote_mta.clone(), None);
                         // The next job for this destination would meet the same fate now; end here and
@@ -325,10 +373,19 @@ impl Deliverer {
                     (attempt, usable) = self.transact(s, &job).await;
                 }
             }
-            if let Some(ip) = session.as_ref().and_then(|s| s.source)
-                && attempt.results.iter().any(|(_, r)| r.code / 100 == 2)
-            {
-                self.counters.add(Count::Sent(ip), 1);
+            // A message counts as sent from its source once a recipient took it; a warm-up turn already
+            // counted it, and goes back when none did.
+            let accepted = attempt.results.iter().any(|(_, r)| r.code / 100 == 2);
+            match turn.take() {
+                Some((source, day)) if !accepted => self.counters.give_back(source, day).await,
+                Some(_) => {}
+                None => {
+                    if let Some(ip) = session.as_ref().and_then(|s| s.source)
+                        && accepted
+                    {
+                        self.counters.add(Count::Sent(ip), 1);
+                    }
+                }
             }
             fresh = false;
             sent += 1;
@@ -337,6 +394,7 @@ impl Deliverer {
                 Some(next) => {
                     job = next;
                     has_turn = false;
+                    warmed = false;
                 }
                 None => break,
             }
@@ -409,13 +467,78 @@ impl Deliverer {
     /// The job's source (the queue picked it by the pool's weights), with its EHLO name. When a reload
     /// has just taken that address out of the pool, the pool in force picks again.
     fn source(&self, o: &Outbound, job: &Job) -> Option<Source> {
-        let pool = o.pools.get(job.pool.as_deref()?)?;
+        let pool = &o.pools.get(job.pool.as_deref()?)?.sources;
         if let Some(s) = pool.iter().find(|s| Some(s.address) == job.source) {
             return Some(s.clone());
         }
         let weights: Vec<(IpAddr, u32)> = pool.iter().map(|s| (s.address, s.weight)).collect();
         let address = crate::queue::core::source_of(&weights, job.id)?;
         pool.iter().find(|s| s.address == address).cloned()
+    }
+
+    /// The job's source address and its cap today, when it is warming up.
+    fn daily_cap(&self, o: &Outbound, job: &Job) -> Option<(IpAddr, u64)> {
+        let pool = o.pools.get(job.pool.as_deref()?)?;
+        let source = self.source(o, job)?;
+        let cap = pool.warmup.as_ref()?.cap(
+            source
+                .warmup_start
+                .as_ref()?
+                .day_index(unix_now(), self.counters.day_length()),
+        )?;
+        Some((source.address, cap))
+    }
+
+    /// Every pool's addresses and where each stands in its warm-up today.
+    pub fn sources(&self) -> Vec<SourceView> {
+        let o = self.outbound.load();
+        let today = self.counters.day(self.counters.today());
+        let now = unix_now();
+        let day_length = self.counters.day_length();
+        let mut out: Vec<SourceView> = Vec::new();
+        for (name, pool) in &o.pools {
+            for s in &pool.sources {
+                let index = s
+                    .warmup_start
+                    .as_ref()
+                    .map(|w| w.day_index(now, day_length));
+                out.push(SourceView {
+                    pool: name.clone(),
+                    address: s.address,
+                    weight: s.weight,
+                    warmup_start: s.warmup_start.as_ref().map(ToString::to_string),
+                    warmup_day: index.filter(|_| pool.warmup.is_some()).map(|i| i + 1),
+                    daily_cap: index.and_then(|i| pool.warmup.as_ref()?.cap(i)),
+                    sent_today: today
+                        .sources
+                        .get(&s.address.to_canonical().to_string())
+                        .copied()
+                        .unwrap_or(0),
+                });
+            }
+        }
+        out.sort_by(|a, b| (&a.pool, a.address).cmp(&(&b.pool, b.address)));
+        out
+    }
+
+    /// Keeps `herald_source_sent_today` and `herald_source_daily_cap` current, until `stop`.
+    pub fn start_gauges(
+        self: &Arc<Self>,
+        metrics: Arc<crate::metrics::Metrics>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(GAUGES_EVERY);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                let Some(d) = me.upgrade() else { return };
+                metrics.set_sources(&d.sources());
+            }
+        });
     }
 
     /// Connects to the first host that greets, says EHLO, starts TLS and authenticates as configured. With

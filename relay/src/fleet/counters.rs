@@ -1,5 +1,6 @@
 //! Counters per day that later features decide from: messages sent from each source address (IP warm-up
 //! caps), and recipients delivered, bounced and complained about per sending domain (engagement rates).
+//! A day is `shaping.day_length` long, counted from the Unix epoch (by default a UTC calendar day).
 //!
 //! Counting is a map increment on the hot path; once a second the increments go to the store in one
 //! pipeline (`HINCRBY` per counter, `EXPIRE` per key), whose replies are the fleet's totals. In the store,
@@ -13,7 +14,15 @@
 //! totals are the counts. What only this relay holds (its increments not yet in the store, or without a
 //! store its totals) is saved in `counters.json` in the fleet state directory after each flush that sent
 //! something, every `SAVE_EVERY`, and at shutdown, and read back at start: a restart loses at most the
-//! last few seconds. Sending is at least once: a flush whose reply was lost (a time-out after the store
+//! last few seconds.
+//!
+//! An address in warm-up takes a turn under its daily cap before each message ([`Counters::take`]): one
+//! script in the store checks the fleet's count for the day and adds the message, so the fleet as a whole
+//! never goes past the cap. A message that then goes nowhere (no recipient accepted, or no connection) gives
+//! its turn back. While the store does not answer, a relay goes on by itself for its share of the cap (cap ÷
+//! `fleet_size`) beyond the count it last saw.
+//!
+//! Sending is at least once: a flush whose reply was lost (a time-out after the store
 //! applied it) is sent again, so a count can come out a little high, never low; a batch the store
 //! refuses outright (a key of another type) is dropped, said in the log, not retried for ever.
 
@@ -34,13 +43,34 @@ use super::{FleetError, Link, ScriptConnection};
 pub const SOURCE_DAYS: u64 = 8;
 /// Days a sending domain's counts are kept.
 pub const DOMAIN_DAYS: u64 = 31;
+/// Takes one message of a source's daily cap. KEYS: the day's source hash. ARGV: the address, the cap, this
+/// relay's increments of that address not yet sent (added here, so they are not lost), the key's lifetime
+/// in seconds. Returns {1 when taken, the day's count after}.
+const TAKE: &str = r#"
+local pending = tonumber(ARGV[3])
+local n = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if n + pending >= tonumber(ARGV[2]) then
+  if pending > 0 then n = redis.call('HINCRBY', KEYS[1], ARGV[1], pending) end
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  return {0, n}
+end
+n = redis.call('HINCRBY', KEYS[1], ARGV[1], pending + 1)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return {1, n}
+"#;
+/// Gives one message back to a source's count of a day, never below 0. KEYS: the day's source hash. ARGV:
+/// the address. Returns the count after.
+const GIVE_BACK: &str = r#"
+local n = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if n > 0 then n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1) end
+return n
+"#;
 /// How often increments go to the store.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// How often what only this relay holds is saved (when it changed).
 const SAVE_EVERY: Duration = Duration::from_secs(10);
 /// The file, in the fleet state directory.
 const FILE: &str = "counters.json";
-const DAY_SECS: u64 = 86_400;
 
 /// What a counter counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -58,6 +88,7 @@ impl Scope {
         }
     }
 
+    /// Days its counts are kept.
     fn days(self) -> u64 {
         match self {
             Scope::Source => SOURCE_DAYS,
@@ -116,10 +147,25 @@ pub struct Day {
     pub domains: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
+/// A turn under a source's daily cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allowance {
+    /// Taken on `day`: the message may go (and counts, unless given back to that day).
+    Go { day: u64 },
+    /// Today's cap is used up; the next day starts at this Unix time (ms).
+    Full { until_ms: u64 },
+}
+
 /// This relay's counters; shared through the store when there is one.
 #[derive(Debug)]
 pub struct Counters {
     store: Option<ScriptConnection>,
+    take: redis::Script,
+    give: redis::Script,
+    /// Seconds in a day (`shaping.day_length`).
+    day_secs: u64,
+    /// Replicas sharing the store: while it is away, this relay's share of a cap.
+    fleet_size: u32,
     state: Mutex<State>,
     file: PathBuf,
     /// Changed since the last save.
@@ -166,17 +212,22 @@ fn transient(e: &FleetError) -> bool {
     }
 }
 
-/// Today, in days since 1970-01-01 UTC.
-pub fn today() -> u64 {
+fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() / DAY_SECS)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Counters {
-    /// The counters kept in `dir` (the fleet state directory), through `link` when there is a store.
-    /// Blocking: reads the saved file.
-    pub fn open(dir: &Path, link: Option<Arc<Link>>) -> Result<Counters, FleetError> {
+    /// The counters kept in `dir` (the fleet state directory), with days of `day_length`; through `link`
+    /// when there is a store, shared by `fleet_size` relays. Blocking: reads the saved file.
+    pub fn open(
+        dir: &Path,
+        link: Option<Arc<Link>>,
+        fleet_size: u32,
+        day_length: Duration,
+    ) -> Result<Counters, FleetError> {
+        let day_secs = day_length.as_secs().max(1);
         let local = |source| FleetError::Local {
             path: dir.join(FILE),
             source,
@@ -191,7 +242,7 @@ impl Counters {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Saved::default(),
             Err(e) => return Err(local(e)),
         };
-        let now = today();
+        let now = unix_ms() / 1000 / day_secs;
         let load = |v: Vec<(u64, Scope, String, u64)>| -> BTreeMap<Key, u64> {
             v.into_iter()
                 .filter(|(day, scope, _, _)| keep(*day, *scope, now))
@@ -202,12 +253,14 @@ impl Counters {
             totals: load(saved.totals),
             pending: load(saved.pending),
         };
+        let take = redis::Script::new(TAKE);
+        let give = redis::Script::new(GIVE_BACK);
         let store = link.map(|link| {
             ScriptConnection::new(
                 link,
                 "count",
                 "counters wait on this relay until the store answers",
-                Vec::new(),
+                vec![take.clone(), give.clone()],
             )
         });
         if store.is_none() {
@@ -218,6 +271,10 @@ impl Counters {
         }
         Ok(Counters {
             store,
+            take,
+            give,
+            day_secs,
+            fleet_size: fleet_size.max(1),
             state: Mutex::new(state),
             file,
             dirty: AtomicBool::new(false),
@@ -242,13 +299,23 @@ impl Counters {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Today, in days since 1970-01-01 UTC (days of `shaping.day_length`).
+    pub fn today(&self) -> u64 {
+        unix_ms() / 1000 / self.day_secs
+    }
+
+    /// The length of a day.
+    pub fn day_length(&self) -> Duration {
+        Duration::from_secs(self.day_secs)
+    }
+
     /// Counts `n` of `count` today.
     pub fn add(&self, count: Count<'_>, n: u64) {
         if n == 0 {
             return;
         }
         let (scope, field) = count.key();
-        let key = (today(), scope, field);
+        let key = (self.today(), scope, field);
         let mut state = self.lock();
         if self.store.is_some() {
             *state.pending.entry(key).or_default() += n;
@@ -256,6 +323,104 @@ impl Counters {
             *state.totals.entry(key).or_default() += n;
         }
         self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// A turn for one message from `source` under today's `cap`, counted as sent from it at once (the
+    /// fleet's count through the store, this relay's while there is none or it does not answer).
+    pub async fn take(&self, source: IpAddr, cap: u64) -> Allowance {
+        let day = self.today();
+        let key: Key = (day, Scope::Source, Count::Sent(source).key().1);
+        let full = Allowance::Full {
+            until_ms: (day + 1) * self.day_secs * 1000,
+        };
+        if let Some(store) = &self.store
+            && let Some(con) = store.get().await
+        {
+            let pending = self.lock().pending.remove(&key).unwrap_or(0);
+            let name = store
+                .link()
+                .key(&format!("count:{{{}}}:{day}", Scope::Source.tag()));
+            let mut call = self.take.key(name);
+            call.arg(&key.2)
+                .arg(cap)
+                .arg(pending)
+                .arg(Scope::Source.days() * self.day_secs);
+            let mut con = con;
+            match store.timed(call.invoke_async::<(u8, u64)>(&mut con)).await {
+                Ok((taken, n)) => {
+                    self.lock().totals.insert(key, n);
+                    self.dirty.store(true, Ordering::Relaxed);
+                    return if taken == 1 {
+                        Allowance::Go { day }
+                    } else {
+                        full
+                    };
+                }
+                Err(e) => {
+                    if pending > 0 {
+                        *self.lock().pending.entry(key.clone()).or_default() += pending;
+                    }
+                    store.failed(&e).await;
+                }
+            }
+        }
+        let mut state = self.lock();
+        let known = state.totals.get(&key).copied().unwrap_or(0);
+        let mine = state.pending.get(&key).copied().unwrap_or(0);
+        let room = match self.store {
+            // Without a store the counts are this relay's own, and so is the cap.
+            None => known < cap,
+            // The store is away: this relay takes no more than its share of what was left of the cap
+            // when it last heard the fleet's count, so the relays together stay within it.
+            Some(_) => mine < cap.saturating_sub(known) / u64::from(self.fleet_size),
+        };
+        if !room {
+            return full;
+        }
+        if self.store.is_some() {
+            *state.pending.entry(key).or_default() += 1;
+        } else {
+            *state.totals.entry(key).or_default() += 1;
+        }
+        self.dirty.store(true, Ordering::Relaxed);
+        Allowance::Go { day }
+    }
+
+    /// Gives back a turn [`Counters::take`] gave on `day` for a message that was not handed over after all.
+    pub async fn give_back(&self, source: IpAddr, day: u64) {
+        let key: Key = (day, Scope::Source, Count::Sent(source).key().1);
+        {
+            let mut state = self.lock();
+            if let Some(n) = state.pending.get_mut(&key)
+                && *n > 0
+            {
+                *n -= 1;
+                return;
+            }
+            if self.store.is_none() {
+                if let Some(n) = state.totals.get_mut(&key) {
+                    *n = n.saturating_sub(1);
+                }
+                self.dirty.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+        let Some(store) = &self.store else { return };
+        let Some(mut con) = store.get().await else {
+            return;
+        };
+        let name = store
+            .link()
+            .key(&format!("count:{{{}}}:{day}", Scope::Source.tag()));
+        // A give-back that does not arrive leaves the count a little high, never low.
+        let mut call = self.give.key(name);
+        call.arg(&key.2);
+        match store.timed(call.invoke_async::<u64>(&mut con)).await {
+            Ok(n) => {
+                self.lock().totals.insert(key, n);
+            }
+            Err(e) => store.failed(&e).await,
+        }
     }
 
     /// Writes what only this relay holds to the file, when it changed since the last save.
@@ -266,14 +431,21 @@ impl Counters {
         }
         let saved = {
             let mut state = self.lock();
-            let now = today();
+            let now = self.today();
             state
                 .totals
                 .retain(|(day, scope, _), _| keep(*day, *scope, now));
             Saved {
-                // With a store its totals are the store's; only the increments are this relay's.
+                // With a store its totals are the store's, and only today's source counts are kept, as the
+                // last the relay heard: a relay that starts while the store is away keeps to its share of
+                // what was left of a warm-up cap. The increments are this relay's.
                 totals: if self.store.is_some() {
-                    Vec::new()
+                    state
+                        .totals
+                        .iter()
+                        .filter(|((day, scope, _), _)| *day == now && *scope == Scope::Source)
+                        .map(|((day, scope, field), n)| (*day, *scope, field.clone(), *n))
+                        .collect()
                 } else {
                     entries(&state.totals)
                 },
@@ -398,7 +570,8 @@ impl Counters {
                             .link()
                             .key(&format!("count:{{{}}}:{day}", scope.tag()));
                         pipe.hincr(&key, field, *n);
-                        pipe.expire(&key, (scope.days() * DAY_SECS) as i64).ignore();
+                        pipe.expire(&key, (scope.days() * self.day_secs) as i64)
+                            .ignore();
                     }
                     Some(store.timed(pipe.query_async::<Vec<u64>>(&mut con)).await)
                 }
@@ -415,7 +588,7 @@ impl Counters {
                         for ((key, _), total) in group.into_iter().zip(totals) {
                             state.totals.insert(key, total);
                         }
-                        let now = today();
+                        let now = self.today();
                         state
                             .totals
                             .retain(|(day, scope, _), _| keep(*day, *scope, now));
@@ -486,10 +659,12 @@ async fn upkeep(counters: Weak<Counters>, mut stop: watch::Receiver<bool>) {
 mod tests {
     use super::*;
 
+    const DAY: Duration = Duration::from_secs(86_400);
+
     #[test]
     fn a_relay_without_a_store_counts_by_itself_per_day() {
         let dir = tempfile::tempdir().unwrap();
-        let c = Counters::open(dir.path(), None).unwrap();
+        let c = Counters::open(dir.path(), None, 1, DAY).unwrap();
         let ip: IpAddr = "192.0.2.10".parse().unwrap();
         c.add(Count::Sent(ip), 2);
         c.add(Count::Sent(ip), 1);
@@ -497,16 +672,16 @@ mod tests {
         c.add(Count::Delivered("Example.COM"), 5);
         c.add(Count::Bounced("example.com"), 1);
         c.add(Count::Complained("example.com"), 0);
-        let day = c.day(today());
+        let day = c.day(c.today());
         assert_eq!(day.sources["192.0.2.10"], 4);
         assert_eq!(
             day.domains["example.com"],
             BTreeMap::from([("bounced".to_owned(), 1), ("delivered".to_owned(), 5)])
         );
         assert_eq!(
-            c.day(today() - 1),
+            c.day(c.today() - 1),
             Day {
-                day: today() - 1,
+                day: c.today() - 1,
                 ..Day::default()
             }
         );
@@ -515,21 +690,61 @@ mod tests {
     #[tokio::test]
     async fn what_only_this_relay_holds_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let c = Counters::open(dir.path(), None).unwrap();
+        let c = Counters::open(dir.path(), None, 1, DAY).unwrap();
         let ip: IpAddr = "192.0.2.10".parse().unwrap();
         c.add(Count::Sent(ip), 3);
         c.add(Count::Complained("example.com"), 1);
         c.close().await;
-        let again = Counters::open(dir.path(), None).unwrap();
-        assert_eq!(again.day(today()), c.day(today()));
+        let again = Counters::open(dir.path(), None, 1, DAY).unwrap();
+        assert_eq!(again.day(c.today()), c.day(c.today()));
         // Counts past their keeping are not read back.
         let old = Saved {
-            totals: vec![(today() - SOURCE_DAYS, Scope::Source, "192.0.2.10".into(), 9)],
-            pending: vec![(today(), Scope::Source, "192.0.2.10".into(), 2)],
+            totals: vec![(
+                c.today() - SOURCE_DAYS,
+                Scope::Source,
+                "192.0.2.10".into(),
+                9,
+            )],
+            pending: vec![(c.today(), Scope::Source, "192.0.2.10".into(), 2)],
         };
         std::fs::write(dir.path().join(FILE), serde_json::to_vec(&old).unwrap()).unwrap();
-        let read = Counters::open(dir.path(), None).unwrap();
-        assert_eq!(read.day(today()).sources["192.0.2.10"], 2);
-        assert!(read.day(today() - SOURCE_DAYS).sources.is_empty());
+        let read = Counters::open(dir.path(), None, 1, DAY).unwrap();
+        assert_eq!(read.day(c.today()).sources["192.0.2.10"], 2);
+        assert!(read.day(c.today() - SOURCE_DAYS).sources.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_cap_gives_exactly_its_count_of_turns_per_day_and_a_turn_given_back_comes_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Counters::open(dir.path(), None, 1, DAY).unwrap();
+        let ip: IpAddr = "192.0.2.10".parse().unwrap();
+        for _ in 0..3 {
+            assert!(matches!(c.take(ip, 3).await, Allowance::Go { .. }));
+        }
+        let Allowance::Full { until_ms } = c.take(ip, 3).await else {
+            panic!("a fourth turn under a cap of 3");
+        };
+        assert_eq!(until_ms, (c.today() + 1) * 86_400_000);
+        assert_eq!(c.day(c.today()).sources["192.0.2.10"], 3);
+        c.give_back(ip, c.today()).await;
+        assert!(matches!(c.take(ip, 3).await, Allowance::Go { .. }));
+        assert!(matches!(c.take(ip, 3).await, Allowance::Full { .. }));
+        // Messages counted as sent before the address had a cap count against it.
+        let other: IpAddr = "192.0.2.11".parse().unwrap();
+        c.add(Count::Sent(other), 2);
+        assert!(matches!(c.take(other, 3).await, Allowance::Go { .. }));
+        assert!(matches!(c.take(other, 3).await, Allowance::Full { .. }));
+        // And the count survives a restart.
+        c.close().await;
+        let again = Counters::open(dir.path(), None, 1, DAY).unwrap();
+        assert!(matches!(again.take(ip, 3).await, Allowance::Full { .. }));
+    }
+
+    #[test]
+    fn days_follow_the_configured_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Counters::open(dir.path(), None, 1, Duration::from_secs(10)).unwrap();
+        assert_eq!(c.today(), unix_ms() / 10_000);
+        assert_eq!(c.day_length(), Duration::from_secs(10));
     }
 }

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use crate::metrics::Metrics;
 use crate::outcome::suppression::{FileStore, Suppressions};
 
-pub use counters::{Count, Counters, Day, today};
+pub use counters::{Allowance, Count, Counters, Day};
 pub use leases::{LEASE_WAIT, Lease, Leases};
 pub use link::{Connection, Link, ScriptConnection};
 pub use outbox::Outbox;

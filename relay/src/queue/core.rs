@@ -14,6 +14,12 @@
 //! that finds the total at the cap joins a FIFO of waiting destinations (once); each connection that closes
 //! hands its place to the first of them, one connection each in turn, so a busy destination cannot starve
 //! the others of the places that come free.
+//!
+//! A source address whose daily warm-up cap is used up is *full* until the next day ([`Core::source_full`]):
+//! mail is routed among the pool's other addresses (rendezvous hashing without it, so no other message
+//! moves), and when every address of the pool is full it waits, untried, on its own address's destination,
+//! which opens no connection before the day turns. Marks are set and cleared only here, each time with the
+//! ready lists of the pool routed again, so a ready list never holds a message routed elsewhere.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
@@ -144,6 +150,9 @@ pub struct Settings {
     /// Connections to all destinations together (`delivery.max_connections`, or its default).
     pub total_connections: usize,
     pub routing: Routing,
+    /// The warm-up of each capped source address (its pools' schedules and its start, as written): a
+    /// reload that changes an address's keeps its mark of a full day, one that changes it lifts the mark.
+    pub warmups: HashMap<IpAddr, String>,
 }
 
 impl Settings {
@@ -179,6 +188,20 @@ impl Settings {
                     })
                     .collect(),
                 local,
+            },
+            warmups: {
+                let mut w: HashMap<IpAddr, String> = HashMap::new();
+                for p in &config.ip_pools {
+                    let Some(warmup) = &p.warmup else { continue };
+                    for s in &p.sources {
+                        if let Some(start) = &s.warmup_start {
+                            w.entry(s.address)
+                                .or_default()
+                                .push_str(&format!("{:?}@{start};", warmup.caps()));
+                        }
+                    }
+                }
+                w
             },
         }
     }
@@ -409,6 +432,9 @@ impl Strings {
 
 #[derive(Default)]
 struct Dest {
+    /// The pool and source address in the key, if any.
+    pool: Option<Arc<str>>,
+    source: Option<IpAddr>,
     ready: VecDeque<QueueId>,
     connections: usize,
     /// On the FIFO of destinations waiting for a place under the total cap.
@@ -449,6 +475,10 @@ pub struct Core {
     timers: BinaryHeap<Reverse<(u64, QueueId)>>,
     /// When held destinations may try for a connection again.
     holds: BinaryHeap<Reverse<(u64, DestKey)>>,
+    /// Source addresses over their daily cap, until when (ms); see [`Core::source_full`].
+    full: HashMap<IpAddr, u64>,
+    /// When full addresses may send again.
+    refills: BinaryHeap<Reverse<(u64, IpAddr)>>,
     /// Live messages and bytes per spool segment.
     segments: BTreeMap<u64, (usize, u64)>,
     /// Messages with recipients still pending, per destination domain (for `herald_queue_depth`).
@@ -495,6 +525,8 @@ impl Core {
             waiting: VecDeque::new(),
             timers: BinaryHeap::new(),
             holds: BinaryHeap::new(),
+            full: HashMap::new(),
+            refills: BinaryHeap::new(),
             segments: BTreeMap::new(),
             depth: HashMap::new(),
             strings: Strings::default(),
@@ -526,10 +558,8 @@ impl Core {
     pub fn next_due(&self) -> Option<u64> {
         let timer = self.timers.peek().map(|Reverse((due, _))| *due);
         let hold = self.holds.peek().map(|Reverse((until, _))| *until);
-        match (timer, hold) {
-            (Some(t), Some(h)) => Some(t.min(h)),
-            (t, h) => t.or(h),
-        }
+        let refill = self.refills.peek().map(|Reverse((until, _))| *until);
+        [timer, hold, refill].into_iter().flatten().min()
     }
 
     /// No connection is open: after [`Core::stop`], the shell may finish.
@@ -551,7 +581,16 @@ impl Core {
     /// every waiting message is routed again; a larger connection cap is used at once, and a smaller one as
     /// connections close.
     pub fn reconfigure(&mut self, settings: Settings, now: u64) -> Vec<Action> {
-        let rerouted = settings.routing != self.settings.routing;
+        // A full address stays full unless the reload changed its warm-up (a lifted or raised cap; one still
+        // over its cap is marked again by its next refused turn).
+        let before = self.full.len();
+        self.full.retain(|a, _| {
+            settings
+                .warmups
+                .get(a)
+                .is_some_and(|w| self.settings.warmups.get(a) == Some(w))
+        });
+        let rerouted = settings.routing != self.settings.routing || self.full.len() != before;
         self.settings = settings;
         let mut out = Vec::new();
         if rerouted {
@@ -561,6 +600,9 @@ impl Core {
             for d in self.dests.values_mut() {
                 d.ready.clear();
                 d.waiting = false;
+                // A hold for a full source ends with its mark; one for a lease or a rate is short, and a
+                // connection that finds no room again is held again.
+                d.held_until = 0;
             }
             self.dests.retain(|_, d| d.connections > 0);
             let ids: Vec<QueueId> = self.messages.keys().copied().collect();
@@ -833,12 +875,8 @@ impl Core {
                 {
                     continue;
                 }
-                if let Some(route) = dest_of(
-                    &self.settings.routing,
-                    id,
-                    &e.meta.sender,
-                    &e.meta.recipients[i],
-                ) && route.key == *key
+                if let Some(route) = self.route(id, &e.meta.sender, &e.meta.recipients[i])
+                    && route.key == *key
                 {
                     rcpts.push(i as u32);
                     target.get_or_insert(route);
@@ -910,9 +948,88 @@ impl Core {
         out
     }
 
+    /// `job`'s source address `source` has used up its daily cap: the job goes back untried (not an attempt),
+    /// and the address sends nothing more until `until` (the next day, ms). Its waiting mail goes to the pool's other
+    /// addresses, or, when every one of them is full too, waits for the day to turn.
+    pub fn source_full(&mut self, job: &Job, source: IpAddr, until: u64, now: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        if until > now {
+            let newly = !self.full.contains_key(&source);
+            let mark = self.full.entry(source).or_insert(0);
+            if until > *mark {
+                *mark = until;
+                self.refills.push(Reverse((until, source)));
+            }
+            // Once per day: later refusals (jobs that were already under way) find the mail moved.
+            if newly {
+                self.reroute(|d| d.source == Some(source), source, now, &mut out);
+            }
+        }
+        out.extend(self.give_back(job, now));
+        out
+    }
+
+    /// Routes again the ready messages of the destinations of pools that hold `source` and that `pick`
+    /// picks: a change of `source`'s fullness changes where some of them go.
+    fn reroute(
+        &mut self,
+        pick: impl Fn(&Dest) -> bool,
+        source: IpAddr,
+        now: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let routing = &self.settings.routing;
+        let has = |pool: &Option<Arc<str>>| {
+            pool.as_ref()
+                .and_then(|p| routing.sources.get(p))
+                .is_some_and(|s| s.iter().any(|(a, _)| *a == source))
+        };
+        let mut ids: Vec<QueueId> = Vec::new();
+        for d in self.dests.values_mut() {
+            if pick(d) && has(&d.pool) {
+                ids.extend(d.ready.drain(..));
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            self.make_ready(id, now, out);
+        }
+        let keys: Vec<DestKey> = self.dests.keys().cloned().collect();
+        for key in keys {
+            self.forget_if_idle(&key);
+        }
+    }
+
+    /// Whether `source` has used up today's cap.
+    pub fn is_full(&self, source: IpAddr) -> bool {
+        self.full.contains_key(&source)
+    }
+
+    /// Source addresses over their daily cap, with when they send again (ms).
+    pub fn full_sources(&self) -> Vec<(IpAddr, u64)> {
+        self.full.iter().map(|(a, u)| (*a, *u)).collect()
+    }
+
     /// Makes ready the messages whose deferred recipients are due by `now`.
     pub fn due(&mut self, now: u64) -> Vec<Action> {
         let mut out = Vec::new();
+        while let Some(&Reverse((until, source))) = self.refills.peek() {
+            if until > now {
+                break;
+            }
+            self.refills.pop();
+            if self.full.get(&source).is_some_and(|&u| u <= now) {
+                self.full.remove(&source);
+                tracing::debug!(%source, "a new day: the source sends again");
+                self.reroute(
+                    |d| d.pool.is_some() && d.source.is_some(),
+                    source,
+                    now,
+                    &mut out,
+                );
+            }
+        }
         while let Some(Reverse((until, _))) = self.holds.peek() {
             if *until > now {
                 break;
@@ -1084,6 +1201,11 @@ impl Core {
         }
     }
 
+    /// Where a recipient goes now, with full sources left out.
+    fn route(&self, id: QueueId, sender: &str, address: &str) -> Option<Route> {
+        dest_of(&self.settings.routing, &self.full, id, sender, address)
+    }
+
     fn is_local(&self, domain: &str) -> bool {
         self.settings
             .routing
@@ -1107,9 +1229,15 @@ impl Core {
         let Some(e) = self.messages.get(&id) else {
             return;
         };
-        let mut dests: Vec<DestKey> = Vec::new();
+        let mut dests: Vec<Route> = Vec::new();
         let mut earliest: Option<u64> = None;
         let mut nowhere: Vec<u32> = Vec::new();
+        // Waiting for a full source: past `max_age` they expire untried.
+        let mut expired: Vec<u32> = Vec::new();
+        let expires_at = e
+            .meta
+            .received_at_ms
+            .saturating_add(self.settings.max_age.as_millis() as u64);
         for (i, s) in e.rcpts.slots().iter().enumerate() {
             if s.status.is_final() || s.in_flight {
                 continue;
@@ -1119,15 +1247,26 @@ impl Core {
                     Some(earliest.map_or(s.next_attempt_ms, |t: u64| t.min(s.next_attempt_ms)));
                 continue;
             }
-            match dest_of(
-                &self.settings.routing,
-                id,
-                &e.meta.sender,
-                &e.meta.recipients[i],
-            ) {
-                Some(Route { key, .. }) => {
-                    if !dests.contains(&key) {
-                        dests.push(key);
+            match self.route(id, &e.meta.sender, &e.meta.recipients[i]) {
+                Some(route)
+                    if route
+                        .source
+                        .and_then(|s| self.full.get(&s))
+                        .is_some_and(|&until| until > expires_at) =>
+                {
+                    if now >= expires_at {
+                        expired.push(i as u32);
+                        continue;
+                    }
+                    // The wait outlasts the message: a timer brings it back when it expires.
+                    earliest = Some(earliest.map_or(expires_at, |t: u64| t.min(expires_at)));
+                    if !dests.iter().any(|d| d.key == route.key) {
+                        dests.push(route);
+                    }
+                }
+                Some(route) => {
+                    if !dests.iter().any(|d| d.key == route.key) {
+                        dests.push(route);
                     }
                 }
                 None => nowhere.push(i as u32),
@@ -1144,13 +1283,15 @@ impl Core {
         if !nowhere.is_empty() {
             out.extend(self.undeliverable(id, &nowhere, now));
         }
-        for key in dests {
-            self.dests
-                .entry(key.clone())
-                .or_default()
-                .ready
-                .push_back(id);
-            self.kick(&key, now, out);
+        if !expired.is_empty() {
+            out.extend(self.expire_waiting(id, &expired, now));
+        }
+        for route in dests {
+            let d = self.dests.entry(route.key.clone()).or_default();
+            d.pool = route.pool;
+            d.source = route.source;
+            d.ready.push_back(id);
+            self.kick(&route.key, now, out);
         }
     }
 
@@ -1182,9 +1323,42 @@ impl Core {
         self.record(attempt, &verdicts, now, 0.0)
     }
 
+    /// Expires recipients that waited for a full source until `max_age` had passed: never tried, they get
+    /// the expiry DSN all the same.
+    fn expire_waiting(&mut self, id: QueueId, rcpts: &[u32], now: u64) -> Vec<Action> {
+        let Some(e) = self.messages.get(&id) else {
+            return Vec::new();
+        };
+        let domain = domain_of(&e.meta.recipients[rcpts[0] as usize]).to_ascii_lowercase();
+        let reply = Reply {
+            code: 451,
+            enhanced: Some("4.4.5".to_owned()),
+            text: "every source address of the pool had used up its daily warm-up cap".to_owned(),
+            remote: false,
+        };
+        let attempt = Attempt {
+            id,
+            results: rcpts.iter().map(|&i| (i, reply.clone())).collect(),
+            remote_mta: None,
+            domain: Arc::from(domain.as_str()),
+            tls: None,
+            next_hop_dsn: false,
+        };
+        let verdicts = vec![Some((Class::Soft, Category::TransientOther)); rcpts.len()];
+        self.record(attempt, &verdicts, now, 0.0)
+    }
+
     /// Starts connections for a destination while it has ready work and room, and the total is under its
     /// cap; at the cap, the destination waits for a place (see [`Core::serve_waiting`]).
     fn kick(&mut self, key: &DestKey, now: u64, out: &mut Vec<Action>) {
+        // A full source's mail waits for the day to turn: the destination is held until then.
+        if let Some(d) = self.dests.get_mut(key)
+            && let Some(&until) = d.source.as_ref().and_then(|s| self.full.get(s))
+            && d.held_until < until
+        {
+            d.held_until = until;
+            self.holds.push(Reverse((until, key.clone())));
+        }
         while self.wants_connection(key, now) {
             if self.connections >= self.settings.total_connections {
                 self.wait_for_place(key);
@@ -1339,12 +1513,9 @@ impl Core {
                 {
                     continue;
                 }
-                if let Some(Route { key, .. }) = dest_of(
-                    &self.settings.routing,
-                    e.meta.id,
-                    &e.meta.sender,
-                    &e.meta.recipients[i],
-                ) {
+                if let Some(Route { key, .. }) =
+                    self.route(e.meta.id, &e.meta.sender, &e.meta.recipients[i])
+                {
                     due.insert(key);
                 }
             }
@@ -1353,7 +1524,7 @@ impl Core {
             let Some(d) = self.dests.get(&key) else {
                 return Err(format!("{key}: due work but no destination"));
             };
-            if d.connections >= self.settings.per_destination {
+            if d.connections >= self.settings.per_destination || d.held_until > now {
                 continue;
             }
             if under_cap {
@@ -1401,12 +1572,9 @@ impl Core {
                         }
                     }
                 }
-                let Some(Route { key, .. }) = dest_of(
-                    &self.settings.routing,
-                    *id,
-                    &e.meta.sender,
-                    &e.meta.recipients[i],
-                ) else {
+                let Some(Route { key, .. }) =
+                    self.route(*id, &e.meta.sender, &e.meta.recipients[i])
+                else {
                     return Err(format!("{id} #{i}: waiting with nowhere to go"));
                 };
                 if !self.dests.get(&key).is_some_and(|d| d.ready.contains(id)) {
@@ -1426,9 +1594,16 @@ struct Route {
     source: Option<IpAddr>,
 }
 
-/// The destination of recipient `address` of message `id` from `sender`; None for return-path domains,
-/// whose mail is the relay's own and is not delivered by MX.
-fn dest_of(routing: &Routing, id: QueueId, sender: &str, address: &str) -> Option<Route> {
+/// The destination of recipient `address` of message `id` from `sender`, its source picked among the
+/// pool's addresses that are not `full` (when all are, among all: it waits there); None for return-path
+/// domains, whose mail is the relay's own and is not delivered by MX.
+fn dest_of(
+    routing: &Routing,
+    full: &HashMap<IpAddr, u64>,
+    id: QueueId,
+    sender: &str,
+    address: &str,
+) -> Option<Route> {
     let domain = domain_of(address).to_ascii_lowercase();
     if routing.local.contains(&domain) {
         return None;
@@ -1440,7 +1615,12 @@ fn dest_of(routing: &Routing, id: QueueId, sender: &str, address: &str) -> Optio
     let source = pool
         .as_ref()
         .and_then(|p| routing.sources.get(p))
-        .and_then(|sources| source_of(sources, id));
+        .and_then(|sources| {
+            if full.is_empty() {
+                return source_of(sources, id);
+            }
+            pick_source(sources, id, |a| !full.contains_key(&a)).or_else(|| source_of(sources, id))
+        });
     let target = if routing.smarthost {
         "[smarthost]".to_owned()
     } else {
@@ -1464,10 +1644,19 @@ fn dest_of(routing: &Routing, id: QueueId, sender: &str, address: &str) -> Optio
 /// pool's mail splits by the weights; and a change of one address's weight, or one added or removed, moves
 /// only mail to or from that address (a retry that changes address meets greylisting afresh).
 pub fn source_of(sources: &[(IpAddr, u32)], id: QueueId) -> Option<IpAddr> {
+    pick_source(sources, id, |_| true)
+}
+
+/// [`source_of`] among the addresses `usable` takes: leaving one out moves only the mail it had.
+fn pick_source(
+    sources: &[(IpAddr, u32)],
+    id: QueueId,
+    usable: impl Fn(IpAddr) -> bool,
+) -> Option<IpAddr> {
     let id = mix(id.0);
     sources
         .iter()
-        .filter(|&&(_, weight)| weight > 0)
+        .filter(|&&(address, weight)| weight > 0 && usable(address))
         .map(|&(address, weight)| {
             // An exponential draw at rate `weight`: the smallest wins with odds weight / total.
             let u = unit(mix(id ^ address_key(address)));

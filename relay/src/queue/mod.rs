@@ -14,6 +14,7 @@
 pub mod core;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -45,6 +46,13 @@ const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// The most of an original message a DSN reads to find its header section; also the largest message a DSN
 /// returns whole (RET=FULL); a larger one comes back as its headers.
 const DSN_HEADERS_MAX: usize = 1024 * 1024;
+
+/// Unix milliseconds as RFC 3339.
+pub fn rfc3339_ms(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms as i64)
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_default()
+}
 
 /// Unix milliseconds now.
 pub fn now_ms() -> u64 {
@@ -102,6 +110,17 @@ enum Command {
     /// A connection gives back a job it never attempted.
     Abandon {
         job: Job,
+    },
+    /// A connection's source has used up today's warm-up cap: the job goes back untried, and the source
+    /// sends nothing until `until` (ms).
+    SourceFull {
+        job: Job,
+        source: IpAddr,
+        until: u64,
+    },
+    /// Source addresses over their cap, and until when.
+    Full {
+        reply: oneshot::Sender<Vec<(IpAddr, u64)>>,
     },
     /// New settings from a config reload.
     Reconfigure(Box<Reconfigure>),
@@ -170,6 +189,13 @@ impl QueueHandle {
         rx.await.unwrap_or(false)
     }
 
+    /// Source addresses that have used up today's warm-up cap, with when they send again (Unix ms).
+    pub async fn full_sources(&self) -> Vec<(IpAddr, u64)> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Full { reply });
+        rx.await.unwrap_or_default()
+    }
+
     /// Applies a reloaded config: routing, limits, retry schedule, expiry, hostname, log policy.
     pub fn reconfigure(&self, r: Reconfigure) {
         self.send(Command::Reconfigure(Box::new(r)));
@@ -228,6 +254,17 @@ impl Slot {
         self.queue.send(Command::Hold { job, until, reason });
     }
 
+    /// Gives back a job that was never attempted because its source address `source` has used up today's
+    /// warm-up cap: that address sends nothing more until `until_ms` (Unix ms), and its mail goes from the
+    /// pool's others.
+    pub fn full(self, job: Job, source: IpAddr, until_ms: u64) {
+        self.queue.send(Command::SourceFull {
+            job,
+            source,
+            until: until_ms,
+        });
+    }
+
     /// Gives back a job that was never attempted (the relay is stopping); the place is freed with it.
     pub fn abandon(self, job: Job) {
         self.queue.send(Command::Abandon { job });
@@ -249,15 +286,18 @@ pub enum Wait {
     Lease,
     /// Its destination was over `delivery.per_domain.max_message_rate`.
     Rate,
+    /// Its source address had used up today's warm-up cap.
+    Warmup,
 }
 
 impl Wait {
-    pub const LABELS: [&'static str; 2] = ["lease", "rate"];
+    pub const LABELS: [&'static str; 3] = ["lease", "rate", "warmup"];
 
     fn label(self) -> &'static str {
         match self {
             Wait::Lease => "lease",
             Wait::Rate => "rate",
+            Wait::Warmup => "warmup",
         }
     }
 }
@@ -555,6 +595,22 @@ impl Shell {
                     .inc();
                 let actions = self.core.hold(&job, until, now);
                 self.act(actions, None);
+            }
+            Command::SourceFull { job, source, until } => {
+                self.telemetry
+                    .metrics
+                    .delivery_waits
+                    .with_label_values(&[Wait::Warmup.label()])
+                    .inc();
+                if !self.core.is_full(source) {
+                    tracing::info!(%source, until = %crate::queue::rfc3339_ms(until),
+                        "the source has used up today's warm-up cap; its mail goes from the pool's other addresses until the day turns");
+                }
+                let actions = self.core.source_full(&job, source, until, now);
+                self.act(actions, None);
+            }
+            Command::Full { reply } => {
+                let _ = reply.send(self.core.full_sources());
             }
             Command::Abandon { job } => {
                 let actions = self.core.give_back(&job, now);
@@ -1215,7 +1271,15 @@ mod tests {
         let telemetry = Telemetry::new(
             Arc::new(crate::metrics::Metrics::new(&[])),
             crate::events::EventSink::default(),
-            Arc::new(crate::fleet::Counters::open(&dir.path().join("fleet"), None).unwrap()),
+            Arc::new(
+                crate::fleet::Counters::open(
+                    &dir.path().join("fleet"),
+                    None,
+                    1,
+                    std::time::Duration::from_secs(86_400),
+                )
+                .unwrap(),
+            ),
         );
         let queue = start(
             Reconfigure::new(&config, &rules, None),

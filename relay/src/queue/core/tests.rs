@@ -26,6 +26,7 @@ fn settings() -> Settings {
         delay_warning: Duration::from_secs(4 * 3600),
         per_destination: 2,
         total_connections: 100,
+        warmups: HashMap::new(),
         routing: Routing {
             smarthost: false,
             pools: HashMap::new(),
@@ -187,6 +188,143 @@ fn a_pooled_message_goes_to_a_destination_of_its_source_and_a_retry_keeps_it() {
         core.connection_closed(&retry.dest, later);
     }
     assert_eq!(seen.len(), 2, "both sources carry mail: {seen:?}");
+}
+
+/// Settings with `example.test`'s mail sent from pool1: 192.0.2.1 (weight 1) and 192.0.2.2 (weight 2).
+fn pooled(mut s: Settings) -> Settings {
+    s.routing
+        .pools
+        .insert("example.test".to_owned(), Arc::from("pool1"));
+    s.routing.sources.insert(
+        Arc::from("pool1"),
+        Arc::from([(ip("192.0.2.1"), 1), (ip("192.0.2.2"), 2)]),
+    );
+    for a in ["192.0.2.1", "192.0.2.2"] {
+        s.warmups.insert(ip(a), "[10]@2026-12-01;".to_owned());
+    }
+    s
+}
+
+fn ip(s: &str) -> std::net::IpAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn a_full_source_sends_its_mail_from_the_others_until_the_day_turns() {
+    let (cold, warm) = (ip("192.0.2.1"), ip("192.0.2.2"));
+    let mut s = pooled(settings());
+    s.per_destination = 1;
+    let mut core = Core::new(s);
+    // Messages whose pick is the cold address, and one whose pick is the warm one.
+    let sources = [(cold, 1), (warm, 2)];
+    let ids: Vec<u64> = (1..200u64)
+        .filter(|&id| source_of(&sources, QueueId(id)) == Some(cold))
+        .take(3)
+        .collect();
+    let other = (1..200u64)
+        .find(|&id| source_of(&sources, QueueId(id)) == Some(warm))
+        .unwrap();
+    let mut started = Vec::new();
+    for &id in &ids {
+        started.extend(starts(
+            &core.insert(message(id, "a@example.test", &["x@one.test"]), T0),
+        ));
+    }
+    let [first] = &started[..] else {
+        panic!("one connection for the cold source: {started:?}");
+    };
+    assert_eq!(first.source, Some(cold));
+    let until = T0 + 1000;
+    // The cold address is over its cap: its job and its waiting messages go from the warm one.
+    let moved = starts(&core.source_full(first, cold, until, T0));
+    assert_eq!(
+        moved.len(),
+        1,
+        "one connection of the warm destination: {moved:?}"
+    );
+    assert_eq!(moved[0].source, Some(warm));
+    assert_eq!(&*moved[0].dest, format!("pool1/{warm}/one.test"));
+    let state = core.state(first.id, 0).unwrap();
+    assert_eq!(state.attempts, 0, "a full source is not a delivery attempt");
+    core.connection_closed(&first.dest, T0);
+    let mut sent = vec![moved[0].id];
+    let mut job = moved[0].clone();
+    while let Some(next) = {
+        let done = attempt(&job, 250);
+        core.record(done.clone(), &verdicts(&done), T0, 0.5);
+        core.next_job(&job.dest, T0)
+    } {
+        assert_eq!(next.source, Some(warm));
+        sent.push(next.id);
+        job = next;
+    }
+    sent.sort_unstable();
+    assert_eq!(sent, ids.iter().map(|&i| QueueId(i)).collect::<Vec<_>>());
+    core.connection_closed(&job.dest, T0);
+    // Mail that picks the warm address is not moved by any of this.
+    let w = starts(&core.insert(message(other, "a@example.test", &["y@two.test"]), T0));
+    assert_eq!(w[0].source, Some(warm));
+    // The day turns: the cold address is the pick of its mail again.
+    assert_eq!(core.next_due(), Some(until));
+    core.due(until);
+    assert!(core.full_sources().is_empty());
+    let later = (1000..2000u64)
+        .find(|&id| source_of(&sources, QueueId(id)) == Some(cold))
+        .unwrap();
+    let again = starts(&core.insert(message(later, "a@example.test", &["z@one.test"]), until));
+    assert_eq!(again[0].source, Some(cold));
+}
+
+#[test]
+fn when_every_source_is_full_mail_waits_untried_for_the_next_day_and_expires_at_max_age() {
+    let (cold, warm) = (ip("192.0.2.1"), ip("192.0.2.2"));
+    let mut core = Core::new(pooled(settings()));
+    let jobs = starts(&core.insert(message(1, "a@example.test", &["x@one.test"]), T0));
+    let until = T0 + 5000;
+    let mut after = core.source_full(&jobs[0], jobs[0].source.unwrap(), until, T0);
+    // Its job went to the other address, which is full too.
+    let other = starts(&after).pop().expect("moved to the other source");
+    assert_ne!(other.source, jobs[0].source);
+    core.connection_closed(&jobs[0].dest, T0);
+    after = core.source_full(&other, other.source.unwrap(), until, T0);
+    assert!(
+        starts(&after).is_empty(),
+        "nothing goes while every source is full"
+    );
+    core.connection_closed(&other.dest, T0);
+    assert!(starts(&core.insert(message(2, "a@example.test", &["y@one.test"]), T0)).is_empty());
+    let mut full = core.full_sources();
+    full.sort();
+    assert_eq!(full, [(cold, until), (warm, until)]);
+    assert!(starts(&core.due(until - 1)).is_empty());
+    let next = starts(&core.due(until));
+    assert_eq!(
+        next.len(),
+        2,
+        "both messages go when the day turns: {next:?}"
+    );
+    assert!(
+        next.iter()
+            .all(|j| core.state(j.id, 0).unwrap().attempts == 0)
+    );
+
+    // A wait longer than the message may live: it expires at max_age, untried, with a DSN.
+    let mut core = Core::new(pooled(settings()));
+    let jobs = starts(&core.insert(message(3, "a@example.test", &["x@one.test"]), T0));
+    let late = T0 + 2 * DAY;
+    let moved = starts(&core.source_full(&jobs[0], jobs[0].source.unwrap(), late, T0));
+    core.connection_closed(&jobs[0].dest, T0);
+    assert!(starts(&core.source_full(&moved[0], moved[0].source.unwrap(), late, T0)).is_empty());
+    core.connection_closed(&moved[0].dest, T0);
+    assert_eq!(core.next_due(), Some(T0 + DAY), "woken at max_age");
+    let actions = core.due(T0 + DAY);
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Outcome(o) if o.status == RcptStatus::Expired)),
+        "{actions:?}"
+    );
+    assert!(actions.iter().any(|a| matches!(a, Action::Dsn { .. })));
 }
 
 #[test]
@@ -585,6 +723,8 @@ enum Step {
     Close { pick: usize },
     /// An operator deletes a message, perhaps while it is being delivered.
     Delete { pick: u64 },
+    /// The source of open connection `pick` is over its daily cap for `ms`: the job goes back untried.
+    Full { pick: usize, ms: u64 },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -598,6 +738,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => any::<usize>().prop_map(|pick| Step::GiveBack { pick }),
         4 => any::<usize>().prop_map(|pick| Step::Close { pick }),
         1 => (1u64..10).prop_map(|pick| Step::Delete { pick }),
+        2 => (any::<usize>(), 1u64..(30 * 3_600_000)).prop_map(|(pick, ms)| Step::Full { pick, ms }),
     ]
 }
 
@@ -651,7 +792,7 @@ struct Sim {
 
 impl Sim {
     fn new(msgs: &[(String, Vec<String>)], total: usize) -> Sim {
-        let mut s = settings();
+        let mut s = pooled(settings());
         s.total_connections = total;
         let mut sim = Sim {
             core: Core::new(s.clone()),
@@ -783,9 +924,13 @@ impl Sim {
 
     /// Every recipient has one final outcome, or is still queued with a non-final state.
     fn reload(&mut self, cap: usize, total: usize, smarthost: bool, two_is_local: bool) {
-        let mut s = settings();
+        let mut s = pooled(settings());
         s.per_destination = cap;
         s.total_connections = total;
+        if two_is_local {
+            // And the warm-up lifted: full marks go.
+            s.warmups.clear();
+        }
         self.ceiling = total.max(self.open.len() + self.closing.len());
         self.settings = s.clone();
         s.routing.smarthost = smarthost;
@@ -803,6 +948,21 @@ impl Sim {
         let job = self.open.swap_remove(pick % self.open.len());
         let actions = self.core.give_back(&job, self.now);
         self.take(actions);
+        self.closing.push(job.dest);
+    }
+
+    fn full(&mut self, pick: usize, ms: u64) {
+        if self.open.is_empty() {
+            return;
+        }
+        let job = self.open.swap_remove(pick % self.open.len());
+        if let Some(source) = job.source {
+            let actions = self.core.source_full(&job, source, self.now + ms, self.now);
+            self.take(actions);
+        } else {
+            let actions = self.core.give_back(&job, self.now);
+            self.take(actions);
+        }
         self.closing.push(job.dest);
     }
 
@@ -871,6 +1031,7 @@ proptest! {
                 Step::GiveBack { pick } => sim.give_back(*pick),
                 Step::Close { pick } => sim.close(*pick),
                 Step::Delete { pick } => sim.delete(QueueId(*pick)),
+                Step::Full { pick, ms } => sim.full(*pick, *ms),
             }
             sim.check_accounted();
         }
