@@ -1299,41 +1299,50 @@ impl Core {
     /// (a reload or a new config), whose mail is the relay's own and never leaves it. Left alone they would
     /// wait for ever, never attempted and so never expired.
     fn undeliverable(&mut self, id: QueueId, rcpts: &[u32], now: u64) -> Vec<Action> {
-        let Some(e) = self.messages.get(&id) else {
-            return Vec::new();
-        };
-        let domain = domain_of(&e.meta.recipients[rcpts[0] as usize]).to_ascii_lowercase();
-        let reply = Reply {
-            code: 554,
-            enhanced: Some("5.4.6".to_owned()),
-            text: format!(
-                "{domain} is a return-path domain of this relay; its mail is not delivered"
-            ),
-            remote: false,
-        };
-        let attempt = Attempt {
+        self.decide_locally(
             id,
-            results: rcpts.iter().map(|&i| (i, reply.clone())).collect(),
-            remote_mta: None,
-            domain: Arc::from(domain.as_str()),
-            tls: None,
-            next_hop_dsn: false,
-        };
-        let verdicts = vec![Some((Class::Hard, Category::PermanentOther)); rcpts.len()];
-        self.record(attempt, &verdicts, now, 0.0)
+            rcpts,
+            now,
+            (554, "5.4.6"),
+            |domain| {
+                format!("{domain} is a return-path domain of this relay; its mail is not delivered")
+            },
+            (Class::Hard, Category::PermanentOther),
+        )
     }
 
     /// Expires recipients that waited for a full source until `max_age` had passed: never tried, they get
     /// the expiry DSN all the same.
     fn expire_waiting(&mut self, id: QueueId, rcpts: &[u32], now: u64) -> Vec<Action> {
+        self.decide_locally(
+            id,
+            rcpts,
+            now,
+            (451, "4.4.5"),
+            |_| "every source address of the pool had used up its daily warm-up cap".to_owned(),
+            (Class::Soft, Category::TransientOther),
+        )
+    }
+
+    /// Records a verdict of the relay's own (no server was asked) for recipients `rcpts` of message `id`,
+    /// whose first recipient's domain `text` may name.
+    fn decide_locally(
+        &mut self,
+        id: QueueId,
+        rcpts: &[u32],
+        now: u64,
+        (code, enhanced): (u16, &str),
+        text: impl FnOnce(&str) -> String,
+        verdict: Verdict,
+    ) -> Vec<Action> {
         let Some(e) = self.messages.get(&id) else {
             return Vec::new();
         };
         let domain = domain_of(&e.meta.recipients[rcpts[0] as usize]).to_ascii_lowercase();
         let reply = Reply {
-            code: 451,
-            enhanced: Some("4.4.5".to_owned()),
-            text: "every source address of the pool had used up its daily warm-up cap".to_owned(),
+            code,
+            enhanced: Some(enhanced.to_owned()),
+            text: text(&domain),
             remote: false,
         };
         let attempt = Attempt {
@@ -1344,7 +1353,7 @@ impl Core {
             tls: None,
             next_hop_dsn: false,
         };
-        let verdicts = vec![Some((Class::Soft, Category::TransientOther)); rcpts.len()];
+        let verdicts = vec![Some(verdict); rcpts.len()];
         self.record(attempt, &verdicts, now, 0.0)
     }
 
