@@ -16,10 +16,12 @@
 //! something, every `SAVE_EVERY`, and at shutdown, and read back at start: a restart loses at most the
 //! last few seconds.
 //!
-//! An address in warm-up takes a turn under its daily cap before each message ([`Counters::take`]): one
-//! script in the store checks the fleet's count for the day and adds the message, so the fleet as a whole
-//! never goes past the cap. A message that then goes nowhere (no recipient accepted, or no connection) gives
-//! its turn back. While the store does not answer, a relay goes on by itself for its share of the cap (cap ÷
+//! An address in warm-up takes a turn under its daily cap before each message ([`Counters::take`]): a
+//! script in the store checks the fleet's count for the day and adds to it, so the fleet as a whole never
+//! goes past the cap. While the count is far from the cap the script hands out a few turns at once (a
+//! quarter of the room left per relay, at most `MAX_TURNS`), spent within `BANK_LIFE` and the rest given
+//! back; near the cap every relay takes one at a time. A message that then goes nowhere (no recipient
+//! accepted, or no connection) gives its turn back. While the store does not answer, a relay goes on by itself for its share of the cap (cap ÷
 //! `fleet_size`) beyond the count it last saw.
 //!
 //! Sending is at least once: a flush whose reply was lost (a time-out after the store
@@ -43,26 +45,37 @@ use super::{FleetError, Link, ScriptConnection};
 pub const SOURCE_DAYS: u64 = 8;
 /// Days a sending domain's counts are kept.
 pub const DOMAIN_DAYS: u64 = 31;
-/// Takes one message of a source's daily cap. KEYS: the day's source hash. ARGV: the address, the cap, this
-/// relay's increments of that address not yet sent (added here, so they are not lost), the key's lifetime
-/// in seconds. Returns {1 when taken, the day's count after}.
+/// Takes messages of a source's daily cap: one, or a few while the count is far from the cap (the room left
+/// divided by ARGV[6], at most ARGV[5]), so that near the cap every relay takes one at a time. KEYS: the
+/// day's source hash. ARGV: the address, the cap, this relay's increments of that address not yet sent
+/// (added here, so they are not lost), the key's lifetime in seconds, the most turns, the divisor.
+/// Returns {turns taken, the day's count after}.
 const TAKE: &str = r#"
 local pending = tonumber(ARGV[3])
 local n = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if n + pending >= tonumber(ARGV[2]) then
+local room = tonumber(ARGV[2]) - n - pending
+if room <= 0 then
   if pending > 0 then n = redis.call('HINCRBY', KEYS[1], ARGV[1], pending) end
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   return {0, n}
 end
-n = redis.call('HINCRBY', KEYS[1], ARGV[1], pending + 1)
+local k = math.floor(room / tonumber(ARGV[6]))
+if k < 1 then k = 1 end
+if k > tonumber(ARGV[5]) then k = tonumber(ARGV[5]) end
+n = redis.call('HINCRBY', KEYS[1], ARGV[1], pending + k)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-return {1, n}
+return {k, n}
 "#;
-/// Gives one message back to a source's count of a day, never below 0. KEYS: the day's source hash. ARGV:
-/// the address. Returns the count after.
+/// The most turns one call takes from the store.
+const MAX_TURNS: u64 = 16;
+/// How long turns taken in a batch may be spent; then what is left goes back to the store.
+const BANK_LIFE: Duration = Duration::from_secs(1);
+/// Gives messages back to a source's count of a day, never below 0. KEYS: the day's source hash. ARGV: the
+/// address, how many. Returns the count after.
 const GIVE_BACK: &str = r#"
 local n = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if n > 0 then n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1) end
+local g = math.min(n, tonumber(ARGV[2]))
+if g > 0 then n = redis.call('HINCRBY', KEYS[1], ARGV[1], -g) end
 return n
 "#;
 /// How often increments go to the store.
@@ -135,6 +148,16 @@ struct State {
     totals: BTreeMap<Key, u64>,
     /// Increments not yet in the store.
     pending: BTreeMap<Key, u64>,
+    /// Turns under a warm-up cap taken from the store in a batch and not yet spent, per address.
+    banks: std::collections::HashMap<IpAddr, Bank>,
+}
+
+/// Turns taken from the store for one address on `day`, at `at`.
+#[derive(Debug)]
+struct Bank {
+    day: u64,
+    turns: u64,
+    at: std::time::Instant,
 }
 
 /// One day's counts, as the admin API shows them.
@@ -252,6 +275,7 @@ impl Counters {
         let mut state = State {
             totals: load(saved.totals),
             pending: load(saved.pending),
+            banks: Default::default(),
         };
         let take = redis::Script::new(TAKE);
         let give = redis::Script::new(GIVE_BACK);
@@ -289,6 +313,7 @@ impl Counters {
 
     /// At shutdown, after the last deliveries: the increments to the store, and the file.
     pub async fn close(&self) {
+        self.return_banks(true).await;
         if let Err(e) = self.flush().await {
             tracing::warn!(error = %e, "counters not sent to the store at shutdown; they are saved on this relay");
         }
@@ -333,9 +358,19 @@ impl Counters {
         let full = Allowance::Full {
             until_ms: (day + 1) * self.day_secs * 1000,
         };
+        if let Some(b) = self.lock().banks.get_mut(&source)
+            && b.day == day
+            && b.turns > 0
+            && b.at.elapsed() < BANK_LIFE
+        {
+            b.turns -= 1;
+            return Allowance::Go { day };
+        }
         if let Some(store) = &self.store
             && let Some(con) = store.get().await
         {
+            // What is left of an old batch goes back first, or the count would stay high.
+            self.return_banks(false).await;
             let pending = self.lock().pending.remove(&key).unwrap_or(0);
             let name = store
                 .link()
@@ -344,17 +379,29 @@ impl Counters {
             call.arg(&key.2)
                 .arg(cap)
                 .arg(pending)
-                .arg(Scope::Source.days() * self.day_secs);
+                .arg(Scope::Source.days() * self.day_secs)
+                .arg(MAX_TURNS)
+                .arg(4 * u64::from(self.fleet_size));
             let mut con = con;
-            match store.timed(call.invoke_async::<(u8, u64)>(&mut con)).await {
+            match store.timed(call.invoke_async::<(u64, u64)>(&mut con)).await {
                 Ok((taken, n)) => {
-                    self.lock().totals.insert(key, n);
+                    let mut state = self.lock();
+                    state.totals.insert(key, n);
                     self.dirty.store(true, Ordering::Relaxed);
-                    return if taken == 1 {
-                        Allowance::Go { day }
-                    } else {
-                        full
-                    };
+                    if taken == 0 {
+                        return full;
+                    }
+                    if taken > 1 {
+                        state.banks.insert(
+                            source,
+                            Bank {
+                                day,
+                                turns: taken - 1,
+                                at: std::time::Instant::now(),
+                            },
+                        );
+                    }
+                    return Allowance::Go { day };
                 }
                 Err(e) => {
                     if pending > 0 {
@@ -391,6 +438,13 @@ impl Counters {
         let key: Key = (day, Scope::Source, Count::Sent(source).key().1);
         {
             let mut state = self.lock();
+            if let Some(b) = state.banks.get_mut(&source)
+                && b.day == day
+                && b.at.elapsed() < BANK_LIFE
+            {
+                b.turns += 1;
+                return;
+            }
             if let Some(n) = state.pending.get_mut(&key)
                 && *n > 0
             {
@@ -414,12 +468,55 @@ impl Counters {
             .key(&format!("count:{{{}}}:{day}", Scope::Source.tag()));
         // A give-back that does not arrive leaves the count a little high, never low.
         let mut call = self.give.key(name);
-        call.arg(&key.2);
+        call.arg(&key.2).arg(1);
         match store.timed(call.invoke_async::<u64>(&mut con)).await {
             Ok(n) => {
                 self.lock().totals.insert(key, n);
             }
             Err(e) => store.failed(&e).await,
+        }
+    }
+
+    /// Gives the store back the turns of batches past their life (every batch with `all`), so that the
+    /// fleet's count holds only messages sent or about to be.
+    async fn return_banks(&self, all: bool) {
+        let Some(store) = &self.store else { return };
+        let stale: Vec<(IpAddr, Bank)> = {
+            let mut state = self.lock();
+            let gone: Vec<IpAddr> = state
+                .banks
+                .iter()
+                .filter(|(_, b)| all || b.at.elapsed() >= BANK_LIFE)
+                .map(|(a, _)| *a)
+                .collect();
+            gone.into_iter()
+                .filter_map(|a| Some((a, state.banks.remove(&a)?)))
+                .filter(|(_, b)| b.turns > 0)
+                .collect()
+        };
+        if stale.is_empty() {
+            return;
+        }
+        let Some(con) = store.get().await else { return };
+        for (source, bank) in stale {
+            let field = Count::Sent(source).key().1;
+            let name = store
+                .link()
+                .key(&format!("count:{{{}}}:{}", Scope::Source.tag(), bank.day));
+            let mut call = self.give.key(name);
+            call.arg(&field).arg(bank.turns);
+            let mut con = con.clone();
+            match store.timed(call.invoke_async::<u64>(&mut con)).await {
+                Ok(n) => {
+                    self.lock()
+                        .totals
+                        .insert((bank.day, Scope::Source, field), n);
+                }
+                Err(e) => {
+                    store.failed(&e).await;
+                    return;
+                }
+            }
         }
     }
 
@@ -640,6 +737,7 @@ async fn upkeep(counters: Weak<Counters>, mut stop: watch::Receiver<bool>) {
             _ = stop.wait_for(|s| *s) => return,
         }
         let Some(c) = counters.upgrade() else { return };
+        c.return_banks(false).await;
         let sent = match c.flush().await {
             Ok(sent) => sent,
             Err(e) => {
