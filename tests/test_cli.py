@@ -128,6 +128,27 @@ BAD_CONFIGS = {
         _bad(lambda c: c.update(suppression={"ttl": {"complaint": "forever"}})),
         "suppression.ttl.complaint", ["never"],
     ),
+    "shaping-rule-bad-status": (
+        _bad(lambda c: c.update(shaping={"rules": [
+            {"provider": "gmail", "category": "rate-limited", "status": "4.7.28.1", "action": "suspend", "duration": "1m"}]})),
+        "shaping.rules[0].status", ["4.7.28.1"],
+    ),
+    "shaping-rule-unknown-provider": (
+        _bad(lambda c: c.update(shaping={"rules": [{"provider": "gmial", "category": "rate-limited", "action": "halve"}]})),
+        "shaping.rules[0].provider", ["gmial", "gmail"],
+    ),
+    "shaping-suspend-without-duration": (
+        _bad(lambda c: c.update(shaping={"rules": [{"category": "rate-limited", "action": "suspend"}]})),
+        "shaping.rules[0].duration", [],
+    ),
+    "shaping-provider-mx-wildcard": (
+        _bad(lambda c: c.update(shaping={"providers": [{"name": "esp", "mx": ["*.mx.example.net"]}]})),
+        "shaping.providers[0].mx[0]", ["*.mx.example.net"],
+    ),
+    "shaping-provider-connections-0": (
+        _bad(lambda c: c.update(shaping={"default": {"max_connections": 0}})),
+        "shaping.default.max_connections", [],
+    ),
     "trusted-senders-on-submission": (
         _bad(lambda c: c["listeners"][2].update(trusted_senders="any")), "listeners[2].trusted_senders",
         ["allowed_domains"],

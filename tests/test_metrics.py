@@ -43,6 +43,8 @@ CONTRACT_TYPES = {
     "herald_complaints_total": "counter",
     "herald_config_reload_total": "counter",
     "herald_tls_certificate_expiry_timestamp_seconds": "gauge",
+    "herald_throttled_total": "counter",
+    "herald_shaping_suspended": "gauge",
 }
 CONTRACT_LABELS = {
     "herald_queue_depth": {"domain"},
@@ -54,6 +56,8 @@ CONTRACT_LABELS = {
     "herald_feedback_reports_total": {"kind", "result"},
     "herald_complaints_total": {"feedback_type", "domain"},
     "herald_config_reload_total": {"result"},
+    "herald_throttled_total": {"provider", "reason"},
+    "herald_shaping_suspended": {"provider", "source"},
 }
 CATEGORIES = {
     "invalid-recipient", "invalid-domain", "mailbox-full", "message-too-large", "rate-limited", "greylisted", "reputation-block",
@@ -191,6 +195,10 @@ def relay_with_every_series(relays, dns, peers, name: str, store=None):
         for d in cfg["domains"]:
             if d["name"] == "example.test":
                 d["ip_pool"] = "every"
+        # The deferral suspends its source for defer.test's provider (its MX host's registrable domain), so
+        # that the traffic shaping families have series too.
+        cfg["shaping"] = {"rules": [{"provider": "defer.test", "category": "transient-other", "action": "suspend",
+                                     "duration": "1h"}]}
 
     relay = start_outbound(relays, dns, peers, name=name, config=config)
     send_mixed_traffic(relay, deferring, bouncing, n_delivered=1, n_deferred=1, n_bounced=1)
@@ -211,6 +219,7 @@ def relay_with_every_series(relays, dns, peers, name: str, store=None):
     refreshed = wait_until(lambda: scrape(relay).get("herald_queue_depth", domain="defer.test") == 1, 15, 0.2)
     refreshed = refreshed and wait_until(
         lambda: scrape(relay).get("herald_source_sent_today", source="127.0.0.1") is not None, 15, 0.2)
+    refreshed = refreshed and wait_until(lambda: scrape(relay).series("herald_shaping_suspended"), 15, 0.2)
     return relay, refreshed
 
 

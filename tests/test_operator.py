@@ -475,6 +475,9 @@ def test_the_examples_apply_unchanged_and_come_up(ns, operator):
     assert "ip4:192.0.2.10" in spf["value"] and "ip4:192.0.2.11" in spf["value"], spf
     cfg = secret_data(get_json("secret", "relay-config", ns.name), "relay.yaml")
     assert "mta1.example.com" in cfg and "bounces.example.com" in cfg
+    shaping = yaml.safe_load(cfg)["shaping"]
+    assert shaping["providers"] == [{"name": "gmail", "max_connections": 10, "max_message_rates": ["3000/min"]}], shaping
+    assert shaping["rules"][0]["action"] == "suspend" and shaping["rules"][0]["duration"] == "1h", shaping
     # The certificate lands in the Secret the relay mounts; the applications reach the relay's Service on
     # a port it has (test_examples.py runs their mail path for real).
     cert = get_json("certificate", "relay-tls", ns.name)

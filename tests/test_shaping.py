@@ -10,6 +10,9 @@ import collections
 import json
 import re
 import time
+from pathlib import Path
+
+import pytest
 
 from harness.outbound import FOREIGN, parse_dsn, send, start_outbound, status_field, wait_dsn, wait_until
 from harness.tools import smtp_source
@@ -215,3 +218,139 @@ def test_two_relays_sharing_a_store_keep_to_one_cap_for_the_fleet(relays, dns, p
     for r in (a, b):
         cold = by_address(shaping(r))[COLD]
         assert (cold["sent_today"], cold["daily_cap"]) == (7, 7), cold
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Providers: limits shared by every domain a provider hosts, and back-off when it pushes back.
+
+
+def provider_config(shaping: dict, pool: list[dict] | None = None, events: Path | None = None, **delivery):
+    """A config edit: the `shaping` section, example.test's mail from `pool` (when given), events to a file."""
+
+    def edit(cfg):
+        cfg["shaping"] = shaping
+        if pool:
+            cfg["ip_pools"] = [{"name": "shaped", "sources": pool}]
+            for d in cfg["domains"]:
+                if d["name"] == "example.test":
+                    d["ip_pool"] = "shaped"
+        if events is not None:
+            cfg["events"] = {"file": str(events)}
+        cfg["delivery"].update(delivery)
+
+    return edit
+
+
+def read_events(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def pair(view: dict, provider: str, source: str | None) -> dict | None:
+    return next((p for p in view["providers"] if p["provider"] == provider and p.get("source") == source), None)
+
+
+@pytest.mark.parametrize("case", ["provider-1", "provider-3", "registrable-1"])
+def test_domains_of_one_provider_share_its_connection_limit(relays, dns, peers, case):
+    """Two recipient domains whose MX hosts belong to one provider (a configured one, by its MX host suffix,
+    or an unknown one, by the registrable domain of its MX hosts) share the provider's connection limit:
+    with slow answers and 10 connections allowed per domain, the peer never sees more connections at once
+    than the provider's limit, and every message is delivered, none deferred."""
+    kind, limit = case.split("-")
+    limit = int(limit)
+    peer = peers.aio(FOREIGN, data_delay=0.2)
+    if kind == "provider":
+        section = {"providers": [{"name": "hosting", "mx": ["mx.hosting.test"], "max_connections": limit}]}
+        hosts = {"one.test": "in.mx.hosting.test", "two.test": "out.mx.hosting.test"}
+        provider = "hosting"
+    else:
+        # Neither host is a known provider's: both roll up to rollup.test by the public suffix list.
+        section = {"default": {"max_connections": limit}}
+        hosts = {"one.test": "mx-a.rollup.test", "two.test": "mx-b.eu.rollup.test"}
+        provider = "rollup.test"
+    for domain, host in hosts.items():
+        dns.mx(domain, (10, host)).a(host, FOREIGN)
+    r = start_outbound(relays, dns, peers, config=provider_config(section))
+    for i in range(8):
+        for domain in hosts:
+            send(r, [f"rcpt{i}@{domain}"], f"rollup{i}")
+    assert wait_until(lambda: len(peer.accepted()) >= 16, 60), len(peer.accepted())
+    assert r.queue() == []
+    assert peer.max_concurrent <= limit, (peer.max_concurrent, limit)
+    if limit > 1:
+        # The limit is what held them back: with room, the two domains do run at once.
+        assert peer.max_concurrent > 1, peer.max_concurrent
+    deliveries = series(r, "herald_deliveries_total")
+    assert deliveries.get('result="deferred"', 0) == 0, deliveries
+    if limit == 1:
+        assert series(r, "herald_delivery_waits_total").get('reason="provider"', 0) >= 1
+    # The last connection closes once it has waited a moment for more.
+    view = wait_until(lambda: (v := shaping(r)) and (p := pair(v, provider, None)) and p["connections"] == 0 and v, 15)
+    assert view, shaping(r)["providers"]
+    p = pair(view, provider, None)
+    assert (p["max_connections"], p["share"], p["connections"]) == (limit, 1.0, 0), p
+    if kind == "provider":
+        assert any(l["provider"] == "hosting" and l["max_connections"] == limit for l in view["limits"]), view["limits"]
+    else:
+        assert view["default_limits"] == {"max_connections": limit}, view["default_limits"]
+
+
+A, B = COLD, WARM
+
+
+def test_a_provider_pushing_back_suspends_that_source_then_it_resumes_at_a_reduced_rate(relays, dns, peers, tmp_path):
+    """A Gmail MX (by its host name) answers `421 4.7.28` to the fourth message from one source address: the
+    back-off rule suspends that address for Gmail (12 s here), the other address carries the mail meanwhile
+    (the refused message too, on its retry), a `suspended` event and gauge say so, and when the suspension
+    ends (`resumed`) the address sends to Gmail again at half its rate."""
+    peer = peers.aio(FOREIGN)
+    peer.on_mail("421 4.7.28 [127.0.0.30] Our system has detected an unusual rate of unsolicited mail. gsmtp",
+                 times=1, client=A, after=3)
+    gmail_mx = "gmail-smtp-in.l.google.com"
+    dns.mx("gm.test", (5, gmail_mx)).a(gmail_mx, FOREIGN)
+    events = tmp_path / "events.jsonl"
+    shaping_section = {
+        # One connection per address: nothing of A's is in flight on another connection when it is suspended.
+        "providers": [{"name": "gmail", "max_connections": 1, "max_message_rates": ["40/s"]}],
+        "rules": [{"provider": "gmail", "category": "rate-limited", "status": "4.7.28", "action": "suspend",
+                   "duration": "12s"}],
+        "recovery": "1h",
+    }
+    r = start_outbound(relays, dns, peers, config=provider_config(
+        shaping_section, [source(A), source(B)], events, retry={"first": "1s", "max": "1s", "factor": 1.0}))
+    batch = [send(r, [f"user{i}@gm.test"], f"first{i}")[1] for i in range(30)]
+    assert wait_until(lambda: any(e["type"] == "suspended" for e in read_events(events)), 30), read_events(events)
+    [suspended] = [e for e in read_events(events) if e["type"] == "suspended"]
+    assert (suspended["provider"], suspended["source_ip"], suspended["category"]) == ("gmail", A, "rate-limited"), suspended
+    assert "4.7.28" in suspended["reply"] and "until" in suspended, suspended
+    gauge = wait_until(lambda: series(r, "herald_shaping_suspended"), 6)
+    assert gauge == {f'provider="gmail",source="{A}"': 1}, gauge
+    view = pair(shaping(r), "gmail", A)
+    assert view["share"] == 0 and "suspended_until" in view and "4.7.28" in view["reply"], view
+    # The other address carries on: the whole batch is delivered while A is suspended, and A sent three.
+    assert wait_until(lambda: all(peer.with_marker(m) for m in batch), 30), [m for m in batch if not peer.with_marker(m)]
+    resumed_events = [e for e in read_events(events) if e["type"] == "resumed"]
+    assert resumed_events == [], "every message went out before the suspension ended: B carried them"
+    from_a = [t for t in peer.accepted() if t.client[0] == A]
+    assert len(from_a) == 3, [t.client for t in peer.accepted()]
+    assert series(r, "herald_throttled_total") == {'provider="gmail",reason="rate-limited"': 1}
+    assert series(r, "herald_delivery_waits_total").get('reason="suspended"', 0) >= 1
+    # The suspension ends by itself; A sends to Gmail again, at half its rate (recovery is an hour away).
+    assert wait_until(lambda: any(e["type"] == "resumed" for e in read_events(events)), 15), read_events(events)
+    [resumed] = [e for e in read_events(events) if e["type"] == "resumed"]
+    assert (resumed["provider"], resumed["source_ip"]) == ("gmail", A), resumed
+    assert "queue_id" not in resumed and "sender" not in resumed, "about the address, not a message"
+    assert wait_until(lambda: series(r, "herald_shaping_suspended") == {}, 5)
+    second = [send(r, [f"later{i}@gm.test"], f"second{i}")[1] for i in range(20)]
+    assert wait_until(lambda: all(peer.with_marker(m) for m in second), 30)
+    again = [t for t in peer.accepted() if t.client[0] == A and any(m.encode() in t.data for m in second)]
+    assert again, "the address did not resume"
+    view = shaping(r)
+    a, b = pair(view, "gmail", A), pair(view, "gmail", B)
+    assert (a["share"], a["max_message_rates"], a["action"]) == (0.5, ["20/s"], "suspend"), a
+    assert "suspended_until" not in a, a
+    assert (b["share"], b["max_message_rates"]) == (1.0, ["40/s"]), b
+    deliveries = series(r, "herald_deliveries_total")
+    assert deliveries.get('result="deferred"') == 1, deliveries
+    assert deliveries.get('result="delivered"') == 50, deliveries

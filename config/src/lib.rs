@@ -9,7 +9,8 @@
 //! - `bounce`: bounce categories and enhanced-status patterns, the vocabulary of `bounces.rules`.
 //! - `suppression`: the `suppression` section, when an address is suppressed and for how long.
 //! - `rate`: message rates (`600/min`) for delivery limits.
-//! - `shaping`: IP warm-up schedules and the length of a shaping day.
+//! - `shaping`: IP warm-up schedules, the length of a shaping day, limits per mailbox provider and back-off
+//!   rules.
 //! - `store`: the `store` section, the Valkey instance a fleet of relays shares its state through.
 //! - `password`: argon2id hashes for `users[].password_hash`.
 //! - `schema`: the JSON schema of the file, from which `docs/config.md` is generated.
@@ -31,8 +32,9 @@ pub use bounce::{Category, StatusPattern};
 pub use file::*;
 pub use rate::{Rate, RateError};
 pub use shaping::{
-    MAX_DAILY_CAP, MAX_DAY_LENGTH, MIN_DAY_LENGTH, STANDARD_WARMUP, Shaping, Warmup, WarmupPreset,
-    WarmupStart, WarmupStartError,
+    BackoffAction, BackoffRule, MAX_BACKOFF, MAX_DAILY_CAP, MAX_DAY_LENGTH, MIN_DAY_LENGTH,
+    ProviderLimits, ProviderShaping, STANDARD_WARMUP, Shaping, Warmup, WarmupPreset, WarmupStart,
+    WarmupStartError,
 };
 pub use store::{Store, StoreTls};
 pub use suppression::{MailboxFull, Suppression, SuppressionTtl, Ttl};

@@ -1,5 +1,6 @@
 //! Traffic shaping: the warm-up of new source addresses (`ip_pools[].warmup`,
-//! `ip_pools[].sources[].warmup_start`) and the `shaping` section.
+//! `ip_pools[].sources[].warmup_start`) and the `shaping` section (the day length, limits per mailbox
+//! provider, and the back-off rules that slow a source down when a provider pushes back).
 //!
 //! A warm-up day is a period of `shaping.day_length` counted from the Unix epoch: with the default of 24
 //! hours, a UTC calendar day. An address on day `n` of its warm-up (day 1 is the day of its
@@ -24,14 +25,169 @@ pub struct Shaping {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "crate::schema::HumanDuration")]
     pub day_length: Duration,
+    /// Limits per mailbox provider and source address, over the shipped ones: a shipped provider's name
+    /// (`gmail`, `microsoft`, `yahoo`, ...) replaces the limits it gives and adds the MX hosts it lists; a
+    /// new name defines a provider by its MX hosts. Every recipient domain whose MX hosts are the
+    /// provider's shares its limits.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub providers: Vec<ProviderShaping>,
+    /// The limits of every other destination, which rolls up by the registrable domain of its best MX
+    /// host (every domain hosted at `mx.example.net` is one provider, `example.net`). Absent: none beyond
+    /// `delivery.per_domain`.
+    #[serde(default, skip_serializing_if = "ProviderLimits::is_empty")]
+    pub default: ProviderLimits,
+    /// Back-off rules, consulted before the shipped ones: what a reply a provider sends does to the source
+    /// it was sent from, for that provider.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<BackoffRule>,
+    /// Whether the shipped back-off rules apply (after `rules`).
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub builtin_rules: bool,
+    /// After a suspension ends, or after a halving, a source sends at half its provider's limits (or less),
+    /// and the share doubles every `recovery` until it is whole again.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
+    pub recovery: Duration,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_yes(b: &bool) -> bool {
+    *b
 }
 
 impl Default for Shaping {
     fn default() -> Self {
         Shaping {
             day_length: Duration::from_secs(86_400),
+            providers: Vec::new(),
+            default: ProviderLimits::default(),
+            rules: Vec::new(),
+            builtin_rules: true,
+            recovery: Duration::from_secs(600),
         }
     }
+}
+
+/// A provider's limits, each per source address (for the whole fleet when the relays share a `store`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderLimits {
+    /// Connections open at once from one source address to the provider's MX hosts, whatever the
+    /// recipient domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Messages sent on one connection to the provider before it is closed (the smaller of this and
+    /// `delivery.per_domain.messages_per_connection`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_per_connection: Option<u32>,
+    /// Messages from one source address to the provider per period (`600/min`, `20000/h`); every rate
+    /// listed holds. A message over one waits in the queue for its turn, which is not a delivery attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_message_rates: Option<Vec<crate::Rate>>,
+}
+
+impl ProviderLimits {
+    pub fn is_empty(&self) -> bool {
+        *self == ProviderLimits::default()
+    }
+
+    /// These limits with the ones `over` gives put in their place.
+    pub fn overridden_by(&self, over: &ProviderLimits) -> ProviderLimits {
+        ProviderLimits {
+            max_connections: over.max_connections.or(self.max_connections),
+            messages_per_connection: over
+                .messages_per_connection
+                .or(self.messages_per_connection),
+            max_message_rates: over
+                .max_message_rates
+                .clone()
+                .or_else(|| self.max_message_rates.clone()),
+        }
+    }
+}
+
+/// One entry of `shaping.providers`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderShaping {
+    /// A shipped provider's name, or a new one (letters, digits, `-`, `_` and `.`).
+    pub name: String,
+    /// Host name suffixes of the provider's MX hosts: `mx.example.net` matches that host and every host
+    /// under it (`a.mx.example.net`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mx: Vec<String>,
+    /// Connections open at once from one source address to the provider's MX hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Messages on one connection to the provider (the smaller of this and `delivery.per_domain`'s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_per_connection: Option<u32>,
+    /// Messages from one source address to the provider per period (`600/min`, `20000/h`); every rate
+    /// listed holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_message_rates: Option<Vec<crate::Rate>>,
+}
+
+impl ProviderShaping {
+    pub fn limits(&self) -> ProviderLimits {
+        ProviderLimits {
+            max_connections: self.max_connections,
+            messages_per_connection: self.messages_per_connection,
+            max_message_rates: self.max_message_rates.clone(),
+        }
+    }
+}
+
+/// What a back-off rule does to the source a matching reply was sent from, for the provider that sent it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BackoffAction {
+    /// The source sends nothing to the provider for `duration` (its mail there goes from the pool's other
+    /// addresses, or waits), then resumes at half its limits, recovering by `shaping.recovery`.
+    Suspend,
+    /// The source's limits for the provider are halved (down to a sixteenth), recovering by
+    /// `shaping.recovery`.
+    Halve,
+    /// The recipients the reply refused bounce now, whatever its code: for replies that say a retry will
+    /// never succeed.
+    Bounce,
+}
+
+impl BackoffAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackoffAction::Suspend => "suspend",
+            BackoffAction::Halve => "halve",
+            BackoffAction::Bounce => "bounce",
+        }
+    }
+}
+
+/// One back-off rule: a reply matches when it comes from `provider` (any, when absent), the classifier
+/// put it in `category`, and its enhanced status code matches `status` (when given).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackoffRule {
+    /// The provider whose replies the rule reads: a shipped provider's name, one of `shaping.providers`,
+    /// or the registrable domain an unknown destination rolls up to. Absent: any provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    pub category: crate::bounce::Category,
+    /// An enhanced status code pattern: `4.7.28`, `x.7.28`, `4.7`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    pub action: BackoffAction,
+    /// How long a suspension lasts (`suspend` only; 1s to 7d).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(with = "Option<crate::schema::HumanDuration>")]
+    pub duration: Option<Duration>,
 }
 
 impl Shaping {
@@ -47,6 +203,8 @@ pub const MAX_DAILY_CAP: u64 = 1_000_000_000_000;
 pub const MIN_DAY_LENGTH: Duration = Duration::from_secs(1);
 /// The longest day.
 pub const MAX_DAY_LENGTH: Duration = Duration::from_secs(7 * 86_400);
+/// The longest suspension and the longest recovery step.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(7 * 86_400);
 
 /// An IP pool's warm-up: the daily caps of a new address, from a shipped preset or written out.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]

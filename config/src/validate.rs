@@ -2,6 +2,7 @@
 //! names, hashes, patterns and ranges. Each error names the field as a user writes it (`users[1].username`).
 
 use crate::file::{AuthMode, Config, ConfigError, Listener, TlsMode, TrustedSenders, invalid};
+use std::time::Duration;
 
 /// The largest `limits.max_message_size`.
 pub const MAX_MESSAGE_SIZE: usize = 1 << 30;
@@ -234,6 +235,7 @@ impl Config {
                 "a whole number of seconds from 1s to 7d",
             ));
         }
+        validate_shaping(&self.shaping)?;
         let r = &self.delivery.retry;
         if !(r.factor.is_finite() && r.factor >= 1.0) {
             return Err(invalid(
@@ -416,6 +418,119 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A provider's name: what metrics, events and `GET /shaping` show, so kept to a label-friendly alphabet.
+fn is_provider_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+}
+
+fn validate_limits(at: &str, l: &crate::ProviderLimits) -> Result<(), ConfigError> {
+    if l.max_connections == Some(0) {
+        return Err(invalid(
+            format!("{at}.max_connections"),
+            "must be at least 1 (leave it out for no limit)",
+        ));
+    }
+    if l.messages_per_connection == Some(0) {
+        return Err(invalid(
+            format!("{at}.messages_per_connection"),
+            "must be at least 1 (leave it out for no limit)",
+        ));
+    }
+    if l.max_message_rates.as_ref().is_some_and(Vec::is_empty) {
+        return Err(invalid(
+            format!("{at}.max_message_rates"),
+            "give at least one rate such as 600/min (leave it out for no limit)",
+        ));
+    }
+    Ok(())
+}
+
+/// Providers named once, with MX host suffixes that are host names; back-off rules that can match.
+fn validate_shaping(s: &crate::Shaping) -> Result<(), ConfigError> {
+    validate_limits("shaping.default", &s.default)?;
+    for (i, p) in s.providers.iter().enumerate() {
+        let at = format!("shaping.providers[{i}]");
+        if !is_provider_name(&p.name) {
+            return Err(invalid(
+                format!("{at}.name"),
+                format!(
+                    "{:?} is not a provider name: lowercase letters, digits, '-', '_' and '.', at most 63",
+                    p.name
+                ),
+            ));
+        }
+        if s.providers[..i].iter().any(|o| o.name == p.name) {
+            return Err(invalid(
+                format!("{at}.name"),
+                format!("{:?} is already listed", p.name),
+            ));
+        }
+        for (j, m) in p.mx.iter().enumerate() {
+            if !is_domain_name(m) || m.starts_with('.') || *m != m.to_ascii_lowercase() {
+                return Err(invalid(
+                    format!("{at}.mx[{j}]"),
+                    format!(
+                        "{m:?} is not an MX host name suffix such as mx.example.net (lowercase, no wildcard)"
+                    ),
+                ));
+            }
+        }
+        validate_limits(&at, &p.limits())?;
+    }
+    for (i, r) in s.rules.iter().enumerate() {
+        let at = format!("shaping.rules[{i}]");
+        if let Some(p) = &r.provider
+            && !is_provider_name(p)
+        {
+            return Err(invalid(
+                format!("{at}.provider"),
+                format!("{p:?} is not a provider name"),
+            ));
+        }
+        if let Some(st) = &r.status
+            && crate::bounce::StatusPattern::parse(st).is_none()
+        {
+            return Err(invalid(
+                format!("{at}.status"),
+                format!(
+                    "{st:?} is not an enhanced status code pattern such as 4.7.28, x.7.28 or 4.7"
+                ),
+            ));
+        }
+        match (r.action, r.duration) {
+            (crate::BackoffAction::Suspend, None) => {
+                return Err(invalid(
+                    format!("{at}.duration"),
+                    "a suspension needs a duration (1s to 7d)",
+                ));
+            }
+            (crate::BackoffAction::Suspend, Some(d))
+                if d < Duration::from_secs(1) || d > crate::MAX_BACKOFF =>
+            {
+                return Err(invalid(format!("{at}.duration"), "from 1s to 7d"));
+            }
+            (crate::BackoffAction::Halve | crate::BackoffAction::Bounce, Some(_)) => {
+                return Err(invalid(
+                    format!("{at}.duration"),
+                    format!(
+                        "only a suspend rule has a duration, not {}",
+                        r.action.as_str()
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+    if s.recovery < Duration::from_secs(1) || s.recovery > crate::MAX_BACKOFF {
+        return Err(invalid("shaping.recovery", "from 1s to 7d"));
+    }
+    Ok(())
 }
 
 /// A pool's warm-up: one schedule, sensible caps, and a schedule for every address given a start.

@@ -536,6 +536,101 @@ pub struct DeliverySpec {
     pub per_domain: Option<PerDomainSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smarthost: Option<SmarthostSpec>,
+    /// Limits per mailbox provider and source address, and back-off rules, over the shipped ones (the
+    /// relay's `shaping` section; docs/shaping.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shaping: Option<ShapingSpec>,
+}
+
+/// Traffic shaping by mailbox provider.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShapingSpec {
+    /// A shipped provider's name (`gmail`, `microsoft`, `yahoo`, ...) replaces the limits given; a new
+    /// name defines a provider by its MX host suffixes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub providers: Vec<ProviderSpec>,
+    /// The limits of every other destination (rolled up by the registrable domain of its MX host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<ProviderLimitsSpec>,
+    /// Back-off rules, consulted before the shipped ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<BackoffRuleSpec>,
+    /// Whether the shipped back-off rules apply (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin_rules: Option<bool>,
+    /// After a suspension or a halving the share of the limits doubles every `recovery` (default 10m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub recovery: Option<String>,
+}
+
+/// A provider's limits, each per source address (for the whole SmtpRelay with a `store`).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderLimitsSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub messages_per_connection: Option<u32>,
+    /// Messages per period (`600/min`, `20000/h`); every rate listed holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_message_rates: Option<Vec<RateText>>,
+}
+
+/// A message rate as the relay reads it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(transparent)]
+pub struct RateText(#[schemars(regex(pattern = RATE_PATTERN))] pub String);
+
+/// One provider's MX hosts and limits.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderSpec {
+    #[schemars(regex(pattern = r"^[a-z0-9._-]{1,63}$"))]
+    pub name: String,
+    /// Host name suffixes of its MX hosts (`mx.example.net` takes `a.mx.example.net`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mx: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub messages_per_connection: Option<u32>,
+    /// Messages per period (`600/min`, `20000/h`); every rate listed holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_message_rates: Option<Vec<RateText>>,
+}
+
+/// What a back-off rule does to the source address a matching reply came from.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BackoffActionSpec {
+    Suspend,
+    Halve,
+    Bounce,
+}
+
+/// A back-off rule: a failed reply from `provider` (any, when absent) that the classifier put in
+/// `category` (and whose enhanced status code matches `status`, when given).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackoffRuleSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9._-]{1,63}$"))]
+    pub provider: Option<String>,
+    /// The reply's bounce category: `rate-limited`, `reputation-block`, ...
+    pub category: herald_config::Category,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    pub action: BackoffActionSpec,
+    /// How long a suspension lasts (`suspend` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub duration: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]

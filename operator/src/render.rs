@@ -161,6 +161,118 @@ fn duration(resource: &str, field: &str, v: &str) -> Result<std::time::Duration,
         .map_err(|e| err(resource, field, format!("{v:?} is not a duration: {e}")))
 }
 
+/// Message rates as the relay reads them.
+fn rates(
+    resource: &str,
+    field: &str,
+    v: &Option<Vec<crate::crd::RateText>>,
+) -> Result<Option<Vec<herald_config::Rate>>, RenderError> {
+    v.as_ref()
+        .map(|rates| {
+            rates
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    r.0.parse::<herald_config::Rate>()
+                        .map_err(|e| err(resource, format!("{field}[{i}]"), e.to_string()))
+                })
+                .collect()
+        })
+        .transpose()
+}
+
+/// `spec.delivery.shaping` as the relay config's `shaping`; a mistake the relay's validation finds is
+/// reported under the resource's own field name.
+fn shaping(resource: &str, spec: &crate::crd::ShapingSpec) -> Result<relay::Shaping, RenderError> {
+    let at = "spec.delivery.shaping";
+    let mut providers = Vec::new();
+    for (i, p) in spec.providers.iter().enumerate() {
+        providers.push(relay::ProviderShaping {
+            name: p.name.clone(),
+            mx: p.mx.clone(),
+            max_connections: p.max_connections,
+            messages_per_connection: p.messages_per_connection,
+            max_message_rates: rates(
+                resource,
+                &format!("{at}.providers[{i}].maxMessageRates"),
+                &p.max_message_rates,
+            )?,
+        });
+    }
+    let default = match &spec.default {
+        Some(d) => relay::ProviderLimits {
+            max_connections: d.max_connections,
+            messages_per_connection: d.messages_per_connection,
+            max_message_rates: rates(
+                resource,
+                &format!("{at}.default.maxMessageRates"),
+                &d.max_message_rates,
+            )?,
+        },
+        None => relay::ProviderLimits::default(),
+    };
+    let mut rules = Vec::new();
+    for (i, r) in spec.rules.iter().enumerate() {
+        rules.push(relay::BackoffRule {
+            provider: r.provider.clone(),
+            category: r.category,
+            status: r.status.clone(),
+            action: match r.action {
+                crate::crd::BackoffActionSpec::Suspend => relay::BackoffAction::Suspend,
+                crate::crd::BackoffActionSpec::Halve => relay::BackoffAction::Halve,
+                crate::crd::BackoffActionSpec::Bounce => relay::BackoffAction::Bounce,
+            },
+            duration: r
+                .duration
+                .as_deref()
+                .map(|d| duration(resource, &format!("{at}.rules[{i}].duration"), d))
+                .transpose()?,
+        });
+    }
+    let mut out = relay::Shaping {
+        providers,
+        default,
+        rules,
+        ..relay::Shaping::default()
+    };
+    if let Some(b) = spec.builtin_rules {
+        out.builtin_rules = b;
+    }
+    if let Some(r) = &spec.recovery {
+        out.recovery = duration(resource, &format!("{at}.recovery"), r)?;
+    }
+    // The relay's own checks, with its field names turned into the resource's.
+    let probe = Config {
+        shaping: out.clone(),
+        ..Config::embedded_default()
+    };
+    if let Err(relay::ConfigError::Invalid { field, message }) = probe.validate() {
+        let field = field
+            .strip_prefix("shaping")
+            .map(|rest| format!("{at}{}", camel(rest)))
+            .unwrap_or(field);
+        return Err(err(resource, field, message));
+    }
+    Ok(out)
+}
+
+/// `.max_connections` as `.maxConnections`.
+fn camel(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut upper = false;
+    for c in path.chars() {
+        match c {
+            '_' => upper = true,
+            c if upper => {
+                out.extend(c.to_uppercase());
+                upper = false;
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// A lifetime: `never` or a duration.
 fn ttl(resource: &str, field: &str, v: &str) -> Result<relay::Ttl, RenderError> {
     if v == "never" {
@@ -423,8 +535,12 @@ pub fn relay_config(
             ca_file: s.ca_secret_ref.as_ref().map(|_| SMARTHOST_CA.into()),
         });
     }
+    let shaping = match &spec.delivery.shaping {
+        Some(sh) => shaping(&res, sh)?,
+        None => relay::Shaping::default(),
+    };
     let config = Config {
-        shaping: relay::Shaping::default(),
+        shaping,
         hostname: hostname(relay),
         spool_dir: SPOOL_DIR.into(),
         listeners,
@@ -515,6 +631,7 @@ mod tests {
             delay_warning: Some("2h".into()),
             per_domain: None,
             smarthost: None,
+            shaping: None,
         };
         r
     }
@@ -708,6 +825,54 @@ mod tests {
         let e = render(&r).unwrap_err();
         assert_eq!(e.field, "spec.delivery.perDomain.maxMessageRate");
         assert!(e.message.contains("period"), "{}", e.message);
+    }
+
+    #[test]
+    fn provider_shaping_renders_and_a_mistake_names_the_resource_field() {
+        use crate::crd::{BackoffActionSpec, BackoffRuleSpec, ProviderSpec, RateText, ShapingSpec};
+        let mut r = relay();
+        r.spec.delivery.shaping = Some(ShapingSpec {
+            providers: vec![ProviderSpec {
+                name: "gmail".into(),
+                mx: vec!["mx.gmail-relay.example".into()],
+                max_connections: Some(4),
+                messages_per_connection: None,
+                max_message_rates: Some(vec![RateText("600/min".into())]),
+            }],
+            rules: vec![BackoffRuleSpec {
+                provider: Some("gmail".into()),
+                category: herald_config::Category::RateLimited,
+                status: Some("4.7.28".into()),
+                action: BackoffActionSpec::Suspend,
+                duration: Some("30m".into()),
+            }],
+            builtin_rules: Some(false),
+            recovery: Some("5m".into()),
+            ..ShapingSpec::default()
+        });
+        let c = render(&r).unwrap();
+        assert_eq!(c.shaping.providers[0].max_connections, Some(4));
+        assert_eq!(c.shaping.rules[0].duration.map(|d| d.as_secs()), Some(1800));
+        assert!(!c.shaping.builtin_rules);
+        assert_eq!(c.shaping.recovery.as_secs(), 300);
+        assert_eq!(Config::parse(&config_yaml(&c).unwrap()).unwrap(), c);
+        if let Some(sh) = r.spec.delivery.shaping.as_mut() {
+            sh.rules[0].status = Some("4.7.twentyeight".into());
+        }
+        let e = render(&r).unwrap_err();
+        assert_eq!(e.field, "spec.delivery.shaping.rules[0].status");
+        if let Some(sh) = r.spec.delivery.shaping.as_mut() {
+            sh.rules[0].status = None;
+            sh.rules[0].duration = None;
+            sh.providers[0].mx = vec!["*.example".into()];
+        }
+        let e = render(&r).unwrap_err();
+        assert_eq!(e.field, "spec.delivery.shaping.providers[0].mx[0]");
+        if let Some(sh) = r.spec.delivery.shaping.as_mut() {
+            sh.providers[0].mx.clear();
+        }
+        let e = render(&r).unwrap_err();
+        assert_eq!(e.field, "spec.delivery.shaping.rules[0].duration");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::deliver::{self, Deliverer, Outbound};
 use crate::dkim::Signers;
 use crate::events;
 use crate::exporter::{self, ExporterState};
-use crate::fleet::{self, Counters, Fleet, Rates};
+use crate::fleet::{self, Backoffs, Counters, Fleet, Rates};
 use crate::metrics::Metrics;
 use crate::outcome::suppression::Suppressions;
 use crate::outcome::verp::{self, ReturnPaths};
@@ -23,6 +23,7 @@ use crate::policy::Policy;
 use crate::queue::{self, QueueHandle};
 use crate::resources;
 use crate::server::{self, ConnectionLimits, Shared, auth::AuthGate, tls::TlsStore};
+use crate::shaping::Shaper;
 use crate::spool::Spool;
 use crate::telemetry::Telemetry;
 use herald_config::Config;
@@ -93,6 +94,7 @@ impl Relay {
         let (stop, stop_rx) = watch::channel(false);
         let leases = fleet.as_ref().map(Fleet::leases);
         let rates = fleet.as_ref().map_or_else(Rates::local, Fleet::rates);
+        let backoffs = fleet.as_ref().map_or_else(Backoffs::local, Fleet::backoffs);
         let counters = {
             let dir = fleet::state_dir(&config.spool_dir);
             let link = fleet.as_ref().map(Fleet::link);
@@ -136,6 +138,7 @@ impl Relay {
             delivery_connections = initial.settings.total_connections,
             "resources"
         );
+        let shaper = Shaper::new(backoffs, leases.clone(), rates.clone(), telemetry.clone());
         let deliverer = Deliverer::new(
             outbound,
             spool.clone(),
@@ -143,6 +146,7 @@ impl Relay {
             leases,
             rates,
             counters.clone(),
+            shaper,
         )?;
         deliverer.start_gauges(metrics.clone(), stop_rx.clone());
         let queue = queue::start(

@@ -1,6 +1,6 @@
 //! Delivery events: accepted, delivered, deferred, bounced, expired, suppressed and complained (bounces and
-//! complaints read from reports carry a `source`) as JSON lines to a file or standard output, and POSTed
-//! to a webhook.
+//! complaints read from reports carry a `source`), and traffic shaping's suspended and resumed, as JSON
+//! lines to a file or standard output, and POSTed to a webhook.
 //!
 //! Emitting never waits: events go through an unbounded channel to one task. The webhook side keeps a
 //! bounded buffer and retries with backoff until the endpoint accepts, so a slow or failing endpoint never
@@ -29,7 +29,10 @@ pub struct Event {
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub timestamp: String,
+    /// Empty (and left out) for an event about the relay rather than a message (`resumed`).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub queue_id: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub sender: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recipient: Option<String>,
@@ -59,6 +62,15 @@ pub struct Event {
     /// The ARF feedback type of a complaint (`abuse`, `fraud`, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub feedback_type: Option<String>,
+    /// The mailbox provider a `suspended` or `resumed` source address is suspended for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// The source address of a `suspended` or `resumed` event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_ip: Option<String>,
+    /// When a suspension ends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
 }
 
 impl Event {
@@ -83,6 +95,9 @@ impl Event {
             size: None,
             source: None,
             feedback_type: None,
+            provider: None,
+            source_ip: None,
+            until: None,
         }
     }
 }

@@ -15,6 +15,7 @@
 //! - `spool`: durable storage with group commit.
 //! - `queue`: messages waiting for delivery.
 //! - `deliver`: MX resolution and the SMTP client.
+//! - `shaping`: limits per mailbox provider and source address, and back-off when a provider pushes back.
 //! - `dkim`: DKIM signing at acceptance.
 //! - `outcome`: bounce classification, DSNs, suppression.
 //! - `fleet`: what the replicas of a fleet share through Valkey (the suppression list).
@@ -45,5 +46,6 @@ pub mod policy;
 pub mod queue;
 pub mod resources;
 pub mod server;
+pub mod shaping;
 pub mod spool;
 pub mod telemetry;

@@ -92,8 +92,16 @@ fn check_config(path: Option<PathBuf>) -> ExitCode {
         eprintln!("error: check-config needs --config FILE");
         return ExitCode::from(2);
     };
-    match Config::load(&path) {
-        Ok(_) => {
+    // The shaping table too: a back-off rule may name a provider only the shipped tables know.
+    let checked = Config::load(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|c| {
+            herald_relay::shaping::Table::load(&c.shaping)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+    match checked {
+        Ok(()) => {
             println!("config OK");
             ExitCode::SUCCESS
         }

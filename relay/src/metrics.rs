@@ -71,6 +71,10 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     pub delivery_waits: IntCounterVec,
     source_sent_today: IntGaugeVec,
+    /// Failed replies that matched a traffic shaping back-off rule, by provider and verdict category.
+    pub throttled: IntCounterVec,
+    /// 1 while a source address is suspended for a provider.
+    pub shaping_suspended: IntGaugeVec,
     source_daily_cap: IntGaugeVec,
     pub store_latency: HistogramVec,
     pub store_pending: IntGauge,
@@ -307,7 +311,7 @@ impl Metrics {
                 let c = counter_vec(
                     &r,
                     "herald_delivery_waits_total",
-                    "Messages given back to the queue untried because their destination had no room: no connection lease left in the fleet (lease), over delivery.per_domain.max_message_rate (rate), or a source address over today's warm-up cap (warmup). Not delivery attempts.",
+                    "Messages given back to the queue untried because their destination had no room: no connection lease left in the fleet (lease), over delivery.per_domain.max_message_rate (rate), a source address over today's warm-up cap (warmup), its provider's limits for the source address (provider), or the source address suspended for the provider (suspended). Not delivery attempts.",
                     &["reason"],
                 );
                 for reason in crate::queue::Wait::LABELS {
@@ -315,6 +319,18 @@ impl Metrics {
                 }
                 c
             },
+            throttled: counter_vec(
+                &r,
+                "herald_throttled_total",
+                "Failed replies that matched a traffic shaping back-off rule (which then suspended the source for the provider, halved its limits, or bounced the recipients), by provider and the reply's category (rate-limited, reputation-block, ...).",
+                &["provider", "reason"],
+            ),
+            shaping_suspended: gauge_vec(
+                &r,
+                "herald_shaping_suspended",
+                "1 while a source address is suspended for a mailbox provider by a back-off rule (as this relay knows it: the fleet's with a store); absent otherwise.",
+                &["provider", "source"],
+            ),
             source_sent_today: gauge_vec(
                 &r,
                 "herald_source_sent_today",

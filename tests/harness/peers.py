@@ -126,8 +126,15 @@ class _Rule:
     reply: str
     times: int | None  # None: every time; N: the first N times only
     used: int = 0
+    client: str | None = None  # only commands from this client address
+    skip: int = 0  # let this many matching commands through first
 
-    def take(self) -> str | None:
+    def take(self, client: str | None = None) -> str | None:
+        if self.client is not None and client != self.client:
+            return None
+        if self.skip > 0:
+            self.skip -= 1
+            return None
         if self.times is not None and self.used >= self.times:
             return None
         self.used += 1
@@ -274,9 +281,11 @@ class AioPeer:
             self._rcpt_rules.setdefault(address.lower(), []).append(_Rule(reply, times))
         return self
 
-    def on_mail(self, reply: str, times: int | None = None) -> "AioPeer":
+    def on_mail(self, reply: str, times: int | None = None, client: str | None = None,
+                after: int = 0) -> "AioPeer":
+        """`client`: only MAIL commands from that address count; `after`: the first `after` of them pass."""
         with self._lock:
-            self._mail_rules.append(_Rule(reply, times))
+            self._mail_rules.append(_Rule(reply, times, client=client, skip=after))
         return self
 
     def on_data(self, reply: str, times: int | None = None) -> "AioPeer":
@@ -327,9 +336,9 @@ class AioPeer:
             self._data_rules.clear()
 
     @staticmethod
-    def _first(rules: list[_Rule]) -> str | None:
+    def _first(rules: list[_Rule], client: str | None = None) -> str | None:
         for r in rules:
-            reply = r.take()
+            reply = r.take(client)
             if reply is not None:
                 return reply
         return None
@@ -439,7 +448,7 @@ class AioPeer:
         if self._closing(server):
             return "421 4.3.2 closing"
         with self._lock:
-            reply = self._first(self._mail_rules)
+            reply = self._first(self._mail_rules, server._conn.client[0] if server._conn else None)
         reply = reply or "250 2.1.0 Ok"
         self._record(server, "MAIL", address, reply)
         if reply.startswith("2"):

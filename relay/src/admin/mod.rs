@@ -262,7 +262,10 @@ async fn counters(State(s): State<Arc<AdminState>>, Query(p): Query<DayParams>) 
 }
 
 /// Where traffic shaping stands: each source address with its weight, its warm-up day and today's cap,
-/// what it sent today (the fleet's count with a store), and `full_until` when it has used up today's cap.
+/// what it sent today (the fleet's count with a store), and `full_until` when it has used up today's cap;
+/// the limits of each provider that has some (`limits`) and of the others (`default_limits`); and per
+/// provider and source this relay sent to lately (`providers`) the limits in force, its open connections,
+/// and any suspension or halving with the reply that brought it.
 async fn shaping(State(s): State<Arc<AdminState>>) -> Response {
     let today = s.counters.today();
     // Brings the fleet's counts up to date before they are shown.
@@ -281,10 +284,14 @@ async fn shaping(State(s): State<Arc<AdminState>>) -> Response {
             o
         })
         .collect();
+    let (limits, default_limits, providers) = s.deliverer.providers();
     Json(json!({
         "day": today,
         "day_length_seconds": s.counters.day_length().as_secs(),
         "sources": sources,
+        "limits": limits,
+        "default_limits": default_limits,
+        "providers": providers,
     }))
     .into_response()
 }

@@ -29,11 +29,12 @@ const KEEP_WAITING: std::time::Duration = std::time::Duration::from_secs(2);
 /// How often the per-source gauges are brought up to date.
 const GAUGES_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::queue::{Attempt, Dispatcher, Job, Reply, Slot, Wait};
+use crate::shaping::{Place, Refusal, Shaper};
 use crate::spool::Spool;
 use arc_swap::ArcSwap;
 use client::{Client, ClientError, Rcpt, Stream, Transaction};
 use dns::{DnsFailure, Resolver};
-use herald_config::{Config, Delivery, OutboundTls, Source, TlsMode};
+use herald_config::{BackoffAction, Config, Delivery, OutboundTls, Source, TlsMode};
 use tls::TlsClient;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,8 @@ pub enum DeliverError {
     Resolver(#[from] dns::ResolverError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Shaping(#[from] crate::shaping::ShapingError),
     #[error("delivery.smarthost.password_file {path}: {source}")]
     Password {
         path: std::path::PathBuf,
@@ -59,6 +62,8 @@ pub struct Outbound {
     smarthost_password: Option<String>,
     /// With a smarthost and `tls: starttls` or `implicit`.
     smarthost_tls: Option<SmarthostTls>,
+    /// Providers, their limits and the back-off rules.
+    shaping: crate::shaping::Table,
 }
 
 fn unix_now() -> u64 {
@@ -114,6 +119,8 @@ pub struct Deliverer {
     rates: Arc<Rates>,
     /// Messages sent per source address.
     counters: Arc<Counters>,
+    /// Limits per provider and source, and back-off.
+    shaper: Arc<Shaper>,
 }
 
 impl std::fmt::Debug for Deliverer {
@@ -141,6 +148,23 @@ struct Session {
     host: String,
     /// The local address the connection went out from (the source the receiver sees).
     source: Option<IpAddr>,
+}
+
+/// Gives back a job its provider's limits or its source's standing refused: untried, not an attempt.
+/// `source` is the address the connection was to leave from.
+fn refused(slot: Slot, job: Job, source: Option<IpAddr>, refusal: Refusal) {
+    match refusal {
+        Refusal::Suspended { until_ms } => match source {
+            Some(source) => slot.suspended(job, source, until_ms),
+            // Mail from the relay's own address has no other to go from: it waits.
+            None => {
+                let wait = until_ms.saturating_sub(crate::queue::now_ms());
+                slot.hold(job, std::time::Duration::from_millis(wait), Wait::Suspended);
+            }
+        },
+        Refusal::Busy => slot.hold(job, LEASE_WAIT, Wait::Provider),
+        Refusal::Wait(wait) => slot.hold(job, wait, Wait::Provider),
+    }
 }
 
 /// Why no session could be opened: the replies to report for the job's recipients.
@@ -211,6 +235,7 @@ impl Outbound {
             pools,
             smarthost_password,
             smarthost_tls,
+            shaping: crate::shaping::Table::load(&config.shaping)?,
         })
     }
 }
@@ -223,6 +248,7 @@ impl Deliverer {
         leases: Option<Arc<Leases>>,
         rates: Arc<Rates>,
         counters: Arc<Counters>,
+        shaper: Arc<Shaper>,
     ) -> Result<Arc<Deliverer>, DeliverError> {
         Ok(Arc::new(Deliverer {
             outbound: ArcSwap::from_pointee(outbound),
@@ -233,6 +259,7 @@ impl Deliverer {
             leases,
             rates,
             counters,
+            shaper,
         }))
     }
 
@@ -250,7 +277,6 @@ impl Deliverer {
         let mut fresh = false;
         let mut sent = 0u32;
         let o = self.outbound.load_full();
-        let max = o.delivery.per_domain.messages_per_connection;
         let rate = o.delivery.per_domain.max_message_rate;
         // In a fleet, one connection more to this destination must fit the fleet's limit; when it does not,
         // the job goes back (no attempt) and the destination waits a moment. Held for the connection's life.
@@ -270,12 +296,73 @@ impl Deliverer {
             }
             None => None,
         };
+        // The hosts to try, resolved once for the connection: they tell the provider the destination rolls
+        // up to, whose limits the connection goes under before it opens.
+        let mut stop = self.stop.subscribe();
+        let resolved = tokio::select! {
+            r = self.hosts(&o, &job) => Some(r),
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        let hosts = match resolved {
+            None => {
+                slot.abandon(job);
+                return;
+            }
+            Some(Ok(hosts)) => hosts,
+            Some(Err(fail)) => {
+                let mut attempt = self.fail_all(&job, &fail.reply, fail.remote_mta.clone(), None);
+                self.judge(&mut attempt);
+                slot.finished(attempt, false).await;
+                return;
+            }
+        };
+        // The source the connection leaves from: the job's, unless a reload took it out of the pool.
+        let source = self.source(&o, &job).map(|s| s.address);
+        let place = match self.enter(&o, &hosts, &job, source).await {
+            Ok(place) => place,
+            Err(refusal) => {
+                refused(slot, job, source, refusal);
+                return;
+            }
+        };
+        let max = match &place {
+            Some(p) => self
+                .shaper
+                .messages_per_connection(p, o.delivery.per_domain.messages_per_connection),
+            None => o.delivery.per_domain.messages_per_connection,
+        };
         // The job in hand has no turn under the rate yet.
         let mut has_turn = false;
+        // Nor one under its provider's limits.
+        let mut shaped = false;
         // Nor one under its source's warm-up cap; once taken, the source it was taken from.
         let mut warmed = false;
         let mut turn: Option<(IpAddr, u64)> = None;
         loop {
+            if !shaped && let Some(p) = &place {
+                match self.shaper.turn(&o.shaping, p).await {
+                    Ok(()) => shaped = true,
+                    Err(refusal) => {
+                        // First, so that a turn under the destination's rate is not spent on a refused message. A
+                        // short wait is spent on the open connection, as for the destination's rate below.
+                        if let Refusal::Wait(wait) = refusal
+                            && session.is_some()
+                            && wait <= KEEP_WAITING
+                        {
+                            let mut stop = self.stop.subscribe();
+                            tokio::select! {
+                                _ = tokio::time::sleep(wait) => continue,
+                                _ = stop.wait_for(|s| *s) => {}
+                            }
+                        }
+                        if let Some(s) = session.take() {
+                            s.client.quit().await;
+                        }
+                        refused(slot, job, source, refusal);
+                        return;
+                    }
+                }
+            }
             while !has_turn && let Some(wait) = self.over_rate(rate, &job).await {
                 // A short wait is spent on the open connection: closing it to open another a moment later
                 // is a handshake per message, which receivers hold against a sender. Otherwise the job
@@ -314,7 +401,7 @@ impl Deliverer {
             if session.is_none() {
                 let mut stop = self.stop.subscribe();
                 let opened = tokio::select! {
-                    r = self.open(&o, &job, None) => Some(r),
+                    r = self.open(&o, &job, &hosts, None) => Some(r),
                     _ = stop.wait_for(|s| *s) => None,
                 };
                 let Some(opened) = opened else {
@@ -333,8 +420,10 @@ impl Deliverer {
                         if let Some((source, day)) = turn.take() {
                             self.counters.give_back(source, day).await;
                         }
-                        let attempt =
+                        let mut attempt =
                             self.fail_all(&job, &fail.reply, fail.remote_mta.clone(), None);
+                        self.judge(&mut attempt);
+                        self.back_off(&o, place.as_ref(), &job, &mut attempt).await;
                         // The next job for this destination would meet the same fate now; end here and
                         // let the queue retry on its schedule.
                         slot.finished(attempt, false).await;
@@ -363,7 +452,7 @@ impl Deliverer {
                 let failed = s.host.clone();
                 let mut stop = self.stop.subscribe();
                 let next = tokio::select! {
-                    r = self.open(&o, &job, Some(&failed)) => r.ok(),
+                    r = self.open(&o, &job, &hosts, Some(&failed)) => r.ok(),
                     _ = stop.wait_for(|s| *s) => None,
                 };
                 if let Some(next) = next {
@@ -387,13 +476,16 @@ impl Deliverer {
                     }
                 }
             }
+            self.judge(&mut attempt);
+            let suspended = self.back_off(&o, place.as_ref(), &job, &mut attempt).await;
             fresh = false;
             sent += 1;
-            let want_next = usable && sent < max;
+            let want_next = usable && sent < max && !suspended;
             match slot.finished(attempt, want_next).await {
                 Some(next) => {
                     job = next;
                     has_turn = false;
+                    shaped = false;
                     warmed = false;
                 }
                 None => break,
@@ -401,6 +493,103 @@ impl Deliverer {
         }
         if let Some(s) = session {
             s.client.quit().await;
+        }
+    }
+
+    /// A place under the limits of the provider `hosts` roll up to, for `job`'s source; none when the
+    /// destination is not shaped (a smarthost, an address literal).
+    async fn enter(
+        &self,
+        o: &Outbound,
+        hosts: &[(String, u16)],
+        job: &Job,
+        source: Option<IpAddr>,
+    ) -> Result<Option<Place>, Refusal> {
+        if o.delivery.smarthost.is_some() || job.domain.starts_with('[') {
+            return Ok(None);
+        }
+        let names: Vec<String> = hosts.iter().take(1).map(|(h, _)| h.clone()).collect();
+        // A provider without limits that no back-off rule names costs nothing per message.
+        let Some(provider) = o
+            .shaping
+            .provider_of(&names)
+            .filter(|p| o.shaping.shapes(p))
+        else {
+            return Ok(None);
+        };
+        self.shaper
+            .enter(&o.shaping, provider, source)
+            .await
+            .map(Some)
+    }
+
+    /// Classifies the attempt's failed replies, once: the back-off rules act on the verdicts, and the
+    /// queue records them.
+    fn judge(&self, attempt: &mut Attempt) {
+        attempt.verdicts = crate::queue::verdicts(&self.rules.classifier(), attempt);
+    }
+
+    /// Runs the back-off rules over the attempt's failed replies (each distinct reply once, until one
+    /// matches a rule). True when the source was suspended for the provider: the connection ends.
+    async fn back_off(
+        &self,
+        o: &Outbound,
+        place: Option<&Place>,
+        job: &Job,
+        attempt: &mut Attempt,
+    ) -> bool {
+        let Some(place) = place else { return false };
+        let mut seen: Vec<&Reply> = Vec::new();
+        let mut acted = None;
+        for ((_, reply), verdict) in attempt.results.iter().zip(&attempt.verdicts) {
+            // The relay's own verdicts (DNS, a connection refused, TLS) say nothing about the provider.
+            let Some(verdict) = verdict.filter(|_| reply.remote) else {
+                continue;
+            };
+            if seen.iter().any(|r| {
+                r.code == reply.code && r.enhanced == reply.enhanced && r.text == reply.text
+            }) {
+                continue;
+            }
+            seen.push(reply);
+            if let Some(action) = self
+                .shaper
+                .observe(
+                    &o.shaping,
+                    place,
+                    reply,
+                    verdict,
+                    job.id.to_string(),
+                    job.meta.sender.to_string(),
+                )
+                .await
+            {
+                acted = Some((action, reply.clone()));
+                break;
+            }
+        }
+        match acted {
+            Some((BackoffAction::Bounce, matched)) => {
+                // The provider said a retry will not succeed: the recipients it refused so bounce now.
+                for ((_, reply), verdict) in
+                    attempt.results.iter_mut().zip(attempt.verdicts.iter_mut())
+                {
+                    if reply.code < 500
+                        && reply.code == matched.code
+                        && reply.enhanced == matched.enhanced
+                        && reply.text == matched.text
+                    {
+                        reply.code = 554;
+                        reply.enhanced = reply.enhanced.as_ref().map(|e| format!("5{}", &e[1..]));
+                        if let Some(v) = verdict {
+                            v.0 = crate::outcome::classify::Class::Hard;
+                        }
+                    }
+                }
+                false
+            }
+            Some((BackoffAction::Suspend, _)) => true,
+            _ => false,
         }
     }
 
@@ -434,6 +623,7 @@ impl Deliverer {
             domain: job.domain.clone(),
             tls: tls.map(str::to_owned),
             next_hop_dsn: false,
+            verdicts: Vec::new(),
         }
     }
 
@@ -521,7 +711,22 @@ impl Deliverer {
         out
     }
 
-    /// Keeps `herald_source_sent_today` and `herald_source_daily_cap` current, until `stop`.
+    /// Traffic shaping by provider for `GET /shaping`: the limits each provider has, the others' limits,
+    /// and every provider and source this relay has sent to lately with its standing.
+    pub fn providers(
+        &self,
+    ) -> (
+        Vec<crate::shaping::LimitsView>,
+        herald_config::ProviderLimits,
+        Vec<crate::shaping::PairView>,
+    ) {
+        let o = self.outbound.load();
+        let (limits, default) = o.shaping.limit_views();
+        (limits, default, self.shaper.views(&o.shaping))
+    }
+
+    /// Keeps `herald_source_sent_today`, `herald_source_daily_cap` and `herald_shaping_suspended` current,
+    /// and says when suspensions end, until `stop`.
     pub fn start_gauges(
         self: &Arc<Self>,
         metrics: Arc<crate::metrics::Metrics>,
@@ -537,6 +742,7 @@ impl Deliverer {
                 }
                 let Some(d) = me.upgrade() else { return };
                 metrics.set_sources(&d.sources());
+                d.shaper.tick(d.outbound.load().shaping.recovery);
             }
         });
     }
@@ -547,12 +753,13 @@ impl Deliverer {
         &self,
         o: &Outbound,
         job: &Job,
+        hosts: &[(String, u16)],
         after: Option<&str>,
     ) -> Result<Session, NoSession> {
-        let mut hosts = self.hosts(o, job).await?;
-        if let Some(failed) = after {
-            hosts = hosts_after(hosts, failed);
-        }
+        let hosts = match after {
+            Some(failed) => hosts_after(hosts.to_vec(), failed),
+            None => hosts.to_vec(),
+        };
         let source = self.source(o, job);
         let ehlo = source
             .as_ref()
@@ -898,6 +1105,7 @@ impl Deliverer {
                 domain: job.domain.clone(),
                 tls: s.client.tls.clone(),
                 next_hop_dsn: s.client.extensions.dsn,
+                verdicts: Vec::new(),
             },
             usable,
         )
@@ -1012,6 +1220,7 @@ mod tests {
             domain: Arc::from("example.test"),
             tls: None,
             next_hop_dsn: false,
+            verdicts: Vec::new(),
         }
     }
 

@@ -9,9 +9,11 @@
 //! - `leases`: connection leases, so `delivery.per_domain.max_connections` holds for the whole fleet.
 //! - `rates`: message rates (GCRA), so `delivery.per_domain.max_message_rate` does too.
 //! - `counters`: per-day counts per source address and per sending domain, for warm-up and engagement.
+//! - `backoffs`: sources suspended or slowed down for a mailbox provider (traffic shaping's back-off).
 //!
 //! The key layout, with scope and lifetime, is in docs/fleet.md.
 
+mod backoffs;
 mod counters;
 mod leases;
 mod link;
@@ -27,6 +29,7 @@ use tokio::sync::watch;
 use crate::metrics::Metrics;
 use crate::outcome::suppression::{FileStore, Suppressions};
 
+pub use backoffs::Backoffs;
 pub use counters::{Allowance, Count, Counters, Day};
 pub use leases::{LEASE_WAIT, Lease, Leases};
 pub use link::{Connection, Link, ScriptConnection};
@@ -140,6 +143,11 @@ impl Fleet {
     /// The message rates, shared through the store.
     pub fn rates(&self) -> Arc<Rates> {
         Rates::shared(self.link.clone(), self.fleet_size)
+    }
+
+    /// The back-off standings, shared through the store.
+    pub fn backoffs(&self) -> Arc<Backoffs> {
+        Backoffs::shared(self.link.clone())
     }
 
     /// Joins the fleet and follows it until `stop`. With `required`, the first join must succeed (else

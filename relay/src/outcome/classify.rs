@@ -94,7 +94,7 @@ impl<'a> Reply<'a> {
 }
 
 /// Splits `5.1.1` into its three numbers.
-fn enhanced_parts(enhanced: &str) -> Option<[u16; 3]> {
+pub(crate) fn enhanced_parts(enhanced: &str) -> Option<[u16; 3]> {
     let mut it = enhanced.split('.').map(|p| p.parse::<u16>().ok());
     let parts = [it.next()??, it.next()??, it.next()??];
     (it.next().is_none() && matches!(parts[0], 2 | 4 | 5)).then_some(parts)

@@ -89,6 +89,9 @@ pub struct Attempt {
     /// The server advertised DSN and so got the sender's DSN parameters: a success is its to report, not
     /// this relay's (RFC 3461 section 5.3.1).
     pub next_hop_dsn: bool,
+    /// The classifier's verdict on each failed result, when whoever read the replies classified them
+    /// (delivery does, once, and acts on them too); empty: the queue classifies.
+    pub verdicts: Vec<Option<Verdict>>,
 }
 
 /// One recipient as the admin API shows it.
@@ -435,6 +438,8 @@ struct Dest {
     /// The pool and source address in the key, if any.
     pool: Option<Arc<str>>,
     source: Option<IpAddr>,
+    /// The recipient domain.
+    domain: Arc<str>,
     ready: VecDeque<QueueId>,
     connections: usize,
     /// On the FIFO of destinations waiting for a place under the total cap.
@@ -475,10 +480,10 @@ pub struct Core {
     timers: BinaryHeap<Reverse<(u64, QueueId)>>,
     /// When held destinations may try for a connection again.
     holds: BinaryHeap<Reverse<(u64, DestKey)>>,
-    /// Source addresses over their daily cap, until when (ms); see [`Core::source_full`].
-    full: HashMap<IpAddr, u64>,
-    /// When full addresses may send again.
-    refills: BinaryHeap<Reverse<(u64, IpAddr)>>,
+    /// Source addresses that may not send now, and until when.
+    marks: Marks,
+    /// When marked addresses may send again: to every domain (a full one), or to one (a suspended one).
+    refills: BinaryHeap<Reverse<Refill>>,
     /// Live messages and bytes per spool segment.
     segments: BTreeMap<u64, (usize, u64)>,
     /// Messages with recipients still pending, per destination domain (for `herald_queue_depth`).
@@ -525,7 +530,7 @@ impl Core {
             waiting: VecDeque::new(),
             timers: BinaryHeap::new(),
             holds: BinaryHeap::new(),
-            full: HashMap::new(),
+            marks: Marks::default(),
             refills: BinaryHeap::new(),
             segments: BTreeMap::new(),
             depth: HashMap::new(),
@@ -558,7 +563,7 @@ impl Core {
     pub fn next_due(&self) -> Option<u64> {
         let timer = self.timers.peek().map(|Reverse((due, _))| *due);
         let hold = self.holds.peek().map(|Reverse((until, _))| *until);
-        let refill = self.refills.peek().map(|Reverse((until, _))| *until);
+        let refill = self.refills.peek().map(|Reverse((until, _, _))| *until);
         [timer, hold, refill].into_iter().flatten().min()
     }
 
@@ -583,14 +588,14 @@ impl Core {
     pub fn reconfigure(&mut self, settings: Settings, now: u64) -> Vec<Action> {
         // A full address stays full unless the reload changed its warm-up (a lifted or raised cap; one still
         // over its cap is marked again by its next refused turn).
-        let before = self.full.len();
-        self.full.retain(|a, _| {
+        let before = self.marks.full.len();
+        self.marks.full.retain(|a, _| {
             settings
                 .warmups
                 .get(a)
                 .is_some_and(|w| self.settings.warmups.get(a) == Some(w))
         });
-        let rerouted = settings.routing != self.settings.routing || self.full.len() != before;
+        let rerouted = settings.routing != self.settings.routing || self.marks.full.len() != before;
         self.settings = settings;
         let mut out = Vec::new();
         if rerouted {
@@ -954,15 +959,52 @@ impl Core {
     pub fn source_full(&mut self, job: &Job, source: IpAddr, until: u64, now: u64) -> Vec<Action> {
         let mut out = Vec::new();
         if until > now {
-            let newly = !self.full.contains_key(&source);
-            let mark = self.full.entry(source).or_insert(0);
+            let newly = !self.marks.full.contains_key(&source);
+            let mark = self.marks.full.entry(source).or_insert(0);
             if until > *mark {
                 *mark = until;
-                self.refills.push(Reverse((until, source)));
+                self.refills.push(Reverse((until, source, None)));
             }
             // Once per day: later refusals (jobs that were already under way) find the mail moved.
             if newly {
                 self.reroute(|d| d.source == Some(source), source, now, &mut out);
+            }
+        }
+        out.extend(self.give_back(job, now));
+        out
+    }
+
+    /// `job`'s source address `source` is suspended for the provider of `job`'s domain until `until` (ms): the
+    /// job goes back untried (not an attempt), and the domain's mail goes from the pool's other addresses
+    /// meanwhile, or, when every one of them is suspended or full too, waits for the suspension to end.
+    /// The provider's other domains are marked as their own jobs find the suspension.
+    pub fn source_suspended(
+        &mut self,
+        job: &Job,
+        source: IpAddr,
+        until: u64,
+        now: u64,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        if until > now && !job.domain.is_empty() {
+            let marks = self.marks.suspended.entry(job.domain.clone()).or_default();
+            let newly = !marks.contains_key(&source);
+            let mark = marks.entry(source).or_insert(0);
+            if until > *mark {
+                *mark = until;
+                self.refills
+                    .push(Reverse((until, source, Some(job.domain.clone()))));
+            }
+            if newly {
+                tracing::info!(%source, domain = %job.domain, until = %crate::queue::rfc3339_ms(until),
+                    "the source is suspended for this domain's provider; its mail goes from the pool's other addresses meanwhile");
+                let domain = job.domain.clone();
+                self.reroute(
+                    |d| d.source == Some(source) && d.domain == domain,
+                    source,
+                    now,
+                    &mut out,
+                );
             }
         }
         out.extend(self.give_back(job, now));
@@ -1003,31 +1045,60 @@ impl Core {
 
     /// Whether `source` has used up today's cap.
     pub fn is_full(&self, source: IpAddr) -> bool {
-        self.full.contains_key(&source)
+        self.marks.full.contains_key(&source)
     }
 
     /// Source addresses over their daily cap, with when they send again (ms).
     pub fn full_sources(&self) -> Vec<(IpAddr, u64)> {
-        self.full.iter().map(|(a, u)| (*a, *u)).collect()
+        self.marks.full.iter().map(|(a, u)| (*a, *u)).collect()
     }
 
     /// Makes ready the messages whose deferred recipients are due by `now`.
     pub fn due(&mut self, now: u64) -> Vec<Action> {
         let mut out = Vec::new();
-        while let Some(&Reverse((until, source))) = self.refills.peek() {
-            if until > now {
+        while let Some(Reverse((until, _, _))) = self.refills.peek() {
+            if *until > now {
                 break;
             }
-            self.refills.pop();
-            if self.full.get(&source).is_some_and(|&u| u <= now) {
-                self.full.remove(&source);
-                tracing::debug!(%source, "a new day: the source sends again");
-                self.reroute(
-                    |d| d.pool.is_some() && d.source.is_some(),
-                    source,
-                    now,
-                    &mut out,
-                );
+            let Some(Reverse((_, source, domain))) = self.refills.pop() else {
+                break;
+            };
+            match domain {
+                None => {
+                    if self.marks.full.get(&source).is_some_and(|&u| u <= now) {
+                        self.marks.full.remove(&source);
+                        tracing::debug!(%source, "a new day: the source sends again");
+                        self.reroute(
+                            |d| d.pool.is_some() && d.source.is_some(),
+                            source,
+                            now,
+                            &mut out,
+                        );
+                    }
+                }
+                Some(domain) => {
+                    let ended = self
+                        .marks
+                        .suspended
+                        .get(&domain)
+                        .and_then(|m| m.get(&source))
+                        .is_some_and(|&u| u <= now);
+                    if ended {
+                        if let Some(m) = self.marks.suspended.get_mut(&domain) {
+                            m.remove(&source);
+                            if m.is_empty() {
+                                self.marks.suspended.remove(&domain);
+                            }
+                        }
+                        tracing::debug!(%source, %domain, "the suspension has ended: the source sends to the domain again");
+                        self.reroute(
+                            |d| d.pool.is_some() && d.source.is_some() && d.domain == domain,
+                            source,
+                            now,
+                            &mut out,
+                        );
+                    }
+                }
             }
         }
         while let Some(Reverse((until, _))) = self.holds.peek() {
@@ -1201,9 +1272,15 @@ impl Core {
         }
     }
 
+    /// Until when `source` may not send to `domain`, if it may not now.
+    fn blocked_until(&self, source: IpAddr, domain: &str) -> Option<u64> {
+        self.marks
+            .until(source, (!self.settings.routing.smarthost).then_some(domain))
+    }
+
     /// Where a recipient goes now, with full sources left out.
     fn route(&self, id: QueueId, sender: &str, address: &str) -> Option<Route> {
-        dest_of(&self.settings.routing, &self.full, id, sender, address)
+        dest_of(&self.settings.routing, &self.marks, id, sender, address)
     }
 
     fn is_local(&self, domain: &str) -> bool {
@@ -1251,8 +1328,8 @@ impl Core {
                 Some(route)
                     if route
                         .source
-                        .and_then(|s| self.full.get(&s))
-                        .is_some_and(|&until| until > expires_at) =>
+                        .and_then(|s| self.blocked_until(s, &route.domain))
+                        .is_some_and(|until| until > expires_at) =>
                 {
                     if now >= expires_at {
                         expired.push(i as u32);
@@ -1290,6 +1367,7 @@ impl Core {
             let d = self.dests.entry(route.key.clone()).or_default();
             d.pool = route.pool;
             d.source = route.source;
+            d.domain = route.domain;
             d.ready.push_back(id);
             self.kick(&route.key, now, out);
         }
@@ -1352,6 +1430,7 @@ impl Core {
             domain: Arc::from(domain.as_str()),
             tls: None,
             next_hop_dsn: false,
+            verdicts: Vec::new(),
         };
         let verdicts = vec![Some(verdict); rcpts.len()];
         self.record(attempt, &verdicts, now, 0.0)
@@ -1360,9 +1439,13 @@ impl Core {
     /// Starts connections for a destination while it has ready work and room, and the total is under its
     /// cap; at the cap, the destination waits for a place (see [`Core::serve_waiting`]).
     fn kick(&mut self, key: &DestKey, now: u64, out: &mut Vec<Action>) {
-        // A full source's mail waits for the day to turn: the destination is held until then.
+        // A full or suspended source's mail waits for the day to turn or the suspension to end: the
+        // destination is held until then.
         if let Some(d) = self.dests.get_mut(key)
-            && let Some(&until) = d.source.as_ref().and_then(|s| self.full.get(s))
+            && let Some(until) = d.source.and_then(|s| {
+                self.marks
+                    .until(s, (!self.settings.routing.smarthost).then_some(&*d.domain))
+            })
             && d.held_until < until
         {
             d.held_until = until;
@@ -1603,12 +1686,42 @@ struct Route {
     source: Option<IpAddr>,
 }
 
+/// When a marked source may send again (ms), and to which domain: every one (None: a full day) or one (a
+/// suspension for its provider).
+type Refill = (u64, IpAddr, Option<Arc<str>>);
+
+/// Source addresses that may not send now: over today's warm-up cap (to any domain), or suspended for a
+/// domain's provider (to that domain), each until a time (ms).
+#[derive(Debug, Default)]
+struct Marks {
+    full: HashMap<IpAddr, u64>,
+    /// By domain: the provider's other domains are marked as their own jobs find the suspension.
+    suspended: HashMap<Arc<str>, HashMap<IpAddr, u64>>,
+}
+
+impl Marks {
+    fn is_empty(&self) -> bool {
+        self.full.is_empty() && self.suspended.is_empty()
+    }
+
+    /// Until when `source` may not send to `domain`, if it may not now. Through a smarthost (`domain`
+    /// None) there is no provider, so no suspension.
+    fn until(&self, source: IpAddr, domain: Option<&str>) -> Option<u64> {
+        let full = self.full.get(&source).copied();
+        let suspended = domain
+            .and_then(|d| self.suspended.get(d))
+            .and_then(|m| m.get(&source))
+            .copied();
+        full.max(suspended)
+    }
+}
+
 /// The destination of recipient `address` of message `id` from `sender`, its source picked among the
 /// pool's addresses that are not `full` (when all are, among all: it waits there); None for return-path
 /// domains, whose mail is the relay's own and is not delivered by MX.
 fn dest_of(
     routing: &Routing,
-    full: &HashMap<IpAddr, u64>,
+    marks: &Marks,
     id: QueueId,
     sender: &str,
     address: &str,
@@ -1625,10 +1738,12 @@ fn dest_of(
         .as_ref()
         .and_then(|p| routing.sources.get(p))
         .and_then(|sources| {
-            if full.is_empty() {
+            if marks.is_empty() {
                 return source_of(sources, id);
             }
-            pick_source(sources, id, |a| !full.contains_key(&a)).or_else(|| source_of(sources, id))
+            let shaped = (!routing.smarthost).then_some(domain.as_str());
+            pick_source(sources, id, |a| marks.until(a, shaped).is_none())
+                .or_else(|| source_of(sources, id))
         });
     let target = if routing.smarthost {
         "[smarthost]".to_owned()

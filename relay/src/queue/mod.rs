@@ -31,7 +31,7 @@ use crate::telemetry::Telemetry;
 use herald_config::Config;
 
 use self::core::{Action, Compaction, Core, Outcome, Settings, domain_of};
-pub use self::core::{Attempt, DestKey, Job, MessageView, NewEntry, RecipientView, Reply};
+pub use self::core::{Attempt, DestKey, Job, MessageView, NewEntry, RecipientView, Reply, Verdict};
 
 /// How often old spool segments are looked at for reclaiming.
 /// How long a delivery connection with nothing to send waits for its destination's next message before it
@@ -114,6 +114,13 @@ enum Command {
     /// A connection's source has used up today's warm-up cap: the job goes back untried, and the source
     /// sends nothing until `until` (ms).
     SourceFull {
+        job: Job,
+        source: IpAddr,
+        until: u64,
+    },
+    /// A connection's source is suspended for the provider of the job's domain: the job goes back
+    /// untried, and the source sends nothing to that domain until `until` (ms).
+    Suspended {
         job: Job,
         source: IpAddr,
         until: u64,
@@ -265,6 +272,17 @@ impl Slot {
         });
     }
 
+    /// Gives back a job that was never attempted because its source address `source` is suspended for the
+    /// provider of the job's domain until `until_ms` (Unix ms): the domain's mail goes from the pool's other
+    /// addresses meanwhile, or waits.
+    pub fn suspended(self, job: Job, source: IpAddr, until_ms: u64) {
+        self.queue.send(Command::Suspended {
+            job,
+            source,
+            until: until_ms,
+        });
+    }
+
     /// Gives back a job that was never attempted (the relay is stopping); the place is freed with it.
     pub fn abandon(self, job: Job) {
         self.queue.send(Command::Abandon { job });
@@ -288,16 +306,22 @@ pub enum Wait {
     Rate,
     /// Its source address had used up today's warm-up cap.
     Warmup,
+    /// Its provider's limits for its source address: no connection place, or over a message rate.
+    Provider,
+    /// Its source address was suspended for its provider by a back-off rule.
+    Suspended,
 }
 
 impl Wait {
-    pub const LABELS: [&'static str; 3] = ["lease", "rate", "warmup"];
+    pub const LABELS: [&'static str; 5] = ["lease", "rate", "warmup", "provider", "suspended"];
 
     fn label(self) -> &'static str {
         match self {
             Wait::Lease => "lease",
             Wait::Rate => "rate",
             Wait::Warmup => "warmup",
+            Wait::Provider => "provider",
+            Wait::Suspended => "suspended",
         }
     }
 }
@@ -470,6 +494,23 @@ pub fn redact_addresses(text: &str) -> String {
         .join(" ")
 }
 
+/// The classifier's verdict on each failed result of `attempt`.
+pub fn verdicts(classifier: &classify::Classifier, attempt: &Attempt) -> Vec<Option<Verdict>> {
+    // The host that answered tells whose rules read the reply (Gmail's 4.2.1 is a rate limit).
+    let mx = attempt.remote_mta.as_deref();
+    attempt
+        .results
+        .iter()
+        .map(|(_, r)| {
+            (r.code >= 400).then(|| {
+                classifier.classify(
+                    &classify::Reply::new(r.code, r.enhanced.as_deref(), &r.text).with_mx(mx),
+                )
+            })
+        })
+        .collect()
+}
+
 /// Facts of the attempt an outcome belongs to, for its metrics, event and log line.
 struct AttemptInfo<'a> {
     domain: &'a str,
@@ -609,6 +650,15 @@ impl Shell {
                 let actions = self.core.source_full(&job, source, until, now);
                 self.act(actions, None);
             }
+            Command::Suspended { job, source, until } => {
+                self.telemetry
+                    .metrics
+                    .delivery_waits
+                    .with_label_values(&[Wait::Suspended.label()])
+                    .inc();
+                let actions = self.core.source_suspended(&job, source, until, now);
+                self.act(actions, None);
+            }
             Command::Full { reply } => {
                 let _ = reply.send(self.core.full_sources());
             }
@@ -627,21 +677,12 @@ impl Shell {
 
     /// Classifies the failures of an attempt with the rules in force, records it in the core, and carries
     /// out what follows.
-    fn finished(&mut self, attempt: Attempt, now: u64) {
-        let classifier = self.rules.classifier();
-        // The host that answered tells whose rules read the reply (Gmail's 4.2.1 is a rate limit).
-        let mx = attempt.remote_mta.as_deref();
-        let verdicts: Vec<_> = attempt
-            .results
-            .iter()
-            .map(|(_, r)| {
-                (r.code >= 400).then(|| {
-                    classifier.classify(
-                        &classify::Reply::new(r.code, r.enhanced.as_deref(), &r.text).with_mx(mx),
-                    )
-                })
-            })
-            .collect();
+    fn finished(&mut self, mut attempt: Attempt, now: u64) {
+        let verdicts = if attempt.verdicts.len() == attempt.results.len() {
+            std::mem::take(&mut attempt.verdicts)
+        } else {
+            verdicts(&self.rules.classifier(), &attempt)
+        };
         let (domain, remote_mta, tls) = (
             attempt.domain.clone(),
             attempt.remote_mta.clone(),
@@ -1180,6 +1221,7 @@ mod tests {
                     domain: job.domain.clone(),
                     tls: None,
                     next_hop_dsn: false,
+                    verdicts: Vec::new(),
                 };
                 slot.finished(attempt, false).await;
             });

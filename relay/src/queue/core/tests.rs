@@ -72,6 +72,7 @@ fn attempt(job: &Job, code: u16) -> Attempt {
         domain: job.domain.clone(),
         tls: None,
         next_hop_dsn: false,
+        verdicts: Vec::new(),
     }
 }
 
@@ -207,6 +208,68 @@ fn pooled(mut s: Settings) -> Settings {
 
 fn ip(s: &str) -> std::net::IpAddr {
     s.parse().unwrap()
+}
+
+#[test]
+fn a_suspended_source_sends_that_domain_from_the_others_and_every_other_domain_itself() {
+    let (first_ip, second_ip) = (ip("192.0.2.1"), ip("192.0.2.2"));
+    let mut s = pooled(settings());
+    s.per_destination = 1;
+    let mut core = Core::new(s);
+    let sources = [(first_ip, 1), (second_ip, 2)];
+    let mine: Vec<u64> = (1..400u64)
+        .filter(|&id| source_of(&sources, QueueId(id)) == Some(first_ip))
+        .take(4)
+        .collect();
+    let mut started = Vec::new();
+    for &id in &mine[..2] {
+        started.extend(starts(
+            &core.insert(message(id, "a@example.test", &["x@one.test"]), T0),
+        ));
+    }
+    let [job] = &started[..] else {
+        panic!("one connection: {started:?}");
+    };
+    let until = T0 + 5_000;
+    let moved = starts(&core.source_suspended(job, first_ip, until, T0));
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    assert_eq!(&*moved[0].dest, format!("pool1/{second_ip}/one.test"));
+    assert_eq!(core.state(job.id, 0).unwrap().attempts, 0, "not an attempt");
+    core.connection_closed(&job.dest, T0);
+    // Both messages go from the other address; then its connection closes.
+    let mut job2 = moved[0].clone();
+    let mut sent = vec![job2.id];
+    while let Some(next) = {
+        let done = attempt(&job2, 250);
+        core.record(done.clone(), &verdicts(&done), T0, 0.5);
+        core.next_job(&job2.dest, T0)
+    } {
+        sent.push(next.id);
+        job2 = next;
+    }
+    sent.sort_unstable();
+    assert_eq!(sent, vec![QueueId(mine[0]), QueueId(mine[1])]);
+    core.connection_closed(&job2.dest, T0);
+    // Another domain is not the suspended provider's (as far as the queue knows): the address sends it.
+    let other = starts(&core.insert(message(mine[2], "a@example.test", &["y@two.test"]), T0));
+    assert_eq!(other.len(), 1, "{other:?}");
+    assert_eq!(other[0].source, Some(first_ip));
+    // A new message to the suspended domain goes from the other address too.
+    let next = starts(&core.insert(message(mine[3], "a@example.test", &["z@one.test"]), T0));
+    assert_eq!(next.len(), 1, "{next:?}");
+    assert_eq!(next[0].source, Some(second_ip));
+    let done = attempt(&next[0], 250);
+    core.record(done.clone(), &verdicts(&done), T0, 0.5);
+    core.connection_closed(&next[0].dest, T0);
+    // The suspension ends: the address sends to the domain again.
+    assert_eq!(core.next_due(), Some(until));
+    core.due(until);
+    let after: u64 = (mine[3] + 1..2000)
+        .find(|&id| source_of(&sources, QueueId(id)) == Some(first_ip))
+        .unwrap();
+    let later = starts(&core.insert(message(after, "a@example.test", &["w@one.test"]), until));
+    assert_eq!(later.len(), 1, "{later:?}");
+    assert_eq!(later[0].source, Some(first_ip));
 }
 
 #[test]
@@ -725,6 +788,9 @@ enum Step {
     Delete { pick: u64 },
     /// The source of open connection `pick` is over its daily cap for `ms`: the job goes back untried.
     Full { pick: usize, ms: u64 },
+    /// The source of open connection `pick` is suspended for its domain's provider for `ms`: the job goes
+    /// back untried.
+    Suspended { pick: usize, ms: u64 },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -739,6 +805,7 @@ fn step() -> impl Strategy<Value = Step> {
         4 => any::<usize>().prop_map(|pick| Step::Close { pick }),
         1 => (1u64..10).prop_map(|pick| Step::Delete { pick }),
         2 => (any::<usize>(), 1u64..(30 * 3_600_000)).prop_map(|(pick, ms)| Step::Full { pick, ms }),
+        2 => (any::<usize>(), 1u64..(3 * 3_600_000)).prop_map(|(pick, ms)| Step::Suspended { pick, ms }),
     ]
 }
 
@@ -902,6 +969,7 @@ impl Sim {
             domain: job.domain.clone(),
             tls: None,
             next_hop_dsn: false,
+            verdicts: Vec::new(),
         };
         let v = verdicts(&a);
         let actions = self.core.record(a, &v, self.now, jitter);
@@ -958,6 +1026,23 @@ impl Sim {
         let job = self.open.swap_remove(pick % self.open.len());
         if let Some(source) = job.source {
             let actions = self.core.source_full(&job, source, self.now + ms, self.now);
+            self.take(actions);
+        } else {
+            let actions = self.core.give_back(&job, self.now);
+            self.take(actions);
+        }
+        self.closing.push(job.dest);
+    }
+
+    fn suspended(&mut self, pick: usize, ms: u64) {
+        if self.open.is_empty() {
+            return;
+        }
+        let job = self.open.swap_remove(pick % self.open.len());
+        if let Some(source) = job.source {
+            let actions = self
+                .core
+                .source_suspended(&job, source, self.now + ms, self.now);
             self.take(actions);
         } else {
             let actions = self.core.give_back(&job, self.now);
@@ -1032,6 +1117,7 @@ proptest! {
                 Step::Close { pick } => sim.close(*pick),
                 Step::Delete { pick } => sim.delete(QueueId(*pick)),
                 Step::Full { pick, ms } => sim.full(*pick, *ms),
+                Step::Suspended { pick, ms } => sim.suspended(*pick, *ms),
             }
             sim.check_accounted();
         }
@@ -1112,6 +1198,7 @@ fn a_recipient_reported_twice_keeps_its_first_final_outcome() {
         domain: job.domain.clone(),
         tls: None,
         next_hop_dsn: false,
+        verdicts: Vec::new(),
     };
     core.record(a.clone(), &verdicts(&a), T0, 0.0);
     // A confused connection reports recipient 0 again, as bounced.
