@@ -354,3 +354,37 @@ def test_a_provider_pushing_back_suspends_that_source_then_it_resumes_at_a_reduc
     deliveries = series(r, "herald_deliveries_total")
     assert deliveries.get('result="deferred"') == 1, deliveries
     assert deliveries.get('result="delivered"') == 50, deliveries
+
+
+def test_a_suspension_one_relay_applies_holds_on_the_relays_sharing_its_store(relays, dns, peers, store, tmp_path):
+    """Relay `a` sends from address A alone and draws Gmail's `421 4.7.28`: A is suspended for Gmail in the
+    store. Relay `b`, whose pool has A and B, then sends 12 messages to a Gmail-hosted domain: every one
+    leaves from B (without the shared standing about half would pick A), and `b` shows the suspension with
+    the reply `a` drew."""
+    peer = peers.aio(FOREIGN)
+    peer.on_mail("421 4.7.28 [127.0.0.30] Our system has detected an unusual rate of unsolicited mail. gsmtp",
+                 times=1, client=A)
+    gmail_mx = "gmail-smtp-in.l.google.com"
+    dns.mx("gm.test", (5, gmail_mx)).a(gmail_mx, FOREIGN)
+    section = {"rules": [{"provider": "gmail", "category": "rate-limited", "action": "suspend", "duration": "10m"}]}
+
+    def edit(pool):
+        def apply(cfg):
+            provider_config(section, pool)(cfg)
+            cfg["store"] = store.section(resync_interval="6h")
+        return apply
+
+    a = start_outbound(relays, dns, peers, name="a", config=edit([source(A)]))
+    b = start_outbound(relays, dns, peers, name="b", config=edit([source(A), source(B)]))
+    send(a, ["first@gm.test"], "first")
+    assert wait_until(lambda: (p := pair(shaping(a), "gmail", A)) and "suspended_until" in p, 20), shaping(a)["providers"]
+    stored = store.cmd("GET", f"herald:backoff:{{gmail/{A}}}")
+    assert stored and json.loads(stored)["action"] == "suspend", stored
+    markers = [send(b, [f"user{i}@gm.test"], f"fleet{i}")[1] for i in range(12)]
+    assert wait_until(lambda: all(peer.with_marker(m) for m in markers), 30), [m for m in markers if not peer.with_marker(m)]
+    by_source = collections.Counter(t.client[0] for t in peer.accepted())
+    assert by_source == {B: 12}, by_source
+    view = pair(shaping(b), "gmail", A)
+    assert view and "suspended_until" in view and "4.7.28" in view["reply"], shaping(b)["providers"]
+    assert series(b, "herald_delivery_waits_total").get('reason="suspended"', 0) >= 1
+    assert series(b, "herald_throttled_total") == {}, "b drew no reply itself"

@@ -33,8 +33,8 @@ pub use file::*;
 pub use rate::{Rate, RateError};
 pub use shaping::{
     BackoffAction, BackoffRule, MAX_BACKOFF, MAX_DAILY_CAP, MAX_DAY_LENGTH, MIN_DAY_LENGTH,
-    ProviderLimits, ProviderShaping, STANDARD_WARMUP, Shaping, Warmup, WarmupPreset, WarmupStart,
-    WarmupStartError,
+    ProviderLimits, ProviderShaping, SHIPPED_PROVIDERS, STANDARD_WARMUP, Shaping, Warmup,
+    WarmupPreset, WarmupStart, WarmupStartError,
 };
 pub use store::{Store, StoreTls};
 pub use suppression::{MailboxFull, Suppression, SuppressionTtl, Ttl};

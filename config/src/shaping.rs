@@ -196,6 +196,24 @@ impl Shaping {
     }
 }
 
+/// The providers Herald ships (the bounce classifier's tables in the relay, which a relay test keeps equal
+/// to this list): what a back-off rule may name besides `shaping.providers` and registrable domains.
+pub const SHIPPED_PROVIDERS: [&str; 13] = [
+    "gmail",
+    "microsoft",
+    "yahoo",
+    "apple",
+    "comcast",
+    "orange",
+    "gmx",
+    "t-online",
+    "mailru",
+    "yandex",
+    "zoho",
+    "proton",
+    "fastmail",
+];
+
 /// The largest daily cap a schedule may give.
 pub const MAX_DAILY_CAP: u64 = 1_000_000_000_000;
 

@@ -485,13 +485,26 @@ fn validate_shaping(s: &crate::Shaping) -> Result<(), ConfigError> {
     }
     for (i, r) in s.rules.iter().enumerate() {
         let at = format!("shaping.rules[{i}]");
-        if let Some(p) = &r.provider
-            && !is_provider_name(p)
-        {
-            return Err(invalid(
-                format!("{at}.provider"),
-                format!("{p:?} is not a provider name"),
-            ));
+        if let Some(p) = &r.provider {
+            if !is_provider_name(p) {
+                return Err(invalid(
+                    format!("{at}.provider"),
+                    format!("{p:?} is not a provider name"),
+                ));
+            }
+            // A name with a dot is a registrable domain (the relay checks it against the public suffix list).
+            if !p.contains('.')
+                && !crate::SHIPPED_PROVIDERS.contains(&p.as_str())
+                && !s.providers.iter().any(|o| o.name == *p)
+            {
+                return Err(invalid(
+                    format!("{at}.provider"),
+                    format!(
+                        "no provider {p:?}; name one of {}, one of shaping.providers, or a registrable domain (example.net)",
+                        crate::SHIPPED_PROVIDERS.join(", ")
+                    ),
+                ));
+            }
         }
         if let Some(st) = &r.status
             && crate::bounce::StatusPattern::parse(st).is_none()

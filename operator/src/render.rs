@@ -873,6 +873,13 @@ mod tests {
         }
         let e = render(&r).unwrap_err();
         assert_eq!(e.field, "spec.delivery.shaping.rules[0].duration");
+        if let Some(sh) = r.spec.delivery.shaping.as_mut() {
+            sh.rules[0].duration = Some("1h".into());
+            sh.rules[0].provider = Some("gmial".into());
+        }
+        let e = render(&r).unwrap_err();
+        assert_eq!(e.field, "spec.delivery.shaping.rules[0].provider");
+        assert!(e.message.contains("gmail"), "{}", e.message);
     }
 
     #[test]

@@ -15,6 +15,11 @@ against the same two relays in local mode, in one run.
    a pool of one address; the same throughput run with that address warming up (a cap far above the run's
    messages, so every message takes a turn under it) against the address warm, in local mode and with the
    store (where each message's turn is a round trip to it).
+4. With `--providers`: the cost of limits per mailbox provider at a load that hits none. Delivery goes by
+   MX (a DNS server serving dest.test, TTL 5 minutes) instead of the smarthost (which has no provider);
+   the same throughput run with `shaping.default` limits far above the load (a connection place and a
+   turn under a rate for every message) against none (the provider unshaped), in local mode and with the
+   store.
 
 A benchmark, not a test: the exit status is non-zero only when a run is broken, never for the numbers.
 Linux, root (smtp-sink), Python 3.11 standard library.
@@ -35,7 +40,9 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import benchlib  # noqa: E402
+from harness.dns import DnsServer  # noqa: E402
 from benchlib import (  # noqa: E402
     Herald, SetupError, SourceRun, find_herald, free_port, herald_delivery_yaml, log, percentile,
     smtp_source_cmd, terminate, wait_until,
@@ -107,14 +114,32 @@ def pool_yaml(warming: bool) -> str:
     )
 
 
+def mx_delivery_yaml(dns_port: int, sink_port: int, connections: int) -> str:
+    """Delivery by MX through the bench's DNS server, to the sink's port."""
+    return (
+        "delivery:\n"
+        f"  dns: {{ nameservers: [\"127.0.0.1:{dns_port}\"] }}\n"
+        f"  port: {sink_port}\n"
+        "  tls: none\n"
+        f"  per_domain: {{ max_connections: {connections}, messages_per_connection: 1000 }}\n"
+    )
+
+
+# Limits far above any run's load: every message takes a connection place and a turn under the rate.
+UNREACHED_LIMITS = "shaping:\n  default: { max_connections: 100000, max_message_rates: [\"1000000000/s\"] }\n"
+
+
 def relays(binary: Path, base: Path, sink_port: int, store: Store | None, args,
-           pool: str = "") -> list[Herald]:
+           pool: str = "", dns_port: int | None = None) -> list[Herald]:
     out = []
     for name in ("a", "b"):
         # With the store, per_domain.max_connections is the fleet's limit: twice the per-relay value gives
         # the sink the same connections in both runs, so the ratio is the store's cost, not a smaller cap.
         per_domain = args.connections * (2 if store else 1)
-        extra = herald_delivery_yaml(sink_port, connections=per_domain, msgs_per_conn=1000)
+        if dns_port is None:
+            extra = herald_delivery_yaml(sink_port, connections=per_domain, msgs_per_conn=1000)
+        else:
+            extra = mx_delivery_yaml(dns_port, sink_port, per_domain)
         if store:
             extra += store.yaml()
         extra += pool
@@ -124,11 +149,12 @@ def relays(binary: Path, base: Path, sink_port: int, store: Store | None, args,
     return out
 
 
-def throughput(binary: Path, base: Path, store: Store | None, args, pool: str = "") -> dict:
+def throughput(binary: Path, base: Path, store: Store | None, args, pool: str = "",
+               dns_port: int | None = None) -> dict:
     base.mkdir(parents=True, exist_ok=True)
     sink = Sink(args.smtp_sink, base, ready_timeout=10)
     sink.start()
-    hs = relays(binary, base, sink.port, store, args, pool)
+    hs = relays(binary, base, sink.port, store, args, pool, dns_port)
     try:
         before = store.commands() if store else 0
         sink.expect(2 * args.messages)
@@ -198,6 +224,10 @@ def main() -> int:
                     help="delivery connections per relay (the fleet's limit is twice this in the store run)")
     ap.add_argument("--propagation", type=int, default=200, help="suppressions timed from relay a to b")
     ap.add_argument("--shaping", action="store_true", help="also time IP warm-up at a load under its cap")
+    ap.add_argument("--providers", action="store_true",
+                    help="also time provider limits at a load under them (delivery by MX)")
+    ap.add_argument("--only-extra", action="store_true",
+                    help="skip the store-vs-local and propagation runs (with --shaping or --providers)")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--herald-bin", help="herald-relay binary (default target/release/herald-relay, built if missing)")
     ap.add_argument("--build-timeout", type=float, default=1800)
@@ -212,10 +242,23 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="herald-fleet."))
     store = Store(base / "store")
     store.start()
+    dns = None
     try:
-        local = throughput(binary, base / "local", None, args)
-        shared = throughput(binary, base / "shared", store, args)
-        prop = propagation(binary, base / "propagation", store, args)
+        local = shared = prop = None
+        if not args.only_extra:
+            local = throughput(binary, base / "local", None, args)
+            shared = throughput(binary, base / "shared", store, args)
+            prop = propagation(binary, base / "propagation", store, args)
+        providers = {}
+        if args.providers:
+            dns = DnsServer(ttl=300).start()
+            dns.mx("dest.test", (10, "mx.sink.test")).a("mx.sink.test", "127.0.0.1")
+            dns_port = int(dns.address.rsplit(":", 1)[1])
+            for mode, st in (("local", None), ("store", store)):
+                for shaped in (False, True):
+                    name = f"{mode}-{'limits' if shaped else 'none'}"
+                    providers[name] = throughput(binary, base / name, st, args,
+                                                 UNREACHED_LIMITS if shaped else "", dns_port)
         shaping = {}
         if args.shaping:
             if 2 * args.messages >= 125_000:
@@ -229,19 +272,30 @@ def main() -> int:
                     shaping[name] = throughput(binary, base / name, st, args, pool_yaml(warming))
     finally:
         store.stop()
+        if dns:
+            dns.stop()
     print(f"two relays, each {args.messages} messages of {args.size} bytes from {args.sessions} sessions, "
           "one smtp-sink")
-    print(f"local mode:  {local['per_relay']:8.0f} msg/s per relay ({local['seconds']:.2f} s for both)")
-    print(f"with store:  {shared['per_relay']:8.0f} msg/s per relay ({shared['seconds']:.2f} s for both)")
-    print(f"ratio with store / local: {shared['per_relay'] / local['per_relay']:.2f}  (goal: at least 0.90)")
-    print(f"store commands during the run: {shared['store_commands']} "
-          f"({shared['store_commands'] / (2 * args.messages):.4f} per message; feed reads and the redis-cli "
-          "INFO calls included)")
-    b, a = prop["b"], prop["a"]
-    ms = lambda v: f"{1000 * v:.1f} ms"  # noqa: E731
-    print(f"suppression propagation, {len(b)} additions through relay a's admin API:")
-    print(f"  visible on relay b: p50 {ms(percentile(b, 50))}, p99 {ms(percentile(b, 99))}, max {ms(b[-1])}")
-    print(f"  the PUT on relay a itself (floor): p50 {ms(percentile(a, 50))}, p99 {ms(percentile(a, 99))}")
+    if providers:
+        print("provider limits at a load under them (delivery by MX; no limits vs limits never reached):")
+        for mode in ("local", "store"):
+            off, on = providers[f"{mode}-none"], providers[f"{mode}-limits"]
+            print(f"  {mode:5}: none {off['per_relay']:8.0f} msg/s per relay, limits {on['per_relay']:8.0f}; "
+                  f"ratio {on['per_relay'] / off['per_relay']:.2f} (goal: at least 0.95)"
+                  + (f"; store commands per message {on['store_commands'] / (2 * args.messages):.2f} "
+                     f"vs {off['store_commands'] / (2 * args.messages):.2f}" if mode == "store" else ""))
+    if local is not None and shared is not None and prop is not None:
+        print(f"local mode:  {local['per_relay']:8.0f} msg/s per relay ({local['seconds']:.2f} s for both)")
+        print(f"with store:  {shared['per_relay']:8.0f} msg/s per relay ({shared['seconds']:.2f} s for both)")
+        print(f"ratio with store / local: {shared['per_relay'] / local['per_relay']:.2f}  (goal: at least 0.90)")
+        print(f"store commands during the run: {shared['store_commands']} "
+              f"({shared['store_commands'] / (2 * args.messages):.4f} per message; feed reads and the redis-cli "
+              "INFO calls included)")
+        b, a = prop["b"], prop["a"]
+        ms = lambda v: f"{1000 * v:.1f} ms"  # noqa: E731
+        print(f"suppression propagation, {len(b)} additions through relay a's admin API:")
+        print(f"  visible on relay b: p50 {ms(percentile(b, 50))}, p99 {ms(percentile(b, 99))}, max {ms(b[-1])}")
+        print(f"  the PUT on relay a itself (floor): p50 {ms(percentile(a, 50))}, p99 {ms(percentile(a, 99))}")
     if shaping:
         print("IP warm-up at a load under its cap (one pool address, warm vs warming up):")
         for mode in ("local", "store"):

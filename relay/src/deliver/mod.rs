@@ -348,12 +348,9 @@ impl Deliverer {
                         if let Refusal::Wait(wait) = refusal
                             && session.is_some()
                             && wait <= KEEP_WAITING
+                            && self.sit_out(wait).await
                         {
-                            let mut stop = self.stop.subscribe();
-                            tokio::select! {
-                                _ = tokio::time::sleep(wait) => continue,
-                                _ = stop.wait_for(|s| *s) => {}
-                            }
+                            continue;
                         }
                         if let Some(s) = session.take() {
                             s.client.quit().await;
@@ -367,12 +364,8 @@ impl Deliverer {
                 // A short wait is spent on the open connection: closing it to open another a moment later
                 // is a handshake per message, which receivers hold against a sender. Otherwise the job
                 // goes back and the queue brings it back in time.
-                if session.is_some() && wait <= KEEP_WAITING {
-                    let mut stop = self.stop.subscribe();
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => continue,
-                        _ = stop.wait_for(|s| *s) => {}
-                    }
+                if session.is_some() && wait <= KEEP_WAITING && self.sit_out(wait).await {
+                    continue;
                 }
                 if let Some(s) = session.take() {
                     s.client.quit().await;
@@ -590,6 +583,16 @@ impl Deliverer {
             }
             Some((BackoffAction::Suspend, _)) => true,
             _ => false,
+        }
+    }
+
+    /// Spends a short wait for a turn on the open connection: true once it has passed, false when the
+    /// relay stops first.
+    async fn sit_out(&self, wait: std::time::Duration) -> bool {
+        let mut stop = self.stop.subscribe();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => true,
+            _ = stop.wait_for(|s| *s) => false,
         }
     }
 

@@ -307,6 +307,12 @@ mod tests {
             assert!(l.messages_per_connection.is_some(), "{name}: {l:?}");
         }
         assert!(t.rules.len() >= 7);
+        // The config crate's list of the shipped providers, which it checks rules against, is these.
+        let mut names: Vec<&str> = t.providers.iter().map(|p| &*p.name).collect();
+        let mut listed = herald_config::SHIPPED_PROVIDERS.to_vec();
+        names.sort_unstable();
+        listed.sort_unstable();
+        assert_eq!(names, listed);
         let r = t
             .rule("gmail", Category::RateLimited, Some("4.7.28"))
             .expect("gmail rate rule");
