@@ -215,6 +215,17 @@ def propagation(binary: Path, base: Path, store: Store, args) -> dict:
             h.stop()
 
 
+def print_ratios(runs: dict, off: str, on: str, messages: int) -> None:
+    """One line per mode of `runs` (keyed `<mode>-<off|on>`): both rates, on ÷ off, and with the store the
+    store commands per message of each."""
+    for mode in ("local", "store"):
+        a, b = runs[f"{mode}-{off}"], runs[f"{mode}-{on}"]
+        print(f"  {mode:5}: {off} {a['per_relay']:8.0f} msg/s per relay, {on} {b['per_relay']:8.0f}; "
+              f"ratio {b['per_relay'] / a['per_relay']:.2f} (goal: at least 0.95)"
+              + (f"; store commands per message {b['store_commands'] / (2 * messages):.2f} "
+                 f"vs {a['store_commands'] / (2 * messages):.2f}" if mode == "store" else ""))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--messages", type=int, default=10000, help="messages per relay (default 10000)")
@@ -278,12 +289,7 @@ def main() -> int:
           "one smtp-sink")
     if providers:
         print("provider limits at a load under them (delivery by MX; no limits vs limits never reached):")
-        for mode in ("local", "store"):
-            off, on = providers[f"{mode}-none"], providers[f"{mode}-limits"]
-            print(f"  {mode:5}: none {off['per_relay']:8.0f} msg/s per relay, limits {on['per_relay']:8.0f}; "
-                  f"ratio {on['per_relay'] / off['per_relay']:.2f} (goal: at least 0.95)"
-                  + (f"; store commands per message {on['store_commands'] / (2 * args.messages):.2f} "
-                     f"vs {off['store_commands'] / (2 * args.messages):.2f}" if mode == "store" else ""))
+        print_ratios(providers, "none", "limits", args.messages)
     if local is not None and shared is not None and prop is not None:
         print(f"local mode:  {local['per_relay']:8.0f} msg/s per relay ({local['seconds']:.2f} s for both)")
         print(f"with store:  {shared['per_relay']:8.0f} msg/s per relay ({shared['seconds']:.2f} s for both)")
@@ -298,12 +304,7 @@ def main() -> int:
         print(f"  the PUT on relay a itself (floor): p50 {ms(percentile(a, 50))}, p99 {ms(percentile(a, 99))}")
     if shaping:
         print("IP warm-up at a load under its cap (one pool address, warm vs warming up):")
-        for mode in ("local", "store"):
-            warm, warming = shaping[f"{mode}-warm"], shaping[f"{mode}-warming"]
-            print(f"  {mode:5}: warm {warm['per_relay']:8.0f} msg/s per relay, warming {warming['per_relay']:8.0f}; "
-                  f"ratio {warming['per_relay'] / warm['per_relay']:.2f} (goal: at least 0.95)"
-                  + (f"; store commands per message {warming['store_commands'] / (2 * args.messages):.2f} "
-                     f"vs {warm['store_commands'] / (2 * args.messages):.2f}" if mode == "store" else ""))
+        print_ratios(shaping, "warm", "warming", args.messages)
     shutil.rmtree(base, ignore_errors=True)
     return 0
 

@@ -318,7 +318,7 @@ impl Deliverer {
         };
         // The source the connection leaves from: the job's, unless a reload took it out of the pool.
         let source = self.source(&o, &job).map(|s| s.address);
-        let place = match self.enter(&o, &hosts, &job, source).await {
+        let place = match self.enter(&o, &hosts, source).await {
             Ok(place) => place,
             Err(refusal) => {
                 refused(slot, job, source, refusal);
@@ -326,9 +326,7 @@ impl Deliverer {
             }
         };
         let max = match &place {
-            Some(p) => self
-                .shaper
-                .messages_per_connection(p, o.delivery.per_domain.messages_per_connection),
+            Some(p) => p.messages_per_connection(o.delivery.per_domain.messages_per_connection),
             None => o.delivery.per_domain.messages_per_connection,
         };
         // The job in hand has no turn under the rate yet.
@@ -489,23 +487,22 @@ impl Deliverer {
         }
     }
 
-    /// A place under the limits of the provider `hosts` roll up to, for `job`'s source; none when the
+    /// A place under the limits of the provider `hosts` roll up to, for `source`; none when the
     /// destination is not shaped (a smarthost, an address literal).
     async fn enter(
         &self,
         o: &Outbound,
         hosts: &[(String, u16)],
-        job: &Job,
         source: Option<IpAddr>,
     ) -> Result<Option<Place>, Refusal> {
-        if o.delivery.smarthost.is_some() || job.domain.starts_with('[') {
+        if o.delivery.smarthost.is_some() {
             return Ok(None);
         }
-        let names: Vec<String> = hosts.iter().take(1).map(|(h, _)| h.clone()).collect();
+        // Only the best host decides (an address literal's host is no provider's).
+        let best = hosts.first().map(|(h, _)| std::slice::from_ref(h));
         // A provider without limits that no back-off rule names costs nothing per message.
-        let Some(provider) = o
-            .shaping
-            .provider_of(&names)
+        let Some(provider) = best
+            .and_then(|h| o.shaping.provider_of(h))
             .filter(|p| o.shaping.shapes(p))
         else {
             return Ok(None);

@@ -1441,11 +1441,12 @@ impl Core {
     fn kick(&mut self, key: &DestKey, now: u64, out: &mut Vec<Action>) {
         // A full or suspended source's mail waits for the day to turn or the suspension to end: the
         // destination is held until then.
-        if let Some(d) = self.dests.get_mut(key)
-            && let Some(until) = d.source.and_then(|s| {
-                self.marks
-                    .until(s, (!self.settings.routing.smarthost).then_some(&*d.domain))
-            })
+        let blocked = self
+            .dests
+            .get(key)
+            .and_then(|d| self.blocked_until(d.source?, &d.domain));
+        if let Some(until) = blocked
+            && let Some(d) = self.dests.get_mut(key)
             && d.held_until < until
         {
             d.held_until = until;

@@ -78,6 +78,15 @@ pub struct Place {
     _lease: Option<Lease>,
 }
 
+impl Place {
+    /// The messages this connection may carry, by the provider's limit and `per_domain`'s.
+    pub fn messages_per_connection(&self, per_domain: u32) -> u32 {
+        self.limits
+            .messages_per_connection
+            .map_or(per_domain, |m| m.min(per_domain))
+    }
+}
+
 impl Drop for Place {
     fn drop(&mut self) {
         if let Some(p) = self.shaper.lock().get_mut(&self.key) {
@@ -267,14 +276,6 @@ impl Shaper {
             }
         }
         Ok(())
-    }
-
-    /// The messages `place`'s connection may carry, by the provider's limit and `per_domain`'s.
-    pub fn messages_per_connection(&self, place: &Place, per_domain: u32) -> u32 {
-        place
-            .limits
-            .messages_per_connection
-            .map_or(per_domain, |m| m.min(per_domain))
     }
 
     /// A failed reply from `place`'s provider, with the classifier's verdict: the first back-off rule it
